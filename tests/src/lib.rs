@@ -1,0 +1,1 @@
+//! Test support: spawning brokers and clients. See tests/tests/*.rs.
