@@ -1,1 +1,124 @@
+//! The byte formats forelock processes share: the runtime files under the
+//! runtime directory and the messages on the broker's socket.
+//!
+//! | file (under the runtime dir) | module | written by | read by |
+//! |---|---|---|---|
+//! | `table` | [`table`], [`lockword`] | broker; clients CAS prepared lock words | broker, clients |
+//! | `events` | [`events`] | clients and broker, lossy | forecaster |
+//! | `scores` | [`scores`] | forecaster | broker's allocator |
+//! | `broker.sock` (SOCK_SEQPACKET) | [`wire`] | both | both |
+//!
+//! No I/O and no policy live here: only `#[repr(C)]` types that assert their
+//! own size and offsets, the state machine of the lock word, validation that
+//! names what is wrong, and the key rules.
+//!
+//! ```
+//! use shm_layout::{validate_key, key_hash, KeyError};
+//! assert!(validate_key(b"orders:1:2").is_ok());
+//! assert!(matches!(validate_key(b""), Err(KeyError::Empty)));
+//! assert_eq!(key_hash(b"a"), key_hash(b"a"));
+//! ```
 
+pub mod events;
+pub mod lockword;
+pub mod scores;
+pub mod sync;
+pub mod table;
+pub mod wire;
+
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 64;
+
+/// File names under the runtime directory.
+pub const TABLE_FILE: &str = "table";
+pub const EVENTS_FILE: &str = "events";
+pub const SCORES_FILE: &str = "scores";
+pub const SOCKET_FILE: &str = "broker.sock";
+pub const PID_FILE: &str = "forelockd.lock";
+
+/// The hash every process uses for a key: xxh3-64 with the default seed. Part
+/// of the table format ([`table::TABLE_VERSION`]): changing it is a version bump.
+#[inline]
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("empty lock key: a key names the lock, give it at least one byte")]
+    Empty,
+    #[error("lock key is {len} bytes, longer than the {max}-byte limit: hash or shorten it")]
+    TooLong { len: usize, max: usize },
+    #[error("lock key contains a NUL byte at offset {offset}: keys are text without NUL")]
+    ContainsNul { offset: usize },
+}
+
+/// Check a key: 1 to [`MAX_KEY_LEN`] bytes, no NUL.
+pub fn validate_key(key: &[u8]) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    if let Some(offset) = key.iter().position(|&b| b == 0) {
+        return Err(KeyError::ContainsNul { offset });
+    }
+    Ok(())
+}
+
+/// Why a runtime file cannot be used. Each says what was found and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "file is {found} bytes, shorter than the {needed} its header needs: it was truncated; stop \
+         forelockd, remove the runtime directory's files and start forelockd again"
+    )]
+    Truncated { found: u64, needed: u64 },
+    #[error(
+        "not a forelock {what} file (magic bytes {found:02x?}): the runtime directory holds \
+         someone else's file; point FORELOCK_RUNTIME_DIR at forelock's directory"
+    )]
+    ForeignFile { what: &'static str, found: [u8; 8] },
+    #[error("the file was written on a machine of the other byte order: it cannot be shared")]
+    WrongEndianness,
+    #[error("the file is still being created (version word is 0): retry in a moment")]
+    NotReady,
+    #[error(
+        "{what} format version {found}, this build supports {supported}: run a client and \
+         broker of the same forelock release (or restart forelockd to recreate the table)"
+    )]
+    VersionMismatch {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{what} of {found} is out of range ({allowed})")]
+    BadGeometry {
+        what: &'static str,
+        found: u64,
+        allowed: &'static str,
+    },
+    #[error(
+        "corrupted: {what}; stop forelockd, remove the runtime directory's files and start it again"
+    )]
+    Corrupted { what: &'static str },
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock every timestamp in the
+/// runtime files uses (shared by all processes on the host).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration, and
+    // CLOCK_MONOTONIC is always supported on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,216 @@
+//! Messages on the broker's socket (`<runtime dir>/broker.sock`, a
+//! SOCK_SEQPACKET Unix socket: one message per packet, no framing).
+//!
+//! Each message is an rkyv archive, validated (bytecheck) before use: a peer
+//! that sends garbage gets an error reply and its packet is dropped, never
+//! trusted. The client's identity comes from SO_PEERCRED, not from a message.
+//!
+//! A connection starts with [`Request::Hello`]; after that it carries one
+//! request and one response at a time. Each connection owns one wait cell of
+//! its client record (named in `Hello`): when an acquire is queued, the broker
+//! answers [`Response::Queued`] and later hands the lock over by writing that
+//! cell and waking it with a shared futex.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+/// Bump on any change to these types.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest packet either side sends or accepts.
+pub const MAX_MESSAGE: usize = 1024;
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First message on a connection. `client: None` registers a new client
+    /// record; `Some(i)` attaches this connection to record `i`, which must
+    /// belong to the same process (checked with SO_PEERCRED).
+    Hello {
+        protocol: u32,
+        table_version: u32,
+        client: Option<u32>,
+        cell: u32,
+    },
+    /// Take `key`. If it is held: `queue` true queues the request (answer
+    /// `Queued`, grant later through the wait cell), false answers `WouldBlock`.
+    Acquire {
+        key: Vec<u8>,
+        shared: bool,
+        queue: bool,
+    },
+    /// Withdraw this connection's queued acquire (timeout or abandon).
+    Cancel,
+    /// Release a lock granted with `token` on `slot`.
+    Release { slot: u32, token: u64 },
+    /// Liveness check; also the broker round trip the benchmark measures.
+    Ping,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Welcome {
+        client: u32,
+        epoch: u64,
+    },
+    Granted {
+        slot: u32,
+        token: u64,
+        owner_died: bool,
+    },
+    /// Queued: sleep on the wait cell.
+    Queued,
+    WouldBlock,
+    /// The queued acquire was withdrawn before any grant.
+    Cancelled,
+    Released,
+    Pong,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request could not be decoded or broke the protocol.
+    BadRequest,
+    /// Client and broker speak different protocol or table versions.
+    VersionMismatch,
+    /// Every client record is taken.
+    TooManyClients,
+    /// No free slot and no idle slot to evict.
+    TableFull,
+    /// The key breaks the key rules.
+    BadKey,
+    /// The client holds the maximum number of broker-granted locks.
+    TooManyHolds,
+    /// Release of a lock this client does not hold (or with a stale token).
+    NotHolder,
+    /// Attach to a client record of another process, or a dead one.
+    NotYourRecord,
+}
+
+/// Encode a message (infallible for these types).
+pub fn encode<T>(value: &T) -> AlignedVec
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rancor::Error>(value).expect("serialising a wire message cannot fail")
+}
+
+/// Why a packet was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed forelock message ({len} bytes): {reason}")]
+pub struct DecodeError {
+    pub len: usize,
+    pub reason: String,
+}
+
+fn aligned(bytes: &[u8]) -> AlignedVec {
+    let mut v = AlignedVec::with_capacity(bytes.len());
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// Validate and decode a request packet.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(DecodeError {
+            len: bytes.len(),
+            reason: "longer than the protocol allows".into(),
+        });
+    }
+    rkyv::from_bytes::<Request, rancor::Error>(&aligned(bytes)).map_err(|e| DecodeError {
+        len: bytes.len(),
+        reason: e.to_string(),
+    })
+}
+
+/// Validate and decode a response packet.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(DecodeError {
+            len: bytes.len(),
+            reason: "longer than the protocol allows".into(),
+        });
+    }
+    rkyv::from_bytes::<Response, rancor::Error>(&aligned(bytes)).map_err(|e| DecodeError {
+        len: bytes.len(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<Option<u32>>(),
+                any::<u32>()
+            )
+                .prop_map(|(protocol, table_version, client, cell)| Request::Hello {
+                    protocol,
+                    table_version,
+                    client,
+                    cell
+                }),
+            (
+                proptest::collection::vec(any::<u8>(), 0..80),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(key, shared, queue)| Request::Acquire {
+                    key,
+                    shared,
+                    queue
+                }),
+            Just(Request::Cancel),
+            (any::<u32>(), any::<u64>()).prop_map(|(slot, token)| Request::Release { slot, token }),
+            Just(Request::Ping),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_request_round_trips(r in request()) {
+            prop_assert_eq!(decode_request(&encode(&r)).unwrap(), r);
+        }
+
+        #[test]
+        fn random_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        for r in [
+            Response::Welcome {
+                client: 3,
+                epoch: 9,
+            },
+            Response::Granted {
+                slot: 1,
+                token: u64::MAX,
+                owner_died: true,
+            },
+            Response::Error {
+                code: ErrorCode::TableFull,
+                message: "full".into(),
+            },
+        ] {
+            assert_eq!(decode_response(&encode(&r)).unwrap(), r);
+        }
+    }
+}
