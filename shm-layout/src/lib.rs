@@ -122,3 +122,22 @@ pub fn monotonic_ns() -> u64 {
     debug_assert_eq!(rc, 0);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// The runtime directory every forelock process uses unless told otherwise:
+/// `$FORELOCK_RUNTIME_DIR` if set; else `/run/forelock` for root (systemd's
+/// `RuntimeDirectory=forelock`); else `$XDG_RUNTIME_DIR/forelock`; else
+/// `/tmp/forelock-<uid>`.
+pub fn default_runtime_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("FORELOCK_RUNTIME_DIR") {
+        return dir.into();
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return "/run/forelock".into();
+    }
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return std::path::PathBuf::from(xdg).join("forelock");
+    }
+    format!("/tmp/forelock-{uid}").into()
+}
