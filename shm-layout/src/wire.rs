@@ -56,8 +56,9 @@ pub enum Response {
         token: u64,
         owner_died: bool,
     },
-    /// Queued: sleep on the wait cell.
-    Queued,
+    /// Queued on `slot`: sleep on the wait cell; the grant written there is
+    /// for this slot (the client needs it to release).
+    Queued { slot: u32 },
     WouldBlock,
     /// The queued acquire was withdrawn before any grant.
     Cancelled,
