@@ -1,0 +1,174 @@
+//! Forecaster configuration, read from TOML (`forelock-predictor --config FILE`).
+//!
+//! Every field has a default, so an empty file is a valid configuration:
+//!
+//! ```toml
+//! horizon_ms = 500            # P(key requested within this horizon)
+//! tick_ms = 10                # scores are recomputed this often
+//! max_tracked_keys = 1048576  # bound on per-key state (see features.rs for eviction)
+//! activity_window_ms = 30000  # keys idle longer than this are not scored (P taken as 0)
+//! model = "logistic"          # "keep-alive" | "frequency" | "successor" | "logistic"
+//! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
+//! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
+//! train_samples_per_tick = 64 # logistic model: labelled (key, tick) samples per tick
+//! learning_rate = 0.05        # logistic model: AdaGrad step
+//! top_k = 65536               # live binary: at most this many scores written per tick
+//! min_probability = 0.01      # live binary: scores below this are not written
+//! seed = 1                    # sampling is deterministic for a given seed
+//! ```
+
+use serde::Deserialize;
+
+/// Which model of the ladder scores keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Prepared for `keep_alive_ms` after each use.
+    KeepAlive,
+    /// Poisson probability from a decayed request rate.
+    Frequency,
+    /// P(B within horizon | a client just took A), learnt per key pair.
+    Successor,
+    /// Online logistic regression over all features, trained as horizon windows close.
+    Logistic,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 4] =
+        [ModelKind::KeepAlive, ModelKind::Frequency, ModelKind::Successor, ModelKind::Logistic];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::KeepAlive => "keep-alive",
+            ModelKind::Frequency => "frequency",
+            ModelKind::Successor => "successor",
+            ModelKind::Logistic => "logistic",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ModelKind> {
+        ModelKind::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// The forecaster's settings. See the module docs for the TOML form.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PredictorConfig {
+    pub horizon_ms: u64,
+    pub tick_ms: u64,
+    pub max_tracked_keys: usize,
+    pub activity_window_ms: u64,
+    pub model: ModelKind,
+    pub keep_alive_ms: u64,
+    pub frequency_scale: usize,
+    pub train_samples_per_tick: usize,
+    pub learning_rate: f32,
+    pub top_k: usize,
+    pub min_probability: f32,
+    pub seed: u64,
+}
+
+impl Default for PredictorConfig {
+    fn default() -> Self {
+        PredictorConfig {
+            horizon_ms: 500,
+            tick_ms: 10,
+            max_tracked_keys: 1 << 20,
+            activity_window_ms: 30_000,
+            model: ModelKind::Logistic,
+            keep_alive_ms: 500,
+            frequency_scale: 2,
+            train_samples_per_tick: 64,
+            learning_rate: 0.05,
+            top_k: 65_536,
+            min_probability: 0.01,
+            seed: 1,
+        }
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the predictor configuration is not valid TOML or has an unknown field: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("predictor configuration: {field} = {found} is out of range: {expected}")]
+    Range { field: &'static str, found: String, expected: &'static str },
+}
+
+impl PredictorConfig {
+    /// Parses and validates a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<PredictorConfig, ConfigError> {
+        let config: PredictorConfig = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every bound the forecaster relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |field: &'static str, found: String, expected: &'static str| {
+            Err(ConfigError::Range { field, found, expected })
+        };
+        if self.horizon_ms == 0 || self.horizon_ms > 600_000 {
+            return range("horizon_ms", self.horizon_ms.to_string(), "1..=600000");
+        }
+        if self.tick_ms == 0 || self.tick_ms > self.horizon_ms {
+            return range("tick_ms", self.tick_ms.to_string(), "1..=horizon_ms");
+        }
+        if self.max_tracked_keys < 16 || self.max_tracked_keys > (1 << 26) {
+            return range("max_tracked_keys", self.max_tracked_keys.to_string(), "16..=67108864");
+        }
+        if self.activity_window_ms < self.horizon_ms {
+            return range("activity_window_ms", self.activity_window_ms.to_string(), ">= horizon_ms");
+        }
+        if self.frequency_scale >= crate::features::SCALES {
+            return range("frequency_scale", self.frequency_scale.to_string(), "0..=3");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
+            return range("learning_rate", self.learning_rate.to_string(), "(0, 10]");
+        }
+        if !(0.0..=1.0).contains(&self.min_probability) {
+            return range("min_probability", self.min_probability.to_string(), "[0, 1]");
+        }
+        if self.train_samples_per_tick > 65_536 {
+            return range("train_samples_per_tick", self.train_samples_per_tick.to_string(), "0..=65536");
+        }
+        Ok(())
+    }
+
+    pub fn horizon_us(&self) -> u64 {
+        self.horizon_ms * 1000
+    }
+
+    pub fn tick_us(&self) -> u64 {
+        self.tick_ms * 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        assert_eq!(PredictorConfig::from_toml("").unwrap(), PredictorConfig::default());
+    }
+
+    #[test]
+    fn models_are_named_in_kebab_case() {
+        let config = PredictorConfig::from_toml("model = \"keep-alive\"\nhorizon_ms = 200").unwrap();
+        assert_eq!(config.model, ModelKind::KeepAlive);
+        assert_eq!(config.horizon_us(), 200_000);
+        for kind in ModelKind::ALL {
+            assert_eq!(ModelKind::from_name(kind.name()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_ranges_are_rejected() {
+        assert!(matches!(PredictorConfig::from_toml("horizon = 5"), Err(ConfigError::Parse(_))));
+        let error = PredictorConfig::from_toml("tick_ms = 0").unwrap_err();
+        assert!(error.to_string().contains("tick_ms"), "{error}");
+    }
+}

@@ -1,0 +1,677 @@
+//! Per-key features over a bounded set of tracked keys, held in ndarray arrays.
+//!
+//! # What is kept per key (one column of each array per tracked key)
+//!
+//! | array | meaning |
+//! |---|---|
+//! | `counts[s]` | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s): a multi-scale rate |
+//! | `recency[s]` | `exp(-age / tau_s)`, where age is the time since the key's last request: "time since last" on four scales |
+//! | `last_us` | time of the last request |
+//! | `gap_mean_s`, `gaps_seen` | EWMA of the inter-arrival gap, and how many gaps it has seen |
+//! | `successor_key`, `successor_count`, `predecessor_count` | per-key successor table: after this key, some client took key B within the horizon `successor_count / predecessor_count` of the time |
+//! | `successor_boost` | max over recent requests A of P(this key \| A), decayed with the horizon as time constant |
+//!
+//! # Row order: active keys first
+//!
+//! Rows `0..active` are the ACTIVE keys: requested within the activity window, or
+//! boosted by a successor. Only they are decayed eagerly at each tick (one
+//! vectorised multiply per array) and scored. Rows `active..tracked` are tracked but
+//! idle: their decay is applied lazily, once, when they become active again (exact,
+//! since decay is multiplicative). Keys idle past the activity window score 0.
+//!
+//! # Bounded memory: eviction and the long tail
+//!
+//! At most `capacity` keys are tracked. When a new key arrives and the table is
+//! full, a victim is chosen by sampled LRU: 8 random idle rows (or, if every row
+//! is active, 8 random active rows) and the one with the oldest last request goes.
+//! Its 60 s count is added to a count-min sketch (4 x 4096 cells, halved every 60 s),
+//! and a key admitted later starts its 60 s count from the sketch's estimate, so a
+//! key of the long tail that comes back is not mistaken for a brand-new one.
+//!
+//! # Time
+//!
+//! Counts are kept "as of the last tick" (`decayed_to_us`); an event at `t` adds
+//! `exp((t - decayed_to_us) / tau)` so that the next tick's multiply by
+//! `exp(-(tick - decayed_to_us) / tau)` leaves exactly `exp(-(tick - t) / tau)`.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use ndarray::{Array1, Array2};
+
+use crate::fastmath::fast_exp;
+
+/// Number of decay time scales.
+pub const SCALES: usize = 4;
+/// The decay time constants, in microseconds.
+pub const SCALE_TAU_US: [u64; SCALES] = [50_000, 500_000, 5_000_000, 60_000_000];
+/// Successors remembered per key.
+pub const SUCCESSORS: usize = 4;
+/// Recent keys remembered per client (for learning successors).
+pub const CLIENT_RECENT: usize = 4;
+/// Clients remembered at most; past this the client table is cleared (and refills).
+pub const CLIENTS_MAX: usize = 65_536;
+/// Length of the feature vector given to learned models.
+pub const FEATURES: usize = 11;
+/// Names of the features, in vector order.
+pub const FEATURE_NAMES: [&str; FEATURES] = [
+    "rate_50ms",
+    "rate_500ms",
+    "rate_5s",
+    "rate_60s",
+    "recency_50ms",
+    "recency_500ms",
+    "recency_5s",
+    "recency_60s",
+    "successor",
+    "gap_rate",
+    "gap_confidence",
+];
+
+const NEVER_US: u64 = u64::MAX;
+const EMPTY_KEY: u64 = 0;
+/// Successor counts of a key are halved when its predecessor count reaches this,
+/// so that the table follows changes in behaviour.
+const PREDECESSOR_COUNT_HALVING: f32 = 256.0;
+/// An event more than this after the last decay triggers a decay first, which
+/// keeps the event weights `exp(dt / tau)` far from overflow.
+const EVENT_LAG_US_MAX: u64 = 200_000;
+const VICTIM_SAMPLES: usize = 8;
+const GAP_EWMA_WEIGHT: f32 = 0.2;
+/// A key stays active while its successor boost is above this, even if idle.
+const SUCCESSOR_BOOST_ACTIVE_MIN: f32 = 0.01;
+
+/// The key hashes are already uniform (xxh3): hashing them again is wasted work.
+#[derive(Default)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+    fn write_u32(&mut self, value: u32) {
+        // Client ids are small integers: spread them.
+        self.0 = u64::from(value).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+pub type IdentityBuildHasher = BuildHasherDefault<IdentityHasher>;
+
+#[derive(Clone, Copy, Default)]
+struct ClientRecent {
+    keys: [(u64, u64); CLIENT_RECENT],
+    next: usize,
+}
+
+/// Count-min sketch summarising evicted keys' long-scale counts.
+struct TailSketch {
+    cells: Array2<f32>,
+    halved_at_us: u64,
+}
+
+const SKETCH_ROWS: usize = 4;
+const SKETCH_WIDTH: usize = 4096;
+const SKETCH_HALVING_US: u64 = 60_000_000;
+
+impl TailSketch {
+    fn new() -> TailSketch {
+        TailSketch { cells: Array2::zeros((SKETCH_ROWS, SKETCH_WIDTH)), halved_at_us: 0 }
+    }
+    fn cell(hash: u64, row: usize) -> usize {
+        (hash.rotate_left(16 * row as u32) as usize) & (SKETCH_WIDTH - 1)
+    }
+    fn add(&mut self, hash: u64, value: f32) {
+        for row in 0..SKETCH_ROWS {
+            self.cells[[row, Self::cell(hash, row)]] += value;
+        }
+    }
+    fn estimate(&self, hash: u64) -> f32 {
+        (0..SKETCH_ROWS).map(|row| self.cells[[row, Self::cell(hash, row)]]).fold(f32::INFINITY, f32::min)
+    }
+    fn age_to(&mut self, now_us: u64) {
+        if now_us.saturating_sub(self.halved_at_us) >= SKETCH_HALVING_US {
+            self.cells.mapv_inplace(|cell| cell * 0.5);
+            self.halved_at_us = now_us;
+        }
+    }
+}
+
+/// Read-only view of the active rows, as of the last [`FeatureStore::decay_to`].
+pub struct FeatureView<'a> {
+    pub now_us: u64,
+    pub horizon_us: u64,
+    pub key_hash: &'a [u64],
+    pub last_us: &'a [u64],
+    pub counts: [&'a [f32]; SCALES],
+    pub recency: [&'a [f32]; SCALES],
+    pub successor_boost: &'a [f32],
+    pub expected_in_horizon: &'a [f32],
+    pub gaps_seen: &'a [f32],
+}
+
+impl FeatureView<'_> {
+    pub fn len(&self) -> usize {
+        self.key_hash.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.key_hash.is_empty()
+    }
+
+    /// The feature vector of active row `row` (see [`FEATURE_NAMES`]); every entry in [0, 1].
+    #[inline(always)]
+    pub fn vector(&self, row: usize) -> [f32; FEATURES] {
+        let horizon_s = self.horizon_us as f32 * 1e-6;
+        let saturate = |x: f32| x / (1.0 + x);
+        let mut features = [0.0f32; FEATURES];
+        for scale in 0..SCALES {
+            let to_expected = horizon_s / (SCALE_TAU_US[scale] as f32 * 1e-6);
+            features[scale] = saturate(self.counts[scale][row] * to_expected);
+            features[SCALES + scale] = self.recency[scale][row];
+        }
+        features[8] = self.successor_boost[row].min(1.0);
+        features[9] = saturate(self.expected_in_horizon[row]);
+        features[10] = self.gaps_seen[row] / (self.gaps_seen[row] + 4.0);
+        features
+    }
+
+    /// Seconds since the last request of active row `row`.
+    #[inline(always)]
+    pub fn age_s(&self, row: usize) -> f32 {
+        self.now_us.saturating_sub(self.last_us[row]) as f32 * 1e-6
+    }
+}
+
+/// The bounded per-key feature table. See the module docs.
+pub struct FeatureStore {
+    capacity: usize,
+    horizon_us: u64,
+    activity_window_us: u64,
+    index: HashMap<u64, u32, IdentityBuildHasher>,
+    key_hash: Array1<u64>,
+    last_us: Array1<u64>,
+    counts: Array2<f32>,
+    recency: Array2<f32>,
+    successor_boost: Array1<f32>,
+    gap_mean_s: Array1<f32>,
+    gaps_seen: Array1<f32>,
+    expected_in_horizon: Array1<f32>,
+    inactive_since_us: Array1<u64>,
+    successor_key: Array2<u64>,
+    successor_count: Array2<f32>,
+    predecessor_count: Array1<f32>,
+    active: usize,
+    tracked: usize,
+    decayed_to_us: u64,
+    clients: HashMap<u32, ClientRecent, IdentityBuildHasher>,
+    sketch: TailSketch,
+    rng: u64,
+    tau_s: [f32; SCALES],
+    /// Keys evicted to stay within capacity, since creation.
+    pub evictions: u64,
+}
+
+impl FeatureStore {
+    /// A table for at most `capacity` keys.
+    pub fn new(capacity: usize, horizon_us: u64, activity_window_us: u64, seed: u64) -> FeatureStore {
+        assert!(capacity >= 1, "capacity must be at least 1");
+        assert!(capacity <= u32::MAX as usize, "capacity must fit in u32 rows");
+        assert!(horizon_us > 0, "the horizon must be positive");
+        FeatureStore {
+            capacity,
+            horizon_us,
+            activity_window_us,
+            index: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), IdentityBuildHasher::default()),
+            key_hash: Array1::zeros(capacity),
+            last_us: Array1::from_elem(capacity, NEVER_US),
+            counts: Array2::zeros((SCALES, capacity)),
+            recency: Array2::zeros((SCALES, capacity)),
+            successor_boost: Array1::zeros(capacity),
+            gap_mean_s: Array1::zeros(capacity),
+            gaps_seen: Array1::zeros(capacity),
+            expected_in_horizon: Array1::zeros(capacity),
+            inactive_since_us: Array1::zeros(capacity),
+            successor_key: Array2::zeros((capacity, SUCCESSORS)),
+            successor_count: Array2::zeros((capacity, SUCCESSORS)),
+            predecessor_count: Array1::zeros(capacity),
+            active: 0,
+            tracked: 0,
+            decayed_to_us: 0,
+            clients: HashMap::default(),
+            sketch: TailSketch::new(),
+            rng: seed | 1,
+            tau_s: SCALE_TAU_US.map(|tau| tau as f32 * 1e-6),
+            evictions: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn active(&self) -> usize {
+        self.active
+    }
+    pub fn tracked(&self) -> usize {
+        self.tracked
+    }
+    pub fn horizon_us(&self) -> u64 {
+        self.horizon_us
+    }
+    pub fn decayed_to_us(&self) -> u64 {
+        self.decayed_to_us
+    }
+
+    /// Row of a tracked key (active or not).
+    pub fn row_of(&self, key_hash: u64) -> Option<usize> {
+        self.index.get(&key_hash).map(|&row| row as usize)
+    }
+
+    /// Time of the last request of a tracked key.
+    pub fn last_request_us(&self, key_hash: u64) -> Option<u64> {
+        self.row_of(key_hash).map(|row| self.last_us[row]).filter(|&last| last != NEVER_US)
+    }
+
+    /// The active rows, as of the last decay.
+    pub fn view(&self) -> FeatureView<'_> {
+        let n = self.active;
+        let counts = std::array::from_fn(|scale| &self.counts.row(scale).to_slice().expect("row-major")[..n]);
+        let recency = std::array::from_fn(|scale| &self.recency.row(scale).to_slice().expect("row-major")[..n]);
+        FeatureView {
+            now_us: self.decayed_to_us,
+            horizon_us: self.horizon_us,
+            key_hash: &self.key_hash.as_slice().expect("contiguous")[..n],
+            last_us: &self.last_us.as_slice().expect("contiguous")[..n],
+            counts,
+            recency,
+            successor_boost: &self.successor_boost.as_slice().expect("contiguous")[..n],
+            expected_in_horizon: &self.expected_in_horizon.as_slice().expect("contiguous")[..n],
+            gaps_seen: &self.gaps_seen.as_slice().expect("contiguous")[..n],
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: deterministic for a given seed.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A uniformly chosen active row, if any.
+    pub fn random_active_row(&mut self) -> Option<usize> {
+        if self.active == 0 {
+            return None;
+        }
+        Some((self.next_random() % self.active as u64) as usize)
+    }
+
+    /// Records one request. Events should come in time order; one older than the
+    /// last decay is taken as happening at the last decay.
+    pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
+        if ts_us > self.decayed_to_us + EVENT_LAG_US_MAX {
+            self.decay_to(ts_us);
+        }
+        let ts_us = ts_us.max(self.decayed_to_us);
+        let dt_s = (ts_us - self.decayed_to_us) as f32 * 1e-6;
+        let weights: [f32; SCALES] = std::array::from_fn(|scale| fast_exp(dt_s / self.tau_s[scale]));
+        let horizon_s = self.horizon_us as f32 * 1e-6;
+        let successor_weight = fast_exp(dt_s / horizon_s);
+
+        let row = self.activate(key_hash);
+        let last = self.last_us[row];
+        if last != NEVER_US {
+            let gap_s = ts_us.saturating_sub(last) as f32 * 1e-6;
+            let mean = if self.gaps_seen[row] == 0.0 {
+                gap_s
+            } else {
+                self.gap_mean_s[row] + GAP_EWMA_WEIGHT * (gap_s - self.gap_mean_s[row])
+            };
+            self.gap_mean_s[row] = mean;
+            self.gaps_seen[row] = (self.gaps_seen[row] + 1.0).min(1e6);
+            self.expected_in_horizon[row] = horizon_s / mean.max(1e-6);
+        }
+        for scale in 0..SCALES {
+            self.counts[[scale, row]] += weights[scale];
+            self.recency[[scale, row]] = weights[scale];
+        }
+        self.last_us[row] = ts_us;
+
+        self.learn_successors(ts_us, client, key_hash);
+        self.push_successors(row, successor_weight);
+    }
+
+    /// This client took `key_hash` now: every key it took within the horizon
+    /// before gains `key_hash` as a successor.
+    fn learn_successors(&mut self, ts_us: u64, client: u32, key_hash: u64) {
+        if self.clients.len() >= CLIENTS_MAX && !self.clients.contains_key(&client) {
+            self.clients.clear();
+        }
+        let mut recent = self.clients.get(&client).copied().unwrap_or_default();
+        for &(predecessor, at_us) in &recent.keys {
+            if predecessor == EMPTY_KEY || ts_us.saturating_sub(at_us) > self.horizon_us {
+                continue;
+            }
+            if let Some(&predecessor_row) = self.index.get(&predecessor) {
+                self.add_successor(predecessor_row as usize, key_hash);
+            }
+        }
+        if let Some(entry) = recent.keys.iter_mut().find(|(key, _)| *key == key_hash) {
+            entry.1 = ts_us;
+        } else {
+            recent.keys[recent.next] = (key_hash, ts_us);
+            recent.next = (recent.next + 1) % CLIENT_RECENT;
+        }
+        self.clients.insert(client, recent);
+    }
+
+    fn add_successor(&mut self, row: usize, successor: u64) {
+        let mut keys = self.successor_key.row_mut(row);
+        let mut counts = self.successor_count.row_mut(row);
+        if let Some(j) = keys.iter().position(|&key| key == successor) {
+            counts[j] += 1.0;
+            return;
+        }
+        // Not present: take an empty entry, else replace the least counted one.
+        let mut replace = 0;
+        for j in 0..SUCCESSORS {
+            if keys[j] == EMPTY_KEY {
+                replace = j;
+                break;
+            }
+            if counts[j] < counts[replace] {
+                replace = j;
+            }
+        }
+        keys[replace] = successor;
+        counts[replace] = 1.0;
+    }
+
+    /// The key at `row` was just requested: raise the successor boost of the keys
+    /// that usually follow it.
+    fn push_successors(&mut self, row: usize, successor_weight: f32) {
+        self.predecessor_count[row] += 1.0;
+        let predecessors = self.predecessor_count[row];
+        if predecessors >= PREDECESSOR_COUNT_HALVING {
+            self.predecessor_count[row] *= 0.5;
+            self.successor_count.row_mut(row).mapv_inplace(|count| count * 0.5);
+        }
+        for j in 0..SUCCESSORS {
+            let successor = self.successor_key[[row, j]];
+            if successor == EMPTY_KEY {
+                continue;
+            }
+            // The current occurrence has had no chance to be followed yet.
+            let observed = (predecessors - 1.0).max(1.0);
+            let probability = (self.successor_count[[row, j]] / observed).min(1.0);
+            if let Some(&successor_row) = self.index.get(&successor) {
+                let mut successor_row = successor_row as usize;
+                if successor_row >= self.active {
+                    successor_row = self.reactivate(successor_row);
+                }
+                let boost = probability * successor_weight;
+                if boost > self.successor_boost[successor_row] {
+                    self.successor_boost[successor_row] = boost;
+                }
+            }
+        }
+    }
+
+    /// Returns the row of `key_hash`, admitting it if new, and makes it active.
+    fn activate(&mut self, key_hash: u64) -> usize {
+        let row = match self.index.get(&key_hash) {
+            Some(&row) => row as usize,
+            None => self.admit(key_hash),
+        };
+        if row >= self.active { self.reactivate(row) } else { row }
+    }
+
+    fn admit(&mut self, key_hash: u64) -> usize {
+        let row = if self.tracked < self.capacity {
+            self.tracked += 1;
+            self.tracked - 1
+        } else {
+            let victim = self.choose_victim();
+            let victim_hash = self.key_hash[victim];
+            self.sketch.add(victim_hash, self.counts[[SCALES - 1, victim]]);
+            self.index.remove(&victim_hash);
+            self.evictions += 1;
+            victim
+        };
+        self.key_hash[row] = key_hash;
+        self.last_us[row] = NEVER_US;
+        for scale in 0..SCALES {
+            self.counts[[scale, row]] = 0.0;
+            self.recency[[scale, row]] = 0.0;
+        }
+        self.counts[[SCALES - 1, row]] = self.sketch.estimate(key_hash);
+        self.successor_boost[row] = 0.0;
+        self.gap_mean_s[row] = 0.0;
+        self.gaps_seen[row] = 0.0;
+        self.expected_in_horizon[row] = 0.0;
+        self.inactive_since_us[row] = self.decayed_to_us;
+        self.successor_key.row_mut(row).fill(EMPTY_KEY);
+        self.successor_count.row_mut(row).fill(0.0);
+        self.predecessor_count[row] = 0.0;
+        self.index.insert(key_hash, row as u32);
+        row
+    }
+
+    fn choose_victim(&mut self) -> usize {
+        let (start, end) = if self.tracked > self.active { (self.active, self.tracked) } else { (0, self.tracked) };
+        let mut victim = start;
+        let mut oldest = u64::MAX;
+        for _ in 0..VICTIM_SAMPLES {
+            let row = start + (self.next_random() % (end - start) as u64) as usize;
+            let last = self.last_us[row];
+            if last <= oldest {
+                oldest = last;
+                victim = row;
+            }
+        }
+        victim
+    }
+
+    /// Applies the decay owed since the row went idle and moves it into the active prefix.
+    fn reactivate(&mut self, row: usize) -> usize {
+        debug_assert!(row >= self.active && row < self.tracked);
+        let idle_s = self.decayed_to_us.saturating_sub(self.inactive_since_us[row]) as f32 * 1e-6;
+        for scale in 0..SCALES {
+            let factor = fast_exp(-idle_s / self.tau_s[scale]);
+            self.counts[[scale, row]] *= factor;
+            self.recency[[scale, row]] *= factor;
+        }
+        self.successor_boost[row] = 0.0;
+        let destination = self.active;
+        self.swap_rows(row, destination);
+        self.active += 1;
+        destination
+    }
+
+    fn deactivate(&mut self, row: usize) {
+        debug_assert!(row < self.active);
+        let last_active = self.active - 1;
+        self.swap_rows(row, last_active);
+        self.active -= 1;
+        self.inactive_since_us[last_active] = self.decayed_to_us;
+        self.successor_boost[last_active] = 0.0;
+    }
+
+    fn swap_rows(&mut self, a: usize, b: usize) {
+        if a == b {
+            return;
+        }
+        self.key_hash.swap(a, b);
+        self.last_us.swap(a, b);
+        for scale in 0..SCALES {
+            self.counts.swap([scale, a], [scale, b]);
+            self.recency.swap([scale, a], [scale, b]);
+        }
+        self.successor_boost.swap(a, b);
+        self.gap_mean_s.swap(a, b);
+        self.gaps_seen.swap(a, b);
+        self.expected_in_horizon.swap(a, b);
+        self.inactive_since_us.swap(a, b);
+        for j in 0..SUCCESSORS {
+            self.successor_key.swap([a, j], [b, j]);
+            self.successor_count.swap([a, j], [b, j]);
+        }
+        self.predecessor_count.swap(a, b);
+        self.index.insert(self.key_hash[a], a as u32);
+        self.index.insert(self.key_hash[b], b as u32);
+    }
+
+    /// Decays every active row to `now_us` and retires rows idle past the activity window.
+    pub fn decay_to(&mut self, now_us: u64) {
+        if now_us <= self.decayed_to_us {
+            return;
+        }
+        let dt_s = (now_us - self.decayed_to_us) as f32 * 1e-6;
+        let n = self.active;
+        for scale in 0..SCALES {
+            let factor = fast_exp(-dt_s / self.tau_s[scale]);
+            let counts = &mut self.counts.row_mut(scale).into_slice().expect("row-major")[..n];
+            counts.iter_mut().for_each(|count| *count *= factor);
+            let recency = &mut self.recency.row_mut(scale).into_slice().expect("row-major")[..n];
+            recency.iter_mut().for_each(|value| *value *= factor);
+        }
+        let boost_factor = fast_exp(-dt_s / (self.horizon_us as f32 * 1e-6));
+        let boosts = &mut self.successor_boost.as_slice_mut().expect("contiguous")[..n];
+        boosts.iter_mut().for_each(|boost| *boost *= boost_factor);
+        self.decayed_to_us = now_us;
+        self.sketch.age_to(now_us);
+
+        let window_us = self.activity_window_us;
+        for row in (0..self.active).rev() {
+            let idle_us = now_us.saturating_sub(self.last_us[row]);
+            if idle_us > window_us && self.successor_boost[row] < SUCCESSOR_BOOST_ACTIVE_MIN {
+                self.deactivate(row);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: u64 = 500_000;
+
+    fn store(capacity: usize) -> FeatureStore {
+        FeatureStore::new(capacity, H, 30_000_000, 7)
+    }
+
+    #[test]
+    fn counts_decay_exactly_between_ticks() {
+        let mut features = store(16);
+        features.ingest(0, 0, 11);
+        features.ingest(40_000, 0, 11);
+        features.decay_to(100_000);
+        let view = features.view();
+        let row = 0;
+        for scale in 0..SCALES {
+            let tau = SCALE_TAU_US[scale] as f64;
+            let expected = ((-100_000.0 / tau).exp() + (-60_000.0 / tau).exp()) as f32;
+            let found = view.counts[scale][row];
+            assert!((found - expected).abs() < 1e-3 * expected.max(1.0), "scale {scale}: {found} vs {expected}");
+            let recency_expected = (-60_000.0 / tau).exp() as f32;
+            assert!((view.recency[scale][row] - recency_expected).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn idle_keys_leave_the_active_set_and_return_with_lazy_decay() {
+        let mut features = FeatureStore::new(16, H, 1_000_000, 7);
+        features.ingest(0, 0, 1);
+        features.ingest(0, 0, 2);
+        features.decay_to(900_000);
+        assert_eq!(features.active(), 2);
+        features.ingest(1_500_000, 0, 2);
+        features.decay_to(1_600_000);
+        assert_eq!(features.active(), 1, "key 1 idle past the 1 s window");
+        features.ingest(3_000_000, 0, 1);
+        features.decay_to(3_000_000);
+        let view = features.view();
+        let row = view.key_hash.iter().position(|&k| k == 1).unwrap();
+        let expected = 1.0 + (-3.0f32 / 60.0).exp();
+        assert!((view.counts[3][row] - expected).abs() < 1e-3, "{}", view.counts[3][row]);
+    }
+
+    #[test]
+    fn the_table_never_tracks_more_than_its_capacity() {
+        let mut features = store(32);
+        for key in 1..=1000u64 {
+            features.ingest(key * 1000, (key % 3) as u32, key);
+            if key % 10 == 0 {
+                features.decay_to(key * 1000);
+            }
+        }
+        assert_eq!(features.tracked(), 32);
+        assert_eq!(features.evictions, 1000 - 32);
+        assert!(features.row_of(1000).is_some(), "the newest key is tracked");
+        for (&hash, &row) in &features.index {
+            assert_eq!(features.key_hash[row as usize], hash, "index and rows agree");
+        }
+    }
+
+    #[test]
+    fn a_returning_long_tail_key_keeps_part_of_its_history() {
+        let mut features = store(16);
+        for i in 0..50 {
+            features.ingest(i * 1000, 0, 999);
+        }
+        for key in 1..=200u64 {
+            features.ingest(100_000 + key * 10, 0, key);
+        }
+        assert!(features.row_of(999).is_none(), "evicted");
+        features.ingest(200_000, 0, 999);
+        let row = features.row_of(999).unwrap();
+        assert!(features.counts[[3, row]] > 40.0, "sketch remembered ~50: {}", features.counts[[3, row]]);
+    }
+
+    #[test]
+    fn successors_are_learnt_per_client_and_boost_the_follower() {
+        let mut features = store(64);
+        // Client 0 always takes B 20 ms after A; client 1 takes noise.
+        for round in 0..20u64 {
+            let t = round * 1_000_000;
+            features.ingest(t, 0, 0xA);
+            features.ingest(t + 5_000, 1, 1000 + round);
+            features.ingest(t + 20_000, 0, 0xB);
+            features.decay_to(t + 30_000);
+        }
+        let t = 30_000_000;
+        features.decay_to(t);
+        features.ingest(t, 0, 0xA);
+        features.decay_to(t + 10_000);
+        let view = features.view();
+        let row_b = view.key_hash.iter().position(|&k| k == 0xB).unwrap();
+        assert!(view.successor_boost[row_b] > 0.9, "{}", view.successor_boost[row_b]);
+        let row_noise = view.key_hash.iter().position(|&k| k == 1019).unwrap();
+        assert!(view.successor_boost[row_noise] < 0.1);
+    }
+
+    #[test]
+    fn feature_vectors_stay_in_the_unit_interval() {
+        let mut features = store(64);
+        for i in 0..5000u64 {
+            features.ingest(i * 100, (i % 5) as u32, i % 17 + 1);
+            if i % 100 == 0 {
+                features.decay_to(i * 100);
+            }
+        }
+        features.decay_to(600_000);
+        let view = features.view();
+        for row in 0..view.len() {
+            for (name, value) in FEATURE_NAMES.iter().zip(view.vector(row)) {
+                assert!((0.0..=1.0).contains(&value), "{name} = {value}");
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The forecaster: features + one model + online training, ticked in time order.
+//!
+//! Call [`Forecaster::ingest`] for each request in time order and
+//! [`Forecaster::tick`] every tick; after a tick, [`Forecaster::scores`] gives
+//! P(requested within the horizon) for every active key.
+//!
+//! # Training without look-ahead
+//!
+//! At each tick the forecaster samples `train_samples_per_tick` active keys
+//! uniformly and remembers their feature vectors. A sample taken at tick `t` is
+//! labelled when its window `(t, t + horizon]` has closed, that is when an event
+//! later than `t + horizon` arrives or a tick at or after `t + horizon` runs: the
+//! label is "the key's last request is after `t`", and at that moment every event
+//! up to `t + horizon`, and none after, has been ingested. So the model at time
+//! `T` has learnt only from windows that closed by `T`.
+
+use std::collections::VecDeque;
+
+use crate::config::PredictorConfig;
+use crate::features::{FEATURES, FeatureStore};
+use crate::models::{self, Model};
+
+struct Sample {
+    key_hash: u64,
+    at_us: u64,
+    features: [f32; FEATURES],
+}
+
+/// See the module docs.
+pub struct Forecaster {
+    config: PredictorConfig,
+    features: FeatureStore,
+    model: Box<dyn Model>,
+    probabilities: Vec<f32>,
+    /// False between an ingest and the next tick: rows may have moved.
+    scores_current: bool,
+    pending: VecDeque<Sample>,
+    pending_max: usize,
+    /// Samples labelled and given to the model.
+    pub samples_labelled: u64,
+    /// Samples dropped because their key was evicted before the label was known.
+    pub samples_dropped: u64,
+}
+
+impl Forecaster {
+    /// A forecaster with the model the configuration selects.
+    pub fn new(config: PredictorConfig) -> Forecaster {
+        let model = models::build(&config);
+        Forecaster::with_model(config, model)
+    }
+
+    /// A forecaster with a given model (tests, experiments).
+    pub fn with_model(config: PredictorConfig, model: Box<dyn Model>) -> Forecaster {
+        let features = FeatureStore::new(
+            config.max_tracked_keys,
+            config.horizon_us(),
+            config.activity_window_ms * 1000,
+            config.seed,
+        );
+        let ticks_per_horizon = (config.horizon_ms / config.tick_ms + 2) as usize;
+        let pending_max = (ticks_per_horizon * config.train_samples_per_tick).max(1);
+        Forecaster {
+            config,
+            features,
+            model,
+            probabilities: Vec::new(),
+            scores_current: false,
+            pending: VecDeque::with_capacity(pending_max),
+            pending_max,
+            samples_labelled: 0,
+            samples_dropped: 0,
+        }
+    }
+
+    pub fn config(&self) -> &PredictorConfig {
+        &self.config
+    }
+    pub fn features(&self) -> &FeatureStore {
+        &self.features
+    }
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    /// Records one request (in time order).
+    pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
+        let horizon_us = self.config.horizon_us();
+        // Windows (at, at + horizon] with at + horizon < ts_us are complete.
+        while let Some(sample) = self.pending.front() {
+            if sample.at_us + horizon_us >= ts_us {
+                break;
+            }
+            self.label_front();
+        }
+        self.features.ingest(ts_us, client, key_hash);
+        self.scores_current = false;
+    }
+
+    fn label_front(&mut self) {
+        let Some(sample) = self.pending.pop_front() else { return };
+        match self.features.row_of(sample.key_hash) {
+            Some(_) => {
+                let last = self.features.last_request_us(sample.key_hash).unwrap_or(0);
+                self.model.learn(&sample.features, last > sample.at_us);
+                self.samples_labelled += 1;
+            }
+            None => self.samples_dropped += 1,
+        }
+    }
+
+    /// Advances to `now_us`: labels closed windows, decays, scores every active key,
+    /// and samples keys for training.
+    pub fn tick(&mut self, now_us: u64) {
+        let horizon_us = self.config.horizon_us();
+        while let Some(sample) = self.pending.front() {
+            if sample.at_us + horizon_us > now_us {
+                break;
+            }
+            self.label_front();
+        }
+        self.features.decay_to(now_us);
+        let view = self.features.view();
+        self.probabilities.clear();
+        self.probabilities.resize(view.len(), 0.0);
+        self.model.score(&view, &mut self.probabilities);
+        for probability in &mut self.probabilities {
+            // NaN fails both comparisons and becomes 0.
+            *probability = if *probability >= 0.0 { probability.min(1.0) } else { 0.0 };
+        }
+        self.scores_current = true;
+
+        if self.model.learns() {
+            let now = self.features.decayed_to_us();
+            for _ in 0..self.config.train_samples_per_tick {
+                if self.pending.len() >= self.pending_max {
+                    break;
+                }
+                let Some(row) = self.features.random_active_row() else { break };
+                let view = self.features.view();
+                let features = view.vector(row);
+                self.pending.push_back(Sample { key_hash: view.key_hash[row], at_us: now, features });
+            }
+        }
+    }
+
+    /// Key hashes and probabilities of every active key as of the last tick, or
+    /// `None` if events were ingested since (rows may have moved: tick first).
+    pub fn scores(&self) -> Option<(&[u64], &[f32])> {
+        if !self.scores_current {
+            return None;
+        }
+        let view = self.features.view();
+        Some((view.key_hash, &self.probabilities))
+    }
+
+    /// P(key requested within the horizon) as of the last tick; 0 for a key that
+    /// is not active. `None` if events were ingested since the last tick.
+    pub fn probability_of(&self, key_hash: u64) -> Option<f32> {
+        if !self.scores_current {
+            return None;
+        }
+        Some(match self.features.row_of(key_hash) {
+            Some(row) if row < self.probabilities.len() => self.probabilities[row],
+            _ => 0.0,
+        })
+    }
+
+    /// The `k` highest probabilities at or above `min_probability`, highest first.
+    pub fn top_k(&self, k: usize, min_probability: f32, out: &mut Vec<(u64, f32)>) {
+        out.clear();
+        let Some((keys, probabilities)) = self.scores() else { return };
+        out.extend(
+            keys.iter().zip(probabilities).filter(|(_, p)| **p >= min_probability).map(|(&key, &p)| (key, p)),
+        );
+        let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
+        if out.len() > k {
+            if k == 0 {
+                out.clear();
+                return;
+            }
+            out.select_nth_unstable_by(k - 1, by_probability_descending);
+            out.truncate(k);
+        }
+        out.sort_unstable_by(by_probability_descending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelKind;
+    use proptest::prelude::*;
+
+    fn config(model: ModelKind) -> PredictorConfig {
+        PredictorConfig { model, max_tracked_keys: 256, train_samples_per_tick: 16, ..PredictorConfig::default() }
+    }
+
+    /// Runs a stream, ticking every 10 ms up to `end_us`; returns every tick's scores.
+    fn run(config: &PredictorConfig, events: &[(u64, u32, u64)], end_us: u64) -> Vec<Vec<(u64, u32)>> {
+        let mut forecaster = Forecaster::new(config.clone());
+        let mut next = 0;
+        let mut ticks = Vec::new();
+        let mut now = 0;
+        while now <= end_us {
+            while next < events.len() && events[next].0 <= now {
+                let (ts, client, key) = events[next];
+                forecaster.ingest(ts, client, key);
+                next += 1;
+            }
+            forecaster.tick(now);
+            let (keys, probabilities) = forecaster.scores().unwrap();
+            let mut tick: Vec<(u64, u32)> = keys.iter().zip(probabilities).map(|(&k, p)| (k, p.to_bits())).collect();
+            tick.sort_unstable();
+            ticks.push(tick);
+            now += config.tick_us();
+        }
+        ticks
+    }
+
+    fn stream(seed: u64, n: usize, keys: u64) -> Vec<(u64, u32, u64)> {
+        let mut state = seed | 1;
+        let mut t = 0;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                t += state % 20_000;
+                (t, (state >> 20) as u32 % 4, (state >> 32) % keys + 1)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Scores at a tick depend only on events at or before it: changing
+        /// everything after a cut changes no score up to the cut.
+        #[test]
+        fn scores_never_look_ahead(seed in 1u64..u64::MAX, cut_share in 0.2f64..0.8, model_index in 0usize..4) {
+            let config = config(ModelKind::ALL[model_index]);
+            let events = stream(seed, 600, 40);
+            let end_us = events.last().unwrap().0 + 1_000_000;
+            let cut_us = (events.last().unwrap().0 as f64 * cut_share) as u64;
+            let mut altered: Vec<_> = events.iter().copied().filter(|e| e.0 <= cut_us).collect();
+            altered.extend(stream(seed ^ 0xdead_beef, 300, 40).into_iter()
+                .map(|(t, c, k)| (cut_us + 1 + t / 2, c, k)));
+            altered.sort_by_key(|e| e.0);
+            let original = run(&config, &events, end_us);
+            let changed = run(&config, &altered, end_us);
+            let ticks_before_cut = (cut_us / config.tick_us()) as usize + 1;
+            for tick in 0..ticks_before_cut {
+                prop_assert_eq!(&original[tick], &changed[tick], "tick {} (cut at {} us)", tick, cut_us);
+            }
+        }
+    }
+
+    #[test]
+    fn a_periodic_key_is_learnt_by_the_logistic_model() {
+        // Key 1 every 200 ms (always within the horizon); keys 100.. once each.
+        let mut events = Vec::new();
+        for i in 0..300u64 {
+            events.push((i * 200_000, 0, 1));
+            events.push((i * 200_000 + 50_000, 1, 100 + i));
+        }
+        let mut forecaster = Forecaster::new(config(ModelKind::Logistic));
+        let mut next = 0;
+        for tick in 0..6000u64 {
+            let now = tick * 10_000;
+            while next < events.len() && events[next].0 <= now {
+                forecaster.ingest(events[next].0, events[next].1, events[next].2);
+                next += 1;
+            }
+            forecaster.tick(now);
+        }
+        let periodic = forecaster.probability_of(1).unwrap();
+        let one_off = forecaster.probability_of(100 + 299).unwrap();
+        assert!(periodic > 0.8, "periodic key {periodic}; {}", forecaster.model().describe());
+        assert!(one_off < 0.3, "one-off key {one_off}");
+        assert!(forecaster.samples_labelled > 1000);
+    }
+
+    #[test]
+    fn the_successor_model_predicts_the_follower_only_after_its_leader() {
+        let mut events = Vec::new();
+        for i in 0..100u64 {
+            events.push((i * 2_000_000, 0, 7));
+            events.push((i * 2_000_000 + 100_000, 0, 8));
+        }
+        let mut forecaster = Forecaster::new(config(ModelKind::Successor));
+        for &(ts, client, key) in &events[..events.len() - 1] {
+            forecaster.ingest(ts, client, key);
+        }
+        let leader_at = events[events.len() - 2].0;
+        forecaster.tick(leader_at + 10_000);
+        assert!(forecaster.probability_of(8).unwrap() > 0.9);
+        forecaster.tick(leader_at + 1_500_000);
+        assert!(forecaster.probability_of(8).unwrap() < 0.1);
+    }
+
+    #[test]
+    fn keep_alive_and_frequency_rank_as_expected() {
+        let mut keep_alive = Forecaster::new(config(ModelKind::KeepAlive));
+        let mut frequency = Forecaster::new(config(ModelKind::Frequency));
+        for forecaster in [&mut keep_alive, &mut frequency] {
+            for i in 0..50u64 {
+                forecaster.ingest(i * 50_000, 0, 1); // hot
+            }
+            forecaster.ingest(2_455_000, 0, 2); // once, most recent
+            forecaster.tick(2_460_000);
+        }
+        assert!(keep_alive.probability_of(2).unwrap() > keep_alive.probability_of(1).unwrap());
+        assert!(frequency.probability_of(1).unwrap() > frequency.probability_of(2).unwrap());
+        assert_eq!(keep_alive.probability_of(12345), Some(0.0));
+        keep_alive.ingest(2_470_000, 0, 3);
+        assert_eq!(keep_alive.probability_of(1), None, "stale until the next tick");
+    }
+
+    #[test]
+    fn top_k_returns_the_highest_first() {
+        let mut forecaster = Forecaster::new(config(ModelKind::Frequency));
+        for key in 1..=20u64 {
+            for i in 0..key {
+                forecaster.ingest(i * 1000 + key, 0, key);
+            }
+        }
+        forecaster.tick(100_000);
+        let mut top = Vec::new();
+        forecaster.top_k(5, 0.0, &mut top);
+        let keys: Vec<u64> = top.iter().map(|t| t.0).collect();
+        assert_eq!(keys, vec![20, 19, 18, 17, 16]);
+    }
+}

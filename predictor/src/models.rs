@@ -1,0 +1,218 @@
+//! The ladder of models, behind one trait.
+//!
+//! Each model writes, for every active key, P(key requested within the horizon).
+//! From simplest to richest:
+//!
+//! | model | score |
+//! |---|---|
+//! | [`KeepAlive`] | `max(0, 1 - age / keep_alive)`: prepared for `keep_alive` after each use |
+//! | [`Frequency`] | `1 - exp(-rate * horizon)`: Poisson, with the rate decayed at one scale |
+//! | [`Successor`] | max over keys A requested within the horizon of P(this key within the horizon \| A), decayed |
+//! | [`Logistic`] | online logistic regression over all [`FEATURES`](crate::features::FEATURES) |
+//!
+//! Only [`Logistic`] learns, from [`Model::learn`], which the forecaster calls with
+//! a sample's features once the sample's horizon window has closed: labels come
+//! from the past only.
+
+use crate::config::{ModelKind, PredictorConfig};
+use crate::fastmath::{fast_exp, sigmoid};
+use crate::features::{FEATURE_NAMES, FEATURES, FeatureView, SCALE_TAU_US};
+
+/// A model of the ladder.
+pub trait Model: Send {
+    fn kind(&self) -> ModelKind;
+    /// Writes P(requested within the horizon) for each active row; `out.len() == view.len()`.
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]);
+    /// Whether [`Model::learn`] does anything (the forecaster samples only for such models).
+    fn learns(&self) -> bool {
+        false
+    }
+    /// One labelled sample: the features a key had at some tick, and whether it was
+    /// requested within the horizon after that tick.
+    fn learn(&mut self, _features: &[f32; FEATURES], _requested: bool) {}
+    /// Human-readable parameters (for reports).
+    fn describe(&self) -> String {
+        self.kind().name().to_owned()
+    }
+}
+
+/// Builds the model a configuration selects.
+pub fn build(config: &PredictorConfig) -> Box<dyn Model> {
+    match config.model {
+        ModelKind::KeepAlive => Box::new(KeepAlive { keep_alive_s: config.keep_alive_ms as f32 * 1e-3 }),
+        ModelKind::Frequency => Box::new(Frequency { scale: config.frequency_scale }),
+        ModelKind::Successor => Box::new(Successor),
+        ModelKind::Logistic => Box::new(Logistic::new(config.learning_rate)),
+    }
+}
+
+/// Prepared for `keep_alive_s` after each use, fading linearly (so that, under a
+/// budget, the most recently used keys win).
+pub struct KeepAlive {
+    pub keep_alive_s: f32,
+}
+
+impl Model for KeepAlive {
+    fn kind(&self) -> ModelKind {
+        ModelKind::KeepAlive
+    }
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
+        assert_eq!(out.len(), view.len());
+        let inverse = 1.0 / self.keep_alive_s;
+        let now = view.now_us;
+        for (score, &last) in out.iter_mut().zip(view.last_us) {
+            let age_s = now.saturating_sub(last) as f32 * 1e-6;
+            *score = (1.0 - age_s * inverse).max(0.0);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("keep-alive {} ms", (self.keep_alive_s * 1e3).round())
+    }
+}
+
+/// Poisson probability of at least one request within the horizon, from the
+/// request rate decayed at scale `scale`.
+pub struct Frequency {
+    pub scale: usize,
+}
+
+impl Model for Frequency {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Frequency
+    }
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
+        assert_eq!(out.len(), view.len());
+        let to_expected = view.horizon_us as f32 / SCALE_TAU_US[self.scale] as f32;
+        for (score, &count) in out.iter_mut().zip(view.counts[self.scale]) {
+            *score = 1.0 - fast_exp(-count * to_expected);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("frequency tau {} ms", SCALE_TAU_US[self.scale] / 1000)
+    }
+}
+
+/// The successor boost alone: P(this key | a key requested within the horizon).
+/// Self-transitions (A then A again by the same client) are successors too.
+pub struct Successor;
+
+impl Model for Successor {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Successor
+    }
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
+        assert_eq!(out.len(), view.len());
+        for (score, &boost) in out.iter_mut().zip(view.successor_boost) {
+            *score = boost.min(1.0);
+        }
+    }
+}
+
+/// Online logistic regression with AdaGrad steps and a small L2 penalty.
+pub struct Logistic {
+    weights: [f32; FEATURES],
+    bias: f32,
+    gradient_squares: [f32; FEATURES],
+    bias_gradient_squares: f32,
+    learning_rate: f32,
+    pub samples_learned: u64,
+    pub positives_learned: u64,
+}
+
+const L2_PENALTY: f32 = 1e-5;
+/// Start near "rarely requested" rather than at P = 0.5 for everything.
+const INITIAL_BIAS: f32 = -4.0;
+
+impl Logistic {
+    pub fn new(learning_rate: f32) -> Logistic {
+        Logistic {
+            weights: [0.0; FEATURES],
+            bias: INITIAL_BIAS,
+            gradient_squares: [1e-3; FEATURES],
+            bias_gradient_squares: 1e-3,
+            learning_rate,
+            samples_learned: 0,
+            positives_learned: 0,
+        }
+    }
+
+    pub fn weights(&self) -> (&[f32; FEATURES], f32) {
+        (&self.weights, self.bias)
+    }
+
+    #[inline(always)]
+    fn logit(&self, features: &[f32; FEATURES]) -> f32 {
+        let mut z = self.bias;
+        for j in 0..FEATURES {
+            z += self.weights[j] * features[j];
+        }
+        z
+    }
+}
+
+impl Model for Logistic {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Logistic
+    }
+    fn learns(&self) -> bool {
+        true
+    }
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
+        assert_eq!(out.len(), view.len());
+        for (row, score) in out.iter_mut().enumerate() {
+            *score = sigmoid(self.logit(&view.vector(row)));
+        }
+    }
+    fn learn(&mut self, features: &[f32; FEATURES], requested: bool) {
+        let label = if requested { 1.0 } else { 0.0 };
+        let error = sigmoid(self.logit(features)) - label;
+        for j in 0..FEATURES {
+            let gradient = error * features[j] + L2_PENALTY * self.weights[j];
+            self.gradient_squares[j] += gradient * gradient;
+            self.weights[j] -= self.learning_rate * gradient / self.gradient_squares[j].sqrt();
+        }
+        self.bias_gradient_squares += error * error;
+        self.bias -= self.learning_rate * error / self.bias_gradient_squares.sqrt();
+        self.samples_learned += 1;
+        self.positives_learned += u64::from(requested);
+    }
+    fn describe(&self) -> String {
+        let terms: Vec<String> =
+            FEATURE_NAMES.iter().zip(self.weights).map(|(name, weight)| format!("{name} {weight:+.2}")).collect();
+        format!("logistic: bias {:+.2}, {}", self.bias, terms.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logistic_regression_learns_a_separable_rule() {
+        let mut model = Logistic::new(0.1);
+        let mut features = [0.0f32; FEATURES];
+        for i in 0..20_000 {
+            let on = i % 3 == 0;
+            features[8] = if on { 0.9 } else { 0.05 };
+            features[3] = (i % 7) as f32 / 7.0; // noise
+            model.learn(&features, on);
+        }
+        features[8] = 0.9;
+        let high = sigmoid(model.logit(&features));
+        features[8] = 0.05;
+        let low = sigmoid(model.logit(&features));
+        assert!(high > 0.8 && low < 0.2, "high {high} low {low}");
+        assert!(model.describe().contains("successor"));
+    }
+
+    #[test]
+    fn logistic_regression_is_calibrated_on_coin_flips() {
+        let mut model = Logistic::new(0.05);
+        let features = [0.5f32; FEATURES];
+        for i in 0..50_000 {
+            model.learn(&features, i % 4 == 0);
+        }
+        let p = sigmoid(model.logit(&features));
+        assert!((p - 0.25).abs() < 0.05, "{p}");
+    }
+}
