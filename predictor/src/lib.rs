@@ -18,7 +18,7 @@
 //! }
 //! forecaster.tick(2_000_000);
 //! let p = forecaster.probability_of(key_hash(b"orders:1")).unwrap();
-//! assert!(p > 0.9, "a key requested every 100 ms is very likely within 500 ms");
+//! assert!(p > 0.5, "a key requested every 100 ms is likely within 500 ms");
 //! ```
 
 pub mod config;
