@@ -1,0 +1,587 @@
+//! The resource allocator's POLICY: which keys to prepare, which preparations to
+//! reclaim, which idle slots to evict. Pure: no I/O, no shared memory, no clock.
+//! The live broker (which owns the slots) and `forelock replay` (which simulates
+//! them) call the same code.
+//!
+//! # How the broker calls it, every tick (default 10 ms)
+//!
+//! ```text
+//! let mut policy: Box<dyn Policy> = Box::new(Predictive::new(PredictiveConfig::default()));
+//! //  or Box::new(KeepAlive { keep_alive_us: 500_000 }) when no predictor runs
+//! let mut actions = Vec::new();
+//! loop {                                    // each tick
+//!     let input = TickInput {
+//!         now_us,                           // the broker's monotonic clock
+//!         budget_slots,                     // slots the allocator may keep prepared
+//!         slots: &slot_views,               // EVERY prepared slot (held or idle), with its score
+//!         candidates: &scores,              // scored keys NOT currently prepared, any order
+//!         feedback: &feedback,              // cumulative counters since start
+//!         load,                             // 0.0 (idle) ..= 1.0 (saturated) broker busy fraction
+//!     };
+//!     policy.tick(&input, &mut actions);    // clears `actions`, then fills it
+//!     for action in &actions { /* apply in order */ }
+//! }
+//! ```
+//!
+//! - `Action::Prepare { key_hash }`: allocate a slot for the key, initialise it,
+//!   touch its cache lines. The key text comes from the broker's hash -> key map;
+//!   skip the action if the key is unknown, already prepared, or no slot is free.
+//! - `Action::Reclaim { slot, key_hash }`: the preparation went unused (or the
+//!   slot idle) past its timeout and its score is below the threshold: free it.
+//! - `Action::Evict { slot, key_hash }`: budget pressure; free this idle slot,
+//!   the lowest scored. Reclaim and Evict name only slots that were idle (not
+//!   held) in the input; the broker re-checks under its own lock and skips the
+//!   action if the slot has been taken since.
+//!
+//! Scores are advisory (the predictor may die, lag, or write nonsense): a NaN, a
+//! negative or a > 1 probability counts as 0, and `SlotView::score = None` means
+//! "no score" (also 0). With no scores at all, `Predictive` degrades to
+//! reclaiming idle slots after `idle_timeout_us`, like `KeepAlive`.
+//!
+//! # Feedback and the adaptive threshold
+//!
+//! The broker counts, cumulatively ([`Feedback`]): hits (a request found its key
+//! prepared), misses (slow path), late (the request arrived while its key was
+//! being prepared), and wasted (a prepared or kept slot freed without serving a
+//! request since it was prepared or last released). Every `control_period_us`,
+//! [`Predictive`] looks at the deltas: it raises the threshold (x1.1) when the
+//! wasted share `wasted / (wasted + hits)` is above target, lowers it (/1.1) when
+//! waste is on target but the hit rate `hits / (hits + misses + late)` is below
+//! target, and under load (`load >= load_high`) raises it (x1.25) and prepares at
+//! most a quarter as many keys per tick. Set `adaptive = false` for a fixed
+//! threshold (the replay's threshold sweep does).
+
+/// One prepared slot as the broker sees it this tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotView {
+    /// The broker's slot number, echoed back in Reclaim/Evict.
+    pub slot: u32,
+    pub key_hash: u64,
+    /// When the slot was prepared (by a Prepare action or by the slow path).
+    pub prepared_at_us: u64,
+    /// Time of the last grant on this slot, if any since it was prepared.
+    pub last_use_us: Option<u64>,
+    /// Grants since the slot was prepared.
+    pub uses_since_prepared: u32,
+    /// Held (or with waiters) right now: never reclaimed or evicted.
+    pub held: bool,
+    /// The key's latest score, if the predictor gave one.
+    pub score: Option<f32>,
+}
+
+/// A scored key that is not prepared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub key_hash: u64,
+    /// P(key requested within the horizon).
+    pub probability: f32,
+}
+
+/// What the policy asks the broker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Prepare { key_hash: u64 },
+    Reclaim { slot: u32, key_hash: u64 },
+    Evict { slot: u32, key_hash: u64 },
+}
+
+/// Cumulative counters kept by the broker (monotonic; the policy takes deltas).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Feedback {
+    /// Requests that found their key prepared (fast path).
+    pub hits: u64,
+    /// Requests that took the slow path because their key was not prepared.
+    pub misses: u64,
+    /// Requests that arrived while their key was being prepared.
+    pub late: u64,
+    /// Slots prepared by Prepare actions.
+    pub prepared: u64,
+    /// Slots freed (reclaimed or evicted) without a grant since they were
+    /// prepared or last released.
+    pub wasted: u64,
+}
+
+/// Everything the policy sees in one tick.
+#[derive(Debug, Clone, Copy)]
+pub struct TickInput<'a> {
+    pub now_us: u64,
+    pub budget_slots: usize,
+    pub slots: &'a [SlotView],
+    pub candidates: &'a [Score],
+    pub feedback: &'a Feedback,
+    /// Broker busy fraction, 0.0 ..= 1.0 (event-loop utilisation, queue depth share).
+    pub load: f32,
+}
+
+/// A preparation policy. `tick` clears `actions` and fills it.
+pub trait Policy: Send {
+    fn tick(&mut self, input: &TickInput<'_>, actions: &mut Vec<Action>);
+    /// The current score threshold (0 for policies that use none).
+    fn threshold(&self) -> f32;
+    fn name(&self) -> &'static str;
+}
+
+/// Counters a policy keeps about its own decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub prepares: u64,
+    pub reclaims: u64,
+    pub evictions: u64,
+    /// Scores that were NaN or outside [0, 1] (taken as 0).
+    pub invalid_scores: u64,
+    pub threshold_raises: u64,
+    pub threshold_lowerings: u64,
+}
+
+/// The stand-in policy with no predictor: a slot stays prepared for
+/// `keep_alive_us` after its last use (or after it was prepared, if unused),
+/// and under budget pressure the least recently used idle slots go first.
+/// It never prepares: the slow path prepares a key on a miss.
+#[derive(Debug, Clone, Default)]
+pub struct KeepAlive {
+    pub keep_alive_us: u64,
+    pub stats: PolicyStats,
+}
+
+impl KeepAlive {
+    pub fn new(keep_alive_us: u64) -> KeepAlive {
+        KeepAlive { keep_alive_us, stats: PolicyStats::default() }
+    }
+}
+
+fn last_activity_us(slot: &SlotView) -> u64 {
+    slot.last_use_us.unwrap_or(slot.prepared_at_us).max(slot.prepared_at_us)
+}
+
+impl Policy for KeepAlive {
+    fn tick(&mut self, input: &TickInput<'_>, actions: &mut Vec<Action>) {
+        actions.clear();
+        let mut kept = 0usize;
+        let mut idle_kept: Vec<(u64, usize)> = Vec::new();
+        for (index, slot) in input.slots.iter().enumerate() {
+            if slot.held {
+                kept += 1;
+                continue;
+            }
+            let last = last_activity_us(slot);
+            if input.now_us.saturating_sub(last) > self.keep_alive_us {
+                actions.push(Action::Reclaim { slot: slot.slot, key_hash: slot.key_hash });
+                self.stats.reclaims += 1;
+            } else {
+                kept += 1;
+                idle_kept.push((last, index));
+            }
+        }
+        if kept > input.budget_slots {
+            let excess = (kept - input.budget_slots).min(idle_kept.len());
+            if excess > 0 && excess < idle_kept.len() {
+                idle_kept.select_nth_unstable(excess - 1);
+            }
+            for &(_, index) in &idle_kept[..excess] {
+                let slot = &input.slots[index];
+                actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
+                self.stats.evictions += 1;
+            }
+        }
+    }
+    fn threshold(&self) -> f32 {
+        0.0
+    }
+    fn name(&self) -> &'static str {
+        "keep-alive"
+    }
+}
+
+/// Settings of [`Predictive`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PredictiveConfig {
+    /// Prepare keys whose probability is at least this (start value if adaptive).
+    pub threshold_initial: f32,
+    pub threshold_min: f32,
+    pub threshold_max: f32,
+    /// Adapt the threshold to the targets below; false keeps it fixed.
+    pub adaptive: bool,
+    /// A slot prepared and never used is reclaimed after this, unless its score
+    /// is still at or above the threshold.
+    pub unused_timeout_us: u64,
+    /// A used slot idle for this long is reclaimed unless its score is at or above
+    /// the threshold.
+    pub idle_timeout_us: u64,
+    /// Target for wasted / (wasted + hits).
+    pub waste_share_target: f32,
+    /// Target for hits / (hits + misses + late).
+    pub hit_rate_target: f32,
+    pub control_period_us: u64,
+    /// At most this many Prepare actions per tick (a quarter of it under load).
+    pub prepares_per_tick_max: usize,
+    /// Load at or above which the policy backs off.
+    pub load_high: f32,
+    /// A candidate displaces an idle slot only if its probability beats the
+    /// slot's score by this much (hysteresis against churn).
+    pub eviction_margin: f32,
+}
+
+impl Default for PredictiveConfig {
+    fn default() -> Self {
+        PredictiveConfig {
+            threshold_initial: 0.3,
+            threshold_min: 0.02,
+            threshold_max: 0.95,
+            adaptive: true,
+            unused_timeout_us: 1_000_000,
+            idle_timeout_us: 500_000,
+            waste_share_target: 0.5,
+            hit_rate_target: 0.9,
+            control_period_us: 1_000_000,
+            prepares_per_tick_max: 4096,
+            load_high: 0.8,
+            eviction_margin: 0.05,
+        }
+    }
+}
+
+/// Prepares keys above an adaptive threshold, reclaims preparations unused past
+/// a timeout, evicts the lowest-scored idle slots under budget pressure.
+#[derive(Debug, Clone)]
+pub struct Predictive {
+    pub config: PredictiveConfig,
+    threshold: f32,
+    feedback_at_last_control: Feedback,
+    last_control_us: Option<u64>,
+    pub stats: PolicyStats,
+    victims: Vec<(f32, u64, usize)>,
+    wanted: Vec<Score>,
+}
+
+fn valid(probability: f32, stats: &mut PolicyStats) -> f32 {
+    if (0.0..=1.0).contains(&probability) {
+        probability
+    } else {
+        stats.invalid_scores += 1;
+        0.0
+    }
+}
+
+impl Predictive {
+    pub fn new(config: PredictiveConfig) -> Predictive {
+        assert!(config.threshold_min <= config.threshold_max, "threshold_min must not exceed threshold_max");
+        Predictive {
+            threshold: config.threshold_initial.clamp(config.threshold_min, config.threshold_max),
+            config,
+            feedback_at_last_control: Feedback::default(),
+            last_control_us: None,
+            stats: PolicyStats::default(),
+            victims: Vec::new(),
+            wanted: Vec::new(),
+        }
+    }
+
+    fn control(&mut self, input: &TickInput<'_>) {
+        let Some(last_control_us) = self.last_control_us else {
+            self.last_control_us = Some(input.now_us);
+            self.feedback_at_last_control = *input.feedback;
+            return;
+        };
+        if input.now_us.saturating_sub(last_control_us) < self.config.control_period_us {
+            return;
+        }
+        let before = self.feedback_at_last_control;
+        let now = *input.feedback;
+        let hits = now.hits.saturating_sub(before.hits) as f64;
+        let misses = now.misses.saturating_sub(before.misses) as f64;
+        let late = now.late.saturating_sub(before.late) as f64;
+        let wasted = now.wasted.saturating_sub(before.wasted) as f64;
+        self.last_control_us = Some(input.now_us);
+        self.feedback_at_last_control = now;
+        if !self.config.adaptive {
+            return;
+        }
+        let (low, high) = (self.config.threshold_min, self.config.threshold_max);
+        if input.load >= self.config.load_high {
+            self.threshold = (self.threshold * 1.25).clamp(low, high);
+            self.stats.threshold_raises += 1;
+            return;
+        }
+        let waste_share = if wasted + hits > 0.0 { wasted / (wasted + hits) } else { 0.0 };
+        let requests = hits + misses + late;
+        let hit_rate = if requests > 0.0 { hits / requests } else { 1.0 };
+        if waste_share > f64::from(self.config.waste_share_target) {
+            self.threshold = (self.threshold * 1.1).clamp(low, high);
+            self.stats.threshold_raises += 1;
+        } else if hit_rate < f64::from(self.config.hit_rate_target) && requests > 0.0 {
+            self.threshold = (self.threshold / 1.1).clamp(low, high);
+            self.stats.threshold_lowerings += 1;
+        }
+    }
+}
+
+impl Policy for Predictive {
+    fn tick(&mut self, input: &TickInput<'_>, actions: &mut Vec<Action>) {
+        actions.clear();
+        self.control(input);
+        let threshold = self.threshold;
+        let now = input.now_us;
+
+        // 1. Reclaim what went unused or idle past its timeout and is not wanted.
+        self.victims.clear();
+        let mut kept = 0usize;
+        for (index, slot) in input.slots.iter().enumerate() {
+            if slot.held {
+                kept += 1;
+                continue;
+            }
+            let score = slot.score.map_or(0.0, |p| valid(p, &mut self.stats));
+            let expired = if slot.uses_since_prepared == 0 {
+                now.saturating_sub(slot.prepared_at_us) > self.config.unused_timeout_us
+            } else {
+                now.saturating_sub(last_activity_us(slot)) > self.config.idle_timeout_us
+            };
+            if expired && score < threshold {
+                actions.push(Action::Reclaim { slot: slot.slot, key_hash: slot.key_hash });
+                self.stats.reclaims += 1;
+            } else {
+                kept += 1;
+                self.victims.push((score, last_activity_us(slot), index));
+            }
+        }
+
+        // 2. Candidates at or above the threshold, best first, bounded per tick.
+        let prepares_max = if input.load >= self.config.load_high {
+            self.config.prepares_per_tick_max / 4
+        } else {
+            self.config.prepares_per_tick_max
+        };
+        self.wanted.clear();
+        for candidate in input.candidates {
+            let probability = valid(candidate.probability, &mut self.stats);
+            if probability >= threshold && probability > 0.0 {
+                self.wanted.push(Score { key_hash: candidate.key_hash, probability });
+            }
+        }
+        let by_probability_descending = |a: &Score, b: &Score| b.probability.total_cmp(&a.probability);
+        if self.wanted.len() > prepares_max {
+            if prepares_max == 0 {
+                self.wanted.clear();
+            } else {
+                self.wanted.select_nth_unstable_by(prepares_max - 1, by_probability_descending);
+                self.wanted.truncate(prepares_max);
+            }
+        }
+        self.wanted.sort_unstable_by(by_probability_descending);
+
+        // 3. Fill free slots.
+        let free = input.budget_slots.saturating_sub(kept);
+        let fill = free.min(self.wanted.len());
+        for wanted in &self.wanted[..fill] {
+            actions.push(Action::Prepare { key_hash: wanted.key_hash });
+            self.stats.prepares += 1;
+        }
+        let mut occupied = kept + fill;
+
+        // 4. Budget pressure: evict the lowest-scored idle slots (oldest first on
+        //    ties), to get back under budget, then to make room for better candidates.
+        let remaining = &self.wanted[fill..];
+        let over_budget = occupied.saturating_sub(input.budget_slots);
+        let victims_needed = (over_budget + remaining.len()).min(self.victims.len());
+        if victims_needed == 0 {
+            return;
+        }
+        let by_score_then_age = |a: &(f32, u64, usize), b: &(f32, u64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if victims_needed < self.victims.len() {
+            self.victims.select_nth_unstable_by(victims_needed - 1, by_score_then_age);
+        }
+        let victims = &mut self.victims[..victims_needed];
+        victims.sort_unstable_by(by_score_then_age);
+        let mut next_victim = 0;
+        while occupied > input.budget_slots && next_victim < victims.len() {
+            let slot = &input.slots[victims[next_victim].2];
+            actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
+            self.stats.evictions += 1;
+            occupied -= 1;
+            next_victim += 1;
+        }
+        for wanted in remaining {
+            let Some(victim) = victims.get(next_victim) else { break };
+            if wanted.probability < victim.0 + self.config.eviction_margin {
+                break; // candidates are sorted descending, victims ascending: no later pair qualifies
+            }
+            let slot = &input.slots[victim.2];
+            actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
+            actions.push(Action::Prepare { key_hash: wanted.key_hash });
+            self.stats.evictions += 1;
+            self.stats.prepares += 1;
+            next_victim += 1;
+        }
+    }
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+    fn name(&self) -> &'static str {
+        "predictive"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(slot: u32, key_hash: u64, prepared_at_us: u64, last_use_us: Option<u64>, score: Option<f32>) -> SlotView {
+        SlotView {
+            slot,
+            key_hash,
+            prepared_at_us,
+            last_use_us,
+            uses_since_prepared: u32::from(last_use_us.is_some()),
+            held: false,
+            score,
+        }
+    }
+
+    fn input<'a>(
+        now_us: u64,
+        budget_slots: usize,
+        slots: &'a [SlotView],
+        candidates: &'a [Score],
+        feedback: &'a Feedback,
+    ) -> TickInput<'a> {
+        TickInput { now_us, budget_slots, slots, candidates, feedback, load: 0.0 }
+    }
+
+    fn fixed(threshold: f32) -> Predictive {
+        Predictive::new(PredictiveConfig { threshold_initial: threshold, adaptive: false, ..PredictiveConfig::default() })
+    }
+
+    #[test]
+    fn keep_alive_reclaims_slots_idle_past_the_keep_alive() {
+        let mut policy = KeepAlive::new(500_000);
+        let slots = [slot(1, 10, 0, Some(100_000), None), slot(2, 20, 0, Some(900_000), None)];
+        let mut actions = Vec::new();
+        policy.tick(&input(1_000_000, 10, &slots, &[], &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }]);
+    }
+
+    #[test]
+    fn keep_alive_evicts_least_recently_used_under_pressure_and_never_held_slots() {
+        let mut policy = KeepAlive::new(10_000_000);
+        let mut slots = [
+            slot(1, 10, 0, Some(300), None),
+            slot(2, 20, 0, Some(100), None),
+            slot(3, 30, 0, Some(200), None),
+            slot(4, 40, 0, Some(50), None),
+        ];
+        slots[3].held = true;
+        let mut actions = Vec::new();
+        policy.tick(&input(1_000, 2, &slots, &[], &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Evict { slot: 2, key_hash: 20 }, Action::Evict { slot: 3, key_hash: 30 }]);
+    }
+
+    #[test]
+    fn predictive_prepares_candidates_above_threshold_best_first_within_budget() {
+        let mut policy = fixed(0.5);
+        let candidates = [
+            Score { key_hash: 1, probability: 0.6 },
+            Score { key_hash: 2, probability: 0.9 },
+            Score { key_hash: 3, probability: 0.4 },
+            Score { key_hash: 4, probability: 0.7 },
+        ];
+        let mut actions = Vec::new();
+        policy.tick(&input(0, 2, &[], &candidates, &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Prepare { key_hash: 2 }, Action::Prepare { key_hash: 4 }]);
+    }
+
+    #[test]
+    fn predictive_reclaims_unused_preparations_after_the_timeout_unless_still_wanted() {
+        let mut policy = fixed(0.5);
+        let slots = [
+            slot(1, 10, 0, None, Some(0.1)),
+            slot(2, 20, 0, None, Some(0.8)),
+            slot(3, 30, 1_500_000, None, Some(0.0)),
+        ];
+        let mut actions = Vec::new();
+        policy.tick(&input(2_000_000, 10, &slots, &[], &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }]);
+    }
+
+    #[test]
+    fn predictive_swaps_a_low_idle_slot_for_a_much_better_candidate() {
+        let mut policy = fixed(0.3);
+        let mut slots = [slot(1, 10, 0, Some(10), Some(0.35)), slot(2, 20, 0, Some(10), Some(0.9))];
+        slots[1].held = true;
+        let candidates = [Score { key_hash: 3, probability: 0.8 }, Score { key_hash: 4, probability: 0.37 }];
+        let mut actions = Vec::new();
+        policy.tick(&input(100, 2, &slots, &candidates, &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Evict { slot: 1, key_hash: 10 }, Action::Prepare { key_hash: 3 }]);
+    }
+
+    #[test]
+    fn predictive_gets_back_under_budget_without_touching_held_slots() {
+        let mut policy = fixed(0.5);
+        let mut slots: Vec<SlotView> =
+            (0..6).map(|i| slot(i, u64::from(i) + 100, 0, Some(10), Some(i as f32 / 10.0 + 0.5))).collect();
+        slots[0].held = true;
+        let mut actions = Vec::new();
+        policy.tick(&input(100, 3, &slots, &[], &Feedback::default()), &mut actions);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Evict { slot: 1, key_hash: 101 },
+                Action::Evict { slot: 2, key_hash: 102 },
+                Action::Evict { slot: 3, key_hash: 103 }
+            ]
+        );
+    }
+
+    #[test]
+    fn nonsense_scores_count_as_zero() {
+        let mut policy = fixed(0.1);
+        let slots = [slot(1, 10, 0, None, Some(f32::NAN)), slot(2, 20, 0, None, Some(7.0))];
+        let candidates = [
+            Score { key_hash: 3, probability: f32::NAN },
+            Score { key_hash: 4, probability: -1.0 },
+            Score { key_hash: 5, probability: f32::INFINITY },
+        ];
+        let mut actions = Vec::new();
+        policy.tick(&input(5_000_000, 10, &slots, &candidates, &Feedback::default()), &mut actions);
+        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }, Action::Reclaim { slot: 2, key_hash: 20 }]);
+        assert_eq!(policy.stats.invalid_scores, 5);
+    }
+
+    #[test]
+    fn the_threshold_rises_with_waste_falls_with_misses_and_backs_off_under_load() {
+        let mut policy = Predictive::new(PredictiveConfig { threshold_initial: 0.3, ..PredictiveConfig::default() });
+        let mut actions = Vec::new();
+        let mut feedback = Feedback::default();
+        policy.tick(&input(0, 10, &[], &[], &feedback), &mut actions);
+        feedback.wasted += 90;
+        feedback.hits += 10;
+        policy.tick(&input(1_000_000, 10, &[], &[], &feedback), &mut actions);
+        let after_waste = policy.threshold();
+        assert!(after_waste > 0.3, "{after_waste}");
+        feedback.misses += 100;
+        feedback.hits += 10;
+        policy.tick(&input(2_000_000, 10, &[], &[], &feedback), &mut actions);
+        assert!(policy.threshold() < after_waste);
+        let before_load = policy.threshold();
+        let mut loaded = input(3_000_000, 10, &[], &[], &feedback);
+        loaded.load = 0.95;
+        policy.tick(&loaded, &mut actions);
+        assert!(policy.threshold() > before_load);
+    }
+
+    #[test]
+    fn under_load_fewer_keys_are_prepared_per_tick() {
+        let mut policy = Predictive::new(PredictiveConfig {
+            threshold_initial: 0.1,
+            adaptive: false,
+            prepares_per_tick_max: 8,
+            ..PredictiveConfig::default()
+        });
+        let candidates: Vec<Score> = (0..100).map(|k| Score { key_hash: k, probability: 0.9 }).collect();
+        let mut actions = Vec::new();
+        let feedback = Feedback::default();
+        let mut loaded = input(0, 1000, &[], &candidates, &feedback);
+        loaded.load = 1.0;
+        policy.tick(&loaded, &mut actions);
+        assert_eq!(actions.len(), 2);
+    }
+}
