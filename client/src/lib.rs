@@ -1,1 +1,817 @@
+//! Named locks shared by the processes of one host, served by `forelockd`.
+//!
+//! A [`Client`] maps the broker's lock table into this process. When a key is
+//! *prepared* (the broker, guided by its forecaster, set up its slot ahead of
+//! time), [`Client::lock`] takes the lock with one compare-and-swap in shared
+//! memory: no syscall, no broker. Otherwise the request goes to the broker over
+//! a Unix socket; if the key is held, the caller sleeps on a shared futex until
+//! the holder's release hands the lock over (FIFO, no barging). Every grant
+//! carries a 64-bit fencing token that never goes backwards for a key, and
+//! says whether the previous holder died holding the lock.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), forelock::Error> {
+//! // Needs a running broker: `forelockd` (it serves $FORELOCK_RUNTIME_DIR).
+//! let client = forelock::Client::connect()?;
+//! {
+//!     let guard = client.lock("orders:42")?;
+//!     if guard.previous_owner_died() {
+//!         // The last holder crashed inside its critical section: repair first.
+//!     }
+//!     // Pass the token to storage that rejects writes with an older token.
+//!     println!("holding orders:42 with fencing token {}", guard.token());
+//! } // released here (or call `guard.release()` to see release errors)
+//!
+//! match client.try_lock("orders:43") {
+//!     Ok(_guard) => { /* got it */ }
+//!     Err(forelock::Error::WouldBlock { .. }) => { /* someone else has it */ }
+//!     Err(e) => return Err(e),
+//! }
+//! let _readers = client.lock_shared_timeout("config", std::time::Duration::from_millis(100))?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A `Client` is `Send + Sync` and cheap to clone (an `Arc`): share one per
+//! process. It keeps a pool of up to [`shm_layout::table::WAIT_CELLS`] broker
+//! connections, one per concurrent blocking call; further callers wait for a
+//! free connection. The protocol is in `docs/protocol.md`.
+//!
+//! If the broker restarts and re-adopts its table, the client reconnects
+//! (for up to 5 s) and carries on: held locks stay held. If the broker lost
+//! the client's registration (it recreated the table), calls fail with
+//! [`Error::BrokerRestarted`]: create a new `Client`.
 
+mod conn;
+mod error;
+mod mapped;
+
+pub use error::Error;
+pub use shm_layout::{KeyError, LayoutError, MAX_KEY_LEN};
+
+use conn::{Conn, ConnError, futex_wait};
+use error::key_text;
+use mapped::{FastHold, MappedEvents, MappedTable, fast_acquire, fast_release};
+use shm_layout::events::Outcome;
+use shm_layout::lockword::Word;
+use shm_layout::sync::shm::{AtomicU32, Ordering};
+use shm_layout::table::{
+    CELL_ABANDONED, CELL_GRANTED, CELL_IDLE, CELL_WAITING, GRANT_OWNER_DIED, TABLE_VERSION,
+    WAIT_CELLS, WaitCell,
+};
+use shm_layout::wire::{ErrorCode, Request, Response};
+use shm_layout::{EVENTS_FILE, SOCKET_FILE, TABLE_FILE, key_hash, validate_key};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a broken connection is retried (the broker restarting) before the
+/// call fails with [`Error::BrokerNotRunning`].
+const RECONNECT_FOR: Duration = Duration::from_secs(5);
+const RECONNECT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// A blocked call wakes at least this often to notice a broker restart.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+/// Times one request is sent again after its connection broke.
+const RESEND_MAX: u32 = 3;
+
+/// A connection to `forelockd` and a mapping of its lock table: the handle
+/// every lock is taken through. Clone it freely (it is an `Arc`).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("runtime_dir", &self.inner.dir)
+            .field("client_index", &self.inner.index)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    table: MappedTable,
+    events: MappedEvents,
+    dir: PathBuf,
+    socket: PathBuf,
+    /// Our client record: the owner id in lock words, our event ring.
+    index: u32,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection returns to the pool or a cell frees up.
+    pool_changed: Condvar,
+    /// The broker forgot this client (it recreated the table): every call
+    /// fails with BrokerRestarted.
+    lost: AtomicBool,
+}
+
+/// Connections not in use, and which wait cells have a connection at all.
+struct Pool {
+    idle: Vec<Conn>,
+    /// Bit `c`: cell `c` belongs to an open (idle or leased) connection.
+    cells_used: u64,
+}
+
+const _: () = assert!(WAIT_CELLS == 64, "the pool's cell bitmap is one u64");
+
+/// How long a slow-path acquire may wait.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Do not queue: `WouldBlock` if held.
+    Try,
+    Forever,
+    /// Queue until this instant.
+    Until(Instant),
+}
+
+/// A lock granted by the broker (slow path or hand-off).
+struct BrokerGrant {
+    slot: u32,
+    token: u64,
+    owner_died: bool,
+}
+
+/// How a sleep on the wait cell ended.
+enum WaitEnd {
+    Granted {
+        token: u64,
+        owner_died: bool,
+    },
+    /// The broker restarted and lost its queue: the connection is reattached,
+    /// send the acquire again.
+    Requeue,
+    TimedOut,
+}
+
+impl Client {
+    /// Connect to the broker serving [`shm_layout::default_runtime_dir`]
+    /// (`$FORELOCK_RUNTIME_DIR`, else `/run/forelock` for root, else
+    /// `$XDG_RUNTIME_DIR/forelock`, else `/tmp/forelock-<uid>`).
+    pub fn connect() -> Result<Client, Error> {
+        Client::connect_to(shm_layout::default_runtime_dir())
+    }
+
+    /// Connect to the broker serving `runtime_dir`: map its table and event
+    /// files, validate them, and register over its socket.
+    pub fn connect_to(runtime_dir: impl AsRef<Path>) -> Result<Client, Error> {
+        let dir = runtime_dir.as_ref().to_owned();
+        let socket = dir.join(SOCKET_FILE);
+        let table = match MappedTable::open(&dir.join(TABLE_FILE)) {
+            Ok(table) => table,
+            // No table and no socket: the broker never ran here.
+            Err(Error::TableUnreadable { cause, .. })
+                if cause.kind() == std::io::ErrorKind::NotFound && !socket.exists() =>
+            {
+                return Err(Error::BrokerNotRunning { socket, cause });
+            }
+            Err(e) => return Err(e),
+        };
+        let events = MappedEvents::open(&dir.join(EVENTS_FILE))?;
+        let (conn, index) = match Conn::open(&socket, None, 0) {
+            Ok(opened) => opened,
+            Err(ConnError::Broken(cause)) => return Err(Error::BrokerNotRunning { socket, cause }),
+            Err(ConnError::Other(e)) => return Err(e),
+        };
+        if table.view().client(index).is_none() {
+            return Err(Error::Protocol {
+                message: format!(
+                    "welcomed as client record {index}, but the table has only {}",
+                    table.view().geometry().client_count
+                ),
+            });
+        }
+        let inner = Inner {
+            table,
+            events,
+            dir,
+            socket,
+            index,
+            pool: Mutex::new(Pool {
+                idle: Vec::with_capacity(WAIT_CELLS),
+                cells_used: 0,
+            }),
+            pool_changed: Condvar::new(),
+            lost: AtomicBool::new(false),
+        };
+        inner.cell(0).state.store(CELL_IDLE, Ordering::Relaxed);
+        {
+            let mut pool = inner.pool();
+            pool.cells_used = 1;
+            pool.idle.push(conn);
+        }
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// This client's record index in the table (the owner id in lock words).
+    pub fn client_index(&self) -> u32 {
+        self.inner.index
+    }
+
+    /// The runtime directory this client serves from.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Take `key` exclusively, waiting as long as it takes.
+    #[inline]
+    pub fn lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), false, Wait::Forever)
+    }
+
+    /// Take `key` exclusively if it is free; [`Error::WouldBlock`] if held.
+    #[inline]
+    pub fn try_lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), false, Wait::Try)
+    }
+
+    /// Take `key` exclusively, waiting at most `timeout`
+    /// ([`Error::Timeout`] then).
+    #[inline]
+    pub fn lock_timeout(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), false, Wait::Until(deadline_after(timeout)))
+    }
+
+    /// Take `key` shared (many readers, no writer), waiting as long as it
+    /// takes. Shared locks always go through the broker.
+    pub fn lock_shared(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), true, Wait::Forever)
+    }
+
+    /// Take `key` shared if no writer holds or awaits it; [`Error::WouldBlock`]
+    /// otherwise.
+    pub fn try_lock_shared(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), true, Wait::Try)
+    }
+
+    /// Take `key` shared, waiting at most `timeout`.
+    pub fn lock_shared_timeout(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.as_ref(), true, Wait::Until(deadline_after(timeout)))
+    }
+
+    /// One Ping/Pong round trip with the broker, timed: the broker round trip
+    /// the benchmark measures.
+    pub fn ping(&self) -> Result<Duration, Error> {
+        self.inner.ping()
+    }
+
+    #[inline]
+    fn acquire(&self, key: &[u8], shared: bool, wait: Wait) -> Result<LockGuard<'_>, Error> {
+        validate_key(key)?;
+        let hash = key_hash(key);
+        if !shared {
+            if let Some(hold) = self.inner.try_fast(key, hash) {
+                return Ok(LockGuard {
+                    inner: &self.inner,
+                    slot: hold.slot,
+                    token: hold.token,
+                    owner_died: hold.owner_died,
+                    shared: false,
+                    fast: Some(hold.held),
+                    released: false,
+                });
+            }
+        }
+        let grant = self.inner.acquire_slow(key, shared, wait)?;
+        Ok(LockGuard {
+            inner: &self.inner,
+            slot: grant.slot,
+            token: grant.token,
+            owner_died: grant.owner_died,
+            shared,
+            fast: None,
+            released: false,
+        })
+    }
+}
+
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    // A timeout too large to represent means "wait forever", practically.
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+impl Inner {
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // A panic while holding the pool lock leaves the pool consistent (every
+        // update is one push/pop or bit flip), so a poisoned lock is usable.
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cell(&self, cell: u32) -> &WaitCell {
+        debug_assert!((cell as usize) < WAIT_CELLS);
+        let record = self
+            .table
+            .view()
+            .client(self.index)
+            .expect("the client index was bounds-checked at registration");
+        &record.cells[cell as usize % WAIT_CELLS]
+    }
+
+    fn check_not_lost(&self) -> Result<(), Error> {
+        if self.lost.load(Ordering::Relaxed) {
+            return Err(Error::BrokerRestarted {
+                detail: "an earlier call found this client's registration gone".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The fast path: one CAS on a prepared slot, then a `FastHit` event.
+    #[inline]
+    fn try_fast(&self, key: &[u8], hash: u64) -> Option<FastHold> {
+        let view = self.table.view();
+        // A table the broker retired (version no longer ours) or a client the
+        // broker forgot must not grant itself anything: go to the broker.
+        if view.header().version.load(Ordering::Relaxed) != TABLE_VERSION
+            || self.lost.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        let hold = fast_acquire(view, key, hash, self.index)?;
+        self.events
+            .view()
+            .push(self.index, hash, 0, Outcome::FastHit, false, self.index);
+        Some(hold)
+    }
+
+    // ---- the connection pool ------------------------------------------------
+
+    /// A connection for one request, or `None` if `deadline` passed while
+    /// every cell was busy.
+    #[cold]
+    #[inline(never)]
+    fn checkout(&self, deadline: Option<Instant>) -> Result<Option<Lease<'_>>, Error> {
+        let mut pool = self.pool();
+        loop {
+            if let Some(conn) = pool.idle.pop() {
+                return Ok(Some(Lease {
+                    inner: self,
+                    cell: conn.cell,
+                    conn: Some(conn),
+                }));
+            }
+            if pool.cells_used != u64::MAX {
+                let cell = (!pool.cells_used).trailing_zeros();
+                pool.cells_used |= 1 << cell;
+                drop(pool);
+                // From here on the lease owns the cell: dropping it on an error
+                // frees the cell again.
+                let mut lease = Lease {
+                    inner: self,
+                    cell,
+                    conn: None,
+                };
+                lease.conn = Some(self.attach(cell)?);
+                return Ok(Some(lease));
+            }
+            let slice = match deadline {
+                None => WAIT_SLICE,
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    (deadline - now).min(WAIT_SLICE)
+                }
+            };
+            pool = self
+                .pool_changed
+                .wait_timeout(pool, slice)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Open a connection for `cell` attached to our record, retrying while the
+    /// broker restarts (bounded by [`RECONNECT_FOR`]).
+    #[cold]
+    #[inline(never)]
+    fn attach(&self, cell: u32) -> Result<Conn, Error> {
+        let start = Instant::now();
+        let mut backoff = RECONNECT_BACKOFF_FIRST;
+        loop {
+            self.check_not_lost()?;
+            match Conn::open(&self.socket, Some(self.index), cell) {
+                Ok((conn, _)) => {
+                    if let Err(detail) = self.table.still_current() {
+                        self.lost.store(true, Ordering::Relaxed);
+                        return Err(Error::BrokerRestarted { detail });
+                    }
+                    return Ok(conn);
+                }
+                Err(ConnError::Broken(cause)) => {
+                    if start.elapsed() >= RECONNECT_FOR {
+                        return Err(Error::BrokerNotRunning {
+                            socket: self.socket.clone(),
+                            cause,
+                        });
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+                Err(ConnError::Other(e)) => {
+                    if matches!(e, Error::BrokerRestarted { .. }) {
+                        self.lost.store(true, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Send `request` on the lease's connection and read the answer; if the
+    /// connection broke, reattach and send it again (bounded). `before_send`
+    /// runs before every send. Returns the answer and whether it was resent.
+    #[cold]
+    #[inline(never)]
+    fn call(
+        &self,
+        lease: &mut Lease<'_>,
+        request: &Request,
+        before_send: impl Fn(),
+    ) -> Result<(Response, bool), Error> {
+        let mut resent = 0;
+        loop {
+            if lease.conn.is_none() {
+                lease.conn = Some(self.attach(lease.cell)?);
+            }
+            let conn = lease.conn.as_mut().expect("attached just above");
+            before_send();
+            match conn.call(request) {
+                Ok(response) => return Ok((response, resent > 0)),
+                Err(ConnError::Broken(cause)) => {
+                    lease.conn = None;
+                    resent += 1;
+                    if resent > RESEND_MAX {
+                        return Err(Error::BrokerNotRunning {
+                            socket: self.socket.clone(),
+                            cause,
+                        });
+                    }
+                }
+                Err(ConnError::Other(e)) => {
+                    // The connection's state is unknown: close it.
+                    lease.conn = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn ping(&self) -> Result<Duration, Error> {
+        self.check_not_lost()?;
+        let mut lease = self.checkout(None)?.expect("no deadline, so a lease");
+        let start = Instant::now();
+        match self.call(&mut lease, &Request::Ping, || {})?.0 {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(unexpected(&mut lease, "Ping", other)),
+        }
+    }
+
+    // ---- the slow path --------------------------------------------------------
+
+    #[cold]
+    #[inline(never)]
+    fn acquire_slow(&self, key: &[u8], shared: bool, wait: Wait) -> Result<BrokerGrant, Error> {
+        self.check_not_lost()?;
+        let start = Instant::now();
+        let deadline = match wait {
+            Wait::Until(deadline) => Some(deadline),
+            Wait::Try | Wait::Forever => None,
+        };
+        let timeout = || Error::Timeout {
+            key: key_text(key),
+            waited: start.elapsed(),
+        };
+        let Some(mut lease) = self.checkout(deadline)? else {
+            return Err(timeout());
+        };
+        let queue = !matches!(wait, Wait::Try);
+        let request = Request::Acquire {
+            key: key.to_vec(),
+            shared,
+            queue,
+        };
+        let cell = self.cell(lease.cell);
+        let mut queued_slot;
+        // Each round after the first follows a broker restart that lost our
+        // queue position; bounded like the reconnects themselves.
+        for _ in 0..=RESEND_MAX {
+            let (response, _) = self.call(&mut lease, &request, || {
+                // Armed before the broker can see the request: it may hand
+                // the lock over any time after reading it.
+                // SYNC POINT: Release pairs with the broker's load of the
+                // cell after it reads our request (the send orders it too).
+                let state = if queue { CELL_WAITING } else { CELL_IDLE };
+                cell.state.store(state, Ordering::Release);
+            })?;
+            match response {
+                Response::Granted {
+                    slot,
+                    token,
+                    owner_died,
+                } => {
+                    cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                    return Ok(BrokerGrant {
+                        slot,
+                        token,
+                        owner_died,
+                    });
+                }
+                Response::WouldBlock => {
+                    cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                    return Err(Error::WouldBlock { key: key_text(key) });
+                }
+                Response::Queued { slot } if queue => queued_slot = slot,
+                Response::Error { code, message } => {
+                    cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                    return Err(Error::from_broker(code, message, None));
+                }
+                other => return Err(unexpected(&mut lease, "Acquire", other)),
+            }
+            match self.wait_granted(&mut lease, cell, deadline)? {
+                WaitEnd::Granted { token, owner_died } => {
+                    return Ok(BrokerGrant {
+                        slot: queued_slot,
+                        token,
+                        owner_died,
+                    });
+                }
+                WaitEnd::Requeue => continue,
+                WaitEnd::TimedOut => {}
+            }
+            // Timed out: withdraw, unless the hand-off won the race.
+            return match self.cancel(&mut lease, cell)? {
+                Some(WaitEnd::Granted { token, owner_died }) => Ok(BrokerGrant {
+                    slot: queued_slot,
+                    token,
+                    owner_died,
+                }),
+                Some(_) | None => Err(timeout()),
+            };
+        }
+        lease.conn = None;
+        Err(Error::BrokerNotRunning {
+            socket: self.socket.clone(),
+            cause: std::io::Error::other("the broker kept restarting while we waited"),
+        })
+    }
+
+    /// Sleep on our wait cell until the broker hands the lock over, the
+    /// broker restarts (then reattach: `Requeue`), or `deadline` passes.
+    fn wait_granted(
+        &self,
+        lease: &mut Lease<'_>,
+        cell: &WaitCell,
+        deadline: Option<Instant>,
+    ) -> Result<WaitEnd, Error> {
+        let header = self.table.view().header();
+        loop {
+            if let Some(granted) = take_grant(cell) {
+                return Ok(granted);
+            }
+            // SYNC POINT: pairs with the broker's Release store of a state
+            // (read again by take_grant with Acquire before use).
+            let state = cell.state.load(Ordering::Relaxed);
+            let epoch_now = header.broker_epoch.load(Ordering::Relaxed);
+            let restarted = state == CELL_ABANDONED
+                || lease
+                    .conn
+                    .as_ref()
+                    .is_none_or(|c| c.epoch != epoch_now || c.peer_closed());
+            if restarted {
+                // The old broker is gone: every write it made is done. A grant
+                // it made just before dying is still ours.
+                if let Some(granted) = take_grant(cell) {
+                    return Ok(granted);
+                }
+                lease.conn = None;
+                lease.conn = Some(self.attach(lease.cell)?);
+                return Ok(WaitEnd::Requeue);
+            }
+            let slice = match deadline {
+                None => WAIT_SLICE,
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(WaitEnd::TimedOut);
+                    }
+                    (deadline - now).min(WAIT_SLICE)
+                }
+            };
+            futex_wait(&cell.state, state, slice);
+        }
+    }
+
+    /// Withdraw a queued acquire after a timeout. `Some(Granted)` if the
+    /// hand-off won the race; `None` when the request left the queue.
+    fn cancel(&self, lease: &mut Lease<'_>, cell: &WaitCell) -> Result<Option<WaitEnd>, Error> {
+        let Some(conn) = lease.conn.as_mut() else {
+            return Ok(take_grant(cell));
+        };
+        match conn.call(&Request::Cancel) {
+            Ok(Response::Cancelled) => {
+                cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                Ok(None)
+            }
+            Ok(Response::Granted {
+                token, owner_died, ..
+            }) => {
+                cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                Ok(Some(WaitEnd::Granted { token, owner_died }))
+            }
+            Ok(Response::Error { code, message }) => {
+                lease.conn = None;
+                Err(Error::from_broker(code, message, None))
+            }
+            Ok(other) => Err(unexpected(lease, "Cancel", other)),
+            Err(ConnError::Broken(_)) => {
+                // The broker died: its queue went with it, unless it handed the
+                // lock over first.
+                lease.conn = None;
+                let granted = take_grant(cell);
+                cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                Ok(granted)
+            }
+            Err(ConnError::Other(e)) => {
+                lease.conn = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Release a broker-granted lock (or a fast-path one the broker took over).
+    #[cold]
+    #[inline(never)]
+    fn release_through_broker(&self, slot: u32, token: u64) -> Result<(), Error> {
+        self.check_not_lost()?;
+        let mut lease = self.checkout(None)?.expect("no deadline, so a lease");
+        match self.call(&mut lease, &Request::Release { slot, token }, || {})? {
+            (Response::Released, _) => Ok(()),
+            // Resent after a broken connection: the first send may have
+            // released it already.
+            (
+                Response::Error {
+                    code: ErrorCode::NotHolder,
+                    ..
+                },
+                true,
+            ) => Ok(()),
+            (Response::Error { code, message }, _) => {
+                Err(Error::from_broker(code, message, Some((slot, token))))
+            }
+            (other, _) => Err(unexpected(&mut lease, "Release", other)),
+        }
+    }
+}
+
+/// If the cell says "granted": read the grant and set the cell idle.
+fn take_grant(cell: &WaitCell) -> Option<WaitEnd> {
+    // SYNC POINT: Acquire pairs with the broker's Release store of
+    // CELL_GRANTED, which it makes after writing `token` and `flags`.
+    if cell.state.load(Ordering::Acquire) != CELL_GRANTED {
+        return None;
+    }
+    let token = cell.token.load(Ordering::Relaxed);
+    let flags = cell.flags.load(Ordering::Relaxed);
+    cell.state.store(CELL_IDLE, Ordering::Relaxed);
+    Some(WaitEnd::Granted {
+        token,
+        owner_died: flags & GRANT_OWNER_DIED != 0,
+    })
+}
+
+/// An answer that does not fit the request: close the connection (its state
+/// is unknown) and report it.
+#[cold]
+fn unexpected(lease: &mut Lease<'_>, request: &str, response: Response) -> Error {
+    lease.conn = None;
+    Error::Protocol {
+        message: format!("answered {request} with {response:?}"),
+    }
+}
+
+/// A connection taken from the pool; returned to it on drop, or its cell
+/// freed if the connection was closed.
+struct Lease<'a> {
+    inner: &'a Inner,
+    cell: u32,
+    conn: Option<Conn>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.inner.pool();
+        match self.conn.take() {
+            Some(conn) => pool.idle.push(conn),
+            None => {
+                debug_assert!(pool.cells_used & (1 << self.cell) != 0);
+                pool.cells_used &= !(1 << self.cell);
+            }
+        }
+        drop(pool);
+        self.inner.pool_changed.notify_one();
+    }
+}
+
+/// A held lock. Released when dropped (errors ignored) or by
+/// [`LockGuard::release`] (errors returned).
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct LockGuard<'a> {
+    inner: &'a Inner,
+    slot: u32,
+    token: u64,
+    owner_died: bool,
+    shared: bool,
+    /// The word our fast-path CAS wrote, if the client granted itself.
+    fast: Option<Word>,
+    released: bool,
+}
+
+impl std::fmt::Debug for LockGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("slot", &self.slot)
+            .field("token", &self.token)
+            .field("shared", &self.shared)
+            .field("fast_path", &self.fast.is_some())
+            .field("previous_owner_died", &self.owner_died)
+            .finish()
+    }
+}
+
+impl LockGuard<'_> {
+    /// The fencing token of this grant: larger than every earlier grant's
+    /// token for the same key (across slot reuse and broker restarts).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The previous holder died while holding the lock: whatever it protected
+    /// may be half-updated.
+    pub fn previous_owner_died(&self) -> bool {
+        self.owner_died
+    }
+
+    /// Held in shared mode.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Granted by this client's own CAS on a prepared slot (no broker).
+    pub fn fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Release now, reporting errors (`Drop` releases too, silently).
+    pub fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        self.release_inner()
+    }
+
+    #[inline]
+    fn release_inner(&self) -> Result<(), Error> {
+        if let Some(held) = self.fast {
+            let hold = FastHold {
+                slot: self.slot,
+                held,
+                token: self.token,
+                owner_died: self.owner_died,
+            };
+            if fast_release(self.inner.table.view(), &hold) {
+                return Ok(());
+            }
+        }
+        self.inner.release_through_broker(self.slot, self.token)
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = self.release_inner();
+        }
+    }
+}
+
+/// Keep the wait-cell futex word the type `futex_wait` expects.
+const _: fn(&WaitCell) -> &AtomicU32 = |cell| &cell.state;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! One connection to the broker (SOCK_SEQPACKET: one message per packet), and
+//! the shared futex wait on a wait cell.
+
+use crate::error::Error;
+use shm_layout::sync::shm::AtomicU32;
+use shm_layout::wire::{self, Request, Response};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+/// How long one answer from the broker may take before the connection is
+/// considered broken. Every request is answered at once (a queued acquire is
+/// answered `Queued`), so this only bounds a hung broker.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong on a connection: the broker went away (reconnect and retry)
+/// or something else (report).
+#[derive(Debug)]
+pub(crate) enum ConnError {
+    /// EOF, ECONNRESET, EPIPE, ENOTCONN, or no answer in time: the broker is
+    /// gone or hung.
+    Broken(io::Error),
+    /// Any other failure.
+    Other(Error),
+}
+
+impl From<Error> for ConnError {
+    fn from(e: Error) -> ConnError {
+        ConnError::Other(e)
+    }
+}
+
+fn classify(e: io::Error) -> ConnError {
+    match e.raw_os_error() {
+        Some(
+            libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::EAGAIN | libc::ECONNREFUSED,
+        ) => ConnError::Broken(e),
+        _ => ConnError::Other(Error::Io(e)),
+    }
+}
+
+/// A connection that said Hello and owns wait cell `cell`.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    fd: OwnedFd,
+    pub(crate) cell: u32,
+    /// The broker epoch in the Welcome of this connection.
+    pub(crate) epoch: u64,
+}
+
+/// A connected, not yet greeted SOCK_SEQPACKET socket to `path`.
+pub(crate) fn connect_socket(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain integers and bytes; all-zero is a valid
+    // (empty) address that we fill in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path is {} bytes, the limit is {}: use a shorter runtime directory",
+                bytes.len(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: socket(2) has no memory preconditions; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, open descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let timeout = libc::timeval {
+        tv_sec: RESPONSE_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY:
+    // - `fd` is an open socket we own;
+    // - `timeout` is a valid timeval, and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY:
+    // - `fd` is an open socket we own;
+    // - `addr` is an initialised sockaddr_un and the length is its size.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+impl Conn {
+    /// Connect and say Hello. `client: None` registers a new client record.
+    /// Returns the connection and the record index the broker welcomed.
+    pub(crate) fn open(
+        socket: &Path,
+        client: Option<u32>,
+        cell: u32,
+    ) -> Result<(Conn, u32), ConnError> {
+        let fd = connect_socket(socket).map_err(|cause| match cause.raw_os_error() {
+            Some(libc::ENOENT | libc::ECONNREFUSED) => ConnError::Broken(cause),
+            _ => ConnError::Other(Error::BrokerNotRunning {
+                socket: socket.to_owned(),
+                cause,
+            }),
+        })?;
+        let mut conn = Conn { fd, cell, epoch: 0 };
+        let hello = Request::Hello {
+            protocol: wire::PROTOCOL_VERSION,
+            table_version: shm_layout::table::TABLE_VERSION,
+            client,
+            cell,
+        };
+        match conn.call(&hello)? {
+            Response::Welcome {
+                client: index,
+                epoch,
+            } => {
+                if client.is_some_and(|asked| asked != index) {
+                    return Err(ConnError::Other(Error::Protocol {
+                        message: format!("attached to record {client:?}, welcomed as {index}"),
+                    }));
+                }
+                conn.epoch = epoch;
+                Ok((conn, index))
+            }
+            Response::Error { code, message } => {
+                Err(ConnError::Other(Error::from_broker(code, message, None)))
+            }
+            other => Err(ConnError::Other(Error::Protocol {
+                message: format!("answered Hello with {other:?}"),
+            })),
+        }
+    }
+
+    /// Send one request and read its answer.
+    pub(crate) fn call(&mut self, request: &Request) -> Result<Response, ConnError> {
+        self.send(request)?;
+        self.recv()
+    }
+
+    pub(crate) fn send(&mut self, request: &Request) -> Result<(), ConnError> {
+        let bytes = wire::encode(request);
+        // SAFETY:
+        // - `self.fd` is an open socket we own;
+        // - `bytes` is valid for reads of `bytes.len()` bytes for the call.
+        let sent = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent < 0 {
+            return Err(classify(io::Error::last_os_error()));
+        }
+        if sent as usize != bytes.len() {
+            return Err(ConnError::Broken(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short send on a SOCK_SEQPACKET socket",
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn recv(&mut self) -> Result<Response, ConnError> {
+        let mut buf = [0u8; wire::MAX_MESSAGE + 1];
+        let received = loop {
+            // SAFETY:
+            // - `self.fd` is an open socket we own;
+            // - `buf` is valid for writes of `buf.len()` bytes for the call.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(classify(e));
+            }
+            break n as usize;
+        };
+        if received == 0 {
+            return Err(ConnError::Broken(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "forelockd closed the connection",
+            )));
+        }
+        wire::decode_response(&buf[..received]).map_err(|e| {
+            ConnError::Other(Error::Protocol {
+                message: e.to_string(),
+            })
+        })
+    }
+
+    /// Whether the broker closed this connection (checked without blocking,
+    /// while we sleep on the wait cell).
+    pub(crate) fn peer_closed(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY:
+        // - `self.fd` is an open socket we own;
+        // - `byte` is valid for a 1-byte write; MSG_PEEK leaves the packet.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 {
+            return true;
+        }
+        n < 0
+            && matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
+            )
+    }
+}
+
+/// Sleep on `word` while it reads `expected`, for at most `timeout`. Shared
+/// futex (no FUTEX_PRIVATE_FLAG): the waker is the broker, another process.
+/// Returns on wake, timeout, signal or a changed value: the caller re-reads.
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY:
+    // - `word` is a valid, 4-aligned u32 (an AtomicU32) that stays alive and
+    //   mapped for the call (it lives in the table mapping the caller holds);
+    // - `ts` is a valid relative timeout for the call's duration;
+    // - FUTEX_WAIT ignores the remaining arguments (uaddr2, val3).
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &raw const ts,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+}

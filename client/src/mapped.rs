@@ -1,0 +1,174 @@
+//! The runtime files mapped into this process, and the fast path over them.
+//!
+//! The fast path is a plain function over a [`TableView`] ([`fast_acquire`],
+//! [`fast_release`]) so it can be tested on a table built in a temp file,
+//! without a broker.
+
+use crate::error::Error;
+use memmap2::MmapRaw;
+use shm_layout::events::EventsView;
+use shm_layout::lockword::{self, Word};
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::TableView;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Map `path` read-write and shared. Returns the file's identity `(dev, ino)`
+/// with the mapping.
+fn map_file(path: &Path) -> Result<(MmapRaw, (u64, u64)), Error> {
+    let unreadable = |cause| Error::TableUnreadable {
+        path: path.to_owned(),
+        cause,
+    };
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if meta.len() == 0 {
+        return Err(Error::from_layout(
+            path.to_owned(),
+            shm_layout::LayoutError::Truncated {
+                found: 0,
+                needed: shm_layout::table::HEADER_SIZE as u64,
+            },
+        ));
+    }
+    // MmapRaw, not MmapMut: other processes write this memory concurrently, so
+    // no `&[u8]`/`&mut [u8]` over it may ever exist; we only reach it through
+    // the raw pointer and the atomics of the shm-layout views.
+    let map = MmapRaw::map_raw(&file).map_err(unreadable)?;
+    Ok((map, (meta.dev(), meta.ino())))
+}
+
+/// The lock table, mapped shared, with its validated view.
+pub(crate) struct MappedTable {
+    // Field order: the view is dropped before the mapping it points into.
+    view: TableView,
+    map: MmapRaw,
+    pub(crate) path: PathBuf,
+    /// `(st_dev, st_ino)` of the file we mapped: a broker that recreated the
+    /// table made a new file.
+    pub(crate) identity: (u64, u64),
+}
+
+impl MappedTable {
+    pub(crate) fn open(path: &Path) -> Result<MappedTable, Error> {
+        let (map, identity) = map_file(path)?;
+        // SAFETY:
+        // - `map.as_ptr()` points to a mapping of `map.len()` bytes, page
+        //   aligned (so 64-aligned), shared and read-write;
+        // - the mapping stays mapped as long as the view: both live in this
+        //   struct, the view is declared first so it is dropped first, and
+        //   neither is moved out or replaced;
+        // - other forelock processes write the file only through atomics
+        //   (table module contract); a scribbler produces arbitrary bits, which
+        //   every field accepts. A file shrunk under us would SIGBUS, not
+        //   corrupt memory: only the broker sizes it, once, at creation.
+        let view = unsafe { TableView::new(map.as_ptr(), map.len()) }
+            .map_err(|cause| Error::from_layout(path.to_owned(), cause))?;
+        Ok(MappedTable {
+            view,
+            map,
+            path: path.to_owned(),
+            identity,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn view(&self) -> &TableView {
+        &self.view
+    }
+
+    /// Whether the file at our path is still the one we mapped and its header
+    /// still validates (a restarted broker that re-adopted the table).
+    pub(crate) fn still_current(&self) -> Result<(), String> {
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| format!("{} is gone: {e}", self.path.display()))?;
+        if (meta.dev(), meta.ino()) != self.identity {
+            return Err(format!("{} was recreated (new file)", self.path.display()));
+        }
+        shm_layout::table::validate_header(self.view.header(), self.map.len() as u64)
+            .map(|_| ())
+            .map_err(|e| format!("{} no longer validates: {e}", self.path.display()))
+    }
+}
+
+/// The access-event file, mapped shared, with its validated view.
+pub(crate) struct MappedEvents {
+    // Field order: the view is dropped before the mapping it points into.
+    view: EventsView,
+    _map: MmapRaw,
+}
+
+impl MappedEvents {
+    pub(crate) fn open(path: &Path) -> Result<MappedEvents, Error> {
+        let (map, _) = map_file(path)?;
+        // SAFETY:
+        // - `map.as_ptr()` points to a page-aligned (so 64-aligned) shared
+        //   mapping of `map.len()` bytes;
+        // - it stays mapped while the view lives: both are fields of this
+        //   struct, the view first, so it is dropped first;
+        // - others write the file only through atomics (events module
+        //   contract); any bit pattern is accepted by its fields.
+        let view = unsafe { EventsView::new(map.as_ptr(), map.len()) }
+            .map_err(|cause| Error::from_layout(path.to_owned(), cause))?;
+        Ok(MappedEvents { view, _map: map })
+    }
+
+    #[inline]
+    pub(crate) fn view(&self) -> &EventsView {
+        &self.view
+    }
+}
+
+/// A lock the client granted itself with one CAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FastHold {
+    pub(crate) slot: u32,
+    /// The word as written by our CAS: the release CAS expects exactly it.
+    pub(crate) held: Word,
+    pub(crate) token: u64,
+    pub(crate) owner_died: bool,
+}
+
+/// The fast path: look `key` up, CAS its prepared word to "held by `owner`".
+/// `None` means "ask the broker" (not indexed, not prepared, held, malformed,
+/// re-keyed). No syscall, no allocation.
+#[inline]
+pub(crate) fn fast_acquire(
+    table: &TableView,
+    key: &[u8],
+    hash: u64,
+    owner: u32,
+) -> Option<FastHold> {
+    let (slot_index, seen) = table.lookup(key, hash)?;
+    let slot = table.slot(slot_index)?;
+    // SYNC POINT: the CAS inside (Acquire) pairs with the broker's Release
+    // store that published the prepared word, so `token_base` read below is
+    // the one of this preparation; the broker never changes it while the slot
+    // is held, which it now is, by us.
+    let grant = lockword::try_acquire_exclusive(&slot.word, seen.generation(), owner).ok()?;
+    let token = slot
+        .token_base
+        .load(Ordering::Relaxed)
+        .wrapping_add(grant.held.counter() as u64);
+    Some(FastHold {
+        slot: slot_index,
+        held: grant.held,
+        token,
+        owner_died: grant.owner_died,
+    })
+}
+
+/// Release a fast-path hold with one CAS. `false`: the broker took the slot
+/// over meanwhile, release through it.
+#[inline]
+pub(crate) fn fast_release(table: &TableView, hold: &FastHold) -> bool {
+    match table.slot(hold.slot) {
+        Some(slot) => lockword::try_release_exclusive(&slot.word, hold.held),
+        None => false,
+    }
+}
