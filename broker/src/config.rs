@@ -1,0 +1,205 @@
+//! The broker's configuration: a TOML file, every option optional; what is not
+//! given comes from [`DEFAULT_CONFIG`], which is embedded in the binary and
+//! printed by `forelockd --print-config`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The embedded defaults, documented. `forelockd` with no `--config` serves
+/// with exactly these.
+pub const DEFAULT_CONFIG: &str = include_str!("../forelockd.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the runtime files; empty = `FORELOCK_RUNTIME_DIR`, else
+    /// `/run/forelock` for root, else `$XDG_RUNTIME_DIR/forelock`.
+    pub runtime_dir: String,
+    pub table: TableConfig,
+    pub allocator: AllocatorConfig,
+    pub broker: BrokerConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    pub slots: u32,
+    pub clients: u32,
+    pub event_ring_capacity: u32,
+    pub score_capacity: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Never prepare: every lock goes through the broker.
+    None,
+    /// Keep a key prepared for `keep_alive_ms` after its last use.
+    KeepAlive,
+    /// Prepare what the forecaster scores above the (adaptive) threshold.
+    Forecast,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AllocatorConfig {
+    pub policy: Policy,
+    pub keep_alive_ms: u64,
+    pub tick_ms: u64,
+    pub threshold: f32,
+    pub target_waste: f32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FutexWake {
+    /// Plain futex(FUTEX_WAKE) syscall.
+    Syscall,
+    /// IORING_OP_FUTEX_WAKE submitted on the event loop's ring.
+    IoUring,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub futex_wake: FutexWake,
+    pub uring_entries: u32,
+    /// Socket file mode (octal as a string, e.g. "0666"): who may connect.
+    pub socket_mode: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus text endpoint, e.g. "127.0.0.1:9464"; empty = off.
+    pub prometheus_listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn default_config() -> Config {
+        toml::from_str(DEFAULT_CONFIG).expect("the embedded default configuration parses")
+    }
+
+    /// Load `path` over the defaults: keys missing from the file keep their
+    /// default values.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut merged: toml::Table = toml::from_str(DEFAULT_CONFIG).expect("defaults parse");
+        let overlay: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        merge(&mut merged, overlay);
+        let config: Config =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        shm_layout::table::Geometry::new(self.table.slots, self.table.clients)
+            .map_err(|e| e.to_string())?;
+        let cap = self.table.event_ring_capacity;
+        if !cap.is_power_of_two() || !(2..=1 << 20).contains(&cap) {
+            return Err(format!(
+                "table.event_ring_capacity = {cap}: must be a power of two from 2 to 1048576"
+            ));
+        }
+        if self.table.score_capacity == 0 {
+            return Err("table.score_capacity must be at least 1".into());
+        }
+        if self.allocator.tick_ms == 0 {
+            return Err("allocator.tick_ms must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.allocator.threshold) {
+            return Err("allocator.threshold must be within 0..=1".into());
+        }
+        u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
+            format!(
+                "broker.socket_mode = {:?}: give an octal mode like \"0660\"",
+                self.broker.socket_mode
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        if self.runtime_dir.is_empty() {
+            shm_layout::default_runtime_dir()
+        } else {
+            PathBuf::from(&self.runtime_dir)
+        }
+    }
+
+    pub fn socket_mode(&self) -> u32 {
+        u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_defaults_parse_and_validate() {
+        let c = Config::default_config();
+        c.validate().unwrap();
+        assert_eq!(c.allocator.policy, Policy::KeepAlive);
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let c = Config::from_toml("[table]\nslots = 64\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.table.slots, 64);
+        assert_eq!(c.table.clients, Config::default_config().table.clients);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_problem() {
+        let e = Config::from_toml("[table]\nslotz = 64\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("slotz"), "{e}");
+        let e = Config::from_toml("[table]\nevent_ring_capacity = 3\n", Path::new("x.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+    }
+}
