@@ -1,0 +1,386 @@
+//! Turning an [`Outcome`] into a table, JSON, HdrHistogram logs and a chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use serde::Serialize;
+
+use super::BenchArgs;
+use super::driver::{Cell, CellStatus, Outcome, RunResult, default_reference};
+
+/// The median over repeats of one cell, and how far the repeats spread.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    /// The longest single wait seen in any repeat.
+    pub max_ns: u64,
+    pub throughput_per_s: f64,
+    /// Fairness: the fewest and the most grants one process got (in the
+    /// repeat with the widest spread).
+    pub grants_min: u64,
+    pub grants_max: u64,
+    /// Spread over repeats: the lowest and highest p50 and throughput.
+    pub p50_ns_min: u64,
+    pub p50_ns_max: u64,
+    pub throughput_min: f64,
+    pub throughput_max: f64,
+    /// Summed over repeats; anything but 0 means a lock failed to exclude.
+    pub exclusion_violations: u64,
+    pub lost_counts: u64,
+}
+
+fn median_u64(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
+
+fn median_f64(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn summarize(runs: &[RunResult]) -> Option<Summary> {
+    if runs.is_empty() {
+        return None;
+    }
+    let p50: Vec<u64> = runs.iter().map(|run| run.p50_ns).collect();
+    let throughput: Vec<f64> = runs.iter().map(|run| run.throughput_per_s).collect();
+    let (grants_min, grants_max) = runs
+        .iter()
+        .map(|run| {
+            let min = run.grants_per_process.iter().copied().min().unwrap_or(0);
+            let max = run.grants_per_process.iter().copied().max().unwrap_or(0);
+            (min, max)
+        })
+        .min_by(|a, b| {
+            let ratio = |(min, max): &(u64, u64)| *min as f64 / (*max).max(1) as f64;
+            ratio(a).total_cmp(&ratio(b))
+        })
+        .unwrap_or((0, 0));
+    Some(Summary {
+        p50_ns: median_u64(p50.clone()),
+        p99_ns: median_u64(runs.iter().map(|run| run.p99_ns).collect()),
+        p999_ns: median_u64(runs.iter().map(|run| run.p999_ns).collect()),
+        max_ns: runs.iter().map(|run| run.max_ns).max().unwrap_or(0),
+        throughput_per_s: median_f64(throughput.clone()),
+        grants_min,
+        grants_max,
+        p50_ns_min: p50.iter().copied().min().unwrap_or(0),
+        p50_ns_max: p50.iter().copied().max().unwrap_or(0),
+        throughput_min: throughput.iter().copied().fold(f64::INFINITY, f64::min),
+        throughput_max: throughput.iter().copied().fold(0.0, f64::max),
+        exclusion_violations: runs.iter().map(|run| run.exclusion_violations).sum(),
+        lost_counts: runs.iter().map(|run| run.lost_counts).sum(),
+    })
+}
+
+/// "850ns", "12.3us", "4.56ms", "1.20s".
+pub fn format_ns(nanoseconds: u64) -> String {
+    let value = nanoseconds as f64;
+    if value < 1e3 {
+        format!("{nanoseconds}ns")
+    } else if value < 1e6 {
+        format!("{:.1}us", value / 1e3)
+    } else if value < 1e9 {
+        format!("{:.2}ms", value / 1e6)
+    } else {
+        format!("{:.2}s", value / 1e9)
+    }
+}
+
+fn format_rate(per_second: f64) -> String {
+    if per_second >= 1e6 {
+        format!("{:.2}M", per_second / 1e6)
+    } else if per_second >= 1e3 {
+        format!("{:.1}k", per_second / 1e3)
+    } else {
+        format!("{per_second:.0}")
+    }
+}
+
+fn format_ratio(ratio: f64) -> String {
+    if !ratio.is_finite() {
+        "-".into()
+    } else if ratio >= 100.0 {
+        format!("{ratio:.0}x")
+    } else if ratio >= 10.0 {
+        format!("{ratio:.1}x")
+    } else {
+        format!("{ratio:.2}x")
+    }
+}
+
+/// A cell with its summary and the ratios against the reference.
+#[derive(Debug, Serialize)]
+pub struct Row<'a> {
+    #[serde(flatten)]
+    pub cell: &'a Cell,
+    pub summary: Option<Summary>,
+    /// The system the ratios are against in this workload.
+    pub reference: Option<String>,
+    /// p50 of this system / p50 of the reference (above 1: slower).
+    pub p50_vs_reference: Option<f64>,
+    /// Throughput of this system / the reference's (above 1: more).
+    pub throughput_vs_reference: Option<f64>,
+}
+
+/// The systems ratios fall back to when the chosen reference has no figure
+/// for a workload (std-mutex cannot be shared between processes).
+const FALLBACK_REFERENCES: [&str; 2] = ["futex", "pthread-robust"];
+
+pub fn rows<'a>(outcome: &'a Outcome, reference: &str) -> Vec<Row<'a>> {
+    let mut rows = Vec::new();
+    for workload in &outcome.workloads {
+        let name = workload.name();
+        let cells: Vec<&Cell> = outcome
+            .cells
+            .iter()
+            .filter(|cell| cell.workload == name)
+            .collect();
+        let summary_of = |system: &str| {
+            cells
+                .iter()
+                .find(|cell| cell.system == system)
+                .and_then(|cell| summarize(&cell.runs))
+        };
+        let chosen = std::iter::once(reference)
+            .chain(FALLBACK_REFERENCES)
+            .find_map(|system| summary_of(system).map(|summary| (system.to_string(), summary)));
+        for cell in cells {
+            let summary = summarize(&cell.runs);
+            let (p50_ratio, throughput_ratio) = match (&summary, &chosen) {
+                (Some(mine), Some((_, theirs))) => (
+                    Some(mine.p50_ns as f64 / theirs.p50_ns.max(1) as f64),
+                    Some(mine.throughput_per_s / theirs.throughput_per_s.max(1e-9)),
+                ),
+                _ => (None, None),
+            };
+            rows.push(Row {
+                cell,
+                summary,
+                reference: chosen.as_ref().map(|(system, _)| system.clone()),
+                p50_vs_reference: p50_ratio,
+                throughput_vs_reference: throughput_ratio,
+            });
+        }
+    }
+    rows
+}
+
+/// The text table.
+pub fn table(outcome: &Outcome, reference: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "forelock bench: {} core(s), {} ms per run, {} repeat(s); ratios against {reference} (where it has no figure: futex, then pthread-robust); spread = lowest..highest p50 over repeats",
+        outcome.cores, outcome.limits.duration_ms, outcome.repeat
+    );
+    let header = format!(
+        "{:<15} {:<15} {:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
+        "workload",
+        "system",
+        "p50",
+        "p99",
+        "p99.9",
+        "max wait",
+        "ops/s",
+        "grants min/max",
+        "p50/ref",
+        "ops/ref",
+        "p50 spread"
+    );
+    let all_rows = rows(outcome, reference);
+    let mut current_workload = String::new();
+    for row in &all_rows {
+        if row.cell.workload != current_workload {
+            current_workload = row.cell.workload.clone();
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "## {} - latency measures {}; ratios against {}",
+                row.cell.workload,
+                row.cell.measures,
+                row.reference
+                    .as_deref()
+                    .unwrap_or("(no reference measured)")
+            );
+            let _ = writeln!(out, "{header}");
+        }
+        let _ = write!(out, "{:<15} {:<15} ", row.cell.workload, row.cell.system);
+        match (&row.cell.status, &row.summary) {
+            (CellStatus::Measured, Some(summary)) => {
+                let ratio = |value: Option<f64>| value.map_or("-".to_string(), format_ratio);
+                let spread = if outcome.repeat > 1 {
+                    format!(
+                        "{}..{}",
+                        format_ns(summary.p50_ns_min),
+                        format_ns(summary.p50_ns_max)
+                    )
+                } else {
+                    "-".to_string()
+                };
+                let _ = write!(
+                    out,
+                    "{:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
+                    format_ns(summary.p50_ns),
+                    format_ns(summary.p99_ns),
+                    format_ns(summary.p999_ns),
+                    format_ns(summary.max_ns),
+                    format_rate(summary.throughput_per_s),
+                    format!("{}/{}", summary.grants_min, summary.grants_max),
+                    ratio(row.p50_vs_reference),
+                    ratio(row.throughput_vs_reference),
+                    spread,
+                );
+                if summary.exclusion_violations != 0 || summary.lost_counts != 0 {
+                    let _ = write!(
+                        out,
+                        "  MUTUAL EXCLUSION VIOLATED ({} overlaps, {} lost counts)",
+                        summary.exclusion_violations, summary.lost_counts
+                    );
+                }
+            }
+            (CellStatus::Measured, None) => {
+                let _ = write!(out, "not measured");
+            }
+            (CellStatus::Skipped { reason }, _) => {
+                let _ = write!(out, "skipped ({reason})");
+            }
+            (CellStatus::NotApplicable { reason }, _) => {
+                let _ = write!(out, "n/a ({reason})");
+            }
+            (CellStatus::Failed { error }, _) => {
+                let _ = write!(out, "FAILED: {error}");
+            }
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out);
+    for system in &outcome.systems {
+        if system.note.is_empty() {
+            let _ = writeln!(out, "{}: {}", system.name, system.state);
+        } else {
+            let _ = writeln!(out, "{}", system.note);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "every latency includes one clock read pair ({} here); max wait = the longest single sample",
+        format_ns(outcome.clock_pair_ns)
+    );
+    let _ = writeln!(out, "total time {:.1} s", outcome.total_s);
+    out
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    reference: &'a str,
+    cores: usize,
+    repeat: u32,
+    limits: super::driver::RunLimits,
+    total_s: f64,
+    clock_pair_ns: u64,
+    workloads: Vec<String>,
+    systems: &'a [super::driver::SystemInfo],
+    results: Vec<Row<'a>>,
+}
+
+pub fn json(outcome: &Outcome, reference: &str) -> anyhow::Result<String> {
+    let report = JsonReport {
+        reference,
+        cores: outcome.cores,
+        repeat: outcome.repeat,
+        limits: outcome.limits,
+        total_s: outcome.total_s,
+        clock_pair_ns: outcome.clock_pair_ns,
+        workloads: outcome
+            .workloads
+            .iter()
+            .map(|workload| workload.name())
+            .collect(),
+        systems: &outcome.systems,
+        results: rows(outcome, reference),
+    };
+    Ok(serde_json::to_string_pretty(&report)?)
+}
+
+pub fn emit(args: &BenchArgs, outcome: &Outcome) -> anyhow::Result<()> {
+    let reference = args
+        .reference
+        .clone()
+        .unwrap_or_else(|| default_reference(outcome));
+    if !outcome
+        .systems
+        .iter()
+        .any(|system| system.name == reference)
+    {
+        eprintln!("bench: reference {reference:?} was not measured; ratios use the fallbacks");
+    }
+    let table_text = table(outcome, &reference);
+    if args.json {
+        println!("{}", json(outcome, &reference)?);
+    } else {
+        print!("{table_text}");
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("table.txt"), &table_text)?;
+        std::fs::write(dir.join("report.json"), json(outcome, &reference)?)?;
+        write_histogram_logs(dir, outcome)?;
+        super::chart::draw(&dir.join("latency.png"), outcome)?;
+        eprintln!("bench: wrote {}", dir.display());
+    }
+    Ok(())
+}
+
+/// One HdrHistogram interval log per (workload, system), one interval per repeat.
+fn write_histogram_logs(dir: &Path, outcome: &Outcome) -> anyhow::Result<()> {
+    for cell in &outcome.cells {
+        if cell.runs.is_empty() {
+            continue;
+        }
+        let path = dir.join(format!("{}.{}.hlog", cell.workload, cell.system));
+        let mut buffer = Vec::new();
+        let mut serializer = V2Serializer::new();
+        {
+            let mut builder = IntervalLogWriterBuilder::new();
+            builder.add_comment(&format!(
+                "forelock bench: system {}, workload {}, values in ns, measures {}",
+                cell.system, cell.workload, cell.measures
+            ));
+            let mut writer = builder
+                .begin_log_with(&mut buffer, &mut serializer)
+                .context("starting the histogram log")?;
+            let mut start = Duration::ZERO;
+            for run in &cell.runs {
+                let tag_text = format!("repeat{}", run.repeat + 1);
+                let length = Duration::from_secs_f64(run.elapsed_s);
+                writer
+                    .write_histogram(&run.histogram, start, length, Tag::new(&tag_text))
+                    .map_err(|error| anyhow::anyhow!("writing {}: {error:?}", path.display()))?;
+                start += length;
+            }
+        }
+        std::fs::write(&path, buffer).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_printed_in_a_readable_unit() {
+        assert_eq!(format_ns(850), "850ns");
+        assert_eq!(format_ns(12_345), "12.3us");
+        assert_eq!(format_ns(4_560_000), "4.56ms");
+        assert_eq!(format_ns(1_200_000_000), "1.20s");
+    }
+}
