@@ -45,7 +45,9 @@ fn classify(e: io::Error) -> ConnError {
 pub(crate) struct Conn {
     fd: OwnedFd,
     pub(crate) cell: u32,
-    /// The broker epoch in the Welcome of this connection.
+    /// The table header's broker epoch read just after this connection was
+    /// welcomed (set by the caller, which has the table): a different epoch
+    /// later means the broker that welcomed us is gone.
     pub(crate) epoch: u64,
 }
 
@@ -121,7 +123,8 @@ impl Conn {
         cell: u32,
     ) -> Result<(Conn, u32), ConnError> {
         let fd = connect_socket(socket).map_err(|cause| match cause.raw_os_error() {
-            Some(libc::ENOENT | libc::ECONNREFUSED) => ConnError::Broken(cause),
+            // Not there (yet), or its accept backlog is full: retryable.
+            Some(libc::ENOENT | libc::ECONNREFUSED | libc::EAGAIN) => ConnError::Broken(cause),
             _ => ConnError::Other(Error::BrokerNotRunning {
                 socket: socket.to_owned(),
                 cause,
@@ -135,16 +138,12 @@ impl Conn {
             cell,
         };
         match conn.call(&hello)? {
-            Response::Welcome {
-                client: index,
-                epoch,
-            } => {
+            Response::Welcome { client: index, .. } => {
                 if client.is_some_and(|asked| asked != index) {
                     return Err(ConnError::Other(Error::Protocol {
                         message: format!("attached to record {client:?}, welcomed as {index}"),
                     }));
                 }
-                conn.epoch = epoch;
                 Ok((conn, index))
             }
             Response::Error { code, message } => {

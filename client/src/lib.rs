@@ -122,8 +122,9 @@ enum Wait {
     /// Do not queue: `WouldBlock` if held.
     Try,
     Forever,
-    /// Queue until this instant.
-    Until(Instant),
+    /// Queue for at most this long (counted from the slow path's start: the
+    /// fast path costs no clock read).
+    Until(Duration),
 }
 
 /// A lock granted by the broker (slow path or hand-off).
@@ -158,7 +159,7 @@ impl Client {
     pub fn connect_to(runtime_dir: impl AsRef<Path>) -> Result<Client, Error> {
         let dir = runtime_dir.as_ref().to_owned();
         let socket = dir.join(SOCKET_FILE);
-        let table = match MappedTable::open(&dir.join(TABLE_FILE)) {
+        let table = match open_table(&dir.join(TABLE_FILE)) {
             Ok(table) => table,
             // No table and no socket: the broker never ran here.
             Err(Error::TableUnreadable { cause, .. })
@@ -169,7 +170,7 @@ impl Client {
             Err(e) => return Err(e),
         };
         let events = MappedEvents::open(&dir.join(EVENTS_FILE))?;
-        let (conn, index) = match Conn::open(&socket, None, 0) {
+        let (mut conn, index) = match Conn::open(&socket, None, 0) {
             Ok(opened) => opened,
             Err(ConnError::Broken(cause)) => return Err(Error::BrokerNotRunning { socket, cause }),
             Err(ConnError::Other(e)) => return Err(e),
@@ -196,6 +197,7 @@ impl Client {
             lost: AtomicBool::new(false),
         };
         inner.cell(0).state.store(CELL_IDLE, Ordering::Relaxed);
+        conn.epoch = inner.broker_epoch();
         {
             let mut pool = inner.pool();
             pool.cells_used = 1;
@@ -236,7 +238,7 @@ impl Client {
         key: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), false, Wait::Until(deadline_after(timeout)))
+        self.acquire(key.as_ref(), false, Wait::Until(timeout))
     }
 
     /// Take `key` shared (many readers, no writer), waiting as long as it
@@ -257,7 +259,7 @@ impl Client {
         key: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), true, Wait::Until(deadline_after(timeout)))
+        self.acquire(key.as_ref(), true, Wait::Until(timeout))
     }
 
     /// One Ping/Pong round trip with the broker, timed: the broker round trip
@@ -296,11 +298,30 @@ impl Client {
     }
 }
 
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
+/// How long `connect` waits for a table the broker is still creating.
+const TABLE_NOT_READY_FOR: Duration = Duration::from_secs(1);
+
+/// Open the table, waiting briefly while its creator has not published it.
+fn open_table(path: &Path) -> Result<MappedTable, Error> {
+    let start = Instant::now();
+    loop {
+        match MappedTable::open(path) {
+            Err(Error::TableUnavailable {
+                cause: LayoutError::NotReady,
+                ..
+            }) if start.elapsed() < TABLE_NOT_READY_FOR => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn deadline_after(start: Instant, timeout: Duration) -> Instant {
     // A timeout too large to represent means "wait forever", practically.
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 impl Inner {
@@ -318,6 +339,15 @@ impl Inner {
             .client(self.index)
             .expect("the client index was bounds-checked at registration");
         &record.cells[cell as usize % WAIT_CELLS]
+    }
+
+    /// The epoch of the broker serving the table now (bumped at each start).
+    fn broker_epoch(&self) -> u64 {
+        self.table
+            .view()
+            .header()
+            .broker_epoch
+            .load(Ordering::Relaxed)
     }
 
     fn check_not_lost(&self) -> Result<(), Error> {
@@ -405,11 +435,12 @@ impl Inner {
         loop {
             self.check_not_lost()?;
             match Conn::open(&self.socket, Some(self.index), cell) {
-                Ok((conn, _)) => {
+                Ok((mut conn, _)) => {
                     if let Err(detail) = self.table.still_current() {
                         self.lost.store(true, Ordering::Relaxed);
                         return Err(Error::BrokerRestarted { detail });
                     }
+                    conn.epoch = self.broker_epoch();
                     return Ok(conn);
                 }
                 Err(ConnError::Broken(cause)) => {
@@ -491,7 +522,7 @@ impl Inner {
         self.check_not_lost()?;
         let start = Instant::now();
         let deadline = match wait {
-            Wait::Until(deadline) => Some(deadline),
+            Wait::Until(timeout) => Some(deadline_after(start, timeout)),
             Wait::Try | Wait::Forever => None,
         };
         let timeout = || Error::Timeout {
@@ -580,7 +611,6 @@ impl Inner {
         cell: &WaitCell,
         deadline: Option<Instant>,
     ) -> Result<WaitEnd, Error> {
-        let header = self.table.view().header();
         loop {
             if let Some(granted) = take_grant(cell) {
                 return Ok(granted);
@@ -588,7 +618,7 @@ impl Inner {
             // SYNC POINT: pairs with the broker's Release store of a state
             // (read again by take_grant with Acquire before use).
             let state = cell.state.load(Ordering::Relaxed);
-            let epoch_now = header.broker_epoch.load(Ordering::Relaxed);
+            let epoch_now = self.broker_epoch();
             let restarted = state == CELL_ABANDONED
                 || lease
                     .conn
