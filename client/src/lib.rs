@@ -112,6 +112,8 @@ struct Pool {
     idle: Vec<Conn>,
     /// Bit `c`: cell `c` belongs to an open (idle or leased) connection.
     cells_used: u64,
+    /// Callers waiting on `pool_changed` for a connection.
+    waiters: usize,
 }
 
 const _: () = assert!(WAIT_CELLS == 64, "the pool's cell bitmap is one u64");
@@ -192,6 +194,7 @@ impl Client {
             pool: Mutex::new(Pool {
                 idle: Vec::with_capacity(WAIT_CELLS),
                 cells_used: 0,
+                waiters: 0,
             }),
             pool_changed: Condvar::new(),
             lost: AtomicBool::new(false),
@@ -417,11 +420,13 @@ impl Inner {
                     (deadline - now).min(WAIT_SLICE)
                 }
             };
+            pool.waiters += 1;
             pool = self
                 .pool_changed
                 .wait_timeout(pool, slice)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            pool.waiters -= 1;
         }
     }
 
@@ -754,8 +759,13 @@ impl Drop for Lease<'_> {
                 pool.cells_used &= !(1 << self.cell);
             }
         }
+        // Notify only when someone waits: a notify is a futex syscall, and this
+        // runs after every broker request.
+        let waiters = pool.waiters;
         drop(pool);
-        self.inner.pool_changed.notify_one();
+        if waiters > 0 {
+            self.inner.pool_changed.notify_one();
+        }
     }
 }
 
