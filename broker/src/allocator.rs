@@ -145,12 +145,17 @@ pub struct KeepAlive {
 
 impl KeepAlive {
     pub fn new(keep_alive_us: u64) -> KeepAlive {
-        KeepAlive { keep_alive_us, stats: PolicyStats::default() }
+        KeepAlive {
+            keep_alive_us,
+            stats: PolicyStats::default(),
+        }
     }
 }
 
 fn last_activity_us(slot: &SlotView) -> u64 {
-    slot.last_use_us.unwrap_or(slot.prepared_at_us).max(slot.prepared_at_us)
+    slot.last_use_us
+        .unwrap_or(slot.prepared_at_us)
+        .max(slot.prepared_at_us)
 }
 
 impl Policy for KeepAlive {
@@ -165,7 +170,10 @@ impl Policy for KeepAlive {
             }
             let last = last_activity_us(slot);
             if input.now_us.saturating_sub(last) > self.keep_alive_us {
-                actions.push(Action::Reclaim { slot: slot.slot, key_hash: slot.key_hash });
+                actions.push(Action::Reclaim {
+                    slot: slot.slot,
+                    key_hash: slot.key_hash,
+                });
                 self.stats.reclaims += 1;
             } else {
                 kept += 1;
@@ -179,7 +187,10 @@ impl Policy for KeepAlive {
             }
             for &(_, index) in &idle_kept[..excess] {
                 let slot = &input.slots[index];
-                actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
+                actions.push(Action::Evict {
+                    slot: slot.slot,
+                    key_hash: slot.key_hash,
+                });
                 self.stats.evictions += 1;
             }
         }
@@ -264,9 +275,14 @@ fn valid(probability: f32, stats: &mut PolicyStats) -> f32 {
 
 impl Predictive {
     pub fn new(config: PredictiveConfig) -> Predictive {
-        assert!(config.threshold_min <= config.threshold_max, "threshold_min must not exceed threshold_max");
+        assert!(
+            config.threshold_min <= config.threshold_max,
+            "threshold_min must not exceed threshold_max"
+        );
         Predictive {
-            threshold: config.threshold_initial.clamp(config.threshold_min, config.threshold_max),
+            threshold: config
+                .threshold_initial
+                .clamp(config.threshold_min, config.threshold_max),
             config,
             feedback_at_last_control: Feedback::default(),
             last_control_us: None,
@@ -302,7 +318,11 @@ impl Predictive {
             self.stats.threshold_raises += 1;
             return;
         }
-        let waste_share = if wasted + hits > 0.0 { wasted / (wasted + hits) } else { 0.0 };
+        let waste_share = if wasted + hits > 0.0 {
+            wasted / (wasted + hits)
+        } else {
+            0.0
+        };
         let requests = hits + misses + late;
         let hit_rate = if requests > 0.0 { hits / requests } else { 1.0 };
         if waste_share > f64::from(self.config.waste_share_target) {
@@ -337,7 +357,10 @@ impl Policy for Predictive {
                 now.saturating_sub(last_activity_us(slot)) > self.config.idle_timeout_us
             };
             if expired && score < threshold {
-                actions.push(Action::Reclaim { slot: slot.slot, key_hash: slot.key_hash });
+                actions.push(Action::Reclaim {
+                    slot: slot.slot,
+                    key_hash: slot.key_hash,
+                });
                 self.stats.reclaims += 1;
             } else {
                 kept += 1;
@@ -355,15 +378,20 @@ impl Policy for Predictive {
         for candidate in input.candidates {
             let probability = valid(candidate.probability, &mut self.stats);
             if probability >= threshold && probability > 0.0 {
-                self.wanted.push(Score { key_hash: candidate.key_hash, probability });
+                self.wanted.push(Score {
+                    key_hash: candidate.key_hash,
+                    probability,
+                });
             }
         }
-        let by_probability_descending = |a: &Score, b: &Score| b.probability.total_cmp(&a.probability);
+        let by_probability_descending =
+            |a: &Score, b: &Score| b.probability.total_cmp(&a.probability);
         if self.wanted.len() > prepares_max {
             if prepares_max == 0 {
                 self.wanted.clear();
             } else {
-                self.wanted.select_nth_unstable_by(prepares_max - 1, by_probability_descending);
+                self.wanted
+                    .select_nth_unstable_by(prepares_max - 1, by_probability_descending);
                 self.wanted.truncate(prepares_max);
             }
         }
@@ -373,7 +401,9 @@ impl Policy for Predictive {
         let free = input.budget_slots.saturating_sub(kept);
         let fill = free.min(self.wanted.len());
         for wanted in &self.wanted[..fill] {
-            actions.push(Action::Prepare { key_hash: wanted.key_hash });
+            actions.push(Action::Prepare {
+                key_hash: wanted.key_hash,
+            });
             self.stats.prepares += 1;
         }
         let mut occupied = kept + fill;
@@ -386,28 +416,40 @@ impl Policy for Predictive {
         if victims_needed == 0 {
             return;
         }
-        let by_score_then_age = |a: &(f32, u64, usize), b: &(f32, u64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        let by_score_then_age =
+            |a: &(f32, u64, usize), b: &(f32, u64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if victims_needed < self.victims.len() {
-            self.victims.select_nth_unstable_by(victims_needed - 1, by_score_then_age);
+            self.victims
+                .select_nth_unstable_by(victims_needed - 1, by_score_then_age);
         }
         let victims = &mut self.victims[..victims_needed];
         victims.sort_unstable_by(by_score_then_age);
         let mut next_victim = 0;
         while occupied > input.budget_slots && next_victim < victims.len() {
             let slot = &input.slots[victims[next_victim].2];
-            actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
+            actions.push(Action::Evict {
+                slot: slot.slot,
+                key_hash: slot.key_hash,
+            });
             self.stats.evictions += 1;
             occupied -= 1;
             next_victim += 1;
         }
         for wanted in remaining {
-            let Some(victim) = victims.get(next_victim) else { break };
+            let Some(victim) = victims.get(next_victim) else {
+                break;
+            };
             if wanted.probability < victim.0 + self.config.eviction_margin {
                 break; // candidates are sorted descending, victims ascending: no later pair qualifies
             }
             let slot = &input.slots[victim.2];
-            actions.push(Action::Evict { slot: slot.slot, key_hash: slot.key_hash });
-            actions.push(Action::Prepare { key_hash: wanted.key_hash });
+            actions.push(Action::Evict {
+                slot: slot.slot,
+                key_hash: slot.key_hash,
+            });
+            actions.push(Action::Prepare {
+                key_hash: wanted.key_hash,
+            });
             self.stats.evictions += 1;
             self.stats.prepares += 1;
             next_victim += 1;
@@ -425,7 +467,13 @@ impl Policy for Predictive {
 mod tests {
     use super::*;
 
-    fn slot(slot: u32, key_hash: u64, prepared_at_us: u64, last_use_us: Option<u64>, score: Option<f32>) -> SlotView {
+    fn slot(
+        slot: u32,
+        key_hash: u64,
+        prepared_at_us: u64,
+        last_use_us: Option<u64>,
+        score: Option<f32>,
+    ) -> SlotView {
         SlotView {
             slot,
             key_hash,
@@ -444,20 +492,43 @@ mod tests {
         candidates: &'a [Score],
         feedback: &'a Feedback,
     ) -> TickInput<'a> {
-        TickInput { now_us, budget_slots, slots, candidates, feedback, load: 0.0 }
+        TickInput {
+            now_us,
+            budget_slots,
+            slots,
+            candidates,
+            feedback,
+            load: 0.0,
+        }
     }
 
     fn fixed(threshold: f32) -> Predictive {
-        Predictive::new(PredictiveConfig { threshold_initial: threshold, adaptive: false, ..PredictiveConfig::default() })
+        Predictive::new(PredictiveConfig {
+            threshold_initial: threshold,
+            adaptive: false,
+            ..PredictiveConfig::default()
+        })
     }
 
     #[test]
     fn keep_alive_reclaims_slots_idle_past_the_keep_alive() {
         let mut policy = KeepAlive::new(500_000);
-        let slots = [slot(1, 10, 0, Some(100_000), None), slot(2, 20, 0, Some(900_000), None)];
+        let slots = [
+            slot(1, 10, 0, Some(100_000), None),
+            slot(2, 20, 0, Some(900_000), None),
+        ];
         let mut actions = Vec::new();
-        policy.tick(&input(1_000_000, 10, &slots, &[], &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }]);
+        policy.tick(
+            &input(1_000_000, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Reclaim {
+                slot: 1,
+                key_hash: 10
+            }]
+        );
     }
 
     #[test]
@@ -471,22 +542,58 @@ mod tests {
         ];
         slots[3].held = true;
         let mut actions = Vec::new();
-        policy.tick(&input(1_000, 2, &slots, &[], &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Evict { slot: 2, key_hash: 20 }, Action::Evict { slot: 3, key_hash: 30 }]);
+        policy.tick(
+            &input(1_000, 2, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Evict {
+                    slot: 2,
+                    key_hash: 20
+                },
+                Action::Evict {
+                    slot: 3,
+                    key_hash: 30
+                }
+            ]
+        );
     }
 
     #[test]
     fn predictive_prepares_candidates_above_threshold_best_first_within_budget() {
         let mut policy = fixed(0.5);
         let candidates = [
-            Score { key_hash: 1, probability: 0.6 },
-            Score { key_hash: 2, probability: 0.9 },
-            Score { key_hash: 3, probability: 0.4 },
-            Score { key_hash: 4, probability: 0.7 },
+            Score {
+                key_hash: 1,
+                probability: 0.6,
+            },
+            Score {
+                key_hash: 2,
+                probability: 0.9,
+            },
+            Score {
+                key_hash: 3,
+                probability: 0.4,
+            },
+            Score {
+                key_hash: 4,
+                probability: 0.7,
+            },
         ];
         let mut actions = Vec::new();
-        policy.tick(&input(0, 2, &[], &candidates, &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Prepare { key_hash: 2 }, Action::Prepare { key_hash: 4 }]);
+        policy.tick(
+            &input(0, 2, &[], &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Prepare { key_hash: 2 },
+                Action::Prepare { key_hash: 4 }
+            ]
+        );
     }
 
     #[test]
@@ -498,35 +605,89 @@ mod tests {
             slot(3, 30, 1_500_000, None, Some(0.0)),
         ];
         let mut actions = Vec::new();
-        policy.tick(&input(2_000_000, 10, &slots, &[], &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }]);
+        policy.tick(
+            &input(2_000_000, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Reclaim {
+                slot: 1,
+                key_hash: 10
+            }]
+        );
     }
 
     #[test]
     fn predictive_swaps_a_low_idle_slot_for_a_much_better_candidate() {
         let mut policy = fixed(0.3);
-        let mut slots = [slot(1, 10, 0, Some(10), Some(0.35)), slot(2, 20, 0, Some(10), Some(0.9))];
+        let mut slots = [
+            slot(1, 10, 0, Some(10), Some(0.35)),
+            slot(2, 20, 0, Some(10), Some(0.9)),
+        ];
         slots[1].held = true;
-        let candidates = [Score { key_hash: 3, probability: 0.8 }, Score { key_hash: 4, probability: 0.37 }];
+        let candidates = [
+            Score {
+                key_hash: 3,
+                probability: 0.8,
+            },
+            Score {
+                key_hash: 4,
+                probability: 0.37,
+            },
+        ];
         let mut actions = Vec::new();
-        policy.tick(&input(100, 2, &slots, &candidates, &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Evict { slot: 1, key_hash: 10 }, Action::Prepare { key_hash: 3 }]);
+        policy.tick(
+            &input(100, 2, &slots, &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Evict {
+                    slot: 1,
+                    key_hash: 10
+                },
+                Action::Prepare { key_hash: 3 }
+            ]
+        );
     }
 
     #[test]
     fn predictive_gets_back_under_budget_without_touching_held_slots() {
         let mut policy = fixed(0.5);
-        let mut slots: Vec<SlotView> =
-            (0..6).map(|i| slot(i, u64::from(i) + 100, 0, Some(10), Some(i as f32 / 10.0 + 0.5))).collect();
+        let mut slots: Vec<SlotView> = (0..6)
+            .map(|i| {
+                slot(
+                    i,
+                    u64::from(i) + 100,
+                    0,
+                    Some(10),
+                    Some(i as f32 / 10.0 + 0.5),
+                )
+            })
+            .collect();
         slots[0].held = true;
         let mut actions = Vec::new();
-        policy.tick(&input(100, 3, &slots, &[], &Feedback::default()), &mut actions);
+        policy.tick(
+            &input(100, 3, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
         assert_eq!(
             actions,
             vec![
-                Action::Evict { slot: 1, key_hash: 101 },
-                Action::Evict { slot: 2, key_hash: 102 },
-                Action::Evict { slot: 3, key_hash: 103 }
+                Action::Evict {
+                    slot: 1,
+                    key_hash: 101
+                },
+                Action::Evict {
+                    slot: 2,
+                    key_hash: 102
+                },
+                Action::Evict {
+                    slot: 3,
+                    key_hash: 103
+                }
             ]
         );
     }
@@ -534,21 +695,51 @@ mod tests {
     #[test]
     fn nonsense_scores_count_as_zero() {
         let mut policy = fixed(0.1);
-        let slots = [slot(1, 10, 0, None, Some(f32::NAN)), slot(2, 20, 0, None, Some(7.0))];
+        let slots = [
+            slot(1, 10, 0, None, Some(f32::NAN)),
+            slot(2, 20, 0, None, Some(7.0)),
+        ];
         let candidates = [
-            Score { key_hash: 3, probability: f32::NAN },
-            Score { key_hash: 4, probability: -1.0 },
-            Score { key_hash: 5, probability: f32::INFINITY },
+            Score {
+                key_hash: 3,
+                probability: f32::NAN,
+            },
+            Score {
+                key_hash: 4,
+                probability: -1.0,
+            },
+            Score {
+                key_hash: 5,
+                probability: f32::INFINITY,
+            },
         ];
         let mut actions = Vec::new();
-        policy.tick(&input(5_000_000, 10, &slots, &candidates, &Feedback::default()), &mut actions);
-        assert_eq!(actions, vec![Action::Reclaim { slot: 1, key_hash: 10 }, Action::Reclaim { slot: 2, key_hash: 20 }]);
+        policy.tick(
+            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Reclaim {
+                    slot: 1,
+                    key_hash: 10
+                },
+                Action::Reclaim {
+                    slot: 2,
+                    key_hash: 20
+                }
+            ]
+        );
         assert_eq!(policy.stats.invalid_scores, 5);
     }
 
     #[test]
     fn the_threshold_rises_with_waste_falls_with_misses_and_backs_off_under_load() {
-        let mut policy = Predictive::new(PredictiveConfig { threshold_initial: 0.3, ..PredictiveConfig::default() });
+        let mut policy = Predictive::new(PredictiveConfig {
+            threshold_initial: 0.3,
+            ..PredictiveConfig::default()
+        });
         let mut actions = Vec::new();
         let mut feedback = Feedback::default();
         policy.tick(&input(0, 10, &[], &[], &feedback), &mut actions);
@@ -576,7 +767,12 @@ mod tests {
             prepares_per_tick_max: 8,
             ..PredictiveConfig::default()
         });
-        let candidates: Vec<Score> = (0..100).map(|k| Score { key_hash: k, probability: 0.9 }).collect();
+        let candidates: Vec<Score> = (0..100)
+            .map(|k| Score {
+                key_hash: k,
+                probability: 0.9,
+            })
+            .collect();
         let mut actions = Vec::new();
         let feedback = Feedback::default();
         let mut loaded = input(0, 1000, &[], &candidates, &feedback);

@@ -8,12 +8,14 @@
 //! | [`config`] | the TOML configuration and its embedded defaults |
 //! | [`files`] | the runtime directory: creating or adopting the mapped files |
 //! | [`locks`] | where a lock is granted, queued, handed off, released for the dead |
+//! | [`allocator`] | the preparation policy, pure: which keys to prepare, reclaim, evict |
 //! | [`allocator_glue`] | runs the preparation policy every tick |
 //! | [`event_loop`] | io_uring: socket, pidfds, timers, signals, futex wakes |
 //! | [`metrics`] | latency histograms |
 //!
 //! The binary is a thin `main` over [`event_loop::EventLoop`].
 
+pub mod allocator;
 pub mod allocator_glue;
 pub mod config;
 pub mod event_loop;

@@ -1208,3 +1208,6 @@ fn not_holder(slot: u32) -> Response {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,523 @@
+//! The lock manager on a table in heap memory: every promise of the slow path,
+//! without processes or io_uring (those are in tests/).
+
+use super::*;
+use shm_layout::events::{EventsHeader, events_file_size, init_events};
+use shm_layout::lockword::{Decline, try_acquire_exclusive, try_release_exclusive};
+use shm_layout::table::{Geometry, Header, init_header};
+
+/// A 64-aligned heap buffer standing in for a mapping.
+struct Buf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+impl Buf {
+    fn new(len: usize) -> Buf {
+        let layout = std::alloc::Layout::from_size_align(len, 64).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        Buf { ptr, layout }
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for layout.size() bytes, zero-initialised, ours.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+#[derive(Default)]
+struct CountingWaker(Vec<usize>);
+impl Waker for CountingWaker {
+    fn wake(&mut self, cell: &AtomicU32) {
+        self.0.push(cell as *const AtomicU32 as usize);
+    }
+}
+
+struct Fixture {
+    table: TableView,
+    events: EventsView,
+    m: LockManager,
+    w: CountingWaker,
+    now: u64,
+    _bufs: (Buf, Buf),
+}
+
+const KEEP_ALIVE: u64 = 100;
+
+fn fixture(slots: u32, clients: u32, policy: Policy) -> Fixture {
+    let g = Geometry::new(slots, clients).unwrap();
+    let mut tb = Buf::new(g.file_size);
+    // SAFETY: the buffer is 64-aligned, large enough, and exclusively ours.
+    init_header(
+        unsafe { &mut *(tb.bytes().as_mut_ptr() as *mut Header) },
+        &g,
+    );
+    let mut eb = Buf::new(events_file_size(clients + 1, 16));
+    // SAFETY: as above.
+    init_events(
+        unsafe { &mut *(eb.bytes().as_mut_ptr() as *mut EventsHeader) },
+        clients + 1,
+        16,
+    );
+    // SAFETY: the buffers live in the fixture as long as the views.
+    let table = unsafe { TableView::new(tb.ptr, g.file_size) }.unwrap();
+    // SAFETY: as above.
+    let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
+    let mut w = CountingWaker::default();
+    let m = LockManager::adopt(&table, policy, KEEP_ALIVE, 1, 0, |_, _| true, &mut w);
+    Fixture {
+        table,
+        events,
+        m,
+        w,
+        now: 0,
+        _bufs: (tb, eb),
+    }
+}
+
+impl Fixture {
+    fn client(&mut self, pid: u32) -> u32 {
+        match self.m.hello(&self.table, pid, 0, 7, None, 0).unwrap() {
+            Registered::New { client } => client,
+            other => panic!("{other:?}"),
+        }
+    }
+    fn acquire(&mut self, client: u32, conn: ConnId, key: &str, shared: bool) -> Response {
+        self.m.acquire(
+            &self.table,
+            &self.events,
+            client,
+            conn,
+            conn as u32 % 64,
+            key.as_bytes(),
+            shared,
+            true,
+        )
+    }
+    fn release(&mut self, client: u32, r: &Response) -> Response {
+        let Response::Granted { slot, token, .. } = r else {
+            panic!("not a grant: {r:?}")
+        };
+        self.m
+            .release(&self.table, client, *slot, *token, &mut self.w)
+    }
+    fn cell(&self, client: u32, conn: ConnId) -> (u32, u64, u32) {
+        let c = &self.table.client(client).unwrap().cells[conn as usize % 64];
+        (
+            c.state.load(Ordering::Acquire),
+            c.token.load(Ordering::Relaxed),
+            c.flags.load(Ordering::Relaxed),
+        )
+    }
+    fn word(&self, key: &str) -> Word {
+        let (_, w) = self
+            .table
+            .lookup(key.as_bytes(), key_hash(key.as_bytes()))
+            .expect("indexed");
+        w
+    }
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        self.m.tick(&self.table, &self.events, self.now);
+    }
+}
+
+fn token(r: &Response) -> u64 {
+    match r {
+        Response::Granted { token, .. } => *token,
+        other => panic!("not a grant: {other:?}"),
+    }
+}
+
+#[test]
+fn a_slow_path_grant_then_release_leaves_the_key_prepared_for_the_fast_path() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(100);
+    let g = f.acquire(a, 1, "k", false);
+    assert!(f.word("k").exclusive_owner() == Some(a) && !f.word("k").is_prepared());
+    assert_eq!(f.release(a, &g), Response::Released);
+    let w = f.word("k");
+    assert!(w.is_prepared() && w.is_free(), "{w:?}");
+    let (_, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    let slot = f.table.slot(0).unwrap();
+    let fast = try_acquire_exclusive(&slot.word, w.generation(), a).unwrap();
+    assert!(slot.token_base.load(Ordering::Relaxed) + fast.held.counter() as u64 > token(&g));
+}
+
+#[test]
+fn with_policy_none_keys_are_never_prepared() {
+    let mut f = fixture(8, 4, Policy::None);
+    let a = f.client(100);
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    assert!(!f.word("k").is_prepared());
+}
+
+#[test]
+fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b, c) = (f.client(1), f.client(2), f.client(3));
+    let ga = f.acquire(a, 1, "k", false);
+    assert!(matches!(
+        f.acquire(b, 2, "k", false),
+        Response::Queued { .. }
+    ));
+    assert!(matches!(
+        f.acquire(c, 3, "k", false),
+        Response::Queued { .. }
+    ));
+    assert_eq!(f.release(a, &ga), Response::Released);
+    let (state_b, token_b, _) = f.cell(b, 2);
+    assert_eq!(state_b, CELL_GRANTED);
+    assert_eq!(f.cell(c, 3).0, CELL_IDLE, "c is still waiting behind b");
+    assert!(token_b > token(&ga));
+    let slot = f.word("k");
+    assert_eq!(slot.exclusive_owner(), Some(b));
+    let gb = Response::Granted {
+        slot: 0,
+        token: token_b,
+        owner_died: false,
+    };
+    assert_eq!(f.release(b, &gb), Response::Released);
+    let (state_c, token_c, _) = f.cell(c, 3);
+    assert_eq!(state_c, CELL_GRANTED);
+    assert!(token_c > token_b);
+    assert_eq!(f.w.0.len(), 2, "one futex wake per hand-off");
+}
+
+#[test]
+fn shared_holders_coexist_and_a_queued_writer_blocks_later_readers() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b, c, d) = (f.client(1), f.client(2), f.client(3), f.client(4));
+    let ra = f.acquire(a, 1, "k", true);
+    let rb = f.acquire(b, 2, "k", true);
+    assert!(matches!(rb, Response::Granted { .. }));
+    assert_eq!(f.word("k").shared_holders(), 2);
+    assert!(matches!(
+        f.acquire(c, 3, "k", false),
+        Response::Queued { .. }
+    ));
+    assert!(
+        matches!(f.acquire(d, 4, "k", true), Response::Queued { .. }),
+        "no barging past a queued writer"
+    );
+    f.release(a, &ra);
+    assert_eq!(f.cell(c, 3).0, CELL_IDLE);
+    f.release(b, &rb);
+    assert_eq!(f.cell(c, 3).0, CELL_GRANTED);
+    assert_eq!(f.cell(d, 4).0, CELL_IDLE);
+}
+
+#[test]
+fn try_lock_on_a_held_key_would_block_and_queues_nothing() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    f.acquire(a, 1, "k", false);
+    let r =
+        f.m.acquire(&f.table, &f.events, b, 2, 2, b"k", false, false);
+    assert_eq!(r, Response::WouldBlock);
+    assert_eq!(f.table.slot(0).unwrap().waiters.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (slot_index, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    let slot = f.table.slot(slot_index).unwrap();
+    let held = try_acquire_exclusive(&slot.word, w.generation(), a)
+        .unwrap()
+        .held;
+    let fast_token = slot.token_base.load(Ordering::Relaxed) + held.counter() as u64;
+    assert!(matches!(
+        f.acquire(b, 2, "k", false),
+        Response::Queued { .. }
+    ));
+    let slot = f.table.slot(slot_index).unwrap();
+    assert!(
+        !try_release_exclusive(&slot.word, held),
+        "the takeover forces the release through the broker"
+    );
+    assert_eq!(
+        f.m.release(&f.table, a, slot_index, fast_token, &mut f.w),
+        Response::Released
+    );
+    assert_eq!(f.cell(b, 2).0, CELL_GRANTED);
+    assert!(f.cell(b, 2).1 > fast_token);
+}
+
+#[test]
+fn a_dead_fast_path_holder_is_released_and_the_next_holder_is_told() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), a).unwrap();
+    f.m.client_gone(&f.table, a, &mut f.w);
+    let (_, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    let grant = try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), b).unwrap();
+    assert!(grant.owner_died);
+    assert_eq!(
+        f.table.header().stats.owner_deaths.load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_dead_broker_granted_holder_hands_off_to_the_queue_with_owner_died() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    f.acquire(a, 1, "k", false);
+    f.acquire(b, 2, "k", false);
+    f.m.client_gone(&f.table, a, &mut f.w);
+    let (state, _, flags) = f.cell(b, 2);
+    assert_eq!(state, CELL_GRANTED);
+    assert_eq!(flags, GRANT_OWNER_DIED);
+    assert_eq!(
+        f.table.client(a).unwrap().state.load(Ordering::Relaxed),
+        CLIENT_FREE
+    );
+}
+
+#[test]
+fn tokens_keep_increasing_when_a_key_is_evicted_and_comes_back() {
+    let mut f = fixture(2, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let g1 = f.acquire(a, 1, "k", false);
+    f.release(a, &g1);
+    f.advance(KEEP_ALIVE + 1);
+    assert!(
+        f.table.lookup(b"k", key_hash(b"k")).is_none(),
+        "reclaimed after keep-alive"
+    );
+    for other in ["x", "y"] {
+        let g = f.acquire(a, 1, other, false);
+        f.release(a, &g);
+    }
+    let g2 = f.acquire(a, 1, "k", false);
+    assert!(token(&g2) > token(&g1), "{g2:?} after {g1:?}");
+}
+
+#[test]
+fn a_full_table_says_so_and_an_idle_slot_is_evicted_for_a_new_key() {
+    let mut f = fixture(2, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let gx = f.acquire(a, 1, "x", false);
+    let _gy = f.acquire(a, 2, "y", false);
+    match f.acquire(a, 3, "z", false) {
+        Response::Error {
+            code: ErrorCode::TableFull,
+            message,
+        } => assert!(message.contains("table.slots"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    f.release(a, &gx);
+    assert!(matches!(
+        f.acquire(a, 3, "z", false),
+        Response::Granted { .. }
+    ));
+}
+
+#[test]
+fn a_cancel_that_loses_the_race_to_a_hand_off_reports_the_grant() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let ga = f.acquire(a, 1, "k", false);
+    f.acquire(b, 2, "k", false);
+    f.release(a, &ga);
+    assert!(matches!(
+        f.m.cancel(&f.table, 2, &mut f.w),
+        Response::Granted { .. }
+    ));
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    f.acquire(a, 1, "k", false);
+    f.acquire(b, 2, "k", false);
+    assert_eq!(f.m.cancel(&f.table, 2, &mut f.w), Response::Cancelled);
+    assert_eq!(f.table.slot(0).unwrap().waiters.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn release_by_a_non_holder_or_with_a_stale_token_is_refused() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    assert!(matches!(
+        f.release(b, &g),
+        Response::Error {
+            code: ErrorCode::NotHolder,
+            ..
+        }
+    ));
+    let Response::Granted { slot, token, .. } = g else {
+        unreachable!()
+    };
+    assert!(matches!(
+        f.m.release(&f.table, a, slot, token + 1, &mut f.w),
+        Response::Error {
+            code: ErrorCode::NotHolder,
+            ..
+        }
+    ));
+    assert!(matches!(
+        f.m.release(&f.table, a, 9999, token, &mut f.w),
+        Response::Error {
+            code: ErrorCode::NotHolder,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn bad_keys_are_refused_with_the_rule_they_break() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    for key in ["", &"x".repeat(65)] {
+        assert!(matches!(
+            f.acquire(a, 1, key, false),
+            Response::Error {
+                code: ErrorCode::BadKey,
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn held_locks_survive_adoption_by_a_new_manager() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g_broker = f.acquire(a, 1, "held-by-broker", false);
+    let g_tmp = f.acquire(a, 1, "held-fast", false);
+    f.release(a, &g_tmp);
+    let (s, w) = f
+        .table
+        .lookup(b"held-fast", key_hash(b"held-fast"))
+        .unwrap();
+    let fast = try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), a).unwrap();
+    let shared = f.acquire(b, 2, "read", true);
+    // The broker dies; a new one adopts the table. Both clients still run.
+    let floor_before = f.table.header().token_floor.load(Ordering::Relaxed);
+    f.m = LockManager::adopt(
+        &f.table,
+        Policy::KeepAlive,
+        KEEP_ALIVE,
+        2,
+        0,
+        |_, _| true,
+        &mut f.w,
+    );
+    assert!(f.table.header().token_floor.load(Ordering::Relaxed) >= floor_before);
+    f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
+    f.m.hello(&f.table, 2, 0, 7, Some(b), 2).unwrap();
+    assert!(matches!(
+        f.acquire(b, 2, "held-by-broker", false),
+        Response::Queued { .. }
+    ));
+    assert!(matches!(
+        f.m.cancel(&f.table, 2, &mut f.w),
+        Response::Cancelled
+    ));
+    assert!(matches!(
+        f.acquire(b, 2, "held-fast", false),
+        Response::Queued { .. }
+    ));
+    let fast_token =
+        f.table.slot(s).unwrap().token_base.load(Ordering::Relaxed) + fast.held.counter() as u64;
+    assert_eq!(
+        f.m.release(&f.table, a, s, fast_token, &mut f.w),
+        Response::Released
+    );
+    assert_eq!(f.cell(b, 2).0, CELL_GRANTED);
+    assert_eq!(f.release(a, &g_broker), Response::Released);
+    assert!(
+        matches!(f.acquire(a, 1, "read", false), Response::Queued { .. }),
+        "the shared hold survived"
+    );
+    assert_eq!(f.release(b, &shared), Response::Released);
+}
+
+#[test]
+fn adoption_releases_the_locks_of_clients_that_died_meanwhile() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    f.acquire(a, 1, "k", false);
+    f.m = LockManager::adopt(
+        &f.table,
+        Policy::KeepAlive,
+        KEEP_ALIVE,
+        2,
+        0,
+        |_, _| false,
+        &mut f.w,
+    );
+    let b = f.client(2);
+    let g = f.acquire(b, 2, "k", false);
+    assert!(
+        matches!(
+            g,
+            Response::Granted {
+                owner_died: true,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+}
+
+#[test]
+fn scribbled_words_are_repaired_and_never_reach_a_grant_to_two_clients() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (s, _) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    let word = &f.table.slot(s).unwrap().word;
+    word.store(u64::MAX, Ordering::Relaxed); // reserved bits set: malformed
+    assert_eq!(
+        try_acquire_exclusive(word, 0xFFFF, b).unwrap_err(),
+        Decline::Malformed
+    );
+    let gb = f.acquire(b, 2, "k", false);
+    assert!(matches!(gb, Response::Granted { .. }));
+    assert!(
+        matches!(f.acquire(a, 1, "k", false), Response::Queued { .. }),
+        "the broker's grant to b stands"
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn random_bytes_over_the_table_never_crash_the_manager(
+        noise in proptest::collection::vec((0usize..1 << 20, proptest::num::u8::ANY), 1..400),
+    ) {
+        let mut f = fixture(8, 4, Policy::KeepAlive);
+        let (a, b) = (f.client(1), f.client(2));
+        let g = f.acquire(a, 1, "k", false);
+        f.acquire(b, 2, "k", false);
+        let len = f.table.geometry().file_size;
+        let bytes = f._bufs.0.bytes();
+        for (at, v) in noise {
+            // Leave the header's geometry alone (a broker validates it at start).
+            let at = 512 + at % (len - 512);
+            bytes[at] = v;
+        }
+        let _ = f.release(a, &g);
+        let _ = f.acquire(a, 1, "k", false);
+        let _ = f.acquire(b, 3, "other", true);
+        f.advance(KEEP_ALIVE + 1);
+        f.m.client_gone(&f.table, a, &mut f.w);
+        let mut w = CountingWaker::default();
+        let _ = LockManager::adopt(&f.table, Policy::KeepAlive, KEEP_ALIVE, 3, 0, |_, _| true, &mut w);
+    }
+}
