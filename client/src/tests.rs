@@ -805,3 +805,32 @@ fn client_and_guard_are_send_and_sync() {
     assert_send_sync::<Client>();
     assert_send_sync::<LockGuard<'static>>();
 }
+
+/// Not a test, a measurement: `cargo test -p forelock --release --lib --
+/// --ignored --nocapture fast_path_cost`.
+#[test]
+#[ignore = "a measurement, run on demand with --release"]
+fn fast_path_cost() {
+    let broker = MockBroker::start(defaults);
+    prepare(broker.state.table.view(), 5, b"hot", 100, 1);
+    let client = broker.client();
+    let rounds = 2_000_000u32;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let guard = client.lock("hot").unwrap();
+        debug_assert!(guard.fast_path());
+    }
+    let forelock_ns = start.elapsed().as_nanos() as f64 / rounds as f64;
+    let mutex = std::sync::Mutex::new(0u64);
+    let start = Instant::now();
+    for _ in 0..rounds {
+        *std::hint::black_box(&mutex).lock().unwrap() += 1;
+    }
+    let mutex_ns = start.elapsed().as_nanos() as f64 / rounds as f64;
+    let ping = (0..1000).map(|_| client.ping().unwrap()).min().unwrap();
+    println!(
+        "prepared lock+release {forelock_ns:.1} ns, std Mutex {mutex_ns:.1} ns, ratio {:.2}; \
+         mock ping min {ping:?}",
+        forelock_ns / mutex_ns
+    );
+}
