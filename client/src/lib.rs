@@ -41,6 +41,13 @@
 //! (for up to 5 s) and carries on: held locks stay held. If the broker lost
 //! the client's registration (it recreated the table), calls fail with
 //! [`Error::BrokerRestarted`]: create a new `Client`.
+//!
+//! Known limits:
+//! - a call queued when the broker restarts asks the new broker again and
+//!   loses its FIFO position;
+//! - with 64 calls of one `Client` blocked at once, a 65th call (even a
+//!   `try_lock` on an unprepared key) waits for one of them to finish; the
+//!   fast path never waits.
 
 mod conn;
 mod error;
@@ -487,7 +494,18 @@ impl Inner {
             let conn = lease.conn.as_mut().expect("attached just above");
             before_send();
             match conn.call(request) {
-                Ok(response) => return Ok((response, resent > 0)),
+                Ok(response) => {
+                    if let Response::Error {
+                        code: ErrorCode::NotYourRecord,
+                        ..
+                    } = response
+                    {
+                        // The broker no longer knows our record: nothing this
+                        // client holds or asks for means anything to it now.
+                        self.lost.store(true, Ordering::Relaxed);
+                    }
+                    return Ok((response, resent > 0));
+                }
                 Err(ConnError::Broken(cause)) => {
                     lease.conn = None;
                     resent += 1;
