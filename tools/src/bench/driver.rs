@@ -11,7 +11,9 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use serde::Serialize;
 
-use super::support::{ChildGuard, TempDir, clock_pair_ns, die_with_parent, poll_until};
+use super::support::{
+    ChildGuard, TempDir, clock_pair_ns, die_with_parent, poll_until, sweep_stale_temp_dirs,
+};
 use super::system::{BenchEnv, LockSystem, RunShape, Sharing, StartError, SystemEntry};
 use super::workload::{
     GO_ABORT, GO_START, KEYS_TOTAL, Scoreboard, WorkerReport, WorkerSpec, Workload, WorkloadKind,
@@ -48,7 +50,7 @@ impl RunLimits {
         let (duration_ms, operations_max) = if args.quick {
             (150, 200_000)
         } else {
-            (1_000, 5_000_000)
+            (1_000, 50_000_000)
         };
         RunLimits {
             duration_ms: args.duration_ms.unwrap_or(duration_ms),
@@ -167,6 +169,7 @@ pub fn drive(
         .filter(|workload| args.workloads.is_empty() || args.workloads.contains(&workload.name()))
         .collect();
 
+    sweep_stale_temp_dirs();
     let work = TempDir::new_in_memory("work")?;
     let env = BenchEnv {
         work_dir: work.path().to_path_buf(),
