@@ -168,12 +168,14 @@ impl EventLoop {
         let clients = files.table.geometry().client_count as usize;
         let watchdog_every_ms = watchdog_interval_ms();
         let allocation = Allocation::new(&config);
+        let config_for_metrics = config.clone();
+        let files_dir = files.dir.clone();
         let mut event_loop = EventLoop {
             config,
             files,
             manager,
             allocation,
-            metrics: Metrics::default(),
+            metrics: Metrics::new(&config_for_metrics, &files_dir),
             ring,
             ops: OpSlab {
                 ops: Vec::new(),
@@ -592,6 +594,7 @@ impl EventLoop {
             .heartbeat_ns
             .store(shm_layout::monotonic_ns(), Ordering::Relaxed);
         self.allocation.tick(&mut self.manager, &self.files, now);
+        self.metrics.on_tick(&self.files, now);
         if let Some(every) = self.watchdog_every_ms
             && now.saturating_sub(self.last_watchdog_ms) >= every
         {

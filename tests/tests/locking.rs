@@ -1,0 +1,185 @@
+//! Locking between real processes: mutual exclusion, FIFO, shared mode,
+//! try-lock and timeout. Behaviour only, never timing.
+
+mod support;
+use std::time::Duration;
+use support::*;
+
+const KEEP_ALIVE: &str = "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 2000\n";
+const NO_PREPARE: &str = "[allocator]\npolicy = \"none\"\n";
+
+/// Runs `workers` processes that each take `key` `iters` times and increment
+/// a counter in a file that only mutual exclusion protects; checks the total
+/// and that fencing tokens rise with the counter.
+pub fn count_under_contention(dir: &std::path::Path, workers: usize, iters: u32) {
+    let counter = dir.join("counter");
+    let log = dir.join("tokens.log");
+    std::fs::write(&counter, "0").unwrap();
+    let mut ws: Vec<Worker> = (0..workers)
+        .map(|_| {
+            Worker::spawn(
+                dir,
+                &[
+                    "count",
+                    "k",
+                    "--iters",
+                    &iters.to_string(),
+                    "--file",
+                    counter.to_str().unwrap(),
+                    "--log",
+                    log.to_str().unwrap(),
+                ],
+            )
+        })
+        .collect();
+    for w in &mut ws {
+        assert_eq!(w.next_line("DONE"), "DONE");
+    }
+    let total: u64 = std::fs::read_to_string(&counter)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        total,
+        workers as u64 * iters as u64,
+        "lost updates: two holders at once"
+    );
+    let mut rows: Vec<(u64, u64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (n, t) = l.split_once(' ').unwrap();
+            (n.parse().unwrap(), t.parse().unwrap())
+        })
+        .collect();
+    rows.sort();
+    for pair in rows.windows(2) {
+        assert!(
+            pair[1].1 > pair[0].1,
+            "fencing token went backwards: {:?} then {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+#[test]
+fn four_processes_contending_never_overlap_and_tokens_increase() {
+    let dir = TempDir::new("mutex");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    count_under_contention(dir.path(), 4, 300);
+}
+
+#[test]
+fn mutual_exclusion_holds_through_the_broker_alone() {
+    let dir = TempDir::new("mutex-slow");
+    let _b = Broker::start(dir.path(), NO_PREPARE);
+    count_under_contention(dir.path(), 3, 200);
+}
+
+#[test]
+fn a_prepared_key_is_granted_on_the_fast_path() {
+    let dir = TempDir::new("fast");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    let mut first = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    let (_, _, fast) = parse_held(&first.next_line("HELD"));
+    assert!(!fast, "an unknown key goes through the broker");
+    assert_eq!(first.next_line("RELEASED"), "RELEASED");
+    let mut second = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    let (_, _, fast) = parse_held(&second.next_line("HELD"));
+    assert!(fast, "the key stayed prepared after its release: one CAS");
+}
+
+#[test]
+fn waiters_get_the_lock_in_the_order_they_asked() {
+    let dir = TempDir::new("fifo");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    let order = dir.path().join("order");
+    let order_s = order.to_str().unwrap();
+    let mut holder = Worker::spawn(dir.path(), &["hold", "k"]);
+    parse_held(&holder.next_line("HELD"));
+    let mut waiters_list = Vec::new();
+    for id in 1..=4 {
+        let w = Worker::spawn(
+            dir.path(),
+            &[
+                "hold",
+                "k",
+                "--hold-ms",
+                "20",
+                "--order-file",
+                order_s,
+                "--id",
+                &id.to_string(),
+            ],
+        );
+        waiters_list.push(w);
+        wait_for_waiters(dir.path(), "k", id);
+    }
+    holder.release();
+    for w in &mut waiters_list {
+        parse_held(&w.next_line("HELD"));
+        assert_eq!(w.next_line("RELEASED"), "RELEASED");
+    }
+    let got: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(got, ["1", "2", "3", "4"]);
+}
+
+#[test]
+fn shared_holders_share_and_a_writer_waits_for_all_of_them() {
+    let dir = TempDir::new("shared");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    let mut r1 = Worker::spawn(dir.path(), &["hold", "k", "--shared"]);
+    let mut r2 = Worker::spawn(dir.path(), &["hold", "k", "--shared"]);
+    parse_held(&r1.next_line("HELD"));
+    parse_held(&r2.next_line("HELD"));
+    let mut try_writer = Worker::spawn(dir.path(), &["hold", "k", "--try"]);
+    assert!(try_writer.next_line("ERR").starts_with("ERR WouldBlock"));
+    let mut writer = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    wait_for_waiters(dir.path(), "k", 1);
+    r1.release();
+    assert_eq!(r1.next_line("RELEASED"), "RELEASED");
+    assert!(
+        writer.line_within(Duration::from_millis(200)).is_none(),
+        "the writer must wait for the second reader"
+    );
+    r2.release();
+    parse_held(&writer.next_line("HELD"));
+}
+
+#[test]
+fn try_lock_and_timeout_fail_clearly_while_the_key_is_held() {
+    let dir = TempDir::new("try");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    let mut holder = Worker::spawn(dir.path(), &["hold", "k"]);
+    parse_held(&holder.next_line("HELD"));
+    let mut t = Worker::spawn(dir.path(), &["hold", "k", "--try"]);
+    assert!(t.next_line("ERR").starts_with("ERR WouldBlock"));
+    let mut t = Worker::spawn(dir.path(), &["hold", "k", "--timeout-ms", "150"]);
+    assert!(t.next_line("ERR").starts_with("ERR Timeout"));
+    assert_eq!(
+        waiters(dir.path(), "k"),
+        0,
+        "a timed-out waiter leaves the queue"
+    );
+    holder.release();
+    let mut t = Worker::spawn(
+        dir.path(),
+        &["hold", "k", "--timeout-ms", "5000", "--hold-ms", "0"],
+    );
+    parse_held(&t.next_line("HELD"));
+}
+
+#[test]
+fn a_client_without_a_broker_is_told_where_it_looked() {
+    let dir = TempDir::new("nobroker");
+    let mut w = Worker::spawn(dir.path(), &["hold", "k"]);
+    let line = w.next_line("ERR");
+    assert!(line.contains(dir.path().to_str().unwrap()), "{line}");
+    assert!(line.contains("forelockd"), "{line}");
+}
