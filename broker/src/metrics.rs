@@ -11,8 +11,8 @@ pub struct Metrics {
     pub release_ns: Histogram<u64>,
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
+impl Metrics {
+    pub fn new(_config: &crate::config::Config, _runtime_dir: &std::path::Path) -> Metrics {
         let h =
             || Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds");
         Metrics {
@@ -21,9 +21,10 @@ impl Default for Metrics {
             release_ns: h(),
         }
     }
-}
 
-impl Metrics {
+    /// Called every allocator tick (default 10 ms) with the broker's clock.
+    pub fn on_tick(&mut self, _files: &crate::files::RuntimeFiles, _now_ms: u64) {}
+
     pub fn record_acquire(&mut self, response: &Response, took: Duration) {
         let ns = (took.as_nanos() as u64).max(1);
         match response {
