@@ -46,8 +46,14 @@ use system::SystemEntry;
 /// Set in a worker process: the path of its spec file.
 pub const WORKER_ENV: &str = "FORELOCK_BENCH_WORKER";
 
-/// The name a system must have to become the default reference.
+/// The name a system must have to become the default reference; the targets
+/// of ARCHITECTURE.md for prepared keys and hand-off are checked against it.
 pub const FORELOCK_NAME: &str = "forelock";
+
+/// The name of a forelock system whose keys are never prepared (every
+/// acquire takes the broker round trip): checked against the bare
+/// Unix-socket round trip.
+pub const FORELOCK_UNPREPARED_NAME: &str = "forelock-unprepared";
 
 /// Options of `forelock bench`.
 #[derive(clap::Args, Debug, Clone, Default)]

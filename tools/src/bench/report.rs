@@ -9,8 +9,8 @@ use hdrhistogram::serialization::V2Serializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use serde::Serialize;
 
-use super::BenchArgs;
 use super::driver::{Cell, CellStatus, Outcome, RunResult, default_reference};
+use super::{BenchArgs, FORELOCK_NAME, FORELOCK_UNPREPARED_NAME};
 
 /// The median over repeats of one cell, and how far the repeats spread.
 #[derive(Clone, Debug, Serialize)]
@@ -111,8 +111,10 @@ fn format_ratio(ratio: f64) -> String {
         format!("{ratio:.0}x")
     } else if ratio >= 10.0 {
         format!("{ratio:.1}x")
-    } else {
+    } else if ratio >= 0.01 {
         format!("{ratio:.2}x")
+    } else {
+        format!("{ratio:.4}x")
     }
 }
 
@@ -171,6 +173,113 @@ pub fn rows<'a>(outcome: &'a Outcome, reference: &str) -> Vec<Row<'a>> {
         }
     }
     rows
+}
+
+/// A performance target of ARCHITECTURE.md: `system`'s p50 over `peer`'s p50
+/// on `workload` must be at most `floor` (release) and aims at `aim`.
+struct Target {
+    label: &'static str,
+    workload: &'static str,
+    system: &'static str,
+    peer: &'static str,
+    floor: f64,
+    aim: f64,
+}
+
+const TARGETS: [Target; 6] = [
+    Target {
+        label: "prepared key, uncontended, vs in-process std Mutex",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "std-mutex",
+        floor: 2.0,
+        aim: 1.0,
+    },
+    Target {
+        label: "prepared key, uncontended, vs flock(2)",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "flock",
+        floor: 1.0 / 50.0,
+        aim: 1.0 / 50.0,
+    },
+    Target {
+        label: "unprepared key (broker round trip) vs bare Unix-socket round trip",
+        workload: "uncontended-2p",
+        system: FORELOCK_UNPREPARED_NAME,
+        peer: "unix-socket",
+        floor: 1.5,
+        aim: 1.2,
+    },
+    Target {
+        label: "contended hand-off vs raw futex hand-off",
+        workload: "handoff-2p",
+        system: FORELOCK_NAME,
+        peer: "futex",
+        floor: 1.5,
+        aim: 1.2,
+    },
+    Target {
+        label: "prepared key vs Redis SET NX PX",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "redis",
+        floor: 1.0,
+        aim: 1.0 / 1000.0,
+    },
+    Target {
+        label: "prepared key vs etcd lock",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "etcd",
+        floor: 1.0,
+        aim: 1.0 / 1000.0,
+    },
+];
+
+/// One line per target of ARCHITECTURE.md whose two cells were measured.
+fn targets(outcome: &Outcome) -> String {
+    let p50 = |workload: &str, system: &str| {
+        outcome
+            .cells
+            .iter()
+            .find(|cell| cell.workload == workload && cell.system == system)
+            .and_then(|cell| summarize(&cell.runs))
+            .map(|summary| summary.p50_ns)
+    };
+    let mut out = String::new();
+    for target in &TARGETS {
+        let (Some(mine), Some(theirs)) = (
+            p50(target.workload, target.system),
+            p50(target.workload, target.peer),
+        ) else {
+            continue;
+        };
+        let ratio = mine as f64 / theirs.max(1) as f64;
+        let verdict = if ratio <= target.aim {
+            "aim met"
+        } else if ratio <= target.floor {
+            "floor met"
+        } else {
+            "MISSED"
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {} p50 {} / {} p50 {} = {} (floor <= {}, aim <= {}): {verdict}",
+            target.label,
+            target.system,
+            format_ns(mine),
+            target.peer,
+            format_ns(theirs),
+            format_ratio(ratio),
+            format_ratio(target.floor),
+            format_ratio(target.aim),
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("targets of ARCHITECTURE.md, p50 against p50 from this run:\n{out}")
 }
 
 /// The text table.
@@ -262,6 +371,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
         let _ = writeln!(out);
     }
     let _ = writeln!(out);
+    let target_lines = targets(outcome);
+    if !target_lines.is_empty() {
+        let _ = writeln!(out, "{target_lines}");
+    }
     for system in &outcome.systems {
         if system.note.is_empty() {
             let _ = writeln!(out, "{}: {}", system.name, system.state);
@@ -375,6 +488,67 @@ fn write_histogram_logs(dir: &Path, outcome: &Outcome) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_with_p50(p50_ns: u64) -> RunResult {
+        let mut histogram = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        histogram.record(p50_ns).expect("record");
+        RunResult {
+            repeat: 0,
+            p50_ns,
+            p99_ns: p50_ns,
+            p999_ns: p50_ns,
+            max_ns: p50_ns,
+            mean_ns: p50_ns as f64,
+            samples: 1,
+            grants_total: 1,
+            grants_per_process: vec![1],
+            elapsed_s: 1.0,
+            throughput_per_s: 1.0,
+            exclusion_violations: 0,
+            lost_counts: 0,
+            histogram,
+        }
+    }
+
+    fn cell(workload: &str, system: &str, p50_ns: u64) -> Cell {
+        Cell {
+            workload: workload.into(),
+            system: system.into(),
+            measures: "acquire+release",
+            status: CellStatus::Measured,
+            runs: vec![run_with_p50(p50_ns)],
+        }
+    }
+
+    #[test]
+    fn targets_compare_forelock_with_the_peers_named_in_the_architecture() {
+        let outcome = Outcome {
+            limits: super::super::driver::RunLimits {
+                duration_ms: 1,
+                operations_max: 1,
+            },
+            repeat: 1,
+            cores: 2,
+            workloads: Vec::new(),
+            systems: Vec::new(),
+            cells: vec![
+                cell("uncontended-2p", "forelock", 90),
+                cell("uncontended-2p", "std-mutex", 60),
+                cell("handoff-2p", "forelock", 8_000),
+                cell("handoff-2p", "futex", 4_000),
+            ],
+            total_s: 1.0,
+            clock_pair_ns: 20,
+        };
+        let text = targets(&outcome);
+        assert!(text.contains("vs in-process std Mutex: forelock p50 90ns / std-mutex p50 60ns = 1.50x (floor <= 2.00x, aim <= 1.00x): floor met"), "{text}");
+        assert!(text.contains("vs raw futex hand-off: forelock p50 8.0us / futex p50 4.0us = 2.00x (floor <= 1.50x, aim <= 1.20x): MISSED"), "{text}");
+        assert!(
+            !text.contains("redis"),
+            "only targets with both cells measured: {text}"
+        );
+        assert_eq!(default_reference(&outcome), "std-mutex");
+    }
 
     #[test]
     fn durations_are_printed_in_a_readable_unit() {
