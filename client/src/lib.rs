@@ -149,8 +149,8 @@ enum WaitEnd {
         token: u64,
         owner_died: bool,
     },
-    /// The broker restarted and lost its queue: the connection is reattached,
-    /// send the acquire again.
+    /// The broker dropped the request (it restarted and lost its queue, or
+    /// abandoned the wait): send the acquire again.
     Requeue,
     TimedOut,
 }
@@ -563,8 +563,9 @@ impl Inner {
         };
         let cell = self.cell(lease.cell);
         let mut queued_slot;
-        // Each round after the first follows a broker restart that lost our
-        // queue position; bounded like the reconnects themselves.
+        // Each round after the first follows a dropped request (a broker
+        // restart that lost our queue position, or an abandoned wait);
+        // bounded like the reconnects themselves.
         for _ in 0..=RESEND_MAX {
             let (response, _) = self.call(&mut lease, &request, || {
                 // Armed before the broker can see the request: it may hand
@@ -622,12 +623,14 @@ impl Inner {
         lease.conn = None;
         Err(Error::BrokerNotRunning {
             socket: self.socket.clone(),
-            cause: std::io::Error::other("the broker kept restarting while we waited"),
+            cause: std::io::Error::other(
+                "the broker dropped our queued request again and again (restarts or abandoned waits)",
+            ),
         })
     }
 
-    /// Sleep on our wait cell until the broker hands the lock over, the
-    /// broker restarts (then reattach: `Requeue`), or `deadline` passes.
+    /// Sleep on our wait cell until the broker hands the lock over, drops the
+    /// request (`Requeue`), or `deadline` passes.
     fn wait_granted(
         &self,
         lease: &mut Lease<'_>,
@@ -642,19 +645,22 @@ impl Inner {
             // (read again by take_grant with Acquire before use).
             let state = cell.state.load(Ordering::Relaxed);
             let epoch_now = self.broker_epoch();
-            let restarted = state == CELL_ABANDONED
-                || lease
-                    .conn
-                    .as_ref()
-                    .is_none_or(|c| c.epoch != epoch_now || c.peer_closed());
-            if restarted {
-                // The old broker is gone: every write it made is done. A grant
-                // it made just before dying is still ours.
+            let connection_dead = lease
+                .conn
+                .as_ref()
+                .is_none_or(|c| c.epoch != epoch_now || c.peer_closed());
+            if state == CELL_ABANDONED || connection_dead {
+                // Abandoned: the broker dropped our request (it restarted, or
+                // could not hand over: asking again tells us why). Dead: the
+                // broker is gone, every write it made is done, and a grant it
+                // made just before dying is still ours.
                 if let Some(granted) = take_grant(cell) {
                     return Ok(granted);
                 }
-                lease.conn = None;
-                lease.conn = Some(self.attach(lease.cell)?);
+                if connection_dead {
+                    // `call` reattaches before sending the acquire again.
+                    lease.conn = None;
+                }
                 return Ok(WaitEnd::Requeue);
             }
             let slice = match deadline {

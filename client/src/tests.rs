@@ -731,6 +731,46 @@ fn a_waiter_whose_broker_restarts_asks_the_new_broker_again() {
 }
 
 #[test]
+fn an_abandoned_wait_asks_again_on_the_same_connection_and_reports_the_answer() {
+    let broker = MockBroker::start(|state, cell, request| match request {
+        // The first acquire queues, then the broker abandons the wait (its
+        // hold list is full); asked again, it says why.
+        Request::Acquire { queue: true, .. }
+            if state
+                .requests()
+                .iter()
+                .filter(|(_, r)| matches!(r, Request::Acquire { .. }))
+                .count()
+                == 1 =>
+        {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                let cell = &state.table.view().client(0).unwrap().cells[cell as usize];
+                cell.state.store(CELL_ABANDONED, Ordering::Release);
+            });
+            Some(Response::Queued { slot: 3 })
+        }
+        Request::Acquire { .. } => Some(Response::Error {
+            code: ErrorCode::TooManyHolds,
+            message: "64 held".into(),
+        }),
+        _ => None,
+    });
+    let client = broker.client();
+    let err = client.lock("k").unwrap_err();
+    assert!(matches!(err, Error::TooManyHolds { .. }), "{err:?}");
+    assert_eq!(acquires(&broker.state), 2);
+    let hellos = broker
+        .state
+        .requests()
+        .iter()
+        .filter(|(_, r)| matches!(r, Request::Hello { .. }))
+        .count();
+    assert_eq!(hellos, 1, "no reconnect for an abandoned wait");
+}
+
+#[test]
 fn a_broker_that_forgot_the_client_is_reported_as_restarted_and_disables_the_fast_path() {
     let broker = MockBroker::start(defaults);
     prepare(broker.state.table.view(), 5, b"hot", 100, 1);
