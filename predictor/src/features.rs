@@ -4,20 +4,19 @@
 //!
 //! | array | meaning |
 //! |---|---|
-//! | `counts[s]` | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s): a multi-scale rate |
-//! | `recency[s]` | `exp(-age / tau_s)`, where age is the time since the key's last request: "time since last" on four scales |
-//! | `last_us` | time of the last request |
-//! | `gap_mean_s`, `gaps_seen` | EWMA of the inter-arrival gap, and how many gaps it has seen |
+//! | `counts[key, s]` | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s), as of the key's last request: a multi-scale rate |
+//! | `last_us`, `last_s` | time of the last request (exact, and as f32 seconds since a re-based epoch, for vectorised scoring); `exp(-age / tau_s)` gives "time since last" on four scales |
+//! | `gap_mean_s`, `gap_rate`, `gap_confidence` | EWMA of the inter-arrival gap; horizon / gap saturated; how many gaps it rests on, saturated |
 //! | `successor_key`, `successor_count`, `predecessor_count` | per-key successor table: after this key, some client took key B within the horizon `successor_count / predecessor_count` of the time |
-//! | `successor_boost` | max over recent requests A of P(this key \| A), decayed with the horizon as time constant |
+//! | `successor_boost`, `successor_boost_s` | max over recent requests A of P(this key \| A), decayed with the horizon as time constant from `successor_boost_s` |
 //!
 //! # Row order: active keys first
 //!
 //! Rows `0..active` are the ACTIVE keys: requested within the activity window, or
-//! boosted by a successor. Only they are decayed eagerly at each tick (one
-//! vectorised multiply per array) and scored. Rows `active..tracked` are tracked but
-//! idle: their decay is applied lazily, once, when they become active again (exact,
-//! since decay is multiplicative). Keys idle past the activity window score 0.
+//! boosted by a successor. Only they are scored, in blocks of [`BLOCK`] rows whose
+//! features are computed feature-major so that the loops vectorise. Rows
+//! `active..tracked` are tracked but idle. Keys idle past the activity window
+//! score 0. Rows move only when a key becomes active or idle.
 //!
 //! # Bounded memory: eviction and the long tail
 //!
@@ -30,16 +29,17 @@
 //!
 //! # Time
 //!
-//! Counts are kept "as of the last tick" (`decayed_to_us`); an event at `t` adds
-//! `exp((t - decayed_to_us) / tau)` so that the next tick's multiply by
-//! `exp(-(tick - decayed_to_us) / tau)` leaves exactly `exp(-(tick - t) / tau)`.
+//! All decay is lazy: a key's counts are stored as of its last request, and an
+//! event at `t` sets `count = count * exp(-(t - last) / tau) + 1`. Scoring at `now`
+//! multiplies by `exp(-(now - last) / tau)`, so a tick writes nothing per key;
+//! only the activity scan (every 100 ms) walks the active rows.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use ndarray::{Array1, Array2};
 
-use crate::fastmath::fast_exp;
+use crate::fastmath::{fast_exp, saturate};
 
 /// Number of decay time scales.
 pub const SCALES: usize = 4;
@@ -73,9 +73,12 @@ const EMPTY_KEY: u64 = 0;
 /// Successor counts of a key are halved when its predecessor count reaches this,
 /// so that the table follows changes in behaviour.
 const PREDECESSOR_COUNT_HALVING: f32 = 256.0;
-/// An event more than this after the last decay triggers a decay first, which
-/// keeps the event weights `exp(dt / tau)` far from overflow.
-const EVENT_LAG_US_MAX: u64 = 200_000;
+/// The activity scan (retiring idle keys) runs at most this often.
+const ACTIVITY_SCAN_US: u64 = 100_000;
+/// The f32 times are re-based this often.
+const EPOCH_SPAN_US: u64 = 1_000_000_000;
+/// Rows per scoring block.
+pub const BLOCK: usize = 256;
 const VICTIM_SAMPLES: usize = 8;
 const GAP_EWMA_WEIGHT: f32 = 0.2;
 /// A key stays active while its successor boost is above this, even if idle.
@@ -144,17 +147,54 @@ impl TailSketch {
     }
 }
 
-/// Read-only view of the active rows, as of the last [`FeatureStore::decay_to`].
+/// The features of up to [`BLOCK`] consecutive active rows, feature-major.
+pub struct FeatureBlock {
+    pub len: usize,
+    /// Seconds since each row's last request.
+    pub age_s: [f32; BLOCK],
+    /// `features[j][i]`: feature `j` (see [`FEATURE_NAMES`]) of row `start + i`.
+    pub features: [[f32; BLOCK]; FEATURES],
+}
+
+impl FeatureBlock {
+    pub fn new() -> Box<FeatureBlock> {
+        Box::new(FeatureBlock { len: 0, age_s: [0.0; BLOCK], features: [[0.0; BLOCK]; FEATURES] })
+    }
+}
+
+/// Which feature groups to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureSet {
+    /// Features 0..4 (and the ages).
+    pub rates: bool,
+    /// Features 4..8 (and the ages).
+    pub recency: bool,
+    /// Feature 8.
+    pub successor: bool,
+    /// Features 9 and 10.
+    pub gaps: bool,
+}
+
+impl FeatureSet {
+    pub const ALL: FeatureSet = FeatureSet { rates: true, recency: true, successor: true, gaps: true };
+    pub const NONE: FeatureSet = FeatureSet { rates: false, recency: false, successor: false, gaps: false };
+}
+
+/// Read-only view of the active rows at a time `now`.
+#[derive(Clone, Copy)]
 pub struct FeatureView<'a> {
     pub now_us: u64,
     pub horizon_us: u64,
     pub key_hash: &'a [u64],
     pub last_us: &'a [u64],
-    pub counts: [&'a [f32]; SCALES],
-    pub recency: [&'a [f32]; SCALES],
-    pub successor_boost: &'a [f32],
-    pub expected_in_horizon: &'a [f32],
-    pub gaps_seen: &'a [f32],
+    now_s: f32,
+    last_s: &'a [f32],
+    /// Row-major `[row * SCALES + scale]`, as of each row's last request.
+    counts: &'a [f32],
+    successor_boost: &'a [f32],
+    successor_boost_s: &'a [f32],
+    gap_rate: &'a [f32],
+    gap_confidence: &'a [f32],
 }
 
 impl FeatureView<'_> {
@@ -165,27 +205,103 @@ impl FeatureView<'_> {
         self.key_hash.is_empty()
     }
 
-    /// The feature vector of active row `row` (see [`FEATURE_NAMES`]); every entry in [0, 1].
-    #[inline(always)]
-    pub fn vector(&self, row: usize) -> [f32; FEATURES] {
-        let horizon_s = self.horizon_us as f32 * 1e-6;
-        let saturate = |x: f32| x / (1.0 + x);
-        let mut features = [0.0f32; FEATURES];
-        for scale in 0..SCALES {
-            let to_expected = horizon_s / (SCALE_TAU_US[scale] as f32 * 1e-6);
-            features[scale] = saturate(self.counts[scale][row] * to_expected);
-            features[SCALES + scale] = self.recency[scale][row];
-        }
-        features[8] = self.successor_boost[row].min(1.0);
-        features[9] = saturate(self.expected_in_horizon[row]);
-        features[10] = self.gaps_seen[row] / (self.gaps_seen[row] + 4.0);
-        features
+    /// Computes the features of rows `start .. start + BLOCK` (or fewer at the end).
+    /// Every feature is in [0, 1]. The loops are branch-free and vectorise.
+    pub fn block(&self, start: usize, out: &mut FeatureBlock) {
+        self.block_of(start, out, FeatureSet::ALL);
     }
 
-    /// Seconds since the last request of active row `row`.
-    #[inline(always)]
-    pub fn age_s(&self, row: usize) -> f32 {
-        self.now_us.saturating_sub(self.last_us[row]) as f32 * 1e-6
+    /// Like [`FeatureView::block`], computing only the feature groups in `set`
+    /// (the others are left as they were): scoring is bound by memory bandwidth,
+    /// so a model reads only what it uses.
+    #[inline]
+    pub fn block_of(&self, start: usize, out: &mut FeatureBlock, set: FeatureSet) {
+        let len = BLOCK.min(self.len().saturating_sub(start));
+        out.len = len;
+        let now_s = self.now_s;
+        let horizon_s = self.horizon_us as f32 * 1e-6;
+        if set.rates || set.recency {
+            let last_s = &self.last_s[start..start + len];
+            for (age, &last) in out.age_s[..len].iter_mut().zip(last_s) {
+                *age = (now_s - last).max(0.0);
+            }
+            self.rates_and_recency(start, out);
+        }
+        if set.successor {
+            let inverse_horizon_s = 1.0 / horizon_s;
+            let boost = &self.successor_boost[start..start + len];
+            let boost_s = &self.successor_boost_s[start..start + len];
+            for ((out, &boost), &boost_s) in out.features[8][..len].iter_mut().zip(boost).zip(boost_s) {
+                let since = (now_s - boost_s).max(0.0);
+                *out = (boost * fast_exp(-since * inverse_horizon_s)).min(1.0);
+            }
+        }
+        if set.gaps {
+            out.features[9][..len].copy_from_slice(&self.gap_rate[start..start + len]);
+            out.features[10][..len].copy_from_slice(&self.gap_confidence[start..start + len]);
+        }
+    }
+
+    #[inline]
+    fn rates_and_recency(&self, start: usize, out: &mut FeatureBlock) {
+        let len = out.len;
+        let horizon_s = self.horizon_us as f32 * 1e-6;
+        let counts = &self.counts[start * SCALES..(start + len) * SCALES];
+        let age_s = &out.age_s[..len];
+        let (rates, rest) = out.features.split_at_mut(SCALES);
+        let recencies = &mut rest[..SCALES];
+        for scale in 0..SCALES {
+            let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
+            let to_expected = horizon_s * inverse_tau_s;
+            let rate = &mut rates[scale][..len];
+            let recency = &mut recencies[scale][..len];
+            for (((rate, recency), &age), count) in
+                rate.iter_mut().zip(recency.iter_mut()).zip(age_s).zip(counts.chunks_exact(SCALES))
+            {
+                let decay = fast_exp(-age * inverse_tau_s);
+                *recency = decay;
+                *rate = saturate(count[scale] * decay * to_expected);
+            }
+        }
+    }
+
+    /// The feature vector of one active row (same code as [`FeatureView::block`]).
+    pub fn vector(&self, row: usize) -> [f32; FEATURES] {
+        let mut block = FeatureBlock::new();
+        let one = FeatureView {
+            key_hash: &self.key_hash[row..row + 1],
+            last_us: &self.last_us[row..row + 1],
+            last_s: &self.last_s[row..row + 1],
+            counts: &self.counts[row * SCALES..(row + 1) * SCALES],
+            successor_boost: &self.successor_boost[row..row + 1],
+            successor_boost_s: &self.successor_boost_s[row..row + 1],
+            gap_rate: &self.gap_rate[row..row + 1],
+            gap_confidence: &self.gap_confidence[row..row + 1],
+            ..*self
+        };
+        one.block(0, &mut block);
+        std::array::from_fn(|j| block.features[j][0])
+    }
+
+    /// Request counts of rows `start .. start + out.len()` decayed to now, at one scale.
+    pub fn decayed_counts(&self, start: usize, scale: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
+        let counts = &self.counts[start * SCALES..end * SCALES];
+        for ((out, &last), count) in out.iter_mut().zip(&self.last_s[start..end]).zip(counts.chunks_exact(SCALES)) {
+            *out = count[scale] * fast_exp(-(self.now_s - last).max(0.0) * inverse_tau_s);
+        }
+    }
+
+    /// Request count of one row decayed to now, at one scale.
+    pub fn decayed_count(&self, row: usize, scale: usize) -> f32 {
+        let age_s = (self.now_s - self.last_s[row]).max(0.0);
+        self.counts[row * SCALES + scale] * fast_exp(-age_s * 1e6 / SCALE_TAU_US[scale] as f32)
+    }
+
+    /// The successor boost of one row, decayed to now.
+    pub fn successor_boost(&self, row: usize) -> f32 {
+        self.vector(row)[8]
     }
 }
 
@@ -197,23 +313,27 @@ pub struct FeatureStore {
     index: HashMap<u64, u32, IdentityBuildHasher>,
     key_hash: Array1<u64>,
     last_us: Array1<u64>,
+    /// Seconds since `epoch_us` (f32 halves the bytes a tick reads; re-based every
+    /// `EPOCH_SPAN_US` so the resolution stays below 0.2 ms).
+    last_s: Array1<f32>,
     counts: Array2<f32>,
-    recency: Array2<f32>,
     successor_boost: Array1<f32>,
+    successor_boost_s: Array1<f32>,
+    epoch_us: u64,
     gap_mean_s: Array1<f32>,
-    gaps_seen: Array1<f32>,
-    expected_in_horizon: Array1<f32>,
-    inactive_since_us: Array1<u64>,
+    gap_rate: Array1<f32>,
+    gap_confidence: Array1<f32>,
     successor_key: Array2<u64>,
     successor_count: Array2<f32>,
     predecessor_count: Array1<f32>,
     active: usize,
     tracked: usize,
-    decayed_to_us: u64,
+    now_us: u64,
+    scanned_at_us: u64,
     clients: HashMap<u32, ClientRecent, IdentityBuildHasher>,
     sketch: TailSketch,
     rng: u64,
-    tau_s: [f32; SCALES],
+    inverse_tau_s: [f32; SCALES],
     /// Keys evicted to stay within capacity, since creation.
     pub evictions: u64,
 }
@@ -231,23 +351,25 @@ impl FeatureStore {
             index: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), IdentityBuildHasher::default()),
             key_hash: Array1::zeros(capacity),
             last_us: Array1::from_elem(capacity, NEVER_US),
-            counts: Array2::zeros((SCALES, capacity)),
-            recency: Array2::zeros((SCALES, capacity)),
+            last_s: Array1::zeros(capacity),
+            counts: Array2::zeros((capacity, SCALES)),
             successor_boost: Array1::zeros(capacity),
+            successor_boost_s: Array1::zeros(capacity),
+            epoch_us: 0,
             gap_mean_s: Array1::zeros(capacity),
-            gaps_seen: Array1::zeros(capacity),
-            expected_in_horizon: Array1::zeros(capacity),
-            inactive_since_us: Array1::zeros(capacity),
+            gap_rate: Array1::zeros(capacity),
+            gap_confidence: Array1::zeros(capacity),
             successor_key: Array2::zeros((capacity, SUCCESSORS)),
             successor_count: Array2::zeros((capacity, SUCCESSORS)),
             predecessor_count: Array1::zeros(capacity),
             active: 0,
             tracked: 0,
-            decayed_to_us: 0,
+            now_us: 0,
+            scanned_at_us: 0,
             clients: HashMap::default(),
             sketch: TailSketch::new(),
             rng: seed | 1,
-            tau_s: SCALE_TAU_US.map(|tau| tau as f32 * 1e-6),
+            inverse_tau_s: SCALE_TAU_US.map(|tau| 1e6 / tau as f32),
             evictions: 0,
         }
     }
@@ -264,8 +386,9 @@ impl FeatureStore {
     pub fn horizon_us(&self) -> u64 {
         self.horizon_us
     }
+    /// The time of the last [`FeatureStore::decay_to`] (the scoring time).
     pub fn decayed_to_us(&self) -> u64 {
-        self.decayed_to_us
+        self.now_us
     }
 
     /// Row of a tracked key (active or not).
@@ -278,22 +401,35 @@ impl FeatureStore {
         self.row_of(key_hash).map(|row| self.last_us[row]).filter(|&last| last != NEVER_US)
     }
 
-    /// The active rows, as of the last decay.
+    /// The active rows, at the time of the last [`FeatureStore::decay_to`].
     pub fn view(&self) -> FeatureView<'_> {
         let n = self.active;
-        let counts = std::array::from_fn(|scale| &self.counts.row(scale).to_slice().expect("row-major")[..n]);
-        let recency = std::array::from_fn(|scale| &self.recency.row(scale).to_slice().expect("row-major")[..n]);
         FeatureView {
-            now_us: self.decayed_to_us,
+            now_us: self.now_us,
+            now_s: self.seconds(self.now_us),
             horizon_us: self.horizon_us,
             key_hash: &self.key_hash.as_slice().expect("contiguous")[..n],
             last_us: &self.last_us.as_slice().expect("contiguous")[..n],
-            counts,
-            recency,
+            last_s: &self.last_s.as_slice().expect("contiguous")[..n],
+            counts: &self.counts.as_slice().expect("row-major")[..n * SCALES],
             successor_boost: &self.successor_boost.as_slice().expect("contiguous")[..n],
-            expected_in_horizon: &self.expected_in_horizon.as_slice().expect("contiguous")[..n],
-            gaps_seen: &self.gaps_seen.as_slice().expect("contiguous")[..n],
+            successor_boost_s: &self.successor_boost_s.as_slice().expect("contiguous")[..n],
+            gap_rate: &self.gap_rate.as_slice().expect("contiguous")[..n],
+            gap_confidence: &self.gap_confidence.as_slice().expect("contiguous")[..n],
         }
+    }
+
+    /// `time_us` as f32 seconds since the epoch.
+    fn seconds(&self, time_us: u64) -> f32 {
+        (time_us as i64 - self.epoch_us as i64) as f32 * 1e-6
+    }
+
+    fn rebase(&mut self, epoch_us: u64) {
+        let shift_s = (epoch_us as i64 - self.epoch_us as i64) as f32 * 1e-6;
+        let n = self.tracked;
+        self.last_s.slice_mut(ndarray::s![..n]).mapv_inplace(|t| t - shift_s);
+        self.successor_boost_s.slice_mut(ndarray::s![..n]).mapv_inplace(|t| t - shift_s);
+        self.epoch_us = epoch_us;
     }
 
     fn next_random(&mut self) -> u64 {
@@ -312,39 +448,42 @@ impl FeatureStore {
         Some((self.next_random() % self.active as u64) as usize)
     }
 
-    /// Records one request. Events should come in time order; one older than the
-    /// last decay is taken as happening at the last decay.
+    /// Records one request. Events may come slightly out of order (decay uses
+    /// the non-negative part of each time difference).
     pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
-        if ts_us > self.decayed_to_us + EVENT_LAG_US_MAX {
-            self.decay_to(ts_us);
-        }
-        let ts_us = ts_us.max(self.decayed_to_us);
-        let dt_s = (ts_us - self.decayed_to_us) as f32 * 1e-6;
-        let weights: [f32; SCALES] = std::array::from_fn(|scale| fast_exp(dt_s / self.tau_s[scale]));
-        let horizon_s = self.horizon_us as f32 * 1e-6;
-        let successor_weight = fast_exp(dt_s / horizon_s);
-
         let row = self.activate(key_hash);
         let last = self.last_us[row];
-        if last != NEVER_US {
+        let horizon_s = self.horizon_us as f32 * 1e-6;
+        if last == NEVER_US {
+            for scale in 0..SCALES - 1 {
+                self.counts[[row, scale]] = 1.0;
+            }
+            self.counts[[row, SCALES - 1]] += 1.0; // the sketch's estimate plus this request
+        } else {
             let gap_s = ts_us.saturating_sub(last) as f32 * 1e-6;
-            let mean = if self.gaps_seen[row] == 0.0 {
+            for scale in 0..SCALES {
+                let decay = fast_exp(-gap_s * self.inverse_tau_s[scale]);
+                self.counts[[row, scale]] = self.counts[[row, scale]] * decay + 1.0;
+            }
+            let gaps_seen = self.gap_confidence[row];
+            let mean = if gaps_seen == 0.0 {
                 gap_s
             } else {
                 self.gap_mean_s[row] + GAP_EWMA_WEIGHT * (gap_s - self.gap_mean_s[row])
             };
             self.gap_mean_s[row] = mean;
-            self.gaps_seen[row] = (self.gaps_seen[row] + 1.0).min(1e6);
-            self.expected_in_horizon[row] = horizon_s / mean.max(1e-6);
+            self.gap_rate[row] = saturate(horizon_s / mean.max(1e-6));
+            // gap_confidence = n / (n + 4) for n gaps seen, updated without storing n.
+            let n = 4.0 * gaps_seen / (1.0 - gaps_seen).max(1e-6) + 1.0;
+            self.gap_confidence[row] = (n / (n + 4.0)).min(0.999);
         }
-        for scale in 0..SCALES {
-            self.counts[[scale, row]] += weights[scale];
-            self.recency[[scale, row]] = weights[scale];
+        if last == NEVER_US || ts_us > last {
+            self.last_us[row] = ts_us;
+            self.last_s[row] = self.seconds(ts_us);
         }
-        self.last_us[row] = ts_us;
 
         self.learn_successors(ts_us, client, key_hash);
-        self.push_successors(row, successor_weight);
+        self.push_successors(row, ts_us);
     }
 
     /// This client took `key_hash` now: every key it took within the horizon
@@ -395,13 +534,15 @@ impl FeatureStore {
 
     /// The key at `row` was just requested: raise the successor boost of the keys
     /// that usually follow it.
-    fn push_successors(&mut self, row: usize, successor_weight: f32) {
+    fn push_successors(&mut self, row: usize, ts_us: u64) {
         self.predecessor_count[row] += 1.0;
         let predecessors = self.predecessor_count[row];
         if predecessors >= PREDECESSOR_COUNT_HALVING {
             self.predecessor_count[row] *= 0.5;
             self.successor_count.row_mut(row).mapv_inplace(|count| count * 0.5);
         }
+        let now_s = self.seconds(ts_us);
+        let inverse_horizon_s = 1e6 / self.horizon_us as f32;
         for j in 0..SUCCESSORS {
             let successor = self.successor_key[[row, j]];
             if successor == EMPTY_KEY {
@@ -412,12 +553,14 @@ impl FeatureStore {
             let probability = (self.successor_count[[row, j]] / observed).min(1.0);
             if let Some(&successor_row) = self.index.get(&successor) {
                 let mut successor_row = successor_row as usize;
-                if successor_row >= self.active {
-                    successor_row = self.reactivate(successor_row);
-                }
-                let boost = probability * successor_weight;
-                if boost > self.successor_boost[successor_row] {
-                    self.successor_boost[successor_row] = boost;
+                let since = (now_s - self.successor_boost_s[successor_row]).max(0.0);
+                let current = self.successor_boost[successor_row] * fast_exp(-since * inverse_horizon_s);
+                if probability > current {
+                    if successor_row >= self.active {
+                        successor_row = self.reactivate(successor_row);
+                    }
+                    self.successor_boost[successor_row] = probability;
+                    self.successor_boost_s[successor_row] = now_s;
                 }
             }
         }
@@ -439,23 +582,23 @@ impl FeatureStore {
         } else {
             let victim = self.choose_victim();
             let victim_hash = self.key_hash[victim];
-            self.sketch.add(victim_hash, self.counts[[SCALES - 1, victim]]);
+            let idle_s = self.now_us.saturating_sub(self.last_us[victim]) as f32 * 1e-6;
+            let long_count = self.counts[[victim, SCALES - 1]] * fast_exp(-idle_s * self.inverse_tau_s[SCALES - 1]);
+            self.sketch.add(victim_hash, long_count);
             self.index.remove(&victim_hash);
             self.evictions += 1;
             victim
         };
         self.key_hash[row] = key_hash;
         self.last_us[row] = NEVER_US;
-        for scale in 0..SCALES {
-            self.counts[[scale, row]] = 0.0;
-            self.recency[[scale, row]] = 0.0;
-        }
-        self.counts[[SCALES - 1, row]] = self.sketch.estimate(key_hash);
+        self.last_s[row] = 0.0;
+        self.counts.row_mut(row).fill(0.0);
+        self.counts[[row, SCALES - 1]] = self.sketch.estimate(key_hash);
         self.successor_boost[row] = 0.0;
+        self.successor_boost_s[row] = 0.0;
         self.gap_mean_s[row] = 0.0;
-        self.gaps_seen[row] = 0.0;
-        self.expected_in_horizon[row] = 0.0;
-        self.inactive_since_us[row] = self.decayed_to_us;
+        self.gap_rate[row] = 0.0;
+        self.gap_confidence[row] = 0.0;
         self.successor_key.row_mut(row).fill(EMPTY_KEY);
         self.successor_count.row_mut(row).fill(0.0);
         self.predecessor_count[row] = 0.0;
@@ -478,16 +621,9 @@ impl FeatureStore {
         victim
     }
 
-    /// Applies the decay owed since the row went idle and moves it into the active prefix.
+    /// Moves an idle row into the active prefix.
     fn reactivate(&mut self, row: usize) -> usize {
         debug_assert!(row >= self.active && row < self.tracked);
-        let idle_s = self.decayed_to_us.saturating_sub(self.inactive_since_us[row]) as f32 * 1e-6;
-        for scale in 0..SCALES {
-            let factor = fast_exp(-idle_s / self.tau_s[scale]);
-            self.counts[[scale, row]] *= factor;
-            self.recency[[scale, row]] *= factor;
-        }
-        self.successor_boost[row] = 0.0;
         let destination = self.active;
         self.swap_rows(row, destination);
         self.active += 1;
@@ -499,8 +635,6 @@ impl FeatureStore {
         let last_active = self.active - 1;
         self.swap_rows(row, last_active);
         self.active -= 1;
-        self.inactive_since_us[last_active] = self.decayed_to_us;
-        self.successor_boost[last_active] = 0.0;
     }
 
     fn swap_rows(&mut self, a: usize, b: usize) {
@@ -509,15 +643,15 @@ impl FeatureStore {
         }
         self.key_hash.swap(a, b);
         self.last_us.swap(a, b);
+        self.last_s.swap(a, b);
         for scale in 0..SCALES {
-            self.counts.swap([scale, a], [scale, b]);
-            self.recency.swap([scale, a], [scale, b]);
+            self.counts.swap([a, scale], [b, scale]);
         }
         self.successor_boost.swap(a, b);
+        self.successor_boost_s.swap(a, b);
         self.gap_mean_s.swap(a, b);
-        self.gaps_seen.swap(a, b);
-        self.expected_in_horizon.swap(a, b);
-        self.inactive_since_us.swap(a, b);
+        self.gap_rate.swap(a, b);
+        self.gap_confidence.swap(a, b);
         for j in 0..SUCCESSORS {
             self.successor_key.swap([a, j], [b, j]);
             self.successor_count.swap([a, j], [b, j]);
@@ -527,31 +661,31 @@ impl FeatureStore {
         self.index.insert(self.key_hash[b], b as u32);
     }
 
-    /// Decays every active row to `now_us` and retires rows idle past the activity window.
+    /// Sets the scoring time to `now_us` (never backwards) and, at most every
+    /// 100 ms, retires rows idle past the activity window. Writes no feature.
     pub fn decay_to(&mut self, now_us: u64) {
-        if now_us <= self.decayed_to_us {
+        if now_us <= self.now_us {
             return;
         }
-        let dt_s = (now_us - self.decayed_to_us) as f32 * 1e-6;
-        let n = self.active;
-        for scale in 0..SCALES {
-            let factor = fast_exp(-dt_s / self.tau_s[scale]);
-            let counts = &mut self.counts.row_mut(scale).into_slice().expect("row-major")[..n];
-            counts.iter_mut().for_each(|count| *count *= factor);
-            let recency = &mut self.recency.row_mut(scale).into_slice().expect("row-major")[..n];
-            recency.iter_mut().for_each(|value| *value *= factor);
-        }
-        let boost_factor = fast_exp(-dt_s / (self.horizon_us as f32 * 1e-6));
-        let boosts = &mut self.successor_boost.as_slice_mut().expect("contiguous")[..n];
-        boosts.iter_mut().for_each(|boost| *boost *= boost_factor);
-        self.decayed_to_us = now_us;
+        self.now_us = now_us;
         self.sketch.age_to(now_us);
-
+        if now_us - self.epoch_us > EPOCH_SPAN_US {
+            self.rebase(now_us);
+        }
+        if now_us.saturating_sub(self.scanned_at_us) < ACTIVITY_SCAN_US {
+            return;
+        }
+        self.scanned_at_us = now_us;
         let window_us = self.activity_window_us;
+        let now_s = self.seconds(now_us);
+        let inverse_horizon_s = 1e6 / self.horizon_us as f32;
         for row in (0..self.active).rev() {
             let idle_us = now_us.saturating_sub(self.last_us[row]);
-            if idle_us > window_us && self.successor_boost[row] < SUCCESSOR_BOOST_ACTIVE_MIN {
-                self.deactivate(row);
+            if idle_us > window_us {
+                let since = (now_s - self.successor_boost_s[row]).max(0.0);
+                if self.successor_boost[row] * fast_exp(-since * inverse_horizon_s) < SUCCESSOR_BOOST_ACTIVE_MIN {
+                    self.deactivate(row);
+                }
             }
         }
     }
@@ -575,13 +709,14 @@ mod tests {
         features.decay_to(100_000);
         let view = features.view();
         let row = 0;
+        let vector = view.vector(row);
         for scale in 0..SCALES {
             let tau = SCALE_TAU_US[scale] as f64;
             let expected = ((-100_000.0 / tau).exp() + (-60_000.0 / tau).exp()) as f32;
-            let found = view.counts[scale][row];
+            let found = view.decayed_count(row, scale);
             assert!((found - expected).abs() < 1e-3 * expected.max(1.0), "scale {scale}: {found} vs {expected}");
             let recency_expected = (-60_000.0 / tau).exp() as f32;
-            assert!((view.recency[scale][row] - recency_expected).abs() < 1e-3);
+            assert!((vector[SCALES + scale] - recency_expected).abs() < 1e-3);
         }
     }
 
@@ -600,7 +735,7 @@ mod tests {
         let view = features.view();
         let row = view.key_hash.iter().position(|&k| k == 1).unwrap();
         let expected = 1.0 + (-3.0f32 / 60.0).exp();
-        assert!((view.counts[3][row] - expected).abs() < 1e-3, "{}", view.counts[3][row]);
+        assert!((view.decayed_count(row, 3) - expected).abs() < 1e-3, "{}", view.decayed_count(row, 3));
     }
 
     #[test]
@@ -632,7 +767,7 @@ mod tests {
         assert!(features.row_of(999).is_none(), "evicted");
         features.ingest(200_000, 0, 999);
         let row = features.row_of(999).unwrap();
-        assert!(features.counts[[3, row]] > 40.0, "sketch remembered ~50: {}", features.counts[[3, row]]);
+        assert!(features.counts[[row, 3]] > 40.0, "sketch remembered ~50: {}", features.counts[[row, 3]]);
     }
 
     #[test]
@@ -652,9 +787,9 @@ mod tests {
         features.decay_to(t + 10_000);
         let view = features.view();
         let row_b = view.key_hash.iter().position(|&k| k == 0xB).unwrap();
-        assert!(view.successor_boost[row_b] > 0.9, "{}", view.successor_boost[row_b]);
+        assert!(view.successor_boost(row_b) > 0.9, "{}", view.successor_boost(row_b));
         let row_noise = view.key_hash.iter().position(|&k| k == 1019).unwrap();
-        assert!(view.successor_boost[row_noise] < 0.1);
+        assert!(view.successor_boost(row_noise) < 0.1);
     }
 
     #[test]

@@ -16,7 +16,23 @@
 
 use crate::config::{ModelKind, PredictorConfig};
 use crate::fastmath::{fast_exp, sigmoid};
-use crate::features::{FEATURE_NAMES, FEATURES, FeatureView, SCALE_TAU_US};
+use crate::features::{BLOCK, FEATURE_NAMES, FEATURES, FeatureBlock, FeatureSet, FeatureView, SCALE_TAU_US};
+
+/// Runs `per_block` over the view in blocks of [`BLOCK`] rows.
+fn for_each_block(
+    view: &FeatureView<'_>,
+    out: &mut [f32],
+    set: FeatureSet,
+    mut per_block: impl FnMut(&FeatureBlock, &mut [f32]),
+) {
+    assert_eq!(out.len(), view.len());
+    let mut block = FeatureBlock::new();
+    for (chunk_index, chunk) in out.chunks_mut(BLOCK).enumerate() {
+        view.block_of(chunk_index * BLOCK, &mut block, set);
+        debug_assert_eq!(block.len, chunk.len());
+        per_block(&block, chunk);
+    }
+}
 
 /// A model of the ladder.
 pub trait Model: Send {
@@ -64,6 +80,7 @@ impl Model for KeepAlive {
             let age_s = now.saturating_sub(last) as f32 * 1e-6;
             *score = (1.0 - age_s * inverse).max(0.0);
         }
+        // (Exact ages from the u64 times: this model needs nothing else.)
     }
     fn describe(&self) -> String {
         format!("keep-alive {} ms", (self.keep_alive_s * 1e3).round())
@@ -83,8 +100,11 @@ impl Model for Frequency {
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
         assert_eq!(out.len(), view.len());
         let to_expected = view.horizon_us as f32 / SCALE_TAU_US[self.scale] as f32;
-        for (score, &count) in out.iter_mut().zip(view.counts[self.scale]) {
-            *score = 1.0 - fast_exp(-count * to_expected);
+        for (chunk_index, chunk) in out.chunks_mut(BLOCK).enumerate() {
+            view.decayed_counts(chunk_index * BLOCK, self.scale, chunk);
+            for score in chunk.iter_mut() {
+                *score = 1.0 - fast_exp(-*score * to_expected);
+            }
         }
     }
     fn describe(&self) -> String {
@@ -101,10 +121,9 @@ impl Model for Successor {
         ModelKind::Successor
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
-        assert_eq!(out.len(), view.len());
-        for (score, &boost) in out.iter_mut().zip(view.successor_boost) {
-            *score = boost.min(1.0);
-        }
+        for_each_block(view, out, FeatureSet { successor: true, ..FeatureSet::NONE }, |block, scores| {
+            scores.copy_from_slice(&block.features[8][..scores.len()]);
+        });
     }
 }
 
@@ -158,10 +177,19 @@ impl Model for Logistic {
         true
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
-        assert_eq!(out.len(), view.len());
-        for (row, score) in out.iter_mut().enumerate() {
-            *score = sigmoid(self.logit(&view.vector(row)));
-        }
+        let (weights, bias) = (self.weights, self.bias);
+        for_each_block(view, out, FeatureSet::ALL, |block, scores| {
+            let len = scores.len();
+            scores.fill(bias);
+            for (feature, weight) in block.features.iter().zip(weights) {
+                for (z, &x) in scores.iter_mut().zip(&feature[..len]) {
+                    *z += weight * x;
+                }
+            }
+            for score in scores.iter_mut() {
+                *score = sigmoid(*score);
+            }
+        });
     }
     fn learn(&mut self, features: &[f32; FEATURES], requested: bool) {
         let label = if requested { 1.0 } else { 0.0 };
