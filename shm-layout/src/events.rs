@@ -211,7 +211,7 @@ impl EventsView {
         // - aligned: 128 + r * (64 + capacity * 32) is a multiple of 64 because
         //   capacity is a power of two >= 2 (validated), on a 64-aligned base;
         // - RingHeader holds only atomics, valid for any bit pattern.
-        Some(unsafe { &*(self.base.add(offset) as *const RingHeader) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const RingHeader) })
     }
 
     fn event(&self, ring: u32, n: u64) -> Option<&Event> {
@@ -225,7 +225,7 @@ impl EventsView {
             + index * EVENT_SIZE;
         // SAFETY: ring < ring_count and index < capacity, so the entry lies in
         // the validated file; 8-aligned; atomics only.
-        Some(unsafe { &*(self.base.add(offset) as *const Event) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const Event) })
     }
 
     /// Append an event to `ring`; never blocks, may overwrite the oldest.

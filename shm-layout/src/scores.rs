@@ -161,7 +161,7 @@ impl ScoresView {
         let offset = SCORES_HEADER_SIZE + i as usize * SCORE_ENTRY_SIZE;
         // SAFETY: i < capacity and the file holds capacity entries (validated);
         // 8-aligned; atomics only.
-        Some(unsafe { &*(self.base.add(offset) as *const ScoreEntry) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const ScoreEntry) })
     }
 
     /// Publish a snapshot (the forecaster). Entries beyond capacity are dropped.

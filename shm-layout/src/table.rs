@@ -364,7 +364,7 @@ impl TableView {
         // - aligned: slots_offset is 512 and SLOT_SIZE is 128, both multiples of
         //   64, on a 64-aligned base;
         // - Slot holds only atomics, valid for any bit pattern.
-        Some(unsafe { &*(self.base.add(offset) as *const Slot) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const Slot) })
     }
 
     #[inline]
@@ -376,7 +376,7 @@ impl TableView {
         // SAFETY: in bounds (position < index_len, region inside the file),
         // 8-aligned (index_offset and entry size are multiples of 8), and an
         // AtomicU64 is valid for any bit pattern.
-        Some(unsafe { &*(self.base.add(offset) as *const IndexEntry) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const IndexEntry) })
     }
 
     pub fn client(&self, index: u32) -> Option<&ClientRecord> {
@@ -387,7 +387,7 @@ impl TableView {
         // SAFETY: in bounds (index < client_count, region inside the file),
         // 64-aligned (clients_offset and record size are multiples of 64), and
         // ClientRecord holds only atomics, valid for any bit pattern.
-        Some(unsafe { &*(self.base.add(offset) as *const ClientRecord) })
+        Some(unsafe { &*(self.base.wrapping_add(offset) as *const ClientRecord) })
     }
 
     /// Look `key` up in the index: the slot whose key equals `key`, with the

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs on a fresh machine (root).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+# fonts-dejavu-core: text in the PNG plots (tools); systemd: systemd-analyze
+# verify of the unit files.
+apt-get install -y -q --no-install-recommends fonts-dejavu-core systemd
+# Peers for `forelock bench` (Redis, etcd), if the peer script is present.
+if [ -f .ci/peers.sh ]; then
+    bash .ci/peers.sh
+fi
