@@ -695,7 +695,10 @@ impl LockManager {
             if !st.managed {
                 prepared += 1;
             }
-            let idle = now_ms.saturating_sub(st.last_use_ms) > self.keep_alive_ms;
+            // A slot whose last owner died keeps its OWNER_DIED bit until the
+            // next holder has been told (only eviction under pressure drops it).
+            let idle =
+                now_ms.saturating_sub(st.last_use_ms) > self.keep_alive_ms && !w.owner_died();
             let unheld =
                 st.queue.is_empty() && st.holder == Holder::Free && (st.managed || w.is_free());
             if idle && unheld {

@@ -55,6 +55,7 @@ pub enum KeyError {
 }
 
 /// Check a key: 1 to [`MAX_KEY_LEN`] bytes, no NUL.
+#[inline]
 pub fn validate_key(key: &[u8]) -> Result<(), KeyError> {
     if key.is_empty() {
         return Err(KeyError::Empty);

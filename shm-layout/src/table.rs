@@ -427,16 +427,24 @@ impl Slot {
     /// re-key); the caller's CAS on the word's generation catches that.
     #[inline]
     pub fn key_equals(&self, key: &[u8]) -> bool {
-        if self.key_len.load(Ordering::Relaxed) as usize != key.len() {
+        if key.len() > MAX_KEY_LEN || self.key_len.load(Ordering::Relaxed) as usize != key.len() {
             return false;
         }
-        let mut buf = [0u8; MAX_KEY_LEN];
-        buf[..key.len()].copy_from_slice(key);
-        let words = key.len().div_ceil(8);
-        (0..words).all(|i| {
-            let expect = u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            self.key[i].load(Ordering::Relaxed) == expect
-        })
+        let mut chunks = key.chunks_exact(8);
+        for (stored, chunk) in self.key.iter().zip(&mut chunks) {
+            let expect = u64::from_ne_bytes(chunk.try_into().expect("chunks of 8"));
+            if stored.load(Ordering::Relaxed) != expect {
+                return false;
+            }
+        }
+        let rest = chunks.remainder();
+        if rest.is_empty() {
+            return true;
+        }
+        // Stored keys are zero-padded to a whole word (see `store_key`).
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        self.key[key.len() / 8].load(Ordering::Relaxed) == u64::from_ne_bytes(last)
     }
 
     /// The key bytes as stored (length clamped to the maximum: the length is

@@ -58,7 +58,9 @@ pub enum Response {
     },
     /// Queued on `slot`: sleep on the wait cell; the grant written there is
     /// for this slot (the client needs it to release).
-    Queued { slot: u32 },
+    Queued {
+        slot: u32,
+    },
     WouldBlock,
     /// The queued acquire was withdrawn before any grant.
     Cancelled,

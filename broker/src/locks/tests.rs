@@ -521,3 +521,26 @@ proptest::proptest! {
         let _ = LockManager::adopt(&f.table, Policy::KeepAlive, KEEP_ALIVE, 3, 0, |_, _| true, &mut w);
     }
 }
+
+#[test]
+fn owner_died_survives_the_keep_alive_reclaim_until_someone_is_told() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), a).unwrap();
+    f.m.client_gone(&f.table, a, &mut f.w);
+    f.advance(10 * KEEP_ALIVE);
+    let g = f.acquire(b, 2, "k", false);
+    assert!(
+        matches!(
+            g,
+            Response::Granted {
+                owner_died: true,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+}
