@@ -113,8 +113,10 @@ fn format_ratio(ratio: f64) -> String {
         format!("{ratio:.1}x")
     } else if ratio >= 0.01 {
         format!("{ratio:.2}x")
-    } else {
+    } else if ratio >= 0.0001 {
         format!("{ratio:.4}x")
+    } else {
+        format!("{ratio:.0e}x")
     }
 }
 
@@ -556,5 +558,7 @@ mod tests {
         assert_eq!(format_ns(12_345), "12.3us");
         assert_eq!(format_ns(4_560_000), "4.56ms");
         assert_eq!(format_ns(1_200_000_000), "1.20s");
+        assert_eq!(format_ratio(0.00002), "2e-5x");
+        assert_eq!(format_ratio(1.5), "1.50x");
     }
 }
