@@ -1,53 +1,148 @@
-//! Runs the allocator every tick: the stand-in keep-alive reclaim (in
-//! [`LockManager::tick`]) and, with `policy = "forecast"`, preparation of the
-//! keys the forecaster scores above the threshold.
+//! Runs the allocator policy ([`crate::allocator`]) every tick against the
+//! live lock manager: builds the policy's view of the slots, the forecaster's
+//! candidates and the feedback counters, and applies the actions it returns.
+//!
+//! Policy by configuration: `keep-alive` and `none` run
+//! [`allocator::KeepAlive`] (with `none` the manager never lets a key onto the
+//! fast path, and idle slots are still freed); `forecast` runs
+//! [`allocator::Predictive`] over the forecaster's scores.
 //!
 //! Scores are advisory: stale ones (the forecaster stopped) are ignored, and
 //! every value was already clamped to [0, 1] by `ScoresView::read_into`.
 
+use crate::allocator::{self, Action, Feedback, Score, SlotView, TickInput};
 use crate::config::{Config, Policy};
 use crate::files::RuntimeFiles;
 use crate::locks::LockManager;
+use shm_layout::events::EventsView;
+use shm_layout::scores::ScoresView;
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::TableView;
+use std::collections::HashMap;
 
 /// Scores older than this are ignored (the forecaster died or lags).
 const STALE_SCORES_NS: u64 = 2_000_000_000;
 
 pub struct Allocation {
-    policy: Policy,
-    threshold: f32,
+    policy: Box<dyn allocator::Policy>,
+    forecast: bool,
     scores: Vec<(u64, f32)>,
+    score_of: HashMap<u64, f32>,
+    candidates: Vec<Score>,
+    views: Vec<SlotView>,
+    actions: Vec<Action>,
 }
 
 impl Allocation {
     pub fn new(config: &Config) -> Allocation {
+        let keep_alive_us = config.allocator.keep_alive_ms * 1000;
+        let forecast = config.allocator.policy == Policy::Forecast;
+        let policy: Box<dyn allocator::Policy> = if forecast {
+            Box::new(allocator::Predictive::new(allocator::PredictiveConfig {
+                threshold_initial: config.allocator.threshold,
+                waste_share_target: config.allocator.target_waste,
+                idle_timeout_us: keep_alive_us,
+                ..allocator::PredictiveConfig::default()
+            }))
+        } else {
+            Box::new(allocator::KeepAlive::new(keep_alive_us))
+        };
         Allocation {
-            policy: config.allocator.policy,
-            threshold: config.allocator.threshold,
+            policy,
+            forecast,
             scores: Vec::new(),
+            score_of: HashMap::new(),
+            candidates: Vec::new(),
+            views: Vec::new(),
+            actions: Vec::new(),
         }
     }
 
+    /// The policy's current threshold (0 for keep-alive).
+    pub fn threshold(&self) -> f32 {
+        self.policy.threshold()
+    }
+
     pub fn tick(&mut self, manager: &mut LockManager, files: &RuntimeFiles, now_ms: u64) {
-        manager.tick(&files.table, &files.events, now_ms);
-        if self.policy != Policy::Forecast {
+        self.tick_on(
+            manager,
+            &files.table,
+            &files.events,
+            Some(&files.scores),
+            now_ms,
+        );
+    }
+
+    /// [`Allocation::tick`] on explicit views (the unit tests run it on heap
+    /// memory, without a score file).
+    pub fn tick_on(
+        &mut self,
+        manager: &mut LockManager,
+        table: &TableView,
+        events: &EventsView,
+        scores: Option<&ScoresView>,
+        now_ms: u64,
+    ) {
+        manager.tick(table, now_ms);
+        if let Some(scores) = scores {
+            self.read_scores(scores, manager);
+        }
+        let scores = &self.score_of;
+        manager.slot_views(table, |h| scores.get(&h).copied(), &mut self.views);
+        let stats = &table.header().stats;
+        let feedback = Feedback {
+            hits: stats.hits.load(Ordering::Relaxed),
+            misses: stats.misses.load(Ordering::Relaxed),
+            late: stats.late.load(Ordering::Relaxed),
+            prepared: stats.preparations.load(Ordering::Relaxed),
+            wasted: stats.wasted.load(Ordering::Relaxed),
+        };
+        let slot_count = table.geometry().slot_count as usize;
+        let input = TickInput {
+            now_us: now_ms * 1000,
+            // Leave a tenth of the table to the slow path's own preparations.
+            budget_slots: slot_count - slot_count / 10,
+            slots: &self.views,
+            candidates: &self.candidates,
+            feedback: &feedback,
+            load: 0.0,
+        };
+        self.policy.tick(&input, &mut self.actions);
+        for action in &self.actions {
+            match *action {
+                Action::Prepare { key_hash } => {
+                    manager.prepare(table, events, key_hash);
+                }
+                Action::Reclaim { slot, .. } | Action::Evict { slot, .. } => {
+                    manager.evict(table, events, slot);
+                }
+            }
+        }
+    }
+
+    /// Fresh scores from the forecaster, split into those of keyed slots and
+    /// candidates (keys without a slot).
+    fn read_scores(&mut self, scores: &ScoresView, manager: &LockManager) {
+        self.score_of.clear();
+        self.candidates.clear();
+        if !self.forecast {
             return;
         }
-        let written = files
-            .scores
-            .header()
-            .written_at_ns
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let written = scores.header().written_at_ns.load(Ordering::Relaxed);
         if shm_layout::monotonic_ns().saturating_sub(written) > STALE_SCORES_NS {
             return;
         }
-        if !files.scores.read_into(&mut self.scores) {
+        if !scores.read_into(&mut self.scores) {
             return;
         }
-        for &(hash, score) in &self.scores {
-            if score < self.threshold || manager.free_slots() == 0 {
-                break;
+        for &(key_hash, probability) in &self.scores {
+            self.score_of.insert(key_hash, probability);
+            if !manager.has_key_hash(key_hash) {
+                self.candidates.push(Score {
+                    key_hash,
+                    probability,
+                });
             }
-            manager.prepare(&files.table, &files.events, hash);
         }
     }
 }

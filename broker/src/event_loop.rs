@@ -139,7 +139,6 @@ impl EventLoop {
         let manager = LockManager::adopt(
             &files.table,
             config.allocator.policy,
-            config.allocator.keep_alive_ms,
             epoch,
             now_ms(),
             |pid, start| process_start_time(pid) == Some(start),

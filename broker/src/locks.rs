@@ -23,6 +23,7 @@
 //!   keyed (unheld, no queue) --(idle past keep-alive, or evicted)--> free
 //! ```
 
+use crate::allocator::SlotView;
 use crate::config::Policy;
 use shm_layout::events::EventsView;
 use shm_layout::events::Outcome;
@@ -83,6 +84,9 @@ struct SlotState {
     last_use_ms: u64,
     /// Prepared ahead of any request by the allocator and not used since.
     speculative: bool,
+    /// When the key got its slot, and grants since (fast and broker).
+    placed_at_ms: u64,
+    uses: u32,
     /// Position in the key index, if indexed.
     index_pos: Option<u32>,
 }
@@ -98,6 +102,8 @@ impl SlotState {
             last_counter: 0,
             last_use_ms: 0,
             speculative: false,
+            placed_at_ms: 0,
+            uses: 0,
             index_pos: None,
         }
     }
@@ -131,7 +137,6 @@ pub struct Counters {
 
 pub struct LockManager {
     policy: Policy,
-    keep_alive_ms: u64,
     epoch: u64,
     keys: HashMap<Box<[u8]>, u32>,
     slots: Vec<SlotState>,
@@ -157,7 +162,6 @@ impl LockManager {
     pub fn adopt(
         table: &TableView,
         policy: Policy,
-        keep_alive_ms: u64,
         epoch: u64,
         now_ms: u64,
         mut alive: impl FnMut(u32, u64) -> bool,
@@ -166,7 +170,6 @@ impl LockManager {
         let g = table.geometry();
         let mut m = LockManager {
             policy,
-            keep_alive_ms,
             epoch,
             keys: HashMap::new(),
             slots: (0..g.slot_count).map(|_| SlotState::empty()).collect(),
@@ -667,27 +670,33 @@ impl LockManager {
 
     // ---- the allocator's hooks -----------------------------------------------------
 
-    /// Every tick: notice fast-path use, reclaim idle preparations and idle
-    /// slots. Returns the number of slots freed.
-    pub fn tick(&mut self, table: &TableView, events: &EventsView, now_ms: u64) -> usize {
+    /// Every tick: notice fast-path grants (a lock word's counter moved) and
+    /// publish slot counts. Reclaiming is the allocator policy's decision
+    /// ([`crate::allocator`]), applied through [`LockManager::evict`].
+    pub fn tick(&mut self, table: &TableView, now_ms: u64) {
         self.now_ms = now_ms;
         let stats = &table.header().stats;
-        let mut freed = 0;
         let (mut used, mut prepared) = (0u64, 0u64);
         for s in 0..self.slots.len() as u32 {
-            if self.slots[s as usize].key.is_none() {
+            let st = &mut self.slots[s as usize];
+            if st.key.is_none() {
                 continue;
             }
             used += 1;
-            let slot = table.slot(s).expect("s < slot_count");
-            let w = Word(slot.word.load(Ordering::Acquire));
-            let st = &mut self.slots[s as usize];
+            let w = Word(
+                table
+                    .slot(s)
+                    .expect("s < slot_count")
+                    .word
+                    .load(Ordering::Acquire),
+            );
             if w.counter() != st.last_counter {
+                let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
                 if !st.managed {
-                    let hits = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
-                    stats.hits.fetch_add(hits as u64, Ordering::Relaxed);
-                    self.counters.grants_fast_seen += hits as u64;
+                    stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
+                    self.counters.grants_fast_seen += grants as u64;
                 }
+                st.uses = st.uses.saturating_add(grants);
                 st.last_counter = w.counter();
                 st.last_use_ms = now_ms;
                 st.speculative = false;
@@ -695,36 +704,52 @@ impl LockManager {
             if !st.managed {
                 prepared += 1;
             }
-            // A slot whose last owner died keeps its OWNER_DIED bit until the
-            // next holder has been told (only eviction under pressure drops it).
-            let idle =
-                now_ms.saturating_sub(st.last_use_ms) > self.keep_alive_ms && !w.owner_died();
-            let unheld =
-                st.queue.is_empty() && st.holder == Holder::Free && (st.managed || w.is_free());
-            if idle && unheld {
-                let wasted = st.speculative;
-                let hash = st.hash;
-                if self.free_slot(table, s) {
-                    freed += 1;
-                    if wasted {
-                        stats.wasted.fetch_add(1, Ordering::Relaxed);
-                        events.push(
-                            events.ring_count() - 1,
-                            hash,
-                            shm_layout::monotonic_ns(),
-                            Outcome::Reclaimed,
-                            false,
-                            BROKER_CLIENT,
-                        );
-                    }
-                }
-            }
         }
-        stats
-            .slots_used
-            .store(used - freed as u64, Ordering::Relaxed);
+        stats.slots_used.store(used, Ordering::Relaxed);
         stats.slots_prepared.store(prepared, Ordering::Relaxed);
-        freed
+    }
+
+    /// What the allocator policy sees of each keyed slot, into `out`.
+    pub fn slot_views(
+        &self,
+        table: &TableView,
+        score: impl Fn(u64) -> Option<f32>,
+        out: &mut Vec<SlotView>,
+    ) {
+        out.clear();
+        for (i, st) in self.slots.iter().enumerate() {
+            if st.key.is_none() {
+                continue;
+            }
+            let w = Word(
+                table
+                    .slot(i as u32)
+                    .expect("i < slot_count")
+                    .word
+                    .load(Ordering::Relaxed),
+            );
+            let held = !st.queue.is_empty()
+                || st.holder != Holder::Free
+                || (!st.managed && !w.is_free())
+                // Keep the bit until the next holder has been told.
+                || w.owner_died();
+            out.push(SlotView {
+                slot: i as u32,
+                key_hash: st.hash,
+                prepared_at_us: st.placed_at_ms * 1000,
+                last_use_us: (st.uses > 0).then_some(st.last_use_ms * 1000),
+                uses_since_prepared: st.uses,
+                held,
+                score: score(st.hash),
+            });
+        }
+    }
+
+    /// Whether the key with `hash` has a slot.
+    pub fn has_key_hash(&self, hash: u64) -> bool {
+        self.known
+            .get(&hash)
+            .is_some_and(|k| self.keys.contains_key(k))
     }
 
     /// Prepare the key with hash `hash` ahead of any request, if the broker
@@ -767,25 +792,34 @@ impl LockManager {
         true
     }
 
-    /// Free a prepared or idle slot now (the allocator's eviction). Refuses a
-    /// slot that is held or waited for.
-    pub fn evict(&mut self, table: &TableView, s: u32) -> bool {
+    /// Free a prepared or idle slot now (the allocator's reclaim or eviction).
+    /// Refuses a slot that is held or waited for (re-checked here: the policy
+    /// decided on a snapshot). A slot prepared ahead and never used counts as
+    /// a wasted preparation.
+    pub fn evict(&mut self, table: &TableView, events: &EventsView, s: u32) -> bool {
         let Some(st) = self.slots.get(s as usize) else {
             return false;
         };
         if st.key.is_none() || !st.queue.is_empty() || st.holder != Holder::Free {
             return false;
         }
-        self.free_slot(table, s)
-    }
-
-    /// Slots in use, for the allocator: (slot, key hash, last use ms, prepared).
-    pub fn slot_summaries(&self) -> impl Iterator<Item = (u32, u64, u64, bool)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, st)| st.key.is_some())
-            .map(|(i, st)| (i as u32, st.hash, st.last_use_ms, !st.managed))
+        let (wasted, hash) = (st.speculative, st.hash);
+        if !self.free_slot(table, s) {
+            return false;
+        }
+        if wasted {
+            table.header().stats.wasted.fetch_add(1, Ordering::Relaxed);
+            let ring = events.ring_count() - 1;
+            events.push(
+                ring,
+                hash,
+                shm_layout::monotonic_ns(),
+                Outcome::Reclaimed,
+                false,
+                BROKER_CLIENT,
+            );
+        }
+        true
     }
 
     /// Active client records and their pids (to watch them after adoption).
@@ -872,6 +906,7 @@ impl LockManager {
         st.key = Some(key.into());
         st.hash = hash;
         st.last_use_ms = self.now_ms;
+        st.placed_at_ms = self.now_ms;
         self.keys.insert(key.into(), s);
         self.index_insert(table, s);
         header.stats.slots_used.fetch_add(1, Ordering::Relaxed);
@@ -1010,6 +1045,7 @@ impl LockManager {
         };
         st.last_counter = counter;
         st.last_use_ms = self.now_ms;
+        st.uses = st.uses.saturating_add(1);
         st.speculative = false;
         let word = Word::new(w.generation(), 0, 0, counter);
         slot.word.store(word.0, Ordering::Release);

@@ -44,6 +44,7 @@ struct Fixture {
     events: EventsView,
     m: LockManager,
     w: CountingWaker,
+    alloc: crate::allocator_glue::Allocation,
     now: u64,
     _bufs: (Buf, Buf),
 }
@@ -70,12 +71,16 @@ fn fixture(slots: u32, clients: u32, policy: Policy) -> Fixture {
     // SAFETY: as above.
     let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
     let mut w = CountingWaker::default();
-    let m = LockManager::adopt(&table, policy, KEEP_ALIVE, 1, 0, |_, _| true, &mut w);
+    let m = LockManager::adopt(&table, policy, 1, 0, |_, _| true, &mut w);
+    let mut config = crate::config::Config::default_config();
+    config.allocator.keep_alive_ms = KEEP_ALIVE;
+    let alloc = crate::allocator_glue::Allocation::new(&config);
     Fixture {
         table,
         events,
         m,
         w,
+        alloc,
         now: 0,
         _bufs: (tb, eb),
     }
@@ -122,9 +127,11 @@ impl Fixture {
             .expect("indexed");
         w
     }
+    /// Let time pass and run the allocator (keep-alive policy) once.
     fn advance(&mut self, ms: u64) {
         self.now += ms;
-        self.m.tick(&self.table, &self.events, self.now);
+        self.alloc
+            .tick_on(&mut self.m, &self.table, &self.events, None, self.now);
     }
 }
 
@@ -407,15 +414,7 @@ fn held_locks_survive_adoption_by_a_new_manager() {
     let shared = f.acquire(b, 2, "read", true);
     // The broker dies; a new one adopts the table. Both clients still run.
     let floor_before = f.table.header().token_floor.load(Ordering::Relaxed);
-    f.m = LockManager::adopt(
-        &f.table,
-        Policy::KeepAlive,
-        KEEP_ALIVE,
-        2,
-        0,
-        |_, _| true,
-        &mut f.w,
-    );
+    f.m = LockManager::adopt(&f.table, Policy::KeepAlive, 2, 0, |_, _| true, &mut f.w);
     assert!(f.table.header().token_floor.load(Ordering::Relaxed) >= floor_before);
     f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
     f.m.hello(&f.table, 2, 0, 7, Some(b), 2).unwrap();
@@ -451,15 +450,7 @@ fn adoption_releases_the_locks_of_clients_that_died_meanwhile() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let a = f.client(1);
     f.acquire(a, 1, "k", false);
-    f.m = LockManager::adopt(
-        &f.table,
-        Policy::KeepAlive,
-        KEEP_ALIVE,
-        2,
-        0,
-        |_, _| false,
-        &mut f.w,
-    );
+    f.m = LockManager::adopt(&f.table, Policy::KeepAlive, 2, 0, |_, _| false, &mut f.w);
     let b = f.client(2);
     let g = f.acquire(b, 2, "k", false);
     assert!(
@@ -518,7 +509,7 @@ proptest::proptest! {
         f.advance(KEEP_ALIVE + 1);
         f.m.client_gone(&f.table, a, &mut f.w);
         let mut w = CountingWaker::default();
-        let _ = LockManager::adopt(&f.table, Policy::KeepAlive, KEEP_ALIVE, 3, 0, |_, _| true, &mut w);
+        let _ = LockManager::adopt(&f.table, Policy::KeepAlive, 3, 0, |_, _| true, &mut w);
     }
 }
 
