@@ -28,7 +28,6 @@ pub mod forecaster;
 pub mod models;
 pub mod trace;
 
-/// The 64-bit hash that names a key everywhere in forelock: xxh3-64 of its bytes.
-pub fn key_hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(key)
-}
+/// The 64-bit hash that names a key everywhere in forelock (xxh3-64 of its
+/// bytes): the table format's own function, re-exported.
+pub use shm_layout::key_hash;

@@ -1,0 +1,1079 @@
+//! `forelock replay TRACE`: replays a lock trace in simulated time through the
+//! forecaster and the allocator policy, the same code the live system runs
+//! (`forelock_predictor::forecaster` and `forelockd::allocator`), at a slot
+//! budget, and reports how each model would have done.
+//!
+//! # What is simulated
+//!
+//! Time advances in ticks (10 ms by default). Each tick: the requests up to the
+//! tick are served against the slots as the previous tick left them, then the
+//! forecaster ticks, then each simulated broker calls its allocator policy and
+//! applies the actions. A request finds its key:
+//! - prepared and ready: a HIT (fast path);
+//! - being prepared (within `--prepare-latency-us` of the Prepare): LATE;
+//! - not prepared: a MISS; the slow path prepares a slot for it, as the broker does.
+//!
+//! A slot is held from a request for its `hold_us` and is never reclaimed while held.
+//!
+//! # What is reported
+//!
+//! - hit rate: hits / requests, overall and over requests whose key had been
+//!   requested before in the trace ("seen before": no history foresees a new key);
+//! - AUC-PR and Brier score of the forecaster's probabilities, sampled every
+//!   `--eval-every` ticks over every active key (label: requested within the
+//!   horizon after the tick); keys requested within the horizon but not scored
+//!   count as positives at P = 0, so recall is bounded by what the model tracks;
+//! - waste: a slot freed (reclaimed or evicted) without serving a request since
+//!   it was prepared or last released is one wasted preparation; waste share =
+//!   wasted / (wasted + hits); wasted slot-seconds = the idle time of those slots;
+//! - lateness: requests that arrived while their key was being prepared.
+//!
+//! Baselines: "no prediction" is the slow path plus the stand-in
+//! `KeepAlive` policy (a slot stays for T after its last use); the "oracle" knows
+//! the future: it prepares, within the same budget, the keys whose next request
+//! is soonest within the horizon.
+//!
+//! Each model runs once with the adaptive threshold (as live) and once per fixed
+//! threshold of the sweep (`--thresholds`), all in one pass over the trace.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use forelock_predictor::config::{ModelKind, PredictorConfig};
+use forelock_predictor::features::IdentityBuildHasher;
+use forelock_predictor::forecaster::Forecaster;
+use forelock_predictor::trace::{Mode, Trace, TraceEvent, read_trace_file};
+use forelockd::allocator::{
+    Action, Feedback, KeepAlive, Policy, Predictive, PredictiveConfig, Score, SlotView, TickInput,
+};
+use serde::Serialize;
+
+/// Arguments of `forelock replay`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// Trace to replay: CSV `ts_us,client,key,mode,hold_us`, plain or gzip.
+    #[arg(required_unless_present = "synthetic")]
+    pub trace: Option<PathBuf>,
+    /// Replay a synthetic negative control instead: `uniform` or `zipf` keys,
+    /// Poisson arrivals, no temporal structure (nothing should beat frequency).
+    #[arg(long, value_parser = ["uniform", "zipf"])]
+    pub synthetic: Option<String>,
+    /// Slots the allocator may keep prepared [default: 10% of the trace's distinct keys, at least 64].
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub model: Vec<String>,
+    /// Fixed thresholds swept for each model (beside the adaptive run).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.9f32, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02])]
+    pub thresholds: Vec<f32>,
+    /// Keep-alive times (ms) swept for the no-prediction baseline; the first is the headline one.
+    #[arg(long, value_delimiter = ',', default_values_t = [500u64, 100, 250, 1000, 2000, 5000, 15000, 60000])]
+    pub keep_alive_ms: Vec<u64>,
+    /// Replay only the first N rows.
+    #[arg(long)]
+    pub rows: Option<usize>,
+    /// Forecaster configuration (TOML, as for forelock-predictor --config).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Time a preparation takes in the simulation, microseconds.
+    #[arg(long, default_value_t = 50)]
+    pub prepare_latency_us: u64,
+    /// Score quality (AUC-PR, Brier) is sampled every this many ticks.
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: u64,
+    /// Write a PNG of hit rate (seen-before keys) against waste share as the threshold sweeps.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of `forelock replay`.
+pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
+    let (name, mut trace) = match (&args.synthetic, &args.trace) {
+        (Some(kind), _) => (format!("synthetic-{kind}"), synthetic_trace(kind, 200_000, 20_000, 7)),
+        (None, Some(path)) => (
+            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            read_trace_file(path).with_context(|| format!("replaying {}", path.display()))?,
+        ),
+        (None, None) => bail!("give a TRACE file or --synthetic uniform|zipf"),
+    };
+    if let Some(rows) = args.rows {
+        trace = trace.head(rows);
+    }
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            PredictorConfig::from_toml(&text)?
+        }
+        None => PredictorConfig::default(),
+    };
+    let models = if args.model.is_empty() {
+        ModelKind::ALL.to_vec()
+    } else {
+        args.model
+            .iter()
+            .map(|name| {
+                ModelKind::from_name(name).with_context(|| {
+                    format!("unknown model {name:?}: expected keep-alive, frequency, successor or logistic")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let settings = ReplaySettings {
+        budget_slots: args.budget.unwrap_or_else(|| default_budget(&trace)),
+        thresholds: args.thresholds.clone(),
+        keep_alive_ms: args.keep_alive_ms.clone(),
+        prepare_latency_us: args.prepare_latency_us,
+        eval_every_ticks: args.eval_every.max(1),
+    };
+    let report = replay(&name, &trace, &config, &models, &settings);
+    if let Some(path) = &args.plot {
+        plot(&report, path).with_context(|| format!("writing the plot {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// The default budget: 10% of the distinct keys, at least 64 slots.
+pub fn default_budget(trace: &Trace) -> usize {
+    (trace.keys_distinct / 10).max(64)
+}
+
+/// Everything a replay needs beside the trace and the forecaster configuration.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    pub budget_slots: usize,
+    pub thresholds: Vec<f32>,
+    pub keep_alive_ms: Vec<u64>,
+    pub prepare_latency_us: u64,
+    pub eval_every_ticks: u64,
+}
+
+/// One simulated configuration's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// "no prediction", "oracle", or a model name.
+    pub policy: String,
+    /// "adaptive", "threshold 0.30", "keep-alive 500 ms", ...
+    pub setting: String,
+    pub threshold: Option<f32>,
+    pub requests: u64,
+    pub hits: u64,
+    pub hit_rate: f64,
+    pub seen_before_requests: u64,
+    pub hit_rate_seen_before: f64,
+    pub late: u64,
+    pub late_share: f64,
+    pub prepares: u64,
+    pub wasted: u64,
+    pub waste_share: f64,
+    pub wasted_slot_seconds: f64,
+    /// Score quality of the model (same for every setting of one model).
+    pub auc_pr: Option<f64>,
+    pub brier: Option<f64>,
+    /// The threshold the adaptive controller ended at.
+    pub threshold_final: Option<f32>,
+}
+
+/// A whole replay's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    pub trace: String,
+    pub rows: usize,
+    pub keys_distinct: usize,
+    pub duration_s: f64,
+    pub budget_slots: usize,
+    pub horizon_ms: u64,
+    pub tick_ms: u64,
+    pub prepare_latency_us: u64,
+    pub runs: Vec<RunReport>,
+    /// Per policy: the best seen-before hit rate among its runs whose waste share
+    /// is at most each of `equal_waste_levels`.
+    pub equal_waste_levels: Vec<f64>,
+    pub equal_waste: Vec<(String, Vec<Option<f64>>)>,
+}
+
+const EQUAL_WASTE_LEVELS: [f64; 4] = [0.25, 0.5, 0.75, 0.9];
+
+impl ReplayReport {
+    /// The headline table (adaptive runs, no prediction at its first keep-alive,
+    /// oracle), then equal-waste comparison, then the sweep.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "trace {}: {} rows, {} distinct keys, {:.1} s; budget {} slots; horizon {} ms, tick {} ms, prepare latency {} us",
+            self.trace,
+            self.rows,
+            self.keys_distinct,
+            self.duration_s,
+            self.budget_slots,
+            self.horizon_ms,
+            self.tick_ms,
+            self.prepare_latency_us
+        );
+        let header = format!(
+            "{:<14} {:<18} {:>7} {:>8} {:>7} {:>7} {:>7} {:>10} {:>7}\n",
+            "policy", "setting", "hit%", "seen hit%", "AUC-PR", "Brier", "waste%", "waste s.s", "late%"
+        );
+        let row = |run: &RunReport| {
+            let optional = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+            format!(
+                "{:<14} {:<18} {:>7.2} {:>8.2} {:>7} {:>7} {:>7.1} {:>10.1} {:>7.3}\n",
+                run.policy,
+                run.setting,
+                run.hit_rate * 100.0,
+                run.hit_rate_seen_before * 100.0,
+                optional(run.auc_pr),
+                optional(run.brier),
+                run.waste_share * 100.0,
+                run.wasted_slot_seconds,
+                run.late_share * 100.0
+            )
+        };
+        out.push_str(&header);
+        let headline_keep_alive = self.runs.iter().find(|run| run.policy == "no prediction");
+        for run in self.runs.iter().filter(|run| {
+            run.setting == "adaptive" || run.policy == "oracle" || Some(*run) == headline_keep_alive.map(|r| r)
+        }) {
+            out.push_str(&row(run));
+        }
+        let _ = writeln!(out, "\nbest seen-before hit% at waste share <= {:?}:", self.equal_waste_levels);
+        for (policy, values) in &self.equal_waste {
+            let cells: Vec<String> =
+                values.iter().map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v * 100.0))).collect();
+            let _ = writeln!(out, "{:<14} {}", policy, cells.join("  "));
+        }
+        let _ = writeln!(out, "\nsweep:");
+        out.push_str(&header);
+        for run in &self.runs {
+            out.push_str(&row(run));
+        }
+        out
+    }
+}
+
+impl PartialEq for RunReport {
+    fn eq(&self, other: &Self) -> bool {
+        self.policy == other.policy && self.setting == other.setting
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Trace facts the simulation needs, computed once.
+
+const NONE_US: u64 = u64::MAX;
+
+struct TraceIndex {
+    /// Time of the previous request of the same key, or NONE_US.
+    previous_us: Vec<u64>,
+    /// Time of the next request of the same key, or NONE_US.
+    next_us: Vec<u64>,
+    /// First request time of every key.
+    first_us: HashMap<u64, u64, IdentityBuildHasher>,
+}
+
+impl TraceIndex {
+    fn new(trace: &Trace) -> TraceIndex {
+        let n = trace.events.len();
+        let mut previous_us = vec![NONE_US; n];
+        let mut next_us = vec![NONE_US; n];
+        let mut last_index: HashMap<u64, usize, IdentityBuildHasher> = HashMap::default();
+        let mut first_us: HashMap<u64, u64, IdentityBuildHasher> = HashMap::default();
+        for (i, event) in trace.events.iter().enumerate() {
+            if let Some(&before) = last_index.get(&event.key_hash) {
+                previous_us[i] = trace.events[before].ts_us;
+                next_us[before] = event.ts_us;
+            }
+            first_us.entry(event.key_hash).or_insert(event.ts_us);
+            last_index.insert(event.key_hash, i);
+        }
+        TraceIndex { previous_us, next_us, first_us }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Where scores come from.
+
+enum Source {
+    /// No scores (the no-prediction baseline).
+    Nothing,
+    Forecaster(Box<Forecaster>),
+    /// Knows every key's next request.
+    Oracle { next_us: HashMap<u64, u64, IdentityBuildHasher> },
+}
+
+impl Source {
+    /// P for a key, as the allocator sees it on a prepared slot.
+    fn score_of(&self, key_hash: u64, now_us: u64, horizon_us: u64) -> Option<f32> {
+        match self {
+            Source::Nothing => None,
+            Source::Forecaster(forecaster) => forecaster.probability_of(key_hash),
+            Source::Oracle { next_us } => {
+                Some(next_us.get(&key_hash).map_or(0.0, |&next| oracle_score(next, now_us, horizon_us)))
+            }
+        }
+    }
+}
+
+/// The oracle's "probability": in [0.5, 1] for keys requested within the horizon,
+/// sooner is higher; 0 otherwise.
+fn oracle_score(next_us: u64, now_us: u64, horizon_us: u64) -> f32 {
+    if next_us == NONE_US || next_us <= now_us || next_us - now_us > horizon_us {
+        0.0
+    } else {
+        1.0 - 0.5 * (next_us - now_us) as f32 / horizon_us as f32
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One simulated broker: slots, policy, counters.
+
+#[derive(Debug, Clone, Copy)]
+struct SimSlot {
+    slot: u32,
+    prepared_at_us: u64,
+    ready_at_us: u64,
+    last_use_us: Option<u64>,
+    uses: u32,
+    held_until_us: u64,
+    idle_since_us: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    requests: u64,
+    hits: u64,
+    late: u64,
+    seen_before_requests: u64,
+    seen_before_hits: u64,
+    prepares: u64,
+    wasted: u64,
+    wasted_slot_us: u128,
+}
+
+struct Sim {
+    policy: Box<dyn Policy>,
+    policy_name: String,
+    setting: String,
+    fixed_threshold: Option<f32>,
+    adaptive: bool,
+    budget_slots: usize,
+    prepare_latency_us: u64,
+    slots: Vec<(u64, SimSlot)>,
+    slot_of_key: HashMap<u64, usize, IdentityBuildHasher>,
+    next_slot_id: u32,
+    feedback: Feedback,
+    counters: Counters,
+    views: Vec<SlotView>,
+    candidates: Vec<Score>,
+    actions: Vec<Action>,
+}
+
+impl Sim {
+    fn new(policy: Box<dyn Policy>, policy_name: &str, setting: String, settings: &ReplaySettings) -> Sim {
+        Sim {
+            policy,
+            policy_name: policy_name.to_owned(),
+            setting,
+            fixed_threshold: None,
+            adaptive: false,
+            budget_slots: settings.budget_slots,
+            prepare_latency_us: settings.prepare_latency_us,
+            slots: Vec::new(),
+            slot_of_key: HashMap::default(),
+            next_slot_id: 0,
+            feedback: Feedback::default(),
+            counters: Counters::default(),
+            views: Vec::new(),
+            candidates: Vec::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    fn request(&mut self, event: &TraceEvent, seen_before: bool) {
+        let counters = &mut self.counters;
+        counters.requests += 1;
+        counters.seen_before_requests += u64::from(seen_before);
+        let release_us = event.ts_us + event.hold_us;
+        match self.slot_of_key.get(&event.key_hash) {
+            Some(&index) => {
+                let slot = &mut self.slots[index].1;
+                if event.ts_us >= slot.ready_at_us {
+                    counters.hits += 1;
+                    counters.seen_before_hits += u64::from(seen_before);
+                    self.feedback.hits += 1;
+                } else {
+                    counters.late += 1;
+                    self.feedback.late += 1;
+                }
+                slot.last_use_us = Some(event.ts_us);
+                slot.uses = slot.uses.saturating_add(1);
+                slot.held_until_us = slot.held_until_us.max(release_us);
+                slot.idle_since_us = slot.held_until_us;
+            }
+            None => {
+                self.feedback.misses += 1;
+                let slot = SimSlot {
+                    slot: self.next_slot_id,
+                    prepared_at_us: event.ts_us,
+                    ready_at_us: event.ts_us,
+                    last_use_us: Some(event.ts_us),
+                    uses: 1,
+                    held_until_us: release_us,
+                    idle_since_us: release_us,
+                };
+                self.insert(event.key_hash, slot);
+            }
+        }
+    }
+
+    fn insert(&mut self, key_hash: u64, slot: SimSlot) {
+        self.next_slot_id = self.next_slot_id.wrapping_add(1);
+        self.slot_of_key.insert(key_hash, self.slots.len());
+        self.slots.push((key_hash, slot));
+    }
+
+    fn remove(&mut self, key_hash: u64, now_us: u64) {
+        let Some(&index) = self.slot_of_key.get(&key_hash) else { return };
+        let slot = self.slots[index].1;
+        if slot.held_until_us > now_us {
+            return; // the broker re-checks: a held slot is never freed
+        }
+        self.slot_of_key.remove(&key_hash);
+        self.slots.swap_remove(index);
+        if index < self.slots.len() {
+            self.slot_of_key.insert(self.slots[index].0, index);
+        }
+        self.counters.wasted += 1;
+        self.feedback.wasted += 1;
+        self.counters.wasted_slot_us += u128::from(now_us.saturating_sub(slot.idle_since_us));
+    }
+
+    /// `ranked`: scored keys, highest first (shared by every sim of a pass).
+    fn tick(&mut self, now_us: u64, horizon_us: u64, source: &Source, ranked: &[Score]) {
+        self.views.clear();
+        for (key_hash, slot) in &self.slots {
+            self.views.push(SlotView {
+                slot: slot.slot,
+                key_hash: *key_hash,
+                prepared_at_us: slot.prepared_at_us,
+                last_use_us: slot.last_use_us,
+                uses_since_prepared: slot.uses,
+                held: slot.held_until_us > now_us,
+                score: source.score_of(*key_hash, now_us, horizon_us),
+            });
+        }
+        self.candidates.clear();
+        let threshold = self.policy.threshold();
+        for score in ranked {
+            if score.probability < threshold || self.candidates.len() >= self.budget_slots {
+                break;
+            }
+            if !self.slot_of_key.contains_key(&score.key_hash) {
+                self.candidates.push(*score);
+            }
+        }
+        let input = TickInput {
+            now_us,
+            budget_slots: self.budget_slots,
+            slots: &self.views,
+            candidates: &self.candidates,
+            feedback: &self.feedback,
+            load: 0.0,
+        };
+        let mut actions = std::mem::take(&mut self.actions);
+        self.policy.tick(&input, &mut actions);
+        for action in &actions {
+            match *action {
+                Action::Prepare { key_hash } => {
+                    if self.slot_of_key.contains_key(&key_hash) {
+                        continue;
+                    }
+                    self.counters.prepares += 1;
+                    self.feedback.prepared += 1;
+                    let slot = SimSlot {
+                        slot: self.next_slot_id,
+                        prepared_at_us: now_us,
+                        ready_at_us: now_us + self.prepare_latency_us,
+                        last_use_us: None,
+                        uses: 0,
+                        held_until_us: 0,
+                        idle_since_us: now_us,
+                    };
+                    self.insert(key_hash, slot);
+                }
+                Action::Reclaim { key_hash, .. } | Action::Evict { key_hash, .. } => self.remove(key_hash, now_us),
+            }
+        }
+        self.actions = actions;
+    }
+
+    fn report(&self, quality: Option<(f64, f64)>) -> RunReport {
+        let c = &self.counters;
+        let share = |part: u64, whole: u64| if whole == 0 { 0.0 } else { part as f64 / whole as f64 };
+        RunReport {
+            policy: self.policy_name.clone(),
+            setting: self.setting.clone(),
+            threshold: self.fixed_threshold,
+            requests: c.requests,
+            hits: c.hits,
+            hit_rate: share(c.hits, c.requests),
+            seen_before_requests: c.seen_before_requests,
+            hit_rate_seen_before: share(c.seen_before_hits, c.seen_before_requests),
+            late: c.late,
+            late_share: share(c.late, c.requests),
+            prepares: c.prepares,
+            wasted: c.wasted,
+            waste_share: share(c.wasted, c.wasted + c.hits),
+            wasted_slot_seconds: c.wasted_slot_us as f64 * 1e-6,
+            auc_pr: quality.map(|q| q.0),
+            brier: quality.map(|q| q.1),
+            threshold_final: self.adaptive.then(|| self.policy.threshold()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Score quality: binned precision-recall and Brier score.
+
+const QUALITY_BINS: usize = 1000;
+
+struct Quality {
+    positives: Vec<u64>,
+    negatives: Vec<u64>,
+    unscored_positives: u64,
+    brier_sum: f64,
+    brier_count: u64,
+}
+
+impl Quality {
+    fn new() -> Quality {
+        Quality {
+            positives: vec![0; QUALITY_BINS],
+            negatives: vec![0; QUALITY_BINS],
+            unscored_positives: 0,
+            brier_sum: 0.0,
+            brier_count: 0,
+        }
+    }
+
+    fn add(&mut self, probability: f32, requested: bool) {
+        let bin = ((probability * QUALITY_BINS as f32) as usize).min(QUALITY_BINS - 1);
+        let label = if requested { 1.0 } else { 0.0 };
+        if requested {
+            self.positives[bin] += 1;
+        } else {
+            self.negatives[bin] += 1;
+        }
+        self.brier_sum += f64::from(probability - label).powi(2);
+        self.brier_count += 1;
+    }
+
+    /// (average precision over thresholds above 0, Brier score).
+    fn result(&self) -> (f64, f64) {
+        let positives_total = self.positives.iter().sum::<u64>() + self.unscored_positives;
+        let mut true_positives = 0u64;
+        let mut predicted = 0u64;
+        let mut area = 0.0;
+        for bin in (1..QUALITY_BINS).rev() {
+            if self.positives[bin] + self.negatives[bin] == 0 {
+                continue;
+            }
+            true_positives += self.positives[bin];
+            predicted += self.positives[bin] + self.negatives[bin];
+            let precision = true_positives as f64 / predicted as f64;
+            area += precision * self.positives[bin] as f64 / positives_total.max(1) as f64;
+        }
+        let brier_count = self.brier_count + self.unscored_positives;
+        let brier = (self.brier_sum + self.unscored_positives as f64) / brier_count.max(1) as f64;
+        (area, brier)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The replay.
+
+/// Replays `trace` for every model, the no-prediction baseline and the oracle.
+pub fn replay(
+    name: &str,
+    trace: &Trace,
+    config: &PredictorConfig,
+    models: &[ModelKind],
+    settings: &ReplaySettings,
+) -> ReplayReport {
+    let index = TraceIndex::new(trace);
+    let mut runs = Vec::new();
+
+    // No prediction: slow path + keep-alive, one sim per keep-alive time.
+    let mut sims: Vec<Sim> = settings
+        .keep_alive_ms
+        .iter()
+        .map(|&ms| {
+            Sim::new(Box::new(KeepAlive::new(ms * 1000)), "no prediction", format!("keep-alive {ms} ms"), settings)
+        })
+        .collect();
+    run_pass(trace, &index, config, &mut Source::Nothing, &mut sims, None, settings);
+    runs.extend(sims.iter().map(|sim| sim.report(None)));
+
+    for &model in models {
+        let model_config = PredictorConfig { model, ..config.clone() };
+        let mut sims = predictive_sims(model.name(), settings);
+        let mut source = Source::Forecaster(Box::new(Forecaster::new(model_config)));
+        let mut quality = Quality::new();
+        run_pass(trace, &index, config, &mut source, &mut sims, Some(&mut quality), settings);
+        let result = quality.result();
+        runs.extend(sims.iter().map(|sim| sim.report(Some(result))));
+    }
+
+    let mut oracle = Sim::new(
+        Box::new(Predictive::new(PredictiveConfig {
+            threshold_initial: 0.4,
+            adaptive: false,
+            prepares_per_tick_max: usize::MAX / 8,
+            eviction_margin: 0.0,
+            ..PredictiveConfig::default()
+        })),
+        "oracle",
+        "hindsight".to_owned(),
+        settings,
+    );
+    let mut source = Source::Oracle { next_us: index.first_us.clone() };
+    run_pass(trace, &index, config, &mut source, std::slice::from_mut(&mut oracle), None, settings);
+    runs.push(oracle.report(None));
+
+    let mut policies: Vec<String> = Vec::new();
+    for run in &runs {
+        if !policies.contains(&run.policy) {
+            policies.push(run.policy.clone());
+        }
+    }
+    let equal_waste = policies
+        .into_iter()
+        .map(|policy| {
+            let values = EQUAL_WASTE_LEVELS
+                .iter()
+                .map(|&level| {
+                    runs.iter()
+                        .filter(|run| run.policy == policy && run.waste_share <= level)
+                        .map(|run| run.hit_rate_seen_before)
+                        .fold(None, |best: Option<f64>, v| Some(best.map_or(v, |b| b.max(v))))
+                })
+                .collect();
+            (policy, values)
+        })
+        .collect();
+
+    ReplayReport {
+        trace: name.to_owned(),
+        rows: trace.events.len(),
+        keys_distinct: trace.keys_distinct,
+        duration_s: trace.duration_us() as f64 * 1e-6,
+        budget_slots: settings.budget_slots,
+        horizon_ms: config.horizon_ms,
+        tick_ms: config.tick_ms,
+        prepare_latency_us: settings.prepare_latency_us,
+        runs,
+        equal_waste_levels: EQUAL_WASTE_LEVELS.to_vec(),
+        equal_waste,
+    }
+}
+
+fn predictive_sims(model_name: &str, settings: &ReplaySettings) -> Vec<Sim> {
+    let mut sims = vec![{
+        let mut sim = Sim::new(
+            Box::new(Predictive::new(PredictiveConfig::default())),
+            model_name,
+            "adaptive".to_owned(),
+            settings,
+        );
+        sim.adaptive = true;
+        sim
+    }];
+    for &threshold in &settings.thresholds {
+        let policy = Predictive::new(PredictiveConfig {
+            threshold_initial: threshold,
+            threshold_min: threshold.min(PredictiveConfig::default().threshold_min),
+            adaptive: false,
+            ..PredictiveConfig::default()
+        });
+        let mut sim = Sim::new(Box::new(policy), model_name, format!("threshold {threshold:.2}"), settings);
+        sim.fixed_threshold = Some(threshold);
+        sims.push(sim);
+    }
+    sims
+}
+
+fn run_pass(
+    trace: &Trace,
+    index: &TraceIndex,
+    config: &PredictorConfig,
+    source: &mut Source,
+    sims: &mut [Sim],
+    mut quality: Option<&mut Quality>,
+    settings: &ReplaySettings,
+) {
+    let events = &trace.events;
+    let Some(first) = events.first() else { return };
+    let tick_us = config.tick_us();
+    let horizon_us = config.horizon_us();
+    let mut now_us = first.ts_us - first.ts_us % tick_us;
+    let mut next = 0usize;
+    let mut window_start = 0usize; // first event after now (for the oracle and labels)
+    let mut ranked: Vec<Score> = Vec::new();
+    let mut top: Vec<(u64, f32)> = Vec::new();
+    let mut tick_number = 0u64;
+    let min_threshold = sims.iter().map(|sim| sim.policy.threshold()).fold(1.0f32, f32::min).max(1e-3);
+    let mut key_next_us: HashMap<u64, u64, IdentityBuildHasher> =
+        if quality.is_some() { index.first_us.clone() } else { HashMap::default() };
+    loop {
+        while next < events.len() && events[next].ts_us <= now_us {
+            let event = &events[next];
+            let seen_before = index.previous_us[next] != NONE_US;
+            for sim in sims.iter_mut() {
+                sim.request(event, seen_before);
+            }
+            match source {
+                Source::Nothing => {}
+                Source::Forecaster(forecaster) => forecaster.ingest(event.ts_us, event.client, event.key_hash),
+                Source::Oracle { next_us } => {
+                    next_us.insert(event.key_hash, index.next_us[next]);
+                }
+            }
+            if quality.is_some() {
+                key_next_us.insert(event.key_hash, index.next_us[next]);
+            }
+            next += 1;
+        }
+        while window_start < events.len() && events[window_start].ts_us <= now_us {
+            window_start += 1;
+        }
+
+        ranked.clear();
+        match source {
+            Source::Nothing => {}
+            Source::Forecaster(forecaster) => {
+                forecaster.tick(now_us);
+                let budget = sims.first().map_or(0, |sim| sim.budget_slots);
+                forecaster.top_k(budget, min_threshold, &mut top);
+                ranked.extend(top.iter().map(|&(key_hash, probability)| Score { key_hash, probability }));
+                if let Some(quality) = quality.as_deref_mut()
+                    && tick_number % settings.eval_every_ticks == 0
+                {
+                    evaluate(forecaster, &key_next_us, events, index, window_start, now_us, horizon_us, quality);
+                }
+            }
+            Source::Oracle { .. } => {
+                let mut j = window_start;
+                while j < events.len() && events[j].ts_us <= now_us + horizon_us {
+                    // First request of its key within the window.
+                    if index.previous_us[j] == NONE_US || index.previous_us[j] <= now_us {
+                        ranked.push(Score {
+                            key_hash: events[j].key_hash,
+                            probability: oracle_score(events[j].ts_us, now_us, horizon_us),
+                        });
+                    }
+                    j += 1;
+                }
+            }
+        }
+        for sim in sims.iter_mut() {
+            sim.tick(now_us, horizon_us, source, &ranked);
+        }
+        if next >= events.len() {
+            break;
+        }
+        now_us += tick_us;
+        tick_number += 1;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    forecaster: &Forecaster,
+    key_next_us: &HashMap<u64, u64, IdentityBuildHasher>,
+    events: &[TraceEvent],
+    index: &TraceIndex,
+    window_start: usize,
+    now_us: u64,
+    horizon_us: u64,
+    quality: &mut Quality,
+) {
+    let Some((keys, probabilities)) = forecaster.scores() else { return };
+    let mut scored_positives = 0u64;
+    for (key_hash, &probability) in keys.iter().zip(probabilities) {
+        let requested = key_next_us.get(key_hash).is_some_and(|&next| next != NONE_US && next <= now_us + horizon_us);
+        scored_positives += u64::from(requested);
+        quality.add(probability, requested);
+    }
+    let mut positives = 0u64;
+    let mut j = window_start;
+    while j < events.len() && events[j].ts_us <= now_us + horizon_us {
+        if index.previous_us[j] == NONE_US || index.previous_us[j] <= now_us {
+            positives += 1;
+        }
+        j += 1;
+    }
+    quality.unscored_positives += positives.saturating_sub(scored_positives);
+}
+
+// ---------------------------------------------------------------------------
+// Synthetic negative controls.
+
+/// Poisson arrivals at 2000 requests/s over `keys` keys, uniform or Zipf(1),
+/// 8 clients, no temporal structure: the best predictor is each key's long-run rate.
+pub fn synthetic_trace(kind: &str, rows: usize, keys: u64, seed: u64) -> Trace {
+    let mut state = seed | 1;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let cumulative: Vec<f64> = if kind == "zipf" {
+        let mut total = 0.0;
+        let mut cdf: Vec<f64> = (1..=keys)
+            .map(|rank| {
+                total += 1.0 / rank as f64;
+                total
+            })
+            .collect();
+        cdf.iter_mut().for_each(|c| *c /= total);
+        cdf
+    } else {
+        Vec::new()
+    };
+    let mut ts_us = 0u64;
+    let events = (0..rows)
+        .map(|_| {
+            ts_us += (-(1.0 - random()).ln() * 500.0) as u64; // mean gap 500 us
+            let key = if cumulative.is_empty() {
+                (random() * keys as f64) as u64
+            } else {
+                let u = random();
+                cumulative.partition_point(|&c| c < u) as u64
+            };
+            TraceEvent {
+                ts_us,
+                client: (random() * 8.0) as u32,
+                key_hash: forelock_predictor::key_hash(format!("k{key}").as_bytes()),
+                mode: Mode::Exclusive,
+                hold_us: 100,
+            }
+        })
+        .collect();
+    Trace::from_events(events)
+}
+
+// ---------------------------------------------------------------------------
+// The plot.
+
+const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+fn register_font() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        for path in FONT_PATHS {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Hit rate on seen-before keys against waste share, one line per policy.
+pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let with_text = register_font();
+    let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if with_text {
+        builder
+            .caption(
+                format!("{}: hit rate vs waste ({} slots, horizon {} ms)", report.trace, report.budget_slots, report.horizon_ms),
+                ("sans-serif", 22),
+            )
+            .x_label_area_size(45)
+            .y_label_area_size(60);
+    } else {
+        builder.x_label_area_size(10).y_label_area_size(10);
+    }
+    let mut chart = builder.build_cartesian_2d(0.0f64..1.0, 0.0f64..1.0)?;
+    {
+        let mut mesh = chart.configure_mesh();
+        if with_text {
+            mesh.x_desc("waste share: wasted / (wasted + hits)").y_desc("hit rate, requests for seen-before keys");
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw()?;
+    }
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0)];
+    let mut policies: Vec<&str> = Vec::new();
+    for run in &report.runs {
+        if !policies.contains(&run.policy.as_str()) {
+            policies.push(&run.policy);
+        }
+    }
+    for (i, policy) in policies.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let mut points: Vec<(f64, f64)> = report
+            .runs
+            .iter()
+            .filter(|run| run.policy == *policy && run.setting != "adaptive")
+            .map(|run| (run.waste_share, run.hit_rate_seen_before))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let series = chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
+        if with_text {
+            let label = policy.to_string();
+            series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
+        chart.draw_series(points.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
+        // The adaptive run: a hollow square.
+        let adaptive: Vec<(f64, f64)> = report
+            .runs
+            .iter()
+            .filter(|run| run.policy == *policy && run.setting == "adaptive")
+            .map(|run| (run.waste_share, run.hit_rate_seen_before))
+            .collect();
+        chart.draw_series(
+            adaptive.iter().map(|&(x, y)| Rectangle::new([(x - 0.008, y - 0.012), (x + 0.008, y + 0.012)], color.stroke_width(2))),
+        )?;
+    }
+    if with_text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 16))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(budget_slots: usize) -> ReplaySettings {
+        ReplaySettings {
+            budget_slots,
+            thresholds: vec![0.5, 0.1],
+            keep_alive_ms: vec![500, 5000],
+            prepare_latency_us: 50,
+            eval_every_ticks: 5,
+        }
+    }
+
+    /// 50 keys, each requested every 300 ms, `spacing_us` apart: perfectly predictable.
+    fn periodic_trace_spaced(spacing_us: u64) -> Trace {
+        let mut events = Vec::new();
+        for round in 0..40u64 {
+            for key in 0..50u64 {
+                events.push(TraceEvent {
+                    ts_us: round * 300_000 + key * spacing_us,
+                    client: (key % 4) as u32,
+                    key_hash: forelock_predictor::key_hash(format!("p{key}").as_bytes()),
+                    mode: Mode::Exclusive,
+                    hold_us: 100,
+                });
+            }
+        }
+        Trace::from_events(events)
+    }
+
+    fn periodic_trace() -> Trace {
+        periodic_trace_spaced(5_000)
+    }
+
+    #[test]
+    fn a_periodic_trace_is_served_mostly_on_the_fast_path() {
+        let trace = periodic_trace();
+        let report = replay("periodic", &trace, &PredictorConfig::default(), &ModelKind::ALL, &settings(64));
+        let oracle = report.runs.iter().find(|run| run.policy == "oracle").unwrap();
+        assert!(oracle.hit_rate > 0.99, "oracle {}", oracle.hit_rate);
+        for model in ["frequency", "logistic", "keep-alive"] {
+            let best = report
+                .runs
+                .iter()
+                .filter(|run| run.policy == model)
+                .map(|run| run.hit_rate_seen_before)
+                .fold(0.0, f64::max);
+            assert!(best > 0.9, "{model}: {best}");
+        }
+        assert!(report.table().contains("oracle"));
+        for run in &report.runs {
+            assert_eq!(run.requests, 2000);
+            assert_eq!(run.seen_before_requests, 1950);
+        }
+    }
+
+    #[test]
+    fn the_budget_bounds_what_stays_prepared() {
+        // All 50 keys of a round within 1 ms: 8 slots serve at most 8 of them.
+        let trace = periodic_trace_spaced(20);
+        let report = replay("burst", &trace, &PredictorConfig::default(), &[ModelKind::Frequency], &settings(8));
+        for run in &report.runs {
+            assert!(run.hit_rate <= 8.0 / 50.0 + 0.01, "{} {}: {}", run.policy, run.setting, run.hit_rate);
+        }
+        let oracle = report.runs.iter().find(|run| run.policy == "oracle").unwrap();
+        assert!(oracle.hit_rate > 0.1, "the oracle uses its 8 slots: {}", oracle.hit_rate);
+    }
+
+    #[test]
+    fn on_a_uniform_negative_control_no_model_beats_frequency() {
+        let trace = synthetic_trace("uniform", 20_000, 400, 3);
+        let report = replay("uniform", &trace, &PredictorConfig::default(), &ModelKind::ALL, &settings(64));
+        let best = |policy: &str| {
+            report.runs.iter().filter(|run| run.policy == policy).map(|run| run.hit_rate).fold(0.0, f64::max)
+        };
+        let frequency = best("frequency");
+        for model in ["keep-alive", "successor", "logistic", "no prediction"] {
+            assert!(best(model) <= frequency + 0.02, "{model} {} beats frequency {frequency}: labels leak?", best(model));
+        }
+    }
+
+    #[test]
+    fn quality_of_perfect_scores_is_perfect() {
+        let mut quality = Quality::new();
+        for i in 0..100 {
+            quality.add(if i % 2 == 0 { 0.999 } else { 0.0 }, i % 2 == 0);
+        }
+        let (auc_pr, brier) = quality.result();
+        assert!(auc_pr > 0.99 && brier < 0.01, "{auc_pr} {brier}");
+        quality.unscored_positives = 50;
+        assert!((quality.result().0 - 0.5).abs() < 0.01, "recall is bounded by unscored positives");
+    }
+
+    #[test]
+    fn the_plot_is_written() {
+        let trace = periodic_trace().head(500);
+        let report = replay("periodic", &trace, &PredictorConfig::default(), &[ModelKind::Frequency], &settings(64));
+        let path = std::env::temp_dir().join(format!("forelock-replay-plot-{}.png", std::process::id()));
+        plot(&report, &path).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
