@@ -42,10 +42,11 @@
 //!
 //! The broker counts, cumulatively ([`Feedback`]): hits (a request found its key
 //! prepared), misses (slow path), late (the request arrived while its key was
-//! being prepared), and wasted (a prepared or kept slot freed without serving a
-//! request since it was prepared or last released). Every `control_period_us`,
-//! [`Predictive`] looks at the deltas: it raises the threshold (x1.1) when the
-//! wasted share `wasted / (wasted + hits)` is above target, lowers it (/1.1) when
+//! being prepared), prepared (Prepare actions carried out) and wasted (a slot
+//! prepared by a Prepare action and freed without serving a single request).
+//! Every `control_period_us`, [`Predictive`] looks at the deltas: it raises the
+//! threshold (x1.1) when the wasted share `wasted / prepared` is above target,
+//! lowers it (/1.1) when
 //! waste is on target but the hit rate `hits / (hits + misses + late)` is below
 //! target, and under load (`load >= load_high`) raises it (x1.25) and prepares at
 //! most a quarter as many keys per tick. Set `adaptive = false` for a fixed
@@ -96,8 +97,8 @@ pub struct Feedback {
     pub late: u64,
     /// Slots prepared by Prepare actions.
     pub prepared: u64,
-    /// Slots freed (reclaimed or evicted) without a grant since they were
-    /// prepared or last released.
+    /// Slots prepared by Prepare actions and freed (reclaimed or evicted)
+    /// without serving a single request.
     pub wasted: u64,
 }
 
@@ -218,7 +219,7 @@ pub struct PredictiveConfig {
     /// A used slot idle for this long is reclaimed unless its score is at or above
     /// the threshold.
     pub idle_timeout_us: u64,
-    /// Target for wasted / (wasted + hits).
+    /// Target for wasted / prepared.
     pub waste_share_target: f32,
     /// Target for hits / (hits + misses + late).
     pub hit_rate_target: f32,
@@ -307,6 +308,7 @@ impl Predictive {
         let misses = now.misses.saturating_sub(before.misses) as f64;
         let late = now.late.saturating_sub(before.late) as f64;
         let wasted = now.wasted.saturating_sub(before.wasted) as f64;
+        let prepared = now.prepared.saturating_sub(before.prepared) as f64;
         self.last_control_us = Some(input.now_us);
         self.feedback_at_last_control = now;
         if !self.config.adaptive {
@@ -318,11 +320,7 @@ impl Predictive {
             self.stats.threshold_raises += 1;
             return;
         }
-        let waste_share = if wasted + hits > 0.0 {
-            wasted / (wasted + hits)
-        } else {
-            0.0
-        };
+        let waste_share = if prepared > 0.0 { (wasted / prepared).min(1.0) } else { 0.0 };
         let requests = hits + misses + late;
         let hit_rate = if requests > 0.0 { hits / requests } else { 1.0 };
         if waste_share > f64::from(self.config.waste_share_target) {
@@ -743,6 +741,7 @@ mod tests {
         let mut actions = Vec::new();
         let mut feedback = Feedback::default();
         policy.tick(&input(0, 10, &[], &[], &feedback), &mut actions);
+        feedback.prepared += 100;
         feedback.wasted += 90;
         feedback.hits += 10;
         policy.tick(&input(1_000_000, 10, &[], &[], &feedback), &mut actions);

@@ -23,9 +23,13 @@
 //!   `--eval-every` ticks over every active key (label: requested within the
 //!   horizon after the tick); keys requested within the horizon but not scored
 //!   count as positives at P = 0, so recall is bounded by what the model tracks;
-//! - waste: a slot freed (reclaimed or evicted) without serving a request since
-//!   it was prepared or last released is one wasted preparation; waste share =
-//!   wasted / (wasted + hits); wasted slot-seconds = the idle time of those slots;
+//! - waste: a slot prepared ahead (a Prepare action) and freed without serving a
+//!   single request is a wasted preparation; waste share = wasted / prepared.
+//!   Wasted slot-seconds counts every slot-second that served nothing: unused
+//!   preparations from prepare to free, and kept slots from their last release
+//!   to free (so keep-alive, which never prepares ahead, has waste too); "waste
+//!   per budget" is that divided by (budget x trace duration), the mean share of
+//!   the budget spent on nothing, the axis on which policies are compared;
 //! - lateness: requests that arrived while their key was being prepared.
 //!
 //! Baselines: "no prediction" is the slow path plus the stand-in
@@ -174,8 +178,11 @@ pub struct RunReport {
     pub late_share: f64,
     pub prepares: u64,
     pub wasted: u64,
+    /// Wasted preparations / preparations ahead.
     pub waste_share: f64,
     pub wasted_slot_seconds: f64,
+    /// wasted_slot_seconds / (budget x duration).
+    pub waste_per_budget: f64,
     /// Score quality of the model (same for every setting of one model).
     pub auc_pr: Option<f64>,
     pub brier: Option<f64>,
@@ -195,13 +202,14 @@ pub struct ReplayReport {
     pub tick_ms: u64,
     pub prepare_latency_us: u64,
     pub runs: Vec<RunReport>,
-    /// Per policy: the best seen-before hit rate among its runs whose waste share
-    /// is at most each of `equal_waste_levels`.
+    /// Per policy: the best seen-before hit rate among its runs whose waste per
+    /// budget is at most each of `equal_waste_levels`.
     pub equal_waste_levels: Vec<f64>,
     pub equal_waste: Vec<(String, Vec<Option<f64>>)>,
 }
 
-const EQUAL_WASTE_LEVELS: [f64; 4] = [0.25, 0.5, 0.75, 0.9];
+/// Levels of waste per budget at which policies are compared.
+const EQUAL_WASTE_LEVELS: [f64; 4] = [0.1, 0.25, 0.5, 0.75];
 
 impl ReplayReport {
     /// The headline table (adaptive runs, no prediction at its first keep-alive,
@@ -222,13 +230,13 @@ impl ReplayReport {
             self.prepare_latency_us
         );
         let header = format!(
-            "{:<14} {:<18} {:>7} {:>8} {:>7} {:>7} {:>7} {:>10} {:>7}\n",
-            "policy", "setting", "hit%", "seen hit%", "AUC-PR", "Brier", "waste%", "waste s.s", "late%"
+            "{:<14} {:<18} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>10} {:>7}\n",
+            "policy", "setting", "hit%", "seen hit%", "AUC-PR", "Brier", "prep w.%", "waste/bud", "waste s.s", "late%"
         );
         let row = |run: &RunReport| {
             let optional = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
             format!(
-                "{:<14} {:<18} {:>7.2} {:>8.2} {:>7} {:>7} {:>7.1} {:>10.1} {:>7.3}\n",
+                "{:<14} {:<18} {:>7.2} {:>9.2} {:>7} {:>7} {:>9.1} {:>9.3} {:>10.1} {:>7.3}\n",
                 run.policy,
                 run.setting,
                 run.hit_rate * 100.0,
@@ -236,6 +244,7 @@ impl ReplayReport {
                 optional(run.auc_pr),
                 optional(run.brier),
                 run.waste_share * 100.0,
+                run.waste_per_budget,
                 run.wasted_slot_seconds,
                 run.late_share * 100.0
             )
@@ -247,7 +256,7 @@ impl ReplayReport {
         }) {
             out.push_str(&row(run));
         }
-        let _ = writeln!(out, "\nbest seen-before hit% at waste share <= {:?}:", self.equal_waste_levels);
+        let _ = writeln!(out, "\nbest seen-before hit% at waste per budget <= {:?}:", self.equal_waste_levels);
         for (policy, values) in &self.equal_waste {
             let cells: Vec<String> =
                 values.iter().map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v * 100.0))).collect();
@@ -454,8 +463,10 @@ impl Sim {
         if index < self.slots.len() {
             self.slot_of_key.insert(self.slots[index].0, index);
         }
-        self.counters.wasted += 1;
-        self.feedback.wasted += 1;
+        if slot.uses == 0 {
+            self.counters.wasted += 1;
+            self.feedback.wasted += 1;
+        }
         self.counters.wasted_slot_us += u128::from(now_us.saturating_sub(slot.idle_since_us));
     }
 
@@ -518,7 +529,7 @@ impl Sim {
         self.actions = actions;
     }
 
-    fn report(&self, quality: Option<(f64, f64)>) -> RunReport {
+    fn report(&self, quality: Option<(f64, f64)>, duration_us: u64) -> RunReport {
         let c = &self.counters;
         let share = |part: u64, whole: u64| if whole == 0 { 0.0 } else { part as f64 / whole as f64 };
         RunReport {
@@ -534,8 +545,9 @@ impl Sim {
             late_share: share(c.late, c.requests),
             prepares: c.prepares,
             wasted: c.wasted,
-            waste_share: share(c.wasted, c.wasted + c.hits),
+            waste_share: share(c.wasted, c.prepares),
             wasted_slot_seconds: c.wasted_slot_us as f64 * 1e-6,
+            waste_per_budget: c.wasted_slot_us as f64 / (self.budget_slots as f64 * duration_us.max(1) as f64),
             auc_pr: quality.map(|q| q.0),
             brier: quality.map(|q| q.1),
             threshold_final: self.adaptive.then(|| self.policy.threshold()),
@@ -623,7 +635,7 @@ pub fn replay(
         })
         .collect();
     run_pass(trace, &index, config, &mut Source::Nothing, &mut sims, None, settings);
-    runs.extend(sims.iter().map(|sim| sim.report(None)));
+    runs.extend(sims.iter().map(|sim| sim.report(None, trace.duration_us())));
 
     for &model in models {
         let model_config = PredictorConfig { model, ..config.clone() };
@@ -632,7 +644,7 @@ pub fn replay(
         let mut quality = Quality::new();
         run_pass(trace, &index, config, &mut source, &mut sims, Some(&mut quality), settings);
         let result = quality.result();
-        runs.extend(sims.iter().map(|sim| sim.report(Some(result))));
+        runs.extend(sims.iter().map(|sim| sim.report(Some(result), trace.duration_us())));
     }
 
     let mut oracle = Sim::new(
@@ -649,7 +661,7 @@ pub fn replay(
     );
     let mut source = Source::Oracle { next_us: index.first_us.clone() };
     run_pass(trace, &index, config, &mut source, std::slice::from_mut(&mut oracle), None, settings);
-    runs.push(oracle.report(None));
+    runs.push(oracle.report(None, trace.duration_us()));
 
     let mut policies: Vec<String> = Vec::new();
     for run in &runs {
@@ -664,7 +676,7 @@ pub fn replay(
                 .iter()
                 .map(|&level| {
                     runs.iter()
-                        .filter(|run| run.policy == policy && run.waste_share <= level)
+                        .filter(|run| run.policy == policy && run.waste_per_budget <= level)
                         .map(|run| run.hit_rate_seen_before)
                         .fold(None, |best: Option<f64>, v| Some(best.map_or(v, |b| b.max(v))))
                 })
@@ -921,7 +933,7 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     {
         let mut mesh = chart.configure_mesh();
         if with_text {
-            mesh.x_desc("waste share: wasted / (wasted + hits)").y_desc("hit rate, requests for seen-before keys");
+            mesh.x_desc("waste per budget: slot-seconds that served nothing / (budget x duration)").y_desc("hit rate, requests for seen-before keys");
         } else {
             mesh.x_labels(0).y_labels(0);
         }
@@ -940,7 +952,7 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
             .runs
             .iter()
             .filter(|run| run.policy == *policy && run.setting != "adaptive")
-            .map(|run| (run.waste_share, run.hit_rate_seen_before))
+            .map(|run| (run.waste_per_budget.min(1.0), run.hit_rate_seen_before))
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         let series = chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
@@ -954,7 +966,7 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
             .runs
             .iter()
             .filter(|run| run.policy == *policy && run.setting == "adaptive")
-            .map(|run| (run.waste_share, run.hit_rate_seen_before))
+            .map(|run| (run.waste_per_budget.min(1.0), run.hit_rate_seen_before))
             .collect();
         chart.draw_series(
             adaptive.iter().map(|&(x, y)| Rectangle::new([(x - 0.008, y - 0.012), (x + 0.008, y + 0.012)], color.stroke_width(2))),
