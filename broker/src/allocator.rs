@@ -320,7 +320,11 @@ impl Predictive {
             self.stats.threshold_raises += 1;
             return;
         }
-        let waste_share = if prepared > 0.0 { (wasted / prepared).min(1.0) } else { 0.0 };
+        let waste_share = if prepared > 0.0 {
+            (wasted / prepared).min(1.0)
+        } else {
+            0.0
+        };
         let requests = hits + misses + late;
         let hit_rate = if requests > 0.0 { hits / requests } else { 1.0 };
         if waste_share > f64::from(self.config.waste_share_target) {

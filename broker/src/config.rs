@@ -65,6 +65,8 @@ pub enum FutexWake {
 pub struct BrokerConfig {
     pub futex_wake: FutexWake,
     pub uring_entries: u32,
+    /// Microseconds the event loop polls for work before it sleeps.
+    pub spin_us: u64,
     /// Socket file mode (octal as a string, e.g. "0666"): who may connect.
     pub socket_mode: String,
 }

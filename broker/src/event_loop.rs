@@ -160,7 +160,11 @@ impl EventLoop {
             config.socket_mode(),
         )?;
         let signal_fd = block_signals()?;
-        let ring = IoUring::new(config.broker.uring_entries).context(
+        // No COOP_TASKRUN or DEFER_TASKRUN: completions must reach the
+        // completion queue while the loop spins in user space.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .build(config.broker.uring_entries).context(
             "cannot create an io_uring (is io_uring disabled by sysctl kernel.io_uring_disabled, or \
              blocked by seccomp?)",
         )?;
@@ -209,7 +213,9 @@ impl EventLoop {
             "forelockd ready"
         );
         let mut completions = Vec::with_capacity(64);
+        let spin = std::time::Duration::from_micros(self.config.broker.spin_us);
         while !self.stopping {
+            self.spin_for_completions(spin)?;
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -225,6 +231,29 @@ impl EventLoop {
         tracing::info!(
             "forelockd stopping: locks held stay recorded in the table for the next broker"
         );
+        Ok(())
+    }
+
+    /// Submit what is queued, then poll the completion queue for up to `spin`
+    /// before the caller blocks. Waking a sleeping CPU costs tens of
+    /// microseconds on virtual machines (measured: a broker round trip of
+    /// 56 us across CPUs against 11 us on one); a request arriving while we
+    /// spin is served without that wake-up. Bounded: at most `spin` of CPU
+    /// per idle period.
+    fn spin_for_completions(&mut self, spin: std::time::Duration) -> anyhow::Result<()> {
+        if spin.is_zero() {
+            return Ok(());
+        }
+        self.ring.submit().context("io_uring submit failed")?;
+        let started = Instant::now();
+        while self.ring.completion().is_empty() {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            if started.elapsed() >= spin {
+                break;
+            }
+        }
         Ok(())
     }
 

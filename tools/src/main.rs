@@ -1,1 +1,40 @@
-fn main() {}
+//! `forelock`: the operator's and profiler's command line for forelock.
+//!
+//! ```text
+//! forelock status [--json]               broker, table and forecaster at a glance
+//! forelock locks [--json]                every key: mode, holder, waiters, token
+//! forelock run KEY -- COMMAND ...        run a command under a lock (flock(1) flags)
+//! forelock hist [--out DIR]              the broker's latency histograms
+//! forelock bench [--quick] [--out DIR]   forelock beside its peers, one run
+//! forelock replay TRACE [--json]         forecaster + allocator on a lock trace
+//! ```
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod replay;
+
+#[derive(Parser)]
+#[command(version, about = "Operate, profile and benchmark forelock")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmark forelock beside std Mutex, futex, flock, fcntl, a Unix
+    /// socket, Redis and etcd, in one run on this machine.
+    Bench(bench::BenchArgs),
+    /// Replay a lock trace through the forecaster and allocator in simulated time.
+    Replay(replay::ReplayArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    // Benchmark workers are this binary re-executed with the same arguments:
+    // `bench::run_with` notices and runs the worker.
+    match Cli::parse().command {
+        Command::Bench(args) => bench::run_with(args, bench::forelock::entries()),
+        Command::Replay(args) => replay::run(args),
+    }
+}

@@ -30,6 +30,7 @@
 
 mod chart;
 mod driver;
+pub mod forelock;
 mod peers;
 mod report;
 mod support;
@@ -92,11 +93,6 @@ pub struct BenchArgs {
     /// Time each worker spends in one measured run [default: 1000, 150 with --quick].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub duration_ms: Option<u64>,
-}
-
-/// Runs `forelock bench` with the peers only.
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    run_with(args, Vec::new())
 }
 
 /// Runs `forelock bench` with `extra` systems (forelock) beside the peers.
