@@ -14,8 +14,12 @@ use forelock_predictor::forecaster::Forecaster;
 
 fn main() {
     let mut arguments = std::env::args().skip(1);
-    let keys: u64 = arguments.next().map_or(1 << 20, |a| a.parse().expect("KEYS must be an integer"));
-    let events: usize = arguments.next().map_or(10_000_000, |a| a.parse().expect("EVENTS must be an integer"));
+    let keys: u64 = arguments
+        .next()
+        .map_or(1 << 20, |a| a.parse().expect("KEYS must be an integer"));
+    let events: usize = arguments.next().map_or(10_000_000, |a| {
+        a.parse().expect("EVENTS must be an integer")
+    });
     let clients = 64u32;
 
     // Pre-generate the stream: every key once (so all are tracked and active),
@@ -27,7 +31,9 @@ fn main() {
         state ^= state << 17;
         state
     };
-    let hashes: Vec<u64> = (0..keys).map(|k| forelock_predictor::key_hash(&k.to_le_bytes())).collect();
+    let hashes: Vec<u64> = (0..keys)
+        .map(|k| forelock_predictor::key_hash(&k.to_le_bytes()))
+        .collect();
     let stream: Vec<(u64, u32, u64)> = (0..events)
         .map(|i| {
             let r = random();
@@ -37,12 +43,19 @@ fn main() {
                 let u = (r >> 11) as f64 / (1u64 << 53) as f64;
                 ((u * u * u) * keys as f64) as u64 % keys
             };
-            (i as u64 / 5, (r >> 40) as u32 % clients, hashes[key as usize])
+            (
+                i as u64 / 5,
+                (r >> 40) as u32 % clients,
+                hashes[key as usize],
+            )
         })
         .collect();
 
     println!("forelock-predictor bench: {keys} keys, {events} events, {clients} clients, 1 core");
-    println!("{:<12} {:>14} {:>12} {:>12} {:>12} {:>10}", "model", "ingest ev/s", "tick ms", "tick p max", "top-k ms", "active");
+    println!(
+        "{:<12} {:>14} {:>12} {:>12} {:>12} {:>10}",
+        "model", "ingest ev/s", "tick ms", "tick p max", "top-k ms", "active"
+    );
     for model in ModelKind::ALL {
         let config = PredictorConfig {
             model,

@@ -34,8 +34,12 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 4] =
-        [ModelKind::KeepAlive, ModelKind::Frequency, ModelKind::Successor, ModelKind::Logistic];
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::KeepAlive,
+        ModelKind::Frequency,
+        ModelKind::Successor,
+        ModelKind::Logistic,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -94,7 +98,11 @@ pub enum ConfigError {
     #[error("the predictor configuration is not valid TOML or has an unknown field: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("predictor configuration: {field} = {found} is out of range: {expected}")]
-    Range { field: &'static str, found: String, expected: &'static str },
+    Range {
+        field: &'static str,
+        found: String,
+        expected: &'static str,
+    },
 }
 
 impl PredictorConfig {
@@ -108,7 +116,11 @@ impl PredictorConfig {
     /// Checks every bound the forecaster relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let range = |field: &'static str, found: String, expected: &'static str| {
-            Err(ConfigError::Range { field, found, expected })
+            Err(ConfigError::Range {
+                field,
+                found,
+                expected,
+            })
         };
         if self.horizon_ms == 0 || self.horizon_ms > 600_000 {
             return range("horizon_ms", self.horizon_ms.to_string(), "1..=600000");
@@ -117,10 +129,18 @@ impl PredictorConfig {
             return range("tick_ms", self.tick_ms.to_string(), "1..=horizon_ms");
         }
         if self.max_tracked_keys < 16 || self.max_tracked_keys > (1 << 26) {
-            return range("max_tracked_keys", self.max_tracked_keys.to_string(), "16..=67108864");
+            return range(
+                "max_tracked_keys",
+                self.max_tracked_keys.to_string(),
+                "16..=67108864",
+            );
         }
         if self.activity_window_ms < self.horizon_ms {
-            return range("activity_window_ms", self.activity_window_ms.to_string(), ">= horizon_ms");
+            return range(
+                "activity_window_ms",
+                self.activity_window_ms.to_string(),
+                ">= horizon_ms",
+            );
         }
         if self.frequency_scale >= crate::features::SCALES {
             return range("frequency_scale", self.frequency_scale.to_string(), "0..=3");
@@ -129,10 +149,18 @@ impl PredictorConfig {
             return range("learning_rate", self.learning_rate.to_string(), "(0, 10]");
         }
         if !(0.0..=1.0).contains(&self.min_probability) {
-            return range("min_probability", self.min_probability.to_string(), "[0, 1]");
+            return range(
+                "min_probability",
+                self.min_probability.to_string(),
+                "[0, 1]",
+            );
         }
         if self.train_samples_per_tick > 65_536 {
-            return range("train_samples_per_tick", self.train_samples_per_tick.to_string(), "0..=65536");
+            return range(
+                "train_samples_per_tick",
+                self.train_samples_per_tick.to_string(),
+                "0..=65536",
+            );
         }
         Ok(())
     }
@@ -152,12 +180,16 @@ mod tests {
 
     #[test]
     fn an_empty_file_gives_the_defaults() {
-        assert_eq!(PredictorConfig::from_toml("").unwrap(), PredictorConfig::default());
+        assert_eq!(
+            PredictorConfig::from_toml("").unwrap(),
+            PredictorConfig::default()
+        );
     }
 
     #[test]
     fn models_are_named_in_kebab_case() {
-        let config = PredictorConfig::from_toml("model = \"keep-alive\"\nhorizon_ms = 200").unwrap();
+        let config =
+            PredictorConfig::from_toml("model = \"keep-alive\"\nhorizon_ms = 200").unwrap();
         assert_eq!(config.model, ModelKind::KeepAlive);
         assert_eq!(config.horizon_us(), 200_000);
         for kind in ModelKind::ALL {
@@ -167,7 +199,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_ranges_are_rejected() {
-        assert!(matches!(PredictorConfig::from_toml("horizon = 5"), Err(ConfigError::Parse(_))));
+        assert!(matches!(
+            PredictorConfig::from_toml("horizon = 5"),
+            Err(ConfigError::Parse(_))
+        ));
         let error = PredictorConfig::from_toml("tick_ms = 0").unwrap_err();
         assert!(error.to_string().contains("tick_ms"), "{error}");
     }

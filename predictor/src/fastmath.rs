@@ -15,12 +15,15 @@ pub fn fast_exp(x: f32) -> f32 {
     // 2^fraction on [-0.5, 0.5]: Taylor polynomial of degree 6.
     let p = 1.0
         + fraction
-            * (0.693_147_2
+            * (std::f32::consts::LN_2
                 + fraction
                     * (0.240_226_5
                         + fraction
                             * (0.055_504_11
-                                + fraction * (0.009_618_13 + fraction * (0.001_333_355 + fraction * 0.000_154_035_3)))));
+                                + fraction
+                                    * (0.009_618_13
+                                        + fraction
+                                            * (0.001_333_355 + fraction * 0.000_154_035_3)))));
     f32::from_bits(((whole + 127) as u32) << 23) * p
 }
 
@@ -46,7 +49,10 @@ mod tests {
         while x < 80.0 {
             let exact = x.exp();
             let approximate = fast_exp(x);
-            assert!(((approximate - exact) / exact).abs() < 3e-5, "x = {x}: {approximate} vs {exact}");
+            assert!(
+                ((approximate - exact) / exact).abs() < 3e-5,
+                "x = {x}: {approximate} vs {exact}"
+            );
             x += 0.173;
         }
         assert_eq!(fast_exp(0.0), 1.0);

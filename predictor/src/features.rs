@@ -126,7 +126,10 @@ const SKETCH_HALVING_US: u64 = 60_000_000;
 
 impl TailSketch {
     fn new() -> TailSketch {
-        TailSketch { cells: Array2::zeros((SKETCH_ROWS, SKETCH_WIDTH)), halved_at_us: 0 }
+        TailSketch {
+            cells: Array2::zeros((SKETCH_ROWS, SKETCH_WIDTH)),
+            halved_at_us: 0,
+        }
     }
     fn cell(hash: u64, row: usize) -> usize {
         (hash.rotate_left(16 * row as u32) as usize) & (SKETCH_WIDTH - 1)
@@ -137,7 +140,9 @@ impl TailSketch {
         }
     }
     fn estimate(&self, hash: u64) -> f32 {
-        (0..SKETCH_ROWS).map(|row| self.cells[[row, Self::cell(hash, row)]]).fold(f32::INFINITY, f32::min)
+        (0..SKETCH_ROWS)
+            .map(|row| self.cells[[row, Self::cell(hash, row)]])
+            .fold(f32::INFINITY, f32::min)
     }
     fn age_to(&mut self, now_us: u64) {
         if now_us.saturating_sub(self.halved_at_us) >= SKETCH_HALVING_US {
@@ -158,7 +163,11 @@ pub struct FeatureBlock {
 
 impl FeatureBlock {
     pub fn new() -> Box<FeatureBlock> {
-        Box::new(FeatureBlock { len: 0, age_s: [0.0; BLOCK], features: [[0.0; BLOCK]; FEATURES] })
+        Box::new(FeatureBlock {
+            len: 0,
+            age_s: [0.0; BLOCK],
+            features: [[0.0; BLOCK]; FEATURES],
+        })
     }
 }
 
@@ -176,8 +185,18 @@ pub struct FeatureSet {
 }
 
 impl FeatureSet {
-    pub const ALL: FeatureSet = FeatureSet { rates: true, recency: true, successor: true, gaps: true };
-    pub const NONE: FeatureSet = FeatureSet { rates: false, recency: false, successor: false, gaps: false };
+    pub const ALL: FeatureSet = FeatureSet {
+        rates: true,
+        recency: true,
+        successor: true,
+        gaps: true,
+    };
+    pub const NONE: FeatureSet = FeatureSet {
+        rates: false,
+        recency: false,
+        successor: false,
+        gaps: false,
+    };
 }
 
 /// Read-only view of the active rows at a time `now`.
@@ -231,7 +250,9 @@ impl FeatureView<'_> {
             let inverse_horizon_s = 1.0 / horizon_s;
             let boost = &self.successor_boost[start..start + len];
             let boost_s = &self.successor_boost_s[start..start + len];
-            for ((out, &boost), &boost_s) in out.features[8][..len].iter_mut().zip(boost).zip(boost_s) {
+            for ((out, &boost), &boost_s) in
+                out.features[8][..len].iter_mut().zip(boost).zip(boost_s)
+            {
                 let since = (now_s - boost_s).max(0.0);
                 *out = (boost * fast_exp(-since * inverse_horizon_s)).min(1.0);
             }
@@ -255,8 +276,11 @@ impl FeatureView<'_> {
             let to_expected = horizon_s * inverse_tau_s;
             let rate = &mut rates[scale][..len];
             let recency = &mut recencies[scale][..len];
-            for (((rate, recency), &age), count) in
-                rate.iter_mut().zip(recency.iter_mut()).zip(age_s).zip(counts.chunks_exact(SCALES))
+            for (((rate, recency), &age), count) in rate
+                .iter_mut()
+                .zip(recency.iter_mut())
+                .zip(age_s)
+                .zip(counts.chunks_exact(SCALES))
             {
                 let decay = fast_exp(-age * inverse_tau_s);
                 *recency = decay;
@@ -288,7 +312,11 @@ impl FeatureView<'_> {
         let end = start + out.len();
         let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
         let counts = &self.counts[start * SCALES..end * SCALES];
-        for ((out, &last), count) in out.iter_mut().zip(&self.last_s[start..end]).zip(counts.chunks_exact(SCALES)) {
+        for ((out, &last), count) in out
+            .iter_mut()
+            .zip(&self.last_s[start..end])
+            .zip(counts.chunks_exact(SCALES))
+        {
             *out = count[scale] * fast_exp(-(self.now_s - last).max(0.0) * inverse_tau_s);
         }
     }
@@ -340,15 +368,26 @@ pub struct FeatureStore {
 
 impl FeatureStore {
     /// A table for at most `capacity` keys.
-    pub fn new(capacity: usize, horizon_us: u64, activity_window_us: u64, seed: u64) -> FeatureStore {
+    pub fn new(
+        capacity: usize,
+        horizon_us: u64,
+        activity_window_us: u64,
+        seed: u64,
+    ) -> FeatureStore {
         assert!(capacity >= 1, "capacity must be at least 1");
-        assert!(capacity <= u32::MAX as usize, "capacity must fit in u32 rows");
+        assert!(
+            capacity <= u32::MAX as usize,
+            "capacity must fit in u32 rows"
+        );
         assert!(horizon_us > 0, "the horizon must be positive");
         FeatureStore {
             capacity,
             horizon_us,
             activity_window_us,
-            index: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), IdentityBuildHasher::default()),
+            index: HashMap::with_capacity_and_hasher(
+                capacity.min(1 << 16),
+                IdentityBuildHasher::default(),
+            ),
             key_hash: Array1::zeros(capacity),
             last_us: Array1::from_elem(capacity, NEVER_US),
             last_s: Array1::zeros(capacity),
@@ -398,7 +437,9 @@ impl FeatureStore {
 
     /// Time of the last request of a tracked key.
     pub fn last_request_us(&self, key_hash: u64) -> Option<u64> {
-        self.row_of(key_hash).map(|row| self.last_us[row]).filter(|&last| last != NEVER_US)
+        self.row_of(key_hash)
+            .map(|row| self.last_us[row])
+            .filter(|&last| last != NEVER_US)
     }
 
     /// The active rows, at the time of the last [`FeatureStore::decay_to`].
@@ -427,8 +468,12 @@ impl FeatureStore {
     fn rebase(&mut self, epoch_us: u64) {
         let shift_s = (epoch_us as i64 - self.epoch_us as i64) as f32 * 1e-6;
         let n = self.tracked;
-        self.last_s.slice_mut(ndarray::s![..n]).mapv_inplace(|t| t - shift_s);
-        self.successor_boost_s.slice_mut(ndarray::s![..n]).mapv_inplace(|t| t - shift_s);
+        self.last_s
+            .slice_mut(ndarray::s![..n])
+            .mapv_inplace(|t| t - shift_s);
+        self.successor_boost_s
+            .slice_mut(ndarray::s![..n])
+            .mapv_inplace(|t| t - shift_s);
         self.epoch_us = epoch_us;
     }
 
@@ -539,7 +584,9 @@ impl FeatureStore {
         let predecessors = self.predecessor_count[row];
         if predecessors >= PREDECESSOR_COUNT_HALVING {
             self.predecessor_count[row] *= 0.5;
-            self.successor_count.row_mut(row).mapv_inplace(|count| count * 0.5);
+            self.successor_count
+                .row_mut(row)
+                .mapv_inplace(|count| count * 0.5);
         }
         let now_s = self.seconds(ts_us);
         let inverse_horizon_s = 1e6 / self.horizon_us as f32;
@@ -554,7 +601,8 @@ impl FeatureStore {
             if let Some(&successor_row) = self.index.get(&successor) {
                 let mut successor_row = successor_row as usize;
                 let since = (now_s - self.successor_boost_s[successor_row]).max(0.0);
-                let current = self.successor_boost[successor_row] * fast_exp(-since * inverse_horizon_s);
+                let current =
+                    self.successor_boost[successor_row] * fast_exp(-since * inverse_horizon_s);
                 if probability > current {
                     if successor_row >= self.active {
                         successor_row = self.reactivate(successor_row);
@@ -572,7 +620,11 @@ impl FeatureStore {
             Some(&row) => row as usize,
             None => self.admit(key_hash),
         };
-        if row >= self.active { self.reactivate(row) } else { row }
+        if row >= self.active {
+            self.reactivate(row)
+        } else {
+            row
+        }
     }
 
     fn admit(&mut self, key_hash: u64) -> usize {
@@ -583,7 +635,8 @@ impl FeatureStore {
             let victim = self.choose_victim();
             let victim_hash = self.key_hash[victim];
             let idle_s = self.now_us.saturating_sub(self.last_us[victim]) as f32 * 1e-6;
-            let long_count = self.counts[[victim, SCALES - 1]] * fast_exp(-idle_s * self.inverse_tau_s[SCALES - 1]);
+            let long_count = self.counts[[victim, SCALES - 1]]
+                * fast_exp(-idle_s * self.inverse_tau_s[SCALES - 1]);
             self.sketch.add(victim_hash, long_count);
             self.index.remove(&victim_hash);
             self.evictions += 1;
@@ -607,7 +660,11 @@ impl FeatureStore {
     }
 
     fn choose_victim(&mut self) -> usize {
-        let (start, end) = if self.tracked > self.active { (self.active, self.tracked) } else { (0, self.tracked) };
+        let (start, end) = if self.tracked > self.active {
+            (self.active, self.tracked)
+        } else {
+            (0, self.tracked)
+        };
         let mut victim = start;
         let mut oldest = u64::MAX;
         for _ in 0..VICTIM_SAMPLES {
@@ -683,7 +740,9 @@ impl FeatureStore {
             let idle_us = now_us.saturating_sub(self.last_us[row]);
             if idle_us > window_us {
                 let since = (now_s - self.successor_boost_s[row]).max(0.0);
-                if self.successor_boost[row] * fast_exp(-since * inverse_horizon_s) < SUCCESSOR_BOOST_ACTIVE_MIN {
+                if self.successor_boost[row] * fast_exp(-since * inverse_horizon_s)
+                    < SUCCESSOR_BOOST_ACTIVE_MIN
+                {
                     self.deactivate(row);
                 }
             }
@@ -714,7 +773,10 @@ mod tests {
             let tau = SCALE_TAU_US[scale] as f64;
             let expected = ((-100_000.0 / tau).exp() + (-60_000.0 / tau).exp()) as f32;
             let found = view.decayed_count(row, scale);
-            assert!((found - expected).abs() < 1e-3 * expected.max(1.0), "scale {scale}: {found} vs {expected}");
+            assert!(
+                (found - expected).abs() < 1e-3 * expected.max(1.0),
+                "scale {scale}: {found} vs {expected}"
+            );
             let recency_expected = (-60_000.0 / tau).exp() as f32;
             assert!((vector[SCALES + scale] - recency_expected).abs() < 1e-3);
         }
@@ -735,7 +797,11 @@ mod tests {
         let view = features.view();
         let row = view.key_hash.iter().position(|&k| k == 1).unwrap();
         let expected = 1.0 + (-3.0f32 / 60.0).exp();
-        assert!((view.decayed_count(row, 3) - expected).abs() < 1e-3, "{}", view.decayed_count(row, 3));
+        assert!(
+            (view.decayed_count(row, 3) - expected).abs() < 1e-3,
+            "{}",
+            view.decayed_count(row, 3)
+        );
     }
 
     #[test]
@@ -751,7 +817,10 @@ mod tests {
         assert_eq!(features.evictions, 1000 - 32);
         assert!(features.row_of(1000).is_some(), "the newest key is tracked");
         for (&hash, &row) in &features.index {
-            assert_eq!(features.key_hash[row as usize], hash, "index and rows agree");
+            assert_eq!(
+                features.key_hash[row as usize], hash,
+                "index and rows agree"
+            );
         }
     }
 
@@ -767,7 +836,11 @@ mod tests {
         assert!(features.row_of(999).is_none(), "evicted");
         features.ingest(200_000, 0, 999);
         let row = features.row_of(999).unwrap();
-        assert!(features.counts[[row, 3]] > 40.0, "sketch remembered ~50: {}", features.counts[[row, 3]]);
+        assert!(
+            features.counts[[row, 3]] > 40.0,
+            "sketch remembered ~50: {}",
+            features.counts[[row, 3]]
+        );
     }
 
     #[test]
@@ -787,7 +860,11 @@ mod tests {
         features.decay_to(t + 10_000);
         let view = features.view();
         let row_b = view.key_hash.iter().position(|&k| k == 0xB).unwrap();
-        assert!(view.successor_boost(row_b) > 0.9, "{}", view.successor_boost(row_b));
+        assert!(
+            view.successor_boost(row_b) > 0.9,
+            "{}",
+            view.successor_boost(row_b)
+        );
         let row_noise = view.key_hash.iter().position(|&k| k == 1019).unwrap();
         assert!(view.successor_boost(row_noise) < 0.1);
     }

@@ -97,7 +97,9 @@ impl Forecaster {
     }
 
     fn label_front(&mut self) {
-        let Some(sample) = self.pending.pop_front() else { return };
+        let Some(sample) = self.pending.pop_front() else {
+            return;
+        };
         match self.features.row_of(sample.key_hash) {
             Some(_) => {
                 let last = self.features.last_request_us(sample.key_hash).unwrap_or(0);
@@ -125,7 +127,11 @@ impl Forecaster {
         self.model.score(&view, &mut self.probabilities);
         for probability in &mut self.probabilities {
             // NaN fails both comparisons and becomes 0.
-            *probability = if *probability >= 0.0 { probability.min(1.0) } else { 0.0 };
+            *probability = if *probability >= 0.0 {
+                probability.min(1.0)
+            } else {
+                0.0
+            };
         }
         self.scores_current = true;
 
@@ -135,10 +141,16 @@ impl Forecaster {
                 if self.pending.len() >= self.pending_max {
                     break;
                 }
-                let Some(row) = self.features.random_active_row() else { break };
+                let Some(row) = self.features.random_active_row() else {
+                    break;
+                };
                 let view = self.features.view();
                 let features = view.vector(row);
-                self.pending.push_back(Sample { key_hash: view.key_hash[row], at_us: now, features });
+                self.pending.push_back(Sample {
+                    key_hash: view.key_hash[row],
+                    at_us: now,
+                    features,
+                });
             }
         }
     }
@@ -168,9 +180,14 @@ impl Forecaster {
     /// The `k` highest probabilities at or above `min_probability`, highest first.
     pub fn top_k(&self, k: usize, min_probability: f32, out: &mut Vec<(u64, f32)>) {
         out.clear();
-        let Some((keys, probabilities)) = self.scores() else { return };
+        let Some((keys, probabilities)) = self.scores() else {
+            return;
+        };
         out.extend(
-            keys.iter().zip(probabilities).filter(|(_, p)| **p >= min_probability).map(|(&key, &p)| (key, p)),
+            keys.iter()
+                .zip(probabilities)
+                .filter(|(_, p)| **p >= min_probability)
+                .map(|(&key, &p)| (key, p)),
         );
         let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
         if out.len() > k {
@@ -192,11 +209,20 @@ mod tests {
     use proptest::prelude::*;
 
     fn config(model: ModelKind) -> PredictorConfig {
-        PredictorConfig { model, max_tracked_keys: 256, train_samples_per_tick: 16, ..PredictorConfig::default() }
+        PredictorConfig {
+            model,
+            max_tracked_keys: 256,
+            train_samples_per_tick: 16,
+            ..PredictorConfig::default()
+        }
     }
 
     /// Runs a stream, ticking every 10 ms up to `end_us`; returns every tick's scores.
-    fn run(config: &PredictorConfig, events: &[(u64, u32, u64)], end_us: u64) -> Vec<Vec<(u64, u32)>> {
+    fn run(
+        config: &PredictorConfig,
+        events: &[(u64, u32, u64)],
+        end_us: u64,
+    ) -> Vec<Vec<(u64, u32)>> {
         let mut forecaster = Forecaster::new(config.clone());
         let mut next = 0;
         let mut ticks = Vec::new();
@@ -209,7 +235,11 @@ mod tests {
             }
             forecaster.tick(now);
             let (keys, probabilities) = forecaster.scores().unwrap();
-            let mut tick: Vec<(u64, u32)> = keys.iter().zip(probabilities).map(|(&k, p)| (k, p.to_bits())).collect();
+            let mut tick: Vec<(u64, u32)> = keys
+                .iter()
+                .zip(probabilities)
+                .map(|(&k, p)| (k, p.to_bits()))
+                .collect();
             tick.sort_unstable();
             ticks.push(tick);
             now += config.tick_us();
@@ -275,7 +305,11 @@ mod tests {
         }
         let periodic = forecaster.probability_of(1).unwrap();
         let one_off = forecaster.probability_of(100 + 299).unwrap();
-        assert!(periodic > 0.8, "periodic key {periodic}; {}", forecaster.model().describe());
+        assert!(
+            periodic > 0.8,
+            "periodic key {periodic}; {}",
+            forecaster.model().describe()
+        );
         assert!(one_off < 0.3, "one-off key {one_off}");
         assert!(forecaster.samples_labelled > 1000);
     }
@@ -313,7 +347,11 @@ mod tests {
         assert!(frequency.probability_of(1).unwrap() > frequency.probability_of(2).unwrap());
         assert_eq!(keep_alive.probability_of(12345), Some(0.0));
         keep_alive.ingest(2_470_000, 0, 3);
-        assert_eq!(keep_alive.probability_of(1), None, "stale until the next tick");
+        assert_eq!(
+            keep_alive.probability_of(1),
+            None,
+            "stale until the next tick"
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@
 
 use crate::config::{ModelKind, PredictorConfig};
 use crate::fastmath::{fast_exp, sigmoid};
-use crate::features::{BLOCK, FEATURE_NAMES, FEATURES, FeatureBlock, FeatureSet, FeatureView, SCALE_TAU_US};
+use crate::features::{
+    BLOCK, FEATURE_NAMES, FEATURES, FeatureBlock, FeatureSet, FeatureView, SCALE_TAU_US,
+};
 
 /// Runs `per_block` over the view in blocks of [`BLOCK`] rows.
 fn for_each_block(
@@ -55,8 +57,12 @@ pub trait Model: Send {
 /// Builds the model a configuration selects.
 pub fn build(config: &PredictorConfig) -> Box<dyn Model> {
     match config.model {
-        ModelKind::KeepAlive => Box::new(KeepAlive { keep_alive_s: config.keep_alive_ms as f32 * 1e-3 }),
-        ModelKind::Frequency => Box::new(Frequency { scale: config.frequency_scale }),
+        ModelKind::KeepAlive => Box::new(KeepAlive {
+            keep_alive_s: config.keep_alive_ms as f32 * 1e-3,
+        }),
+        ModelKind::Frequency => Box::new(Frequency {
+            scale: config.frequency_scale,
+        }),
         ModelKind::Successor => Box::new(Successor),
         ModelKind::Logistic => Box::new(Logistic::new(config.learning_rate)),
     }
@@ -121,9 +127,17 @@ impl Model for Successor {
         ModelKind::Successor
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
-        for_each_block(view, out, FeatureSet { successor: true, ..FeatureSet::NONE }, |block, scores| {
-            scores.copy_from_slice(&block.features[8][..scores.len()]);
-        });
+        for_each_block(
+            view,
+            out,
+            FeatureSet {
+                successor: true,
+                ..FeatureSet::NONE
+            },
+            |block, scores| {
+                scores.copy_from_slice(&block.features[8][..scores.len()]);
+            },
+        );
     }
 }
 
@@ -161,11 +175,13 @@ impl Logistic {
 
     #[inline(always)]
     fn logit(&self, features: &[f32; FEATURES]) -> f32 {
-        let mut z = self.bias;
-        for j in 0..FEATURES {
-            z += self.weights[j] * features[j];
-        }
-        z
+        self.bias
+            + self
+                .weights
+                .iter()
+                .zip(features)
+                .map(|(w, x)| w * x)
+                .sum::<f32>()
     }
 }
 
@@ -194,10 +210,15 @@ impl Model for Logistic {
     fn learn(&mut self, features: &[f32; FEATURES], requested: bool) {
         let label = if requested { 1.0 } else { 0.0 };
         let error = sigmoid(self.logit(features)) - label;
-        for j in 0..FEATURES {
-            let gradient = error * features[j] + L2_PENALTY * self.weights[j];
-            self.gradient_squares[j] += gradient * gradient;
-            self.weights[j] -= self.learning_rate * gradient / self.gradient_squares[j].sqrt();
+        for ((weight, squares), &feature) in self
+            .weights
+            .iter_mut()
+            .zip(&mut self.gradient_squares)
+            .zip(features)
+        {
+            let gradient = error * feature + L2_PENALTY * *weight;
+            *squares += gradient * gradient;
+            *weight -= self.learning_rate * gradient / squares.sqrt();
         }
         self.bias_gradient_squares += error * error;
         self.bias -= self.learning_rate * error / self.bias_gradient_squares.sqrt();
@@ -205,8 +226,11 @@ impl Model for Logistic {
         self.positives_learned += u64::from(requested);
     }
     fn describe(&self) -> String {
-        let terms: Vec<String> =
-            FEATURE_NAMES.iter().zip(self.weights).map(|(name, weight)| format!("{name} {weight:+.2}")).collect();
+        let terms: Vec<String> = FEATURE_NAMES
+            .iter()
+            .zip(self.weights)
+            .map(|(name, weight)| format!("{name} {weight:+.2}"))
+            .collect();
         format!("logistic: bias {:+.2}, {}", self.bias, terms.join(", "))
     }
 }

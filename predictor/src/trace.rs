@@ -54,8 +54,15 @@ impl Trace {
             events.windows(2).all(|w| w[0].ts_us <= w[1].ts_us),
             "trace events must be sorted by ts_us"
         );
-        let keys_distinct = events.iter().map(|e| e.key_hash).collect::<HashSet<_>>().len();
-        Trace { events, keys_distinct }
+        let keys_distinct = events
+            .iter()
+            .map(|e| e.key_hash)
+            .collect::<HashSet<_>>()
+            .len();
+        Trace {
+            events,
+            keys_distinct,
+        }
     }
 
     /// The first `rows` events, as a trace of their own (for quick tests).
@@ -76,7 +83,10 @@ impl Trace {
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     #[error("cannot open trace {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "trace line {line}: read failed: {source} (a truncated or corrupted .gz file gives this; check it with `gzip -t`)"
     )]
@@ -86,25 +96,47 @@ pub enum TraceError {
     #[error(
         "trace line 1: the header is {found:?}, expected {expected:?}; is this a forelock lock-request trace (see shared/traces/README.md)?"
     )]
-    Header { found: String, expected: &'static str },
+    Header {
+        found: String,
+        expected: &'static str,
+    },
     #[error("trace line {line}: expected 5 comma-separated fields ({HEADER}), found {found}")]
     FieldCount { line: u64, found: usize },
     #[error("trace line {line}: field `{field}` is {value:?}: {reason}")]
-    Field { line: u64, field: &'static str, value: String, reason: &'static str },
+    Field {
+        line: u64,
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error(
         "trace line {line}: ts_us {ts_us} is before the previous row's {previous_ts_us}; rows must be sorted ascending by ts_us"
     )]
-    Unsorted { line: u64, ts_us: u64, previous_ts_us: u64 },
+    Unsorted {
+        line: u64,
+        ts_us: u64,
+        previous_ts_us: u64,
+    },
 }
 
 /// Reads a trace file, plain or gzip (detected by its magic bytes `1f 8b`).
 pub fn read_trace_file(path: &Path) -> Result<Trace, TraceError> {
-    let open = || File::open(path).map_err(|source| TraceError::Open { path: path.to_owned(), source });
+    let open = || {
+        File::open(path).map_err(|source| TraceError::Open {
+            path: path.to_owned(),
+            source,
+        })
+    };
     let mut magic = [0u8; 2];
-    let magic_len = open()?.read(&mut magic).map_err(|source| TraceError::Read { line: 1, source })?;
+    let magic_len = open()?
+        .read(&mut magic)
+        .map_err(|source| TraceError::Read { line: 1, source })?;
     let file = open()?;
     if magic_len == 2 && magic == [0x1f, 0x8b] {
-        parse_trace(BufReader::with_capacity(1 << 16, flate2::read::MultiGzDecoder::new(file)))
+        parse_trace(BufReader::with_capacity(
+            1 << 16,
+            flate2::read::MultiGzDecoder::new(file),
+        ))
     } else {
         parse_trace(BufReader::with_capacity(1 << 16, file))
     }
@@ -114,13 +146,18 @@ pub fn read_trace_file(path: &Path) -> Result<Trace, TraceError> {
 pub fn parse_trace<R: BufRead>(mut reader: R) -> Result<Trace, TraceError> {
     let mut line_text = String::new();
     let mut line: u64 = 1;
-    let read = reader.read_line(&mut line_text).map_err(|source| TraceError::Read { line, source })?;
+    let read = reader
+        .read_line(&mut line_text)
+        .map_err(|source| TraceError::Read { line, source })?;
     if read == 0 {
         return Err(TraceError::Empty);
     }
     let header = line_text.trim_end_matches(['\n', '\r']);
     if header != HEADER {
-        return Err(TraceError::Header { found: header.to_owned(), expected: HEADER });
+        return Err(TraceError::Header {
+            found: header.to_owned(),
+            expected: HEADER,
+        });
     }
     let mut events = Vec::new();
     let mut keys = HashSet::new();
@@ -128,7 +165,9 @@ pub fn parse_trace<R: BufRead>(mut reader: R) -> Result<Trace, TraceError> {
     loop {
         line_text.clear();
         line += 1;
-        let read = reader.read_line(&mut line_text).map_err(|source| TraceError::Read { line, source })?;
+        let read = reader
+            .read_line(&mut line_text)
+            .map_err(|source| TraceError::Read { line, source })?;
         if read == 0 {
             break;
         }
@@ -138,13 +177,20 @@ pub fn parse_trace<R: BufRead>(mut reader: R) -> Result<Trace, TraceError> {
         }
         let event = parse_row(row, line)?;
         if event.ts_us < previous_ts_us {
-            return Err(TraceError::Unsorted { line, ts_us: event.ts_us, previous_ts_us });
+            return Err(TraceError::Unsorted {
+                line,
+                ts_us: event.ts_us,
+                previous_ts_us,
+            });
         }
         previous_ts_us = event.ts_us;
         keys.insert(event.key_hash);
         events.push(event);
     }
-    Ok(Trace { events, keys_distinct: keys.len() })
+    Ok(Trace {
+        events,
+        keys_distinct: keys.len(),
+    })
 }
 
 fn parse_row(row: &str, line: u64) -> Result<TraceEvent, TraceError> {
@@ -165,9 +211,13 @@ fn parse_row(row: &str, line: u64) -> Result<TraceEvent, TraceError> {
         value: value.to_owned(),
         reason,
     };
-    let ts_us = fields[0]
-        .parse::<u64>()
-        .map_err(|_| bad("ts_us", fields[0], "expected a non-negative integer (microseconds)"))?;
+    let ts_us = fields[0].parse::<u64>().map_err(|_| {
+        bad(
+            "ts_us",
+            fields[0],
+            "expected a non-negative integer (microseconds)",
+        )
+    })?;
     let client = fields[1]
         .parse::<u32>()
         .map_err(|_| bad("client", fields[1], "expected a small non-negative integer"))?;
@@ -179,20 +229,38 @@ fn parse_row(row: &str, line: u64) -> Result<TraceEvent, TraceError> {
         return Err(bad("key", key, "the key is longer than 64 bytes"));
     }
     if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') || key.contains('"') {
-        return Err(bad("key", key, "keys must be printable ASCII without quotes"));
+        return Err(bad(
+            "key",
+            key,
+            "keys must be printable ASCII without quotes",
+        ));
     }
     let mode = match fields[3] {
         "X" => Mode::Exclusive,
         "S" => Mode::Shared,
         other => return Err(bad("mode", other, "expected X (exclusive) or S (shared)")),
     };
-    let hold_us = fields[4]
-        .parse::<u64>()
-        .map_err(|_| bad("hold_us", fields[4], "expected an integer >= 1 (microseconds)"))?;
+    let hold_us = fields[4].parse::<u64>().map_err(|_| {
+        bad(
+            "hold_us",
+            fields[4],
+            "expected an integer >= 1 (microseconds)",
+        )
+    })?;
     if hold_us == 0 {
-        return Err(bad("hold_us", fields[4], "expected an integer >= 1 (microseconds)"));
+        return Err(bad(
+            "hold_us",
+            fields[4],
+            "expected an integer >= 1 (microseconds)",
+        ));
     }
-    Ok(TraceEvent { ts_us, client, key_hash: crate::key_hash(key.as_bytes()), mode, hold_us })
+    Ok(TraceEvent {
+        ts_us,
+        client,
+        key_hash: crate::key_hash(key.as_bytes()),
+        mode,
+        hold_us,
+    })
 }
 
 #[cfg(test)]
@@ -206,7 +274,8 @@ mod tests {
 
     #[test]
     fn a_well_formed_trace_parses_with_hashed_keys() {
-        let trace = parse("ts_us,client,key,mode,hold_us\n0,0,a,X,5\n3,1,b,S,1\n3,0,a,X,2\n").unwrap();
+        let trace =
+            parse("ts_us,client,key,mode,hold_us\n0,0,a,X,5\n3,1,b,S,1\n3,0,a,X,2\n").unwrap();
         assert_eq!(trace.events.len(), 3);
         assert_eq!(trace.keys_distinct, 2);
         assert_eq!(trace.events[0].key_hash, crate::key_hash(b"a"));
@@ -237,7 +306,17 @@ mod tests {
     fn errors_carry_the_line_number() {
         let text = "ts_us,client,key,mode,hold_us\n0,0,a,X,5\n1,0,b,Q,5\n";
         let error = parse(text).unwrap_err();
-        assert!(matches!(error, TraceError::Field { line: 3, field: "mode", .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                TraceError::Field {
+                    line: 3,
+                    field: "mode",
+                    ..
+                }
+            ),
+            "{error}"
+        );
         assert!(error.to_string().starts_with("trace line 3"));
     }
 
@@ -253,7 +332,9 @@ mod tests {
         for (row, field_expected) in cases {
             let error = parse(&format!("{HEADER}\n{row}\n")).unwrap_err();
             match error {
-                TraceError::Field { line: 2, field, .. } => assert_eq!(field, field_expected, "{row}"),
+                TraceError::Field { line: 2, field, .. } => {
+                    assert_eq!(field, field_expected, "{row}")
+                }
                 other => panic!("{row}: unexpected {other}"),
             }
         }
@@ -267,21 +348,38 @@ mod tests {
     #[test]
     fn a_row_with_too_many_fields_is_rejected() {
         let error = parse(&format!("{HEADER}\n0,0,a,X,5,9\n")).unwrap_err();
-        assert!(matches!(error, TraceError::FieldCount { line: 2, found: 6 }), "{error}");
+        assert!(
+            matches!(error, TraceError::FieldCount { line: 2, found: 6 }),
+            "{error}"
+        );
     }
 
     #[test]
     fn unsorted_rows_are_rejected() {
         let error = parse(&format!("{HEADER}\n5,0,a,X,5\n4,0,a,X,5\n")).unwrap_err();
-        assert!(matches!(error, TraceError::Unsorted { line: 3, ts_us: 4, previous_ts_us: 5 }), "{error}");
+        assert!(
+            matches!(
+                error,
+                TraceError::Unsorted {
+                    line: 3,
+                    ts_us: 4,
+                    previous_ts_us: 5
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]
     fn gzip_files_are_detected_by_magic_bytes() {
-        let directory = std::env::temp_dir().join(format!("forelock-trace-test-{}", std::process::id()));
+        let directory =
+            std::env::temp_dir().join(format!("forelock-trace-test-{}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let path = directory.join("trace.csv"); // no .gz suffix on purpose
-        let mut encoder = flate2::write::GzEncoder::new(File::create(&path).unwrap(), flate2::Compression::fast());
+        let mut encoder = flate2::write::GzEncoder::new(
+            File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
         write!(encoder, "{HEADER}\n0,0,a,X,5\n7,2,b,S,9\n").unwrap();
         encoder.finish().unwrap();
         let trace = read_trace_file(&path).unwrap();

@@ -98,9 +98,15 @@ pub struct ReplayArgs {
 /// Entry point of `forelock replay`.
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let (name, mut trace) = match (&args.synthetic, &args.trace) {
-        (Some(kind), _) => (format!("synthetic-{kind}"), synthetic_trace(kind, 200_000, 20_000, 7)),
+        (Some(kind), _) => (
+            format!("synthetic-{kind}"),
+            synthetic_trace(kind, 200_000, 20_000, 7),
+        ),
         (None, Some(path)) => (
-            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             read_trace_file(path).with_context(|| format!("replaying {}", path.display()))?,
         ),
         (None, None) => bail!("give a TRACE file or --synthetic uniform|zipf"),
@@ -110,7 +116,8 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     }
     let config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             PredictorConfig::from_toml(&text)?
         }
         None => PredictorConfig::default(),
@@ -188,6 +195,8 @@ pub struct RunReport {
     pub brier: Option<f64>,
     /// The threshold the adaptive controller ended at.
     pub threshold_final: Option<f32>,
+    /// The keep-alive time of a no-prediction run.
+    pub keep_alive_ms: Option<u64>,
 }
 
 /// A whole replay's results.
@@ -231,10 +240,20 @@ impl ReplayReport {
         );
         let header = format!(
             "{:<14} {:<18} {:>7} {:>9} {:>7} {:>7} {:>9} {:>9} {:>10} {:>7}\n",
-            "policy", "setting", "hit%", "seen hit%", "AUC-PR", "Brier", "prep w.%", "waste/bud", "waste s.s", "late%"
+            "policy",
+            "setting",
+            "hit%",
+            "seen hit%",
+            "AUC-PR",
+            "Brier",
+            "prep w.%",
+            "waste/bud",
+            "waste s.s",
+            "late%"
         );
         let row = |run: &RunReport| {
-            let optional = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+            let optional =
+                |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
             format!(
                 "{:<14} {:<18} {:>7.2} {:>9.2} {:>7} {:>7} {:>9.1} {:>9.3} {:>10.1} {:>7.3}\n",
                 run.policy,
@@ -252,14 +271,22 @@ impl ReplayReport {
         out.push_str(&header);
         let headline_keep_alive = self.runs.iter().find(|run| run.policy == "no prediction");
         for run in self.runs.iter().filter(|run| {
-            run.setting == "adaptive" || run.policy == "oracle" || Some(*run) == headline_keep_alive.map(|r| r)
+            run.setting == "adaptive"
+                || run.policy == "oracle"
+                || Some(*run) == headline_keep_alive.map(|r| r)
         }) {
             out.push_str(&row(run));
         }
-        let _ = writeln!(out, "\nbest seen-before hit% at waste per budget <= {:?}:", self.equal_waste_levels);
+        let _ = writeln!(
+            out,
+            "\nbest seen-before hit% at waste per budget <= {:?}:",
+            self.equal_waste_levels
+        );
         for (policy, values) in &self.equal_waste {
-            let cells: Vec<String> =
-                values.iter().map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v * 100.0))).collect();
+            let cells: Vec<String> = values
+                .iter()
+                .map(|v| v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v * 100.0)))
+                .collect();
             let _ = writeln!(out, "{:<14} {}", policy, cells.join("  "));
         }
         let _ = writeln!(out, "\nsweep:");
@@ -306,7 +333,11 @@ impl TraceIndex {
             first_us.entry(event.key_hash).or_insert(event.ts_us);
             last_index.insert(event.key_hash, i);
         }
-        TraceIndex { previous_us, next_us, first_us }
+        TraceIndex {
+            previous_us,
+            next_us,
+            first_us,
+        }
     }
 }
 
@@ -318,7 +349,9 @@ enum Source {
     Nothing,
     Forecaster(Box<Forecaster>),
     /// Knows every key's next request.
-    Oracle { next_us: HashMap<u64, u64, IdentityBuildHasher> },
+    Oracle {
+        next_us: HashMap<u64, u64, IdentityBuildHasher>,
+    },
 }
 
 impl Source {
@@ -327,9 +360,11 @@ impl Source {
         match self {
             Source::Nothing => None,
             Source::Forecaster(forecaster) => forecaster.probability_of(key_hash),
-            Source::Oracle { next_us } => {
-                Some(next_us.get(&key_hash).map_or(0.0, |&next| oracle_score(next, now_us, horizon_us)))
-            }
+            Source::Oracle { next_us } => Some(
+                next_us
+                    .get(&key_hash)
+                    .map_or(0.0, |&next| oracle_score(next, now_us, horizon_us)),
+            ),
         }
     }
 }
@@ -375,6 +410,7 @@ struct Sim {
     policy_name: String,
     setting: String,
     fixed_threshold: Option<f32>,
+    keep_alive_ms: Option<u64>,
     adaptive: bool,
     budget_slots: usize,
     prepare_latency_us: u64,
@@ -389,12 +425,18 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(policy: Box<dyn Policy>, policy_name: &str, setting: String, settings: &ReplaySettings) -> Sim {
+    fn new(
+        policy: Box<dyn Policy>,
+        policy_name: &str,
+        setting: String,
+        settings: &ReplaySettings,
+    ) -> Sim {
         Sim {
             policy,
             policy_name: policy_name.to_owned(),
             setting,
             fixed_threshold: None,
+            keep_alive_ms: None,
             adaptive: false,
             budget_slots: settings.budget_slots,
             prepare_latency_us: settings.prepare_latency_us,
@@ -453,7 +495,9 @@ impl Sim {
     }
 
     fn remove(&mut self, key_hash: u64, now_us: u64) {
-        let Some(&index) = self.slot_of_key.get(&key_hash) else { return };
+        let Some(&index) = self.slot_of_key.get(&key_hash) else {
+            return;
+        };
         let slot = self.slots[index].1;
         if slot.held_until_us > now_us {
             return; // the broker re-checks: a held slot is never freed
@@ -523,7 +567,9 @@ impl Sim {
                     };
                     self.insert(key_hash, slot);
                 }
-                Action::Reclaim { key_hash, .. } | Action::Evict { key_hash, .. } => self.remove(key_hash, now_us),
+                Action::Reclaim { key_hash, .. } | Action::Evict { key_hash, .. } => {
+                    self.remove(key_hash, now_us)
+                }
             }
         }
         self.actions = actions;
@@ -531,7 +577,13 @@ impl Sim {
 
     fn report(&self, quality: Option<(f64, f64)>, duration_us: u64) -> RunReport {
         let c = &self.counters;
-        let share = |part: u64, whole: u64| if whole == 0 { 0.0 } else { part as f64 / whole as f64 };
+        let share = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                part as f64 / whole as f64
+            }
+        };
         RunReport {
             policy: self.policy_name.clone(),
             setting: self.setting.clone(),
@@ -547,10 +599,12 @@ impl Sim {
             wasted: c.wasted,
             waste_share: share(c.wasted, c.prepares),
             wasted_slot_seconds: c.wasted_slot_us as f64 * 1e-6,
-            waste_per_budget: c.wasted_slot_us as f64 / (self.budget_slots as f64 * duration_us.max(1) as f64),
+            waste_per_budget: c.wasted_slot_us as f64
+                / (self.budget_slots as f64 * duration_us.max(1) as f64),
             auc_pr: quality.map(|q| q.0),
             brier: quality.map(|q| q.1),
             threshold_final: self.adaptive.then(|| self.policy.threshold()),
+            keep_alive_ms: self.keep_alive_ms,
         }
     }
 }
@@ -631,20 +685,72 @@ pub fn replay(
         .keep_alive_ms
         .iter()
         .map(|&ms| {
-            Sim::new(Box::new(KeepAlive::new(ms * 1000)), "no prediction", format!("keep-alive {ms} ms"), settings)
+            let mut sim = Sim::new(
+                Box::new(KeepAlive::new(ms * 1000)),
+                "no prediction",
+                format!("keep-alive {ms} ms"),
+                settings,
+            );
+            sim.keep_alive_ms = Some(ms);
+            sim
         })
         .collect();
-    run_pass(trace, &index, config, &mut Source::Nothing, &mut sims, None, settings);
+    run_pass(
+        trace,
+        &index,
+        config,
+        &mut Source::Nothing,
+        &mut sims,
+        None,
+        settings,
+    );
     runs.extend(sims.iter().map(|sim| sim.report(None, trace.duration_us())));
 
+    // The frequency model runs at three decay scales: on a stream without
+    // temporal structure the longest one is the benchmark nothing should beat.
+    let mut variants: Vec<(String, PredictorConfig)> = Vec::new();
     for &model in models {
-        let model_config = PredictorConfig { model, ..config.clone() };
-        let mut sims = predictive_sims(model.name(), settings);
+        if model == ModelKind::Frequency {
+            for (scale, name) in [
+                (1, "frequency 0.5s"),
+                (2, "frequency 5s"),
+                (3, "frequency 60s"),
+            ] {
+                let scaled = PredictorConfig {
+                    model,
+                    frequency_scale: scale,
+                    ..config.clone()
+                };
+                variants.push((name.to_owned(), scaled));
+            }
+        } else {
+            variants.push((
+                model.name().to_owned(),
+                PredictorConfig {
+                    model,
+                    ..config.clone()
+                },
+            ));
+        }
+    }
+    for (name, model_config) in variants {
+        let mut sims = predictive_sims(&name, settings);
         let mut source = Source::Forecaster(Box::new(Forecaster::new(model_config)));
         let mut quality = Quality::new();
-        run_pass(trace, &index, config, &mut source, &mut sims, Some(&mut quality), settings);
+        run_pass(
+            trace,
+            &index,
+            config,
+            &mut source,
+            &mut sims,
+            Some(&mut quality),
+            settings,
+        );
         let result = quality.result();
-        runs.extend(sims.iter().map(|sim| sim.report(Some(result), trace.duration_us())));
+        runs.extend(
+            sims.iter()
+                .map(|sim| sim.report(Some(result), trace.duration_us())),
+        );
     }
 
     let mut oracle = Sim::new(
@@ -659,8 +765,18 @@ pub fn replay(
         "hindsight".to_owned(),
         settings,
     );
-    let mut source = Source::Oracle { next_us: index.first_us.clone() };
-    run_pass(trace, &index, config, &mut source, std::slice::from_mut(&mut oracle), None, settings);
+    let mut source = Source::Oracle {
+        next_us: index.first_us.clone(),
+    };
+    run_pass(
+        trace,
+        &index,
+        config,
+        &mut source,
+        std::slice::from_mut(&mut oracle),
+        None,
+        settings,
+    );
     runs.push(oracle.report(None, trace.duration_us()));
 
     let mut policies: Vec<String> = Vec::new();
@@ -678,7 +794,9 @@ pub fn replay(
                     runs.iter()
                         .filter(|run| run.policy == policy && run.waste_per_budget <= level)
                         .map(|run| run.hit_rate_seen_before)
-                        .fold(None, |best: Option<f64>, v| Some(best.map_or(v, |b| b.max(v))))
+                        .fold(None, |best: Option<f64>, v| {
+                            Some(best.map_or(v, |b| b.max(v)))
+                        })
                 })
                 .collect();
             (policy, values)
@@ -718,7 +836,12 @@ fn predictive_sims(model_name: &str, settings: &ReplaySettings) -> Vec<Sim> {
             adaptive: false,
             ..PredictiveConfig::default()
         });
-        let mut sim = Sim::new(Box::new(policy), model_name, format!("threshold {threshold:.2}"), settings);
+        let mut sim = Sim::new(
+            Box::new(policy),
+            model_name,
+            format!("threshold {threshold:.2}"),
+            settings,
+        );
         sim.fixed_threshold = Some(threshold);
         sims.push(sim);
     }
@@ -744,9 +867,16 @@ fn run_pass(
     let mut ranked: Vec<Score> = Vec::new();
     let mut top: Vec<(u64, f32)> = Vec::new();
     let mut tick_number = 0u64;
-    let min_threshold = sims.iter().map(|sim| sim.policy.threshold()).fold(1.0f32, f32::min).max(1e-3);
-    let mut key_next_us: HashMap<u64, u64, IdentityBuildHasher> =
-        if quality.is_some() { index.first_us.clone() } else { HashMap::default() };
+    let min_threshold = sims
+        .iter()
+        .map(|sim| sim.policy.threshold())
+        .fold(1.0f32, f32::min)
+        .max(1e-3);
+    let mut key_next_us: HashMap<u64, u64, IdentityBuildHasher> = if quality.is_some() {
+        index.first_us.clone()
+    } else {
+        HashMap::default()
+    };
     loop {
         while next < events.len() && events[next].ts_us <= now_us {
             let event = &events[next];
@@ -756,7 +886,9 @@ fn run_pass(
             }
             match source {
                 Source::Nothing => {}
-                Source::Forecaster(forecaster) => forecaster.ingest(event.ts_us, event.client, event.key_hash),
+                Source::Forecaster(forecaster) => {
+                    forecaster.ingest(event.ts_us, event.client, event.key_hash)
+                }
                 Source::Oracle { next_us } => {
                     next_us.insert(event.key_hash, index.next_us[next]);
                 }
@@ -777,11 +909,23 @@ fn run_pass(
                 forecaster.tick(now_us);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
                 forecaster.top_k(budget, min_threshold, &mut top);
-                ranked.extend(top.iter().map(|&(key_hash, probability)| Score { key_hash, probability }));
+                ranked.extend(top.iter().map(|&(key_hash, probability)| Score {
+                    key_hash,
+                    probability,
+                }));
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
-                    evaluate(forecaster, &key_next_us, events, index, window_start, now_us, horizon_us, quality);
+                    evaluate(
+                        forecaster,
+                        &key_next_us,
+                        events,
+                        index,
+                        window_start,
+                        now_us,
+                        horizon_us,
+                        quality,
+                    );
                 }
             }
             Source::Oracle { .. } => {
@@ -820,10 +964,14 @@ fn evaluate(
     horizon_us: u64,
     quality: &mut Quality,
 ) {
-    let Some((keys, probabilities)) = forecaster.scores() else { return };
+    let Some((keys, probabilities)) = forecaster.scores() else {
+        return;
+    };
     let mut scored_positives = 0u64;
     for (key_hash, &probability) in keys.iter().zip(probabilities) {
-        let requested = key_next_us.get(key_hash).is_some_and(|&next| next != NONE_US && next <= now_us + horizon_us);
+        let requested = key_next_us
+            .get(key_hash)
+            .is_some_and(|&next| next != NONE_US && next <= now_us + horizon_us);
         scored_positives += u64::from(requested);
         quality.add(probability, requested);
     }
@@ -901,7 +1049,13 @@ fn register_font() -> bool {
         for path in FONT_PATHS {
             if let Ok(bytes) = std::fs::read(path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok() {
+                if plotters::style::register_font(
+                    "sans-serif",
+                    plotters::style::FontStyle::Normal,
+                    bytes,
+                )
+                .is_ok()
+                {
                     return true;
                 }
             }
@@ -921,7 +1075,10 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     if with_text {
         builder
             .caption(
-                format!("{}: hit rate vs waste ({} slots, horizon {} ms)", report.trace, report.budget_slots, report.horizon_ms),
+                format!(
+                    "{}: hit rate vs waste ({} slots, horizon {} ms)",
+                    report.trace, report.budget_slots, report.horizon_ms
+                ),
                 ("sans-serif", 22),
             )
             .x_label_area_size(45)
@@ -933,13 +1090,24 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     {
         let mut mesh = chart.configure_mesh();
         if with_text {
-            mesh.x_desc("waste per budget: slot-seconds that served nothing / (budget x duration)").y_desc("hit rate, requests for seen-before keys");
+            mesh.x_desc("waste per budget: slot-seconds that served nothing / (budget x duration)")
+                .y_desc("hit rate, requests for seen-before keys");
         } else {
             mesh.x_labels(0).y_labels(0);
         }
         mesh.draw()?;
     }
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0)];
+    let colors = [
+        RGBColor(200, 0, 0),
+        RGBColor(0, 90, 200),
+        RGBColor(0, 160, 60),
+        RGBColor(200, 0, 200),
+        RGBColor(0, 190, 190),
+        RGBColor(120, 120, 120),
+        RGBColor(255, 140, 0),
+        RGBColor(0, 0, 0),
+        RGBColor(140, 90, 40),
+    ];
     let mut policies: Vec<&str> = Vec::new();
     for run in &report.runs {
         if !policies.contains(&run.policy.as_str()) {
@@ -948,19 +1116,36 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     }
     for (i, policy) in policies.iter().enumerate() {
         let color = colors[i % colors.len()];
-        let mut points: Vec<(f64, f64)> = report
+        // In sweep order: threshold descending, or keep-alive ascending.
+        let mut sweep: Vec<(f64, (f64, f64))> = report
             .runs
             .iter()
             .filter(|run| run.policy == *policy && run.setting != "adaptive")
-            .map(|run| (run.waste_per_budget.min(1.0), run.hit_rate_seen_before))
+            .map(|run| {
+                let order = run.threshold.map_or_else(
+                    || run.keep_alive_ms.map_or(0.0, |ms| ms as f64),
+                    |t| -f64::from(t),
+                );
+                (
+                    order,
+                    (run.waste_per_budget.min(1.0), run.hit_rate_seen_before),
+                )
+            })
             .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let points: Vec<(f64, f64)> = sweep.into_iter().map(|(_, point)| point).collect();
         let series = chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
         if with_text {
             let label = policy.to_string();
-            series.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            series.label(label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
-        chart.draw_series(points.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+        )?;
         // The adaptive run: a hollow square.
         let adaptive: Vec<(f64, f64)> = report
             .runs
@@ -968,9 +1153,12 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
             .filter(|run| run.policy == *policy && run.setting == "adaptive")
             .map(|run| (run.waste_per_budget.min(1.0), run.hit_rate_seen_before))
             .collect();
-        chart.draw_series(
-            adaptive.iter().map(|&(x, y)| Rectangle::new([(x - 0.008, y - 0.012), (x + 0.008, y + 0.012)], color.stroke_width(2))),
-        )?;
+        chart.draw_series(adaptive.iter().map(|&(x, y)| {
+            Rectangle::new(
+                [(x - 0.008, y - 0.012), (x + 0.008, y + 0.012)],
+                color.stroke_width(2),
+            )
+        }))?;
     }
     if with_text {
         chart
@@ -1023,10 +1211,20 @@ mod tests {
     #[test]
     fn a_periodic_trace_is_served_mostly_on_the_fast_path() {
         let trace = periodic_trace();
-        let report = replay("periodic", &trace, &PredictorConfig::default(), &ModelKind::ALL, &settings(64));
-        let oracle = report.runs.iter().find(|run| run.policy == "oracle").unwrap();
+        let report = replay(
+            "periodic",
+            &trace,
+            &PredictorConfig::default(),
+            &ModelKind::ALL,
+            &settings(64),
+        );
+        let oracle = report
+            .runs
+            .iter()
+            .find(|run| run.policy == "oracle")
+            .unwrap();
         assert!(oracle.hit_rate > 0.99, "oracle {}", oracle.hit_rate);
-        for model in ["frequency", "logistic", "keep-alive"] {
+        for model in ["frequency 0.5s", "logistic", "keep-alive"] {
             let best = report
                 .runs
                 .iter()
@@ -1046,24 +1244,66 @@ mod tests {
     fn the_budget_bounds_what_stays_prepared() {
         // All 50 keys of a round within 1 ms: 8 slots serve at most 8 of them.
         let trace = periodic_trace_spaced(20);
-        let report = replay("burst", &trace, &PredictorConfig::default(), &[ModelKind::Frequency], &settings(8));
+        let report = replay(
+            "burst",
+            &trace,
+            &PredictorConfig::default(),
+            &[ModelKind::Frequency],
+            &settings(8),
+        );
         for run in &report.runs {
-            assert!(run.hit_rate <= 8.0 / 50.0 + 0.01, "{} {}: {}", run.policy, run.setting, run.hit_rate);
+            assert!(
+                run.hit_rate <= 8.0 / 50.0 + 0.01,
+                "{} {}: {}",
+                run.policy,
+                run.setting,
+                run.hit_rate
+            );
         }
-        let oracle = report.runs.iter().find(|run| run.policy == "oracle").unwrap();
-        assert!(oracle.hit_rate > 0.1, "the oracle uses its 8 slots: {}", oracle.hit_rate);
+        let oracle = report
+            .runs
+            .iter()
+            .find(|run| run.policy == "oracle")
+            .unwrap();
+        assert!(
+            oracle.hit_rate > 0.1,
+            "the oracle uses its 8 slots: {}",
+            oracle.hit_rate
+        );
     }
 
     #[test]
     fn on_a_uniform_negative_control_no_model_beats_frequency() {
         let trace = synthetic_trace("uniform", 20_000, 400, 3);
-        let report = replay("uniform", &trace, &PredictorConfig::default(), &ModelKind::ALL, &settings(64));
+        let report = replay(
+            "uniform",
+            &trace,
+            &PredictorConfig::default(),
+            &ModelKind::ALL,
+            &settings(64),
+        );
         let best = |policy: &str| {
-            report.runs.iter().filter(|run| run.policy == policy).map(|run| run.hit_rate).fold(0.0, f64::max)
+            report
+                .runs
+                .iter()
+                .filter(|run| run.policy == policy)
+                .map(|run| run.hit_rate)
+                .fold(0.0, f64::max)
         };
-        let frequency = best("frequency");
-        for model in ["keep-alive", "successor", "logistic", "no prediction"] {
-            assert!(best(model) <= frequency + 0.02, "{model} {} beats frequency {frequency}: labels leak?", best(model));
+        let frequency = best("frequency 60s");
+        for model in [
+            "keep-alive",
+            "successor",
+            "logistic",
+            "no prediction",
+            "frequency 0.5s",
+            "frequency 5s",
+        ] {
+            assert!(
+                best(model) <= frequency + 0.02,
+                "{model} {} beats frequency {frequency}: labels leak?",
+                best(model)
+            );
         }
     }
 
@@ -1076,14 +1316,24 @@ mod tests {
         let (auc_pr, brier) = quality.result();
         assert!(auc_pr > 0.99 && brier < 0.01, "{auc_pr} {brier}");
         quality.unscored_positives = 50;
-        assert!((quality.result().0 - 0.5).abs() < 0.01, "recall is bounded by unscored positives");
+        assert!(
+            (quality.result().0 - 0.5).abs() < 0.01,
+            "recall is bounded by unscored positives"
+        );
     }
 
     #[test]
     fn the_plot_is_written() {
         let trace = periodic_trace().head(500);
-        let report = replay("periodic", &trace, &PredictorConfig::default(), &[ModelKind::Frequency], &settings(64));
-        let path = std::env::temp_dir().join(format!("forelock-replay-plot-{}.png", std::process::id()));
+        let report = replay(
+            "periodic",
+            &trace,
+            &PredictorConfig::default(),
+            &[ModelKind::Frequency],
+            &settings(64),
+        );
+        let path =
+            std::env::temp_dir().join(format!("forelock-replay-plot-{}.png", std::process::id()));
         plot(&report, &path).unwrap();
         assert!(std::fs::metadata(&path).unwrap().len() > 1000);
         std::fs::remove_file(&path).unwrap();
