@@ -86,16 +86,27 @@ struct Conn {
     closing: bool,
 }
 
-/// Wake-ups requested by the lock manager, performed after each request.
+/// Answers and wake-ups requested by the lock manager, delivered after each
+/// request: answers first, then the futex wakes.
 struct Wakes {
     mode: FutexWake,
+    answers: Vec<(ConnId, Response)>,
     pending: Vec<*const AtomicU32>,
 }
 
 impl Waker for Wakes {
+    fn answer(&mut self, conn: ConnId, response: Response) {
+        self.answers.push((conn, response));
+    }
     fn wake(&mut self, cell: &AtomicU32) {
         self.pending.push(cell as *const AtomicU32);
     }
+}
+
+/// A connection's id: its slab index in the low 32 bits, a serial number
+/// above, so an id never names a later connection in the same slab entry.
+fn conn_id(serial: u64, index: usize) -> ConnId {
+    serial << 32 | index as u64
 }
 
 pub struct EventLoop {
@@ -134,6 +145,7 @@ impl EventLoop {
             .store(unix_ms(), Ordering::Relaxed);
         let mut wakes = Wakes {
             mode: FutexWake::Syscall,
+            answers: Vec::new(),
             pending: Vec::new(),
         };
         let manager = LockManager::adopt(
@@ -432,9 +444,17 @@ impl EventLoop {
             tracing::warn!("connection without peer credentials: closed");
             return;
         };
-        let id = self.next_conn_id;
+        let index = self
+            .conns
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+        let id = conn_id(self.next_conn_id, index);
         self.next_conn_id += 1;
-        let conn = Conn {
+        self.conns[index] = Some(Conn {
             fd,
             id,
             pid,
@@ -443,17 +463,7 @@ impl EventLoop {
             cell: 0,
             inflight: 0,
             closing: false,
-        };
-        let index = match self.conns.iter().position(Option::is_none) {
-            Some(i) => {
-                self.conns[i] = Some(conn);
-                i
-            }
-            None => {
-                self.conns.push(Some(conn));
-                self.conns.len() - 1
-            }
-        };
+        });
         self.arm_recv(index);
     }
 
@@ -590,6 +600,26 @@ impl EventLoop {
     }
 
     fn flush_wakes(&mut self) {
+        let answers = std::mem::take(&mut self.wakes.answers);
+        if !answers.is_empty() {
+            for (id, response) in &answers {
+                let index = (*id & 0xFFFF_FFFF) as usize;
+                if self
+                    .conns
+                    .get(index)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.id == *id && !c.closing)
+                {
+                    self.send(index, response);
+                }
+            }
+            // Hand the answers to the kernel before anyone is woken to read them.
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(error = %e, "io_uring submit of hand-off answers failed");
+            }
+        }
+        self.wakes.answers = answers;
+        self.wakes.answers.clear();
         match self.wakes.mode {
             FutexWake::Syscall => flush_syscall_wakes(&mut self.wakes.pending),
             FutexWake::IoUring => {

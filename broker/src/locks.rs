@@ -43,8 +43,15 @@ pub const BROKER_CLIENT: u32 = 0xFFFF;
 /// Identifies one connection of the event loop (slab index and generation).
 pub type ConnId = u64;
 
-/// Wakes a waiter sleeping on a wait cell's futex word.
+/// How the manager reaches queued waiters. The answer on the waiter's
+/// connection is the authority (the table is writable by every client, so a
+/// grant must never be read from it); the wait cell and its futex are only
+/// the wake-up.
 pub trait Waker {
+    /// Deliver `response` on connection `conn`: the answer to its queued
+    /// acquire. Sent before the wake-up.
+    fn answer(&mut self, conn: ConnId, response: Response);
+    /// Wake whoever sleeps on `cell` (FUTEX_WAKE, shared).
     fn wake(&mut self, cell: &AtomicU32);
 }
 
@@ -1078,31 +1085,32 @@ impl LockManager {
             let Some(cell) = rec.cells.get(head.cell as usize) else {
                 continue;
             };
-            match self.grant(table, s, head.client, head.shared) {
+            let answer = match self.grant(table, s, head.client, head.shared) {
                 Ok((token, owner_died)) => {
+                    // Mirrored in the cell for observers only.
                     cell.token.store(token, Ordering::Relaxed);
-                    cell.flags.store(
-                        if owner_died { GRANT_OWNER_DIED } else { 0 },
-                        Ordering::Relaxed,
-                    );
-                    // SYNC POINT: Release pairs with the waiter's Acquire load
-                    // of the cell state, making token and flags visible.
-                    cell.state.store(CELL_GRANTED, Ordering::Release);
-                    waker.wake(&cell.state);
+                    let flags = if owner_died { GRANT_OWNER_DIED } else { 0 };
+                    cell.flags.store(flags, Ordering::Relaxed);
                     self.handed.insert(head.conn, (s, token, owner_died));
                     table
                         .header()
                         .stats
                         .handoffs
                         .fetch_add(1, Ordering::Relaxed);
+                    Response::Granted {
+                        slot: s,
+                        token,
+                        owner_died,
+                    }
                 }
-                Err(_) => {
-                    // Its hold list is full: it cannot take more. Wake it with
-                    // an abandoned cell so it asks again and gets the error.
-                    cell.state.store(CELL_ABANDONED, Ordering::Release);
-                    waker.wake(&cell.state);
-                }
-            }
+                // Its hold list is full: it cannot take more.
+                Err(refusal) => refusal,
+            };
+            waker.answer(head.conn, answer);
+            // SYNC POINT: Release pairs with the waiter's Acquire load of the
+            // state after its futex wait.
+            cell.state.store(CELL_GRANTED, Ordering::Release);
+            waker.wake(&cell.state);
             if !head.shared {
                 break;
             }

@@ -216,29 +216,26 @@ impl Conn {
         })
     }
 
-    /// Whether the broker closed this connection (checked without blocking,
-    /// while we sleep on the wait cell).
-    pub(crate) fn peer_closed(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY:
-        // - `self.fd` is an open socket we own;
-        // - `byte` is valid for a 1-byte write; MSG_PEEK leaves the packet.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                (&raw mut byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n == 0 {
-            return true;
+    /// The next message if one is waiting, without blocking.
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Response>, ConnError> {
+        if !self.wait_readable(Duration::ZERO) {
+            return Ok(None);
         }
-        n < 0
-            && matches!(
-                io::Error::last_os_error().raw_os_error(),
-                Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN)
-            )
+        self.recv().map(Some)
+    }
+
+    /// Wait up to `timeout` for a message (or the peer's close) to be
+    /// readable. True if it is.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `pfd` is one valid pollfd for the call's duration.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n > 0
     }
 }
 

@@ -63,8 +63,7 @@ use shm_layout::events::Outcome;
 use shm_layout::lockword::Word;
 use shm_layout::sync::shm::{AtomicU32, Ordering};
 use shm_layout::table::{
-    CELL_ABANDONED, CELL_GRANTED, CELL_IDLE, CELL_WAITING, GRANT_OWNER_DIED, TABLE_VERSION,
-    WAIT_CELLS, WaitCell,
+    CELL_ABANDONED, CELL_IDLE, CELL_WAITING, TABLE_VERSION, WAIT_CELLS, WaitCell,
 };
 use shm_layout::wire::{ErrorCode, Request, Response};
 use shm_layout::{EVENTS_FILE, SOCKET_FILE, TABLE_FILE, key_hash, validate_key};
@@ -629,8 +628,13 @@ impl Inner {
         })
     }
 
-    /// Sleep on our wait cell until the broker hands the lock over, drops the
-    /// request (`Requeue`), or `deadline` passes.
+    /// Sleep on our wait cell until the broker answers the queued acquire on
+    /// our connection, drops the request (`Requeue`), or `deadline` passes.
+    ///
+    /// The answer on the connection is the only authority: the cell lives in
+    /// the table, which every client can write, so it only wakes us up. A
+    /// cell scribbled to "answered" costs a spurious wake-up; one scribbled
+    /// back to "waiting" costs at most one [`WAIT_SLICE`].
     fn wait_granted(
         &self,
         lease: &mut Lease<'_>,
@@ -638,29 +642,41 @@ impl Inner {
         deadline: Option<Instant>,
     ) -> Result<WaitEnd, Error> {
         loop {
-            if let Some(granted) = take_grant(cell) {
-                return Ok(granted);
-            }
-            // SYNC POINT: pairs with the broker's Release store of a state
-            // (read again by take_grant with Acquire before use).
-            let state = cell.state.load(Ordering::Relaxed);
-            let epoch_now = self.broker_epoch();
-            let connection_dead = lease
-                .conn
-                .as_ref()
-                .is_none_or(|c| c.epoch != epoch_now || c.peer_closed());
-            if state == CELL_ABANDONED || connection_dead {
-                // Abandoned: the broker dropped our request (it restarted, or
-                // could not hand over: asking again tells us why). Dead: the
-                // broker is gone, every write it made is done, and a grant it
-                // made just before dying is still ours.
-                if let Some(granted) = take_grant(cell) {
-                    return Ok(granted);
+            let Some(conn) = lease.conn.as_mut() else {
+                return Ok(WaitEnd::Requeue);
+            };
+            match conn.try_recv() {
+                Ok(Some(answer)) => {
+                    cell.state.store(CELL_IDLE, Ordering::Relaxed);
+                    return match answer {
+                        Response::Granted {
+                            token, owner_died, ..
+                        } => Ok(WaitEnd::Granted { token, owner_died }),
+                        Response::Error { code, message } => {
+                            Err(Error::from_broker(code, message, None))
+                        }
+                        other => Err(unexpected(lease, "a queued Acquire", other)),
+                    };
                 }
-                if connection_dead {
-                    // `call` reattaches before sending the acquire again.
+                Ok(None) => {}
+                // The broker is gone and answered nothing: ask the next one.
+                Err(ConnError::Broken(_)) => {
                     lease.conn = None;
+                    return Ok(WaitEnd::Requeue);
                 }
+                Err(ConnError::Other(e)) => {
+                    lease.conn = None;
+                    return Err(e);
+                }
+            }
+            // SYNC POINT: Acquire pairs with the broker's Release store of
+            // the state, made after it queued the answer.
+            let state = cell.state.load(Ordering::Acquire);
+            let restarted = conn.epoch != self.broker_epoch();
+            if state == CELL_ABANDONED || restarted {
+                // A new broker adopted the table: our queue position died
+                // with the old one, and so did this connection.
+                lease.conn = None;
                 return Ok(WaitEnd::Requeue);
             }
             let slice = match deadline {
@@ -673,26 +689,39 @@ impl Inner {
                     (deadline - now).min(WAIT_SLICE)
                 }
             };
-            futex_wait(&cell.state, state, slice);
+            if state == CELL_WAITING {
+                futex_wait(&cell.state, state, slice);
+            } else {
+                // Woken: the answer is on its way (or the cell was scribbled).
+                conn.wait_readable(slice);
+            }
         }
     }
 
     /// Withdraw a queued acquire after a timeout. `Some(Granted)` if the
     /// hand-off won the race; `None` when the request left the queue.
     fn cancel(&self, lease: &mut Lease<'_>, cell: &WaitCell) -> Result<Option<WaitEnd>, Error> {
+        cell.state.store(CELL_IDLE, Ordering::Relaxed);
         let Some(conn) = lease.conn.as_mut() else {
-            return Ok(take_grant(cell));
+            return Ok(None);
         };
         match conn.call(&Request::Cancel) {
-            Ok(Response::Cancelled) => {
-                cell.state.store(CELL_IDLE, Ordering::Relaxed);
-                Ok(None)
-            }
+            Ok(Response::Cancelled) => Ok(None),
             Ok(Response::Granted {
                 token, owner_died, ..
             }) => {
-                cell.state.store(CELL_IDLE, Ordering::Relaxed);
-                Ok(Some(WaitEnd::Granted { token, owner_died }))
+                // The hand-off was answered before our Cancel was read; the
+                // Cancel's own answer (the same grant) follows: consume it.
+                match conn.recv() {
+                    Ok(Response::Granted { .. }) => {
+                        Ok(Some(WaitEnd::Granted { token, owner_died }))
+                    }
+                    Ok(other) => Err(unexpected(lease, "Cancel", other)),
+                    Err(_) => {
+                        lease.conn = None;
+                        Ok(Some(WaitEnd::Granted { token, owner_died }))
+                    }
+                }
             }
             Ok(Response::Error { code, message }) => {
                 lease.conn = None;
@@ -700,12 +729,9 @@ impl Inner {
             }
             Ok(other) => Err(unexpected(lease, "Cancel", other)),
             Err(ConnError::Broken(_)) => {
-                // The broker died: its queue went with it, unless it handed the
-                // lock over first.
+                // The broker died with its queue, and answered nothing first.
                 lease.conn = None;
-                let granted = take_grant(cell);
-                cell.state.store(CELL_IDLE, Ordering::Relaxed);
-                Ok(granted)
+                Ok(None)
             }
             Err(ConnError::Other(e)) => {
                 lease.conn = None;
@@ -737,22 +763,6 @@ impl Inner {
             (other, _) => Err(unexpected(&mut lease, "Release", other)),
         }
     }
-}
-
-/// If the cell says "granted": read the grant and set the cell idle.
-fn take_grant(cell: &WaitCell) -> Option<WaitEnd> {
-    // SYNC POINT: Acquire pairs with the broker's Release store of
-    // CELL_GRANTED, which it makes after writing `token` and `flags`.
-    if cell.state.load(Ordering::Acquire) != CELL_GRANTED {
-        return None;
-    }
-    let token = cell.token.load(Ordering::Relaxed);
-    let flags = cell.flags.load(Ordering::Relaxed);
-    cell.state.store(CELL_IDLE, Ordering::Relaxed);
-    Some(WaitEnd::Granted {
-        token,
-        owner_died: flags & GRANT_OWNER_DIED != 0,
-    })
 }
 
 /// An answer that does not fit the request: close the connection (its state

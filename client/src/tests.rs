@@ -7,6 +7,7 @@ use super::*;
 use memmap2::MmapRaw;
 use shm_layout::events::{EventsHeader, events_file_size, init_events};
 use shm_layout::lockword::{EXCLUSIVE, PREPARED};
+use shm_layout::table::{CELL_GRANTED, GRANT_OWNER_DIED};
 use shm_layout::table::{Geometry, Header, IndexEntry, TableView, init_header};
 use shm_layout::wire::{self, decode_request, encode};
 use std::fs::OpenOptions;
@@ -307,16 +308,35 @@ struct MockState {
     connections: Mutex<Vec<RawFd>>,
     epoch: AtomicU64,
     refuse_attach: AtomicBool,
+    /// The connection that owns each wait cell (set at its Hello).
+    cell_fds: Mutex<std::collections::HashMap<u32, RawFd>>,
     handler: Box<Handler>,
 }
 
 impl MockState {
-    /// Hand the lock over to the waiter on `cell`, as the broker does.
+    /// Hand the lock over to the waiter on `cell`, as the broker does: the
+    /// grant on its connection, then the cell and a futex wake.
     fn grant_cell(&self, cell: u32, token: u64, flags: u32) {
+        let owner_died = flags & GRANT_OWNER_DIED != 0;
+        self.answer_cell(
+            cell,
+            &Response::Granted {
+                slot: 3,
+                token,
+                owner_died,
+            },
+        );
+    }
+
+    /// Answer the queued request of the connection owning `cell`, then wake it.
+    fn answer_cell(&self, cell: u32, response: &Response) {
+        let fd = self.cell_fds.lock().unwrap()[&cell];
+        let bytes = encode(response);
+        // SAFETY: `fd` is a connection the serving thread keeps open; `bytes`
+        // is readable for its length.
+        unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
         let record = self.table.view().client(0).unwrap();
         let cell = &record.cells[cell as usize];
-        cell.token.store(token, Ordering::Relaxed);
-        cell.flags.store(flags, Ordering::Relaxed);
         cell.state.store(CELL_GRANTED, Ordering::Release);
         // SAFETY:
         // - `cell.state` is a live, 4-aligned u32 in the mapped table;
@@ -374,6 +394,7 @@ impl MockBroker {
             connections: Mutex::default(),
             epoch: AtomicU64::new(1),
             refuse_attach: AtomicBool::new(false),
+            cell_fds: Mutex::default(),
             handler: Box::new(handler),
         });
         let listener = listen(&dir.path().join(SOCKET_FILE));
@@ -448,6 +469,7 @@ fn serve(state: Arc<MockState>, fd: OwnedFd) {
         let request = decode_request(&buf[..n as usize]).unwrap();
         if let Request::Hello { cell: c, .. } = request {
             cell = c;
+            state.cell_fds.lock().unwrap().insert(c, fd.as_raw_fd());
         }
         state.requests.lock().unwrap().push((cell, request.clone()));
         let response = (state.handler)(&state, cell, &request).unwrap_or_else(|| match request {
@@ -731,43 +753,56 @@ fn a_waiter_whose_broker_restarts_asks_the_new_broker_again() {
 }
 
 #[test]
-fn an_abandoned_wait_asks_again_on_the_same_connection_and_reports_the_answer() {
+fn an_error_answered_to_a_queued_wait_is_reported() {
     let broker = MockBroker::start(|state, cell, request| match request {
-        // The first acquire queues, then the broker abandons the wait (its
-        // hold list is full); asked again, it says why.
-        Request::Acquire { queue: true, .. }
-            if state
-                .requests()
-                .iter()
-                .filter(|(_, r)| matches!(r, Request::Acquire { .. }))
-                .count()
-                == 1 =>
-        {
+        // The acquire queues, then the broker cannot hand over (the client's
+        // hold list is full) and answers why on the connection.
+        Request::Acquire { queue: true, .. } => {
             let state = state.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
-                let cell = &state.table.view().client(0).unwrap().cells[cell as usize];
-                cell.state.store(CELL_ABANDONED, Ordering::Release);
+                let refusal = Response::Error {
+                    code: ErrorCode::TooManyHolds,
+                    message: "64 held".into(),
+                };
+                state.answer_cell(cell, &refusal);
             });
             Some(Response::Queued { slot: 3 })
         }
-        Request::Acquire { .. } => Some(Response::Error {
-            code: ErrorCode::TooManyHolds,
-            message: "64 held".into(),
-        }),
         _ => None,
     });
     let client = broker.client();
     let err = client.lock("k").unwrap_err();
     assert!(matches!(err, Error::TooManyHolds { .. }), "{err:?}");
-    assert_eq!(acquires(&broker.state), 2);
-    let hellos = broker
-        .state
-        .requests()
-        .iter()
-        .filter(|(_, r)| matches!(r, Request::Hello { .. }))
-        .count();
-    assert_eq!(hellos, 1, "no reconnect for an abandoned wait");
+    assert_eq!(acquires(&broker.state), 1);
+}
+
+#[test]
+fn a_grant_scribbled_into_the_wait_cell_is_not_taken_for_a_grant() {
+    let broker = MockBroker::start(|state, cell, request| match request {
+        Request::Acquire { queue: true, .. } => {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                // A scribbler writes "granted" into the cell: a wake-up only.
+                std::thread::sleep(Duration::from_millis(20));
+                let c = &state.table.view().client(0).unwrap().cells[cell as usize];
+                c.token.store(666, Ordering::Relaxed);
+                c.state.store(CELL_GRANTED, Ordering::Release);
+                // The broker's real hand-off comes later, on the connection.
+                std::thread::sleep(Duration::from_millis(100));
+                state.grant_cell(cell, 7, 0);
+            });
+            Some(Response::Queued { slot: 3 })
+        }
+        _ => None,
+    });
+    let client = broker.client();
+    let guard = client.lock("k").unwrap();
+    assert_eq!(
+        guard.token(),
+        7,
+        "the token comes from the broker's answer, not the cell"
+    );
 }
 
 #[test]

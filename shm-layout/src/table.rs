@@ -180,13 +180,17 @@ pub const CLIENT_ACTIVE: u32 = 1;
 pub const CELL_IDLE: u32 = 0;
 /// The client sleeps on the cell; the broker will move it on.
 pub const CELL_WAITING: u32 = 1;
-/// The broker handed the lock to this waiter; `token` is set.
+/// The broker answered this wait on the connection (a grant, or an error):
+/// read the answer there. `token` and `flags` mirror a grant for observers;
+/// the client never takes a grant from the cell, which any client could
+/// overwrite.
 pub const CELL_GRANTED: u32 = 2;
 /// The broker that queued this wait is gone; ask the new one again.
 pub const CELL_ABANDONED: u32 = 3;
 
-/// One blocked call's mailbox: the client sleeps on `state` with FUTEX_WAIT
-/// (shared futex: the broker is another process).
+/// One blocked call's wake-up: the client sleeps on `state` with FUTEX_WAIT
+/// (shared futex: the broker is another process); the grant itself arrives
+/// on the connection.
 #[repr(C)]
 pub struct WaitCell {
     pub state: AtomicU32,

@@ -32,8 +32,11 @@ impl Drop for Buf {
 }
 
 #[derive(Default)]
-struct CountingWaker(Vec<usize>);
+struct CountingWaker(Vec<usize>, Vec<(ConnId, Response)>);
 impl Waker for CountingWaker {
+    fn answer(&mut self, conn: ConnId, response: Response) {
+        self.1.push((conn, response));
+    }
     fn wake(&mut self, cell: &AtomicU32) {
         self.0.push(cell as *const AtomicU32 as usize);
     }
@@ -196,6 +199,13 @@ fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
     assert_eq!(state_c, CELL_GRANTED);
     assert!(token_c > token_b);
     assert_eq!(f.w.0.len(), 2, "one futex wake per hand-off");
+    let answered: Vec<ConnId> = f.w.1.iter().map(|(conn, _)| *conn).collect();
+    assert_eq!(
+        answered,
+        [2, 3],
+        "each grant is answered on the waiter's connection"
+    );
+    assert!(matches!(f.w.1[1].1, Response::Granted { token, .. } if token == token_c));
 }
 
 #[test]
