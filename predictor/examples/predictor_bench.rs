@@ -2,8 +2,11 @@
 //! under 10 ms per tick, ingesting 5M events/s on one core.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target-a cargo run --release -p forelock-predictor --example predictor_bench [KEYS] [EVENTS]
+//! CARGO_TARGET_DIR=/work/target-a cargo run --release -p forelock-predictor --example predictor_bench [KEYS] [EVENTS] [TRACE...]
 //! ```
+//!
+//! With TRACE files, it also measures ingestion (with a tick every 10 ms of trace
+//! time) on each real trace.
 //!
 //! Prints figures only; nothing here asserts a timing.
 
@@ -94,5 +97,35 @@ fn main() {
             top_k_s * 1e3,
             forecaster.features().active()
         );
+    }
+
+    for path in traces {
+        let trace = forelock_predictor::trace::read_trace_file(std::path::Path::new(&path))
+            .expect("readable trace");
+        for model in [ModelKind::Frequency, ModelKind::Logistic] {
+            let mut forecaster = Forecaster::new(PredictorConfig {
+                model,
+                ..PredictorConfig::default()
+            });
+            let started = Instant::now();
+            let mut next_tick = 0;
+            let mut ticks = 0u64;
+            for event in &trace.events {
+                while event.ts_us >= next_tick {
+                    forecaster.tick(next_tick);
+                    next_tick += 10_000;
+                    ticks += 1;
+                }
+                forecaster.ingest(event.ts_us, event.client, event.key_hash);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            println!(
+                "trace {path}: {} {} events + {ticks} ticks in {:.2} s: {:.0} events/s including ticks",
+                model.name(),
+                trace.events.len(),
+                elapsed,
+                trace.events.len() as f64 / elapsed
+            );
+        }
     }
 }

@@ -51,6 +51,10 @@ pub const SUCCESSORS: usize = 4;
 pub const CLIENT_RECENT: usize = 4;
 /// Clients remembered at most; past this the client table is cleared (and refills).
 pub const CLIENTS_MAX: usize = 65_536;
+/// Rate features are `saturate(count * RATE_FEATURE_SCALE[scale])`: decayed
+/// counts of 1, 1, 2 and 8 map to 0.5, so that every scale's feature spans
+/// [0, 1) for ordinary keys and a learned weight of order 1 is enough.
+pub const RATE_FEATURE_SCALE: [f32; SCALES] = [1.0, 1.0, 0.5, 0.125];
 /// Length of the feature vector given to learned models.
 pub const FEATURES: usize = 11;
 /// Names of the features, in vector order.
@@ -81,6 +85,8 @@ const EPOCH_SPAN_US: u64 = 1_000_000_000;
 pub const BLOCK: usize = 256;
 const VICTIM_SAMPLES: usize = 8;
 const GAP_EWMA_WEIGHT: f32 = 0.2;
+/// Successors followed less often than this are not boosted.
+const SUCCESSOR_PUSH_MIN: f32 = 0.05;
 /// A key stays active while its successor boost is above this, even if idle.
 const SUCCESSOR_BOOST_ACTIVE_MIN: f32 = 0.01;
 
@@ -110,7 +116,8 @@ pub type IdentityBuildHasher = BuildHasherDefault<IdentityHasher>;
 
 #[derive(Clone, Copy, Default)]
 struct ClientRecent {
-    keys: [(u64, u64); CLIENT_RECENT],
+    /// (key hash, time of its request, row hint: the key's row then, checked before use).
+    keys: [(u64, u64, u32); CLIENT_RECENT],
     next: usize,
 }
 
@@ -266,14 +273,13 @@ impl FeatureView<'_> {
     #[inline]
     fn rates_and_recency(&self, start: usize, out: &mut FeatureBlock) {
         let len = out.len;
-        let horizon_s = self.horizon_us as f32 * 1e-6;
         let counts = &self.counts[start * SCALES..(start + len) * SCALES];
         let age_s = &out.age_s[..len];
         let (rates, rest) = out.features.split_at_mut(SCALES);
         let recencies = &mut rest[..SCALES];
         for scale in 0..SCALES {
             let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
-            let to_expected = horizon_s * inverse_tau_s;
+            let to_feature = RATE_FEATURE_SCALE[scale];
             let rate = &mut rates[scale][..len];
             let recency = &mut recencies[scale][..len];
             for (((rate, recency), &age), count) in rate
@@ -284,7 +290,7 @@ impl FeatureView<'_> {
             {
                 let decay = fast_exp(-age * inverse_tau_s);
                 *recency = decay;
-                *rate = saturate(count[scale] * decay * to_expected);
+                *rate = saturate(count[scale] * decay * to_feature);
             }
         }
     }
@@ -527,29 +533,37 @@ impl FeatureStore {
             self.last_s[row] = self.seconds(ts_us);
         }
 
-        self.learn_successors(ts_us, client, key_hash);
+        self.learn_successors(ts_us, client, key_hash, row);
         self.push_successors(row, ts_us);
     }
 
     /// This client took `key_hash` now: every key it took within the horizon
     /// before gains `key_hash` as a successor.
-    fn learn_successors(&mut self, ts_us: u64, client: u32, key_hash: u64) {
+    fn learn_successors(&mut self, ts_us: u64, client: u32, key_hash: u64, row: usize) {
         if self.clients.len() >= CLIENTS_MAX && !self.clients.contains_key(&client) {
             self.clients.clear();
         }
         let mut recent = self.clients.get(&client).copied().unwrap_or_default();
-        for &(predecessor, at_us) in &recent.keys {
+        for &(predecessor, at_us, hint) in &recent.keys {
             if predecessor == EMPTY_KEY || ts_us.saturating_sub(at_us) > self.horizon_us {
                 continue;
             }
-            if let Some(&predecessor_row) = self.index.get(&predecessor) {
-                self.add_successor(predecessor_row as usize, key_hash);
+            // The hint saves a hash probe unless the row moved since.
+            let hint = hint as usize;
+            let predecessor_row = if hint < self.tracked && self.key_hash[hint] == predecessor {
+                Some(hint)
+            } else {
+                self.index.get(&predecessor).map(|&row| row as usize)
+            };
+            if let Some(predecessor_row) = predecessor_row {
+                self.add_successor(predecessor_row, key_hash);
             }
         }
-        if let Some(entry) = recent.keys.iter_mut().find(|(key, _)| *key == key_hash) {
+        if let Some(entry) = recent.keys.iter_mut().find(|(key, _, _)| *key == key_hash) {
             entry.1 = ts_us;
+            entry.2 = row as u32;
         } else {
-            recent.keys[recent.next] = (key_hash, ts_us);
+            recent.keys[recent.next] = (key_hash, ts_us, row as u32);
             recent.next = (recent.next + 1) % CLIENT_RECENT;
         }
         self.clients.insert(client, recent);
@@ -598,6 +612,9 @@ impl FeatureStore {
             // The current occurrence has had no chance to be followed yet.
             let observed = (predecessors - 1.0).max(1.0);
             let probability = (self.successor_count[[row, j]] / observed).min(1.0);
+            if probability < SUCCESSOR_PUSH_MIN {
+                continue; // weak successors are not worth a lookup (most of the cost of ingest)
+            }
             if let Some(&successor_row) = self.index.get(&successor) {
                 let mut successor_row = successor_row as usize;
                 let since = (now_s - self.successor_boost_s[successor_row]).max(0.0);

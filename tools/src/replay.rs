@@ -27,7 +27,8 @@
 //!   single request is a wasted preparation; waste share = wasted / prepared.
 //!   Wasted slot-seconds counts every slot-second that served nothing: unused
 //!   preparations from prepare to free, and kept slots from their last release
-//!   to free (so keep-alive, which never prepares ahead, has waste too); "waste
+//!   to free, or to the end of the trace for slots still prepared then (so
+//!   keep-alive, which never prepares ahead, has waste too); "waste
 //!   per budget" is that divided by (budget x trace duration), the mean share of
 //!   the budget spent on nothing, the axis on which policies are compared;
 //! - lateness: requests that arrived while their key was being prepared.
@@ -70,10 +71,10 @@ pub struct ReplayArgs {
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Fixed thresholds swept for each model (beside the adaptive run).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.9f32, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.7f32, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005])]
     pub thresholds: Vec<f32>,
     /// Keep-alive times (ms) swept for the no-prediction baseline; the first is the headline one.
-    #[arg(long, value_delimiter = ',', default_values_t = [500u64, 100, 250, 1000, 2000, 5000, 15000, 60000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [500u64, 100, 250, 1000, 2000, 5000, 15000])]
     pub keep_alive_ms: Vec<u64>,
     /// Replay only the first N rows.
     #[arg(long)]
@@ -514,6 +515,15 @@ impl Sim {
         self.counters.wasted_slot_us += u128::from(now_us.saturating_sub(slot.idle_since_us));
     }
 
+    fn count_idle_tails(&mut self, now_us: u64) {
+        for (_, slot) in &self.slots {
+            if slot.held_until_us <= now_us {
+                self.counters.wasted_slot_us +=
+                    u128::from(now_us.saturating_sub(slot.idle_since_us));
+            }
+        }
+    }
+
     /// `ranked`: scored keys, highest first (shared by every sim of a pass).
     fn tick(&mut self, now_us: u64, horizon_us: u64, source: &Source, ranked: &[Score]) {
         self.views.clear();
@@ -757,6 +767,9 @@ pub fn replay(
         Box::new(Predictive::new(PredictiveConfig {
             threshold_initial: 0.4,
             adaptive: false,
+            // Free a slot as soon as its key is not needed within the horizon.
+            unused_timeout_us: 0,
+            idle_timeout_us: 0,
             prepares_per_tick_max: usize::MAX / 8,
             eviction_margin: 0.0,
             ..PredictiveConfig::default()
@@ -946,6 +959,11 @@ fn run_pass(
             sim.tick(now_us, horizon_us, source, &ranked);
         }
         if next >= events.len() {
+            // Slots still prepared at the end: their idle tail served nothing
+            // (yet); count it, or policies that never free a slot look free.
+            for sim in sims.iter_mut() {
+                sim.count_idle_tails(now_us);
+            }
             break;
         }
         now_us += tick_us;
