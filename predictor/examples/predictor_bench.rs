@@ -23,6 +23,7 @@ fn main() {
     let events: usize = arguments.next().map_or(10_000_000, |a| {
         a.parse().expect("EVENTS must be an integer")
     });
+    let traces: Vec<String> = arguments.collect();
     let clients = 64u32;
 
     // Pre-generate the stream: every key once (so all are tracked and active),
