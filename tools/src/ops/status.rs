@@ -1,0 +1,267 @@
+//! `forelock status`: the broker's health and counters, read from the table
+//! header and the score file header.
+
+use super::{RuntimeDirArg, format_ms, open_scores, open_table, process_exists};
+use serde::Serialize;
+use shm_layout::sync::shm::Ordering;
+use std::path::Path;
+
+/// A heartbeat (or forecaster tick) older than this means "not alive". The
+/// broker ticks every `allocator.tick_ms` (10 ms by default).
+pub const FRESH_NS: u64 = 1_000_000_000;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeDirArg,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Status {
+    pub runtime_dir: String,
+    pub broker: Broker,
+    pub table: Table,
+    pub forecaster: Forecaster,
+    pub counters: Counters,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Broker {
+    /// Heartbeat fresh and the process exists.
+    pub alive: bool,
+    pub pid: u32,
+    pub epoch: u64,
+    pub started_unix_ms: u64,
+    pub uptime_ms: u64,
+    /// Age of the last heartbeat; None if the broker never ticked.
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Table {
+    pub slots_used: u64,
+    pub slots_prepared: u64,
+    pub slots_capacity: u32,
+    pub clients: u64,
+    pub clients_capacity: u32,
+    pub token_floor: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Forecaster {
+    pub alive: bool,
+    pub pid: u32,
+    pub model: String,
+    pub horizon_ms: u32,
+    /// Age of the last score snapshot; None if none was ever written.
+    pub last_scores_age_ms: Option<u64>,
+    /// Why the score file could not be read, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Counters {
+    /// Grants on prepared slots (the client's own CAS).
+    pub hits: u64,
+    /// Grants through the broker for unprepared keys.
+    pub misses: u64,
+    /// hits / (hits + misses); None before the first grant.
+    pub hit_rate: Option<f64>,
+    pub preparations: u64,
+    pub wasted_preparations: u64,
+    pub late: u64,
+    pub contended: u64,
+    pub handoffs: u64,
+    pub owner_deaths: u64,
+    pub repairs: u64,
+    pub table_full: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Read the status of the broker serving `dir`.
+pub fn read(dir: &Path) -> anyhow::Result<Status> {
+    let table = open_table(dir)?;
+    let header = table.view.header();
+    let geometry = table.view.geometry();
+    let s = &header.stats;
+    let load = |a: &shm_layout::sync::shm::AtomicU64| a.load(Ordering::Relaxed);
+    let now_ns = shm_layout::monotonic_ns();
+    let heartbeat = load(&header.heartbeat_ns);
+    let heartbeat_age_ns = (heartbeat != 0).then(|| now_ns.saturating_sub(heartbeat));
+    let pid = header.broker_pid.load(Ordering::Relaxed);
+    let started = load(&header.broker_started_unix_ms);
+    let broker = Broker {
+        alive: heartbeat_age_ns.is_some_and(|age| age < FRESH_NS) && process_exists(pid),
+        pid,
+        epoch: load(&header.broker_epoch),
+        started_unix_ms: started,
+        uptime_ms: unix_ms().saturating_sub(started),
+        heartbeat_age_ms: heartbeat_age_ns.map(|ns| ns / 1_000_000),
+    };
+    let (hits, misses) = (load(&s.hits), load(&s.misses));
+    let counters = Counters {
+        hits,
+        misses,
+        hit_rate: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+        preparations: load(&s.preparations),
+        wasted_preparations: load(&s.wasted),
+        late: load(&s.late),
+        contended: load(&s.contended),
+        handoffs: load(&s.handoffs),
+        owner_deaths: load(&s.owner_deaths),
+        repairs: load(&s.repairs),
+        table_full: load(&s.table_full),
+    };
+    let forecaster = match open_scores(dir) {
+        Ok(scores) => {
+            let h = scores.view.header();
+            let written = load(&h.written_at_ns);
+            let age_ns = (written != 0).then(|| now_ns.saturating_sub(written));
+            let pid = h.writer_pid.load(Ordering::Relaxed);
+            Forecaster {
+                alive: age_ns.is_some_and(|age| age < FRESH_NS) && process_exists(pid),
+                pid,
+                model: scores.view.model(),
+                horizon_ms: h.horizon_ms.load(Ordering::Relaxed),
+                last_scores_age_ms: age_ns.map(|ns| ns / 1_000_000),
+                error: None,
+            }
+        }
+        Err(e) => Forecaster {
+            alive: false,
+            pid: 0,
+            model: String::new(),
+            horizon_ms: 0,
+            last_scores_age_ms: None,
+            error: Some(e.to_string()),
+        },
+    };
+    Ok(Status {
+        runtime_dir: dir.display().to_string(),
+        broker,
+        table: Table {
+            slots_used: load(&s.slots_used),
+            slots_prepared: load(&s.slots_prepared),
+            slots_capacity: geometry.slot_count,
+            clients: load(&s.clients),
+            clients_capacity: geometry.client_count,
+            token_floor: load(&header.token_floor),
+        },
+        forecaster,
+        counters,
+    })
+}
+
+pub fn run(args: &StatusArgs) -> anyhow::Result<i32> {
+    let status = read(&args.runtime.dir())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    // Like `systemctl status`: 0 when the broker is alive, 3 when it is not.
+    Ok(if status.broker.alive { 0 } else { 3 })
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// The text form of `forelock status`.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let b = &s.broker;
+    let heartbeat = match b.heartbeat_age_ms {
+        Some(age) => format!("last heartbeat {} ago", format_ms(age)),
+        None => "never ticked".into(),
+    };
+    let state = if b.alive {
+        format!("running, pid {}, up {}", b.pid, format_ms(b.uptime_ms))
+    } else if process_exists(b.pid) {
+        format!("NOT RESPONDING, pid {} exists but {heartbeat}", b.pid)
+    } else {
+        format!("NOT RUNNING (last pid {}, {heartbeat})", b.pid)
+    };
+    let _ = writeln!(out, "forelockd   {state}");
+    let _ = writeln!(out, "  runtime   {}", s.runtime_dir);
+    let _ = writeln!(
+        out,
+        "  epoch     {} (broker starts on this table), token floor {}",
+        b.epoch, s.table.token_floor
+    );
+    let t = &s.table;
+    let _ = writeln!(
+        out,
+        "  slots     {} used, {} prepared, {} capacity ({} used)",
+        t.slots_used,
+        t.slots_prepared,
+        t.slots_capacity,
+        percent(t.slots_used, u64::from(t.slots_capacity))
+    );
+    let _ = writeln!(out, "  clients   {} of {}", t.clients, t.clients_capacity);
+    let f = &s.forecaster;
+    let forecaster = if f.alive {
+        format!(
+            "alive, pid {}, model {}, horizon {} ms, scores {} old",
+            f.pid,
+            if f.model.is_empty() { "?" } else { &f.model },
+            f.horizon_ms,
+            format_ms(f.last_scores_age_ms.unwrap_or(0))
+        )
+    } else if let Some(error) = &f.error {
+        format!("unknown: {error}")
+    } else if let Some(age) = f.last_scores_age_ms {
+        format!(
+            "NOT RUNNING (last scores {} ago from pid {}, model {})",
+            format_ms(age),
+            f.pid,
+            if f.model.is_empty() { "?" } else { &f.model }
+        )
+    } else {
+        "NOT RUNNING (no scores ever written): keys are prepared by recency only".into()
+    };
+    let _ = writeln!(out, "forecaster  {forecaster}");
+    let c = &s.counters;
+    let _ = writeln!(
+        out,
+        "grants      {} prepared (hits), {} through the broker (misses): hit rate {}",
+        c.hits,
+        c.misses,
+        c.hit_rate
+            .map_or("-".into(), |r| format!("{:.1}%", r * 100.0))
+    );
+    let _ = writeln!(
+        out,
+        "prepared    {} preparations, {} wasted ({}), {} requests arrived late",
+        c.preparations,
+        c.wasted_preparations,
+        percent(c.wasted_preparations, c.preparations),
+        c.late
+    );
+    let _ = writeln!(
+        out,
+        "contention  {} queued, {} hand-offs, {} owner deaths",
+        c.contended, c.handoffs, c.owner_deaths
+    );
+    let _ = writeln!(
+        out,
+        "trouble     {} refused (table full), {} malformed words repaired",
+        c.table_full, c.repairs
+    );
+    out
+}
