@@ -100,12 +100,16 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
     let heartbeat_age_ns = (heartbeat != 0).then(|| now_ns.saturating_sub(heartbeat));
     let pid = header.broker_pid.load(Ordering::Relaxed);
     let started = load(&header.broker_started_unix_ms);
+    let uptime_ms = unix_ms().saturating_sub(started);
+    // A broker that started less than FRESH_NS ago may not have ticked yet.
+    let fresh =
+        heartbeat_age_ns.is_some_and(|age| age < FRESH_NS) || uptime_ms < FRESH_NS / 1_000_000;
     let broker = Broker {
-        alive: heartbeat_age_ns.is_some_and(|age| age < FRESH_NS) && process_exists(pid),
+        alive: fresh && process_exists(pid),
         pid,
         epoch: load(&header.broker_epoch),
         started_unix_ms: started,
-        uptime_ms: unix_ms().saturating_sub(started),
+        uptime_ms,
         heartbeat_age_ms: heartbeat_age_ns.map(|ns| ns / 1_000_000),
     };
     let (hits, misses) = (load(&s.hits), load(&s.misses));

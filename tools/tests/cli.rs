@@ -1,0 +1,390 @@
+//! `forelock status`, `locks`, `run` and `hist` against a real forelockd.
+//! Behaviour only, never timing.
+
+mod support;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use support::*;
+
+const SMALL: &str = "[table]\nslots = 64\nclients = 16\n";
+
+/// `forelock run KEY -- sh -c 'echo $FORELOCK_TOKEN; read x'`: a holder
+/// that prints its token and holds until its stdin closes.
+struct Holder {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    token: u64,
+}
+
+impl Holder {
+    fn start(dir: &std::path::Path, extra: &[&str], key: &str) -> Holder {
+        let mut child = Command::new(cli_exe())
+            .arg("run")
+            .args(extra)
+            .arg(key)
+            .args(["--", "sh", "-c", "echo \"$FORELOCK_TOKEN\"; read x || true"])
+            .env("FORELOCK_RUNTIME_DIR", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start forelock run");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let token = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the command saw no FORELOCK_TOKEN: {line:?}"));
+        Holder {
+            stdin: child.stdin.take(),
+            child,
+            token,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Let the command finish; forelock's exit code.
+    fn finish(mut self) -> i32 {
+        drop(self.stdin.take());
+        let child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        wait_output(child).status.code().expect("exited")
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn status_reports_a_running_broker_its_capacity_and_counters() {
+    let dir = TempDir::new("status");
+    let broker = Broker::start(dir.path(), SMALL);
+    let out = forelock(dir.path(), &["run", "warm-up", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let s = json(dir.path(), &["status", "--json"]);
+    assert_eq!(s["broker"]["alive"], true, "{s}");
+    assert_eq!(s["broker"]["pid"], broker.pid());
+    assert_eq!(s["broker"]["epoch"], 1);
+    assert_eq!(s["table"]["slots_capacity"], 64);
+    assert_eq!(s["table"]["clients_capacity"], 16);
+    assert_eq!(s["forecaster"]["alive"], false, "no forecaster was started");
+    let grants =
+        s["counters"]["hits"].as_u64().unwrap() + s["counters"]["misses"].as_u64().unwrap();
+    assert!(grants >= 1, "the warm-up grant is counted: {s}");
+
+    let text = forelock(dir.path(), &["status"]);
+    assert_eq!(text.status.code(), Some(0));
+    let text = stdout(&text);
+    assert!(
+        text.contains(&format!("running, pid {}", broker.pid())),
+        "{text}"
+    );
+    assert!(text.contains("64 capacity"), "{text}");
+}
+
+#[test]
+fn status_after_the_broker_died_says_not_running_and_exits_3() {
+    let dir = TempDir::new("status-dead");
+    let mut broker = Broker::start(dir.path(), SMALL);
+    broker.kill9();
+    let out = forelock(dir.path(), &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(stdout(&out).contains("NOT RUNNING"), "{}", stdout(&out));
+}
+
+#[test]
+fn commands_without_a_broker_name_the_directory_and_the_fix() {
+    let dir = TempDir::new("nobroker");
+    for args in [&["status"][..], &["locks"], &["hist"]] {
+        let out = forelock(dir.path(), args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains("not running"), "{args:?}: {err}");
+        assert!(
+            err.contains(&dir.path().display().to_string()),
+            "{args:?}: {err}"
+        );
+    }
+    let out = forelock(dir.path(), &["run", "k", "--", "true"]);
+    assert_eq!(out.status.code(), Some(69), "EX_UNAVAILABLE like flock(1)");
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_table_of_another_version_is_refused_with_the_path_and_what_to_do() {
+    let dir = TempDir::new("version");
+    let mut broker = Broker::start(dir.path(), SMALL);
+    broker.kill9();
+    // Rewrite the version word (offset 12) as a future format.
+    let table = dir.path().join("table");
+    let mut bytes = std::fs::read(&table).unwrap();
+    bytes[12..16].copy_from_slice(&99u32.to_ne_bytes());
+    std::fs::write(&table, bytes).unwrap();
+    let out = forelock(dir.path(), &["status"]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("version 99"), "{err}");
+    assert!(err.contains(&table.display().to_string()), "{err}");
+    assert!(err.contains("same forelock release"), "{err}");
+}
+
+#[test]
+fn locks_shows_the_holder_pid_token_and_queued_waiters() {
+    let dir = TempDir::new("locks");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let holder = Holder::start(dir.path(), &[], "orders:1");
+    let row = lock_row(dir.path(), "orders:1").expect("orders:1 has a row");
+    assert_eq!(row["mode"], "exclusive", "{row}");
+    assert_eq!(row["holder_pids"][0], holder.pid(), "{row}");
+    assert_eq!(row["token"], holder.token, "{row}");
+    assert_eq!(row["waiters"], 0);
+
+    let waiter = Command::new(cli_exe())
+        .args(["run", "orders:1", "--", "true"])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .spawn()
+        .unwrap();
+    eventually("a queued waiter shows in locks", || {
+        lock_row(dir.path(), "orders:1").is_some_and(|r| r["waiters"] == 1)
+    });
+    let text = stdout(&forelock(dir.path(), &["locks"]));
+    assert!(text.contains("orders:1"), "{text}");
+    assert!(text.contains(&holder.pid().to_string()), "{text}");
+
+    assert_eq!(holder.finish(), 0);
+    assert_eq!(
+        wait_output(waiter).status.code(),
+        Some(0),
+        "the waiter got the lock"
+    );
+    let row = lock_row(dir.path(), "orders:1").expect("still keyed");
+    assert_eq!(row["mode"], "free", "{row}");
+}
+
+#[test]
+fn shared_runs_hold_together_and_locks_lists_both_pids() {
+    let dir = TempDir::new("shared");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let a = Holder::start(dir.path(), &["-s"], "config");
+    let b = Holder::start(dir.path(), &["--shared"], "config");
+    let row = lock_row(dir.path(), "config").unwrap();
+    assert_eq!(row["mode"], "shared", "{row}");
+    let pids: Vec<u64> = row["holder_pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert!(
+        pids.contains(&u64::from(a.pid())) && pids.contains(&u64::from(b.pid())),
+        "{row}"
+    );
+    let out = forelock(dir.path(), &["run", "-n", "config", "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exclusive refused while shared held"
+    );
+    assert_eq!(a.finish(), 0);
+    assert_eq!(b.finish(), 0);
+}
+
+#[test]
+fn run_follows_flock_exit_codes() {
+    let dir = TempDir::new("run-codes");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let d = dir.path();
+    let code = |args: &[&str]| forelock(d, args).status.code();
+    assert_eq!(
+        code(&["run", "k", "--", "sh", "-c", "exit 7"]),
+        Some(7),
+        "exit status passed through"
+    );
+    assert_eq!(
+        code(&["run", "k", "--", "sh", "-c", "kill -TERM $$"]),
+        Some(128 + 15),
+        "killed by SIGTERM: 128+15"
+    );
+    assert_eq!(
+        code(&["run", "k", "--", "/nonexistent/command"]),
+        Some(69),
+        "cannot execute: EX_UNAVAILABLE"
+    );
+
+    let holder = Holder::start(d, &[], "k");
+    assert_eq!(
+        code(&["run", "-n", "k", "--", "true"]),
+        Some(1),
+        "conflict: default code 1"
+    );
+    assert_eq!(
+        code(&["run", "--nonblock", "-E", "42", "k", "--", "true"]),
+        Some(42),
+        "-E sets the conflict code"
+    );
+    assert_eq!(
+        code(&["run", "-w", "0.2", "k", "--", "true"]),
+        Some(1),
+        "a timeout exits with the conflict code"
+    );
+    assert_eq!(
+        code(&[
+            "run",
+            "-w",
+            "0.2",
+            "--conflict-exit-code",
+            "9",
+            "k",
+            "--",
+            "true"
+        ]),
+        Some(9)
+    );
+    assert_eq!(holder.finish(), 0);
+    assert_eq!(
+        code(&["run", "-n", "k", "--", "true"]),
+        Some(0),
+        "free again once the command exited"
+    );
+}
+
+#[test]
+fn fencing_tokens_in_the_environment_increase_run_after_run() {
+    let dir = TempDir::new("tokens");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let token = || {
+        let out = forelock(
+            dir.path(),
+            &["run", "t", "--", "sh", "-c", "echo $FORELOCK_TOKEN"],
+        );
+        stdout(&out).trim().parse::<u64>().expect("a token")
+    };
+    let first = token();
+    let second = token();
+    assert!(second > first, "{first} then {second}");
+}
+
+#[test]
+fn the_lock_is_released_when_the_command_is_killed() {
+    let dir = TempDir::new("killed");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let mut child = Command::new(cli_exe())
+        .args(["run", "victim", "--", "sh", "-c", "echo $$; exec sleep 600"])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let command_pid: i32 = line.trim().parse().unwrap();
+    // SAFETY: kill takes plain integers; the pid is our grandchild, alive
+    // (it is sleeping), so it was not reused.
+    unsafe { libc::kill(command_pid, libc::SIGKILL) };
+    assert_eq!(wait_output(child).status.code(), Some(128 + 9));
+    let out = forelock(dir.path(), &["run", "-n", "victim", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn signals_sent_to_forelock_reach_the_command_and_the_lock_is_released() {
+    let dir = TempDir::new("forward");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let mut child = Command::new(cli_exe())
+        .args(["run", "fw", "--", "sh", "-c", "echo ready; exec sleep 600"])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // SAFETY: kill takes plain integers; the child is ours and unreaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_output(child).status.code(), Some(128 + 15));
+    assert_eq!(
+        forelock(dir.path(), &["run", "-n", "fw", "--", "true"])
+            .status
+            .code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn hist_prints_percentiles_and_writes_interval_logs_and_a_plot() {
+    let dir = TempDir::new("hist");
+    let _broker = Broker::start(dir.path(), "[allocator]\npolicy = \"none\"\n");
+    for i in 0..5 {
+        let out = forelock(dir.path(), &["run", &format!("h{i}"), "--", "true"]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let log = dir.path().join("histograms.hlog");
+    eventually("the broker logs an acquire-slow interval", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Tag=acquire-slow"))
+    });
+    let out_dir = dir.path().join("out");
+    let out = forelock(dir.path(), &["hist", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("acquire-slow"), "{text}");
+    assert!(text.contains("p99"), "{text}");
+    let png = std::fs::read(out_dir.join("hist.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "hist.png is a PNG");
+    let dumped = std::fs::read_to_string(out_dir.join("acquire-slow.hlog")).unwrap();
+    assert!(dumped.contains("#[BaseTime:"), "{dumped}");
+    assert!(
+        dumped.lines().any(|l| l.starts_with("Tag=acquire-slow,")),
+        "{dumped}"
+    );
+}
+
+#[test]
+fn the_prometheus_endpoint_serves_counters_and_latency_quantiles() {
+    let dir = TempDir::new("prom");
+    // A free port now; another process could take it before the broker
+    // binds it, which would fail this test loudly, not wrongly.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!("{SMALL}[metrics]\nprometheus_listen = \"127.0.0.1:{port}\"\n");
+    let broker = Broker::start(dir.path(), &config);
+    assert_eq!(
+        forelock(dir.path(), &["run", "p", "--", "true"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let body = http_get(port).unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", broker.log()));
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("# TYPE forelock_clients gauge"), "{body}");
+    assert!(body.contains("forelock_slots_capacity 64"), "{body}");
+    assert!(
+        body.contains("forelock_latency_seconds{path=\"acquire-slow\",quantile=\"0.99\"}"),
+        "{body}"
+    );
+}
+
+fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
