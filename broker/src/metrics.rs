@@ -30,7 +30,7 @@ use shm_layout::wire::Response;
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -464,7 +464,7 @@ impl MappedStats {
     }
 }
 
-fn serve_prometheus(listener: &TcpListener, table_path: &PathBuf, snapshot: &Mutex<Snapshot>) {
+fn serve_prometheus(listener: &TcpListener, table_path: &Path, snapshot: &Mutex<Snapshot>) {
     let mut table = None;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
