@@ -22,19 +22,21 @@
 //!
 //! `forelock hist` reads the log files.
 
+use crate::locks::ConnId;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::wire::Response;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The interval log under the runtime directory, and its predecessor.
 pub const HISTOGRAM_LOG_FILE: &str = "histograms.hlog";
@@ -139,6 +141,10 @@ pub struct Metrics {
     recycled: Option<Receiver<Set>>,
     snapshot: Arc<Mutex<Snapshot>>,
     dropped: u64,
+    /// When each queued connection's request was queued (for the wait
+    /// histogram). One entry per queued connection at most: bounded by the
+    /// connections the broker has open.
+    queued_since: HashMap<ConnId, Instant>,
 }
 
 fn unix_now() -> Duration {
@@ -189,6 +195,7 @@ impl Metrics {
             recycled,
             snapshot,
             dropped: 0,
+            queued_since: HashMap::new(),
         }
     }
 
@@ -267,6 +274,25 @@ impl Metrics {
     /// A queued request was handed the lock after waiting `waited`.
     pub fn record_wait(&mut self, waited: Duration) {
         self.record(LatencyPath::Wait, ns(waited));
+    }
+
+    /// The request on connection `conn` was answered `Queued` now.
+    pub fn queued(&mut self, conn: ConnId) {
+        self.queued_since.insert(conn, Instant::now());
+    }
+
+    /// The request queued on `conn` was just handed the lock: records its
+    /// wait.
+    pub fn handed_off(&mut self, conn: ConnId) {
+        if let Some(since) = self.queued_since.remove(&conn) {
+            self.record_wait(since.elapsed());
+        }
+    }
+
+    /// The request queued on `conn` left the queue without a hand-off
+    /// (cancelled, connection closed, client died).
+    pub fn dequeued(&mut self, conn: ConnId) {
+        self.queued_since.remove(&conn);
     }
 
     /// A broker-granted lock was released after being held `held`.
