@@ -11,7 +11,7 @@
 //! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
 //! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
 //! train_samples_per_tick = 64 # logistic model: labelled (key, tick) samples per tick
-//! learning_rate = 0.05        # logistic model: AdaGrad step
+//! learning_rate = 0.3         # logistic model: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written
 //! seed = 1                    # sampling is deterministic for a given seed
@@ -84,7 +84,7 @@ impl Default for PredictorConfig {
             keep_alive_ms: 500,
             frequency_scale: 2,
             train_samples_per_tick: 64,
-            learning_rate: 0.05,
+            learning_rate: 0.3,
             top_k: 65_536,
             min_probability: 0.01,
             seed: 1,

@@ -533,6 +533,10 @@ impl FeatureStore {
             self.last_s[row] = self.seconds(ts_us);
         }
 
+        // A request fulfils the successor prediction that pointed at it: a boost
+        // left standing would mark keys that have just been taken, not keys
+        // about to be (and teach a learned model that the boost means "done").
+        self.successor_boost[row] = 0.0;
         self.learn_successors(ts_us, client, key_hash, row);
         self.push_successors(row, ts_us);
     }

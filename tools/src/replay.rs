@@ -198,6 +198,8 @@ pub struct RunReport {
     pub threshold_final: Option<f32>,
     /// The keep-alive time of a no-prediction run.
     pub keep_alive_ms: Option<u64>,
+    /// The model at the end of the replay (learnt weights, for the logistic one).
+    pub model: Option<String>,
 }
 
 /// A whole replay's results.
@@ -615,6 +617,7 @@ impl Sim {
             brier: quality.map(|q| q.1),
             threshold_final: self.adaptive.then(|| self.policy.threshold()),
             keep_alive_ms: self.keep_alive_ms,
+            model: None,
         }
     }
 }
@@ -757,10 +760,14 @@ pub fn replay(
             settings,
         );
         let result = quality.result();
-        runs.extend(
-            sims.iter()
-                .map(|sim| sim.report(Some(result), trace.duration_us())),
-        );
+        let description = match &source {
+            Source::Forecaster(forecaster) => Some(forecaster.model().describe()),
+            _ => None,
+        };
+        runs.extend(sims.iter().map(|sim| RunReport {
+            model: description.clone(),
+            ..sim.report(Some(result), trace.duration_us())
+        }));
     }
 
     let mut oracle = Sim::new(
