@@ -240,7 +240,7 @@ impl FeatureView<'_> {
     /// Like [`FeatureView::block`], computing only the feature groups in `set`
     /// (the others are left as they were): scoring is bound by memory bandwidth,
     /// so a model reads only what it uses.
-    #[inline]
+    #[inline(always)]
     pub fn block_of(&self, start: usize, out: &mut FeatureBlock, set: FeatureSet) {
         let len = BLOCK.min(self.len().saturating_sub(start));
         out.len = len;
@@ -270,7 +270,7 @@ impl FeatureView<'_> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn rates_and_recency(&self, start: usize, out: &mut FeatureBlock) {
         let len = out.len;
         let counts = &self.counts[start * SCALES..(start + len) * SCALES];

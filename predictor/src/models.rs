@@ -21,6 +21,7 @@ use crate::features::{
 };
 
 /// Runs `per_block` over the view in blocks of [`BLOCK`] rows.
+#[inline(always)]
 fn for_each_block(
     view: &FeatureView<'_>,
     out: &mut [f32],
@@ -193,19 +194,14 @@ impl Model for Logistic {
         true
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
-        let (weights, bias) = (self.weights, self.bias);
-        for_each_block(view, out, FeatureSet::ALL, |block, scores| {
-            let len = scores.len();
-            scores.fill(bias);
-            for (feature, weight) in block.features.iter().zip(weights) {
-                for (z, &x) in scores.iter_mut().zip(&feature[..len]) {
-                    *z += weight * x;
-                }
-            }
-            for score in scores.iter_mut() {
-                *score = sigmoid(*score);
-            }
-        });
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: `score_avx2` requires AVX2 and FMA, and the CPU has both
+            // (checked just above).
+            unsafe { score_avx2(self.weights, self.bias, view, out) };
+            return;
+        }
+        logistic_scores(self.weights, self.bias, view, out);
     }
     fn learn(&mut self, features: &[f32; FEATURES], requested: bool) {
         let label = if requested { 1.0 } else { 0.0 };
@@ -233,6 +229,34 @@ impl Model for Logistic {
             .collect();
         format!("logistic: bias {:+.2}, {}", self.bias, terms.join(", "))
     }
+}
+
+/// The scoring loop of [`Logistic`], inlined into each instruction-set variant.
+#[inline(always)]
+fn logistic_scores(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>, out: &mut [f32]) {
+    for_each_block(view, out, FeatureSet::ALL, |block, scores| {
+        let len = scores.len();
+        scores.fill(bias);
+        for (feature, weight) in block.features.iter().zip(weights) {
+            for (z, &x) in scores.iter_mut().zip(&feature[..len]) {
+                *z += weight * x;
+            }
+        }
+        for score in scores.iter_mut() {
+            *score = sigmoid(*score);
+        }
+    });
+}
+
+/// [`logistic_scores`] compiled for AVX2 + FMA: 8 lanes instead of the
+/// baseline's 4 (the workspace builds for baseline x86-64).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>, out: &mut [f32]) {
+    logistic_scores(weights, bias, view, out);
 }
 
 #[cfg(test)]
