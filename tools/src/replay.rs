@@ -220,8 +220,11 @@ pub struct ReplayReport {
     pub equal_waste: Vec<(String, Vec<Option<f64>>)>,
 }
 
-/// Levels of waste per budget at which policies are compared.
-const EQUAL_WASTE_LEVELS: [f64; 4] = [0.1, 0.25, 0.5, 0.75];
+/// Policies are compared at waste per budget up to these multiples of the
+/// no-prediction baseline's (its first keep-alive setting, 500 ms by default):
+/// absolute levels would mean nothing on a trace whose traffic fills 0.2% of
+/// the budget and everything on one that fills it.
+const EQUAL_WASTE_MULTIPLES: [f64; 4] = [1.0, 2.0, 4.0, 10.0];
 
 impl ReplayReport {
     /// The headline table (adaptive runs, no prediction at its first keep-alive,
@@ -282,8 +285,11 @@ impl ReplayReport {
         }
         let _ = writeln!(
             out,
-            "\nbest seen-before hit% at waste per budget <= {:?}:",
+            "\nbest seen-before hit% at waste per budget <= {:?} (1, 2, 4, 10 x no prediction's):",
             self.equal_waste_levels
+                .iter()
+                .map(|l| format!("{l:.4}"))
+                .collect::<Vec<_>>()
         );
         for (policy, values) in &self.equal_waste {
             let cells: Vec<String> = values
@@ -805,10 +811,18 @@ pub fn replay(
             policies.push(run.policy.clone());
         }
     }
+    let baseline_waste = runs
+        .iter()
+        .find(|run| run.policy == "no prediction")
+        .map_or(0.1, |run| run.waste_per_budget.max(1e-9));
+    let equal_waste_levels: Vec<f64> = EQUAL_WASTE_MULTIPLES
+        .iter()
+        .map(|m| m * baseline_waste)
+        .collect();
     let equal_waste = policies
         .into_iter()
         .map(|policy| {
-            let values = EQUAL_WASTE_LEVELS
+            let values = equal_waste_levels
                 .iter()
                 .map(|&level| {
                     runs.iter()
@@ -833,7 +847,7 @@ pub fn replay(
         tick_ms: config.tick_ms,
         prepare_latency_us: settings.prepare_latency_us,
         runs,
-        equal_waste_levels: EQUAL_WASTE_LEVELS.to_vec(),
+        equal_waste_levels,
         equal_waste,
     }
 }
