@@ -873,7 +873,7 @@ fn predictive_sims(model_name: &str, settings: &ReplaySettings) -> Vec<Sim> {
         let mut sim = Sim::new(
             Box::new(policy),
             model_name,
-            format!("threshold {threshold:.2}"),
+            format!("threshold {threshold}"),
             settings,
         );
         sim.fixed_threshold = Some(threshold);
