@@ -279,7 +279,7 @@ impl ReplayReport {
         for run in self.runs.iter().filter(|run| {
             run.setting == "adaptive"
                 || run.policy == "oracle"
-                || Some(*run) == headline_keep_alive.map(|r| r)
+                || Some(*run) == headline_keep_alive
         }) {
             out.push_str(&row(run));
         }
