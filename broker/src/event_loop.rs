@@ -611,6 +611,12 @@ impl EventLoop {
                     .is_some_and(|c| c.id == *id && !c.closing)
                 {
                     self.send(index, response);
+                } else {
+                    tracing::debug!(
+                        conn = id,
+                        ?response,
+                        "answer for a connection that is gone: dropped"
+                    );
                 }
             }
             // Hand the answers to the kernel before anyone is woken to read them.

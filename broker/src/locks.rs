@@ -1106,6 +1106,13 @@ impl LockManager {
                 // Its hold list is full: it cannot take more.
                 Err(refusal) => refusal,
             };
+            tracing::debug!(
+                slot = s,
+                client = head.client,
+                conn = head.conn,
+                ?answer,
+                "hand-off"
+            );
             waker.answer(head.conn, answer);
             // SYNC POINT: Release pairs with the waiter's Acquire load of the
             // state after its futex wait.
