@@ -12,6 +12,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod ops;
 mod replay;
 
 #[derive(Parser)]
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Ops(ops::OpsCommand),
     /// Benchmark forelock beside std Mutex, futex, flock, fcntl, a Unix
     /// socket, Redis and etcd, in one run on this machine.
     Bench(bench::BenchArgs),
@@ -34,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     // Benchmark workers are this binary re-executed with the same arguments:
     // `bench::run_with` notices and runs the worker.
     match Cli::parse().command {
+        Command::Ops(cmd) => std::process::exit(ops::run(cmd)?),
         Command::Bench(args) => bench::run_with(args, bench::forelock::entries()),
         Command::Replay(args) => replay::run(args),
     }
