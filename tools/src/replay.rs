@@ -277,9 +277,7 @@ impl ReplayReport {
         out.push_str(&header);
         let headline_keep_alive = self.runs.iter().find(|run| run.policy == "no prediction");
         for run in self.runs.iter().filter(|run| {
-            run.setting == "adaptive"
-                || run.policy == "oracle"
-                || Some(*run) == headline_keep_alive
+            run.setting == "adaptive" || run.policy == "oracle" || Some(*run) == headline_keep_alive
         }) {
             out.push_str(&row(run));
         }
