@@ -88,7 +88,7 @@ pub struct ReplayArgs {
     /// Score quality (AUC-PR, Brier) is sampled every this many ticks.
     #[arg(long, default_value_t = 10)]
     pub eval_every: u64,
-    /// Write a PNG of hit rate (seen-before keys) against waste share as the threshold sweeps.
+    /// Write a PNG of hit rate (seen-before keys) against waste per budget as the threshold sweeps.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Print JSON instead of tables.
