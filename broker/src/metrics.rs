@@ -174,7 +174,9 @@ impl Metrics {
             let snapshot = snapshot.clone();
             std::thread::Builder::new()
                 .name("forelockd-hlog".into())
-                .spawn(move || write_log(&dir, started, from_loop, to_loop, &snapshot))
+                .spawn(move || {
+                    write_log(&dir, LOG_MAX_BYTES, started, from_loop, to_loop, &snapshot)
+                })
         };
         let (writer, recycled) = match writer {
             Ok(_) => (Some(to_writer), Some(recycled)),
@@ -327,6 +329,7 @@ impl<W: Write> Write for Counting<W> {
 /// The writer thread: runs until the event loop drops its sender.
 fn write_log(
     dir: &Path,
+    max_bytes: u64,
     broker_started: Duration,
     intervals: Receiver<Interval>,
     recycle: SyncSender<Set>,
@@ -394,7 +397,7 @@ fn write_log(
             accumulate(&mut totals, &interval.histograms, snapshot);
             interval.histograms.iter_mut().for_each(Histogram::reset);
             let _ = recycle.try_send(interval.histograms);
-            if written.get() > LOG_MAX_BYTES {
+            if written.get() > max_bytes {
                 break true;
             }
         };
@@ -679,6 +682,52 @@ mod tests {
             value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
         }
         assert!(text.contains("forelock_latency_seconds_count{path=\"wait\"} 3"));
+    }
+
+    #[test]
+    fn the_log_rotates_past_its_size_and_stays_bounded() {
+        let dir = std::env::temp_dir().join(format!("fl-metrics-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (to_writer, intervals) = sync_channel::<Interval>(64);
+        let (recycle, _recycled) = sync_channel::<Set>(64);
+        let snapshot = Mutex::new(Snapshot::default());
+        for i in 0..20u64 {
+            let mut histograms = new_set();
+            for v in 1..=100 {
+                histograms[LatencyPath::Wait as usize]
+                    .record(v * 1000 + i)
+                    .unwrap();
+            }
+            to_writer
+                .send(Interval {
+                    start: Duration::from_secs(1_000 + i),
+                    length: Duration::from_secs(1),
+                    histograms,
+                })
+                .unwrap();
+        }
+        drop(to_writer);
+        // 1 KiB: every few intervals start a new file.
+        write_log(
+            &dir,
+            1024,
+            Duration::from_secs(1_000),
+            intervals,
+            recycle,
+            &snapshot,
+        );
+        let current = std::fs::read_to_string(dir.join(HISTOGRAM_LOG_FILE)).unwrap();
+        let rotated = std::fs::read_to_string(dir.join(HISTOGRAM_LOG_ROTATED_FILE)).unwrap();
+        for text in [&current, &rotated] {
+            assert!(text.len() < 4096, "bounded: {} bytes", text.len());
+            assert!(text.contains("#[BaseTime:"), "each file has its header");
+        }
+        assert!(rotated.lines().any(|l| l.starts_with("Tag=wait,")));
+        assert_eq!(
+            lock(&snapshot).paths[LatencyPath::Wait as usize].count,
+            20 * 100
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
