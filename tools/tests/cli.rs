@@ -388,3 +388,64 @@ fn http_get(port: u16) -> std::io::Result<String> {
     s.read_to_string(&mut body)?;
     Ok(body)
 }
+
+#[test]
+fn killing_forelock_run_releases_the_lock_and_kills_the_command() {
+    let dir = TempDir::new("run-killed");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let mut child = Command::new(cli_exe())
+        .args(["run", "orphan", "--", "sh", "-c", "echo $$; exec sleep 600"])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let command_pid: u32 = line.trim().parse().unwrap();
+    child.kill().unwrap(); // SIGKILL to forelock itself
+    child.wait().unwrap();
+    eventually("the command dies with its lock holder", || {
+        // Gone, or a zombie waiting for whoever inherited it.
+        std::fs::read_to_string(format!("/proc/{command_pid}/stat")).map_or(true, |stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    });
+    eventually("the broker releases the dead holder's lock", || {
+        forelock(dir.path(), &["run", "-n", "orphan", "--", "true"])
+            .status
+            .code()
+            == Some(0)
+    });
+}
+
+#[test]
+fn a_stopped_broker_is_reported_as_not_responding() {
+    let dir = TempDir::new("stopped");
+    let broker = Broker::start(dir.path(), SMALL);
+    let pid = broker.pid() as i32;
+    // SAFETY: kill takes plain integers; the broker is our unreaped child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        let out = forelock(dir.path(), &["status"]);
+        last = stdout(&out);
+        if out.status.code() == Some(3) && last.contains("NOT RESPONDING") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        last.contains("NOT RESPONDING"),
+        "a stale heartbeat with a live pid is NOT RESPONDING:\n{last}"
+    );
+    eventually("the broker answers again after SIGCONT", || {
+        forelock(dir.path(), &["status"]).status.code() == Some(0)
+    });
+}
