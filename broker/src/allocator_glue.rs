@@ -31,6 +31,8 @@ pub struct Allocation {
     candidates: Vec<Score>,
     views: Vec<SlotView>,
     actions: Vec<Action>,
+    /// The broker's busy share over the last tick, 0..=1.
+    load: f32,
 }
 
 impl Allocation {
@@ -55,7 +57,14 @@ impl Allocation {
             candidates: Vec::new(),
             views: Vec::new(),
             actions: Vec::new(),
+            load: 0.0,
         }
+    }
+
+    /// Report the broker's busy share (0..=1) for the next tick: the
+    /// forecast policy prepares less under load.
+    pub fn set_load(&mut self, load: f32) {
+        self.load = load;
     }
 
     /// The policy's current threshold (0 for keep-alive).
@@ -105,7 +114,7 @@ impl Allocation {
             slots: &self.views,
             candidates: &self.candidates,
             feedback: &feedback,
-            load: 0.0,
+            load: self.load,
         };
         self.policy.tick(&input, &mut self.actions);
         for action in &self.actions {

@@ -126,6 +126,9 @@ pub struct EventLoop {
     stopping: bool,
     watchdog_every_ms: Option<u64>,
     last_watchdog_ms: u64,
+    /// Time spent serving completions since the last tick, and when that was.
+    busy_ns: u64,
+    last_tick_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -205,6 +208,8 @@ impl EventLoop {
             stopping: false,
             watchdog_every_ms,
             last_watchdog_ms: 0,
+            busy_ns: 0,
+            last_tick_ms: now_ms(),
         };
         for (client, pid) in event_loop.manager.active_clients() {
             event_loop.watch_client(client, pid);
@@ -235,9 +240,11 @@ impl EventLoop {
             }
             completions.clear();
             completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let busy_from = Instant::now();
             for &(user_data, result) in &completions {
                 self.complete(user_data, result);
             }
+            self.busy_ns += busy_from.elapsed().as_nanos() as u64;
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!(
@@ -653,6 +660,13 @@ impl EventLoop {
 
     fn tick(&mut self) {
         let now = now_ms();
+        // Share of the last tick spent serving completions: the allocator
+        // backs off when the broker is busy.
+        let window_ns = now.saturating_sub(self.last_tick_ms).max(1) * 1_000_000;
+        let load = (self.busy_ns as f64 / window_ns as f64).min(1.0) as f32;
+        self.busy_ns = 0;
+        self.last_tick_ms = now;
+        self.allocation.set_load(load);
         let header = self.files.table.header();
         header
             .heartbeat_ns
