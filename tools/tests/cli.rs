@@ -449,3 +449,29 @@ fn a_stopped_broker_is_reported_as_not_responding() {
         forelock(dir.path(), &["status"]).status.code() == Some(0)
     });
 }
+
+#[test]
+#[ignore = "needs the metrics call sites in broker/src/event_loop.rs (queued, handed_off, dequeued, record_hold, record_handoff)"]
+fn hist_has_wait_hold_and_handoff_after_contention() {
+    let dir = TempDir::new("hist-contended");
+    let _broker = Broker::start(dir.path(), "[allocator]\npolicy = \"none\"\n");
+    let holder = Holder::start(dir.path(), &[], "busy");
+    let waiter = Command::new(cli_exe())
+        .args(["run", "busy", "--", "true"])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .spawn()
+        .unwrap();
+    eventually("the waiter queues", || {
+        lock_row(dir.path(), "busy").is_some_and(|r| r["waiters"] == 1)
+    });
+    assert_eq!(holder.finish(), 0);
+    assert_eq!(wait_output(waiter).status.code(), Some(0));
+    let log = dir.path().join("histograms.hlog");
+    eventually("wait, hold and handoff intervals are logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| {
+            ["Tag=wait,", "Tag=hold,", "Tag=handoff,"]
+                .iter()
+                .all(|tag| t.contains(tag))
+        })
+    });
+}
