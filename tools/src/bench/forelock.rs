@@ -55,6 +55,16 @@ fn broker_binary() -> Option<PathBuf> {
     find_binary("forelockd")
 }
 
+/// Extra `[broker]` settings for both forelock systems, from the environment
+/// variable `FORELOCK_BENCH_BROKER` (TOML lines, e.g. `futex_wake =
+/// "io-uring"` or `spin_us = 0`): how the broker's own options were compared.
+fn broker_overrides() -> String {
+    match std::env::var("FORELOCK_BENCH_BROKER") {
+        Ok(lines) => format!("[broker]\n{lines}\n"),
+        Err(_) => String::new(),
+    }
+}
+
 fn start_with(policy: &str, note: &'static str) -> Result<Box<dyn LockSystem>, StartError> {
     let binary = broker_binary().ok_or(StartError::NotInstalled {
         binary: "forelockd",
@@ -65,7 +75,8 @@ fn start_with(policy: &str, note: &'static str) -> Result<Box<dyn LockSystem>, S
     std::fs::write(
         &config,
         format!(
-            "[allocator]\npolicy = \"{policy}\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n"
+            "[allocator]\npolicy = \"{policy}\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n{}",
+            broker_overrides()
         ),
     )
     .context("writing the broker's configuration")?;
