@@ -101,9 +101,6 @@ fn stale_or_low_scores_prepare_nothing() {
 fn nonsense_scores_and_a_scribbled_score_file_do_not_disturb_locking() {
     let dir = TempDir::new("forecast-nonsense");
     let mut b = Broker::start(dir.path(), FORECAST);
-    let counter = dir.path().join("counter");
-    let log = dir.path().join("tokens.log");
-    std::fs::write(&counter, "0").unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (dir, stop) = (dir.path().to_path_buf(), stop.clone());
@@ -133,29 +130,12 @@ fn nonsense_scores_and_a_scribbled_score_file_do_not_disturb_locking() {
             }
         })
     };
-    let mut ws: Vec<Worker> = (0..3)
-        .map(|_| {
-            Worker::spawn(
-                dir.path(),
-                &[
-                    "count",
-                    "k",
-                    "--iters",
-                    "300",
-                    "--file",
-                    counter.to_str().unwrap(),
-                    "--log",
-                    log.to_str().unwrap(),
-                ],
-            )
-        })
-        .collect();
-    for w in &mut ws {
-        assert_eq!(w.next_line("DONE"), "DONE");
-    }
+    let mut counting = Counting::new(dir.path(), "k");
+    counting.spawn(3, 300);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| counting.finish(900)));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
-    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "900");
+    result.unwrap();
     assert!(b.is_running(), "forelockd died:\n{}", b.log());
 }
 
@@ -170,23 +150,8 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let counter = dir.path().join("counter");
-    let log = dir.path().join("tokens.log");
-    std::fs::write(&counter, "0").unwrap();
-    let mut w = Worker::spawn(
-        dir.path(),
-        &[
-            "count",
-            "k",
-            "--iters",
-            "500",
-            "--file",
-            counter.to_str().unwrap(),
-            "--log",
-            log.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(w.next_line("DONE"), "DONE");
+    let mut counting = Counting::new(dir.path(), "k");
+    counting.spawn(1, 500).finish(500);
     let deadline = Instant::now() + PATIENCE;
     loop {
         let fresh = with_scores(dir.path(), |s| {
@@ -206,20 +171,6 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
     }
     p.kill().unwrap();
     p.wait().unwrap();
-    let mut w = Worker::spawn(
-        dir.path(),
-        &[
-            "count",
-            "k",
-            "--iters",
-            "200",
-            "--file",
-            counter.to_str().unwrap(),
-            "--log",
-            log.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(w.next_line("DONE"), "DONE");
-    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "700");
+    counting.spawn(1, 200).finish(700);
     assert!(b.is_running());
 }

@@ -8,74 +8,18 @@ use support::*;
 const KEEP_ALIVE: &str = "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 2000\n";
 const NO_PREPARE: &str = "[allocator]\npolicy = \"none\"\n";
 
-/// Runs `workers` processes that each take `key` `iters` times and increment
-/// a counter in a file that only mutual exclusion protects; checks the total
-/// and that fencing tokens rise with the counter.
-pub fn count_under_contention(dir: &std::path::Path, workers: usize, iters: u32) {
-    let counter = dir.join("counter");
-    let log = dir.join("tokens.log");
-    std::fs::write(&counter, "0").unwrap();
-    let mut ws: Vec<Worker> = (0..workers)
-        .map(|_| {
-            Worker::spawn(
-                dir,
-                &[
-                    "count",
-                    "k",
-                    "--iters",
-                    &iters.to_string(),
-                    "--file",
-                    counter.to_str().unwrap(),
-                    "--log",
-                    log.to_str().unwrap(),
-                ],
-            )
-        })
-        .collect();
-    for w in &mut ws {
-        assert_eq!(w.next_line("DONE"), "DONE");
-    }
-    let total: u64 = std::fs::read_to_string(&counter)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(
-        total,
-        workers as u64 * iters as u64,
-        "lost updates: two holders at once"
-    );
-    let mut rows: Vec<(u64, u64)> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (n, t) = l.split_once(' ').unwrap();
-            (n.parse().unwrap(), t.parse().unwrap())
-        })
-        .collect();
-    rows.sort();
-    for pair in rows.windows(2) {
-        assert!(
-            pair[1].1 > pair[0].1,
-            "fencing token went backwards: {:?} then {:?}",
-            pair[0],
-            pair[1]
-        );
-    }
-}
-
 #[test]
 fn four_processes_contending_never_overlap_and_tokens_increase() {
     let dir = TempDir::new("mutex");
     let _b = Broker::start(dir.path(), KEEP_ALIVE);
-    count_under_contention(dir.path(), 4, 300);
+    Counting::new(dir.path(), "k").spawn(4, 300).finish(4 * 300);
 }
 
 #[test]
 fn mutual_exclusion_holds_through_the_broker_alone() {
     let dir = TempDir::new("mutex-slow");
     let _b = Broker::start(dir.path(), NO_PREPARE);
-    count_under_contention(dir.path(), 3, 200);
+    Counting::new(dir.path(), "k").spawn(3, 200).finish(3 * 200);
 }
 
 #[test]

@@ -273,3 +273,87 @@ pub fn with_table<T>(dir: &Path, f: impl FnOnce(&shm_layout::table::TableView) -
     let view = unsafe { shm_layout::table::TableView::new(map.as_ptr(), map.len()) }.unwrap();
     f(&view)
 }
+
+/// The mutual-exclusion check every test uses: worker processes each take
+/// `key` `iters` times and, holding it, read-modify-write a counter in a
+/// file that only the lock protects, logging `<counter> <token>`.
+pub struct Counting {
+    counter: PathBuf,
+    log: PathBuf,
+    dir: PathBuf,
+    key: String,
+    pub workers: Vec<Worker>,
+}
+
+impl Counting {
+    /// A counter at 0 in `dir`; no workers yet.
+    pub fn new(dir: &Path, key: &str) -> Counting {
+        let counter = dir.join(format!("counter-{key}"));
+        std::fs::write(&counter, "0").unwrap();
+        Counting {
+            log: dir.join(format!("tokens-{key}.log")),
+            counter,
+            dir: dir.into(),
+            key: key.into(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Start `workers` more processes of `iters` iterations each.
+    pub fn spawn(&mut self, workers: usize, iters: u32) -> &mut Counting {
+        for _ in 0..workers {
+            let args = [
+                "count",
+                &self.key,
+                "--iters",
+                &iters.to_string(),
+                "--file",
+                self.counter.to_str().unwrap(),
+                "--log",
+                self.log.to_str().unwrap(),
+            ];
+            self.workers.push(Worker::spawn(&self.dir, &args));
+        }
+        self
+    }
+
+    pub fn value(&self) -> u64 {
+        std::fs::read_to_string(&self.counter)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Wait for every worker's DONE, then check that no update was lost or
+    /// doubled (the counter is `expected`) and that fencing tokens rose with
+    /// the counter.
+    pub fn finish(&mut self, expected: u64) {
+        for w in &mut self.workers {
+            assert_eq!(w.next_line("DONE"), "DONE", "a well-behaved worker failed");
+        }
+        self.workers.clear();
+        assert_eq!(
+            self.value(),
+            expected,
+            "lost or doubled updates: two holders at once"
+        );
+        let mut rows: Vec<(u64, u64)> = std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (n, t) = l.split_once(' ').unwrap();
+                (n.parse().unwrap(), t.parse().unwrap())
+            })
+            .collect();
+        rows.sort();
+        for pair in rows.windows(2) {
+            assert!(
+                pair[1].1 > pair[0].1,
+                "fencing token went backwards: {:?} then {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+}
