@@ -496,6 +496,7 @@ impl EventLoop {
         if c.inflight == 0 {
             self.conns[conn] = None;
         }
+        self.metrics.dequeued(id);
         self.manager
             .conn_closed(&self.files.table, id, client, &mut self.wakes);
         self.flush_wakes();
@@ -521,6 +522,7 @@ impl EventLoop {
             .expect("a receiving connection exists");
         let (id, pid, uid, client, cell) = (c.id, c.pid, c.uid, c.client, c.cell);
         let table = &self.files.table;
+        let mut handing_off = false;
         let response = match (request, client) {
             (
                 Request::Hello {
@@ -589,20 +591,40 @@ impl EventLoop {
                     queue,
                 );
                 self.metrics.record_acquire(&r, started.elapsed());
+                if matches!(r, Response::Queued { .. }) {
+                    self.metrics.queued(id);
+                }
                 r
             }
-            (Request::Cancel, Some(_)) => self.manager.cancel(table, id, &mut self.wakes),
+            (Request::Cancel, Some(_)) => {
+                self.metrics.dequeued(id);
+                self.manager.cancel(table, id, &mut self.wakes)
+            }
             (Request::Release { slot, token }, Some(client)) => {
+                let held_since_ms = table
+                    .slot(slot)
+                    .map(|s| s.held_since_ms.load(Ordering::Relaxed));
                 let r = self
                     .manager
                     .release(table, client, slot, token, &mut self.wakes);
                 self.metrics.record_release(started.elapsed());
+                if let (Response::Released, Some(since)) = (&r, held_since_ms)
+                    && since != 0
+                {
+                    self.metrics.record_hold(std::time::Duration::from_millis(
+                        now_ms().saturating_sub(since),
+                    ));
+                }
+                handing_off = !self.wakes.answers.is_empty();
                 r
             }
         };
         // Wake the next holder before answering the releaser: the hand-off is
         // on the critical path, the releaser's answer is not.
         self.flush_wakes();
+        if handing_off {
+            self.metrics.record_handoff(started.elapsed());
+        }
         self.send(conn, &response);
     }
 
@@ -610,6 +632,9 @@ impl EventLoop {
         let answers = std::mem::take(&mut self.wakes.answers);
         if !answers.is_empty() {
             for (id, response) in &answers {
+                if matches!(response, Response::Granted { .. }) {
+                    self.metrics.handed_off(*id);
+                }
                 let index = (*id & 0xFFFF_FFFF) as usize;
                 if self
                     .conns

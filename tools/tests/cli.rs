@@ -451,7 +451,6 @@ fn a_stopped_broker_is_reported_as_not_responding() {
 }
 
 #[test]
-#[ignore = "needs the metrics call sites in broker/src/event_loop.rs (queued, handed_off, dequeued, record_hold, record_handoff)"]
 fn hist_has_wait_hold_and_handoff_after_contention() {
     let dir = TempDir::new("hist-contended");
     let _broker = Broker::start(dir.path(), "[allocator]\npolicy = \"none\"\n");
