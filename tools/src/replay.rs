@@ -1074,37 +1074,10 @@ pub fn synthetic_trace(kind: &str, rows: usize, keys: u64, seed: u64) -> Trace {
 // ---------------------------------------------------------------------------
 // The plot.
 
-const FONT_PATHS: [&str; 3] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
-fn register_font() -> bool {
-    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *REGISTERED.get_or_init(|| {
-        for path in FONT_PATHS {
-            if let Ok(bytes) = std::fs::read(path) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font(
-                    "sans-serif",
-                    plotters::style::FontStyle::Normal,
-                    bytes,
-                )
-                .is_ok()
-                {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-}
-
 /// Hit rate on seen-before keys against waste share, one line per policy.
 pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let with_text = register_font();
+    let with_text = crate::fonts::loaded();
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);

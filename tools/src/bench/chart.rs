@@ -2,71 +2,13 @@
 //! on a logarithmic axis. Text needs a TTF font from /usr/share/fonts; without
 //! one the chart is drawn without text.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use anyhow::Context;
 use plotters::prelude::*;
 
 use super::driver::Outcome;
 use super::report::{format_ns, summarize};
-
-const FONT_FAMILY: &str = "sans-serif";
-/// Fonts tried first, then any .ttf under /usr/share/fonts.
-const PREFERRED_FONTS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-];
-
-fn find_font() -> Option<PathBuf> {
-    if std::env::var_os("FORELOCK_BENCH_NO_FONT").is_some() {
-        return None;
-    }
-    if let Some(path) = PREFERRED_FONTS
-        .iter()
-        .map(PathBuf::from)
-        .find(|path| path.is_file())
-    {
-        return Some(path);
-    }
-    // A bounded walk: three levels, at most 10,000 entries.
-    let mut pending = vec![(PathBuf::from("/usr/share/fonts"), 0)];
-    let mut seen = 0;
-    while let Some((dir, depth)) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            seen += 1;
-            if seen > 10_000 {
-                return None;
-            }
-            let path = entry.path();
-            if path.is_dir() && depth < 3 {
-                pending.push((path, depth + 1));
-            } else if path.extension().is_some_and(|extension| extension == "ttf") {
-                return Some(path);
-            }
-        }
-    }
-    None
-}
-
-/// Registers a font once per process; false if none could be loaded.
-fn font_loaded() -> bool {
-    static LOADED: OnceLock<bool> = OnceLock::new();
-    *LOADED.get_or_init(|| {
-        let Some(path) = find_font() else {
-            return false;
-        };
-        let Ok(bytes) = std::fs::read(&path) else {
-            return false;
-        };
-        // Leaked once per process: plotters keeps fonts for 'static.
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes).is_ok()
-    })
-}
 
 const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
@@ -82,7 +24,7 @@ const PALETTE: [RGBColor; 10] = [
 ];
 
 pub fn draw(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
-    let text = font_loaded();
+    let text = crate::fonts::loaded();
     let workloads: Vec<String> = outcome
         .workloads
         .iter()
@@ -128,7 +70,7 @@ pub fn draw(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
         builder
             .caption(
                 "forelock bench: latency p50 (dot) to p99 (bar top), log scale",
-                (FONT_FAMILY, 22),
+                (crate::fonts::FAMILY, 22),
             )
             .x_label_area_size(40)
             .y_label_area_size(80);
@@ -154,7 +96,7 @@ pub fn draw(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
             .x_label_formatter(&x_formatter)
             .y_label_formatter(&y_formatter)
             .y_desc("latency")
-            .label_style((FONT_FAMILY, 14));
+            .label_style((crate::fonts::FAMILY, 14));
         mesh.draw().map_err(|error| anyhow::anyhow!("{error:?}"))?;
     } else {
         mesh.x_labels(0).y_labels(0);
@@ -196,7 +138,7 @@ pub fn draw(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .label_font((FONT_FAMILY, 14))
+            .label_font((crate::fonts::FAMILY, 14))
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(|error| anyhow::anyhow!("{error:?}"))?;

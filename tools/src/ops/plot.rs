@@ -5,54 +5,10 @@
 use anyhow::anyhow;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
-const FONT_FAMILY: &str = "sans-serif";
-const FONTS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-];
 /// The plot's right edge: 99.999%.
 const MAX_NINES: f64 = 5.0;
-
-/// The first preferred font, else any .ttf within three levels of
-/// /usr/share/fonts (bounded walk).
-fn find_font() -> Option<PathBuf> {
-    if let Some(p) = FONTS.iter().map(PathBuf::from).find(|p| p.is_file()) {
-        return Some(p);
-    }
-    let mut pending = vec![(PathBuf::from("/usr/share/fonts"), 0)];
-    let mut seen = 0;
-    while let Some((dir, depth)) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            seen += 1;
-            if seen > 10_000 {
-                return None;
-            }
-            let path = entry.path();
-            if path.is_dir() && depth < 3 {
-                pending.push((path, depth + 1));
-            } else if path.extension().is_some_and(|e| e == "ttf") {
-                return Some(path);
-            }
-        }
-    }
-    None
-}
-
-/// Register a font once per process; false if none could be loaded.
-fn font_loaded() -> bool {
-    static LOADED: OnceLock<bool> = OnceLock::new();
-    *LOADED.get_or_init(|| {
-        let Some(bytes) = find_font().and_then(|p| std::fs::read(p).ok()) else {
-            return false;
-        };
-        // Leaked once per process: plotters keeps fonts for 'static.
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes).is_ok()
-    })
-}
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -92,7 +48,7 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 
 /// Draw `hist.png`; returns whether the text could be drawn (a font was found).
 pub fn percentile_plot(path: &Path, totals: &[(String, Histogram<u64>)]) -> anyhow::Result<bool> {
-    let text = font_loaded();
+    let text = crate::fonts::loaded();
     let curves: Vec<(&str, Vec<(f64, f64)>)> = totals
         .iter()
         .filter(|(_, h)| !h.is_empty())
@@ -117,7 +73,7 @@ pub fn percentile_plot(path: &Path, totals: &[(String, Histogram<u64>)]) -> anyh
         builder
             .caption(
                 "forelockd latency by percentile (broker side, log scale)",
-                (FONT_FAMILY, 22),
+                (crate::fonts::FAMILY, 22),
             )
             .x_label_area_size(40)
             .y_label_area_size(80);
@@ -146,7 +102,7 @@ pub fn percentile_plot(path: &Path, totals: &[(String, Histogram<u64>)]) -> anyh
             .y_label_formatter(&y_formatter)
             .x_desc("percentile")
             .y_desc("latency")
-            .label_style((FONT_FAMILY, 14));
+            .label_style((crate::fonts::FAMILY, 14));
         mesh.draw().map_err(err)?;
     } else {
         mesh.x_labels(0).y_labels(0);
@@ -172,7 +128,7 @@ pub fn percentile_plot(path: &Path, totals: &[(String, Histogram<u64>)]) -> anyh
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .label_font((FONT_FAMILY, 14))
+            .label_font((crate::fonts::FAMILY, 14))
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(err)?;
