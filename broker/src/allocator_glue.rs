@@ -67,11 +67,6 @@ impl Allocation {
         self.load = load;
     }
 
-    /// The policy's current threshold (0 for keep-alive).
-    pub fn threshold(&self) -> f32 {
-        self.policy.threshold()
-    }
-
     pub fn tick(&mut self, manager: &mut LockManager, files: &RuntimeFiles, now_ms: u64) {
         self.tick_on(
             manager,

@@ -135,13 +135,6 @@ pub enum Registered {
     Attached { client: u32 },
 }
 
-/// Counters not kept in the table header.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Counters {
-    pub grants_broker: u64,
-    pub grants_fast_seen: u64,
-}
-
 pub struct LockManager {
     policy: Policy,
     epoch: u64,
@@ -158,7 +151,6 @@ pub struct LockManager {
     handed: HashMap<ConnId, (u32, u64, bool)>,
     /// Keys seen recently, by hash: what the allocator may prepare.
     known: HashMap<u64, Box<[u8]>>,
-    pub counters: Counters,
     now_ms: u64,
 }
 
@@ -188,7 +180,6 @@ impl LockManager {
             waiting: HashMap::new(),
             handed: HashMap::new(),
             known: HashMap::new(),
-            counters: Counters::default(),
             now_ms,
         };
         for p in 0..g.index_len {
@@ -302,10 +293,6 @@ impl LockManager {
             m.client_gone(table, c, waker);
         }
         m
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.now_ms
     }
 
     // ---- registration ---------------------------------------------------------
@@ -701,7 +688,6 @@ impl LockManager {
                 let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
                 if !st.managed {
                     stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
-                    self.counters.grants_fast_seen += grants as u64;
                 }
                 st.uses = st.uses.saturating_add(grants);
                 st.last_counter = w.counter();
@@ -837,10 +823,6 @@ impl LockManager {
             .filter(|(_, c)| c.active)
             .map(|(i, c)| (i as u32, c.pid))
             .collect()
-    }
-
-    pub fn free_slots(&self) -> usize {
-        self.free.len()
     }
 
     // ---- internals -----------------------------------------------------------------
@@ -1058,7 +1040,6 @@ impl LockManager {
         slot.word.store(word.0, Ordering::Release);
         slot.held_since_ms.store(self.now_ms, Ordering::Relaxed);
         self.mirror(table, s);
-        self.counters.grants_broker += 1;
         Ok((token, owner_died))
     }
 
