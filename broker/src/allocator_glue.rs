@@ -112,6 +112,13 @@ impl Allocation {
             load: self.load,
         };
         self.policy.tick(&input, &mut self.actions);
+        // Publish each keyed slot's score for observers (`forelock locks`).
+        for view in &self.views {
+            if let Some(slot) = table.slot(view.slot) {
+                let score = view.score.unwrap_or(0.0);
+                slot.score_bits.store(score.to_bits(), Ordering::Relaxed);
+            }
+        }
         for action in &self.actions {
             match *action {
                 Action::Prepare { key_hash } => {

@@ -123,13 +123,18 @@ struct Observed {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Plain text (journald and log files), filtered like forelockd's logs.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FORELOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_target(false).init();
+    } else {
+        builder.init();
+    }
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => {
