@@ -35,13 +35,13 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+use crate::bench::support::{ChildGuard, TempDir, die_with_parent};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
@@ -357,7 +357,7 @@ fn run_mode(
     last_due_ns: u64,
 ) -> anyhow::Result<ModeResult> {
     // Drop order is the reverse of creation: workers, predictor, broker, dir.
-    let dir = TempDir::new(&format!("live-replay-{policy}"))?;
+    let dir = TempDir::new_in_memory(&format!("live-replay-{policy}"))?;
     let runtime_dir = dir.path().join("rt");
     let config = dir.path().join("forelockd.toml");
     std::fs::write(
@@ -376,11 +376,14 @@ fn run_mode(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(&broker_log)?));
-    let mut broker = Guarded::spawn(&mut command, Duration::from_secs(2))
-        .with_context(|| format!("starting {}", binaries.broker.display()))?;
+    let mut broker = ChildGuard::new(
+        die_with_parent(&mut command)
+            .spawn()
+            .with_context(|| format!("starting {}", binaries.broker.display()))?,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if broker.exited() {
+        if exited(&mut broker) {
             bail!(
                 "forelockd exited at start: {}",
                 tail(&std::fs::read_to_string(&broker_log).unwrap_or_default())
@@ -406,10 +409,11 @@ fn run_mode(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&predictor_log)?));
-        Some(
-            Guarded::spawn(&mut command, Duration::from_secs(2))
+        Some(ChildGuard::new(
+            die_with_parent(&mut command)
+                .spawn()
                 .with_context(|| format!("starting {}", binaries.predictor.display()))?,
-        )
+        ))
     } else {
         None
     };
@@ -417,7 +421,7 @@ fn run_mode(
     // Workers: write specs, start, wait until each has connected.
     let program = std::env::current_exe().context("finding this program to start workers")?;
     let arguments: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let mut workers: Vec<(Guarded, ChildStdin, PathBuf, PathBuf)> = Vec::new();
+    let mut workers: Vec<(ChildGuard, ChildStdin, PathBuf, PathBuf)> = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, std::io::Result<String>)>();
     for (client, rows) in per_client.iter().enumerate() {
         if rows.is_empty() {
@@ -441,10 +445,12 @@ fn run_mode(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log_path)?));
-        let mut worker = Guarded::spawn(&mut command, Duration::ZERO)
+        let mut child = die_with_parent(&mut command)
+            .spawn()
             .with_context(|| format!("starting a worker: {}", program.display()))?;
-        let stdin = worker.child_mut().stdin.take().context("worker stdin")?;
-        let stdout = worker.child_mut().stdout.take().context("worker stdout")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let worker = ChildGuard::new(child);
         let tx = ready_tx.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -471,7 +477,7 @@ fn run_mode(
     }
     if let Some(predictor) = predictor.as_mut() {
         anyhow::ensure!(
-            !predictor.exited(),
+            !exited(predictor),
             "forelock-predictor exited: {}",
             tail(&std::fs::read_to_string(&predictor_log).unwrap_or_default())
         );
@@ -490,7 +496,7 @@ fn run_mode(
     let deadline = Instant::now() + budget;
     for (worker, _, _, log) in &mut workers {
         let status = loop {
-            if let Some(status) = worker.child_mut().try_wait()? {
+            if let Some(status) = worker.try_wait()? {
                 break status;
             }
             anyhow::ensure!(
@@ -506,7 +512,7 @@ fn run_mode(
             tail(&std::fs::read_to_string(&*log).unwrap_or_default())
         );
     }
-    let predictor_alive = predictor.as_mut().map(|predictor| !predictor.exited());
+    let predictor_alive = predictor.as_mut().map(|predictor| !exited(predictor));
     if predictor_alive == Some(false) {
         eprintln!(
             "live-replay: warning: forelock-predictor exited during the replay: {}",
@@ -874,90 +880,6 @@ fn tail(text: &str) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// A directory removed (with everything in it) when dropped, also on panic.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> anyhow::Result<TempDir> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let parent = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let path = parent.join(format!(
-            "forelock-{label}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("creating temporary directory {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process that gets SIGKILL if we die, and is stopped and reaped
-/// when dropped (SIGTERM, then SIGKILL after `grace`), also on panic.
-struct Guarded {
-    child: Child,
-    grace: Duration,
-}
-
-impl Guarded {
-    fn spawn(command: &mut Command, grace: Duration) -> std::io::Result<Guarded> {
-        let hook = || {
-            // PR_SET_PDEATHSIG takes the signal as an unsigned long argument.
-            let signal = libc::SIGKILL as libc::c_ulong;
-            // SAFETY:
-            // - prctl with PR_SET_PDEATHSIG reads no memory of ours.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY:
-        // - the hook runs between fork and exec in the child; it calls only
-        //   prctl(2), which is async-signal-safe, and allocates nothing.
-        let child = unsafe { command.pre_exec(hook) }.spawn()?;
-        Ok(Guarded { child, grace })
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        &mut self.child
-    }
-
-    fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if !self.exited() {
-            if let Ok(pid) = libc::pid_t::try_from(self.child.id())
-                && !self.grace.is_zero()
-            {
-                // SAFETY:
-                // - kill(2) takes plain integers; `pid` is our own unreaped
-                //   child, so the number cannot have been reused.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                let deadline = Instant::now() + self.grace;
-                while Instant::now() < deadline && !self.exited() {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+fn exited(child: &mut ChildGuard) -> bool {
+    !matches!(child.try_wait(), Ok(None))
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fonts;
+mod live_replay;
 mod ops;
 mod replay;
 
@@ -32,6 +33,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Replay a lock trace through the forecaster and allocator in simulated time.
     Replay(replay::ReplayArgs),
+    /// Replay a lock trace in real time against real brokers and client
+    /// processes, with prediction on and off.
+    LiveReplay(live_replay::LiveReplayArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Ops(cmd) => std::process::exit(ops::run(cmd)?),
         Command::Bench(args) => bench::run_with(args, bench::forelock::entries()),
         Command::Replay(args) => replay::run(args),
+        Command::LiveReplay(args) => live_replay::run(args),
     }
 }

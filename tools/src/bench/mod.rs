@@ -33,7 +33,7 @@ mod driver;
 pub mod forelock;
 mod peers;
 mod report;
-mod support;
+pub(crate) mod support;
 pub mod system;
 mod workload;
 
