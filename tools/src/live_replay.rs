@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::bench::support::{ChildGuard, TempDir, die_with_parent};
+use crate::bench::support::{ChildGuard, TempDir, die_with_parent, start_forelockd};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
@@ -358,46 +358,8 @@ fn run_mode(
 ) -> anyhow::Result<ModeResult> {
     // Drop order is the reverse of creation: workers, predictor, broker, dir.
     let dir = TempDir::new_in_memory(&format!("live-replay-{policy}"))?;
-    let runtime_dir = dir.path().join("rt");
-    let config = dir.path().join("forelockd.toml");
-    std::fs::write(
-        &config,
-        format!("[allocator]\npolicy = \"{policy}\"\n\n[table]\nslots = {SLOTS}\n"),
-    )
-    .context("writing the broker's configuration")?;
-    let broker_log = dir.path().join("forelockd.log");
-    let mut command = Command::new(&binaries.broker);
-    command
-        .arg("--config")
-        .arg(&config)
-        .arg("--runtime-dir")
-        .arg(&runtime_dir)
-        .env("FORELOCK_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&broker_log)?));
-    let mut broker = ChildGuard::new(
-        die_with_parent(&mut command)
-            .spawn()
-            .with_context(|| format!("starting {}", binaries.broker.display()))?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if exited(&mut broker) {
-            bail!(
-                "forelockd exited at start: {}",
-                tail(&std::fs::read_to_string(&broker_log).unwrap_or_default())
-            );
-        }
-        if forelock::Client::connect_to(&runtime_dir).is_ok() {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "forelockd did not start within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let config = format!("[allocator]\npolicy = \"{policy}\"\n\n[table]\nslots = {SLOTS}\n");
+    let (broker, runtime_dir) = start_forelockd(&binaries.broker, dir.path(), &config)?;
 
     let predictor_log = dir.path().join("forelock-predictor.log");
     let mut predictor = if policy == "forecast" {

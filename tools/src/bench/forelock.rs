@@ -9,12 +9,8 @@
 //! PATH) on a private runtime directory, and stops it when the bench ends.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use anyhow::Context;
-
-use crate::bench::support::{ChildGuard, TempDir, die_with_parent, find_binary, poll_until};
+use crate::bench::support::{ChildGuard, TempDir, find_binary, start_forelockd};
 use crate::bench::system::{
     BenchEnv, LockKey, LockSession, LockSystem, RunShape, Sharing, StartError, SystemEntry,
     SystemTraits, WorkerIdentity,
@@ -70,42 +66,12 @@ fn start_with(policy: &str, note: &'static str) -> Result<Box<dyn LockSystem>, S
         binary: "forelockd",
     })?;
     let dir = TempDir::new("forelock")?;
-    let runtime_dir = dir.path().join("rt");
-    let config = dir.path().join("forelockd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[allocator]\npolicy = \"{policy}\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n{}",
-            broker_overrides()
-        ),
-    )
-    .context("writing the broker's configuration")?;
-    let log = std::fs::File::create(dir.path().join("forelockd.log")).context("broker log")?;
-    let mut command = Command::new(&binary);
-    command
-        .arg("--config")
-        .arg(&config)
-        .arg("--runtime-dir")
-        .arg(&runtime_dir)
-        .env("FORELOCK_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
-    let child = die_with_parent(&mut command)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let mut broker = ChildGuard::new(child);
-    let ready = poll_until(Duration::from_secs(10), Duration::from_millis(10), || {
-        matches!(broker.try_wait(), Ok(Some(_)))
-            || forelock::Client::connect_to(&runtime_dir).is_ok()
-    });
-    if !ready || matches!(broker.try_wait(), Ok(Some(_))) {
-        let log = std::fs::read_to_string(dir.path().join("forelockd.log")).unwrap_or_default();
-        return Err(StartError::Failed(anyhow::anyhow!(
-            "forelockd did not start: {}",
-            log.trim()
-        )));
-    }
+    let config = format!(
+        "[allocator]\npolicy = \"{policy}\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n{}",
+        broker_overrides()
+    );
+    let (broker, runtime_dir) =
+        start_forelockd(&binary, dir.path(), &config).map_err(StartError::Failed)?;
     Ok(Box::new(ForelockSystem {
         runtime_dir,
         note,

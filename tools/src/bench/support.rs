@@ -266,6 +266,44 @@ pub fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Start `forelockd` (`binary`) on `<dir>/rt` with `config` (TOML over the
+/// embedded defaults), its log in `<dir>/forelockd.log`, and wait (at most
+/// 10 s) until a client can connect. Returns the broker and its runtime dir.
+pub fn start_forelockd(
+    binary: &Path,
+    dir: &Path,
+    config: &str,
+) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    let runtime_dir = dir.join("rt");
+    let config_path = dir.join("forelockd.toml");
+    std::fs::write(&config_path, config).context("writing the broker's configuration")?;
+    let log_path = dir.join("forelockd.log");
+    let log = std::fs::File::create(&log_path).context("broker log")?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--runtime-dir")
+        .arg(&runtime_dir)
+        .env("FORELOCK_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log));
+    let child = die_with_parent(&mut command)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut broker = ChildGuard::new(child);
+    let exited = |b: &mut ChildGuard| matches!(b.try_wait(), Ok(Some(_)));
+    let ready = poll_until(Duration::from_secs(10), Duration::from_millis(10), || {
+        exited(&mut broker) || forelock::Client::connect_to(&runtime_dir).is_ok()
+    });
+    if !ready || exited(&mut broker) {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        anyhow::bail!("forelockd did not start: {}", log.trim());
+    }
+    Ok((broker, runtime_dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
