@@ -67,6 +67,8 @@ pub struct BrokerConfig {
     pub uring_entries: u32,
     /// Microseconds the event loop polls for work before it sleeps.
     pub spin_us: u64,
+    /// The same while a request waits in a queue (a release is coming).
+    pub spin_waiters_us: u64,
     /// Socket file mode (octal as a string, e.g. "0666"): who may connect.
     pub socket_mode: String,
 }

@@ -231,7 +231,15 @@ impl EventLoop {
         );
         let mut completions = Vec::with_capacity(64);
         let spin = std::time::Duration::from_micros(self.config.broker.spin_us);
+        let spin_waiters = std::time::Duration::from_micros(self.config.broker.spin_waiters_us);
         while !self.stopping {
+            // While someone waits in a queue, a release is coming: stay awake
+            // for it longer (the waiters sleep, so their CPU is free).
+            let spin = if self.manager.has_waiters() {
+                spin_waiters.max(spin)
+            } else {
+                spin
+            };
             self.spin_for_completions(spin)?;
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}

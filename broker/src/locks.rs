@@ -815,6 +815,11 @@ impl LockManager {
         true
     }
 
+    /// Whether any acquire is queued.
+    pub fn has_waiters(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// Active client records and their pids (to watch them after adoption).
     pub fn active_clients(&self) -> Vec<(u32, u32)> {
         self.clients
