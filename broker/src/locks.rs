@@ -516,6 +516,21 @@ impl LockManager {
         };
         let hash = self.slots[s as usize].hash;
         self.remember(hash, key);
+        if !queue && !self.slots[s as usize].managed {
+            // A try-lock on a key held on the fast path: say so without
+            // taking the slot over (which would send its holder's release
+            // through the broker for nothing).
+            let w = Word(
+                table
+                    .slot(s)
+                    .expect("s < slot_count")
+                    .word
+                    .load(Ordering::Acquire),
+            );
+            if w.exclusive_owner().is_some() {
+                return Response::WouldBlock;
+            }
+        }
         self.take_over(table, s);
         let st = &self.slots[s as usize];
         let grantable = st.queue.is_empty()

@@ -545,3 +545,24 @@ fn owner_died_survives_the_keep_alive_reclaim_until_someone_is_told() {
         "{g:?}"
     );
 }
+
+#[test]
+fn a_try_lock_on_a_fast_path_hold_leaves_the_slot_on_the_fast_path() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    let slot = f.table.slot(s).unwrap();
+    let held = try_acquire_exclusive(&slot.word, w.generation(), a)
+        .unwrap()
+        .held;
+    let r =
+        f.m.acquire(&f.table, &f.events, b, 2, 2, b"k", false, false);
+    assert_eq!(r, Response::WouldBlock);
+    let slot = f.table.slot(s).unwrap();
+    assert!(
+        try_release_exclusive(&slot.word, held),
+        "the holder still releases with its own CAS"
+    );
+}
