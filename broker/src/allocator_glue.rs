@@ -112,6 +112,12 @@ impl Allocation {
             load: self.load,
         };
         self.policy.tick(&input, &mut self.actions);
+        let threshold = self.policy.threshold();
+        let wanted = self
+            .candidates
+            .iter()
+            .filter(|c| c.probability >= threshold && c.probability > 0.0);
+        manager.set_predicted(wanted.map(|c| c.key_hash));
         // Publish each keyed slot's score for observers (`forelock locks`).
         for view in &self.views {
             if let Some(slot) = table.slot(view.slot) {

@@ -151,6 +151,9 @@ pub struct LockManager {
     handed: HashMap<ConnId, (u32, u64, bool)>,
     /// Keys seen recently, by hash: what the allocator may prepare.
     known: HashMap<u64, Box<[u8]>>,
+    /// Keys the forecaster scored above the threshold at the last tick that
+    /// were not prepared yet: a request for one of them arrived late.
+    predicted: std::collections::HashSet<u64>,
     now_ms: u64,
 }
 
@@ -180,6 +183,7 @@ impl LockManager {
             waiting: HashMap::new(),
             handed: HashMap::new(),
             known: HashMap::new(),
+            predicted: std::collections::HashSet::new(),
             now_ms,
         };
         for p in 0..g.index_len {
@@ -548,7 +552,13 @@ impl LockManager {
                 shared,
                 client,
             );
-            stats.misses.fetch_add(1, Ordering::Relaxed);
+            // Predicted but not prepared in time: late; not predicted: a miss.
+            let counter = if self.predicted.remove(&hash) {
+                &stats.late
+            } else {
+                &stats.misses
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             return match self.grant(table, s, client, shared) {
                 Ok((token, owner_died)) => Response::Granted {
                     slot: s,
@@ -828,6 +838,13 @@ impl LockManager {
             );
         }
         true
+    }
+
+    /// The keys the forecaster wants prepared that are not (yet): a slow-path
+    /// request for one of them counts as late rather than missed.
+    pub fn set_predicted(&mut self, hashes: impl IntoIterator<Item = u64>) {
+        self.predicted.clear();
+        self.predicted.extend(hashes);
     }
 
     /// Whether any acquire is queued.

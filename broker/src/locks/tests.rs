@@ -566,3 +566,15 @@ fn a_try_lock_on_a_fast_path_hold_leaves_the_slot_on_the_fast_path() {
         "the holder still releases with its own CAS"
     );
 }
+
+#[test]
+fn a_slow_path_request_for_a_predicted_key_counts_as_late_not_missed() {
+    let mut f = fixture(8, 4, Policy::Forecast);
+    let a = f.client(1);
+    f.m.set_predicted([key_hash(b"soon")]);
+    f.acquire(a, 1, "soon", false);
+    f.acquire(a, 2, "unforeseen", false);
+    let stats = &f.table.header().stats;
+    assert_eq!(stats.late.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.misses.load(Ordering::Relaxed), 1);
+}
