@@ -9,11 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Upper bound of any single wait in a test.
-pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub fn broker_exe() -> &'static str {
     env!("CARGO_BIN_EXE_forelockd-under-test")
@@ -22,135 +18,16 @@ pub fn worker_exe() -> &'static str {
     env!("CARGO_BIN_EXE_fl-worker")
 }
 
-/// A fresh runtime directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("fl-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+pub use forelock_tests::{Broker, PATIENCE, TempDir, wait_bounded};
+
+/// `Broker::start(dir, config)`: the broker under test, on `dir`.
+pub trait StartBroker {
+    fn start(dir: &Path, config: &str) -> Broker;
 }
 
-/// A running `forelockd` child.
-pub struct Broker {
-    pub dir: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Broker {
-    /// Start a broker on `dir` with `config` (TOML overriding the defaults).
-    pub fn start(dir: &Path, config: &str) -> Broker {
-        let path = dir.join("forelockd-test.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut b = Broker {
-            dir: dir.into(),
-            config: path,
-            child: None,
-            log: Arc::default(),
-        };
-        b.spawn();
-        b
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new(broker_exe())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--runtime-dir")
-            .arg(&self.dir)
-            .env("FORELOCK_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start forelockd");
-        let (tx, rx) = channel();
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("forelockd ready") {
-                    let _ = tx.send(());
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-        if rx.recv_timeout(PATIENCE).is_err() {
-            let _ = child.kill();
-            panic!(
-                "forelockd did not become ready:\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-        }
-        self.child = Some(child);
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGKILL the broker and reap it.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    /// SIGTERM, and the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        // SAFETY: kill with a valid pid and signal has no memory preconditions.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        wait_bounded(&mut c)
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn wait_bounded(c: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            let _ = c.kill();
-            panic!("process {} did not exit in time", c.id());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+impl StartBroker for Broker {
+    fn start(dir: &Path, config: &str) -> Broker {
+        Broker::launch(Path::new(broker_exe()), dir, config, &[])
     }
 }
 

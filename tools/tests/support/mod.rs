@@ -3,15 +3,9 @@
 //! runtime directory (killed on drop), and the `forelock` binary under test.
 //! Every wait is bounded: a test that would hang fails with a message.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Upper bound of any single wait in a test.
-pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub fn cli_exe() -> &'static str {
     env!("CARGO_BIN_EXE_forelock")
@@ -30,98 +24,21 @@ pub fn broker_exe() -> PathBuf {
     path
 }
 
-/// A fresh runtime directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("flt-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+pub use forelock_tests::{Broker, PATIENCE, TempDir};
+
+/// `Broker::start(dir, config)` and `Broker::start_with(dir, config, env)`:
+/// the `forelockd` beside the CLI, on `dir`.
+pub trait StartBroker {
+    fn start(dir: &Path, config: &str) -> Broker;
+    fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Broker;
 }
 
-/// A running `forelockd`, killed (SIGKILL) and reaped on drop.
-pub struct Broker {
-    pub child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Broker {
-    /// Start a broker on `dir` with `config` (TOML over the defaults) and
-    /// wait until it logs that it is ready.
-    pub fn start(dir: &Path, config: &str) -> Broker {
+impl StartBroker for Broker {
+    fn start(dir: &Path, config: &str) -> Broker {
         Broker::start_with(dir, config, &[])
     }
-
-    pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Broker {
-        let path = dir.join("forelockd-test.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(broker_exe())
-            .arg("--config")
-            .arg(&path)
-            .arg("--runtime-dir")
-            .arg(dir)
-            .env("FORELOCK_LOG", "info")
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start forelockd");
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, rx) = channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("forelockd ready") {
-                    let _ = tx.send(());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        if rx.recv_timeout(PATIENCE).is_err() {
-            let _ = child.kill();
-            panic!(
-                "forelockd did not become ready:\n{}",
-                log.lock().unwrap().join("\n")
-            );
-        }
-        Broker {
-            child: Some(child),
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill9();
+    fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Broker {
+        Broker::launch(&broker_exe(), dir, config, env)
     }
 }
 
