@@ -94,6 +94,10 @@ struct SlotState {
     /// When the key got its slot, and grants since (fast and broker).
     placed_at_ms: u64,
     uses: u32,
+    /// The highest token this slot has issued as far as the broker knows.
+    /// Token base and counter live in client-writable memory; a broker grant
+    /// never goes below this, whatever they say.
+    issued: u64,
     /// Position in the key index, if indexed.
     index_pos: Option<u32>,
 }
@@ -111,6 +115,7 @@ impl SlotState {
             speculative: false,
             placed_at_ms: 0,
             uses: 0,
+            issued: 0,
             index_pos: None,
         }
     }
@@ -149,6 +154,9 @@ pub struct LockManager {
     /// Grants made through a connection's wait cell, until the connection's
     /// next request (answers a Cancel that raced with the hand-off).
     handed: HashMap<ConnId, (u32, u64, bool)>,
+    /// Every token issued so far is below this (the private copy of the
+    /// header's `token_floor`, which a client could overwrite).
+    floor: u64,
     /// Keys seen recently, by hash: what the allocator may prepare.
     known: HashMap<u64, Box<[u8]>>,
     /// Keys the forecaster scored above the threshold at the last tick that
@@ -182,6 +190,7 @@ impl LockManager {
                 .collect(),
             waiting: HashMap::new(),
             handed: HashMap::new(),
+            floor: 1,
             known: HashMap::new(),
             predicted: std::collections::HashSet::new(),
             now_ms,
@@ -196,8 +205,7 @@ impl LockManager {
         for s in 0..g.slot_count {
             let slot = table.slot(s).expect("s < slot_count");
             let word = Word(slot.word.load(Ordering::Acquire));
-            let base = slot.token_base.load(Ordering::Relaxed);
-            floor = floor.max(base.saturating_add(word.counter() as u64 + 1));
+            floor = floor.max(word_token(slot, word).saturating_add(1));
             let key = slot.key_bytes();
             let keep = slot.key_len.load(Ordering::Relaxed) as usize == key.len()
                 && validate_key(&key).is_ok()
@@ -215,12 +223,14 @@ impl LockManager {
             slot.key_hash.store(st.hash, Ordering::Relaxed);
             st.key = Some(key.clone().into_boxed_slice());
             st.last_counter = word.counter();
+            st.issued = word_token(slot, word);
             st.last_use_ms = now_ms;
             st.managed = !word.is_prepared();
             m.keys.insert(key.into_boxed_slice(), s);
         }
         m.free.reverse();
         table.header().token_floor.store(floor, Ordering::Relaxed);
+        m.floor = floor;
         // Clients: live ones keep their records and broker-granted holds.
         let mut dead = Vec::new();
         for c in 0..g.client_count {
@@ -259,7 +269,7 @@ impl LockManager {
                 }
                 let slot = table.slot(slot_index).expect("bounds checked above");
                 let word = Word(slot.word.load(Ordering::Acquire));
-                let token = slot.token_base.load(Ordering::Relaxed) + word.counter() as u64;
+                let token = word_token(slot, word);
                 st.managed = true;
                 st.holder = match (std::mem::replace(&mut st.holder, Holder::Free), shared) {
                     (Holder::Free, false) => Holder::Exclusive {
@@ -633,8 +643,7 @@ impl LockManager {
             // A fast-path hold whose release CAS failed for a transient reason
             // (or a confused client): release it if the word says it is ours.
             let w = Word(tslot.word.load(Ordering::Acquire));
-            let ours = w.exclusive_owner() == Some(client)
-                && tslot.token_base.load(Ordering::Relaxed) + w.counter() as u64 == token;
+            let ours = w.exclusive_owner() == Some(client) && word_token(tslot, w) == token;
             let freed = shm_layout::lockword::released(w);
             return if ours
                 && tslot
@@ -715,6 +724,9 @@ impl LockManager {
                     stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
                 }
                 st.uses = st.uses.saturating_add(grants);
+                st.issued = st
+                    .issued
+                    .max(word_token(table.slot(s).expect("s < slot_count"), w));
                 st.last_counter = w.counter();
                 st.last_use_ms = now_ms;
                 st.speculative = false;
@@ -916,7 +928,7 @@ impl LockManager {
         let header = table.header();
         let old = Word(slot.word.load(Ordering::Acquire));
         let hash = key_hash(key);
-        let base = header.token_floor.load(Ordering::Relaxed);
+        let base = self.floor;
         slot.store_key(key, hash, 0);
         slot.token_base.store(base, Ordering::Relaxed);
         slot.prepared_at_ms.store(self.now_ms, Ordering::Relaxed);
@@ -933,6 +945,7 @@ impl LockManager {
         st.hash = hash;
         st.last_use_ms = self.now_ms;
         st.placed_at_ms = self.now_ms;
+        st.issued = base;
         self.keys.insert(key.into(), s);
         self.index_insert(table, s);
         header.stats.slots_used.fetch_add(1, Ordering::Relaxed);
@@ -957,9 +970,8 @@ impl LockManager {
         {
             return false; // a client took it meanwhile: keep the slot
         }
-        let header = table.header();
-        let issued = slot.token_base.load(Ordering::Relaxed) + w.counter() as u64;
-        header.token_floor.fetch_max(issued + 1, Ordering::Relaxed);
+        let issued = self.slots[s as usize].issued.max(word_token(slot, w));
+        self.raise_floor(table, issued.saturating_add(1));
         self.index_remove(table, s);
         slot.key_len.store(0, Ordering::Relaxed);
         let st = std::mem::replace(&mut self.slots[s as usize], SlotState::empty());
@@ -968,6 +980,17 @@ impl LockManager {
         }
         self.free.push(s);
         true
+    }
+
+    /// Raise the private token floor to `at_least` and publish it (the
+    /// header's copy only ever goes up, even if a client lowered it).
+    fn raise_floor(&mut self, table: &TableView, at_least: u64) {
+        self.floor = self.floor.max(at_least);
+        let published = table
+            .header()
+            .token_floor
+            .fetch_max(self.floor, Ordering::Relaxed);
+        self.floor = self.floor.max(published);
     }
 
     /// Make a prepared slot managed (clear PREPARED), learning its fast-path
@@ -988,7 +1011,7 @@ impl LockManager {
             table.header().stats.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot = s, word = ?w, "lock word in a shape forelock never writes: repaired to free (someone scribbled on the table)");
         } else if let Some(owner) = w.exclusive_owner() {
-            let token = slot.token_base.load(Ordering::Relaxed) + w.counter() as u64;
+            let token = word_token(slot, w);
             st.holder = Holder::Exclusive {
                 client: owner,
                 token,
@@ -1049,14 +1072,22 @@ impl LockManager {
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
         let mut counter = w.counter();
+        let mut base = slot.token_base.load(Ordering::Relaxed);
         if counter as u64 >= shm_layout::lockword::COUNTER_MASK {
-            slot.token_base.fetch_add(counter as u64, Ordering::Relaxed);
+            base = base.saturating_add(counter as u64);
             counter = 0;
         }
         counter += 1;
-        let token = slot.token_base.load(Ordering::Relaxed) + counter as u64;
         let owner_died = w.owner_died();
         let st = &mut self.slots[s as usize];
+        // Never below a token this slot issued before, whatever the
+        // client-writable base says; rebase so base + counter = token.
+        let token = base
+            .saturating_add(counter as u64)
+            .max(st.issued.saturating_add(1));
+        st.issued = token;
+        slot.token_base
+            .store(token - counter as u64, Ordering::Relaxed);
         st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {
             Holder::Shared(mut v) if shared => {
                 v.push((client, token));
@@ -1253,6 +1284,14 @@ impl LockManager {
             e.0.store(0, Ordering::Release);
         }
     }
+}
+
+/// The token a slot's word stands for: `token_base + counter`, saturating
+/// (both are client-writable, so any value may be there).
+fn word_token(slot: &shm_layout::table::Slot, w: Word) -> u64 {
+    slot.token_base
+        .load(Ordering::Relaxed)
+        .saturating_add(w.counter() as u64)
 }
 
 fn clear_hold(table: &TableView, client: u32, slot: u32) {

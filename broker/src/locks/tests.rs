@@ -578,3 +578,30 @@ fn a_slow_path_request_for_a_predicted_key_counts_as_late_not_missed() {
     assert_eq!(stats.late.load(Ordering::Relaxed), 1);
     assert_eq!(stats.misses.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_scribbled_token_base_never_takes_a_broker_grant_backwards() {
+    let mut f = fixture(8, 4, Policy::None);
+    let a = f.client(1);
+    let g1 = f.acquire(a, 1, "k", false);
+    f.release(a, &g1);
+    let (s, _) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    f.table
+        .slot(s)
+        .unwrap()
+        .token_base
+        .store(0, Ordering::Relaxed);
+    let g2 = f.acquire(a, 1, "k", false);
+    assert!(token(&g2) > token(&g1), "{g2:?} after {g1:?}");
+    f.release(a, &g2);
+    f.table
+        .slot(s)
+        .unwrap()
+        .token_base
+        .store(u64::MAX, Ordering::Relaxed);
+    let g3 = f.acquire(a, 1, "k", false);
+    assert!(
+        token(&g3) > token(&g2),
+        "a base near the top saturates instead of wrapping"
+    );
+}
