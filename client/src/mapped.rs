@@ -154,7 +154,7 @@ pub(crate) fn fast_acquire(
     let token = slot
         .token_base
         .load(Ordering::Relaxed)
-        .wrapping_add(grant.held.counter() as u64);
+        .saturating_add(grant.held.counter() as u64);
     Some(FastHold {
         slot: slot_index,
         held: grant.held,
