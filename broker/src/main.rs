@@ -20,7 +20,16 @@ struct Args {
     print_config: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // The error's chain, one line, as a person reads it (anyhow's Debug form
+    // would add a backtrace whenever RUST_BACKTRACE is set).
+    if let Err(e) = run() {
+        eprintln!("forelockd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,

@@ -14,7 +14,14 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("contend: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let iterations: u64 = std::env::args().nth(1).map_or(Ok(1000), |s| s.parse())?;
     let client = forelock::Client::connect()?;
     let path = client.runtime_dir().join("demo-counter");

@@ -122,7 +122,16 @@ struct Observed {
     reclaimed: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // The error's chain, one line, as a person reads it (anyhow's Debug form
+    // would add a backtrace whenever RUST_BACKTRACE is set).
+    if let Err(e) = run() {
+        eprintln!("forelock-predictor: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // Plain text (journald and log files), filtered like forelockd's logs.
     let filter = tracing_subscriber::EnvFilter::try_from_env("FORELOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -38,7 +38,16 @@ enum Command {
     LiveReplay(live_replay::LiveReplayArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // The error's chain, one line, as a person reads it (anyhow's Debug form
+    // would add a backtrace whenever RUST_BACKTRACE is set).
+    if let Err(e) = run() {
+        eprintln!("forelock: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // Benchmark workers are this binary re-executed with the same arguments:
     // `bench::run_with` notices and runs the worker.
     match Cli::parse().command {
