@@ -130,6 +130,26 @@ impl Fixture {
             .expect("indexed");
         w
     }
+    /// Warm `key` through the broker (so it is prepared), then take it on the
+    /// fast path as `client`: (slot, the held word, the fast grant's token).
+    fn hold_on_fast_path(&mut self, client: u32, key: &str) -> (u32, Word, u64) {
+        let g = self.acquire(client, 1, key, false);
+        self.release(client, &g);
+        let (s, w) = self
+            .table
+            .lookup(key.as_bytes(), key_hash(key.as_bytes()))
+            .unwrap();
+        let slot = self.table.slot(s).unwrap();
+        let held = try_acquire_exclusive(&slot.word, w.generation(), client)
+            .unwrap()
+            .held;
+        (
+            s,
+            held,
+            slot.token_base.load(Ordering::Relaxed) + held.counter() as u64,
+        )
+    }
+
     /// Let time pass and run the allocator (keep-alive policy) once.
     fn advance(&mut self, ms: u64) {
         self.now += ms;
@@ -246,14 +266,7 @@ fn try_lock_on_a_held_key_would_block_and_queues_nothing() {
 fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
-    let g = f.acquire(a, 1, "k", false);
-    f.release(a, &g);
-    let (slot_index, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
-    let slot = f.table.slot(slot_index).unwrap();
-    let held = try_acquire_exclusive(&slot.word, w.generation(), a)
-        .unwrap()
-        .held;
-    let fast_token = slot.token_base.load(Ordering::Relaxed) + held.counter() as u64;
+    let (slot_index, held, fast_token) = f.hold_on_fast_path(a, "k");
     assert!(matches!(
         f.acquire(b, 2, "k", false),
         Response::Queued { .. }
@@ -275,10 +288,7 @@ fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
 fn a_dead_fast_path_holder_is_released_and_the_next_holder_is_told() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
-    let g = f.acquire(a, 1, "k", false);
-    f.release(a, &g);
-    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
-    try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), a).unwrap();
+    let (s, _, _) = f.hold_on_fast_path(a, "k");
     f.m.client_gone(&f.table, a, &mut f.w);
     let (_, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
     let grant = try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), b).unwrap();
@@ -527,10 +537,7 @@ proptest::proptest! {
 fn owner_died_survives_the_keep_alive_reclaim_until_someone_is_told() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
-    let g = f.acquire(a, 1, "k", false);
-    f.release(a, &g);
-    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
-    try_acquire_exclusive(&f.table.slot(s).unwrap().word, w.generation(), a).unwrap();
+    f.hold_on_fast_path(a, "k");
     f.m.client_gone(&f.table, a, &mut f.w);
     f.advance(10 * KEEP_ALIVE);
     let g = f.acquire(b, 2, "k", false);
@@ -550,13 +557,7 @@ fn owner_died_survives_the_keep_alive_reclaim_until_someone_is_told() {
 fn a_try_lock_on_a_fast_path_hold_leaves_the_slot_on_the_fast_path() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
-    let g = f.acquire(a, 1, "k", false);
-    f.release(a, &g);
-    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
-    let slot = f.table.slot(s).unwrap();
-    let held = try_acquire_exclusive(&slot.word, w.generation(), a)
-        .unwrap()
-        .held;
+    let (s, held, _) = f.hold_on_fast_path(a, "k");
     let r =
         f.m.acquire(&f.table, &f.events, b, 2, 2, b"k", false, false);
     assert_eq!(r, Response::WouldBlock);
