@@ -275,13 +275,12 @@ fn fencing_tokens_in_the_environment_increase_run_after_run() {
     assert!(second > first, "{first} then {second}");
 }
 
-#[test]
-fn the_lock_is_released_when_the_command_is_killed() {
-    let dir = TempDir::new("killed");
-    let _broker = Broker::start(dir.path(), SMALL);
+/// `forelock run KEY -- sh -c 'echo $$; exec sleep 600'`: the running
+/// `forelock` and the pid of the command it holds the lock for.
+fn run_sleeper(dir: &std::path::Path, key: &str) -> (std::process::Child, u32) {
     let mut child = Command::new(cli_exe())
-        .args(["run", "victim", "--", "sh", "-c", "echo $$; exec sleep 600"])
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .args(["run", key, "--", "sh", "-c", "echo $$; exec sleep 600"])
+        .env("FORELOCK_RUNTIME_DIR", dir)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -289,10 +288,17 @@ fn the_lock_is_released_when_the_command_is_killed() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let command_pid: i32 = line.trim().parse().unwrap();
+    (child, line.trim().parse().unwrap())
+}
+
+#[test]
+fn the_lock_is_released_when_the_command_is_killed() {
+    let dir = TempDir::new("killed");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let (child, command_pid) = run_sleeper(dir.path(), "victim");
     // SAFETY: kill takes plain integers; the pid is our grandchild, alive
     // (it is sleeping), so it was not reused.
-    unsafe { libc::kill(command_pid, libc::SIGKILL) };
+    unsafe { libc::kill(command_pid as i32, libc::SIGKILL) };
     assert_eq!(wait_output(child).status.code(), Some(128 + 9));
     let out = forelock(dir.path(), &["run", "-n", "victim", "--", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -393,17 +399,7 @@ fn http_get(port: u16) -> std::io::Result<String> {
 fn killing_forelock_run_releases_the_lock_and_kills_the_command() {
     let dir = TempDir::new("run-killed");
     let _broker = Broker::start(dir.path(), SMALL);
-    let mut child = Command::new(cli_exe())
-        .args(["run", "orphan", "--", "sh", "-c", "echo $$; exec sleep 600"])
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let command_pid: u32 = line.trim().parse().unwrap();
+    let (mut child, command_pid) = run_sleeper(dir.path(), "orphan");
     child.kill().unwrap(); // SIGKILL to forelock itself
     child.wait().unwrap();
     eventually("the command dies with its lock holder", || {
