@@ -7,19 +7,41 @@
 //! 128                 capacity * 16              ScoreEntry[capacity]
 //! ```
 //!
-//! Each tick the forecaster writes its top `count` keys, highest score first,
-//! inside a seqlock (`seq` odd while writing). The broker copies the entries
-//! and keeps the copy only if `seq` was even and unchanged around it.
+//! ```text
+//! ScoreEntry (16 bytes)
+//! offset  size  field
+//! 0       8     key_hash          xxh3-64 of the key (shm_layout::key_hash)
+//! 8       4     score_bits        f32: P(key requested within the horizon)
+//! 12      4     contention_bits   f32: P(key contended within the horizon)
+//! ```
 //!
-//! Advisory only: the broker clamps every score to [0, 1] and treats NaN as 0,
-//! so a forecaster writing nonsense costs fast-path hits, never correctness.
+//! Each tick the forecaster writes `count` entries inside a seqlock (`seq` odd
+//! while writing): its top keys by score, highest first, then the keys it
+//! predicts contended that are not among them (so a contended key reaches the
+//! broker even when its access score is low). The broker copies the entries
+//! and keeps the copy only if `seq` was even and unchanged around it; it does
+//! not rely on the order.
+//!
+//! "Contended" means: some request for the key finds it held and queues
+//! ([`crate::events::Outcome::Contended`]). The broker prepares the queue and
+//! keeps the slot of a key whose contention probability passes its threshold.
+//!
+//! Advisory only: the broker clamps every score and contention probability to
+//! [0, 1] and treats NaN as 0 ([`sanitize`]), so a forecaster writing nonsense
+//! costs fast-path hits or an idle slot, never correctness.
+//!
+//! Versions: 1 had `_reserved` (always 0) where 2 has `contention_bits`, and
+//! entries were the top keys only. Readers accept their own version only, so a
+//! forecaster and a broker of different versions say so instead of
+//! misreading each other (the broker re-creates an older file at start).
 
 use crate::LayoutError;
 use crate::sync::shm::{AtomicU32, AtomicU64, Ordering, fence};
 use core::mem::{offset_of, size_of};
 
 pub const SCORES_MAGIC: [u8; 8] = *b"FRLKSCR1";
-pub const SCORES_VERSION: u32 = 1;
+/// Version 2: `ScoreEntry::contention_bits` (was reserved in version 1).
+pub const SCORES_VERSION: u32 = 2;
 pub const SCORES_HEADER_SIZE: usize = 128;
 pub const SCORE_ENTRY_SIZE: usize = 16;
 
@@ -53,7 +75,30 @@ pub struct ScoreEntry {
     pub key_hash: AtomicU64,
     /// f32 bits of P(requested within the horizon).
     pub score_bits: AtomicU32,
-    pub _reserved: u32,
+    /// f32 bits of P(some request for the key queues behind a holder within
+    /// the horizon); 0 when the forecaster predicts no contention.
+    pub contention_bits: AtomicU32,
+}
+
+/// One entry as written and read, its probabilities as f32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub key_hash: u64,
+    /// P(key requested within the horizon).
+    pub score: f32,
+    /// P(key contended within the horizon).
+    pub contention: f32,
+}
+
+impl From<(u64, f32)> for Scored {
+    /// An entry with no contention predicted.
+    fn from((key_hash, score): (u64, f32)) -> Scored {
+        Scored {
+            key_hash,
+            score,
+            contention: 0.0,
+        }
+    }
 }
 
 const _: () = {
@@ -62,6 +107,9 @@ const _: () = {
     assert!(offset_of!(ScoresHeader, seq) == 32);
     assert!(offset_of!(ScoresHeader, model) == 64);
     assert!(size_of::<ScoreEntry>() == SCORE_ENTRY_SIZE);
+    assert!(offset_of!(ScoreEntry, key_hash) == 0);
+    assert!(offset_of!(ScoreEntry, score_bits) == 8);
+    assert!(offset_of!(ScoreEntry, contention_bits) == 12);
 };
 
 pub const fn scores_file_size(capacity: u32) -> usize {
@@ -88,7 +136,8 @@ unsafe impl Send for ScoresView {}
 // SAFETY: as above.
 unsafe impl Sync for ScoresView {}
 
-/// Sanitise an untrusted score: NaN and out-of-range values are clamped.
+/// Sanitise an untrusted probability (a score or a contention probability):
+/// NaN counts as 0, out-of-range values are clamped to [0, 1].
 pub fn sanitize(score: f32) -> f32 {
     if score.is_nan() {
         0.0
@@ -164,13 +213,15 @@ impl ScoresView {
         Some(unsafe { &*(self.base.wrapping_add(offset) as *const ScoreEntry) })
     }
 
-    /// Publish a snapshot (the forecaster). Entries beyond capacity are dropped.
-    pub fn write(
+    /// Publish a snapshot (the forecaster). Entries beyond capacity are
+    /// dropped. Items are [`Scored`], or `(key_hash, score)` pairs (no
+    /// contention predicted).
+    pub fn write<S: Into<Scored>>(
         &self,
         model: &str,
         horizon_ms: u32,
         now_ns: u64,
-        scores: impl IntoIterator<Item = (u64, f32)>,
+        scores: impl IntoIterator<Item = S>,
     ) {
         let h = self.header();
         let seq = h.seq.load(Ordering::Relaxed);
@@ -180,10 +231,13 @@ impl ScoresView {
         // the reader's Acquire fence before its second `seq` load.
         fence(Ordering::Release);
         let mut n = 0u32;
-        for (hash, score) in scores {
+        for scored in scores {
             let Some(e) = self.entry(n) else { break };
-            e.key_hash.store(hash, Ordering::Relaxed);
-            e.score_bits.store(score.to_bits(), Ordering::Relaxed);
+            let scored = scored.into();
+            e.key_hash.store(scored.key_hash, Ordering::Relaxed);
+            e.score_bits.store(scored.score.to_bits(), Ordering::Relaxed);
+            e.contention_bits
+                .store(scored.contention.to_bits(), Ordering::Relaxed);
             n += 1;
         }
         h.count.store(n, Ordering::Relaxed);
@@ -205,9 +259,10 @@ impl ScoresView {
         h.seq.store(odd + 1, Ordering::Release);
     }
 
-    /// Copy the current snapshot into `out` (cleared first), sanitised.
-    /// Returns false (and leaves `out` empty) if the writer was mid-update.
-    pub fn read_into(&self, out: &mut Vec<(u64, f32)>) -> bool {
+    /// Copy the current snapshot into `out` (cleared first), both
+    /// probabilities sanitised. Returns false (and leaves `out` empty) if the
+    /// writer was mid-update.
+    pub fn read_into(&self, out: &mut Vec<Scored>) -> bool {
         out.clear();
         let h = self.header();
         // SYNC POINT: pairs with the writer's final Release store of `seq`.
@@ -219,7 +274,12 @@ impl ScoresView {
         for i in 0..n {
             let Some(e) = self.entry(i) else { break };
             let score = sanitize(f32::from_bits(e.score_bits.load(Ordering::Relaxed)));
-            out.push((e.key_hash.load(Ordering::Relaxed), score));
+            let contention = sanitize(f32::from_bits(e.contention_bits.load(Ordering::Relaxed)));
+            out.push(Scored {
+                key_hash: e.key_hash.load(Ordering::Relaxed),
+                score,
+                contention,
+            });
         }
         // SYNC POINT: pairs with the writer's Release fence after its odd store.
         fence(Ordering::Acquire);
@@ -265,7 +325,75 @@ mod tests {
         );
         let mut out = vec![];
         assert!(view.read_into(&mut out));
-        assert_eq!(out, vec![(1, 0.9), (2, 0.0), (3, 1.0), (4, 0.0)]);
+        let pairs: Vec<(u64, f32, f32)> = out
+            .iter()
+            .map(|s| (s.key_hash, s.score, s.contention))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![(1, 0.9, 0.0), (2, 0.0, 0.0), (3, 1.0, 0.0), (4, 0.0, 0.0)]
+        );
         assert_eq!(view.model(), "logistic");
+    }
+
+    #[test]
+    fn contention_probabilities_round_trip_and_nonsense_ones_are_clamped() {
+        let mut buf = Box::new(Aligned([0; 128 + 4 * 16]));
+        // SAFETY: 64-aligned, large enough, exclusively ours.
+        let header = unsafe { &mut *(buf.0.as_mut_ptr() as *mut ScoresHeader) };
+        init_scores(header, 4);
+        // SAFETY: as above; the view lives shorter than the buffer.
+        let view = unsafe { ScoresView::new(buf.0.as_ptr(), buf.0.len()) }.unwrap();
+        let entry = |key_hash, score, contention| Scored {
+            key_hash,
+            score,
+            contention,
+        };
+        view.write(
+            "logistic",
+            500,
+            1,
+            [
+                entry(1, 0.9, 0.7),
+                entry(2, 0.01, f32::NAN),
+                entry(3, 0.5, 3.0),
+                entry(4, 0.0, -0.5),
+            ],
+        );
+        let mut out = vec![];
+        assert!(view.read_into(&mut out));
+        assert_eq!(
+            out,
+            vec![
+                entry(1, 0.9, 0.7),
+                entry(2, 0.01, 0.0),
+                entry(3, 0.5, 1.0),
+                entry(4, 0.0, 0.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_version_1_score_file_is_refused_with_both_versions_named() {
+        let mut buf = Box::new(Aligned([0; 128 + 4 * 16]));
+        // SAFETY: 64-aligned, large enough, exclusively ours.
+        let header = unsafe { &mut *(buf.0.as_mut_ptr() as *mut ScoresHeader) };
+        init_scores(header, 4);
+        header.version.store(1, Ordering::Release);
+        // SAFETY: as above; the view lives shorter than the buffer.
+        let error = unsafe { ScoresView::new(buf.0.as_ptr(), buf.0.len()) }
+            .err()
+            .expect("a version 1 file is refused");
+        assert!(
+            matches!(
+                error,
+                LayoutError::VersionMismatch {
+                    found: 1,
+                    supported: SCORES_VERSION,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
     }
 }

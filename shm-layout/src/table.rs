@@ -115,7 +115,17 @@ pub struct Stats {
     pub table_full: AtomicU64,
     /// Words the broker found malformed and repaired.
     pub repairs: AtomicU64,
-    pub _reserved: [u64; 3],
+    /// Keys whose contention-resolution state (slot, reserved waiter queue)
+    /// the broker prepared because the forecaster predicted contention.
+    ///
+    /// This counter and the next were `_reserved` words, zero in every table
+    /// written before them: an older broker leaves them 0 ("none"), and older
+    /// readers never look, so they do not change [`TABLE_VERSION`].
+    pub contention_prepared: AtomicU64,
+    /// Contention preparations that a queued waiter used (counted once per
+    /// preparation, when the first waiter queues on the prepared key).
+    pub contention_prepared_hits: AtomicU64,
+    pub _reserved: [u64; 1],
 }
 
 /// One lock slot: a hot cache line (the lock word and what a grant reads) and
@@ -230,6 +240,12 @@ const _: () = {
     assert!(offset_of!(Header, token_floor) == 80);
     assert!(offset_of!(Header, stats) == 128);
     assert!(size_of::<Stats>() == 16 * 8);
+    assert!(offset_of!(Stats, repairs) == 12 * 8);
+    assert!(
+        offset_of!(Stats, contention_prepared) == 13 * 8,
+        "taken from the reserved words after `repairs`"
+    );
+    assert!(offset_of!(Stats, contention_prepared_hits) == 14 * 8);
     assert!(size_of::<Slot>() == SLOT_SIZE);
     assert!(align_of::<Slot>() == 64);
     assert!(offset_of!(Slot, word) == 0);
