@@ -32,6 +32,22 @@
 //!   the lowest scored. Reclaim and Evict name only slots that were idle (not
 //!   held) in the input; the broker re-checks under its own lock and skips the
 //!   action if the slot has been taken since.
+//! - `Action::PrepareContention { key_hash }`: the key is predicted contended
+//!   (its contention probability is at or above `contention_threshold`):
+//!   prepare its contention-resolution state: place its slot as for `Prepare`
+//!   if it has none, and reserve its waiter queue. Named once per slot: a slot
+//!   whose `SlotView::contention_prepared` is set gets no second one.
+//!
+//! # Contended keys
+//!
+//! With `PredictiveConfig::contention_threshold > 0`, a slot whose key is
+//! predicted contended is neither reclaimed (whatever its timeouts) nor
+//! displaced by a candidate; under budget pressure it is evicted only after
+//! every other idle slot (its eviction rank is `1 + contention`, above any
+//! access score). A predicted-contended candidate without a slot takes a free
+//! slot within the budget before the access-score candidates; it does not
+//! evict anything to get one. `KeepAlive` ignores contention (it runs without
+//! a forecaster).
 //!
 //! Scores are advisory (the predictor may die, lag, or write nonsense): a NaN, a
 //! negative or a > 1 probability counts as 0, and `SlotView::score = None` means
@@ -68,6 +84,10 @@ pub struct SlotView {
     pub held: bool,
     /// The key's latest score, if the predictor gave one.
     pub score: Option<f32>,
+    /// The key's latest P(contended within the horizon), if the predictor gave one.
+    pub contention: Option<f32>,
+    /// The broker already prepared this slot's contention state.
+    pub contention_prepared: bool,
 }
 
 /// A scored key that is not prepared.
@@ -76,6 +96,8 @@ pub struct Score {
     pub key_hash: u64,
     /// P(key requested within the horizon).
     pub probability: f32,
+    /// P(key contended within the horizon); 0 when none is predicted.
+    pub contention: f32,
 }
 
 /// What the policy asks the broker to do.
@@ -84,6 +106,7 @@ pub enum Action {
     Prepare { key_hash: u64 },
     Reclaim { slot: u32, key_hash: u64 },
     Evict { slot: u32, key_hash: u64 },
+    PrepareContention { key_hash: u64 },
 }
 
 /// Cumulative counters kept by the broker (monotonic; the policy takes deltas).
@@ -132,6 +155,8 @@ pub struct PolicyStats {
     pub invalid_scores: u64,
     pub threshold_raises: u64,
     pub threshold_lowerings: u64,
+    /// PrepareContention actions.
+    pub contention_prepares: u64,
 }
 
 /// The stand-in policy with no predictor: a slot stays prepared for
@@ -231,6 +256,10 @@ pub struct PredictiveConfig {
     /// A candidate displaces an idle slot only if its probability beats the
     /// slot's score by this much (hysteresis against churn).
     pub eviction_margin: f32,
+    /// Prepare the contention state of keys whose P(contended within the
+    /// horizon) is at least this, and keep their slots (see the module docs).
+    /// 0 turns contention preparation off.
+    pub contention_threshold: f32,
 }
 
 impl Default for PredictiveConfig {
@@ -248,6 +277,7 @@ impl Default for PredictiveConfig {
             prepares_per_tick_max: 4096,
             load_high: 0.8,
             eviction_margin: 0.05,
+            contention_threshold: 0.5,
         }
     }
 }
@@ -263,6 +293,24 @@ pub struct Predictive {
     pub stats: PolicyStats,
     victims: Vec<(f32, u64, usize)>,
     wanted: Vec<Score>,
+    contended: Vec<Score>,
+}
+
+/// Keep the `max` best of `scores` (by `order`), sorted best first.
+fn best_first(
+    scores: &mut Vec<Score>,
+    max: usize,
+    order: impl Fn(&Score, &Score) -> std::cmp::Ordering,
+) {
+    if scores.len() > max {
+        if max == 0 {
+            scores.clear();
+        } else {
+            scores.select_nth_unstable_by(max - 1, &order);
+            scores.truncate(max);
+        }
+    }
+    scores.sort_unstable_by(order);
 }
 
 fn valid(probability: f32, stats: &mut PolicyStats) -> f32 {
@@ -290,7 +338,19 @@ impl Predictive {
             stats: PolicyStats::default(),
             victims: Vec::new(),
             wanted: Vec::new(),
+            contended: Vec::new(),
         }
+    }
+
+    /// The valid contention probability if it is at or above the contention
+    /// threshold (so the key's contention state is to be prepared and kept).
+    fn predicted_contended(&mut self, contention: Option<f32>) -> Option<f32> {
+        let threshold = self.config.contention_threshold;
+        if threshold <= 0.0 {
+            return None;
+        }
+        let contention = valid(contention?, &mut self.stats);
+        (contention >= threshold).then_some(contention)
     }
 
     fn control(&mut self, input: &TickInput<'_>) {
@@ -345,11 +405,27 @@ impl Policy for Predictive {
         let now = input.now_us;
 
         // 1. Reclaim what went unused or idle past its timeout and is not wanted.
+        //    Keys predicted contended get their contention state prepared (held
+        //    ones too: the queue may be needed now) and are kept.
         self.victims.clear();
         let mut kept = 0usize;
         for (index, slot) in input.slots.iter().enumerate() {
+            let contended = self.predicted_contended(slot.contention);
+            if contended.is_some() && !slot.contention_prepared {
+                actions.push(Action::PrepareContention {
+                    key_hash: slot.key_hash,
+                });
+                self.stats.contention_prepares += 1;
+            }
             if slot.held {
                 kept += 1;
+                continue;
+            }
+            if let Some(contention) = contended {
+                // Ranked above every access score: evicted last, never displaced.
+                kept += 1;
+                self.victims
+                    .push((1.0 + contention, last_activity_us(slot), index));
                 continue;
             }
             let score = slot.score.map_or(0.0, |p| valid(p, &mut self.stats));
@@ -376,31 +452,43 @@ impl Policy for Predictive {
         } else {
             self.config.prepares_per_tick_max
         };
+        //    Predicted-contended candidates go to their own list (their action
+        //    places the slot too), ranked by contention probability.
         self.wanted.clear();
+        self.contended.clear();
         for candidate in input.candidates {
             let probability = valid(candidate.probability, &mut self.stats);
-            if probability >= threshold && probability > 0.0 {
+            if let Some(contention) = self.predicted_contended(Some(candidate.contention)) {
+                self.contended.push(Score {
+                    key_hash: candidate.key_hash,
+                    probability,
+                    contention,
+                });
+            } else if probability >= threshold && probability > 0.0 {
                 self.wanted.push(Score {
                     key_hash: candidate.key_hash,
                     probability,
+                    contention: 0.0,
                 });
             }
         }
         let by_probability_descending =
             |a: &Score, b: &Score| b.probability.total_cmp(&a.probability);
-        if self.wanted.len() > prepares_max {
-            if prepares_max == 0 {
-                self.wanted.clear();
-            } else {
-                self.wanted
-                    .select_nth_unstable_by(prepares_max - 1, by_probability_descending);
-                self.wanted.truncate(prepares_max);
-            }
-        }
-        self.wanted.sort_unstable_by(by_probability_descending);
+        let by_contention_descending = |a: &Score, b: &Score| b.contention.total_cmp(&a.contention);
+        best_first(&mut self.contended, prepares_max, by_contention_descending);
+        let prepares_left = prepares_max - self.contended.len();
+        best_first(&mut self.wanted, prepares_left, by_probability_descending);
 
-        // 3. Fill free slots.
-        let free = input.budget_slots.saturating_sub(kept);
+        // 3. Fill free slots: predicted-contended keys first.
+        let mut free = input.budget_slots.saturating_sub(kept);
+        let contended_fill = free.min(self.contended.len());
+        for contended in &self.contended[..contended_fill] {
+            actions.push(Action::PrepareContention {
+                key_hash: contended.key_hash,
+            });
+            self.stats.contention_prepares += 1;
+        }
+        free -= contended_fill;
         let fill = free.min(self.wanted.len());
         for wanted in &self.wanted[..fill] {
             actions.push(Action::Prepare {
@@ -408,7 +496,7 @@ impl Policy for Predictive {
             });
             self.stats.prepares += 1;
         }
-        let mut occupied = kept + fill;
+        let mut occupied = kept + contended_fill + fill;
 
         // 4. Budget pressure: evict the lowest-scored idle slots (oldest first on
         //    ties), to get back under budget, then to make room for better candidates.
@@ -484,6 +572,8 @@ mod tests {
             uses_since_prepared: u32::from(last_use_us.is_some()),
             held: false,
             score,
+            contention: None,
+            contention_prepared: false,
         }
     }
 
@@ -570,18 +660,22 @@ mod tests {
             Score {
                 key_hash: 1,
                 probability: 0.6,
+                contention: 0.0,
             },
             Score {
                 key_hash: 2,
                 probability: 0.9,
+                contention: 0.0,
             },
             Score {
                 key_hash: 3,
                 probability: 0.4,
+                contention: 0.0,
             },
             Score {
                 key_hash: 4,
                 probability: 0.7,
+                contention: 0.0,
             },
         ];
         let mut actions = Vec::new();
@@ -632,10 +726,12 @@ mod tests {
             Score {
                 key_hash: 3,
                 probability: 0.8,
+                contention: 0.0,
             },
             Score {
                 key_hash: 4,
                 probability: 0.37,
+                contention: 0.0,
             },
         ];
         let mut actions = Vec::new();
@@ -705,14 +801,17 @@ mod tests {
             Score {
                 key_hash: 3,
                 probability: f32::NAN,
+                contention: 0.0,
             },
             Score {
                 key_hash: 4,
                 probability: -1.0,
+                contention: 0.0,
             },
             Score {
                 key_hash: 5,
                 probability: f32::INFINITY,
+                contention: 0.0,
             },
         ];
         let mut actions = Vec::new();
@@ -774,6 +873,7 @@ mod tests {
             .map(|k| Score {
                 key_hash: k,
                 probability: 0.9,
+                contention: 0.0,
             })
             .collect();
         let mut actions = Vec::new();
@@ -782,5 +882,185 @@ mod tests {
         loaded.load = 1.0;
         policy.tick(&loaded, &mut actions);
         assert_eq!(actions.len(), 2);
+    }
+
+    fn contended_slot(slot_number: u32, key_hash: u64, contention: f32) -> SlotView {
+        SlotView {
+            contention: Some(contention),
+            ..slot(slot_number, key_hash, 0, None, Some(0.0))
+        }
+    }
+
+    fn candidate(key_hash: u64, probability: f32, contention: f32) -> Score {
+        Score {
+            key_hash,
+            probability,
+            contention,
+        }
+    }
+
+    #[test]
+    fn a_slot_predicted_contended_gets_its_contention_state_prepared_once() {
+        let mut policy = fixed(0.5);
+        let mut slots = [contended_slot(1, 10, 0.8), contended_slot(2, 20, 0.8)];
+        slots[1].contention_prepared = true;
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(100, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(actions, vec![Action::PrepareContention { key_hash: 10 }]);
+        assert_eq!(policy.stats.contention_prepares, 1);
+    }
+
+    #[test]
+    fn a_held_slot_predicted_contended_gets_its_contention_state_prepared() {
+        let mut policy = fixed(0.5);
+        let mut slots = [contended_slot(1, 10, 0.9)];
+        slots[0].held = true;
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(100, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(actions, vec![Action::PrepareContention { key_hash: 10 }]);
+    }
+
+    #[test]
+    fn a_slot_predicted_contended_is_not_reclaimed_while_the_prediction_lasts() {
+        let mut policy = fixed(0.5);
+        // Prepared at 0, never used, score 0: past the unused timeout at 5 s.
+        let mut slots = [contended_slot(1, 10, 0.8)];
+        slots[0].contention_prepared = true;
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(5_000_000, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(actions, vec![], "kept while contention is predicted");
+        slots[0].contention = Some(0.1);
+        policy.tick(
+            &input(5_010_000, 10, &slots, &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Reclaim {
+                slot: 1,
+                key_hash: 10
+            }],
+            "reclaimed as usual once the prediction falls below the threshold"
+        );
+    }
+
+    #[test]
+    fn a_candidate_predicted_contended_takes_a_free_slot_before_access_scored_ones() {
+        let mut policy = fixed(0.5);
+        let candidates = [candidate(1, 0.9, 0.0), candidate(2, 0.05, 0.7)];
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(0, 1, &[], &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(actions, vec![Action::PrepareContention { key_hash: 2 }]);
+        policy.tick(
+            &input(0, 2, &[], &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::PrepareContention { key_hash: 2 },
+                Action::Prepare { key_hash: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn under_budget_pressure_a_contended_slot_is_evicted_last_and_never_displaced() {
+        let mut policy = fixed(0.3);
+        let mut slots = [
+            contended_slot(1, 10, 0.9),
+            slot(2, 20, 0, Some(10), Some(0.6)),
+            slot(3, 30, 0, Some(10), Some(0.5)),
+        ];
+        slots[0].contention_prepared = true;
+        let candidates = [candidate(4, 1.0, 0.0)];
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(100, 2, &slots, &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Evict {
+                    slot: 3,
+                    key_hash: 30
+                },
+                Action::Evict {
+                    slot: 2,
+                    key_hash: 20
+                },
+                Action::Prepare { key_hash: 4 }
+            ],
+            "the access-scored slots go (one for budget, one for the candidate); the contended one stays"
+        );
+        // Over budget with nothing else idle: the contended slot goes too.
+        policy.tick(
+            &input(100, 0, &slots[..1], &[], &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Evict {
+                slot: 1,
+                key_hash: 10
+            }]
+        );
+    }
+
+    #[test]
+    fn contention_threshold_zero_turns_contention_preparation_off() {
+        let mut policy = Predictive::new(PredictiveConfig {
+            threshold_initial: 0.5,
+            adaptive: false,
+            contention_threshold: 0.0,
+            ..PredictiveConfig::default()
+        });
+        let slots = [contended_slot(1, 10, 1.0)];
+        let candidates = [candidate(2, 0.0, 1.0)];
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Reclaim {
+                slot: 1,
+                key_hash: 10
+            }]
+        );
+    }
+
+    #[test]
+    fn nonsense_contention_probabilities_count_as_zero() {
+        let mut policy = fixed(0.5);
+        let slots = [contended_slot(1, 10, f32::NAN)];
+        let candidates = [candidate(2, 0.0, f32::INFINITY), candidate(3, 0.0, -1.0)];
+        let mut actions = Vec::new();
+        policy.tick(
+            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
+            &mut actions,
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Reclaim {
+                slot: 1,
+                key_hash: 10
+            }]
+        );
+        assert!(policy.stats.invalid_scores >= 3);
     }
 }

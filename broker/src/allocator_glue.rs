@@ -8,14 +8,18 @@
 //! [`allocator::Predictive`] over the forecaster's scores.
 //!
 //! Scores are advisory: stale ones (the forecaster stopped) are ignored, and
-//! every value was already clamped to [0, 1] by `ScoresView::read_into`.
+//! every value (score and contention probability) was already clamped to
+//! [0, 1] by `ScoresView::read_into`.
+//!
+//! `PrepareContention` actions reserve `allocator.contention_waiters` waiters
+//! in the key's queue ([`LockManager::prepare_contention`]).
 
 use crate::allocator::{self, Action, Feedback, Score, SlotView, TickInput};
 use crate::config::{Config, Policy};
 use crate::files::RuntimeFiles;
 use crate::locks::LockManager;
 use shm_layout::events::EventsView;
-use shm_layout::scores::ScoresView;
+use shm_layout::scores::{Scored, ScoresView};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 use std::collections::HashMap;
@@ -26,8 +30,10 @@ const STALE_SCORES_NS: u64 = 2_000_000_000;
 pub struct Allocation {
     policy: Box<dyn allocator::Policy>,
     forecast: bool,
-    scores: Vec<(u64, f32)>,
-    score_of: HashMap<u64, f32>,
+    scores: Vec<Scored>,
+    score_of: HashMap<u64, Scored>,
+    /// Waiters reserved per key predicted contended.
+    contention_waiters: usize,
     candidates: Vec<Score>,
     views: Vec<SlotView>,
     actions: Vec<Action>,
@@ -44,6 +50,7 @@ impl Allocation {
                 threshold_initial: config.allocator.threshold,
                 waste_share_target: config.allocator.target_waste,
                 idle_timeout_us: keep_alive_us,
+                contention_threshold: config.allocator.contention_threshold,
                 ..allocator::PredictiveConfig::default()
             }))
         } else {
@@ -54,6 +61,7 @@ impl Allocation {
             forecast,
             scores: Vec::new(),
             score_of: HashMap::new(),
+            contention_waiters: config.allocator.contention_waiters as usize,
             candidates: Vec::new(),
             views: Vec::new(),
             actions: Vec::new(),
@@ -133,6 +141,9 @@ impl Allocation {
                 Action::Reclaim { slot, .. } | Action::Evict { slot, .. } => {
                     manager.evict(table, events, slot);
                 }
+                Action::PrepareContention { key_hash } => {
+                    manager.prepare_contention(table, events, key_hash, self.contention_waiters);
+                }
             }
         }
     }
@@ -152,12 +163,13 @@ impl Allocation {
         if !scores.read_into(&mut self.scores) {
             return;
         }
-        for &(key_hash, probability) in &self.scores {
-            self.score_of.insert(key_hash, probability);
-            if !manager.has_key_hash(key_hash) {
+        for &scored in &self.scores {
+            self.score_of.insert(scored.key_hash, scored);
+            if !manager.has_key_hash(scored.key_hash) {
                 self.candidates.push(Score {
-                    key_hash,
-                    probability,
+                    key_hash: scored.key_hash,
+                    probability: scored.score,
+                    contention: scored.contention,
                 });
             }
         }

@@ -49,6 +49,12 @@ pub struct AllocatorConfig {
     pub tick_ms: u64,
     pub threshold: f32,
     pub target_waste: f32,
+    /// "forecast" only: prepare the contention state (slot kept, waiter queue
+    /// reserved) of keys whose P(contended within the horizon) is at least
+    /// this; 0 = off.
+    pub contention_threshold: f32,
+    /// Waiters the queue of a key predicted contended has room for.
+    pub contention_waiters: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -147,6 +153,19 @@ impl Config {
         if !(0.0..=1.0).contains(&self.allocator.threshold) {
             return Err("allocator.threshold must be within 0..=1".into());
         }
+        if !(0.0..=1.0).contains(&self.allocator.contention_threshold) {
+            return Err(format!(
+                "allocator.contention_threshold = {}: must be within 0..=1 (0 turns contention \
+                 preparation off)",
+                self.allocator.contention_threshold
+            ));
+        }
+        if !(1..=4096).contains(&self.allocator.contention_waiters) {
+            return Err(format!(
+                "allocator.contention_waiters = {}: must be from 1 to 4096",
+                self.allocator.contention_waiters
+            ));
+        }
         u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
             format!(
                 "broker.socket_mode = {:?}: give an octal mode like \"0660\"",
@@ -205,5 +224,11 @@ mod tests {
         let e = Config::from_toml("[table]\nevent_ring_capacity = 3\n", Path::new("x.toml"))
             .unwrap_err();
         assert!(e.to_string().contains("power of two"), "{e}");
+        let e = Config::from_toml(
+            "[allocator]\ncontention_threshold = 1.5\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("contention_threshold"), "{e}");
     }
 }

@@ -22,12 +22,25 @@
 //!   prepared --(someone queues: takeover CAS clears P)--> managed
 //!   keyed (unheld, no queue) --(idle past keep-alive, or evicted)--> free
 //! ```
+//!
+//! Contention preparation ([`LockManager::prepare_contention`]): for a key the
+//! forecaster predicts contended, the allocator places the slot (if it has
+//! none) and reserves its waiter queue, so the first waiters are queued
+//! without a heap allocation on the request's path. That queue is the only
+//! per-key hand-off state built lazily: a waiter's wait cell and futex word
+//! belong to its connection (set up at registration), the take-over of a
+//! prepared slot is one `fetch_and` that cannot be done ahead without taking
+//! the key off the fast path, and the broker-wide maps of queued and handed-off
+//! connections keep their capacity once grown (preparation reserves room in
+//! them too). A slot keeps its queue's capacity until it is freed, so a key
+//! kept resident keeps the queue depth it reached.
 
 use crate::allocator::SlotView;
 use crate::config::Policy;
 use shm_layout::events::EventsView;
 use shm_layout::events::Outcome;
 use shm_layout::lockword::{EXCLUSIVE, OWNER_DIED, PREPARED, RESERVED_MASK, Word};
+use shm_layout::scores::Scored;
 use shm_layout::sync::shm::{AtomicU32, Ordering};
 use shm_layout::table::{
     BROKER_HOLDS, CELL_ABANDONED, CELL_GRANTED, CELL_IDLE, CELL_WAITING, CLIENT_ACTIVE,
@@ -91,6 +104,11 @@ struct SlotState {
     last_use_ms: u64,
     /// Prepared ahead of any request by the allocator and not used since.
     speculative: bool,
+    /// The queue was reserved because contention was predicted
+    /// ([`LockManager::prepare_contention`]); cleared when the slot is freed.
+    contention_prepared: bool,
+    /// A waiter has queued since that preparation (counted once as a hit).
+    contention_used: bool,
     /// When the key got its slot, and grants since (fast and broker).
     placed_at_ms: u64,
     uses: u32,
@@ -113,6 +131,8 @@ impl SlotState {
             last_counter: 0,
             last_use_ms: 0,
             speculative: false,
+            contention_prepared: false,
+            contention_used: false,
             placed_at_ms: 0,
             uses: 0,
             issued: 0,
@@ -593,7 +613,14 @@ impl LockManager {
             client,
         );
         stats.contended.fetch_add(1, Ordering::Relaxed);
-        self.slots[s as usize].queue.push_back(Waiter {
+        let st = &mut self.slots[s as usize];
+        if st.contention_prepared && !st.contention_used {
+            st.contention_used = true;
+            stats
+                .contention_prepared_hits
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        st.queue.push_back(Waiter {
             client,
             conn,
             cell,
@@ -739,11 +766,12 @@ impl LockManager {
         stats.slots_prepared.store(prepared, Ordering::Relaxed);
     }
 
-    /// What the allocator policy sees of each keyed slot, into `out`.
+    /// What the allocator policy sees of each keyed slot, into `out`;
+    /// `scored(hash)` gives the forecaster's latest entry for a key.
     pub fn slot_views(
         &self,
         table: &TableView,
-        score: impl Fn(u64) -> Option<f32>,
+        scored: impl Fn(u64) -> Option<Scored>,
         out: &mut Vec<SlotView>,
     ) {
         out.clear();
@@ -763,6 +791,7 @@ impl LockManager {
                 || (!st.managed && !w.is_free())
                 // Keep the bit until the next holder has been told.
                 || w.owner_died();
+            let scored = scored(st.hash);
             out.push(SlotView {
                 slot: i as u32,
                 key_hash: st.hash,
@@ -770,7 +799,9 @@ impl LockManager {
                 last_use_us: (st.uses > 0).then_some(st.last_use_ms * 1000),
                 uses_since_prepared: st.uses,
                 held,
-                score: score(st.hash),
+                score: scored.map(|s| s.score),
+                contention: scored.map(|s| s.contention),
+                contention_prepared: st.contention_prepared,
             });
         }
     }
@@ -820,6 +851,56 @@ impl LockManager {
             BROKER_CLIENT,
         );
         true
+    }
+
+    /// Prepare the contention-resolution state of the key with hash `hash`
+    /// (the allocator's `PrepareContention`): place its slot as
+    /// [`LockManager::prepare`] does if it has none, then reserve room for
+    /// `waiters` queued requests in its queue and in the broker-wide maps of
+    /// queued and handed-off connections. Returns whether it was prepared
+    /// (false: the key is unknown, or it has no slot and none is free, or
+    /// preparation is off).
+    pub fn prepare_contention(
+        &mut self,
+        table: &TableView,
+        events: &EventsView,
+        hash: u64,
+        waiters: usize,
+    ) -> bool {
+        if self.policy == Policy::None {
+            return false;
+        }
+        let Some(key) = self.known.get(&hash).cloned() else {
+            return false;
+        };
+        let s = match self.keys.get(&key) {
+            Some(&s) => s,
+            None => {
+                if !self.prepare(table, events, hash) {
+                    return false;
+                }
+                *self.keys.get(&key).expect("prepare placed the key")
+            }
+        };
+        let st = &mut self.slots[s as usize];
+        st.queue.reserve(waiters.saturating_sub(st.queue.len()));
+        st.contention_prepared = true;
+        st.contention_used = false;
+        self.waiting.reserve(waiters);
+        self.handed.reserve(waiters);
+        table
+            .header()
+            .stats
+            .contention_prepared
+            .fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The capacity of the key's waiter queue, if the key has a slot (tests
+    /// and observers).
+    pub fn queue_capacity(&self, key: &[u8]) -> Option<usize> {
+        let &s = self.keys.get(key)?;
+        Some(self.slots[s as usize].queue.capacity())
     }
 
     /// Free a prepared or idle slot now (the allocator's reclaim or eviction).
@@ -911,7 +992,11 @@ impl LockManager {
                                 )
                                 .is_free())
                     })
-                    .min_by_key(|&s| self.slots[s as usize].last_use_ms)?;
+                    // Slots kept for predicted contention go last.
+                    .min_by_key(|&s| {
+                        let st = &self.slots[s as usize];
+                        (st.contention_prepared, st.last_use_ms)
+                    })?;
                 if !self.free_slot(table, victim) {
                     return None;
                 }

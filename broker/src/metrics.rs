@@ -568,6 +568,16 @@ pub fn render_prometheus(
                 get(&s.handoffs),
             ),
             (
+                "forelock_contention_prepared_total",
+                "Keys whose waiter queue was prepared because contention was forecast.",
+                get(&s.contention_prepared),
+            ),
+            (
+                "forelock_contention_prepared_hits_total",
+                "Contention preparations that a queued waiter then used.",
+                get(&s.contention_prepared_hits),
+            ),
+            (
                 "forelock_owner_deaths_total",
                 "Locks released because their holder died.",
                 get(&s.owner_deaths),

@@ -235,7 +235,8 @@ impl ScoresView {
             let Some(e) = self.entry(n) else { break };
             let scored = scored.into();
             e.key_hash.store(scored.key_hash, Ordering::Relaxed);
-            e.score_bits.store(scored.score.to_bits(), Ordering::Relaxed);
+            e.score_bits
+                .store(scored.score.to_bits(), Ordering::Relaxed);
             e.contention_bits
                 .store(scored.contention.to_bits(), Ordering::Relaxed);
             n += 1;

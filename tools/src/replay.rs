@@ -542,6 +542,10 @@ impl Sim {
                 uses_since_prepared: slot.uses,
                 held: slot.held_until_us > now_us,
                 score: source.score_of(*key_hash, now_us, horizon_us),
+                // Traces carry no contention forecast: the replay simulates
+                // access preparation only.
+                contention: None,
+                contention_prepared: false,
             });
         }
         self.candidates.clear();
@@ -566,7 +570,9 @@ impl Sim {
         self.policy.tick(&input, &mut actions);
         for action in &actions {
             match *action {
-                Action::Prepare { key_hash } => {
+                // PrepareContention also places the slot; the replay never
+                // predicts contention, so it only appears for symmetry.
+                Action::Prepare { key_hash } | Action::PrepareContention { key_hash } => {
                     if self.slot_of_key.contains_key(&key_hash) {
                         continue;
                     }
@@ -944,6 +950,7 @@ fn run_pass(
                 ranked.extend(top.iter().map(|&(key_hash, probability)| Score {
                     key_hash,
                     probability,
+                    contention: 0.0,
                 }));
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
@@ -968,6 +975,7 @@ fn run_pass(
                         ranked.push(Score {
                             key_hash: events[j].key_hash,
                             probability: oracle_score(events[j].ts_us, now_us, horizon_us),
+                            contention: 0.0,
                         });
                     }
                     j += 1;

@@ -606,3 +606,168 @@ fn a_scribbled_token_base_never_takes_a_broker_grant_backwards() {
         "a base near the top saturates instead of wrapping"
     );
 }
+
+fn contention_stats(f: &Fixture) -> (u64, u64) {
+    let stats = &f.table.header().stats;
+    (
+        stats.contention_prepared.load(Ordering::Relaxed),
+        stats.contention_prepared_hits.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn a_key_predicted_contended_gets_its_waiter_queue_reserved_before_the_first_waiter() {
+    let mut f = fixture(8, 4, Policy::Forecast);
+    let (a, b, c) = (f.client(1), f.client(2), f.client(3));
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    assert_eq!(f.m.queue_capacity(b"k"), Some(0), "nobody ever queued");
+    assert!(f.m.prepare_contention(&f.table, &f.events, key_hash(b"k"), 8));
+    let reserved = f.m.queue_capacity(b"k").unwrap();
+    assert!(reserved >= 8, "{reserved}");
+    assert_eq!(contention_stats(&f), (1, 0));
+    assert!(
+        f.word("k").is_prepared(),
+        "the key stays on the fast path until someone queues"
+    );
+    let ga = f.acquire(a, 1, "k", false);
+    assert!(matches!(
+        f.acquire(b, 2, "k", false),
+        Response::Queued { .. }
+    ));
+    assert!(matches!(
+        f.acquire(c, 3, "k", false),
+        Response::Queued { .. }
+    ));
+    assert_eq!(
+        f.m.queue_capacity(b"k"),
+        Some(reserved),
+        "the waiters fit in the reserved queue"
+    );
+    assert_eq!(
+        contention_stats(&f),
+        (1, 1),
+        "one hit per preparation, however many waiters use it"
+    );
+    f.release(a, &ga);
+    assert!(
+        matches!(f.w.1.last(), Some((2, Response::Granted { .. }))),
+        "the hand-off works as on any key: {:?}",
+        f.w.1
+    );
+}
+
+#[test]
+fn a_key_predicted_contended_without_a_slot_is_placed_then_reserved() {
+    let mut f = fixture(8, 4, Policy::Forecast);
+    let a = f.client(1);
+    let g = f.acquire(a, 1, "k", false);
+    f.release(a, &g);
+    let (s, _) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    assert!(f.m.evict(&f.table, &f.events, s));
+    assert_eq!(f.m.queue_capacity(b"k"), None);
+    assert!(f.m.prepare_contention(&f.table, &f.events, key_hash(b"k"), 4));
+    assert!(f.word("k").is_prepared());
+    assert!(f.m.queue_capacity(b"k").unwrap() >= 4);
+    let stats = &f.table.header().stats;
+    assert_eq!(stats.preparations.load(Ordering::Relaxed), 1);
+    assert_eq!(contention_stats(&f), (1, 0));
+}
+
+#[test]
+fn contention_is_not_prepared_for_an_unknown_key_or_with_policy_none() {
+    let mut f = fixture(8, 4, Policy::Forecast);
+    assert!(
+        !f.m.prepare_contention(&f.table, &f.events, key_hash(b"never-seen"), 8),
+        "the broker cannot place a key whose text it never saw"
+    );
+    let mut f_none = fixture(8, 4, Policy::None);
+    let a = f_none.client(1);
+    let g = f_none.acquire(a, 1, "k", false);
+    f_none.release(a, &g);
+    assert!(
+        !f_none
+            .m
+            .prepare_contention(&f_none.table, &f_none.events, key_hash(b"k"), 8)
+    );
+    assert_eq!(contention_stats(&f), (0, 0));
+    assert_eq!(contention_stats(&f_none), (0, 0));
+}
+
+#[test]
+fn a_full_table_evicts_a_slot_kept_for_contention_last() {
+    let mut f = fixture(2, 4, Policy::Forecast);
+    let a = f.client(1);
+    for key in ["contended", "plain"] {
+        let g = f.acquire(a, 1, key, false);
+        f.release(a, &g);
+    }
+    assert!(f.m.prepare_contention(&f.table, &f.events, key_hash(b"contended"), 8));
+    // "contended" was used first (least recently), yet "plain" goes.
+    let g = f.acquire(a, 1, "new", false);
+    f.release(a, &g);
+    assert!(
+        f.table
+            .lookup(b"contended", key_hash(b"contended"))
+            .is_some()
+    );
+    assert!(f.table.lookup(b"plain", key_hash(b"plain")).is_none());
+}
+
+#[test]
+fn with_the_forecast_policy_a_key_scored_contended_is_reserved_and_kept_past_its_keep_alive() {
+    use shm_layout::scores::{Scored, ScoresHeader, ScoresView, init_scores, scores_file_size};
+    let mut f = fixture(8, 4, Policy::Forecast);
+    let mut config = crate::config::Config::default_config();
+    config.allocator.policy = Policy::Forecast;
+    config.allocator.keep_alive_ms = KEEP_ALIVE;
+    config.allocator.contention_threshold = 0.5;
+    config.allocator.contention_waiters = 16;
+    let mut alloc = crate::allocator_glue::Allocation::new(&config);
+    let mut sb = Buf::new(scores_file_size(4));
+    // SAFETY: 64-aligned, large enough, exclusively ours.
+    init_scores(
+        unsafe { &mut *(sb.bytes().as_mut_ptr() as *mut ScoresHeader) },
+        4,
+    );
+    // SAFETY: the buffer outlives the view (both live to the end of the test).
+    let scores = unsafe { ScoresView::new(sb.ptr, scores_file_size(4)) }.unwrap();
+    let a = f.client(1);
+    for key in ["contended", "plain"] {
+        let g = f.acquire(a, 1, key, false);
+        f.release(a, &g);
+    }
+    let entries = [
+        Scored {
+            key_hash: key_hash(b"contended"),
+            score: 0.0,
+            contention: 0.9,
+        },
+        Scored {
+            key_hash: key_hash(b"plain"),
+            score: 0.0,
+            contention: 0.1,
+        },
+    ];
+    for _ in 0..3 {
+        scores.write("test", 500, shm_layout::monotonic_ns(), entries);
+        f.now += KEEP_ALIVE;
+        alloc.tick_on(&mut f.m, &f.table, &f.events, Some(&scores), f.now);
+    }
+    assert!(f.m.queue_capacity(b"contended").unwrap() >= 16);
+    assert_eq!(
+        contention_stats(&f),
+        (1, 0),
+        "prepared once, not at every tick"
+    );
+    assert!(
+        f.table
+            .lookup(b"contended", key_hash(b"contended"))
+            .is_some(),
+        "kept past the keep-alive while contention is predicted"
+    );
+    assert!(
+        f.table.lookup(b"plain", key_hash(b"plain")).is_none(),
+        "reclaimed after its keep-alive"
+    );
+}

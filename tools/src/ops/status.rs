@@ -76,6 +76,10 @@ pub struct Counters {
     pub late: u64,
     pub contended: u64,
     pub handoffs: u64,
+    /// Keys whose waiter queue the broker prepared because contention was
+    /// forecast, and how many of those preparations a waiter then used.
+    pub contention_prepared: u64,
+    pub contention_prepared_hits: u64,
     pub owner_deaths: u64,
     pub repairs: u64,
     pub table_full: u64,
@@ -122,6 +126,8 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
         late: load(&s.late),
         contended: load(&s.contended),
         handoffs: load(&s.handoffs),
+        contention_prepared: load(&s.contention_prepared),
+        contention_prepared_hits: load(&s.contention_prepared_hits),
         owner_deaths: load(&s.owner_deaths),
         repairs: load(&s.repairs),
         table_full: load(&s.table_full),
@@ -259,8 +265,8 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "contention  {} queued, {} hand-offs, {} owner deaths",
-        c.contended, c.handoffs, c.owner_deaths
+        "contention  {} queued, {} hand-offs, {} owner deaths; {} queues prepared ahead, {} used",
+        c.contended, c.handoffs, c.owner_deaths, c.contention_prepared, c.contention_prepared_hits
     );
     let _ = writeln!(
         out,
