@@ -14,6 +14,8 @@
 //! learning_rate = 0.3         # logistic model: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written
+//! contention_max_keys = 4096  # bound on keys tracked for P(contended) (see contention.rs)
+//! contention_window_ms = 30000 # time scale of each key's contention share
 //! seed = 1                    # sampling is deterministic for a given seed
 //! ```
 
@@ -70,6 +72,8 @@ pub struct PredictorConfig {
     pub learning_rate: f32,
     pub top_k: usize,
     pub min_probability: f32,
+    pub contention_max_keys: usize,
+    pub contention_window_ms: u64,
     pub seed: u64,
 }
 
@@ -87,6 +91,8 @@ impl Default for PredictorConfig {
             learning_rate: 0.3,
             top_k: 65_536,
             min_probability: 0.01,
+            contention_max_keys: 4096,
+            contention_window_ms: 30_000,
             seed: 1,
         }
     }
@@ -155,6 +161,20 @@ impl PredictorConfig {
                 "[0, 1]",
             );
         }
+        if self.contention_max_keys == 0 || self.contention_max_keys > (1 << 20) {
+            return range(
+                "contention_max_keys",
+                self.contention_max_keys.to_string(),
+                "1..=1048576",
+            );
+        }
+        if self.contention_window_ms < self.horizon_ms {
+            return range(
+                "contention_window_ms",
+                self.contention_window_ms.to_string(),
+                ">= horizon_ms",
+            );
+        }
         if self.train_samples_per_tick > 65_536 {
             return range(
                 "train_samples_per_tick",
@@ -171,6 +191,15 @@ impl PredictorConfig {
 
     pub fn tick_us(&self) -> u64 {
         self.tick_ms * 1000
+    }
+
+    /// The contention estimator's settings.
+    pub fn contention(&self) -> crate::contention::ContentionConfig {
+        crate::contention::ContentionConfig {
+            horizon_us: self.horizon_us(),
+            window_us: self.contention_window_ms * 1000,
+            max_keys: self.contention_max_keys,
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! per-key multi-scale features in ndarray arrays over a bounded key set,
 //! [`models`] is the ladder of models (keep-alive, decayed frequency, successor
 //! table, online logistic regression), and [`forecaster`] ties them together
-//! and trains the learned model as each horizon window closes.
+//! and trains the learned model as each horizon window closes. [`contention`]
+//! estimates, apart from all that, P(a key is contended within the horizon).
 //!
 //! ```
 //! use forelock_predictor::{config::{ModelKind, PredictorConfig}, forecaster::Forecaster, key_hash};
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod config;
+pub mod contention;
 pub mod fastmath;
 pub mod features;
 pub mod forecaster;

@@ -2,8 +2,10 @@
 //!
 //! Attaches to a running broker's runtime directory, drains the access-event
 //! ring (`events`) every tick, feeds the requests (fast-path hits, slow-path
-//! grants, contended requests) to the forecaster, and writes the top-K scores
-//! into the score table (`scores`), which the broker's allocator reads.
+//! grants, contended requests) to the forecaster and to the contention
+//! estimator, and writes the top-K scores, each with its key's P(contended),
+//! then the keys predicted contended outside the top-K, into the score table
+//! (`scores`), which the broker's allocator reads.
 //!
 //! Everything it writes is advisory: if it dies or lags the broker ignores the
 //! stale table, and locking goes on, only with fewer fast-path hits. When the
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use forelock_predictor::config::PredictorConfig;
+use forelock_predictor::contention::ContentionEstimator;
 use forelock_predictor::forecaster::Forecaster;
 use shm_layout::events::{EventCursor, EventsView, Outcome};
 use shm_layout::scores::ScoresView;
@@ -171,6 +174,9 @@ fn run() -> anyhow::Result<()> {
     let tick = Duration::from_millis(config.tick_ms);
     let top_k = config.top_k;
     let min_probability = config.min_probability;
+    let mut contention = ContentionEstimator::new(config.contention());
+    let mut contended = Vec::new();
+    let mut entries = Vec::new();
     let mut forecaster = Forecaster::new(config);
     let mut cursor = EventCursor::new(&attached.events);
     let start_ns = shm_layout::monotonic_ns();
@@ -203,24 +209,34 @@ fn run() -> anyhow::Result<()> {
                 };
                 let ts_us = time_ns.saturating_sub(start_ns) / 1000;
                 forecaster.ingest(ts_us, event.client, event.key_hash);
+                contention.record(ts_us, event.key_hash, event.outcome == Outcome::Contended);
             }
         });
         let now_us = now_ns.saturating_sub(start_ns) / 1000;
         forecaster.tick(now_us);
         let capacity = attached.scores.capacity() as usize;
         forecaster.top_k(top_k.min(capacity), min_probability, &mut top);
+        contention.contended(now_us, min_probability, &mut contended);
+        contention.merge_into(
+            &top,
+            &contended,
+            capacity,
+            |key_hash| forecaster.probability_of(key_hash).unwrap_or(0.0),
+            &mut entries,
+        );
         attached.scores.write(
             model_name,
             horizon_ms,
             shm_layout::monotonic_ns(),
-            top.iter().copied(),
+            entries.iter().copied(),
         );
 
         ticks += 1;
         if args.ticks.is_some_and(|limit| ticks >= limit) {
             tracing::info!(
                 ticks,
-                written = top.len(),
+                written = entries.len(),
+                contended = contended.len(),
                 ?observed,
                 lost = cursor.lost,
                 "done"
@@ -233,7 +249,9 @@ fn run() -> anyhow::Result<()> {
             tracing::info!(
                 tracked = features.tracked(),
                 active = features.active(),
-                written = top.len(),
+                written = entries.len(),
+                contended = contended.len(),
+                contention_tracked = contention.tracked(),
                 lost_events = cursor.lost,
                 ?observed,
                 model = %forecaster.model().describe(),
