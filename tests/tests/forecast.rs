@@ -173,3 +173,60 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
     counting.spawn(1, 200).finish(700);
     assert!(b.is_running());
 }
+
+/// Contention preparation counters in the table header: (prepared, used).
+fn contention_prepared(dir: &std::path::Path) -> (u64, u64) {
+    with_table(dir, |t| {
+        let s = &t.header().stats;
+        (
+            s.contention_prepared
+                .load(std::sync::atomic::Ordering::Relaxed),
+            s.contention_prepared_hits
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    })
+}
+
+#[test]
+fn the_predictor_forecasts_contention_and_the_broker_prepares_the_contended_key() {
+    let predictor = env!("CARGO_BIN_EXE_forelock-predictor-under-test");
+    let dir = TempDir::new("forecast-contention");
+    let mut b = Broker::start(
+        dir.path(),
+        &format!("{FORECAST}contention_threshold = 0.5\ncontention_waiters = 4\n"),
+    );
+    let mut p = std::process::Command::new(predictor)
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Two workers take the same key over and over: requests queue behind the
+    // holder, the predictor sees `Contended` events and forecasts more, the
+    // broker prepares the key's queue, and later waiters find it prepared.
+    let mut counting = Counting::new(dir.path(), "contended");
+    let mut expected = 0;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        counting.spawn(2, 300);
+        expected += 600;
+        counting.finish(expected);
+        let (prepared, used) = contention_prepared(dir.path());
+        if prepared > 0 && used > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "contention was never prepared and used: {prepared} prepared, {used} used; \
+             queued so far {}",
+            with_table(dir.path(), |t| t
+                .header()
+                .stats
+                .contended
+                .load(std::sync::atomic::Ordering::Relaxed))
+        );
+    }
+    p.kill().unwrap();
+    p.wait().unwrap();
+    assert!(b.is_running(), "forelockd died:\n{}", b.log());
+}
