@@ -32,8 +32,10 @@ pub struct Allocation {
     forecast: bool,
     scores: Vec<Scored>,
     score_of: HashMap<u64, Scored>,
-    /// Waiters reserved per key predicted contended.
+    /// Waiters reserved per key predicted contended, and the contention
+    /// probability from which a key counts as predicted contended (0 = off).
     contention_waiters: usize,
+    contention_threshold: f32,
     candidates: Vec<Score>,
     views: Vec<SlotView>,
     actions: Vec<Action>,
@@ -62,6 +64,7 @@ impl Allocation {
             scores: Vec::new(),
             score_of: HashMap::new(),
             contention_waiters: config.allocator.contention_waiters as usize,
+            contention_threshold: config.allocator.contention_threshold,
             candidates: Vec::new(),
             views: Vec::new(),
             actions: Vec::new(),
@@ -121,10 +124,11 @@ impl Allocation {
         };
         self.policy.tick(&input, &mut self.actions);
         let threshold = self.policy.threshold();
-        let wanted = self
-            .candidates
-            .iter()
-            .filter(|c| c.probability >= threshold && c.probability > 0.0);
+        let contention_threshold = self.contention_threshold;
+        let wanted = self.candidates.iter().filter(|c| {
+            (c.probability >= threshold && c.probability > 0.0)
+                || (contention_threshold > 0.0 && c.contention >= contention_threshold)
+        });
         manager.set_predicted(wanted.map(|c| c.key_hash));
         // Publish each keyed slot's score for observers (`forelock locks`).
         for view in &self.views {
