@@ -5,8 +5,11 @@
 //! CARGO_TARGET_DIR=/work/target-a cargo run --release -p forelock-predictor --example predictor_bench [KEYS] [EVENTS] [TRACE...]
 //! ```
 //!
-//! With TRACE files, it also measures ingestion (with a tick every 10 ms of trace
-//! time) on each real trace.
+//! Ingest goes through [`Forecaster::ingest_batch`] in batches of
+//! [`BATCH`] events (as the live process drains its rings); one more run
+//! measures one-by-one [`Forecaster::ingest`] for comparison. With TRACE files,
+//! it also measures ingestion (with a tick every 10 ms of trace time, the
+//! events between two ticks in one batch) on each real trace.
 //!
 //! Prints figures only; nothing here asserts a timing.
 
@@ -14,6 +17,9 @@ use std::time::Instant;
 
 use forelock_predictor::config::{ModelKind, PredictorConfig};
 use forelock_predictor::forecaster::Forecaster;
+
+/// Events per [`Forecaster::ingest_batch`] call.
+const BATCH: usize = 1024;
 
 fn main() {
     let mut arguments = std::env::args().skip(1);
@@ -69,8 +75,8 @@ fn main() {
         };
         let mut forecaster = Forecaster::new(config);
         let started = Instant::now();
-        for &(ts, client, key) in &stream {
-            forecaster.ingest(ts, client, key);
+        for batch in stream.chunks(BATCH) {
+            forecaster.ingest_batch(batch);
         }
         let ingest_s = started.elapsed().as_secs_f64();
         let end_us = stream.last().map_or(0, |e| e.0);
@@ -100,6 +106,27 @@ fn main() {
         );
     }
 
+    {
+        // Ingest does not depend on the model: one run suffices.
+        let model = ModelKind::Frequency;
+        let mut forecaster = Forecaster::new(PredictorConfig {
+            model,
+            max_tracked_keys: keys as usize,
+            activity_window_ms: 600_000,
+            ..PredictorConfig::default()
+        });
+        let started = Instant::now();
+        for &(ts, client, key) in &stream {
+            forecaster.ingest(ts, client, key);
+        }
+        let ingest_s = started.elapsed().as_secs_f64();
+        println!(
+            "{:<12} {:>14.0}   (one-by-one ingest, for comparison)",
+            model.name(),
+            events as f64 / ingest_s
+        );
+    }
+
     for path in traces {
         let trace = forelock_predictor::trace::read_trace_file(std::path::Path::new(&path))
             .expect("readable trace");
@@ -111,14 +138,20 @@ fn main() {
             let started = Instant::now();
             let mut next_tick = 0;
             let mut ticks = 0u64;
+            let mut batch = Vec::with_capacity(BATCH);
             for event in &trace.events {
+                if event.ts_us >= next_tick || batch.len() == BATCH {
+                    forecaster.ingest_batch(&batch);
+                    batch.clear();
+                }
                 while event.ts_us >= next_tick {
                     forecaster.tick(next_tick);
                     next_tick += 10_000;
                     ticks += 1;
                 }
-                forecaster.ingest(event.ts_us, event.client, event.key_hash);
+                batch.push((event.ts_us, event.client, event.key_hash));
             }
+            forecaster.ingest_batch(&batch);
             let elapsed = started.elapsed().as_secs_f64();
             println!(
                 "trace {path}: {} {} events + {ticks} ticks in {:.2} s: {:.0} events/s including ticks",
