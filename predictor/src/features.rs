@@ -1,25 +1,31 @@
-//! Per-key features over a bounded set of tracked keys, one cache line per key.
+//! Per-key features over a bounded set of tracked keys: one cache line per key
+//! for ingest, one array per feature for scoring.
 //!
 //! # What is kept per key (row `r` of each array is one tracked key)
 //!
 //! Ingest is bound by memory latency (a cold key costs a cache miss per line it
 //! touches), so everything ingest reads or writes for a key is in one 64-byte
-//! [`KeyRecord`], its successor table in one 64-byte [`Successors`] line, and the
-//! key is found through a flat open-addressing index.
+//! `KeyRecord`, its successor table in one 64-byte `Successors` line, and the
+//! key is found through a flat open-addressing index. Scoring streams through
+//! every active row, so it reads one array per feature (`Published`), copied
+//! from the records by [`FeatureStore::decay_to`] for the rows changed since the
+//! previous call.
 //!
 //! | array | line | meaning |
 //! |---|---|---|
 //! | `records[r].counts[s]` | record | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s), as of the key's last request: a multi-scale rate |
-//! | `last_us[r]`, `records[r].last_s` | own array, record | time of the last request (exact, and as f32 seconds since a re-based epoch, for vectorised scoring); `exp(-age / tau_s)` gives "time since last" on four scales. `last_us` is an array of its own because [`FeatureView::last_us`] is a slice |
+//! | `last_us[r]`, `records[r].last_s` | own array, record | time of the last request (exact, and as f32 seconds since a re-based epoch, for vectorised scoring); `exp(-age / tau_s)` gives "time since last" on four scales. `last_us` is an array of its own, always current, because [`FeatureView::last_us`] is a slice |
 //! | `records[r].gap_mean_s`, `.gap_rate`, `.gap_confidence` | record | EWMA of the inter-arrival gap; horizon / gap saturated; how many gaps it rests on, saturated |
-//! | `successors[r].keys`, `.counts`, `records[r].predecessor_count` | successors, record | per-key successor table: after this key, some client took key B within the horizon `count / predecessor_count` of the time; `successors[r].hints` is each successor's row when last seen (checked before use: it saves an index probe) |
+//! | `successors[r].keys`, `.counts`, `records[r].predecessor_count` | successors, record | per-key successor table: after this key, some client took key B within the horizon `count / predecessor_count` of the time; `successors[r].hints` is each successor's row when last seen (checked against the record's key before use: it saves an index probe) |
 //! | `records[r].successor_boost`, `.successor_boost_s` | record | max over recent requests A of P(this key \| A), decayed with the horizon as time constant from `successor_boost_s` |
-//! | `key_hash[r]` (and `records[r].key_hash`) | own array, record | the key; the array is [`FeatureView::key_hash`], the copy in the record validates row hints without touching another line |
+//! | `key_hash[r]` (and `records[r].key_hash`) | own array, record | the key; the array is [`FeatureView::key_hash`], the copy in the record checks row hints without touching another line |
+//! | `records[r].dirty`, `dirty_rows` | record, list | the record's scoring fields changed since they were last published |
+//! | `published.last_s`, `.counts` (row-major), `.successor_boost`, `.successor_boost_s`, `.gap_rate`, `.gap_confidence` | one array each | the scoring fields as of the last [`FeatureStore::decay_to`]: what [`FeatureView`] reads |
 //! | `index` | 16-byte slots | key hash → row, linear probing in a power-of-two table at most half full |
 //!
-//! Scoring reads the records (the fields it needs are 36 of the 64 bytes), one
-//! block of [`BLOCK`] rows at a time: the block's records fit in L1, and the
-//! features are computed feature-major from there so that the loops vectorise.
+//! Publication costs one copy per changed row per `decay_to` (a tick), however
+//! many events the row had: a random write to each published array, or one
+//! sequential pass over all rows when more than an eighth changed.
 //!
 //! # Batched ingest
 //!
@@ -32,15 +38,16 @@
 //! # Row order: active keys first
 //!
 //! Rows `0..active` are the ACTIVE keys: requested within the activity window, or
-//! boosted by a successor. Only they are scored. Rows `active..tracked` are
-//! tracked but idle. Keys idle past the activity window score 0. Rows move only
-//! when a key becomes active or idle.
+//! boosted by a successor. Only they are scored, in blocks of [`BLOCK`] rows
+//! whose features are computed feature-major so that the loops vectorise. Rows
+//! `active..tracked` are tracked but idle. Keys idle past the activity window
+//! score 0. Rows move only when a key becomes active or idle.
 //!
 //! # Bounded memory: eviction and the long tail
 //!
-//! At most `capacity` keys are tracked (176 bytes each: two lines, two index
-//! slots at most half full, `last_us`, `key_hash`). When a new key arrives and
-//! the table is full, a victim is chosen by sampled LRU: 8 random idle rows (or,
+//! At most `capacity` keys are tracked (212 bytes each: two lines, two index
+//! slots at most half full, `last_us`, `key_hash`, 36 published bytes). When a
+//! new key arrives and the table is full, a victim is chosen by sampled LRU: 8 random idle rows (or,
 //! if every row is active, 8 random active rows) and the one with the oldest last
 //! request goes. Its 60 s count is added to a count-min sketch (4 x 4096 cells,
 //! halved every 60 s), and a key admitted later starts its 60 s count from the
@@ -57,8 +64,9 @@
 //!
 //! All decay is lazy: a key's counts are stored as of its last request, and an
 //! event at `t` sets `count = count * exp(-(t - last) / tau) + 1`. Scoring at `now`
-//! multiplies by `exp(-(now - last) / tau)`, so a tick writes nothing per key;
-//! only the activity scan (every 100 ms) walks the active rows.
+//! multiplies by `exp(-(now - last) / tau)`, so a tick writes nothing per key
+//! but the publication of the rows changed since the last tick; only the
+//! activity scan (every 100 ms) walks the active rows.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -180,6 +188,9 @@ struct KeyRecord {
     gap_rate: f32,
     gap_confidence: f32,
     predecessor_count: f32,
+    /// Whether the scoring fields changed since they were last published
+    /// (the row is then in `FeatureStore::dirty_rows`).
+    dirty: bool,
 }
 
 /// The successor table of a key: one cache line.
@@ -214,6 +225,105 @@ impl Successors {
         self.keys[replace] = successor;
         self.counts[replace] = 1.0;
         self.hints[replace] = row as u32;
+    }
+}
+
+/// The scoring fields of every tracked row, one array per field, as of the
+/// last [`FeatureStore::decay_to`]: what [`FeatureView`] reads (scoring streams
+/// through only the fields a model uses).
+#[derive(Clone, Debug, PartialEq)]
+struct Published {
+    last_s: Vec<f32>,
+    /// Row-major `[row * SCALES + scale]`.
+    counts: Vec<f32>,
+    successor_boost: Vec<f32>,
+    successor_boost_s: Vec<f32>,
+    gap_rate: Vec<f32>,
+    gap_confidence: Vec<f32>,
+}
+
+impl Published {
+    fn new(capacity: usize) -> Published {
+        Published {
+            last_s: vec![0.0; capacity],
+            counts: vec![0.0; capacity * SCALES],
+            successor_boost: vec![0.0; capacity],
+            successor_boost_s: vec![0.0; capacity],
+            gap_rate: vec![0.0; capacity],
+            gap_confidence: vec![0.0; capacity],
+        }
+    }
+
+    /// Copies the scoring fields of `record` to `row`.
+    #[inline(always)]
+    fn set(&mut self, row: usize, record: &KeyRecord) {
+        self.last_s[row] = record.last_s;
+        self.counts[row * SCALES..(row + 1) * SCALES].copy_from_slice(&record.counts);
+        self.successor_boost[row] = record.successor_boost;
+        self.successor_boost_s[row] = record.successor_boost_s;
+        self.gap_rate[row] = record.gap_rate;
+        self.gap_confidence[row] = record.gap_confidence;
+    }
+
+    /// [`Published::set`] for rows `0..records.len()`, and clears their `dirty`
+    /// flags: field by field over blocks of rows (sequential writes, no bounds
+    /// check per row).
+    fn set_all(&mut self, records: &mut [KeyRecord]) {
+        let n = records.len();
+        let chunks = records
+            .chunks_mut(BLOCK)
+            .zip(self.last_s[..n].chunks_mut(BLOCK))
+            .zip(self.counts[..n * SCALES].chunks_mut(BLOCK * SCALES))
+            .zip(self.successor_boost[..n].chunks_mut(BLOCK))
+            .zip(self.successor_boost_s[..n].chunks_mut(BLOCK))
+            .zip(self.gap_rate[..n].chunks_mut(BLOCK))
+            .zip(self.gap_confidence[..n].chunks_mut(BLOCK));
+        for ((((((records, last_s), counts), boost), boost_s), gap_rate), gap_confidence) in chunks
+        {
+            for (out, record) in last_s.iter_mut().zip(records.iter()) {
+                *out = record.last_s;
+            }
+            for (out, record) in counts.chunks_exact_mut(SCALES).zip(records.iter()) {
+                out.copy_from_slice(&record.counts);
+            }
+            for (out, record) in boost.iter_mut().zip(records.iter()) {
+                *out = record.successor_boost;
+            }
+            for (out, record) in boost_s.iter_mut().zip(records.iter()) {
+                *out = record.successor_boost_s;
+            }
+            for (out, record) in gap_rate.iter_mut().zip(records.iter()) {
+                *out = record.gap_rate;
+            }
+            for (out, record) in gap_confidence.iter_mut().zip(records.iter()) {
+                *out = record.gap_confidence;
+            }
+            for record in records.iter_mut() {
+                record.dirty = false;
+            }
+        }
+    }
+
+    /// Prefetches the lines [`Published::set`] writes.
+    #[inline(always)]
+    fn prefetch(&self, row: usize) {
+        prefetch(&self.last_s[row]);
+        prefetch(&self.counts[row * SCALES]);
+        prefetch(&self.successor_boost[row]);
+        prefetch(&self.successor_boost_s[row]);
+        prefetch(&self.gap_rate[row]);
+        prefetch(&self.gap_confidence[row]);
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.last_s.swap(a, b);
+        for scale in 0..SCALES {
+            self.counts.swap(a * SCALES + scale, b * SCALES + scale);
+        }
+        self.successor_boost.swap(a, b);
+        self.successor_boost_s.swap(a, b);
+        self.gap_rate.swap(a, b);
+        self.gap_confidence.swap(a, b);
     }
 }
 
@@ -476,8 +586,13 @@ pub struct FeatureView<'a> {
     pub key_hash: &'a [u64],
     pub last_us: &'a [u64],
     now_s: f32,
-    /// The active rows' records, as of each row's last request.
-    records: &'a [KeyRecord],
+    last_s: &'a [f32],
+    /// Row-major `[row * SCALES + scale]`, as of each row's last request.
+    counts: &'a [f32],
+    successor_boost: &'a [f32],
+    successor_boost_s: &'a [f32],
+    gap_rate: &'a [f32],
+    gap_confidence: &'a [f32],
 }
 
 impl FeatureView<'_> {
@@ -495,74 +610,59 @@ impl FeatureView<'_> {
     }
 
     /// Like [`FeatureView::block`], computing only the feature groups in `set`
-    /// (the others are left as they were): a model computes only what it uses.
+    /// (the others are left as they were): scoring is bound by memory bandwidth,
+    /// so a model reads only what it uses.
     #[inline(always)]
     pub fn block_of(&self, start: usize, out: &mut FeatureBlock, set: FeatureSet) {
         let len = BLOCK.min(self.len().saturating_sub(start));
         out.len = len;
-        let records = &self.records[start..start + len];
-        // The next block's records arrive while this one is computed.
-        let next =
-            (start + BLOCK).min(self.records.len())..(start + 2 * BLOCK).min(self.records.len());
-        for record in &self.records[next] {
-            prefetch(record);
-        }
         let now_s = self.now_s;
         let horizon_s = self.horizon_us as f32 * 1e-6;
         if set.rates || set.recency {
-            for (age, record) in out.age_s[..len].iter_mut().zip(records) {
-                *age = (now_s - record.last_s).max(0.0);
+            let last_s = &self.last_s[start..start + len];
+            for (age, &last) in out.age_s[..len].iter_mut().zip(last_s) {
+                *age = (now_s - last).max(0.0);
             }
-            Self::rates_and_recency(records, out);
+            self.rates_and_recency(start, out);
         }
         if set.successor {
             let inverse_horizon_s = 1.0 / horizon_s;
-            // Gather first (strided loads), then compute (vectorised).
-            let mut since = [0.0f32; BLOCK];
-            let boosts = &mut out.features[8][..len];
-            for ((boost, since), record) in boosts.iter_mut().zip(&mut since).zip(records) {
-                *boost = record.successor_boost;
-                *since = (now_s - record.successor_boost_s).max(0.0);
-            }
-            for (boost, &since) in boosts.iter_mut().zip(&since[..len]) {
-                *boost = (*boost * fast_exp(-since * inverse_horizon_s)).min(1.0);
+            let boost = &self.successor_boost[start..start + len];
+            let boost_s = &self.successor_boost_s[start..start + len];
+            for ((out, &boost), &boost_s) in
+                out.features[8][..len].iter_mut().zip(boost).zip(boost_s)
+            {
+                let since = (now_s - boost_s).max(0.0);
+                *out = (boost * fast_exp(-since * inverse_horizon_s)).min(1.0);
             }
         }
         if set.gaps {
-            let (before, gaps) = out.features.split_at_mut(10);
-            for ((rate, confidence), record) in before[9][..len]
-                .iter_mut()
-                .zip(&mut gaps[0][..len])
-                .zip(records)
-            {
-                *rate = record.gap_rate;
-                *confidence = record.gap_confidence;
-            }
+            out.features[9][..len].copy_from_slice(&self.gap_rate[start..start + len]);
+            out.features[10][..len].copy_from_slice(&self.gap_confidence[start..start + len]);
         }
     }
 
     #[inline(always)]
-    fn rates_and_recency(records: &[KeyRecord], out: &mut FeatureBlock) {
+    fn rates_and_recency(&self, start: usize, out: &mut FeatureBlock) {
         let len = out.len;
+        let counts = &self.counts[start * SCALES..(start + len) * SCALES];
         let age_s = &out.age_s[..len];
         let (rates, rest) = out.features.split_at_mut(SCALES);
         let recencies = &mut rest[..SCALES];
-        // Gather the counts into the rate rows first (strided loads), then
-        // compute in place (vectorised).
-        for (i, record) in records.iter().enumerate() {
-            for (rate, &count) in rates.iter_mut().zip(&record.counts) {
-                rate[i] = count;
-            }
-        }
         for scale in 0..SCALES {
             let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
             let to_feature = RATE_FEATURE_SCALE[scale];
             let rate = &mut rates[scale][..len];
             let recency = &mut recencies[scale][..len];
-            for ((rate, recency), &age) in rate.iter_mut().zip(recency.iter_mut()).zip(age_s) {
+            for (((rate, recency), &age), count) in rate
+                .iter_mut()
+                .zip(recency.iter_mut())
+                .zip(age_s)
+                .zip(counts.chunks_exact(SCALES))
+            {
                 let decay = fast_exp(-age * inverse_tau_s);
                 *recency = decay;
-                *rate = saturate(*rate * decay * to_feature);
+                *rate = saturate(count[scale] * decay * to_feature);
             }
         }
     }
@@ -573,7 +673,12 @@ impl FeatureView<'_> {
         let one = FeatureView {
             key_hash: &self.key_hash[row..row + 1],
             last_us: &self.last_us[row..row + 1],
-            records: &self.records[row..row + 1],
+            last_s: &self.last_s[row..row + 1],
+            counts: &self.counts[row * SCALES..(row + 1) * SCALES],
+            successor_boost: &self.successor_boost[row..row + 1],
+            successor_boost_s: &self.successor_boost_s[row..row + 1],
+            gap_rate: &self.gap_rate[row..row + 1],
+            gap_confidence: &self.gap_confidence[row..row + 1],
             ..*self
         };
         one.block(0, &mut block);
@@ -584,31 +689,20 @@ impl FeatureView<'_> {
     pub fn decayed_counts(&self, start: usize, scale: usize, out: &mut [f32]) {
         let end = start + out.len();
         let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
-        let records = &self.records[start..end];
-        let mut age_s = [0.0f32; BLOCK];
-        // In blocks: gather (strided loads), then compute (vectorised).
-        for (block, (out, records)) in out.chunks_mut(BLOCK).zip(records.chunks(BLOCK)).enumerate()
+        let counts = &self.counts[start * SCALES..end * SCALES];
+        for ((out, &last), count) in out
+            .iter_mut()
+            .zip(&self.last_s[start..end])
+            .zip(counts.chunks_exact(SCALES))
         {
-            let next = (start + (block + 1) * BLOCK).min(self.records.len())
-                ..(start + (block + 2) * BLOCK).min(self.records.len());
-            for record in &self.records[next] {
-                prefetch(record);
-            }
-            for ((out, age), record) in out.iter_mut().zip(&mut age_s).zip(records) {
-                *out = record.counts[scale];
-                *age = (self.now_s - record.last_s).max(0.0);
-            }
-            for (out, &age) in out.iter_mut().zip(&age_s) {
-                *out *= fast_exp(-age * inverse_tau_s);
-            }
+            *out = count[scale] * fast_exp(-(self.now_s - last).max(0.0) * inverse_tau_s);
         }
     }
 
     /// Request count of one row decayed to now, at one scale.
     pub fn decayed_count(&self, row: usize, scale: usize) -> f32 {
-        let record = &self.records[row];
-        let age_s = (self.now_s - record.last_s).max(0.0);
-        record.counts[scale] * fast_exp(-age_s * 1e6 / SCALE_TAU_US[scale] as f32)
+        let age_s = (self.now_s - self.last_s[row]).max(0.0);
+        self.counts[row * SCALES + scale] * fast_exp(-age_s * 1e6 / SCALE_TAU_US[scale] as f32)
     }
 
     /// The successor boost of one row, decayed to now.
@@ -627,6 +721,11 @@ pub struct FeatureStore {
     last_us: Vec<u64>,
     records: Vec<KeyRecord>,
     successors: Vec<Successors>,
+    published: Published,
+    /// Rows whose record is `dirty` (and possibly some that no longer are).
+    dirty_rows: Vec<u32>,
+    /// Every row may be dirty (`dirty_rows` grew too long and was dropped).
+    all_dirty: bool,
     /// The f32 times in the records are seconds since `epoch_us` (f32 halves the
     /// bytes a tick reads; re-based every `EPOCH_SPAN_US` so the resolution stays
     /// below 0.2 ms).
@@ -666,6 +765,9 @@ impl FeatureStore {
             last_us: vec![NEVER_US; capacity],
             records: vec![KeyRecord::default(); capacity],
             successors: vec![Successors::default(); capacity],
+            published: Published::new(capacity),
+            dirty_rows: Vec::new(),
+            all_dirty: false,
             epoch_us: 0,
             active: 0,
             tracked: 0,
@@ -708,17 +810,70 @@ impl FeatureStore {
             .filter(|&last| last != NEVER_US)
     }
 
-    /// The active rows, at the time of the last [`FeatureStore::decay_to`].
+    /// The active rows, at the time of the last [`FeatureStore::decay_to`]:
+    /// their features are those published by that call (events ingested since
+    /// show only in `last_us`).
     pub fn view(&self) -> FeatureView<'_> {
         let n = self.active;
+        let published = &self.published;
         FeatureView {
             now_us: self.now_us,
             now_s: self.seconds(self.now_us),
             horizon_us: self.horizon_us,
             key_hash: &self.key_hash[..n],
             last_us: &self.last_us[..n],
-            records: &self.records[..n],
+            last_s: &published.last_s[..n],
+            counts: &published.counts[..n * SCALES],
+            successor_boost: &published.successor_boost[..n],
+            successor_boost_s: &published.successor_boost_s[..n],
+            gap_rate: &published.gap_rate[..n],
+            gap_confidence: &published.gap_confidence[..n],
         }
+    }
+
+    /// Marks `row` as changed since the last publication.
+    #[inline(always)]
+    fn mark_dirty(&mut self, row: usize) {
+        let record = &mut self.records[row];
+        if !record.dirty {
+            record.dirty = true;
+            self.list_dirty(row);
+        }
+    }
+
+    fn list_dirty(&mut self, row: usize) {
+        self.dirty_rows.push(row as u32);
+        if self.dirty_rows.len() > 2 * self.capacity {
+            // (Only swaps list rows twice: a long run of them without a
+            // decay_to.) Publish every row next time instead.
+            self.dirty_rows.clear();
+            self.all_dirty = true;
+        }
+    }
+
+    /// Copies the scoring fields of every dirty row to the published arrays.
+    fn publish(&mut self) {
+        let n = self.tracked;
+        if self.all_dirty || self.dirty_rows.len() > n / 8 {
+            // Many rows: one sequential pass is cheaper than random writes.
+            self.published.set_all(&mut self.records[..n]);
+        } else {
+            const AHEAD: usize = 8;
+            for i in 0..self.dirty_rows.len() {
+                if let Some(&ahead) = self.dirty_rows.get(i + AHEAD) {
+                    prefetch(&self.records[ahead as usize]);
+                    self.published.prefetch(ahead as usize);
+                }
+                let row = self.dirty_rows[i] as usize;
+                let record = &mut self.records[row];
+                if record.dirty {
+                    self.published.set(row, record);
+                    record.dirty = false;
+                }
+            }
+        }
+        self.dirty_rows.clear();
+        self.all_dirty = false;
     }
 
     /// `time_us` as f32 seconds since the epoch.
@@ -728,9 +883,17 @@ impl FeatureStore {
 
     fn rebase(&mut self, epoch_us: u64) {
         let shift_s = (epoch_us as i64 - self.epoch_us as i64) as f32 * 1e-6;
-        for record in &mut self.records[..self.tracked] {
+        let n = self.tracked;
+        for record in &mut self.records[..n] {
             record.last_s -= shift_s;
             record.successor_boost_s -= shift_s;
+        }
+        let published = &mut self.published;
+        for time in published.last_s[..n]
+            .iter_mut()
+            .chain(&mut published.successor_boost_s[..n])
+        {
+            *time -= shift_s;
         }
         self.epoch_us = epoch_us;
     }
@@ -856,6 +1019,7 @@ impl FeatureStore {
         // left standing would mark keys that have just been taken, not keys
         // about to be (and teach a learned model that the boost means "done").
         record.successor_boost = 0.0;
+        self.mark_dirty(row);
         self.learn_successors(ts_us, client, key_hash, row);
         self.push_successors(row, ts_us);
     }
@@ -932,6 +1096,7 @@ impl FeatureStore {
                 let target = &mut self.records[successor_row];
                 target.successor_boost = probability;
                 target.successor_boost_s = now_s;
+                self.mark_dirty(successor_row);
             }
             self.successors[row].hints[j] = successor_row as u32;
         }
@@ -1023,13 +1188,23 @@ impl FeatureStore {
         self.last_us.swap(a, b);
         self.records.swap(a, b);
         self.successors.swap(a, b);
+        self.published.swap(a, b);
+        // A dirty record listed under its old row is listed again under its new one.
+        for row in [a, b] {
+            if self.records[row].dirty {
+                self.list_dirty(row);
+            }
+        }
         self.index.insert(self.key_hash[a], a as u32);
         self.index.insert(self.key_hash[b], b as u32);
     }
 
-    /// Sets the scoring time to `now_us` (never backwards) and, at most every
-    /// 100 ms, retires rows idle past the activity window. Writes no feature.
+    /// Publishes the features of the rows changed since the last call (see
+    /// [`FeatureStore::view`]), sets the scoring time to `now_us` (never
+    /// backwards) and, at most every 100 ms, retires rows idle past the
+    /// activity window.
     pub fn decay_to(&mut self, now_us: u64) {
+        self.publish();
         if now_us <= self.now_us {
             return;
         }
@@ -1252,7 +1427,35 @@ mod tests {
             features.last_us[..n].to_vec(),
             features.records[..n].to_vec(),
             features.successors[..n].to_vec(),
+            features.published.clone(),
         )
+    }
+
+    /// After a decay_to, the published arrays are the records' scoring fields.
+    fn assert_published(features: &FeatureStore) {
+        assert!(features.dirty_rows.is_empty() && !features.all_dirty);
+        let mut expected = Published::new(features.capacity);
+        for (row, record) in features.records[..features.tracked].iter().enumerate() {
+            assert!(!record.dirty, "row {row}");
+            expected.set(row, record);
+        }
+        let n = features.tracked;
+        let published = &features.published;
+        assert_eq!(published.last_s[..n], expected.last_s[..n]);
+        assert_eq!(
+            published.counts[..n * SCALES],
+            expected.counts[..n * SCALES]
+        );
+        assert_eq!(
+            published.successor_boost[..n],
+            expected.successor_boost[..n]
+        );
+        assert_eq!(
+            published.successor_boost_s[..n],
+            expected.successor_boost_s[..n]
+        );
+        assert_eq!(published.gap_rate[..n], expected.gap_rate[..n]);
+        assert_eq!(published.gap_confidence[..n], expected.gap_confidence[..n]);
     }
 
     #[test]
@@ -1287,6 +1490,7 @@ mod tests {
                 state_of(&one_by_one) == state_of(&batched),
                 "after chunk {chunk_index}"
             );
+            assert_published(&batched);
         }
         assert!(one_by_one.evictions > 1000);
         let view = batched.view();
@@ -1309,5 +1513,27 @@ mod tests {
         let view = features.view();
         let row_b = view.key_hash.iter().position(|&k| k == 0xB).unwrap();
         assert!(view.successor_boost(row_b) > 0.9);
+    }
+
+    #[test]
+    fn publication_follows_rows_that_move_and_sparse_changes() {
+        // Long ticks, a short activity window: keys go idle and come back
+        // (swaps of dirty rows); a few events between decays (sparse publication).
+        let mut features = FeatureStore::new(256, H, 150_000, 3);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut t = 0;
+        for round in 0..400u64 {
+            let events = if round % 50 == 0 { 200 } else { 3 };
+            for _ in 0..events {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                t += state % 20_000;
+                features.ingest(t, (state >> 30) as u32 % 3, state % 300 + 1);
+            }
+            features.decay_to(t);
+            assert_published(&features);
+        }
+        assert!(features.evictions > 0);
     }
 }
