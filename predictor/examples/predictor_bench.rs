@@ -5,15 +5,22 @@
 //! CARGO_TARGET_DIR=/work/target-a cargo run --release -p forelock-predictor --example predictor_bench [KEYS] [EVENTS] [TRACE...]
 //! ```
 //!
-//! With TRACE files, it also measures ingestion (with a tick every 10 ms of trace
-//! time) on each real trace.
+//! Ingest goes through [`Forecaster::ingest_batch`] in batches of
+//! [`BATCH`] events (as the live process drains its rings); one more run
+//! measures one-by-one [`Forecaster::ingest`] for comparison. With TRACE files,
+//! it also measures ingestion (with a tick every 10 ms of trace time, the
+//! events between two ticks in one batch) on each real trace.
 //!
 //! Prints figures only; nothing here asserts a timing.
 
 use std::time::Instant;
 
 use forelock_predictor::config::{ModelKind, PredictorConfig};
+use forelock_predictor::features::FeatureStore;
 use forelock_predictor::forecaster::Forecaster;
+
+/// Events per [`Forecaster::ingest_batch`] call.
+const BATCH: usize = 1024;
 
 fn main() {
     let mut arguments = std::env::args().skip(1);
@@ -57,8 +64,8 @@ fn main() {
 
     println!("forelock-predictor bench: {keys} keys, {events} events, {clients} clients, 1 core");
     println!(
-        "{:<12} {:>14} {:>12} {:>12} {:>12} {:>10}",
-        "model", "ingest ev/s", "tick ms", "tick p max", "top-k ms", "active"
+        "{:<12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "model", "ingest ev/s", "1st tick ms", "tick ms", "tick p max", "top-k ms", "active"
     );
     for model in ModelKind::ALL {
         let config = PredictorConfig {
@@ -69,18 +76,23 @@ fn main() {
         };
         let mut forecaster = Forecaster::new(config);
         let started = Instant::now();
-        for &(ts, client, key) in &stream {
-            forecaster.ingest(ts, client, key);
+        for batch in stream.chunks(BATCH) {
+            forecaster.ingest_batch(batch);
         }
         let ingest_s = started.elapsed().as_secs_f64();
         let end_us = stream.last().map_or(0, |e| e.0);
 
+        // The first tick also publishes every row changed by the ingest (see
+        // features.rs): timed on its own.
+        let started = Instant::now();
+        forecaster.tick(end_us + 10_000);
+        let first_tick_s = started.elapsed().as_secs_f64();
         let ticks = 30;
         let mut tick_total_s = 0.0;
         let mut tick_max_s: f64 = 0.0;
         for tick in 1..=ticks {
             let started = Instant::now();
-            forecaster.tick(end_us + tick * 10_000);
+            forecaster.tick(end_us + (tick + 1) * 10_000);
             let elapsed = started.elapsed().as_secs_f64();
             tick_total_s += elapsed;
             tick_max_s = tick_max_s.max(elapsed);
@@ -90,13 +102,65 @@ fn main() {
         forecaster.top_k(65_536, 0.01, &mut top);
         let top_k_s = started.elapsed().as_secs_f64();
         println!(
-            "{:<12} {:>14.0} {:>12.2} {:>12.2} {:>12.2} {:>10}",
+            "{:<12} {:>14.0} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10}",
             model.name(),
             events as f64 / ingest_s,
+            first_tick_s * 1e3,
             tick_total_s / ticks as f64 * 1e3,
             tick_max_s * 1e3,
             top_k_s * 1e3,
             forecaster.features().active()
+        );
+    }
+
+    {
+        // Ingest does not depend on the model: one run of each variant suffices.
+        let config = PredictorConfig {
+            max_tracked_keys: keys as usize,
+            activity_window_ms: 600_000,
+            ..PredictorConfig::default()
+        };
+        let mut forecaster = Forecaster::new(config.clone());
+        let started = Instant::now();
+        for &(ts, client, key) in &stream {
+            forecaster.ingest(ts, client, key);
+        }
+        let ingest_s = started.elapsed().as_secs_f64();
+        println!(
+            "one-by-one ingest (Forecaster::ingest): {:.0} events/s",
+            events as f64 / ingest_s
+        );
+
+        // Batched ingest plus the feature upkeep a tick does every 10 ms of
+        // stream time (publishing changed rows, the activity scan), no scoring.
+        let mut features = FeatureStore::new(
+            config.max_tracked_keys,
+            config.horizon_us(),
+            config.activity_window_ms * 1000,
+            config.seed,
+        );
+        let started = Instant::now();
+        let mut next_tick = 10_000;
+        let mut start = 0;
+        while start < stream.len() {
+            let end = start
+                + stream[start..]
+                    .iter()
+                    .take(BATCH)
+                    .take_while(|e| e.0 < next_tick)
+                    .count();
+            features.ingest_batch(&stream[start..end]);
+            start = end;
+            if stream.get(start).is_some_and(|e| e.0 >= next_tick) {
+                features.decay_to(next_tick);
+                next_tick += 10_000;
+            }
+        }
+        features.decay_to(next_tick);
+        let ingest_s = started.elapsed().as_secs_f64();
+        println!(
+            "batched ingest + decay_to every 10 ms of stream time: {:.0} events/s",
+            events as f64 / ingest_s
         );
     }
 
@@ -111,14 +175,20 @@ fn main() {
             let started = Instant::now();
             let mut next_tick = 0;
             let mut ticks = 0u64;
+            let mut batch = Vec::with_capacity(BATCH);
             for event in &trace.events {
+                if event.ts_us >= next_tick || batch.len() == BATCH {
+                    forecaster.ingest_batch(&batch);
+                    batch.clear();
+                }
                 while event.ts_us >= next_tick {
                     forecaster.tick(next_tick);
                     next_tick += 10_000;
                     ticks += 1;
                 }
-                forecaster.ingest(event.ts_us, event.client, event.key_hash);
+                batch.push((event.ts_us, event.client, event.key_hash));
             }
+            forecaster.ingest_batch(&batch);
             let elapsed = started.elapsed().as_secs_f64();
             println!(
                 "trace {path}: {} {} events + {ticks} ticks in {:.2} s: {:.0} events/s including ticks",

@@ -1,43 +1,77 @@
-//! Per-key features over a bounded set of tracked keys, held in ndarray arrays.
+//! Per-key features over a bounded set of tracked keys: one cache line per key
+//! for ingest, one array per feature for scoring.
 //!
-//! # What is kept per key (one column of each array per tracked key)
+//! # What is kept per key (row `r` of each array is one tracked key)
 //!
-//! | array | meaning |
-//! |---|---|
-//! | `counts[key, s]` | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s), as of the key's last request: a multi-scale rate |
-//! | `last_us`, `last_s` | time of the last request (exact, and as f32 seconds since a re-based epoch, for vectorised scoring); `exp(-age / tau_s)` gives "time since last" on four scales |
-//! | `gap_mean_s`, `gap_rate`, `gap_confidence` | EWMA of the inter-arrival gap; horizon / gap saturated; how many gaps it rests on, saturated |
-//! | `successor_key`, `successor_count`, `predecessor_count` | per-key successor table: after this key, some client took key B within the horizon `successor_count / predecessor_count` of the time |
-//! | `successor_boost`, `successor_boost_s` | max over recent requests A of P(this key \| A), decayed with the horizon as time constant from `successor_boost_s` |
+//! Ingest is bound by memory latency (a cold key costs a cache miss per line it
+//! touches), so everything ingest reads or writes for a key is in one 64-byte
+//! `KeyRecord`, its successor table in one 64-byte `Successors` line, and the
+//! key is found through a flat open-addressing index. Scoring streams through
+//! every active row, so it reads one array per feature (`Published`), copied
+//! from the records by [`FeatureStore::decay_to`] for the rows changed since the
+//! previous call.
+//!
+//! | array | line | meaning |
+//! |---|---|---|
+//! | `records[r].counts[s]` | record | request count decayed with time constant `SCALE_TAU_US[s]` (50 ms, 500 ms, 5 s, 60 s), as of the key's last request: a multi-scale rate |
+//! | `last_us[r]`, `records[r].last_s` | own array, record | time of the last request (exact, and as f32 seconds since a re-based epoch, for vectorised scoring); `exp(-age / tau_s)` gives "time since last" on four scales. `last_us` is an array of its own, always current, because [`FeatureView::last_us`] is a slice |
+//! | `records[r].gap_mean_s`, `.gap_rate`, `.gap_confidence` | record | EWMA of the inter-arrival gap; horizon / gap saturated; how many gaps it rests on, saturated |
+//! | `successors[r].keys`, `.counts`, `records[r].predecessor_count` | successors, record | per-key successor table: after this key, some client took key B within the horizon `count / predecessor_count` of the time; `successors[r].hints` is each successor's row when last seen (checked against the record's key before use: it saves an index probe) |
+//! | `records[r].successor_boost`, `.successor_boost_s` | record | max over recent requests A of P(this key \| A), decayed with the horizon as time constant from `successor_boost_s` |
+//! | `key_hash[r]` (and `records[r].key_hash`) | own array, record | the key; the array is [`FeatureView::key_hash`], the copy in the record checks row hints without touching another line |
+//! | `records[r].dirty`, `dirty_rows` | record, list | the record's scoring fields changed since they were last published |
+//! | `published.last_s`, `.counts` (row-major), `.successor_boost`, `.successor_boost_s`, `.gap_rate`, `.gap_confidence` | one array each | the scoring fields as of the last [`FeatureStore::decay_to`]: what [`FeatureView`] reads |
+//! | `index` | 16-byte slots | key hash → row, linear probing in a power-of-two table at most half full |
+//!
+//! Publication costs one copy per changed row per `decay_to` (a tick), however
+//! many events the row had: a random write to each published array, or one
+//! sequential pass over all rows when more than an eighth changed.
+//!
+//! # Batched ingest
+//!
+//! [`FeatureStore::ingest_batch`] processes a slice of events exactly as
+//! [`FeatureStore::ingest`] would one by one, but prefetches ahead: the index
+//! slot of event `i + 16`, the record, successor line and `last_us` of event
+//! `i + 8`, and the records of the strong successors of event `i + 4` (which it
+//! is about to boost). The misses of several events then overlap.
 //!
 //! # Row order: active keys first
 //!
 //! Rows `0..active` are the ACTIVE keys: requested within the activity window, or
-//! boosted by a successor. Only they are scored, in blocks of [`BLOCK`] rows whose
-//! features are computed feature-major so that the loops vectorise. Rows
+//! boosted by a successor. Only they are scored, in blocks of [`BLOCK`] rows
+//! whose features are computed feature-major so that the loops vectorise. Rows
 //! `active..tracked` are tracked but idle. Keys idle past the activity window
 //! score 0. Rows move only when a key becomes active or idle.
 //!
 //! # Bounded memory: eviction and the long tail
 //!
-//! At most `capacity` keys are tracked. When a new key arrives and the table is
-//! full, a victim is chosen by sampled LRU: 8 random idle rows (or, if every row
-//! is active, 8 random active rows) and the one with the oldest last request goes.
-//! Its 60 s count is added to a count-min sketch (4 x 4096 cells, halved every 60 s),
-//! and a key admitted later starts its 60 s count from the sketch's estimate, so a
-//! key of the long tail that comes back is not mistaken for a brand-new one.
+//! At most `capacity` keys are tracked (212 bytes each: two lines, two index
+//! slots at most half full, `last_us`, `key_hash`, 36 published bytes). When a
+//! new key arrives and the table is full, a victim is chosen by sampled LRU: 8 random idle rows (or,
+//! if every row is active, 8 random active rows) and the one with the oldest last
+//! request goes. Its 60 s count is added to a count-min sketch (4 x 4096 cells,
+//! halved every 60 s), and a key admitted later starts its 60 s count from the
+//! sketch's estimate, so a key of the long tail that comes back is not mistaken
+//! for a brand-new one.
+//!
+//! # Clients
+//!
+//! Each client's last [`CLIENT_RECENT`] keys (to learn successors) are in a flat
+//! array indexed by client id (ids are small; larger ones go to a hash map). At
+//! most [`CLIENTS_MAX`] clients are remembered; past this the table is cleared.
 //!
 //! # Time
 //!
 //! All decay is lazy: a key's counts are stored as of its last request, and an
 //! event at `t` sets `count = count * exp(-(t - last) / tau) + 1`. Scoring at `now`
-//! multiplies by `exp(-(now - last) / tau)`, so a tick writes nothing per key;
-//! only the activity scan (every 100 ms) walks the active rows.
+//! multiplies by `exp(-(now - last) / tau)`, so a tick writes nothing per key
+//! but the publication of the rows changed since the last tick; only the
+//! activity scan (every 100 ms) walks the active rows.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use ndarray::{Array1, Array2};
+use ndarray::Array2;
 
 use crate::fastmath::{fast_exp, saturate};
 
@@ -89,6 +123,12 @@ const GAP_EWMA_WEIGHT: f32 = 0.2;
 const SUCCESSOR_PUSH_MIN: f32 = 0.05;
 /// A key stays active while its successor boost is above this, even if idle.
 const SUCCESSOR_BOOST_ACTIVE_MIN: f32 = 0.01;
+/// Batched ingest prefetches the index slot of the event this far ahead...
+const PREFETCH_INDEX_AHEAD: usize = 16;
+/// ... the record, successor line and `last_us` of the event this far ahead...
+const PREFETCH_ROW_AHEAD: usize = 8;
+/// ... and the records of the successors of the event this far ahead.
+const PREFETCH_SUCCESSORS_AHEAD: usize = 4;
 
 /// The key hashes are already uniform (xxh3): hashing them again is wasted work.
 #[derive(Default)]
@@ -114,11 +154,343 @@ impl Hasher for IdentityHasher {
 
 pub type IdentityBuildHasher = BuildHasherDefault<IdentityHasher>;
 
+/// Asks the CPU to bring the cache line holding `value` into L1. A hint only:
+/// it changes no value, whatever the address.
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let address = (value as *const T).cast::<i8>();
+        // SAFETY: `_mm_prefetch` requires SSE, which every x86-64 CPU has (it is
+        // in the baseline target). It reads no memory architecturally and never
+        // faults, and `address` comes from a live reference anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(address) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
+/// Everything ingest reads or writes for a key itself, and everything scoring
+/// reads: one cache line. See the module docs.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+#[repr(C, align(64))]
+struct KeyRecord {
+    /// The key (a copy of `key_hash[row]`, to check row hints in this line).
+    key_hash: u64,
+    /// Decayed request counts as of the last request, per scale.
+    counts: [f32; SCALES],
+    /// Time of the last request, seconds since the epoch (0 if never).
+    last_s: f32,
+    successor_boost: f32,
+    successor_boost_s: f32,
+    gap_mean_s: f32,
+    gap_rate: f32,
+    gap_confidence: f32,
+    predecessor_count: f32,
+    /// Whether the scoring fields changed since they were last published
+    /// (the row is then in `FeatureStore::dirty_rows`).
+    dirty: bool,
+}
+
+/// The successor table of a key: one cache line.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+#[repr(C, align(64))]
+struct Successors {
+    keys: [u64; SUCCESSORS],
+    counts: [f32; SUCCESSORS],
+    /// Row of each successor when last seen: a hint, checked before use.
+    hints: [u32; SUCCESSORS],
+}
+
+impl Successors {
+    /// Some client took `successor` (now at `row`) within the horizon after this key.
+    fn add(&mut self, successor: u64, row: usize) {
+        if let Some(j) = self.keys.iter().position(|&key| key == successor) {
+            self.counts[j] += 1.0;
+            self.hints[j] = row as u32;
+            return;
+        }
+        // Not present: take an empty entry, else replace the least counted one.
+        let mut replace = 0;
+        for j in 0..SUCCESSORS {
+            if self.keys[j] == EMPTY_KEY {
+                replace = j;
+                break;
+            }
+            if self.counts[j] < self.counts[replace] {
+                replace = j;
+            }
+        }
+        self.keys[replace] = successor;
+        self.counts[replace] = 1.0;
+        self.hints[replace] = row as u32;
+    }
+}
+
+/// The scoring fields of every tracked row, one array per field, as of the
+/// last [`FeatureStore::decay_to`]: what [`FeatureView`] reads (scoring streams
+/// through only the fields a model uses).
+#[derive(Clone, Debug, PartialEq)]
+struct Published {
+    last_s: Vec<f32>,
+    /// Row-major `[row * SCALES + scale]`.
+    counts: Vec<f32>,
+    successor_boost: Vec<f32>,
+    successor_boost_s: Vec<f32>,
+    gap_rate: Vec<f32>,
+    gap_confidence: Vec<f32>,
+}
+
+impl Published {
+    fn new(capacity: usize) -> Published {
+        Published {
+            last_s: vec![0.0; capacity],
+            counts: vec![0.0; capacity * SCALES],
+            successor_boost: vec![0.0; capacity],
+            successor_boost_s: vec![0.0; capacity],
+            gap_rate: vec![0.0; capacity],
+            gap_confidence: vec![0.0; capacity],
+        }
+    }
+
+    /// Copies the scoring fields of `record` to `row`.
+    #[inline(always)]
+    fn set(&mut self, row: usize, record: &KeyRecord) {
+        self.last_s[row] = record.last_s;
+        self.counts[row * SCALES..(row + 1) * SCALES].copy_from_slice(&record.counts);
+        self.successor_boost[row] = record.successor_boost;
+        self.successor_boost_s[row] = record.successor_boost_s;
+        self.gap_rate[row] = record.gap_rate;
+        self.gap_confidence[row] = record.gap_confidence;
+    }
+
+    /// [`Published::set`] for rows `0..records.len()`, and clears their `dirty`
+    /// flags: field by field over blocks of rows (sequential writes, no bounds
+    /// check per row).
+    fn set_all(&mut self, records: &mut [KeyRecord]) {
+        let n = records.len();
+        let chunks = records
+            .chunks_mut(BLOCK)
+            .zip(self.last_s[..n].chunks_mut(BLOCK))
+            .zip(self.counts[..n * SCALES].chunks_mut(BLOCK * SCALES))
+            .zip(self.successor_boost[..n].chunks_mut(BLOCK))
+            .zip(self.successor_boost_s[..n].chunks_mut(BLOCK))
+            .zip(self.gap_rate[..n].chunks_mut(BLOCK))
+            .zip(self.gap_confidence[..n].chunks_mut(BLOCK));
+        for ((((((records, last_s), counts), boost), boost_s), gap_rate), gap_confidence) in chunks
+        {
+            for (out, record) in last_s.iter_mut().zip(records.iter()) {
+                *out = record.last_s;
+            }
+            for (out, record) in counts.chunks_exact_mut(SCALES).zip(records.iter()) {
+                out.copy_from_slice(&record.counts);
+            }
+            for (out, record) in boost.iter_mut().zip(records.iter()) {
+                *out = record.successor_boost;
+            }
+            for (out, record) in boost_s.iter_mut().zip(records.iter()) {
+                *out = record.successor_boost_s;
+            }
+            for (out, record) in gap_rate.iter_mut().zip(records.iter()) {
+                *out = record.gap_rate;
+            }
+            for (out, record) in gap_confidence.iter_mut().zip(records.iter()) {
+                *out = record.gap_confidence;
+            }
+            for record in records.iter_mut() {
+                record.dirty = false;
+            }
+        }
+    }
+
+    /// Prefetches the lines [`Published::set`] writes.
+    #[inline(always)]
+    fn prefetch(&self, row: usize) {
+        prefetch(&self.last_s[row]);
+        prefetch(&self.counts[row * SCALES]);
+        prefetch(&self.successor_boost[row]);
+        prefetch(&self.successor_boost_s[row]);
+        prefetch(&self.gap_rate[row]);
+        prefetch(&self.gap_confidence[row]);
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.last_s.swap(a, b);
+        for scale in 0..SCALES {
+            self.counts.swap(a * SCALES + scale, b * SCALES + scale);
+        }
+        self.successor_boost.swap(a, b);
+        self.successor_boost_s.swap(a, b);
+        self.gap_rate.swap(a, b);
+        self.gap_confidence.swap(a, b);
+    }
+}
+
+/// One slot of [`RowIndex`]: 4 to a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Slot {
+    key: u64,
+    /// [`VACANT`] if the slot is empty.
+    row: u32,
+}
+
+const VACANT: u32 = u32::MAX;
+
+/// Key hash → row: open addressing with linear probing in a flat power-of-two
+/// table kept at most half full, deletion by backward shift (no tombstones).
+/// Any key, 0 included, can be stored (emptiness is marked in the row).
+struct RowIndex {
+    slots: Vec<Slot>,
+    shift: u32,
+    mask: usize,
+    len: usize,
+}
+
+impl RowIndex {
+    /// An index for at most `keys` keys (`keys < u32::MAX`).
+    fn new(keys: usize) -> RowIndex {
+        let size = (2 * keys).next_power_of_two().max(16);
+        RowIndex {
+            slots: vec![
+                Slot {
+                    key: 0,
+                    row: VACANT
+                };
+                size
+            ],
+            shift: 64 - size.trailing_zeros(),
+            mask: size - 1,
+            len: 0,
+        }
+    }
+
+    /// The first slot to probe (Fibonacci hashing: the top bits of a multiple,
+    /// so that even small, sequential test keys spread).
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, key: u64) {
+        prefetch(&self.slots[self.home(key)]);
+    }
+
+    /// The slot holding `key`, or the vacant slot where it would go.
+    #[inline(always)]
+    fn find(&self, key: u64) -> usize {
+        let mut position = self.home(key);
+        loop {
+            let slot = &self.slots[position];
+            if slot.row == VACANT || slot.key == key {
+                return position;
+            }
+            position = (position + 1) & self.mask;
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, key: u64) -> Option<u32> {
+        let slot = &self.slots[self.find(key)];
+        (slot.row != VACANT).then_some(slot.row)
+    }
+
+    /// Maps `key` to `row` (inserting it or updating it).
+    fn insert(&mut self, key: u64, row: u32) {
+        debug_assert_ne!(row, VACANT);
+        let position = self.find(key);
+        if self.slots[position].row == VACANT {
+            self.len += 1;
+            assert!(2 * self.len <= self.slots.len(), "row index over half full");
+            self.slots[position].key = key;
+        }
+        self.slots[position].row = row;
+    }
+
+    fn remove(&mut self, key: u64) {
+        let mut hole = self.find(key);
+        if self.slots[hole].row == VACANT {
+            return;
+        }
+        self.len -= 1;
+        let mut position = hole;
+        loop {
+            position = (position + 1) & self.mask;
+            let slot = self.slots[position];
+            if slot.row == VACANT {
+                break;
+            }
+            // The entry may fill the hole unless its home lies after the hole
+            // (cyclically, within (hole, position]).
+            let from_home = position.wrapping_sub(self.home(slot.key)) & self.mask;
+            let from_hole = position.wrapping_sub(hole) & self.mask;
+            if from_home >= from_hole {
+                self.slots[hole] = slot;
+                hole = position;
+            }
+        }
+        self.slots[hole].row = VACANT;
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.slots
+            .iter()
+            .filter(|slot| slot.row != VACANT)
+            .map(|slot| (slot.key, slot.row))
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 struct ClientRecent {
     /// (key hash, time of its request, row hint: the key's row then, checked before use).
     keys: [(u64, u64, u32); CLIENT_RECENT],
-    next: usize,
+    next: u8,
+    /// Whether this entry holds a client (entries of the direct array start empty).
+    present: bool,
+}
+
+/// Per-client recent keys: a flat array indexed by client id below
+/// [`CLIENTS_MAX`] (ids are small), a hash map above. At most [`CLIENTS_MAX`]
+/// clients in all: a new client past this clears the table.
+#[derive(Default)]
+struct ClientTable {
+    direct: Vec<ClientRecent>,
+    other: HashMap<u32, ClientRecent, IdentityBuildHasher>,
+    len: usize,
+}
+
+impl ClientTable {
+    /// The entry of `client`, created (empty) if new.
+    #[inline(always)]
+    fn entry(&mut self, client: u32) -> &mut ClientRecent {
+        let id = client as usize;
+        let known = if id < CLIENTS_MAX {
+            self.direct.get(id).is_some_and(|recent| recent.present)
+        } else {
+            self.other.contains_key(&client)
+        };
+        if !known {
+            if self.len >= CLIENTS_MAX {
+                self.direct.clear();
+                self.other.clear();
+                self.len = 0;
+            }
+            self.len += 1;
+        }
+        if id < CLIENTS_MAX {
+            if id >= self.direct.len() {
+                self.direct.resize(id + 1, ClientRecent::default());
+            }
+            let recent = &mut self.direct[id];
+            recent.present = true;
+            recent
+        } else {
+            self.other.entry(client).or_default()
+        }
+    }
 }
 
 /// Count-min sketch summarising evicted keys' long-scale counts.
@@ -344,27 +716,25 @@ pub struct FeatureStore {
     capacity: usize,
     horizon_us: u64,
     activity_window_us: u64,
-    index: HashMap<u64, u32, IdentityBuildHasher>,
-    key_hash: Array1<u64>,
-    last_us: Array1<u64>,
-    /// Seconds since `epoch_us` (f32 halves the bytes a tick reads; re-based every
-    /// `EPOCH_SPAN_US` so the resolution stays below 0.2 ms).
-    last_s: Array1<f32>,
-    counts: Array2<f32>,
-    successor_boost: Array1<f32>,
-    successor_boost_s: Array1<f32>,
+    index: RowIndex,
+    key_hash: Vec<u64>,
+    last_us: Vec<u64>,
+    records: Vec<KeyRecord>,
+    successors: Vec<Successors>,
+    published: Published,
+    /// Rows whose record is `dirty` (and possibly some that no longer are).
+    dirty_rows: Vec<u32>,
+    /// Every row may be dirty (`dirty_rows` grew too long and was dropped).
+    all_dirty: bool,
+    /// The f32 times in the records are seconds since `epoch_us` (f32 halves the
+    /// bytes a tick reads; re-based every `EPOCH_SPAN_US` so the resolution stays
+    /// below 0.2 ms).
     epoch_us: u64,
-    gap_mean_s: Array1<f32>,
-    gap_rate: Array1<f32>,
-    gap_confidence: Array1<f32>,
-    successor_key: Array2<u64>,
-    successor_count: Array2<f32>,
-    predecessor_count: Array1<f32>,
     active: usize,
     tracked: usize,
     now_us: u64,
     scanned_at_us: u64,
-    clients: HashMap<u32, ClientRecent, IdentityBuildHasher>,
+    clients: ClientTable,
     sketch: TailSketch,
     rng: u64,
     inverse_tau_s: [f32; SCALES],
@@ -390,28 +760,20 @@ impl FeatureStore {
             capacity,
             horizon_us,
             activity_window_us,
-            index: HashMap::with_capacity_and_hasher(
-                capacity.min(1 << 16),
-                IdentityBuildHasher::default(),
-            ),
-            key_hash: Array1::zeros(capacity),
-            last_us: Array1::from_elem(capacity, NEVER_US),
-            last_s: Array1::zeros(capacity),
-            counts: Array2::zeros((capacity, SCALES)),
-            successor_boost: Array1::zeros(capacity),
-            successor_boost_s: Array1::zeros(capacity),
+            index: RowIndex::new(capacity),
+            key_hash: vec![0; capacity],
+            last_us: vec![NEVER_US; capacity],
+            records: vec![KeyRecord::default(); capacity],
+            successors: vec![Successors::default(); capacity],
+            published: Published::new(capacity),
+            dirty_rows: Vec::new(),
+            all_dirty: false,
             epoch_us: 0,
-            gap_mean_s: Array1::zeros(capacity),
-            gap_rate: Array1::zeros(capacity),
-            gap_confidence: Array1::zeros(capacity),
-            successor_key: Array2::zeros((capacity, SUCCESSORS)),
-            successor_count: Array2::zeros((capacity, SUCCESSORS)),
-            predecessor_count: Array1::zeros(capacity),
             active: 0,
             tracked: 0,
             now_us: 0,
             scanned_at_us: 0,
-            clients: HashMap::default(),
+            clients: ClientTable::default(),
             sketch: TailSketch::new(),
             rng: seed | 1,
             inverse_tau_s: SCALE_TAU_US.map(|tau| 1e6 / tau as f32),
@@ -438,7 +800,7 @@ impl FeatureStore {
 
     /// Row of a tracked key (active or not).
     pub fn row_of(&self, key_hash: u64) -> Option<usize> {
-        self.index.get(&key_hash).map(|&row| row as usize)
+        self.index.get(key_hash).map(|row| row as usize)
     }
 
     /// Time of the last request of a tracked key.
@@ -448,22 +810,70 @@ impl FeatureStore {
             .filter(|&last| last != NEVER_US)
     }
 
-    /// The active rows, at the time of the last [`FeatureStore::decay_to`].
+    /// The active rows, at the time of the last [`FeatureStore::decay_to`]:
+    /// their features are those published by that call (events ingested since
+    /// show only in `last_us`).
     pub fn view(&self) -> FeatureView<'_> {
         let n = self.active;
+        let published = &self.published;
         FeatureView {
             now_us: self.now_us,
             now_s: self.seconds(self.now_us),
             horizon_us: self.horizon_us,
-            key_hash: &self.key_hash.as_slice().expect("contiguous")[..n],
-            last_us: &self.last_us.as_slice().expect("contiguous")[..n],
-            last_s: &self.last_s.as_slice().expect("contiguous")[..n],
-            counts: &self.counts.as_slice().expect("row-major")[..n * SCALES],
-            successor_boost: &self.successor_boost.as_slice().expect("contiguous")[..n],
-            successor_boost_s: &self.successor_boost_s.as_slice().expect("contiguous")[..n],
-            gap_rate: &self.gap_rate.as_slice().expect("contiguous")[..n],
-            gap_confidence: &self.gap_confidence.as_slice().expect("contiguous")[..n],
+            key_hash: &self.key_hash[..n],
+            last_us: &self.last_us[..n],
+            last_s: &published.last_s[..n],
+            counts: &published.counts[..n * SCALES],
+            successor_boost: &published.successor_boost[..n],
+            successor_boost_s: &published.successor_boost_s[..n],
+            gap_rate: &published.gap_rate[..n],
+            gap_confidence: &published.gap_confidence[..n],
         }
+    }
+
+    /// Marks `row` as changed since the last publication.
+    #[inline(always)]
+    fn mark_dirty(&mut self, row: usize) {
+        let record = &mut self.records[row];
+        if !record.dirty {
+            record.dirty = true;
+            self.list_dirty(row);
+        }
+    }
+
+    fn list_dirty(&mut self, row: usize) {
+        self.dirty_rows.push(row as u32);
+        if self.dirty_rows.len() > 2 * self.capacity {
+            // (Only swaps list rows twice: a long run of them without a
+            // decay_to.) Publish every row next time instead.
+            self.dirty_rows.clear();
+            self.all_dirty = true;
+        }
+    }
+
+    /// Copies the scoring fields of every dirty row to the published arrays.
+    fn publish(&mut self) {
+        let n = self.tracked;
+        if self.all_dirty || self.dirty_rows.len() > n / 8 {
+            // Many rows: one sequential pass is cheaper than random writes.
+            self.published.set_all(&mut self.records[..n]);
+        } else {
+            const AHEAD: usize = 8;
+            for i in 0..self.dirty_rows.len() {
+                if let Some(&ahead) = self.dirty_rows.get(i + AHEAD) {
+                    prefetch(&self.records[ahead as usize]);
+                    self.published.prefetch(ahead as usize);
+                }
+                let row = self.dirty_rows[i] as usize;
+                let record = &mut self.records[row];
+                if record.dirty {
+                    self.published.set(row, record);
+                    record.dirty = false;
+                }
+            }
+        }
+        self.dirty_rows.clear();
+        self.all_dirty = false;
     }
 
     /// `time_us` as f32 seconds since the epoch.
@@ -474,12 +884,17 @@ impl FeatureStore {
     fn rebase(&mut self, epoch_us: u64) {
         let shift_s = (epoch_us as i64 - self.epoch_us as i64) as f32 * 1e-6;
         let n = self.tracked;
-        self.last_s
-            .slice_mut(ndarray::s![..n])
-            .mapv_inplace(|t| t - shift_s);
-        self.successor_boost_s
-            .slice_mut(ndarray::s![..n])
-            .mapv_inplace(|t| t - shift_s);
+        for record in &mut self.records[..n] {
+            record.last_s -= shift_s;
+            record.successor_boost_s -= shift_s;
+        }
+        let published = &mut self.published;
+        for time in published.last_s[..n]
+            .iter_mut()
+            .chain(&mut published.successor_boost_s[..n])
+        {
+            *time -= shift_s;
+        }
         self.epoch_us = epoch_us;
     }
 
@@ -499,146 +914,199 @@ impl FeatureStore {
         Some((self.next_random() % self.active as u64) as usize)
     }
 
+    /// The row of a tracked key if `hint` is it (one line, usually cached),
+    /// else from the index.
+    #[inline(always)]
+    fn row_by_hint(&self, key_hash: u64, hint: u32) -> Option<usize> {
+        let hint = hint as usize;
+        if hint < self.tracked && self.records[hint].key_hash == key_hash {
+            Some(hint)
+        } else {
+            self.row_of(key_hash)
+        }
+    }
+
     /// Records one request. Events may come slightly out of order (decay uses
     /// the non-negative part of each time difference).
     pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
+        self.ingest_one(ts_us, client, key_hash);
+    }
+
+    /// Records requests `(ts_us, client, key_hash)`, in order: the same as
+    /// [`FeatureStore::ingest`] on each, but the memory accesses of the next
+    /// few events are prefetched (see the module docs), so that their cache
+    /// misses overlap.
+    pub fn ingest_batch(&mut self, events: &[(u64, u32, u64)]) {
+        for &(_, _, key_hash) in events.iter().take(PREFETCH_INDEX_AHEAD) {
+            self.index.prefetch(key_hash);
+        }
+        for (i, &(ts_us, client, key_hash)) in events.iter().enumerate() {
+            if let Some(&(_, _, ahead)) = events.get(i + PREFETCH_INDEX_AHEAD) {
+                self.index.prefetch(ahead);
+            }
+            if let Some(&(_, _, ahead)) = events.get(i + PREFETCH_ROW_AHEAD) {
+                self.prefetch_row(ahead);
+            }
+            if let Some(&(_, _, ahead)) = events.get(i + PREFETCH_SUCCESSORS_AHEAD) {
+                self.prefetch_successors(ahead);
+            }
+            self.ingest_one(ts_us, client, key_hash);
+        }
+    }
+
+    /// Prefetches the lines ingest touches for a tracked key itself.
+    #[inline(always)]
+    fn prefetch_row(&self, key_hash: u64) {
+        if let Some(row) = self.index.get(key_hash) {
+            let row = row as usize;
+            prefetch(&self.records[row]);
+            prefetch(&self.successors[row]);
+            prefetch(&self.last_us[row]);
+        }
+    }
+
+    /// Prefetches the records of the successors a tracked key may boost.
+    #[inline(always)]
+    fn prefetch_successors(&self, key_hash: u64) {
+        if let Some(row) = self.index.get(key_hash) {
+            let successors = &self.successors[row as usize];
+            for (&key, &hint) in successors.keys.iter().zip(&successors.hints) {
+                if key != EMPTY_KEY {
+                    if let Some(record) = self.records.get(hint as usize) {
+                        prefetch(record);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn ingest_one(&mut self, ts_us: u64, client: u32, key_hash: u64) {
         let row = self.activate(key_hash);
         let last = self.last_us[row];
         let horizon_s = self.horizon_us as f32 * 1e-6;
+        let ts_s = self.seconds(ts_us);
+        let record = &mut self.records[row];
         if last == NEVER_US {
             for scale in 0..SCALES - 1 {
-                self.counts[[row, scale]] = 1.0;
+                record.counts[scale] = 1.0;
             }
-            self.counts[[row, SCALES - 1]] += 1.0; // the sketch's estimate plus this request
+            record.counts[SCALES - 1] += 1.0; // the sketch's estimate plus this request
         } else {
             let gap_s = ts_us.saturating_sub(last) as f32 * 1e-6;
             for scale in 0..SCALES {
                 let decay = fast_exp(-gap_s * self.inverse_tau_s[scale]);
-                self.counts[[row, scale]] = self.counts[[row, scale]] * decay + 1.0;
+                record.counts[scale] = record.counts[scale] * decay + 1.0;
             }
-            let gaps_seen = self.gap_confidence[row];
+            let gaps_seen = record.gap_confidence;
             let mean = if gaps_seen == 0.0 {
                 gap_s
             } else {
-                self.gap_mean_s[row] + GAP_EWMA_WEIGHT * (gap_s - self.gap_mean_s[row])
+                record.gap_mean_s + GAP_EWMA_WEIGHT * (gap_s - record.gap_mean_s)
             };
-            self.gap_mean_s[row] = mean;
-            self.gap_rate[row] = saturate(horizon_s / mean.max(1e-6));
+            record.gap_mean_s = mean;
+            record.gap_rate = saturate(horizon_s / mean.max(1e-6));
             // gap_confidence = n / (n + 4) for n gaps seen, updated without storing n.
             let n = 4.0 * gaps_seen / (1.0 - gaps_seen).max(1e-6) + 1.0;
-            self.gap_confidence[row] = (n / (n + 4.0)).min(0.999);
+            record.gap_confidence = (n / (n + 4.0)).min(0.999);
         }
         if last == NEVER_US || ts_us > last {
             self.last_us[row] = ts_us;
-            self.last_s[row] = self.seconds(ts_us);
+            record.last_s = ts_s;
         }
 
         // A request fulfils the successor prediction that pointed at it: a boost
         // left standing would mark keys that have just been taken, not keys
         // about to be (and teach a learned model that the boost means "done").
-        self.successor_boost[row] = 0.0;
+        record.successor_boost = 0.0;
+        self.mark_dirty(row);
         self.learn_successors(ts_us, client, key_hash, row);
         self.push_successors(row, ts_us);
     }
 
     /// This client took `key_hash` now: every key it took within the horizon
     /// before gains `key_hash` as a successor.
+    #[inline(always)]
     fn learn_successors(&mut self, ts_us: u64, client: u32, key_hash: u64, row: usize) {
-        if self.clients.len() >= CLIENTS_MAX && !self.clients.contains_key(&client) {
-            self.clients.clear();
-        }
-        let mut recent = self.clients.get(&client).copied().unwrap_or_default();
+        let horizon_us = self.horizon_us;
+        let recent = self.clients.entry(client);
         for &(predecessor, at_us, hint) in &recent.keys {
-            if predecessor == EMPTY_KEY || ts_us.saturating_sub(at_us) > self.horizon_us {
+            if predecessor == EMPTY_KEY || ts_us.saturating_sub(at_us) > horizon_us {
                 continue;
             }
             // The hint saves a hash probe unless the row moved since.
             let hint = hint as usize;
-            let predecessor_row = if hint < self.tracked && self.key_hash[hint] == predecessor {
-                Some(hint)
-            } else {
-                self.index.get(&predecessor).map(|&row| row as usize)
-            };
+            let predecessor_row =
+                if hint < self.tracked && self.records[hint].key_hash == predecessor {
+                    Some(hint)
+                } else {
+                    self.index.get(predecessor).map(|row| row as usize)
+                };
             if let Some(predecessor_row) = predecessor_row {
-                self.add_successor(predecessor_row, key_hash);
+                self.successors[predecessor_row].add(key_hash, row);
             }
         }
         if let Some(entry) = recent.keys.iter_mut().find(|(key, _, _)| *key == key_hash) {
             entry.1 = ts_us;
             entry.2 = row as u32;
         } else {
-            recent.keys[recent.next] = (key_hash, ts_us, row as u32);
-            recent.next = (recent.next + 1) % CLIENT_RECENT;
+            recent.keys[recent.next as usize] = (key_hash, ts_us, row as u32);
+            recent.next = ((recent.next as usize + 1) % CLIENT_RECENT) as u8;
         }
-        self.clients.insert(client, recent);
-    }
-
-    fn add_successor(&mut self, row: usize, successor: u64) {
-        let mut keys = self.successor_key.row_mut(row);
-        let mut counts = self.successor_count.row_mut(row);
-        if let Some(j) = keys.iter().position(|&key| key == successor) {
-            counts[j] += 1.0;
-            return;
-        }
-        // Not present: take an empty entry, else replace the least counted one.
-        let mut replace = 0;
-        for j in 0..SUCCESSORS {
-            if keys[j] == EMPTY_KEY {
-                replace = j;
-                break;
-            }
-            if counts[j] < counts[replace] {
-                replace = j;
-            }
-        }
-        keys[replace] = successor;
-        counts[replace] = 1.0;
     }
 
     /// The key at `row` was just requested: raise the successor boost of the keys
     /// that usually follow it.
+    #[inline(always)]
     fn push_successors(&mut self, row: usize, ts_us: u64) {
-        self.predecessor_count[row] += 1.0;
-        let predecessors = self.predecessor_count[row];
+        let record = &mut self.records[row];
+        record.predecessor_count += 1.0;
+        let predecessors = record.predecessor_count;
         if predecessors >= PREDECESSOR_COUNT_HALVING {
-            self.predecessor_count[row] *= 0.5;
-            self.successor_count
-                .row_mut(row)
-                .mapv_inplace(|count| count * 0.5);
+            record.predecessor_count *= 0.5;
+            for count in &mut self.successors[row].counts {
+                *count *= 0.5;
+            }
         }
         let now_s = self.seconds(ts_us);
         let inverse_horizon_s = 1e6 / self.horizon_us as f32;
+        // (Boosting other keys moves no row below `active`: `row` stays put.)
+        let successors = self.successors[row];
         for j in 0..SUCCESSORS {
-            let successor = self.successor_key[[row, j]];
+            let successor = successors.keys[j];
             if successor == EMPTY_KEY {
                 continue;
             }
             // The current occurrence has had no chance to be followed yet.
             let observed = (predecessors - 1.0).max(1.0);
-            let probability = (self.successor_count[[row, j]] / observed).min(1.0);
+            let probability = (successors.counts[j] / observed).min(1.0);
             if probability < SUCCESSOR_PUSH_MIN {
                 continue; // weak successors are not worth a lookup (most of the cost of ingest)
             }
-            if let Some(&successor_row) = self.index.get(&successor) {
-                let mut successor_row = successor_row as usize;
-                let since = (now_s - self.successor_boost_s[successor_row]).max(0.0);
-                let current =
-                    self.successor_boost[successor_row] * fast_exp(-since * inverse_horizon_s);
-                if probability > current {
-                    if successor_row >= self.active {
-                        successor_row = self.reactivate(successor_row);
-                    }
-                    self.successor_boost[successor_row] = probability;
-                    self.successor_boost_s[successor_row] = now_s;
+            let Some(mut successor_row) = self.row_by_hint(successor, successors.hints[j]) else {
+                continue;
+            };
+            let target = &self.records[successor_row];
+            let since = (now_s - target.successor_boost_s).max(0.0);
+            let current = target.successor_boost * fast_exp(-since * inverse_horizon_s);
+            if probability > current {
+                if successor_row >= self.active {
+                    successor_row = self.reactivate(successor_row);
                 }
+                let target = &mut self.records[successor_row];
+                target.successor_boost = probability;
+                target.successor_boost_s = now_s;
+                self.mark_dirty(successor_row);
             }
+            self.successors[row].hints[j] = successor_row as u32;
         }
     }
 
     /// Returns the row of `key_hash`, admitting it if new, and makes it active.
+    #[inline(always)]
     fn activate(&mut self, key_hash: u64) -> usize {
-        let row = match self.index.get(&key_hash) {
-            Some(&row) => row as usize,
+        let row = match self.index.get(key_hash) {
+            Some(row) => row as usize,
             None => self.admit(key_hash),
         };
         if row >= self.active {
@@ -656,26 +1124,23 @@ impl FeatureStore {
             let victim = self.choose_victim();
             let victim_hash = self.key_hash[victim];
             let idle_s = self.now_us.saturating_sub(self.last_us[victim]) as f32 * 1e-6;
-            let long_count = self.counts[[victim, SCALES - 1]]
+            let long_count = self.records[victim].counts[SCALES - 1]
                 * fast_exp(-idle_s * self.inverse_tau_s[SCALES - 1]);
             self.sketch.add(victim_hash, long_count);
-            self.index.remove(&victim_hash);
+            self.index.remove(victim_hash);
             self.evictions += 1;
             victim
         };
         self.key_hash[row] = key_hash;
         self.last_us[row] = NEVER_US;
-        self.last_s[row] = 0.0;
-        self.counts.row_mut(row).fill(0.0);
-        self.counts[[row, SCALES - 1]] = self.sketch.estimate(key_hash);
-        self.successor_boost[row] = 0.0;
-        self.successor_boost_s[row] = 0.0;
-        self.gap_mean_s[row] = 0.0;
-        self.gap_rate[row] = 0.0;
-        self.gap_confidence[row] = 0.0;
-        self.successor_key.row_mut(row).fill(EMPTY_KEY);
-        self.successor_count.row_mut(row).fill(0.0);
-        self.predecessor_count[row] = 0.0;
+        let mut counts = [0.0; SCALES];
+        counts[SCALES - 1] = self.sketch.estimate(key_hash);
+        self.records[row] = KeyRecord {
+            key_hash,
+            counts,
+            ..KeyRecord::default()
+        };
+        self.successors[row] = Successors::default();
         self.index.insert(key_hash, row as u32);
         row
     }
@@ -721,27 +1186,25 @@ impl FeatureStore {
         }
         self.key_hash.swap(a, b);
         self.last_us.swap(a, b);
-        self.last_s.swap(a, b);
-        for scale in 0..SCALES {
-            self.counts.swap([a, scale], [b, scale]);
+        self.records.swap(a, b);
+        self.successors.swap(a, b);
+        self.published.swap(a, b);
+        // A dirty record listed under its old row is listed again under its new one.
+        for row in [a, b] {
+            if self.records[row].dirty {
+                self.list_dirty(row);
+            }
         }
-        self.successor_boost.swap(a, b);
-        self.successor_boost_s.swap(a, b);
-        self.gap_mean_s.swap(a, b);
-        self.gap_rate.swap(a, b);
-        self.gap_confidence.swap(a, b);
-        for j in 0..SUCCESSORS {
-            self.successor_key.swap([a, j], [b, j]);
-            self.successor_count.swap([a, j], [b, j]);
-        }
-        self.predecessor_count.swap(a, b);
         self.index.insert(self.key_hash[a], a as u32);
         self.index.insert(self.key_hash[b], b as u32);
     }
 
-    /// Sets the scoring time to `now_us` (never backwards) and, at most every
-    /// 100 ms, retires rows idle past the activity window. Writes no feature.
+    /// Publishes the features of the rows changed since the last call (see
+    /// [`FeatureStore::view`]), sets the scoring time to `now_us` (never
+    /// backwards) and, at most every 100 ms, retires rows idle past the
+    /// activity window.
     pub fn decay_to(&mut self, now_us: u64) {
+        self.publish();
         if now_us <= self.now_us {
             return;
         }
@@ -760,8 +1223,9 @@ impl FeatureStore {
         for row in (0..self.active).rev() {
             let idle_us = now_us.saturating_sub(self.last_us[row]);
             if idle_us > window_us {
-                let since = (now_s - self.successor_boost_s[row]).max(0.0);
-                if self.successor_boost[row] * fast_exp(-since * inverse_horizon_s)
+                let record = &self.records[row];
+                let since = (now_s - record.successor_boost_s).max(0.0);
+                if record.successor_boost * fast_exp(-since * inverse_horizon_s)
                     < SUCCESSOR_BOOST_ACTIVE_MIN
                 {
                     self.deactivate(row);
@@ -837,11 +1301,13 @@ mod tests {
         assert_eq!(features.tracked(), 32);
         assert_eq!(features.evictions, 1000 - 32);
         assert!(features.row_of(1000).is_some(), "the newest key is tracked");
-        for (&hash, &row) in &features.index {
+        assert_eq!(features.index.len, 32);
+        for (hash, row) in features.index.entries() {
             assert_eq!(
                 features.key_hash[row as usize], hash,
                 "index and rows agree"
             );
+            assert_eq!(features.records[row as usize].key_hash, hash);
         }
     }
 
@@ -858,9 +1324,9 @@ mod tests {
         features.ingest(200_000, 0, 999);
         let row = features.row_of(999).unwrap();
         assert!(
-            features.counts[[row, 3]] > 40.0,
+            features.records[row].counts[3] > 40.0,
             "sketch remembered ~50: {}",
-            features.counts[[row, 3]]
+            features.records[row].counts[3]
         );
     }
 
@@ -906,5 +1372,168 @@ mod tests {
                 assert!((0.0..=1.0).contains(&value), "{name} = {value}");
             }
         }
+    }
+
+    #[test]
+    fn records_and_successor_tables_are_one_cache_line_each() {
+        assert_eq!(std::mem::size_of::<KeyRecord>(), 64);
+        assert_eq!(std::mem::align_of::<KeyRecord>(), 64);
+        assert_eq!(std::mem::size_of::<Successors>(), 64);
+        assert_eq!(std::mem::align_of::<Successors>(), 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+    }
+
+    #[test]
+    fn the_row_index_agrees_with_a_hash_map() {
+        // Few slots and clustered keys, so that probes wrap and deletions shift.
+        let mut index = RowIndex::new(40);
+        let mut model: HashMap<u64, u32> = HashMap::new();
+        let mut state = 0x1234_5678_9abc_def1u64;
+        for step in 0..20_000u32 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let key = match state % 3 {
+                0 => state % 64,         // small keys, 0 included
+                1 => (state % 64) << 58, // same home bits differ only on top
+                _ => state >> 8,
+            };
+            if model.len() < 40 && state & 0x100 != 0 {
+                index.insert(key, step);
+                model.insert(key, step);
+            } else {
+                index.remove(key);
+                model.remove(&key);
+            }
+            assert_eq!(index.len, model.len());
+            if step % 97 == 0 {
+                for (&key, &row) in &model {
+                    assert_eq!(index.get(key), Some(row), "step {step} key {key:#x}");
+                }
+                assert_eq!(index.entries().count(), model.len());
+            }
+            assert_eq!(index.get(key), model.get(&key).copied());
+        }
+    }
+
+    /// Every per-key array, bit for bit, and the order of rows.
+    fn state_of(features: &FeatureStore) -> impl PartialEq + std::fmt::Debug {
+        let n = features.tracked;
+        (
+            features.active,
+            features.tracked,
+            features.evictions,
+            features.key_hash[..n].to_vec(),
+            features.last_us[..n].to_vec(),
+            features.records[..n].to_vec(),
+            features.successors[..n].to_vec(),
+            features.published.clone(),
+        )
+    }
+
+    /// After a decay_to, the published arrays are the records' scoring fields.
+    fn assert_published(features: &FeatureStore) {
+        assert!(features.dirty_rows.is_empty() && !features.all_dirty);
+        let mut expected = Published::new(features.capacity);
+        for (row, record) in features.records[..features.tracked].iter().enumerate() {
+            assert!(!record.dirty, "row {row}");
+            expected.set(row, record);
+        }
+        let n = features.tracked;
+        let published = &features.published;
+        assert_eq!(published.last_s[..n], expected.last_s[..n]);
+        assert_eq!(
+            published.counts[..n * SCALES],
+            expected.counts[..n * SCALES]
+        );
+        assert_eq!(
+            published.successor_boost[..n],
+            expected.successor_boost[..n]
+        );
+        assert_eq!(
+            published.successor_boost_s[..n],
+            expected.successor_boost_s[..n]
+        );
+        assert_eq!(published.gap_rate[..n], expected.gap_rate[..n]);
+        assert_eq!(published.gap_confidence[..n], expected.gap_confidence[..n]);
+    }
+
+    #[test]
+    fn batched_ingest_is_one_by_one_ingest() {
+        // Small capacity (evictions), short activity window (rows move), few
+        // clients and keys (successors learnt and pushed), slightly out of order.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let events: Vec<(u64, u32, u64)> = (0..20_000u64)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let key = if state % 4 == 0 {
+                    state >> 40
+                } else {
+                    state % 97
+                };
+                (i * 300 + state % 500, (state >> 20) as u32 % 6, key)
+            })
+            .collect();
+        let mut one_by_one = FeatureStore::new(64, H, 200_000, 7);
+        let mut batched = FeatureStore::new(64, H, 200_000, 7);
+        for (chunk_index, chunk) in events.chunks(700).enumerate() {
+            for &(ts, client, key) in chunk {
+                one_by_one.ingest(ts, client, key);
+            }
+            batched.ingest_batch(chunk);
+            let now = chunk.last().unwrap().0 + 1000 * chunk_index as u64;
+            one_by_one.decay_to(now);
+            batched.decay_to(now);
+            assert!(
+                state_of(&one_by_one) == state_of(&batched),
+                "after chunk {chunk_index}"
+            );
+            assert_published(&batched);
+        }
+        assert!(one_by_one.evictions > 1000);
+        let view = batched.view();
+        assert!((0..view.len()).any(|row| view.successor_boost(row) > 0.0));
+    }
+
+    #[test]
+    fn clients_with_large_ids_are_remembered_too() {
+        let mut features = store(64);
+        for round in 0..5u64 {
+            let t = round * 1_000_000;
+            features.ingest(t, 4_000_000_000, 0xA);
+            features.ingest(t + 20_000, 4_000_000_000, 0xB);
+            features.decay_to(t + 30_000);
+        }
+        let t = 10_000_000;
+        features.decay_to(t);
+        features.ingest(t, 4_000_000_000, 0xA);
+        features.decay_to(t + 10_000);
+        let view = features.view();
+        let row_b = view.key_hash.iter().position(|&k| k == 0xB).unwrap();
+        assert!(view.successor_boost(row_b) > 0.9);
+    }
+
+    #[test]
+    fn publication_follows_rows_that_move_and_sparse_changes() {
+        // Long ticks, a short activity window: keys go idle and come back
+        // (swaps of dirty rows); a few events between decays (sparse publication).
+        let mut features = FeatureStore::new(256, H, 150_000, 3);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut t = 0;
+        for round in 0..400u64 {
+            let events = if round % 50 == 0 { 200 } else { 3 };
+            for _ in 0..events {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                t += state % 20_000;
+                features.ingest(t, (state >> 30) as u32 % 3, state % 300 + 1);
+            }
+            features.decay_to(t);
+            assert_published(&features);
+        }
+        assert!(features.evictions > 0);
     }
 }

@@ -96,6 +96,35 @@ impl Forecaster {
         self.scores_current = false;
     }
 
+    /// Records requests `(ts_us, client, key_hash)` (in time order): the same as
+    /// [`Forecaster::ingest`] on each in turn, labelling included, but faster
+    /// (the features' memory accesses are prefetched a few events ahead).
+    pub fn ingest_batch(&mut self, events: &[(u64, u32, u64)]) {
+        let horizon_us = self.config.horizon_us();
+        let mut rest = events;
+        while let Some(&(first_us, _, _)) = rest.first() {
+            // As `ingest` would before the first event: label the windows closed before it.
+            while let Some(sample) = self.pending.front() {
+                if sample.at_us + horizon_us >= first_us {
+                    break;
+                }
+                self.label_front();
+            }
+            // No sample is due until an event later than the front window's end.
+            let due_after_us = self
+                .pending
+                .front()
+                .map_or(u64::MAX, |sample| sample.at_us + horizon_us);
+            let run = rest
+                .iter()
+                .position(|&(ts_us, _, _)| ts_us > due_after_us)
+                .unwrap_or(rest.len());
+            self.features.ingest_batch(&rest[..run]);
+            rest = &rest[run..];
+            self.scores_current = false;
+        }
+    }
+
     fn label_front(&mut self) {
         let Some(sample) = self.pending.pop_front() else {
             return;
@@ -367,5 +396,37 @@ mod tests {
         forecaster.top_k(5, 0.0, &mut top);
         let keys: Vec<u64> = top.iter().map(|t| t.0).collect();
         assert_eq!(keys, vec![20, 19, 18, 17, 16]);
+    }
+
+    #[test]
+    fn batched_ingest_labels_and_scores_as_one_by_one_ingest() {
+        let config = config(ModelKind::Logistic);
+        let events = stream(99, 4000, 60);
+        let mut one_by_one = Forecaster::new(config.clone());
+        let mut batched = Forecaster::new(config.clone());
+        let mut next = 0;
+        let mut now = 0;
+        while next < events.len() {
+            // A tick every 700 ms: each sample's label deadline (500 ms after its
+            // tick) falls inside the next batch, which must label it mid-batch.
+            now += 70 * config.tick_us();
+            let end = next + events[next..].iter().take_while(|e| e.0 <= now).count();
+            for &(ts, client, key) in &events[next..end] {
+                one_by_one.ingest(ts, client, key);
+            }
+            batched.ingest_batch(&events[next..end]);
+            next = end;
+            one_by_one.tick(now);
+            batched.tick(now);
+            assert_eq!(one_by_one.samples_labelled, batched.samples_labelled);
+            assert_eq!(one_by_one.samples_dropped, batched.samples_dropped);
+            let (keys_a, scores_a) = one_by_one.scores().unwrap();
+            let (keys_b, scores_b) = batched.scores().unwrap();
+            assert_eq!(keys_a, keys_b);
+            let bits = |scores: &[f32]| scores.iter().map(|p| p.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(scores_a), bits(scores_b), "tick at {now} us");
+        }
+        assert!(batched.samples_labelled > 100);
+        assert_eq!(one_by_one.model().describe(), batched.model().describe());
     }
 }
