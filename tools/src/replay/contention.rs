@@ -39,6 +39,8 @@
 //!   would have used: ticks at or after the request have ingested it).
 //! - The trivial baseline, with the same labels: a key is predicted contended
 //!   at t when it had a contended request within (t - horizon, t].
+//! - For a comparison at equal volume: the precision of the estimator's most
+//!   probable key-ticks, as many as the baseline predicts.
 
 use std::collections::{HashMap, HashSet};
 
@@ -117,7 +119,9 @@ impl LatestReleases {
 pub struct ContentionPoint {
     /// (key, evaluated tick) pairs predicted contended.
     pub predicted_key_ticks: u64,
-    /// Share of those with a contended request within the horizon.
+    /// Those with a contended request within the horizon.
+    pub true_key_ticks: u64,
+    /// true_key_ticks / predicted_key_ticks.
     pub precision: Option<f64>,
     /// Contended requests whose key was predicted at the last tick before.
     pub predicted_requests: u64,
@@ -126,9 +130,9 @@ pub struct ContentionPoint {
 }
 
 impl ContentionPoint {
-    fn finish(&mut self, true_key_ticks: u64, contended_requests: u64) {
+    fn finish(&mut self, contended_requests: u64) {
         let share = |part: u64, whole: u64| (whole > 0).then(|| part as f64 / whole as f64);
-        self.precision = share(true_key_ticks, self.predicted_key_ticks);
+        self.precision = share(self.true_key_ticks, self.predicted_key_ticks);
         self.recall = share(self.predicted_requests, contended_requests);
     }
 }
@@ -146,13 +150,22 @@ pub struct ContentionReport {
     pub scored_key_ticks: u64,
     /// (key, evaluated tick) pairs contended within the horizon.
     pub positive_key_ticks: u64,
+    /// Those of them without an estimate (scored as P = 0).
+    pub unscored_positive_key_ticks: u64,
     /// None when the trace has no contended request.
     pub auc_pr: Option<f64>,
     pub brier: Option<f64>,
+    /// For reference, the Brier score of one constant for every key-tick
+    /// scored: the positive share among them, known in hindsight.
+    pub brier_base_rate: Option<f64>,
     /// The estimator at `threshold`.
     pub estimator: ContentionPoint,
     /// "Contended within the last horizon".
     pub recent: ContentionPoint,
+    /// The estimator's most probable key-ticks, as many as `recent` predicts
+    /// (to the resolution of the score bins, 0.001): precision at the
+    /// baseline's volume (no per-request recall).
+    pub estimator_at_recent_volume: ContentionPoint,
 }
 
 impl ContentionReport {
@@ -178,7 +191,7 @@ impl ContentionReport {
         );
         let _ = writeln!(
             out,
-            "{:<28} {:>7} {:>7} {:>12} {:>7} {:>7}",
+            "{:<28} {:>7} {:>7} {:>13} {:>7} {:>7}",
             "predictor", "AUC-PR", "Brier", "pred. k-ticks", "prec%", "recall%"
         );
         for (name, point, auc_pr, brier) in [
@@ -194,16 +207,28 @@ impl ContentionReport {
                 None,
                 None,
             ),
+            (
+                "estimator, same k-ticks".to_owned(),
+                &self.estimator_at_recent_volume,
+                None,
+                None,
+            ),
         ] {
             let _ = writeln!(
                 out,
-                "{:<28} {:>7} {:>7} {:>12} {:>7} {:>7}",
+                "{:<28} {:>7} {:>7} {:>13} {:>7} {:>7}",
                 name,
                 optional(auc_pr, 1.0, 3),
                 optional(brier, 1.0, 4),
                 point.predicted_key_ticks,
                 optional(point.precision, 100.0, 1),
                 optional(point.recall, 100.0, 1)
+            );
+        }
+        if let Some(brier) = self.brier_base_rate {
+            let _ = writeln!(
+                out,
+                "(Brier of the positive share as a constant, in hindsight: {brier:.4}; recall: of contended requests, at the tick before)"
             );
         }
         out
@@ -248,7 +273,6 @@ pub(super) fn score(
     let mut last_contended_us: HashMap<u64, u64, IdentityBuildHasher> = HashMap::default();
     let mut contended_now: Vec<(u64, u64)> = Vec::new();
     let mut upcoming: HashSet<u64, IdentityBuildHasher> = HashSet::default();
-    let (mut estimator_true, mut recent_true) = (0u64, 0u64);
     let mut previous_tick: Option<u64> = None;
     let mut now_us = first.ts_us - first.ts_us % tick_us;
     let mut next = 0usize;
@@ -302,14 +326,14 @@ pub(super) fn score(
                 scored_positives += u64::from(label);
                 if p >= threshold {
                     report.estimator.predicted_key_ticks += 1;
-                    estimator_true += u64::from(label);
+                    report.estimator.true_key_ticks += u64::from(label);
                 }
             }
             report.scored_key_ticks += estimates.len() as u64;
-            quality.unscored_positives += upcoming.len() as u64 - scored_positives;
+            report.unscored_positive_key_ticks += upcoming.len() as u64 - scored_positives;
             for key_hash in last_contended_us.keys() {
                 report.recent.predicted_key_ticks += 1;
-                recent_true += u64::from(upcoming.contains(key_hash));
+                report.recent.true_key_ticks += u64::from(upcoming.contains(key_hash));
             }
         }
 
@@ -321,14 +345,34 @@ pub(super) fn score(
         tick_number += 1;
     }
     if report.contended_requests > 0 {
+        quality.unscored_positives = report.unscored_positive_key_ticks;
         let (auc_pr, brier) = quality.result();
         report.auc_pr = Some(auc_pr);
         report.brier = Some(brier);
+        let total = report.scored_key_ticks + report.unscored_positive_key_ticks;
+        let q = report.positive_key_ticks as f64 / total.max(1) as f64;
+        report.brier_base_rate = Some(q * (1.0 - q));
     }
+    report.estimator_at_recent_volume = top_of_bins(&quality, report.recent.predicted_key_ticks);
     let contended_requests = report.contended_requests;
-    report.estimator.finish(estimator_true, contended_requests);
-    report.recent.finish(recent_true, contended_requests);
+    report.estimator.finish(contended_requests);
+    report.recent.finish(contended_requests);
     report
+}
+
+/// The key-ticks in `quality`'s highest bins, down to the first bin at which
+/// they number at least `volume`.
+fn top_of_bins(quality: &Quality, volume: u64) -> ContentionPoint {
+    let mut point = ContentionPoint::default();
+    for bin in (1..quality.positives.len()).rev() {
+        if point.predicted_key_ticks >= volume {
+            break;
+        }
+        point.predicted_key_ticks += quality.positives[bin] + quality.negatives[bin];
+        point.true_key_ticks += quality.positives[bin];
+    }
+    point.finish(0);
+    point
 }
 
 #[cfg(test)]
