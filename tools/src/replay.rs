@@ -31,7 +31,11 @@
 //!   keep-alive, which never prepares ahead, has waste too); "waste
 //!   per budget" is that divided by (budget x trace duration), the mean share of
 //!   the budget spent on nothing, the axis on which policies are compared;
-//! - lateness: requests that arrived while their key was being prepared.
+//! - lateness: requests that arrived while their key was being prepared;
+//! - the contention forecast: which requests find their key held by another
+//!   client in a conflicting mode, and how well the contention estimator
+//!   (fed as live) forecasts them, against "contended in the last horizon"
+//!   (`replay/contention.rs`; once per replay, not per model).
 //!
 //! Baselines: "no prediction" is the slow path plus the stand-in
 //! `KeepAlive` policy (a slot stays for T after its last use); the "oracle" knows
@@ -53,6 +57,8 @@ use forelockd::allocator::{
     Action, Feedback, KeepAlive, Policy, Predictive, PredictiveConfig, Score, SlotView, TickInput,
 };
 use serde::Serialize;
+
+mod contention;
 
 /// Arguments of `forelock replay`.
 #[derive(clap::Args, Debug, Clone)]
@@ -218,6 +224,9 @@ pub struct ReplayReport {
     /// budget is at most each of `equal_waste_levels`.
     pub equal_waste_levels: Vec<f64>,
     pub equal_waste: Vec<(String, Vec<Option<f64>>)>,
+    /// The contention estimate against the trace's contended requests
+    /// (independent of the access model; see `replay/contention.rs`).
+    pub contention: contention::ContentionReport,
 }
 
 /// Policies are compared at waste per budget up to these multiples of the
@@ -301,6 +310,7 @@ impl ReplayReport {
         for run in &self.runs {
             out.push_str(&row(run));
         }
+        out.push_str(&self.contention.table(self.horizon_ms));
         out
     }
 }
@@ -323,6 +333,9 @@ struct TraceIndex {
     next_us: Vec<u64>,
     /// First request time of every key.
     first_us: HashMap<u64, u64, IdentityBuildHasher>,
+    /// Whether the request found its key held by another client in a
+    /// conflicting mode (see `replay/contention.rs`).
+    contended: Vec<bool>,
 }
 
 impl TraceIndex {
@@ -344,6 +357,7 @@ impl TraceIndex {
             previous_us,
             next_us,
             first_us,
+            contended: contention::contended_flags(&trace.events),
         }
     }
 }
@@ -542,8 +556,9 @@ impl Sim {
                 uses_since_prepared: slot.uses,
                 held: slot.held_until_us > now_us,
                 score: source.score_of(*key_hash, now_us, horizon_us),
-                // Traces carry no contention forecast: the replay simulates
-                // access preparation only.
+                // The simulated brokers get no contention forecast: they
+                // simulate access preparation only (the contention estimate
+                // is scored on its own, replay/contention.rs).
                 contention: None,
                 contention_prepared: false,
             });
@@ -570,8 +585,8 @@ impl Sim {
         self.policy.tick(&input, &mut actions);
         for action in &actions {
             match *action {
-                // PrepareContention also places the slot; the replay never
-                // predicts contention, so it only appears for symmetry.
+                // PrepareContention also places the slot; the sims get no
+                // contention forecast, so it only appears for symmetry.
                 Action::Prepare { key_hash } | Action::PrepareContention { key_hash } => {
                     if self.slot_of_key.contains_key(&key_hash) {
                         continue;
@@ -702,6 +717,15 @@ pub fn replay(
 ) -> ReplayReport {
     let index = TraceIndex::new(trace);
     let mut runs = Vec::new();
+    let contention = contention::score(
+        &trace.events,
+        &index.contended,
+        config,
+        settings.eval_every_ticks,
+        forelockd::config::Config::default_config()
+            .allocator
+            .contention_threshold,
+    );
 
     // No prediction: slow path + keep-alive, one sim per keep-alive time.
     let mut sims: Vec<Sim> = settings
@@ -853,6 +877,7 @@ pub fn replay(
         runs,
         equal_waste_levels,
         equal_waste,
+        contention,
     }
 }
 
