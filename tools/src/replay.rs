@@ -940,6 +940,9 @@ fn run_pass(
     } else {
         HashMap::default()
     };
+    // This tick's requests, for the forecaster (which sees them only at the
+    // tick anyway: one prefetched batch, as the live predictor does).
+    let mut batch: Vec<(u64, u32, u64)> = Vec::new();
     loop {
         while next < events.len() && events[next].ts_us <= now_us {
             let event = &events[next];
@@ -949,9 +952,7 @@ fn run_pass(
             }
             match source {
                 Source::Nothing => {}
-                Source::Forecaster(forecaster) => {
-                    forecaster.ingest(event.ts_us, event.client, event.key_hash)
-                }
+                Source::Forecaster(_) => batch.push((event.ts_us, event.client, event.key_hash)),
                 Source::Oracle { next_us } => {
                     next_us.insert(event.key_hash, index.next_us[next]);
                 }
@@ -960,6 +961,10 @@ fn run_pass(
                 key_next_us.insert(event.key_hash, index.next_us[next]);
             }
             next += 1;
+        }
+        if let Source::Forecaster(forecaster) = source {
+            forecaster.ingest_batch(&batch);
+            batch.clear();
         }
         while window_start < events.len() && events[window_start].ts_us <= now_us {
             window_start += 1;
