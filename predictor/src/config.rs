@@ -168,11 +168,13 @@ impl PredictorConfig {
                 "1..=1048576",
             );
         }
-        if self.contention_window_ms < self.horizon_ms {
+        // At most a day: the estimator works in microseconds (`contention()`
+        // multiplies by 1000), and a share remembered longer follows nothing.
+        if self.contention_window_ms < self.horizon_ms || self.contention_window_ms > 86_400_000 {
             return range(
                 "contention_window_ms",
                 self.contention_window_ms.to_string(),
-                ">= horizon_ms",
+                "horizon_ms..=86400000",
             );
         }
         if self.train_samples_per_tick > 65_536 {
@@ -234,5 +236,18 @@ mod tests {
         ));
         let error = PredictorConfig::from_toml("tick_ms = 0").unwrap_err();
         assert!(error.to_string().contains("tick_ms"), "{error}");
+    }
+
+    #[test]
+    fn a_contention_window_too_long_to_count_in_microseconds_is_rejected() {
+        // 2^64 / 1000 ms: `contention()` would overflow converting it to us.
+        let error =
+            PredictorConfig::from_toml("contention_window_ms = 18446744073709552").unwrap_err();
+        assert!(
+            error.to_string().contains("contention_window_ms"),
+            "{error}"
+        );
+        let longest = PredictorConfig::from_toml("contention_window_ms = 86400000").unwrap();
+        assert_eq!(longest.contention().window_us, 86_400_000_000);
     }
 }
