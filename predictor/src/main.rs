@@ -182,6 +182,8 @@ fn run() -> anyhow::Result<()> {
     let start_ns = shm_layout::monotonic_ns();
     let mut top = Vec::new();
     let mut batch: Vec<(u64, u32, u64)> = Vec::new();
+    // The same requests for the contention estimator: (ts_us, key, contended).
+    let mut contention_batch: Vec<(u64, u64, bool)> = Vec::new();
     let mut observed = Observed::default();
     let mut last_report = Instant::now();
     let mut last_inode_check = Instant::now();
@@ -210,14 +212,22 @@ fn run() -> anyhow::Result<()> {
                 };
                 let ts_us = time_ns.saturating_sub(start_ns) / 1000;
                 batch.push((ts_us, event.client, event.key_hash));
-                contention.record(ts_us, event.key_hash, event.outcome == Outcome::Contended);
+                contention_batch.push((ts_us, event.key_hash, event.outcome == Outcome::Contended));
             }
         });
         // The rings are drained one after the other: put the requests in time
         // order, then ingest them in one batch (prefetched, see features.rs).
+        // The contention estimator gets them in time order too (it counts an
+        // out-of-order request as the latest seen, undecayed), as the replay
+        // feeds it (tools/src/replay/contention.rs).
         batch.sort_by_key(|&(ts_us, _, _)| ts_us);
         forecaster.ingest_batch(&batch);
         batch.clear();
+        contention_batch.sort_by_key(|&(ts_us, _, _)| ts_us);
+        for &(ts_us, key_hash, contended) in &contention_batch {
+            contention.record(ts_us, key_hash, contended);
+        }
+        contention_batch.clear();
         let now_us = now_ns.saturating_sub(start_ns) / 1000;
         forecaster.tick(now_us);
         let capacity = attached.scores.capacity() as usize;
