@@ -32,8 +32,10 @@
 //! [`FeatureStore::ingest_batch`] processes a slice of events exactly as
 //! [`FeatureStore::ingest`] would one by one, but prefetches ahead: the index
 //! slot of event `i + 16`, the record, successor line and `last_us` of event
-//! `i + 8`, and the records of the strong successors of event `i + 4` (which it
-//! is about to boost). The misses of several events then overlap.
+//! `i + 8`, and the records at the row hints of every successor of event
+//! `i + 4` (it will boost the strong ones; the weak ones, below
+//! `SUCCESSOR_PUSH_MIN`, and stale hints cost a useless prefetch). The misses
+//! of several events then overlap.
 //!
 //! # Row order: active keys first
 //!
