@@ -26,6 +26,43 @@ fn with_scores<T>(
     f(&view)
 }
 
+/// A running `forelock-predictor` on `dir`, killed when dropped (so a failed
+/// assertion does not leave it running).
+struct Predictor(std::process::Child);
+
+impl Predictor {
+    fn start(dir: &std::path::Path) -> Predictor {
+        let predictor = env!("CARGO_BIN_EXE_forelock-predictor-under-test");
+        Predictor(
+            std::process::Command::new(predictor)
+                .arg("--runtime-dir")
+                .arg(dir)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Kill it (SIGKILL) and reap it.
+    fn stop(mut self) {
+        self.kill_and_reap();
+    }
+
+    fn kill_and_reap(&mut self) {
+        // Already exited and reaped (stop, then drop): nothing to do.
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Drop for Predictor {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
 fn prepared(dir: &std::path::Path, key: &str) -> bool {
     with_table(dir, |t| {
         t.lookup(key.as_bytes(), shm_layout::key_hash(key.as_bytes()))
@@ -140,15 +177,9 @@ fn nonsense_scores_and_a_scribbled_score_file_do_not_disturb_locking() {
 
 #[test]
 fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() {
-    let predictor = env!("CARGO_BIN_EXE_forelock-predictor-under-test");
     let dir = TempDir::new("forecast-live");
     let mut b = Broker::start(dir.path(), FORECAST);
-    let mut p = std::process::Command::new(predictor)
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let p = Predictor::start(dir.path());
     let mut counting = Counting::new(dir.path(), "k");
     counting.spawn(1, 500).finish(500);
     let deadline = Instant::now() + PATIENCE;
@@ -157,7 +188,8 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
             let h = s.header();
             let age = shm_layout::monotonic_ns()
                 .saturating_sub(h.written_at_ns.load(std::sync::atomic::Ordering::Relaxed));
-            h.writer_pid.load(std::sync::atomic::Ordering::Relaxed) == p.id() && age < 1_000_000_000
+            h.writer_pid.load(std::sync::atomic::Ordering::Relaxed) == p.0.id()
+                && age < 1_000_000_000
         });
         if fresh {
             break;
@@ -168,8 +200,7 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    p.kill().unwrap();
-    p.wait().unwrap();
+    p.stop();
     counting.spawn(1, 200).finish(700);
     assert!(b.is_running());
 }
@@ -189,18 +220,12 @@ fn contention_prepared(dir: &std::path::Path) -> (u64, u64) {
 
 #[test]
 fn the_predictor_forecasts_contention_and_the_broker_prepares_the_contended_key() {
-    let predictor = env!("CARGO_BIN_EXE_forelock-predictor-under-test");
     let dir = TempDir::new("forecast-contention");
     let mut b = Broker::start(
         dir.path(),
         &format!("{FORECAST}contention_threshold = 0.5\ncontention_waiters = 4\n"),
     );
-    let mut p = std::process::Command::new(predictor)
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let p = Predictor::start(dir.path());
     // Two workers take the same key over and over: requests queue behind the
     // holder, the predictor sees `Contended` events and forecasts more, the
     // broker prepares the key's queue, and later waiters find it prepared.
@@ -226,7 +251,6 @@ fn the_predictor_forecasts_contention_and_the_broker_prepares_the_contended_key(
                 .load(std::sync::atomic::Ordering::Relaxed))
         );
     }
-    p.kill().unwrap();
-    p.wait().unwrap();
+    p.stop();
     assert!(b.is_running(), "forelockd died:\n{}", b.log());
 }
