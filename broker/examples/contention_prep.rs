@@ -65,6 +65,11 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("ROUNDS is a number"))
         .unwrap_or(200_000);
+    // Half the rounds go to each case, and a percentile needs a sample.
+    assert!(
+        rounds >= 2,
+        "ROUNDS must be at least 2 (one round per case)"
+    );
     let geometry = Geometry::new(64, 8).expect("a valid geometry");
     let table_buf = Buf::new(geometry.file_size);
     // SAFETY: the buffer is 64-aligned, `file_size` bytes, zeroed, and only
