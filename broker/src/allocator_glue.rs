@@ -26,11 +26,17 @@ use std::collections::HashMap;
 
 /// Scores older than this are ignored (the forecaster died or lags).
 const STALE_SCORES_NS: u64 = 2_000_000_000;
+/// Reads of the score file tried per tick before the last good snapshot is
+/// kept (a write takes microseconds; the reader does not wait between tries).
+const TORN_READ_ATTEMPTS: usize = 4;
 
 pub struct Allocation {
     policy: Box<dyn allocator::Policy>,
     forecast: bool,
+    /// The last good snapshot of the score file.
     scores: Vec<Scored>,
+    /// Scratch for the next read (swapped in when the read is not torn).
+    fresh: Vec<Scored>,
     score_of: HashMap<u64, Scored>,
     /// Waiters reserved per key predicted contended, and the contention
     /// probability from which a key counts as predicted contended (0 = off).
@@ -62,6 +68,7 @@ impl Allocation {
             policy,
             forecast,
             scores: Vec::new(),
+            fresh: Vec::new(),
             score_of: HashMap::new(),
             contention_waiters: config.allocator.contention_waiters as usize,
             contention_threshold: config.allocator.contention_threshold,
@@ -154,19 +161,22 @@ impl Allocation {
 
     /// Fresh scores from the forecaster, split into those of keyed slots and
     /// candidates (keys without a slot).
+    ///
+    /// A torn read (the forecaster was writing) is retried a few times; if
+    /// every attempt is torn, the last good snapshot stands for this tick.
+    /// Dropping every score for one tick instead would let the policy reclaim
+    /// the slots it keeps on purpose (those predicted contended lose their
+    /// reserved queue) and place them again at the next tick. Stale scores
+    /// (the forecaster stopped) and the keep-alive policy clear them.
     fn read_scores(&mut self, scores: &ScoresView, manager: &LockManager) {
+        let written = scores.header().written_at_ns.load(Ordering::Relaxed);
+        if !self.forecast || shm_layout::monotonic_ns().saturating_sub(written) > STALE_SCORES_NS {
+            self.scores.clear();
+        } else if (0..TORN_READ_ATTEMPTS).any(|_| scores.read_into(&mut self.fresh)) {
+            std::mem::swap(&mut self.scores, &mut self.fresh);
+        }
         self.score_of.clear();
         self.candidates.clear();
-        if !self.forecast {
-            return;
-        }
-        let written = scores.header().written_at_ns.load(Ordering::Relaxed);
-        if shm_layout::monotonic_ns().saturating_sub(written) > STALE_SCORES_NS {
-            return;
-        }
-        if !scores.read_into(&mut self.scores) {
-            return;
-        }
         for &scored in &self.scores {
             self.score_of.insert(scored.key_hash, scored);
             if !manager.has_key_hash(scored.key_hash) {

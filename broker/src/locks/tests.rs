@@ -770,4 +770,23 @@ fn with_the_forecast_policy_a_key_scored_contended_is_reserved_and_kept_past_its
         f.table.lookup(b"plain", key_hash(b"plain")).is_none(),
         "reclaimed after its keep-alive"
     );
+
+    // The forecaster is caught mid-write at every read (odd seqlock) while
+    // its scores are fresh: the last good snapshot stands, so the slot kept
+    // for contention stays.
+    let header = scores.header();
+    header.seq.fetch_add(1, Ordering::Relaxed);
+    for _ in 0..3 {
+        header
+            .written_at_ns
+            .store(shm_layout::monotonic_ns(), Ordering::Relaxed);
+        f.now += KEEP_ALIVE;
+        alloc.tick_on(&mut f.m, &f.table, &f.events, Some(&scores), f.now);
+    }
+    assert!(
+        f.table
+            .lookup(b"contended", key_hash(b"contended"))
+            .is_some(),
+        "a torn read of the scores must not drop the slot kept for contention"
+    );
 }
