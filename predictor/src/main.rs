@@ -212,7 +212,11 @@ fn run() -> anyhow::Result<()> {
                 };
                 let ts_us = time_ns.saturating_sub(start_ns) / 1000;
                 batch.push((ts_us, event.client, event.key_hash));
-                contention_batch.push((ts_us, event.key_hash, event.outcome == Outcome::Contended));
+                // Only the broker queues requests: a `Contended` event from a
+                // client's ring is forged (it would pin the key's slot), and
+                // counts as a plain request.
+                let contended = event.outcome == Outcome::Contended && event.from_broker;
+                contention_batch.push((ts_us, event.key_hash, contended));
             }
         });
         // The rings are drained one after the other: put the requests in time

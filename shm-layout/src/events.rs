@@ -119,7 +119,11 @@ pub struct EventRecord {
     pub outcome: Outcome,
     /// 0 = exclusive, 1 = shared.
     pub shared: bool,
+    /// As written by the producer: a client's ring may say anything here.
     pub client: u32,
+    /// Read from the broker's own ring (the last one), which no client
+    /// writes: the only events a client cannot forge, e.g. `Contended`.
+    pub from_broker: bool,
 }
 
 /// A validated view of the events file.
@@ -287,6 +291,7 @@ impl EventsView {
             outcome: Outcome::from_u8(info as u8)?,
             shared: (info >> 8) & 1 == 1,
             client: (info >> 16) as u32,
+            from_broker: ring + 1 == self.ring_count,
         })
     }
 }
@@ -374,6 +379,7 @@ mod tests {
         assert_eq!(seen.len(), 9, "8 from the lapped ring, 1 from the other");
         assert_eq!(cursor.lost, 2);
         assert_eq!(seen[0].key_hash, 2);
+        assert!(!seen[0].from_broker, "ring 0 is a client's");
         assert_eq!(
             seen[8],
             EventRecord {
@@ -381,7 +387,8 @@ mod tests {
                 time_ns: 5,
                 outcome: Outcome::SlowPath,
                 shared: true,
-                client: 7
+                client: 7,
+                from_broker: true,
             }
         );
     }
