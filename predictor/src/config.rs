@@ -141,11 +141,12 @@ impl PredictorConfig {
                 "16..=67108864",
             );
         }
-        if self.activity_window_ms < self.horizon_ms {
+        // At most a day, as the contention window below (kept in microseconds).
+        if self.activity_window_ms < self.horizon_ms || self.activity_window_ms > 86_400_000 {
             return range(
                 "activity_window_ms",
                 self.activity_window_ms.to_string(),
-                ">= horizon_ms",
+                "horizon_ms..=86400000",
             );
         }
         if self.frequency_scale >= crate::features::SCALES {
@@ -249,5 +250,13 @@ mod tests {
         );
         let longest = PredictorConfig::from_toml("contention_window_ms = 86400000").unwrap();
         assert_eq!(longest.contention().window_us, 86_400_000_000);
+    }
+
+    #[test]
+    fn an_activity_window_too_long_to_count_in_microseconds_is_rejected() {
+        let error =
+            PredictorConfig::from_toml("activity_window_ms = 18446744073709552").unwrap_err();
+        assert!(error.to_string().contains("activity_window_ms"), "{error}");
+        PredictorConfig::from_toml("activity_window_ms = 86400000").unwrap();
     }
 }
