@@ -19,7 +19,7 @@ use crate::config::{Config, Policy};
 use crate::files::RuntimeFiles;
 use crate::locks::LockManager;
 use shm_layout::events::EventsView;
-use shm_layout::scores::{Scored, ScoresView};
+use shm_layout::scores::{Scored, ScoresView, sanitize};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 use std::collections::HashMap;
@@ -137,11 +137,19 @@ impl Allocation {
                 || (contention_threshold > 0.0 && c.contention >= contention_threshold)
         });
         manager.set_predicted(wanted.map(|c| c.key_hash));
-        // Publish each keyed slot's score for observers (`forelock locks`).
+        // Publish each keyed slot's score for observers (`forelock locks`),
+        // and end the contention preparations no longer predicted.
         for view in &self.views {
             if let Some(slot) = table.slot(view.slot) {
                 let score = view.score.unwrap_or(0.0);
                 slot.score_bits.store(score.to_bits(), Ordering::Relaxed);
+            }
+            let predicted = contention_threshold > 0.0
+                && view
+                    .contention
+                    .is_some_and(|c| sanitize(c) >= contention_threshold);
+            if view.contention_prepared && !predicted {
+                manager.end_contention_preparation(view.slot);
             }
         }
         for action in &self.actions {

@@ -903,6 +903,23 @@ impl LockManager {
         Some(self.slots[s as usize].queue.capacity())
     }
 
+    /// Whether the key's slot holds a contention preparation (tests and observers).
+    pub fn contention_prepared(&self, key: &[u8]) -> bool {
+        self.keys
+            .get(key)
+            .is_some_and(|&s| self.slots[s as usize].contention_prepared)
+    }
+
+    /// The forecaster no longer predicts contention for the key in slot `s`:
+    /// the slot is an ordinary one again (no longer evicted last by the slow
+    /// path; a new prediction prepares it again). Its queue keeps its capacity.
+    pub fn end_contention_preparation(&mut self, s: u32) {
+        if let Some(st) = self.slots.get_mut(s as usize) {
+            st.contention_prepared = false;
+            st.contention_used = false;
+        }
+    }
+
     /// Free a prepared or idle slot now (the allocator's reclaim or eviction).
     /// Refuses a slot that is held or waited for (re-checked here: the policy
     /// decided on a snapshot). A slot prepared ahead and never used counts as

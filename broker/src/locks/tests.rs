@@ -789,4 +789,23 @@ fn with_the_forecast_policy_a_key_scored_contended_is_reserved_and_kept_past_its
             .is_some(),
         "a torn read of the scores must not drop the slot kept for contention"
     );
+    assert!(f.m.contention_prepared(b"contended"));
+
+    // The contention prediction falls (the access score keeps the slot): the
+    // slot is an ordinary one again.
+    header.seq.fetch_add(1, Ordering::Relaxed);
+    let entries = entries.map(|entry| Scored {
+        score: 0.9,
+        contention: 0.1,
+        ..entry
+    });
+    scores.write("test", 500, shm_layout::monotonic_ns(), entries);
+    f.now += 1;
+    alloc.tick_on(&mut f.m, &f.table, &f.events, Some(&scores), f.now);
+    assert!(
+        f.table
+            .lookup(b"contended", key_hash(b"contended"))
+            .is_some()
+    );
+    assert!(!f.m.contention_prepared(b"contended"));
 }
