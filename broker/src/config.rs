@@ -166,6 +166,17 @@ impl Config {
                 self.allocator.contention_waiters
             ));
         }
+        // A reservation lasts as long as its slot: bound what every slot
+        // reserving at once would hold (about 24 bytes a waiter).
+        let reserved = u64::from(self.allocator.contention_waiters) * u64::from(self.table.slots);
+        if reserved > MAX_RESERVED_WAITERS {
+            return Err(format!(
+                "allocator.contention_waiters = {} with table.slots = {}: {reserved} waiters \
+                 could be reserved at once, more than {MAX_RESERVED_WAITERS}; lower \
+                 contention_waiters (a deeper queue still grows on demand)",
+                self.allocator.contention_waiters, self.table.slots
+            ));
+        }
         u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
             format!(
                 "broker.socket_mode = {:?}: give an octal mode like \"0660\"",
@@ -199,6 +210,10 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
+/// Bound on `allocator.contention_waiters * table.slots` (about 100 MB of
+/// reserved queue room if every slot were prepared for contention).
+const MAX_RESERVED_WAITERS: u64 = 1 << 22;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +245,11 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("contention_threshold"), "{e}");
+        let e = Config::from_toml(
+            "[table]\nslots = 65536\n[allocator]\ncontention_waiters = 4096\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lower contention_waiters"), "{e}");
     }
 }
