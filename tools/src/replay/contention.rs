@@ -33,8 +33,8 @@
 //!   (t, t + horizon]". Keys contended within the window but without an
 //!   estimate count as positives at P = 0, as in the access quality.
 //! - At the broker's default `contention_threshold` (the embedded
-//!   configuration's): precision is the share of the predicted key-ticks (P at or above it, at the evaluated ticks) whose label
-//!   is true; recall is the share of contended requests whose key was predicted
+//!   configuration's): precision is the share of the predicted key-ticks (P
+//!   at or above it, at the evaluated ticks) whose label is true; recall is the share of contended requests whose key was predicted
 //!   at the last tick before the request (the tick whose scores the broker
 //!   would have used: ticks at or after the request have ingested it).
 //! - The trivial baseline, with the same labels: a key is predicted contended
