@@ -33,10 +33,11 @@
 //!   (t, t + horizon]". Keys contended within the window but without an
 //!   estimate count as positives at P = 0, as in the access quality.
 //! - At the broker's default `contention_threshold` (the embedded
-//!   configuration's): precision is the share of the predicted key-ticks (P
-//!   at or above it, at the evaluated ticks) whose label is true; recall is the share of contended requests whose key was predicted
-//!   at the last tick before the request (the tick whose scores the broker
-//!   would have used: ticks at or after the request have ingested it).
+//!   configuration's): precision is the share of the predicted key-ticks (P at or
+//!   above it, at the evaluated ticks) whose label is true; recall is the share
+//!   of contended requests whose key was predicted at the last tick before the
+//!   request (the tick whose scores the broker would have used: ticks at or after
+//!   the request have ingested it).
 //! - The trivial baseline, with the same labels: a key is predicted contended
 //!   at t when it had a contended request within (t - horizon, t].
 //! - For a comparison at equal volume: the precision of the estimator's most
