@@ -343,11 +343,17 @@ const VACANT: u32 = u32::MAX;
 /// Key hash → row: open addressing with linear probing in a flat power-of-two
 /// table kept at most half full, deletion by backward shift (no tombstones).
 /// Any key, 0 included, can be stored (emptiness is marked in the row).
+///
+/// The hashes come from the event rings, which clients write: a client could
+/// pick hashes that share a home slot and make every probe walk a long chain.
+/// A secret drawn per process (`salt`) goes into each home slot, so such a set
+/// can't be picked from outside.
 struct RowIndex {
     slots: Vec<Slot>,
     shift: u32,
     mask: usize,
     len: usize,
+    salt: u64,
 }
 
 impl RowIndex {
@@ -365,14 +371,18 @@ impl RowIndex {
             shift: 64 - size.trailing_zeros(),
             mask: size - 1,
             len: 0,
+            salt: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u64,
+            ),
         }
     }
 
-    /// The first slot to probe (Fibonacci hashing: the top bits of a multiple,
-    /// so that even small, sequential test keys spread).
+    /// The first slot to probe (Fibonacci hashing of the salted key: the top
+    /// bits of a multiple, so that even small, sequential test keys spread).
     #[inline(always)]
     fn home(&self, key: u64) -> usize {
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+        ((key ^ self.salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
     }
 
     #[inline(always)]
