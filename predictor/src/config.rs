@@ -10,7 +10,7 @@
 //! model = "logistic"          # "keep-alive" | "frequency" | "successor" | "logistic"
 //! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
 //! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
-//! train_samples_per_tick = 64 # logistic model: labelled (key, tick) samples per tick
+//! train_samples_per_tick = 64 # (key, tick) samples per tick, labelled as windows close: to learn (logistic) and to score any model
 //! learning_rate = 0.3         # logistic model: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written

@@ -13,6 +13,14 @@
 //! label is "the key's last request is after `t`", and at that moment every event
 //! up to `t + horizon`, and none after, has been ingested. So the model at time
 //! `T` has learnt only from windows that closed by `T`.
+//!
+//! # Scoring itself
+//!
+//! The same samples score the forecaster as it runs ([`SelfScore`]): each
+//! keeps the probability the model wrote for its key at its tick, before its
+//! label existed, and the probability the decayed-frequency baseline (5 s
+//! scale) gives the same features; when the label comes, both Brier scores
+//! are updated. Every model samples for this, learning or not.
 
 use std::collections::VecDeque;
 
@@ -24,6 +32,41 @@ struct Sample {
     key_hash: u64,
     at_us: u64,
     features: [f32; FEATURES],
+    /// The model's probability for the key at `at_us`, as written.
+    probability: f32,
+}
+
+/// Samples the recent means of [`SelfScore`] weigh, about.
+pub const SELF_SCORE_WINDOW: f32 = 4096.0;
+/// The decay scale of the frequency baseline in [`SelfScore`] (5 s).
+const BASELINE_SCALE: usize = 2;
+
+/// How well the forecaster's probabilities have done on its own samples,
+/// against the decayed-frequency baseline on the same samples. Brier scores
+/// (mean squared error of the probability against the 0/1 label, lower is
+/// better) are means over about the last [`SELF_SCORE_WINDOW`] samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SelfScore {
+    /// Samples labelled since the start.
+    pub samples: u64,
+    pub brier: f32,
+    /// The frequency model's (5 s scale) Brier score on the same samples.
+    pub brier_baseline: f32,
+    /// Share of the samples whose key was requested within the horizon.
+    pub positive_share: f32,
+}
+
+impl SelfScore {
+    fn add(&mut self, probability: f32, baseline: f32, requested: bool) {
+        let label = if requested { 1.0 } else { 0.0 };
+        self.samples += 1;
+        // The mean of all samples so far, then an exponential one.
+        let weight = (1.0 / self.samples as f32).max(1.0 / SELF_SCORE_WINDOW);
+        let update = |mean: &mut f32, value: f32| *mean += weight * (value - *mean);
+        update(&mut self.brier, (probability - label).powi(2));
+        update(&mut self.brier_baseline, (baseline - label).powi(2));
+        update(&mut self.positive_share, label);
+    }
 }
 
 /// See the module docs.
@@ -40,6 +83,8 @@ pub struct Forecaster {
     pub samples_labelled: u64,
     /// Samples dropped because their key was evicted before the label was known.
     pub samples_dropped: u64,
+    /// See [`SelfScore`].
+    pub self_score: SelfScore,
 }
 
 impl Forecaster {
@@ -69,6 +114,7 @@ impl Forecaster {
             pending_max,
             samples_labelled: 0,
             samples_dropped: 0,
+            self_score: SelfScore::default(),
         }
     }
 
@@ -132,7 +178,16 @@ impl Forecaster {
         match self.features.row_of(sample.key_hash) {
             Some(_) => {
                 let last = self.features.last_request_us(sample.key_hash).unwrap_or(0);
-                self.model.learn(&sample.features, last > sample.at_us);
+                let requested = last > sample.at_us;
+                if self.model.learns() {
+                    self.model.learn(&sample.features, requested);
+                }
+                let baseline = models::frequency_probability(
+                    &sample.features,
+                    BASELINE_SCALE,
+                    self.config.horizon_us(),
+                );
+                self.self_score.add(sample.probability, baseline, requested);
                 self.samples_labelled += 1;
             }
             None => self.samples_dropped += 1,
@@ -164,23 +219,23 @@ impl Forecaster {
         }
         self.scores_current = true;
 
-        if self.model.learns() {
-            let now = self.features.decayed_to_us();
-            for _ in 0..self.config.train_samples_per_tick {
-                if self.pending.len() >= self.pending_max {
-                    break;
-                }
-                let Some(row) = self.features.random_active_row() else {
-                    break;
-                };
-                let view = self.features.view();
-                let features = view.vector(row);
-                self.pending.push_back(Sample {
-                    key_hash: view.key_hash[row],
-                    at_us: now,
-                    features,
-                });
+        // Samples to learn from (if the model learns) and to score it by.
+        let now = self.features.decayed_to_us();
+        for _ in 0..self.config.train_samples_per_tick {
+            if self.pending.len() >= self.pending_max {
+                break;
             }
+            let Some(row) = self.features.random_active_row() else {
+                break;
+            };
+            let view = self.features.view();
+            let features = view.vector(row);
+            self.pending.push_back(Sample {
+                key_hash: view.key_hash[row],
+                at_us: now,
+                features,
+                probability: self.probabilities[row],
+            });
         }
     }
 
@@ -341,6 +396,42 @@ mod tests {
         );
         assert!(one_off < 0.3, "one-off key {one_off}");
         assert!(forecaster.samples_labelled > 1000);
+        let score = forecaster.self_score;
+        assert_eq!(score.samples, forecaster.samples_labelled);
+        assert!(
+            score.brier < score.brier_baseline,
+            "the learnt model scores better than the frequency baseline here: {score:?}"
+        );
+    }
+
+    #[test]
+    fn the_frequency_model_at_the_baseline_scale_scores_as_the_baseline() {
+        // Same model as the baseline: the two Brier scores agree, and both
+        // come from labels of the closed windows only.
+        let config = PredictorConfig {
+            frequency_scale: BASELINE_SCALE,
+            ..config(ModelKind::Frequency)
+        };
+        let mut forecaster = Forecaster::new(config);
+        let events = stream(7, 3000, 30);
+        let mut next = 0;
+        let end_us = events.last().unwrap().0;
+        let mut now = 0;
+        while now <= end_us {
+            while next < events.len() && events[next].0 <= now {
+                forecaster.ingest(events[next].0, events[next].1, events[next].2);
+                next += 1;
+            }
+            forecaster.tick(now);
+            now += 10_000;
+        }
+        let score = forecaster.self_score;
+        assert!(score.samples > 1000, "{score:?}");
+        assert!(score.positive_share > 0.0 && score.positive_share < 1.0);
+        assert!(
+            (score.brier - score.brier_baseline).abs() < 1e-4,
+            "{score:?}"
+        );
     }
 
     #[test]

@@ -250,6 +250,14 @@ fn run() -> anyhow::Result<()> {
             shm_layout::monotonic_ns(),
             entries.iter().copied(),
         );
+        let score = forecaster.self_score;
+        attached
+            .scores
+            .publish_self_score(shm_layout::scores::SelfScore {
+                samples: score.samples,
+                brier: score.brier,
+                brier_baseline: score.brier_baseline,
+            });
 
         ticks += 1;
         if args.ticks.is_some_and(|limit| ticks >= limit) {
@@ -274,6 +282,7 @@ fn run() -> anyhow::Result<()> {
                 contention_tracked = contention.tracked(),
                 lost_events = cursor.lost,
                 ?observed,
+                self_score = ?forecaster.self_score,
                 model = %forecaster.model().describe(),
                 "forecaster"
             );

@@ -17,7 +17,8 @@
 use crate::config::{ModelKind, PredictorConfig};
 use crate::fastmath::{fast_exp, sigmoid};
 use crate::features::{
-    BLOCK, FEATURE_NAMES, FEATURES, FeatureBlock, FeatureSet, FeatureView, SCALE_TAU_US,
+    BLOCK, FEATURE_NAMES, FEATURES, FeatureBlock, FeatureSet, FeatureView, RATE_FEATURE_SCALE,
+    SCALE_TAU_US,
 };
 
 /// Runs `per_block` over the view in blocks of [`BLOCK`] rows.
@@ -110,13 +111,29 @@ impl Model for Frequency {
         for (chunk_index, chunk) in out.chunks_mut(BLOCK).enumerate() {
             view.decayed_counts(chunk_index * BLOCK, self.scale, chunk);
             for score in chunk.iter_mut() {
-                *score = 1.0 - fast_exp(-*score * to_expected);
+                *score = poisson_within(*score, to_expected);
             }
         }
     }
     fn describe(&self) -> String {
         format!("frequency tau {} ms", SCALE_TAU_US[self.scale] / 1000)
     }
+}
+
+/// P(at least one request within the horizon) for a request count decayed with
+/// time constant tau, read as a Poisson rate: `to_expected` is `horizon / tau`.
+#[inline(always)]
+fn poisson_within(count: f32, to_expected: f32) -> f32 {
+    1.0 - fast_exp(-count * to_expected)
+}
+
+/// What [`Frequency`] at `scale` gives a key with this feature vector (its
+/// rate feature is `saturate(count * RATE_FEATURE_SCALE[scale])`): the
+/// baseline the forecaster scores itself against.
+pub fn frequency_probability(features: &[f32; FEATURES], scale: usize, horizon_us: u64) -> f32 {
+    let rate = features[scale].clamp(0.0, 1.0 - f32::EPSILON);
+    let count = rate / (1.0 - rate) / RATE_FEATURE_SCALE[scale];
+    poisson_within(count, horizon_us as f32 / SCALE_TAU_US[scale] as f32)
 }
 
 /// The successor boost alone: P(this key | a key requested within the horizon).

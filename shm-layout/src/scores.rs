@@ -67,7 +67,25 @@ pub struct ScoresHeader {
     /// Feedback the forecaster reports about itself (for `forelock status`):
     /// model name, NUL-padded ASCII.
     pub model: [AtomicU64; 2],
-    pub _reserved: [u8; SCORES_HEADER_SIZE - 80],
+    /// How the forecaster scores itself (see [`SelfScore`]): labelled samples
+    /// so far, and the f32 bits of its recent Brier score and of the
+    /// frequency baseline's on the same samples. Advisory, like everything
+    /// here: `forelock status` shows it, nothing decides on it.
+    pub self_score_samples: AtomicU64,
+    pub brier_bits: AtomicU32,
+    pub brier_baseline_bits: AtomicU32,
+    pub _reserved: [u8; SCORES_HEADER_SIZE - 96],
+}
+
+/// The forecaster's score of itself, as published in the header.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SelfScore {
+    /// Samples labelled so far (0: nothing to show yet).
+    pub samples: u64,
+    /// Recent Brier score of its probabilities (lower is better).
+    pub brier: f32,
+    /// The decayed-frequency baseline's, on the same samples.
+    pub brier_baseline: f32,
 }
 
 #[repr(C)]
@@ -106,6 +124,9 @@ const _: () = {
     assert!(offset_of!(ScoresHeader, version) == 12);
     assert!(offset_of!(ScoresHeader, seq) == 32);
     assert!(offset_of!(ScoresHeader, model) == 64);
+    assert!(offset_of!(ScoresHeader, self_score_samples) == 80);
+    assert!(offset_of!(ScoresHeader, brier_bits) == 88);
+    assert!(offset_of!(ScoresHeader, brier_baseline_bits) == 92);
     assert!(size_of::<ScoreEntry>() == SCORE_ENTRY_SIZE);
     assert!(offset_of!(ScoreEntry, key_hash) == 0);
     assert!(offset_of!(ScoreEntry, score_bits) == 8);
@@ -291,6 +312,36 @@ impl ScoresView {
         true
     }
 
+    /// Publish the forecaster's score of itself (between snapshots; each
+    /// field is read on its own, no seqlock: a reader may mix two ticks'
+    /// figures, which a status line can live with).
+    pub fn publish_self_score(&self, score: SelfScore) {
+        let h = self.header();
+        h.brier_bits.store(score.brier.to_bits(), Ordering::Relaxed);
+        h.brier_baseline_bits
+            .store(score.brier_baseline.to_bits(), Ordering::Relaxed);
+        h.self_score_samples.store(score.samples, Ordering::Relaxed);
+    }
+
+    /// The forecaster's score of itself, sanitised (Brier scores outside
+    /// [0, 1] or NaN read as 1, the worst).
+    pub fn self_score(&self) -> SelfScore {
+        let h = self.header();
+        let brier = |bits: &AtomicU32| {
+            let value = f32::from_bits(bits.load(Ordering::Relaxed));
+            if (0.0..=1.0).contains(&value) {
+                value
+            } else {
+                1.0
+            }
+        };
+        SelfScore {
+            samples: h.self_score_samples.load(Ordering::Relaxed),
+            brier: brier(&h.brier_bits),
+            brier_baseline: brier(&h.brier_baseline_bits),
+        }
+    }
+
     /// The model name the forecaster reported.
     pub fn model(&self) -> String {
         let h = self.header();
@@ -335,6 +386,21 @@ mod tests {
             vec![(1, 0.9, 0.0), (2, 0.0, 0.0), (3, 1.0, 0.0), (4, 0.0, 0.0)]
         );
         assert_eq!(view.model(), "logistic");
+
+        let score = SelfScore {
+            samples: 12,
+            brier: 0.05,
+            brier_baseline: 0.07,
+        };
+        view.publish_self_score(score);
+        assert_eq!(view.self_score(), score);
+        view.publish_self_score(SelfScore {
+            brier: f32::NAN,
+            brier_baseline: -3.0,
+            ..score
+        });
+        let nonsense = view.self_score();
+        assert_eq!((nonsense.brier, nonsense.brier_baseline), (1.0, 1.0));
     }
 
     #[test]

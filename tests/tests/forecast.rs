@@ -200,8 +200,24 @@ fn the_predictor_process_attaches_writes_scores_and_its_death_changes_nothing() 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // It scores itself on its samples of the keys it saw requested, once
+    // their windows close (500 ms).
+    counting.spawn(1, 300).finish(800);
+    let score = loop {
+        let score = with_scores(dir.path(), |s| s.self_score());
+        if score.samples > 0 {
+            break score;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the predictor never published a self-score"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!((0.0..=1.0).contains(&score.brier), "{score:?}");
+    assert!((0.0..=1.0).contains(&score.brier_baseline), "{score:?}");
     p.stop();
-    counting.spawn(1, 200).finish(700);
+    counting.spawn(1, 200).finish(1000);
     assert!(b.is_running());
 }
 

@@ -58,6 +58,11 @@ pub struct Forecaster {
     pub horizon_ms: u32,
     /// Age of the last score snapshot; None if none was ever written.
     pub last_scores_age_ms: Option<u64>,
+    /// How the forecaster scores itself: samples labelled so far, its recent
+    /// Brier score and the frequency baseline's on the same samples.
+    pub self_score_samples: u64,
+    pub brier: f32,
+    pub brier_baseline: f32,
     /// Why the score file could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -138,12 +143,16 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
             let written = load(&h.written_at_ns);
             let age_ns = (written != 0).then(|| now_ns.saturating_sub(written));
             let pid = h.writer_pid.load(Ordering::Relaxed);
+            let score = scores.view.self_score();
             Forecaster {
                 alive: age_ns.is_some_and(|age| age < FRESH_NS) && process_exists(pid),
                 pid,
                 model: scores.view.model(),
                 horizon_ms: h.horizon_ms.load(Ordering::Relaxed),
                 last_scores_age_ms: age_ns.map(|ns| ns / 1_000_000),
+                self_score_samples: score.samples,
+                brier: score.brier,
+                brier_baseline: score.brier_baseline,
                 error: None,
             }
         }
@@ -153,6 +162,9 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
             model: String::new(),
             horizon_ms: 0,
             last_scores_age_ms: None,
+            self_score_samples: 0,
+            brier: 0.0,
+            brier_baseline: 0.0,
             error: Some(e.to_string()),
         },
     };
@@ -246,6 +258,13 @@ pub fn render(s: &Status) -> String {
         "NOT RUNNING (no scores ever written): keys are prepared by recency only".into()
     };
     let _ = writeln!(out, "forecaster  {forecaster}");
+    if f.alive && f.self_score_samples > 0 {
+        let _ = writeln!(
+            out,
+            "  self-score Brier {:.4} (frequency baseline {:.4}; lower is better) over {} labelled samples",
+            f.brier, f.brier_baseline, f.self_score_samples
+        );
+    }
     let c = &s.counters;
     let _ = writeln!(
         out,
