@@ -110,9 +110,12 @@ fn peers_smoke() {
                 workload.processes,
                 "{what}: one report per process"
             );
+            // Not "every process got the lock": in 40 ms on a loaded machine a
+            // process may not get the CPU at all, and an unfair peer (flock, a
+            // raw futex) may keep a hot key; that would be a timing assertion.
             assert!(
-                run.grants_per_process.iter().all(|&grants| grants > 0),
-                "{what}: every process got the lock: {:?}",
+                run.grants_per_process.iter().sum::<u64>() > 0,
+                "{what}: nobody got the lock: {:?}",
                 run.grants_per_process
             );
             assert_eq!(
