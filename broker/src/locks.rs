@@ -185,6 +185,20 @@ pub struct LockManager {
     now_ms: u64,
 }
 
+/// The lock word of slot `s`, an index below the table's slot count.
+fn word_of(table: &TableView, s: u32) -> Word {
+    // SYNC POINT: Acquire pairs with the Release of the last fast-path
+    // transition on this word (a client's take or release), so what that
+    // client wrote before it is visible to the broker's decision.
+    Word(
+        table
+            .slot(s)
+            .expect("slot index below the slot count")
+            .word
+            .load(Ordering::Acquire),
+    )
+}
+
 impl LockManager {
     /// Build the manager over a table, adopting whatever the table holds (a
     /// fresh table adopts nothing). `alive(pid)` says whether a recorded client
@@ -554,13 +568,7 @@ impl LockManager {
             // A try-lock on a key held on the fast path: say so without
             // taking the slot over (which would send its holder's release
             // through the broker for nothing).
-            let w = Word(
-                table
-                    .slot(s)
-                    .expect("s < slot_count")
-                    .word
-                    .load(Ordering::Acquire),
-            );
+            let w = word_of(table, s);
             if w.exclusive_owner().is_some() {
                 return Response::WouldBlock;
             }
@@ -738,13 +746,7 @@ impl LockManager {
                 continue;
             }
             used += 1;
-            let w = Word(
-                table
-                    .slot(s)
-                    .expect("s < slot_count")
-                    .word
-                    .load(Ordering::Acquire),
-            );
+            let w = word_of(table, s);
             if w.counter() != st.last_counter {
                 let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
                 if !st.managed {
@@ -999,15 +1001,7 @@ impl LockManager {
                         st.key.is_some()
                             && st.queue.is_empty()
                             && st.holder == Holder::Free
-                            && (st.managed
-                                || Word(
-                                    table
-                                        .slot(s)
-                                        .expect("in range")
-                                        .word
-                                        .load(Ordering::Acquire),
-                                )
-                                .is_free())
+                            && (st.managed || word_of(table, s).is_free())
                     })
                     // Slots kept for predicted contention go last.
                     .min_by_key(|&s| {
