@@ -657,26 +657,10 @@ mod tests {
     fn predictive_prepares_candidates_above_threshold_best_first_within_budget() {
         let mut policy = fixed(0.5);
         let candidates = [
-            Score {
-                key_hash: 1,
-                probability: 0.6,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 2,
-                probability: 0.9,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 3,
-                probability: 0.4,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 4,
-                probability: 0.7,
-                contention: 0.0,
-            },
+            candidate(1, 0.6, 0.0),
+            candidate(2, 0.9, 0.0),
+            candidate(3, 0.4, 0.0),
+            candidate(4, 0.7, 0.0),
         ];
         let mut actions = Vec::new();
         policy.tick(
@@ -722,18 +706,7 @@ mod tests {
             slot(2, 20, 0, Some(10), Some(0.9)),
         ];
         slots[1].held = true;
-        let candidates = [
-            Score {
-                key_hash: 3,
-                probability: 0.8,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 4,
-                probability: 0.37,
-                contention: 0.0,
-            },
-        ];
+        let candidates = [candidate(3, 0.8, 0.0), candidate(4, 0.37, 0.0)];
         let mut actions = Vec::new();
         policy.tick(
             &input(100, 2, &slots, &candidates, &Feedback::default()),
@@ -798,21 +771,9 @@ mod tests {
             slot(2, 20, 0, None, Some(7.0)),
         ];
         let candidates = [
-            Score {
-                key_hash: 3,
-                probability: f32::NAN,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 4,
-                probability: -1.0,
-                contention: 0.0,
-            },
-            Score {
-                key_hash: 5,
-                probability: f32::INFINITY,
-                contention: 0.0,
-            },
+            candidate(3, f32::NAN, 0.0),
+            candidate(4, -1.0, 0.0),
+            candidate(5, f32::INFINITY, 0.0),
         ];
         let mut actions = Vec::new();
         policy.tick(
@@ -869,13 +830,7 @@ mod tests {
             prepares_per_tick_max: 8,
             ..PredictiveConfig::default()
         });
-        let candidates: Vec<Score> = (0..100)
-            .map(|k| Score {
-                key_hash: k,
-                probability: 0.9,
-                contention: 0.0,
-            })
-            .collect();
+        let candidates: Vec<Score> = (0..100).map(|k| candidate(k, 0.9, 0.0)).collect();
         let mut actions = Vec::new();
         let feedback = Feedback::default();
         let mut loaded = input(0, 1000, &[], &candidates, &feedback);
