@@ -7,7 +7,7 @@
 //! tick_ms = 10                # scores are recomputed this often
 //! max_tracked_keys = 1048576  # bound on per-key state (see features.rs for eviction)
 //! activity_window_ms = 30000  # keys idle longer than this are not scored (P taken as 0)
-//! model = "logistic"          # "keep-alive" | "frequency" | "successor" | "logistic"
+//! model = "logistic"          # "keep-alive" | "frequency" | "successor" | "logistic" | "hold-value"
 //! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
 //! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
 //! train_samples_per_tick = 64 # (key, tick) samples per tick, labelled as windows close: to learn (logistic) and to score any model
@@ -33,14 +33,17 @@ pub enum ModelKind {
     Successor,
     /// Online logistic regression over all features, trained as horizon windows close.
     Logistic,
+    /// One logistic regression per hold time; scores the best hits per slot-second.
+    HoldValue,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 4] = [
+    pub const ALL: [ModelKind; 5] = [
         ModelKind::KeepAlive,
         ModelKind::Frequency,
         ModelKind::Successor,
         ModelKind::Logistic,
+        ModelKind::HoldValue,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl ModelKind {
             ModelKind::Frequency => "frequency",
             ModelKind::Successor => "successor",
             ModelKind::Logistic => "logistic",
+            ModelKind::HoldValue => "hold-value",
         }
     }
 

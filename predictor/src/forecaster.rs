@@ -28,6 +28,12 @@ use crate::config::PredictorConfig;
 use crate::features::{FEATURES, FeatureStore};
 use crate::models::{self, Model};
 
+/// Samples waiting for the windows of one label horizon to close.
+struct Stage {
+    horizon_us: u64,
+    queue: VecDeque<Sample>,
+}
+
 struct Sample {
     key_hash: u64,
     at_us: u64,
@@ -77,7 +83,12 @@ pub struct Forecaster {
     probabilities: Vec<f32>,
     /// False between an ingest and the next tick: rows may have moved.
     scores_current: bool,
-    pending: VecDeque<Sample>,
+    /// Samples waiting for their labels, one queue per label horizon of the
+    /// model (ascending); a sample labelled at one goes on to the next.
+    stages: Vec<Stage>,
+    /// The stage whose horizon is the forecaster's: the self-score's.
+    base_stage: usize,
+    /// At most this many samples wait in the first stage.
     pending_max: usize,
     /// Samples labelled and given to the model.
     pub samples_labelled: u64,
@@ -102,15 +113,33 @@ impl Forecaster {
             config.activity_window_ms * 1000,
             config.seed,
         );
-        let ticks_per_horizon = (config.horizon_ms / config.tick_ms + 2) as usize;
-        let pending_max = (ticks_per_horizon * config.train_samples_per_tick).max(1);
+        let stages: Vec<Stage> = model
+            .label_horizons()
+            .iter()
+            .map(|factor| Stage {
+                horizon_us: (config.horizon_us() as f64 * f64::from(*factor)).round() as u64,
+                queue: VecDeque::new(),
+            })
+            .collect();
+        let base_stage = model
+            .label_horizons()
+            .iter()
+            .position(|&factor| factor == 1.0)
+            .expect("a model's label horizons include the horizon itself");
+        assert!(
+            stages.windows(2).all(|w| w[0].horizon_us < w[1].horizon_us),
+            "label horizons ascend"
+        );
+        let ticks_per_horizon = stages[0].horizon_us / config.tick_us() + 2;
+        let pending_max = (ticks_per_horizon as usize * config.train_samples_per_tick).max(1);
         Forecaster {
             config,
             features,
             model,
             probabilities: Vec::new(),
             scores_current: false,
-            pending: VecDeque::with_capacity(pending_max),
+            stages,
+            base_stage,
             pending_max,
             samples_labelled: 0,
             samples_dropped: 0,
@@ -130,14 +159,8 @@ impl Forecaster {
 
     /// Records one request (in time order).
     pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
-        let horizon_us = self.config.horizon_us();
         // Windows (at, at + horizon] with at + horizon < ts_us are complete.
-        while let Some(sample) = self.pending.front() {
-            if sample.at_us + horizon_us >= ts_us {
-                break;
-            }
-            self.label_front();
-        }
+        self.label_closed(ts_us.saturating_sub(1));
         self.features.ingest(ts_us, client, key_hash);
         self.scores_current = false;
     }
@@ -146,21 +169,12 @@ impl Forecaster {
     /// [`Forecaster::ingest`] on each in turn, labelling included, but faster
     /// (the features' memory accesses are prefetched a few events ahead).
     pub fn ingest_batch(&mut self, events: &[(u64, u32, u64)]) {
-        let horizon_us = self.config.horizon_us();
         let mut rest = events;
         while let Some(&(first_us, _, _)) = rest.first() {
             // As `ingest` would before the first event: label the windows closed before it.
-            while let Some(sample) = self.pending.front() {
-                if sample.at_us + horizon_us >= first_us {
-                    break;
-                }
-                self.label_front();
-            }
-            // No sample is due until an event later than the front window's end.
-            let due_after_us = self
-                .pending
-                .front()
-                .map_or(u64::MAX, |sample| sample.at_us + horizon_us);
+            self.label_closed(first_us.saturating_sub(1));
+            // No sample is due until an event later than the first window's end.
+            let due_after_us = self.next_window_end_us();
             let run = rest
                 .iter()
                 .position(|&(ts_us, _, _)| ts_us > due_after_us)
@@ -171,39 +185,63 @@ impl Forecaster {
         }
     }
 
-    fn label_front(&mut self) {
-        let Some(sample) = self.pending.pop_front() else {
-            return;
-        };
-        match self.features.row_of(sample.key_hash) {
-            Some(_) => {
-                let last = self.features.last_request_us(sample.key_hash).unwrap_or(0);
-                let requested = last > sample.at_us;
-                if self.model.learns() {
-                    self.model.learn(&sample.features, requested);
+    /// The end of the earliest window still open, or `u64::MAX` if none.
+    fn next_window_end_us(&self) -> u64 {
+        self.stages
+            .iter()
+            .filter_map(|stage| Some(stage.queue.front()?.at_us + stage.horizon_us))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Labels every sample whose window `(at, at + horizon_k]` ends at or before
+    /// `closed_us`: every event up to then, and none after, has been ingested.
+    fn label_closed(&mut self, closed_us: u64) {
+        // Stage by stage, ascending: a sample labelled at one stage may be due
+        // at the next only if its horizon is no longer, which it is not.
+        for stage_index in 0..self.stages.len() {
+            loop {
+                let stage = &mut self.stages[stage_index];
+                match stage.queue.front() {
+                    Some(sample) if sample.at_us + stage.horizon_us <= closed_us => {}
+                    _ => break,
                 }
-                let baseline = models::frequency_probability(
-                    &sample.features,
-                    BASELINE_SCALE,
-                    self.config.horizon_us(),
-                );
-                self.self_score.add(sample.probability, baseline, requested);
-                self.samples_labelled += 1;
+                let Some(sample) = stage.queue.pop_front() else {
+                    break;
+                };
+                self.label(stage_index, sample);
             }
-            None => self.samples_dropped += 1,
+        }
+    }
+
+    fn label(&mut self, stage: usize, sample: Sample) {
+        if self.features.row_of(sample.key_hash).is_none() {
+            self.samples_dropped += 1;
+            return;
+        }
+        let last = self.features.last_request_us(sample.key_hash).unwrap_or(0);
+        let requested = last > sample.at_us;
+        if self.model.learns() {
+            self.model.learn(stage, &sample.features, requested);
+        }
+        if stage == self.base_stage {
+            let baseline = models::frequency_probability(
+                &sample.features,
+                BASELINE_SCALE,
+                self.config.horizon_us(),
+            );
+            self.self_score.add(sample.probability, baseline, requested);
+            self.samples_labelled += 1;
+        }
+        if let Some(next) = self.stages.get_mut(stage + 1) {
+            next.queue.push_back(sample);
         }
     }
 
     /// Advances to `now_us`: labels closed windows, decays, scores every active key,
     /// and samples keys for training.
     pub fn tick(&mut self, now_us: u64) {
-        let horizon_us = self.config.horizon_us();
-        while let Some(sample) = self.pending.front() {
-            if sample.at_us + horizon_us > now_us {
-                break;
-            }
-            self.label_front();
-        }
+        self.label_closed(now_us);
         self.features.decay_to(now_us);
         let view = self.features.view();
         self.probabilities.clear();
@@ -222,7 +260,7 @@ impl Forecaster {
         // Samples to learn from (if the model learns) and to score it by.
         let now = self.features.decayed_to_us();
         for _ in 0..self.config.train_samples_per_tick {
-            if self.pending.len() >= self.pending_max {
+            if self.stages[0].queue.len() >= self.pending_max {
                 break;
             }
             let Some(row) = self.features.random_active_row() else {
@@ -230,7 +268,7 @@ impl Forecaster {
             };
             let view = self.features.view();
             let features = view.vector(row);
-            self.pending.push_back(Sample {
+            self.stages[0].queue.push_back(Sample {
                 key_hash: view.key_hash[row],
                 at_us: now,
                 features,
@@ -351,7 +389,7 @@ mod tests {
         /// Scores at a tick depend only on events at or before it: changing
         /// everything after a cut changes no score up to the cut.
         #[test]
-        fn scores_never_look_ahead(seed in 1u64..u64::MAX, cut_share in 0.2f64..0.8, model_index in 0usize..4) {
+        fn scores_never_look_ahead(seed in 1u64..u64::MAX, cut_share in 0.2f64..0.8, model_index in 0usize..ModelKind::ALL.len()) {
             let config = config(ModelKind::ALL[model_index]);
             let events = stream(seed, 600, 40);
             let end_us = events.last().unwrap().0 + 1_000_000;
@@ -489,9 +527,62 @@ mod tests {
         assert_eq!(keys, vec![20, 19, 18, 17, 16]);
     }
 
+    /// Runs `events` with a tick every 10 ms up to `end_us`.
+    fn run_to(forecaster: &mut Forecaster, events: &[(u64, u32, u64)], end_us: u64) {
+        let mut next = 0;
+        let mut now = 0;
+        while now <= end_us {
+            while next < events.len() && events[next].0 <= now {
+                forecaster.ingest(events[next].0, events[next].1, events[next].2);
+                next += 1;
+            }
+            forecaster.tick(now);
+            now += 10_000;
+        }
+    }
+
+    #[test]
+    fn the_hold_value_model_keeps_a_key_that_returns_after_the_horizon() {
+        // Key 1 every 3 s, six times the horizon; a new key every 3 s too,
+        // never seen again. 1 s after key 1's last request, neither is due
+        // within 500 ms, and the logistic model sees no difference worth a
+        // slot; the hold-value model's 5 s head does.
+        let mut events = Vec::new();
+        for i in 0..200u64 {
+            events.push((i * 3_000_000, 0, 1));
+            events.push((i * 3_000_000 + 10_000, 1, 100 + i));
+        }
+        let end_us = 199 * 3_000_000 + 1_000_000;
+        let mut hold = Forecaster::new(config(ModelKind::HoldValue));
+        let mut logistic = Forecaster::new(config(ModelKind::Logistic));
+        run_to(&mut hold, &events, end_us);
+        run_to(&mut logistic, &events, end_us);
+        let returning = hold.probability_of(1).unwrap();
+        let one_off = hold.probability_of(100 + 199).unwrap();
+        assert!(
+            returning > 0.1 && returning > 3.0 * one_off,
+            "returning {returning}, one-off {one_off}: {}",
+            hold.model().describe()
+        );
+        let logistic_returning = logistic.probability_of(1).unwrap();
+        assert!(
+            returning > 2.0 * logistic_returning,
+            "hold value {returning} against logistic {logistic_returning}"
+        );
+        // Its self-score is taken at the horizon itself, once per sample.
+        assert_eq!(hold.self_score.samples, hold.samples_labelled);
+        assert!(hold.samples_labelled > 1000);
+    }
+
     #[test]
     fn batched_ingest_labels_and_scores_as_one_by_one_ingest() {
-        let config = config(ModelKind::Logistic);
+        for model in [ModelKind::Logistic, ModelKind::HoldValue] {
+            batched_ingest_matches_one_by_one(model);
+        }
+    }
+
+    fn batched_ingest_matches_one_by_one(model: ModelKind) {
+        let config = config(model);
         let events = stream(99, 4000, 60);
         let mut one_by_one = Forecaster::new(config.clone());
         let mut batched = Forecaster::new(config.clone());

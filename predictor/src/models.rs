@@ -9,8 +9,9 @@
 //! | [`Frequency`] | `1 - exp(-rate * horizon)`: Poisson, with the rate decayed at one scale |
 //! | [`Successor`] | max over keys A requested within the horizon of P(this key within the horizon \| A), decayed |
 //! | [`Logistic`] | online logistic regression over all [`FEATURES`](crate::features::FEATURES) |
+//! | [`HoldValue`] | one such regression per hold time (200 ms ... 5 s); the best hits per slot-second, on the scale of a probability within the horizon |
 //!
-//! Only [`Logistic`] learns, from [`Model::learn`], which the forecaster calls with
+//! Only [`Logistic`] and [`HoldValue`] learn, from [`Model::learn`], which the forecaster calls with
 //! a sample's features once the sample's horizon window has closed: labels come
 //! from the past only.
 
@@ -47,9 +48,15 @@ pub trait Model: Send {
     fn learns(&self) -> bool {
         false
     }
+    /// The horizons the model learns at, as multiples of the forecaster's
+    /// horizon, ascending; one of them is 1. Most models learn (if at all) at
+    /// the horizon only.
+    fn label_horizons(&self) -> &[f32] {
+        &[1.0]
+    }
     /// One labelled sample: the features a key had at some tick, and whether it was
-    /// requested within the horizon after that tick.
-    fn learn(&mut self, _features: &[f32; FEATURES], _requested: bool) {}
+    /// requested within `label_horizons()[head]` times the horizon after that tick.
+    fn learn(&mut self, _head: usize, _features: &[f32; FEATURES], _requested: bool) {}
     /// Human-readable parameters (for reports).
     fn describe(&self) -> String {
         self.kind().name().to_owned()
@@ -67,6 +74,7 @@ pub fn build(config: &PredictorConfig) -> Box<dyn Model> {
         }),
         ModelKind::Successor => Box::new(Successor),
         ModelKind::Logistic => Box::new(Logistic::new(config.learning_rate)),
+        ModelKind::HoldValue => Box::new(HoldValue::new(config.learning_rate)),
     }
 }
 
@@ -220,7 +228,17 @@ impl Model for Logistic {
         }
         logistic_scores(self.weights, self.bias, view, out);
     }
-    fn learn(&mut self, features: &[f32; FEATURES], requested: bool) {
+    fn learn(&mut self, _head: usize, features: &[f32; FEATURES], requested: bool) {
+        self.step(features, requested);
+    }
+    fn describe(&self) -> String {
+        format!("logistic: {}", self.terms())
+    }
+}
+
+impl Logistic {
+    /// One AdaGrad step on one labelled sample.
+    fn step(&mut self, features: &[f32; FEATURES], requested: bool) {
         let label = if requested { 1.0 } else { 0.0 };
         let error = sigmoid(self.logit(features)) - label;
         for ((weight, squares), &feature) in self
@@ -238,13 +256,14 @@ impl Model for Logistic {
         self.samples_learned += 1;
         self.positives_learned += u64::from(requested);
     }
-    fn describe(&self) -> String {
+
+    fn terms(&self) -> String {
         let terms: Vec<String> = FEATURE_NAMES
             .iter()
             .zip(self.weights)
             .map(|(name, weight)| format!("{name} {weight:+.2}"))
             .collect();
-        format!("logistic: bias {:+.2}, {}", self.bias, terms.join(", "))
+        format!("bias {:+.2}, {}", self.bias, terms.join(", "))
     }
 }
 
@@ -276,6 +295,133 @@ unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>
     logistic_scores(weights, bias, view, out);
 }
 
+/// The learned hold value: how many hits per slot-second a slot given to the
+/// key now can expect, at the best of several hold times.
+///
+/// One probability at one horizon serves the allocator's three decisions
+/// (prepare, keep, evict) badly when a key's requests come back after a gap
+/// longer than the horizon: a key used every 3 s is worth keeping if slots
+/// are plentiful for that long, yet its P(within 500 ms) is low. So this
+/// model learns `P_k` = P(requested within `HOLD_HORIZONS[k]` x horizon), one
+/// logistic regression per hold time `H_k` over the same features, and
+/// scores
+///
+/// ```text
+/// score = max_k min(1, P_k * horizon / H_k)
+/// ```
+///
+/// `P_k / H_k` is a lower bound on the hits per slot-second of holding the
+/// key's slot for up to `H_k` (the slot serves `P_k` requests' worth of hits
+/// and costs at most `H_k`), and multiplying by the horizon puts it on the
+/// scale of a probability within the horizon, so that the allocator's
+/// threshold reads as a price: prepare or keep a key while its best hold
+/// earns at least `threshold / horizon` hits per slot-second. At `H = horizon`
+/// the term is the plain logistic model's P; a key whose requests come
+/// sharply within 200 ms scores higher through the short head, and a key that
+/// reliably returns within seconds scores through the long ones.
+///
+/// The score is not a calibrated P(requested within the horizon): Brier
+/// scores and AUC-PR against the 500 ms label judge it as if it were.
+pub struct HoldValue {
+    heads: [Logistic; HOLD_HORIZONS.len()],
+}
+
+/// The hold times of [`HoldValue`], as multiples of the horizon (200 ms, 500
+/// ms, 2 s and 5 s at the default 500 ms).
+pub const HOLD_HORIZONS: [f32; 4] = [0.4, 1.0, 4.0, 10.0];
+
+impl HoldValue {
+    pub fn new(learning_rate: f32) -> HoldValue {
+        HoldValue {
+            heads: std::array::from_fn(|_| Logistic::new(learning_rate)),
+        }
+    }
+
+    fn weights(&self) -> [HeadWeights; HOLD_HORIZONS.len()] {
+        std::array::from_fn(|k| HeadWeights {
+            weights: self.heads[k].weights,
+            bias: self.heads[k].bias,
+            per_horizon: 1.0 / HOLD_HORIZONS[k],
+        })
+    }
+}
+
+/// One head of [`HoldValue`] as the scoring loop needs it.
+#[derive(Clone, Copy)]
+struct HeadWeights {
+    weights: [f32; FEATURES],
+    bias: f32,
+    /// `horizon / H_k`.
+    per_horizon: f32,
+}
+
+impl Model for HoldValue {
+    fn kind(&self) -> ModelKind {
+        ModelKind::HoldValue
+    }
+    fn learns(&self) -> bool {
+        true
+    }
+    fn label_horizons(&self) -> &[f32] {
+        &HOLD_HORIZONS
+    }
+    fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
+        let heads = self.weights();
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: `hold_value_avx2` requires AVX2 and FMA, and the CPU has
+            // both (checked just above).
+            unsafe { hold_value_avx2(&heads, view, out) };
+            return;
+        }
+        hold_value_scores(&heads, view, out);
+    }
+    fn learn(&mut self, head: usize, features: &[f32; FEATURES], requested: bool) {
+        self.heads[head].step(features, requested);
+    }
+    fn describe(&self) -> String {
+        let heads: Vec<String> = self
+            .heads
+            .iter()
+            .zip(HOLD_HORIZONS)
+            .map(|(head, factor)| format!("[x{factor} horizon: {}]", head.terms()))
+            .collect();
+        format!("hold-value: {}", heads.join(" "))
+    }
+}
+
+/// The scoring loop of [`HoldValue`], inlined into each instruction-set variant.
+#[inline(always)]
+fn hold_value_scores(heads: &[HeadWeights], view: &FeatureView<'_>, out: &mut [f32]) {
+    let mut logits = [0.0f32; BLOCK];
+    for_each_block(view, out, FeatureSet::ALL, |block, scores| {
+        let len = scores.len();
+        scores.fill(0.0);
+        for head in heads {
+            let logits = &mut logits[..len];
+            logits.fill(head.bias);
+            for (feature, weight) in block.features.iter().zip(head.weights) {
+                for (z, &x) in logits.iter_mut().zip(&feature[..len]) {
+                    *z += weight * x;
+                }
+            }
+            for (score, &z) in scores.iter_mut().zip(logits.iter()) {
+                *score = score.max((sigmoid(z) * head.per_horizon).min(1.0));
+            }
+        }
+    });
+}
+
+/// [`hold_value_scores`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hold_value_avx2(heads: &[HeadWeights], view: &FeatureView<'_>, out: &mut [f32]) {
+    hold_value_scores(heads, view, out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +434,7 @@ mod tests {
             let on = i % 3 == 0;
             features[8] = if on { 0.9 } else { 0.05 };
             features[3] = (i % 7) as f32 / 7.0; // noise
-            model.learn(&features, on);
+            model.learn(0, &features, on);
         }
         features[8] = 0.9;
         let high = sigmoid(model.logit(&features));
@@ -303,7 +449,7 @@ mod tests {
         let mut model = Logistic::new(0.05);
         let features = [0.5f32; FEATURES];
         for i in 0..50_000 {
-            model.learn(&features, i % 4 == 0);
+            model.learn(0, &features, i % 4 == 0);
         }
         let p = sigmoid(model.logit(&features));
         assert!((p - 0.25).abs() < 0.05, "{p}");

@@ -73,7 +73,7 @@ pub struct ReplayArgs {
     /// Slots the allocator may keep prepared [default: 10% of the trace's distinct keys, at least 64].
     #[arg(long)]
     pub budget: Option<usize>,
-    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic [default: all].
+    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic, hold-value [default: all].
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Fixed thresholds swept for each model (beside the adaptive run).
