@@ -575,6 +575,44 @@ mod tests {
     }
 
     #[test]
+    fn the_hold_value_model_ranks_a_strong_successor_first() {
+        // Every 2 s, client 0 takes 20 leader keys 50 ms apart, each followed
+        // 100 ms later by its follower, which is taken at no other time.
+        // Clients 1-8 take 100 new keys a second, each once. Among the active
+        // keys that uniform training samples draw, a follower within 100 ms
+        // of its leader is rare (about 1 in 300).
+        let mut events = Vec::new();
+        for i in 0..30u64 {
+            for pair in 0..20u64 {
+                let at = i * 2_000_000 + pair * 50_000;
+                events.push((at, 0, 1 + pair));
+                events.push((at + 100_000, 0, 101 + pair));
+            }
+        }
+        events.extend((0..6_000u64).map(|i| (i * 10_000 + 1, 1 + (i % 8) as u32, 1000 + i)));
+        events.sort_by_key(|e| e.0);
+        let leader_at = 29 * 2_000_000 + 19 * 50_000;
+        let mut hold = Forecaster::new(PredictorConfig {
+            max_tracked_keys: 16_384,
+            ..config(ModelKind::HoldValue)
+        });
+        let before: Vec<_> = events
+            .iter()
+            .copied()
+            .filter(|e| e.0 <= leader_at)
+            .collect();
+        run_to(&mut hold, &before, leader_at + 20_000);
+        let (_, scores) = hold.scores().unwrap();
+        let follower = hold.probability_of(120).unwrap();
+        let above = scores.iter().filter(|&&p| p >= follower).count();
+        assert!(
+            follower > 0.3 && above <= 5,
+            "the follower scores {follower}, {above} keys at or above it: {}",
+            hold.model().describe()
+        );
+    }
+
+    #[test]
     fn batched_ingest_labels_and_scores_as_one_by_one_ingest() {
         for model in [ModelKind::Logistic, ModelKind::HoldValue] {
             batched_ingest_matches_one_by_one(model);

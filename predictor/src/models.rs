@@ -9,7 +9,7 @@
 //! | [`Frequency`] | `1 - exp(-rate * horizon)`: Poisson, with the rate decayed at one scale |
 //! | [`Successor`] | max over keys A requested within the horizon of P(this key within the horizon \| A), decayed |
 //! | [`Logistic`] | online logistic regression over all [`FEATURES`](crate::features::FEATURES) |
-//! | [`HoldValue`] | one such regression per hold time (200 ms ... 5 s); the best hits per slot-second, on the scale of a probability within the horizon |
+//! | [`HoldValue`] | per hold time (500 ms, 2 s, 5 s), the highest of such a regression and per-feature calibrated histograms; scores the best hits per slot-second, on the scale of a probability within the horizon |
 //!
 //! Only [`Logistic`] and [`HoldValue`] learn, from [`Model::learn`], which the forecaster calls with
 //! a sample's features once the sample's horizon window has closed: labels come
@@ -298,57 +298,137 @@ unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>
 /// The learned hold value: how many hits per slot-second a slot given to the
 /// key now can expect, at the best of several hold times.
 ///
+/// # Why several hold times
+///
 /// One probability at one horizon serves the allocator's three decisions
 /// (prepare, keep, evict) badly when a key's requests come back after a gap
 /// longer than the horizon: a key used every 3 s is worth keeping if slots
 /// are plentiful for that long, yet its P(within 500 ms) is low. So this
-/// model learns `P_k` = P(requested within `HOLD_HORIZONS[k]` x horizon), one
-/// logistic regression per hold time `H_k` over the same features, and
-/// scores
+/// model estimates `P_k` = P(requested within `H_k`) for the hold times
+/// `H_k` = [`HOLD_HORIZONS`] x horizon (500 ms, 2 s and 5 s at the default
+/// horizon), and scores
 ///
 /// ```text
-/// score = max_k min(1, P_k * horizon / H_k)
+/// score = max_k P_k * horizon / H_k
 /// ```
 ///
 /// `P_k / H_k` is a lower bound on the hits per slot-second of holding the
-/// key's slot for up to `H_k` (the slot serves `P_k` requests' worth of hits
-/// and costs at most `H_k`), and multiplying by the horizon puts it on the
-/// scale of a probability within the horizon, so that the allocator's
-/// threshold reads as a price: prepare or keep a key while its best hold
-/// earns at least `threshold / horizon` hits per slot-second. At `H = horizon`
-/// the term is the plain logistic model's P; a key whose requests come
-/// sharply within 200 ms scores higher through the short head, and a key that
-/// reliably returns within seconds scores through the long ones.
+/// key's slot for up to `H_k` (the slot earns `P_k` hits, on average, and
+/// costs at most `H_k`), and the factor `horizon` puts it on the scale of a
+/// probability within the horizon: the allocator's threshold then reads as a
+/// price, "prepare or keep a key while its best hold earns at least
+/// `threshold / horizon` hits per slot-second". The `H = horizon` term is a
+/// plain P(requested within the horizon).
+///
+/// # Why experts beside the regression
+///
+/// Each `P_k` is the highest of three estimates, each learnt from the same
+/// labelled samples:
+///
+/// - a logistic regression over all [`FEATURES`], as [`Logistic`];
+/// - for each of [`CALIBRATED_FEATURES`] (the successor boost, the 60 s
+///   rate), the share of samples requested within `H_k` among those whose
+///   value of that feature fell in the same sixteenth of [0, 1): a histogram,
+///   calibrated by construction, that no other feature dilutes.
+///
+/// A regression fitted by log-loss over uniformly sampled keys averages a
+/// rare, sharp signal away: on the build trace it gave the successor boost a
+/// negative weight, on the block trace +1, where keys with a strong boost are
+/// requested within the horizon tens of times more often than the rest
+/// (docs/forecasting.md). The histogram keeps what the feature alone says,
+/// and the maximum lets whichever estimate is confident about a key rank it.
+/// A bin with no opinion says 0: the lowest bin (no boost, no recent rate),
+/// and any bin until samples land in it (`positives / (samples + 4)`, shrunk
+/// toward 0).
 ///
 /// The score is not a calibrated P(requested within the horizon): Brier
 /// scores and AUC-PR against the 500 ms label judge it as if it were.
 pub struct HoldValue {
     heads: [Logistic; HOLD_HORIZONS.len()],
+    /// Per hold time, per calibrated feature, per bin: (requested, samples).
+    histograms: [[[(f32, f32); CALIBRATION_BINS]; CALIBRATED_FEATURES.len()]; HOLD_HORIZONS.len()],
 }
 
-/// The hold times of [`HoldValue`], as multiples of the horizon (200 ms, 500
-/// ms, 2 s and 5 s at the default 500 ms).
-pub const HOLD_HORIZONS: [f32; 4] = [0.4, 1.0, 4.0, 10.0];
+/// The hold times of [`HoldValue`], as multiples of the horizon.
+pub const HOLD_HORIZONS: [f32; 3] = [1.0, 4.0, 10.0];
+/// The features [`HoldValue`] also calibrates one by one: the successor
+/// boost and the 60 s rate (indices into [`FEATURE_NAMES`]).
+pub const CALIBRATED_FEATURES: [usize; 2] = [8, 3];
+const CALIBRATION_BINS: usize = 16;
+/// Pseudo-samples labelled "not requested" in each bin: a bin speaks once it
+/// has evidence.
+const CALIBRATION_PRIOR: f32 = 4.0;
+/// A bin's counts are halved when its samples reach this, so that it follows
+/// a drifting workload and stays exact in f32.
+const CALIBRATION_SAMPLES_MAX: f32 = (1 << 20) as f32;
+
+#[inline(always)]
+fn calibration_bin(feature: f32) -> usize {
+    // `as` saturates (NaN and negatives go to 0); features are in [0, 1).
+    ((feature * CALIBRATION_BINS as f32) as usize).min(CALIBRATION_BINS - 1)
+}
 
 impl HoldValue {
     pub fn new(learning_rate: f32) -> HoldValue {
         HoldValue {
             heads: std::array::from_fn(|_| Logistic::new(learning_rate)),
+            histograms: [[[(0.0, 0.0); CALIBRATION_BINS]; CALIBRATED_FEATURES.len()];
+                HOLD_HORIZONS.len()],
         }
     }
 
-    fn weights(&self) -> [HeadWeights; HOLD_HORIZONS.len()] {
-        std::array::from_fn(|k| HeadWeights {
-            weights: self.heads[k].weights,
-            bias: self.heads[k].bias,
-            per_horizon: 1.0 / HOLD_HORIZONS[k],
+    /// P(requested within `H_k`) by bin, per hold time and calibrated feature.
+    fn calibrated(
+        &self,
+    ) -> [[[f32; CALIBRATION_BINS]; CALIBRATED_FEATURES.len()]; HOLD_HORIZONS.len()] {
+        self.histograms.map(|features| {
+            features.map(|bins| {
+                let mut bin = 0;
+                bins.map(|(requested, samples)| {
+                    bin += 1;
+                    if bin == 1 {
+                        0.0
+                    } else {
+                        requested / (samples + CALIBRATION_PRIOR)
+                    }
+                })
+            })
         })
+    }
+
+    /// What the scoring loop needs. The maximum distributes over the heads,
+    /// `max_k c_k max(a_k, b_k) = max(max_k c_k a_k, max_k c_k b_k)` for
+    /// `c_k > 0`, so each calibrated feature needs one table, the best over
+    /// the heads, and one lookup per row.
+    fn scoring(&self) -> Scoring {
+        let calibrated = self.calibrated();
+        Scoring {
+            heads: std::array::from_fn(|k| ScoringHead {
+                weights: self.heads[k].weights,
+                bias: self.heads[k].bias,
+                per_horizon: 1.0 / HOLD_HORIZONS[k],
+            }),
+            tables: std::array::from_fn(|f| {
+                std::array::from_fn(|bin| {
+                    (0..HOLD_HORIZONS.len())
+                        .map(|k| calibrated[k][f][bin] / HOLD_HORIZONS[k])
+                        .fold(0.0, f32::max)
+                })
+            }),
+        }
     }
 }
 
-/// One head of [`HoldValue`] as the scoring loop needs it.
+/// [`HoldValue`] as the scoring loop needs it.
+struct Scoring {
+    heads: [ScoringHead; HOLD_HORIZONS.len()],
+    /// Per calibrated feature, by bin: `max_k P_k(bin) * horizon / H_k`.
+    tables: [[f32; CALIBRATION_BINS]; CALIBRATED_FEATURES.len()],
+}
+
+/// One hold time of [`HoldValue`] as the scoring loop needs it.
 #[derive(Clone, Copy)]
-struct HeadWeights {
+struct ScoringHead {
     weights: [f32; FEATURES],
     bias: f32,
     /// `horizon / H_k`.
@@ -366,25 +446,53 @@ impl Model for HoldValue {
         &HOLD_HORIZONS
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
-        let heads = self.weights();
+        let scoring = self.scoring();
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: `hold_value_avx2` requires AVX2 and FMA, and the CPU has
             // both (checked just above).
-            unsafe { hold_value_avx2(&heads, view, out) };
+            unsafe { hold_value_avx2(&scoring, view, out) };
             return;
         }
-        hold_value_scores(&heads, view, out);
+        hold_value_scores::<false>(&scoring, view, out);
     }
     fn learn(&mut self, head: usize, features: &[f32; FEATURES], requested: bool) {
         self.heads[head].step(features, requested);
+        for (histogram, &feature) in self.histograms[head].iter_mut().zip(&CALIBRATED_FEATURES) {
+            let (positives, samples) = &mut histogram[calibration_bin(features[feature])];
+            *positives += f32::from(u8::from(requested));
+            *samples += 1.0;
+            if *samples >= CALIBRATION_SAMPLES_MAX {
+                *positives *= 0.5;
+                *samples *= 0.5;
+            }
+        }
     }
     fn describe(&self) -> String {
         let heads: Vec<String> = self
-            .heads
+            .calibrated()
             .iter()
+            .zip(&self.heads)
             .zip(HOLD_HORIZONS)
-            .map(|(head, factor)| format!("[x{factor} horizon: {}]", head.terms()))
+            .map(|((calibrated, head), factor)| {
+                let histograms: Vec<String> = CALIBRATED_FEATURES
+                    .iter()
+                    .zip(calibrated)
+                    .map(|(&feature, bins)| {
+                        let bins: Vec<String> = bins.iter().map(|p| format!("{p:.2}")).collect();
+                        format!(
+                            "{} by sixteenths {}",
+                            FEATURE_NAMES[feature],
+                            bins.join(" ")
+                        )
+                    })
+                    .collect();
+                format!(
+                    "[{factor} x horizon: {}; {}]",
+                    head.terms(),
+                    histograms.join("; ")
+                )
+            })
             .collect();
         format!("hold-value: {}", heads.join(" "))
     }
@@ -392,24 +500,123 @@ impl Model for HoldValue {
 
 /// The scoring loop of [`HoldValue`], inlined into each instruction-set variant.
 #[inline(always)]
-fn hold_value_scores(heads: &[HeadWeights], view: &FeatureView<'_>, out: &mut [f32]) {
-    let mut logits = [0.0f32; BLOCK];
-    for_each_block(view, out, FeatureSet::ALL, |block, scores| {
-        let len = scores.len();
-        scores.fill(0.0);
-        for head in heads {
-            let logits = &mut logits[..len];
-            logits.fill(head.bias);
-            for (feature, weight) in block.features.iter().zip(head.weights) {
-                for (z, &x) in logits.iter_mut().zip(&feature[..len]) {
-                    *z += weight * x;
-                }
-            }
-            for (score, &z) in scores.iter_mut().zip(logits.iter()) {
-                *score = score.max((sigmoid(z) * head.per_horizon).min(1.0));
+fn hold_value_scores<const AVX2: bool>(scoring: &Scoring, view: &FeatureView<'_>, out: &mut [f32]) {
+    // Not `for_each_block`: a closure this large is not inlined, and a closure
+    // that is not inlined is compiled for the baseline instruction set, not
+    // for the AVX2 variant that calls it (measured: twice as slow).
+    assert_eq!(out.len(), view.len());
+    let mut block = FeatureBlock::new();
+    let mut logits = [[0.0f32; BLOCK]; HOLD_HORIZONS.len()];
+    for (chunk_index, scores) in out.chunks_mut(BLOCK).enumerate() {
+        view.block_of(chunk_index * BLOCK, &mut block, FeatureSet::ALL);
+        hold_value_block::<AVX2>(scoring, &block, scores, &mut logits);
+    }
+}
+
+/// One block of [`hold_value_scores`].
+#[inline(always)]
+fn hold_value_block<const AVX2: bool>(
+    scoring: &Scoring,
+    block: &FeatureBlock,
+    scores: &mut [f32],
+    logits: &mut [[f32; BLOCK]; HOLD_HORIZONS.len()],
+) {
+    let len = scores.len();
+    // Every head's logits in one pass over the features.
+    for (logits, head) in logits.iter_mut().zip(&scoring.heads) {
+        logits[..len].fill(head.bias);
+    }
+    for (index, feature) in block.features.iter().enumerate() {
+        for (logits, head) in logits.iter_mut().zip(&scoring.heads) {
+            let weight = head.weights[index];
+            for (z, &x) in logits[..len].iter_mut().zip(&feature[..len]) {
+                // One instruction with FMA; a library call without it.
+                *z = if AVX2 {
+                    weight.mul_add(x, *z)
+                } else {
+                    *z + weight * x
+                };
             }
         }
-    });
+    }
+    scores.fill(0.0);
+    for (logits, head) in logits.iter().zip(&scoring.heads) {
+        for (score, &z) in scores.iter_mut().zip(&logits[..len]) {
+            *score = score.max(sigmoid(z) * head.per_horizon);
+        }
+    }
+    for (&feature, table) in CALIBRATED_FEATURES.iter().zip(&scoring.tables) {
+        let values = &block.features[feature][..len];
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: `AVX2` is true only in `hold_value_avx2`, which runs
+            // only on a CPU with AVX2 (its caller checks).
+            unsafe { calibrated_max_avx2(scores, values, table) };
+            continue;
+        }
+        calibrated_max(scores, values, table);
+    }
+}
+
+/// `score = max(score, table[calibration_bin(value)])` for each row.
+#[inline(always)]
+fn calibrated_max(scores: &mut [f32], values: &[f32], table: &[f32; CALIBRATION_BINS]) {
+    for (score, &x) in scores.iter_mut().zip(values) {
+        *score = score.max(table[calibration_bin(x)]);
+    }
+}
+
+/// [`calibrated_max`] eight rows at a time: the table's 16 entries are two
+/// registers, and a lookup is two in-register permutes and a blend (the
+/// scalar loop's lookups cost as much as two more heads; a gather is slower
+/// than the permutes on the CPUs we run on). Gives exactly the scalar
+/// results, for every input (a test compares them).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn calibrated_max_avx2(scores: &mut [f32], values: &[f32], table: &[f32; CALIBRATION_BINS]) {
+    use std::arch::x86_64::{
+        __m256, _mm256_blendv_ps, _mm256_castsi256_ps, _mm256_cmpgt_epi32, _mm256_cvttps_epi32,
+        _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_permutevar8x32_ps,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    const _: () = assert!(CALIBRATION_BINS == 16, "two registers of eight entries");
+    let load = |eight: &[f32]| -> __m256 {
+        assert_eq!(eight.len(), 8);
+        // SAFETY: `eight` is 8 readable f32s (checked just above); loadu
+        // has no alignment requirement.
+        unsafe { _mm256_loadu_ps(eight.as_ptr()) }
+    };
+    let (low, high) = (load(&table[..8]), load(&table[8..]));
+    let bins = _mm256_set1_ps(CALIBRATION_BINS as f32);
+    let last = _mm256_set1_ps((CALIBRATION_BINS - 1) as f32);
+    let seven = _mm256_set1_epi32(7);
+    let mut score_chunks = scores.chunks_exact_mut(8);
+    let mut value_chunks = values.chunks_exact(8);
+    for (score_chunk, value_chunk) in (&mut score_chunks).zip(&mut value_chunks) {
+        // As `calibration_bin`: clamp to [0, 15] first (maxps returns its
+        // second operand, 0, for a NaN), then truncate.
+        let scaled = _mm256_mul_ps(load(value_chunk), bins);
+        let bin = _mm256_cvttps_epi32(_mm256_min_ps(
+            _mm256_max_ps(scaled, _mm256_setzero_ps()),
+            last,
+        ));
+        // permutevar8x32 reads the low 3 bits of each index.
+        let from_low = _mm256_permutevar8x32_ps(low, bin);
+        let from_high = _mm256_permutevar8x32_ps(high, bin);
+        let in_high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bin, seven));
+        let looked_up = _mm256_blendv_ps(from_low, from_high, in_high);
+        let best = _mm256_max_ps(load(score_chunk), looked_up);
+        // SAFETY: `score_chunk` is 8 writable f32s (`chunks_exact_mut(8)`).
+        unsafe { _mm256_storeu_ps(score_chunk.as_mut_ptr(), best) };
+    }
+    calibrated_max(
+        score_chunks.into_remainder(),
+        value_chunks.remainder(),
+        table,
+    );
 }
 
 /// [`hold_value_scores`] compiled for AVX2 + FMA.
@@ -418,8 +625,8 @@ fn hold_value_scores(heads: &[HeadWeights], view: &FeatureView<'_>, out: &mut [f
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hold_value_avx2(heads: &[HeadWeights], view: &FeatureView<'_>, out: &mut [f32]) {
-    hold_value_scores(heads, view, out);
+unsafe fn hold_value_avx2(scoring: &Scoring, view: &FeatureView<'_>, out: &mut [f32]) {
+    hold_value_scores::<true>(scoring, view, out);
 }
 
 #[cfg(test)]
@@ -442,6 +649,71 @@ mod tests {
         let low = sigmoid(model.logit(&features));
         assert!(high > 0.8 && low < 0.2, "high {high} low {low}");
         assert!(model.describe().contains("successor"));
+    }
+
+    #[test]
+    fn hold_value_histograms_estimate_each_bin_and_say_nothing_below_the_first() {
+        assert_eq!(FEATURE_NAMES[CALIBRATED_FEATURES[0]], "successor");
+        assert_eq!(FEATURE_NAMES[CALIBRATED_FEATURES[1]], "rate_60s");
+        let mut model = HoldValue::new(0.3);
+        let mut features = [0.0f32; FEATURES];
+        for i in 0..(3 << 20) {
+            // Strong boost: requested half the time; no boost: 1 in 8.
+            features[8] = if i % 2 == 0 { 0.97 } else { 0.01 };
+            let requested = if i % 2 == 0 { i % 4 == 0 } else { i % 16 == 1 };
+            model.learn(1, &features, requested);
+        }
+        let calibrated = model.calibrated();
+        let successor = &calibrated[1][0];
+        assert!((successor[15] - 0.5).abs() < 0.01, "{successor:?}");
+        assert_eq!(successor[0], 0.0, "the lowest bin has no opinion");
+        assert_eq!(successor[7], 0.0, "a bin without samples has none either");
+        assert!(
+            calibrated[0][0].iter().all(|&p| p == 0.0),
+            "other heads untouched"
+        );
+        // Scored through the table of the best head: the second, at 1/4.
+        let table = model.scoring().tables[0];
+        assert_eq!(table[15], successor[15] / HOLD_HORIZONS[1]);
+        // Counts were halved on the way (3M samples per bin would not fit the
+        // cap): the estimate is a ratio and survives.
+        assert!(model.histograms[1][0][15].1 < CALIBRATION_SAMPLES_MAX);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_lookup_gives_exactly_the_scalar_results() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let table: [f32; CALIBRATION_BINS] =
+            std::array::from_fn(|bin| (bin * 7 % 16) as f32 / 16.0);
+        let mut values = vec![
+            f32::NAN,
+            -1.0,
+            -0.0,
+            0.0,
+            1.0,
+            16.0,
+            1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.999_999,
+        ];
+        values.extend((0..=64).map(|i| i as f32 / 64.0)); // every bin edge
+        values.extend((0..1000).map(|i| ((i * 7919) % 1000) as f32 / 997.0));
+        for start in 0..8 {
+            // Every remainder length, and scores both below and above the table.
+            let values = &values[start..];
+            let scores: Vec<f32> = (0..values.len()).map(|i| (i % 5) as f32 / 4.0).collect();
+            let mut scalar = scores.clone();
+            let mut avx2 = scores.clone();
+            calibrated_max(&mut scalar, values, &table);
+            // SAFETY: the CPU has AVX2 (checked at the top).
+            unsafe { calibrated_max_avx2(&mut avx2, values, &table) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&scalar), bits(&avx2), "from {start}");
+        }
     }
 
     #[test]
