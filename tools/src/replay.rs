@@ -77,7 +77,7 @@ pub struct ReplayArgs {
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Fixed thresholds swept for each model (beside the adaptive run).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.7f32, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.7f32, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005])]
     pub thresholds: Vec<f32>,
     /// Keep-alive times (ms) swept for the no-prediction baseline; the first is the headline one.
     #[arg(long, value_delimiter = ',', default_values_t = [500u64, 100, 250, 1000, 2000, 5000, 15000])]
