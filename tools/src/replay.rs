@@ -1134,16 +1134,38 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
     } else {
         builder.x_label_area_size(10).y_label_area_size(10);
     }
-    let mut chart = builder.build_cartesian_2d(0.0f64..1.0, 0.0f64..1.0)?;
+    // Log-scaled waste: the traces' interesting points lie between 0.001 and
+    // 1 (cloudphysics keeps its budget nearly empty, build-strace-a full).
+    let waste_floor = report
+        .runs
+        .iter()
+        .map(|run| run.waste_per_budget)
+        .chain(report.equal_waste_levels.iter().copied())
+        .filter(|&waste| waste > 0.0)
+        .fold(1.0f64, f64::min)
+        * 0.5;
+    let at = |waste: f64| waste.clamp(waste_floor, 1.0);
+    let mut chart = builder.build_cartesian_2d((waste_floor..1.0).log_scale(), 0.0f64..1.0)?;
     {
         let mut mesh = chart.configure_mesh();
         if with_text {
-            mesh.x_desc("waste per budget: slot-seconds that served nothing / (budget x duration)")
-                .y_desc("hit rate, requests for seen-before keys");
+            mesh.x_desc(
+                "waste per budget: slot-seconds that served nothing / (budget x duration); \
+                 log scale; dashed: 1, 2, 4, 10 x no prediction's",
+            )
+            .y_desc("hit rate, requests for seen-before keys");
         } else {
             mesh.x_labels(0).y_labels(0);
         }
         mesh.draw()?;
+    }
+    for &level in &report.equal_waste_levels {
+        chart.draw_series(DashedLineSeries::new(
+            [(at(level), 0.0), (at(level), 1.0)],
+            6,
+            4,
+            RGBColor(150, 150, 150).stroke_width(1),
+        ))?;
     }
     let colors = [
         RGBColor(200, 0, 0),
@@ -1174,10 +1196,7 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
                     || run.keep_alive_ms.map_or(0.0, |ms| ms as f64),
                     |t| -f64::from(t),
                 );
-                (
-                    order,
-                    (run.waste_per_budget.min(1.0), run.hit_rate_seen_before),
-                )
+                (order, (at(run.waste_per_budget), run.hit_rate_seen_before))
             })
             .collect();
         sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -1199,13 +1218,10 @@ pub fn plot(report: &ReplayReport, path: &Path) -> anyhow::Result<()> {
             .runs
             .iter()
             .filter(|run| run.policy == *policy && run.setting == "adaptive")
-            .map(|run| (run.waste_per_budget.min(1.0), run.hit_rate_seen_before))
+            .map(|run| (at(run.waste_per_budget), run.hit_rate_seen_before))
             .collect();
-        chart.draw_series(adaptive.iter().map(|&(x, y)| {
-            Rectangle::new(
-                [(x - 0.008, y - 0.012), (x + 0.008, y + 0.012)],
-                color.stroke_width(2),
-            )
+        chart.draw_series(adaptive.iter().map(|&point| {
+            EmptyElement::at(point) + Rectangle::new([(-6, -6), (6, 6)], color.stroke_width(2))
         }))?;
     }
     if with_text {
