@@ -7,11 +7,11 @@
 //! tick_ms = 10                # scores are recomputed this often
 //! max_tracked_keys = 1048576  # bound on per-key state (see features.rs for eviction)
 //! activity_window_ms = 30000  # keys idle longer than this are not scored (P taken as 0)
-//! model = "logistic"          # "keep-alive" | "frequency" | "successor" | "logistic" | "hold-value"
+//! model = "hold-value"        # "keep-alive" | "frequency" | "successor" | "logistic" | "hold-value"
 //! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
 //! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
-//! train_samples_per_tick = 64 # (key, tick) samples per tick, labelled as windows close: to learn (logistic) and to score any model
-//! learning_rate = 0.3         # logistic model: AdaGrad step
+//! train_samples_per_tick = 64 # (key, tick) samples per tick, labelled as windows close: to learn (logistic, hold-value) and to score any model
+//! learning_rate = 0.3         # logistic and hold-value models: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written
 //! contention_max_keys = 4096  # bound on keys tracked for P(contended) (see contention.rs)
@@ -88,7 +88,7 @@ impl Default for PredictorConfig {
             tick_ms: 10,
             max_tracked_keys: 1 << 20,
             activity_window_ms: 30_000,
-            model: ModelKind::Logistic,
+            model: ModelKind::HoldValue,
             keep_alive_ms: 500,
             frequency_scale: 2,
             train_samples_per_tick: 64,

@@ -5,7 +5,8 @@
 //! the same code: [`trace`] reads recorded lock traces, [`features`] keeps
 //! per-key multi-scale features in ndarray arrays over a bounded key set,
 //! [`models`] is the ladder of models (keep-alive, decayed frequency, successor
-//! table, online logistic regression), and [`forecaster`] ties them together
+//! table, online logistic regression, and the default: hold value, the best
+//! hits per slot-second over several hold times), and [`forecaster`] ties them together
 //! and trains the learned model as each horizon window closes. [`contention`]
 //! estimates, apart from all that, P(a key is contended within the horizon).
 //!
