@@ -20,7 +20,10 @@
 //! keeps the probability the model wrote for its key at its tick, before its
 //! label existed, and the probability the decayed-frequency baseline (5 s
 //! scale) gives the same features; when the label comes, both Brier scores
-//! are updated. Every model samples for this, learning or not.
+//! are updated. Every model samples for this, learning or not. The
+//! hold-value model's score is a price, not a probability: it is judged by
+//! its own estimate of P(requested within the horizon), the one of its
+//! head at the horizon.
 
 use std::collections::VecDeque;
 
@@ -38,7 +41,9 @@ struct Sample {
     key_hash: u64,
     at_us: u64,
     features: [f32; FEATURES],
-    /// The model's probability for the key at `at_us`, as written.
+    /// The model's P(requested within the horizon) for the key at `at_us`:
+    /// the score it wrote, or for a model whose score is not that
+    /// probability, [`Model::horizon_probability`].
     probability: f32,
 }
 
@@ -268,11 +273,15 @@ impl Forecaster {
             };
             let view = self.features.view();
             let features = view.vector(row);
+            let probability = self
+                .model
+                .horizon_probability(&features)
+                .unwrap_or(self.probabilities[row]);
             self.stages[0].queue.push_back(Sample {
                 key_hash: view.key_hash[row],
                 at_us: now,
                 features,
-                probability: self.probabilities[row],
+                probability,
             });
         }
     }
@@ -569,9 +578,12 @@ mod tests {
             returning > 2.0 * logistic_returning,
             "hold value {returning} against logistic {logistic_returning}"
         );
-        // Its self-score is taken at the horizon itself, once per sample.
-        assert_eq!(hold.self_score.samples, hold.samples_labelled);
+        // Its self-score is taken at the horizon itself, once per sample, on
+        // its estimate of P(within the horizon), and beats the baseline's.
+        let score = hold.self_score;
+        assert_eq!(score.samples, hold.samples_labelled);
         assert!(hold.samples_labelled > 1000);
+        assert!(score.brier < score.brier_baseline, "{score:?}");
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub trait Model: Send {
     /// One labelled sample: the features a key had at some tick, and whether it was
     /// requested within `label_horizons()[head]` times the horizon after that tick.
     fn learn(&mut self, _head: usize, _features: &[f32; FEATURES], _requested: bool) {}
+    /// P(requested within the horizon) for one feature vector, for a model
+    /// whose score is not that probability ([`HoldValue`]); `None` when the
+    /// score is. The forecaster scores itself by it ([`crate::forecaster::SelfScore`]).
+    fn horizon_probability(&self, _features: &[f32; FEATURES]) -> Option<f32> {
+        None
+    }
     /// Human-readable parameters (for reports).
     fn describe(&self) -> String {
         self.kind().name().to_owned()
@@ -455,6 +461,20 @@ impl Model for HoldValue {
             return;
         }
         hold_value_scores::<false>(&scoring, view, out);
+    }
+    fn horizon_probability(&self, features: &[f32; FEATURES]) -> Option<f32> {
+        // The head at the horizon itself (factor 1), as the scoring loop
+        // computes it.
+        let head = HOLD_HORIZONS.iter().position(|&factor| factor == 1.0)?;
+        let calibrated = self.calibrated();
+        let regression = sigmoid(self.heads[head].logit(features));
+        Some(
+            CALIBRATED_FEATURES
+                .iter()
+                .zip(&calibrated[head])
+                .map(|(&feature, bins)| bins[calibration_bin(features[feature])])
+                .fold(regression, f32::max),
+        )
     }
     fn learn(&mut self, head: usize, features: &[f32; FEATURES], requested: bool) {
         self.heads[head].step(features, requested);
