@@ -332,10 +332,10 @@ unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>
 /// labelled samples:
 ///
 /// - a logistic regression over all [`FEATURES`], as [`Logistic`];
-/// - for each of [`CALIBRATED_FEATURES`] (the successor boost, the 60 s
-///   rate), the share of samples requested within `H_k` among those whose
-///   value of that feature fell in the same sixteenth of [0, 1): a histogram,
-///   calibrated by construction, that no other feature dilutes.
+/// - for each of [`HISTOGRAMS`] (the successor boost; the 60 s rate by the
+///   time since the last request), the share of samples requested within
+///   `H_k` among those whose values fell in the same bin: calibrated by
+///   construction, and no other feature dilutes it.
 ///
 /// A regression fitted by log-loss over uniformly sampled keys averages a
 /// rare, sharp signal away: on the build trace it gave the successor boost a
@@ -343,23 +343,45 @@ unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>
 /// requested within the horizon tens of times more often than the rest
 /// (docs/forecasting.md). The histogram keeps what the feature alone says,
 /// and the maximum lets whichever estimate is confident about a key rank it.
-/// A bin with no opinion says 0: the lowest bin (no boost, no recent rate),
-/// and any bin until samples land in it (`positives / (samples + 4)`, shrunk
-/// toward 0).
+/// A bin with no opinion says 0: the lowest level of the first feature (no
+/// boost, no recent rate), and any bin until samples land in it
+/// (`positives / (samples + 4)`, shrunk toward 0).
 ///
 /// The score is not a calibrated P(requested within the horizon): Brier
 /// scores and AUC-PR against the 500 ms label judge it as if it were.
 pub struct HoldValue {
     heads: [Logistic; HOLD_HORIZONS.len()],
     /// Per hold time, per calibrated feature, per bin: (requested, samples).
-    histograms: [[[(f32, f32); CALIBRATION_BINS]; CALIBRATED_FEATURES.len()]; HOLD_HORIZONS.len()],
+    histograms: [[[(f32, f32); CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()],
 }
 
 /// The hold times of [`HoldValue`], as multiples of the horizon.
 pub const HOLD_HORIZONS: [f32; 3] = [1.0, 4.0, 10.0];
-/// The features [`HoldValue`] also calibrates one by one: the successor
-/// boost and the 60 s rate (indices into [`FEATURE_NAMES`]).
-pub const CALIBRATED_FEATURES: [usize; 2] = [8, 3];
+
+/// A calibrated histogram of [`HoldValue`]: 16 bins over one feature, or
+/// 4 x 4 over two (the first feature's quarter, then the second's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Histogram {
+    /// Index into [`FEATURE_NAMES`].
+    pub feature: usize,
+    pub by: Option<usize>,
+}
+
+/// The histograms of [`HoldValue`]: the successor boost (which fades by
+/// itself once its prediction is past), and the 60 s rate by the time since
+/// the last request on the 5 s scale (a key used a thousand times in the
+/// last minute and then not at all for ten seconds has stopped, and the rate
+/// alone would not say so for a minute).
+pub const HISTOGRAMS: [Histogram; 2] = [
+    Histogram {
+        feature: 8,
+        by: None,
+    },
+    Histogram {
+        feature: 3,
+        by: Some(6),
+    },
+];
 const CALIBRATION_BINS: usize = 16;
 /// Pseudo-samples labelled "not requested" in each bin: a bin speaks once it
 /// has evidence.
@@ -368,31 +390,66 @@ const CALIBRATION_PRIOR: f32 = 4.0;
 /// a drifting workload and stays exact in f32.
 const CALIBRATION_SAMPLES_MAX: f32 = (1 << 20) as f32;
 
+/// Which of `levels` equal parts of [0, 1) `value` falls in (NaN and
+/// negatives in the first, 1 and more in the last).
 #[inline(always)]
-fn calibration_bin(feature: f32) -> usize {
-    // `as` saturates (NaN and negatives go to 0); features are in [0, 1).
-    ((feature * CALIBRATION_BINS as f32) as usize).min(CALIBRATION_BINS - 1)
+fn quantize(value: f32, levels: usize) -> usize {
+    // `as` saturates (NaN and negatives go to 0).
+    ((value * levels as f32) as usize).min(levels - 1)
+}
+
+impl Histogram {
+    /// The bin of a row whose features are `x` (`feature`) and `y` (`by`;
+    /// ignored without one).
+    #[inline(always)]
+    fn bin(self, x: f32, y: f32) -> usize {
+        match self.by {
+            None => quantize(x, CALIBRATION_BINS),
+            Some(_) => quantize(x, 4) * 4 + quantize(y, 4),
+        }
+    }
+
+    fn bin_of(self, features: &[f32; FEATURES]) -> usize {
+        self.bin(
+            features[self.feature],
+            features[self.by.unwrap_or(self.feature)],
+        )
+    }
+
+    /// Bins below this have no opinion: the first feature at its lowest level
+    /// (no boost, no recent rate).
+    fn first_opinion_bin(self) -> usize {
+        if self.by.is_none() { 1 } else { 4 }
+    }
+
+    fn describe(self) -> String {
+        match self.by {
+            None => format!("{} by sixteenths", FEATURE_NAMES[self.feature]),
+            Some(by) => format!(
+                "{} by quarters x {} by quarters",
+                FEATURE_NAMES[self.feature], FEATURE_NAMES[by]
+            ),
+        }
+    }
 }
 
 impl HoldValue {
     pub fn new(learning_rate: f32) -> HoldValue {
         HoldValue {
             heads: std::array::from_fn(|_| Logistic::new(learning_rate)),
-            histograms: [[[(0.0, 0.0); CALIBRATION_BINS]; CALIBRATED_FEATURES.len()];
-                HOLD_HORIZONS.len()],
+            histograms: [[[(0.0, 0.0); CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()],
         }
     }
 
     /// P(requested within `H_k`) by bin, per hold time and calibrated feature.
-    fn calibrated(
-        &self,
-    ) -> [[[f32; CALIBRATION_BINS]; CALIBRATED_FEATURES.len()]; HOLD_HORIZONS.len()] {
-        self.histograms.map(|features| {
-            features.map(|bins| {
-                let mut bin = 0;
-                bins.map(|(requested, samples)| {
-                    bin += 1;
-                    if bin == 1 {
+    /// P(requested within `H_k`) by bin, per hold time and histogram.
+    fn calibrated(&self) -> [[[f32; CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()] {
+        self.histograms.map(|histograms| {
+            std::array::from_fn(|h| {
+                let first = HISTOGRAMS[h].first_opinion_bin();
+                std::array::from_fn(|bin| {
+                    let (requested, samples) = histograms[h][bin];
+                    if bin < first {
                         0.0
                     } else {
                         requested / (samples + CALIBRATION_PRIOR)
@@ -404,8 +461,8 @@ impl HoldValue {
 
     /// What the scoring loop needs. The maximum distributes over the heads,
     /// `max_k c_k max(a_k, b_k) = max(max_k c_k a_k, max_k c_k b_k)` for
-    /// `c_k > 0`, so each calibrated feature needs one table, the best over
-    /// the heads, and one lookup per row.
+    /// `c_k > 0`, so each histogram needs one table, the best over the
+    /// heads, and one lookup per row.
     fn scoring(&self) -> Scoring {
         let calibrated = self.calibrated();
         Scoring {
@@ -428,8 +485,8 @@ impl HoldValue {
 /// [`HoldValue`] as the scoring loop needs it.
 struct Scoring {
     heads: [ScoringHead; HOLD_HORIZONS.len()],
-    /// Per calibrated feature, by bin: `max_k P_k(bin) * horizon / H_k`.
-    tables: [[f32; CALIBRATION_BINS]; CALIBRATED_FEATURES.len()],
+    /// Per histogram, by bin: `max_k P_k(bin) * horizon / H_k`.
+    tables: [[f32; CALIBRATION_BINS]; HISTOGRAMS.len()],
 }
 
 /// One hold time of [`HoldValue`] as the scoring loop needs it.
@@ -469,17 +526,17 @@ impl Model for HoldValue {
         let calibrated = self.calibrated();
         let regression = sigmoid(self.heads[head].logit(features));
         Some(
-            CALIBRATED_FEATURES
+            HISTOGRAMS
                 .iter()
                 .zip(&calibrated[head])
-                .map(|(&feature, bins)| bins[calibration_bin(features[feature])])
+                .map(|(histogram, bins)| bins[histogram.bin_of(features)])
                 .fold(regression, f32::max),
         )
     }
     fn learn(&mut self, head: usize, features: &[f32; FEATURES], requested: bool) {
         self.heads[head].step(features, requested);
-        for (histogram, &feature) in self.histograms[head].iter_mut().zip(&CALIBRATED_FEATURES) {
-            let (positives, samples) = &mut histogram[calibration_bin(features[feature])];
+        for (bins, histogram) in self.histograms[head].iter_mut().zip(&HISTOGRAMS) {
+            let (positives, samples) = &mut bins[histogram.bin_of(features)];
             *positives += f32::from(u8::from(requested));
             *samples += 1.0;
             if *samples >= CALIBRATION_SAMPLES_MAX {
@@ -495,16 +552,12 @@ impl Model for HoldValue {
             .zip(&self.heads)
             .zip(HOLD_HORIZONS)
             .map(|((calibrated, head), factor)| {
-                let histograms: Vec<String> = CALIBRATED_FEATURES
+                let histograms: Vec<String> = HISTOGRAMS
                     .iter()
                     .zip(calibrated)
-                    .map(|(&feature, bins)| {
+                    .map(|(histogram, bins)| {
                         let bins: Vec<String> = bins.iter().map(|p| format!("{p:.2}")).collect();
-                        format!(
-                            "{} by sixteenths {}",
-                            FEATURE_NAMES[feature],
-                            bins.join(" ")
-                        )
+                        format!("{} {}", histogram.describe(), bins.join(" "))
                     })
                     .collect();
                 format!(
@@ -565,24 +618,31 @@ fn hold_value_block<const AVX2: bool>(
             *score = score.max(sigmoid(z) * head.per_horizon);
         }
     }
-    for (&feature, table) in CALIBRATED_FEATURES.iter().zip(&scoring.tables) {
-        let values = &block.features[feature][..len];
+    for (&histogram, table) in HISTOGRAMS.iter().zip(&scoring.tables) {
+        let xs = &block.features[histogram.feature][..len];
+        let ys = &block.features[histogram.by.unwrap_or(histogram.feature)][..len];
         #[cfg(target_arch = "x86_64")]
         if AVX2 {
             // SAFETY: `AVX2` is true only in `hold_value_avx2`, which runs
             // only on a CPU with AVX2 (its caller checks).
-            unsafe { calibrated_max_avx2(scores, values, table) };
+            unsafe { calibrated_max_avx2(histogram, scores, xs, ys, table) };
             continue;
         }
-        calibrated_max(scores, values, table);
+        calibrated_max(histogram, scores, xs, ys, table);
     }
 }
 
-/// `score = max(score, table[calibration_bin(value)])` for each row.
+/// `score = max(score, table[histogram.bin(x, y)])` for each row.
 #[inline(always)]
-fn calibrated_max(scores: &mut [f32], values: &[f32], table: &[f32; CALIBRATION_BINS]) {
-    for (score, &x) in scores.iter_mut().zip(values) {
-        *score = score.max(table[calibration_bin(x)]);
+fn calibrated_max(
+    histogram: Histogram,
+    scores: &mut [f32],
+    xs: &[f32],
+    ys: &[f32],
+    table: &[f32; CALIBRATION_BINS],
+) {
+    for ((score, &x), &y) in scores.iter_mut().zip(xs).zip(ys) {
+        *score = score.max(table[histogram.bin(x, y)]);
     }
 }
 
@@ -596,11 +656,18 @@ fn calibrated_max(scores: &mut [f32], values: &[f32], table: &[f32; CALIBRATION_
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn calibrated_max_avx2(scores: &mut [f32], values: &[f32], table: &[f32; CALIBRATION_BINS]) {
+unsafe fn calibrated_max_avx2(
+    histogram: Histogram,
+    scores: &mut [f32],
+    xs: &[f32],
+    ys: &[f32],
+    table: &[f32; CALIBRATION_BINS],
+) {
     use std::arch::x86_64::{
-        __m256, _mm256_blendv_ps, _mm256_castsi256_ps, _mm256_cmpgt_epi32, _mm256_cvttps_epi32,
-        _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_permutevar8x32_ps,
-        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        __m256, __m256i, _mm256_add_epi32, _mm256_blendv_ps, _mm256_castsi256_ps,
+        _mm256_cmpgt_epi32, _mm256_cvttps_epi32, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_mul_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi32, _mm256_set1_ps,
+        _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
     };
     const _: () = assert!(CALIBRATION_BINS == 16, "two registers of eight entries");
     let load = |eight: &[f32]| -> __m256 {
@@ -609,20 +676,34 @@ unsafe fn calibrated_max_avx2(scores: &mut [f32], values: &[f32], table: &[f32; 
         // has no alignment requirement.
         unsafe { _mm256_loadu_ps(eight.as_ptr()) }
     };
-    let (low, high) = (load(&table[..8]), load(&table[8..]));
-    let bins = _mm256_set1_ps(CALIBRATION_BINS as f32);
-    let last = _mm256_set1_ps((CALIBRATION_BINS - 1) as f32);
-    let seven = _mm256_set1_epi32(7);
-    let mut score_chunks = scores.chunks_exact_mut(8);
-    let mut value_chunks = values.chunks_exact(8);
-    for (score_chunk, value_chunk) in (&mut score_chunks).zip(&mut value_chunks) {
-        // As `calibration_bin`: clamp to [0, 15] first (maxps returns its
-        // second operand, 0, for a NaN), then truncate.
-        let scaled = _mm256_mul_ps(load(value_chunk), bins);
-        let bin = _mm256_cvttps_epi32(_mm256_min_ps(
+    // As `quantize`: clamp to [0, levels - 1] first (maxps returns its
+    // second operand, 0, for a NaN), then truncate.
+    let quantize = |values: __m256, levels: f32| -> __m256i {
+        let scaled = _mm256_mul_ps(values, _mm256_set1_ps(levels));
+        let clamped = _mm256_min_ps(
             _mm256_max_ps(scaled, _mm256_setzero_ps()),
-            last,
-        ));
+            _mm256_set1_ps(levels - 1.0),
+        );
+        _mm256_cvttps_epi32(clamped)
+    };
+    let (low, high) = (load(&table[..8]), load(&table[8..]));
+    let seven = _mm256_set1_epi32(7);
+    let rows = scores.len().min(xs.len()).min(ys.len());
+    let (scores, tail_scores) = scores[..rows].split_at_mut(rows / 8 * 8);
+    let (xs, tail_xs) = xs[..rows].split_at(rows / 8 * 8);
+    let (ys, tail_ys) = ys[..rows].split_at(rows / 8 * 8);
+    for ((score_chunk, x_chunk), y_chunk) in scores
+        .chunks_exact_mut(8)
+        .zip(xs.chunks_exact(8))
+        .zip(ys.chunks_exact(8))
+    {
+        let bin = match histogram.by {
+            None => quantize(load(x_chunk), CALIBRATION_BINS as f32),
+            Some(_) => _mm256_add_epi32(
+                _mm256_slli_epi32::<2>(quantize(load(x_chunk), 4.0)),
+                quantize(load(y_chunk), 4.0),
+            ),
+        };
         // permutevar8x32 reads the low 3 bits of each index.
         let from_low = _mm256_permutevar8x32_ps(low, bin);
         let from_high = _mm256_permutevar8x32_ps(high, bin);
@@ -632,11 +713,7 @@ unsafe fn calibrated_max_avx2(scores: &mut [f32], values: &[f32], table: &[f32; 
         // SAFETY: `score_chunk` is 8 writable f32s (`chunks_exact_mut(8)`).
         unsafe { _mm256_storeu_ps(score_chunk.as_mut_ptr(), best) };
     }
-    calibrated_max(
-        score_chunks.into_remainder(),
-        value_chunks.remainder(),
-        table,
-    );
+    calibrated_max(histogram, tail_scores, tail_xs, tail_ys, table);
 }
 
 /// [`hold_value_scores`] compiled for AVX2 + FMA.
@@ -673,8 +750,12 @@ mod tests {
 
     #[test]
     fn hold_value_histograms_estimate_each_bin_and_say_nothing_below_the_first() {
-        assert_eq!(FEATURE_NAMES[CALIBRATED_FEATURES[0]], "successor");
-        assert_eq!(FEATURE_NAMES[CALIBRATED_FEATURES[1]], "rate_60s");
+        assert_eq!(FEATURE_NAMES[HISTOGRAMS[0].feature], "successor");
+        assert_eq!(FEATURE_NAMES[HISTOGRAMS[1].feature], "rate_60s");
+        assert_eq!(
+            HISTOGRAMS[1].by.map(|by| FEATURE_NAMES[by]),
+            Some("recency_5s")
+        );
         let mut model = HoldValue::new(0.3);
         let mut features = [0.0f32; FEATURES];
         for i in 0..(3 << 20) {
@@ -722,17 +803,21 @@ mod tests {
         ];
         values.extend((0..=64).map(|i| i as f32 / 64.0)); // every bin edge
         values.extend((0..1000).map(|i| ((i * 7919) % 1000) as f32 / 997.0));
-        for start in 0..8 {
-            // Every remainder length, and scores both below and above the table.
-            let values = &values[start..];
-            let scores: Vec<f32> = (0..values.len()).map(|i| (i % 5) as f32 / 4.0).collect();
-            let mut scalar = scores.clone();
-            let mut avx2 = scores.clone();
-            calibrated_max(&mut scalar, values, &table);
-            // SAFETY: the CPU has AVX2 (checked at the top).
-            unsafe { calibrated_max_avx2(&mut avx2, values, &table) };
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&scalar), bits(&avx2), "from {start}");
+        // The second feature: the same values in another order.
+        let others: Vec<f32> = values.iter().rev().copied().collect();
+        for histogram in HISTOGRAMS {
+            for start in 0..8 {
+                // Every remainder length, and scores both below and above the table.
+                let (xs, ys) = (&values[start..], &others[start..]);
+                let scores: Vec<f32> = (0..xs.len()).map(|i| (i % 5) as f32 / 4.0).collect();
+                let mut scalar = scores.clone();
+                let mut avx2 = scores.clone();
+                calibrated_max(histogram, &mut scalar, xs, ys, &table);
+                // SAFETY: the CPU has AVX2 (checked at the top).
+                unsafe { calibrated_max_avx2(histogram, &mut avx2, xs, ys, &table) };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&scalar), bits(&avx2), "{histogram:?} from {start}");
+            }
         }
     }
 
