@@ -579,44 +579,34 @@ fn hold_value_scores<const AVX2: bool>(scoring: &Scoring, view: &FeatureView<'_>
     // for the AVX2 variant that calls it (measured: twice as slow).
     assert_eq!(out.len(), view.len());
     let mut block = FeatureBlock::new();
-    let mut logits = [[0.0f32; BLOCK]; HOLD_HORIZONS.len()];
     for (chunk_index, scores) in out.chunks_mut(BLOCK).enumerate() {
         view.block_of(chunk_index * BLOCK, &mut block, FeatureSet::ALL);
-        hold_value_block::<AVX2>(scoring, &block, scores, &mut logits);
+        hold_value_block::<AVX2>(scoring, &block, scores);
     }
 }
 
 /// One block of [`hold_value_scores`].
 #[inline(always)]
-fn hold_value_block<const AVX2: bool>(
-    scoring: &Scoring,
-    block: &FeatureBlock,
-    scores: &mut [f32],
-    logits: &mut [[f32; BLOCK]; HOLD_HORIZONS.len()],
-) {
+fn hold_value_block<const AVX2: bool>(scoring: &Scoring, block: &FeatureBlock, scores: &mut [f32]) {
     let len = scores.len();
-    // Every head's logits in one pass over the features.
-    for (logits, head) in logits.iter_mut().zip(&scoring.heads) {
-        logits[..len].fill(head.bias);
-    }
-    for (index, feature) in block.features.iter().enumerate() {
-        for (logits, head) in logits.iter_mut().zip(&scoring.heads) {
-            let weight = head.weights[index];
-            for (z, &x) in logits[..len].iter_mut().zip(&feature[..len]) {
+    // Row by row, each head's logit in registers: the loops over heads and
+    // features have constant trip counts and unroll, and the loop over rows
+    // vectorises (one pass over the block, no logits written back).
+    for (row, score) in scores.iter_mut().enumerate() {
+        let mut best = 0.0f32;
+        for head in &scoring.heads {
+            let mut z = head.bias;
+            for (feature, &weight) in block.features.iter().zip(&head.weights) {
                 // One instruction with FMA; a library call without it.
-                *z = if AVX2 {
-                    weight.mul_add(x, *z)
+                z = if AVX2 {
+                    weight.mul_add(feature[row], z)
                 } else {
-                    *z + weight * x
+                    z + weight * feature[row]
                 };
             }
+            best = best.max(sigmoid(z) * head.per_horizon);
         }
-    }
-    scores.fill(0.0);
-    for (logits, head) in logits.iter().zip(&scoring.heads) {
-        for (score, &z) in scores.iter_mut().zip(&logits[..len]) {
-            *score = score.max(sigmoid(z) * head.per_horizon);
-        }
+        *score = best;
     }
     for (&histogram, table) in HISTOGRAMS.iter().zip(&scoring.tables) {
         let xs = &block.features[histogram.feature][..len];
