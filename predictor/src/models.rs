@@ -351,7 +351,7 @@ unsafe fn score_avx2(weights: [f32; FEATURES], bias: f32, view: &FeatureView<'_>
 /// scores and AUC-PR against the 500 ms label judge it as if it were.
 pub struct HoldValue {
     heads: [Logistic; HOLD_HORIZONS.len()],
-    /// Per hold time, per calibrated feature, per bin: (requested, samples).
+    /// Per hold time, per histogram, per bin: (requested, samples).
     histograms: [[[(f32, f32); CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()],
 }
 
@@ -373,10 +373,12 @@ pub struct Histogram {
 /// last minute and then not at all for ten seconds has stopped, and the rate
 /// alone would not say so for a minute).
 pub const HISTOGRAMS: [Histogram; 2] = [
+    // successor
     Histogram {
         feature: 8,
         by: None,
     },
+    // rate_60s by recency_5s (a test checks the names)
     Histogram {
         feature: 3,
         by: Some(6),
@@ -441,7 +443,6 @@ impl HoldValue {
         }
     }
 
-    /// P(requested within `H_k`) by bin, per hold time and calibrated feature.
     /// P(requested within `H_k`) by bin, per hold time and histogram.
     fn calibrated(&self) -> [[[f32; CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()] {
         self.histograms.map(|histograms| {
