@@ -95,9 +95,12 @@ pub struct Forecaster {
     base_stage: usize,
     /// At most this many samples wait in the first stage.
     pending_max: usize,
-    /// Samples labelled and given to the model.
+    /// Samples labelled at the horizon itself (given to the model, and to the
+    /// self-score); a model that learns at several horizons gets each sample
+    /// once per horizon.
     pub samples_labelled: u64,
-    /// Samples dropped because their key was evicted before the label was known.
+    /// Labels dropped because their key was evicted before they were known
+    /// (counted once per horizon).
     pub samples_dropped: u64,
     /// See [`SelfScore`].
     pub self_score: SelfScore,
