@@ -170,7 +170,11 @@ fn main() {
     for path in traces {
         let trace = forelock_predictor::trace::read_trace_file(std::path::Path::new(&path))
             .expect("readable trace");
-        for model in [ModelKind::Frequency, ModelKind::Logistic, ModelKind::HoldValue] {
+        for model in [
+            ModelKind::Frequency,
+            ModelKind::Logistic,
+            ModelKind::HoldValue,
+        ] {
             let mut forecaster = Forecaster::new(PredictorConfig {
                 model,
                 ..PredictorConfig::default()
