@@ -419,6 +419,20 @@ mod tests {
         }
     }
 
+    /// Runs `events` with a tick every 10 ms up to `end_us`.
+    fn run_to(forecaster: &mut Forecaster, events: &[(u64, u32, u64)], end_us: u64) {
+        let mut next = 0;
+        let mut now = 0;
+        while now <= end_us {
+            while next < events.len() && events[next].0 <= now {
+                forecaster.ingest(events[next].0, events[next].1, events[next].2);
+                next += 1;
+            }
+            forecaster.tick(now);
+            now += 10_000;
+        }
+    }
+
     #[test]
     fn a_periodic_key_is_learnt_by_the_logistic_model() {
         // Key 1 every 200 ms (always within the horizon); keys 100.. once each.
@@ -428,15 +442,7 @@ mod tests {
             events.push((i * 200_000 + 50_000, 1, 100 + i));
         }
         let mut forecaster = Forecaster::new(config(ModelKind::Logistic));
-        let mut next = 0;
-        for tick in 0..6000u64 {
-            let now = tick * 10_000;
-            while next < events.len() && events[next].0 <= now {
-                forecaster.ingest(events[next].0, events[next].1, events[next].2);
-                next += 1;
-            }
-            forecaster.tick(now);
-        }
+        run_to(&mut forecaster, &events, 5999 * 10_000);
         let periodic = forecaster.probability_of(1).unwrap();
         let one_off = forecaster.probability_of(100 + 299).unwrap();
         assert!(
@@ -464,17 +470,7 @@ mod tests {
         };
         let mut forecaster = Forecaster::new(config);
         let events = stream(7, 3000, 30);
-        let mut next = 0;
-        let end_us = events.last().unwrap().0;
-        let mut now = 0;
-        while now <= end_us {
-            while next < events.len() && events[next].0 <= now {
-                forecaster.ingest(events[next].0, events[next].1, events[next].2);
-                next += 1;
-            }
-            forecaster.tick(now);
-            now += 10_000;
-        }
+        run_to(&mut forecaster, &events, events.last().unwrap().0);
         let score = forecaster.self_score;
         assert!(score.samples > 1000, "{score:?}");
         assert!(score.positive_share > 0.0 && score.positive_share < 1.0);
@@ -537,20 +533,6 @@ mod tests {
         forecaster.top_k(5, 0.0, &mut top);
         let keys: Vec<u64> = top.iter().map(|t| t.0).collect();
         assert_eq!(keys, vec![20, 19, 18, 17, 16]);
-    }
-
-    /// Runs `events` with a tick every 10 ms up to `end_us`.
-    fn run_to(forecaster: &mut Forecaster, events: &[(u64, u32, u64)], end_us: u64) {
-        let mut next = 0;
-        let mut now = 0;
-        while now <= end_us {
-            while next < events.len() && events[next].0 <= now {
-                forecaster.ingest(events[next].0, events[next].1, events[next].2);
-                next += 1;
-            }
-            forecaster.tick(now);
-            now += 10_000;
-        }
     }
 
     #[test]
