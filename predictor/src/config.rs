@@ -33,7 +33,8 @@ pub enum ModelKind {
     Successor,
     /// Online logistic regression over all features, trained as horizon windows close.
     Logistic,
-    /// One logistic regression per hold time; scores the best hits per slot-second.
+    /// Per hold time, a logistic regression beside calibrated histograms; scores
+    /// the best hits per slot-second (the default).
     HoldValue,
 }
 
