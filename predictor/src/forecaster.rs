@@ -31,6 +31,11 @@ use crate::config::PredictorConfig;
 use crate::features::{FEATURES, FeatureStore};
 use crate::models::{self, Model};
 
+/// Samples waiting at most for one label horizon, whatever the
+/// configuration: 64 bytes each, so 16 MiB per horizon. The defaults need
+/// 3,328 at 500 ms and 32,000 at 5 s (64 samples per 10 ms tick).
+pub const PENDING_PER_HORIZON_MAX: usize = 1 << 18;
+
 /// Samples waiting for the windows of one label horizon to close.
 struct Stage {
     horizon_us: u64,
@@ -93,14 +98,16 @@ pub struct Forecaster {
     stages: Vec<Stage>,
     /// The stage whose horizon is the forecaster's: the self-score's.
     base_stage: usize,
-    /// At most this many samples wait in the first stage.
+    /// At most this many samples wait in the first stage (later stages hold
+    /// at most [`PENDING_PER_HORIZON_MAX`]).
     pending_max: usize,
     /// Samples labelled at the horizon itself (given to the model, and to the
     /// self-score); a model that learns at several horizons gets each sample
     /// once per horizon.
     pub samples_labelled: u64,
-    /// Labels dropped because their key was evicted before they were known
-    /// (counted once per horizon).
+    /// Labels dropped because their key was evicted before they were known,
+    /// or because [`PENDING_PER_HORIZON_MAX`] samples were already waiting
+    /// for a longer horizon (counted once per horizon).
     pub samples_dropped: u64,
     /// See [`SelfScore`].
     pub self_score: SelfScore,
@@ -139,7 +146,8 @@ impl Forecaster {
             "label horizons ascend"
         );
         let ticks_per_horizon = stages[0].horizon_us / config.tick_us() + 2;
-        let pending_max = (ticks_per_horizon as usize * config.train_samples_per_tick).max(1);
+        let pending_max = (ticks_per_horizon as usize * config.train_samples_per_tick)
+            .clamp(1, PENDING_PER_HORIZON_MAX);
         Forecaster {
             config,
             features,
@@ -242,7 +250,11 @@ impl Forecaster {
             self.samples_labelled += 1;
         }
         if let Some(next) = self.stages.get_mut(stage + 1) {
-            next.queue.push_back(sample);
+            if next.queue.len() < PENDING_PER_HORIZON_MAX {
+                next.queue.push_back(sample);
+            } else {
+                self.samples_dropped += 1;
+            }
         }
     }
 
@@ -607,6 +619,34 @@ mod tests {
             "the follower scores {follower}, {above} keys at or above it: {}",
             hold.model().describe()
         );
+    }
+
+    #[test]
+    fn samples_waiting_for_labels_are_bounded_whatever_the_configuration() {
+        // 65,536 samples a tick, horizons of 10, 40 and 100 s: unbounded,
+        // that would be up to 650 million samples waiting.
+        let config = PredictorConfig {
+            horizon_ms: 10_000,
+            activity_window_ms: 60_000,
+            train_samples_per_tick: 65_536,
+            ..config(ModelKind::HoldValue)
+        };
+        let mut forecaster = Forecaster::new(config);
+        // 25 s: the first horizon's queue fills in 4 ticks, and hands its
+        // samples on at 10 s and at 20 s, more than the second one may hold.
+        for tick in 0..2_500u64 {
+            let now = tick * 10_000;
+            forecaster.ingest(now, 0, tick % 7);
+            forecaster.tick(now);
+        }
+        assert!(
+            forecaster
+                .stages
+                .iter()
+                .all(|stage| stage.queue.len() <= PENDING_PER_HORIZON_MAX)
+        );
+        assert!(forecaster.stages[1].queue.len() > PENDING_PER_HORIZON_MAX / 2);
+        assert!(forecaster.samples_dropped > 0);
     }
 
     #[test]
