@@ -283,9 +283,12 @@ fn run() -> anyhow::Result<()> {
                 lost_events = cursor.lost,
                 ?observed,
                 self_score = ?forecaster.self_score,
-                model = %forecaster.model().describe(),
+                model = forecaster.model().kind().name(),
                 "forecaster"
             );
+            // The learnt parameters: a few hundred numbers for hold-value,
+            // too many for every 10 s at info level.
+            tracing::debug!(model = %forecaster.model().describe(), "model");
         }
         if last_inode_check.elapsed() >= Duration::from_secs(1) {
             last_inode_check = Instant::now();
