@@ -594,6 +594,23 @@ mod tests {
         }
     }
 
+    /// One tick with no feedback; the actions it asks for.
+    fn run_tick(
+        policy: &mut impl Policy,
+        now_us: u64,
+        budget_slots: usize,
+        slots: &[SlotView],
+        candidates: &[Score],
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let feedback = Feedback::default();
+        policy.tick(
+            &input(now_us, budget_slots, slots, candidates, &feedback),
+            &mut actions,
+        );
+        actions
+    }
+
     fn fixed(threshold: f32) -> Predictive {
         Predictive::new(PredictiveConfig {
             threshold_initial: threshold,
@@ -609,11 +626,7 @@ mod tests {
             slot(1, 10, 0, Some(100_000), None),
             slot(2, 20, 0, Some(900_000), None),
         ];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(1_000_000, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 1_000_000, 10, &slots, &[]);
         assert_eq!(
             actions,
             vec![Action::Reclaim {
@@ -633,11 +646,7 @@ mod tests {
             slot(4, 40, 0, Some(50), None),
         ];
         slots[3].held = true;
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(1_000, 2, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 1_000, 2, &slots, &[]);
         assert_eq!(
             actions,
             vec![
@@ -662,11 +671,7 @@ mod tests {
             candidate(3, 0.4, 0.0),
             candidate(4, 0.7, 0.0),
         ];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(0, 2, &[], &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 0, 2, &[], &candidates);
         assert_eq!(
             actions,
             vec![
@@ -684,11 +689,7 @@ mod tests {
             slot(2, 20, 0, None, Some(0.8)),
             slot(3, 30, 1_500_000, None, Some(0.0)),
         ];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(2_000_000, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 2_000_000, 10, &slots, &[]);
         assert_eq!(
             actions,
             vec![Action::Reclaim {
@@ -707,11 +708,7 @@ mod tests {
         ];
         slots[1].held = true;
         let candidates = [candidate(3, 0.8, 0.0), candidate(4, 0.37, 0.0)];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(100, 2, &slots, &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 100, 2, &slots, &candidates);
         assert_eq!(
             actions,
             vec![
@@ -739,11 +736,7 @@ mod tests {
             })
             .collect();
         slots[0].held = true;
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(100, 3, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 100, 3, &slots, &[]);
         assert_eq!(
             actions,
             vec![
@@ -775,11 +768,7 @@ mod tests {
             candidate(4, -1.0, 0.0),
             candidate(5, f32::INFINITY, 0.0),
         ];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 5_000_000, 10, &slots, &candidates);
         assert_eq!(
             actions,
             vec![
@@ -859,11 +848,7 @@ mod tests {
         let mut policy = fixed(0.5);
         let mut slots = [contended_slot(1, 10, 0.8), contended_slot(2, 20, 0.8)];
         slots[1].contention_prepared = true;
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(100, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 100, 10, &slots, &[]);
         assert_eq!(actions, vec![Action::PrepareContention { key_hash: 10 }]);
         assert_eq!(policy.stats.contention_prepares, 1);
     }
@@ -873,11 +858,7 @@ mod tests {
         let mut policy = fixed(0.5);
         let mut slots = [contended_slot(1, 10, 0.9)];
         slots[0].held = true;
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(100, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 100, 10, &slots, &[]);
         assert_eq!(actions, vec![Action::PrepareContention { key_hash: 10 }]);
     }
 
@@ -887,17 +868,10 @@ mod tests {
         // Prepared at 0, never used, score 0: past the unused timeout at 5 s.
         let mut slots = [contended_slot(1, 10, 0.8)];
         slots[0].contention_prepared = true;
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(5_000_000, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        let mut actions = run_tick(&mut policy, 5_000_000, 10, &slots, &[]);
         assert_eq!(actions, vec![], "kept while contention is predicted");
         slots[0].contention = Some(0.1);
-        policy.tick(
-            &input(5_010_000, 10, &slots, &[], &Feedback::default()),
-            &mut actions,
-        );
+        actions = run_tick(&mut policy, 5_010_000, 10, &slots, &[]);
         assert_eq!(
             actions,
             vec![Action::Reclaim {
@@ -912,16 +886,9 @@ mod tests {
     fn a_candidate_predicted_contended_takes_a_free_slot_before_access_scored_ones() {
         let mut policy = fixed(0.5);
         let candidates = [candidate(1, 0.9, 0.0), candidate(2, 0.05, 0.7)];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(0, 1, &[], &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let mut actions = run_tick(&mut policy, 0, 1, &[], &candidates);
         assert_eq!(actions, vec![Action::PrepareContention { key_hash: 2 }]);
-        policy.tick(
-            &input(0, 2, &[], &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        actions = run_tick(&mut policy, 0, 2, &[], &candidates);
         assert_eq!(
             actions,
             vec![
@@ -941,11 +908,7 @@ mod tests {
         ];
         slots[0].contention_prepared = true;
         let candidates = [candidate(4, 1.0, 0.0)];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(100, 2, &slots, &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let mut actions = run_tick(&mut policy, 100, 2, &slots, &candidates);
         assert_eq!(
             actions,
             vec![
@@ -962,10 +925,7 @@ mod tests {
             "the access-scored slots go (one for budget, one for the candidate); the contended one stays"
         );
         // Over budget with nothing else idle: the contended slot goes too.
-        policy.tick(
-            &input(100, 0, &slots[..1], &[], &Feedback::default()),
-            &mut actions,
-        );
+        actions = run_tick(&mut policy, 100, 0, &slots[..1], &[]);
         assert_eq!(
             actions,
             vec![Action::Evict {
@@ -985,11 +945,7 @@ mod tests {
         });
         let slots = [contended_slot(1, 10, 1.0)];
         let candidates = [candidate(2, 0.0, 1.0)];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 5_000_000, 10, &slots, &candidates);
         assert_eq!(
             actions,
             vec![Action::Reclaim {
@@ -1004,11 +960,7 @@ mod tests {
         let mut policy = fixed(0.5);
         let slots = [contended_slot(1, 10, f32::NAN)];
         let candidates = [candidate(2, 0.0, f32::INFINITY), candidate(3, 0.0, -1.0)];
-        let mut actions = Vec::new();
-        policy.tick(
-            &input(5_000_000, 10, &slots, &candidates, &Feedback::default()),
-            &mut actions,
-        );
+        let actions = run_tick(&mut policy, 5_000_000, 10, &slots, &candidates);
         assert_eq!(
             actions,
             vec![Action::Reclaim {
