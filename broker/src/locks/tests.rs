@@ -108,6 +108,13 @@ impl Fixture {
             true,
         )
     }
+    /// Acquires, and says whether the request was queued.
+    fn queued(&mut self, client: u32, conn: ConnId, key: &str, shared: bool) -> bool {
+        matches!(
+            self.acquire(client, conn, key, shared),
+            Response::Queued { .. }
+        )
+    }
     fn release(&mut self, client: u32, r: &Response) -> Response {
         let Response::Granted { slot, token, .. } = r else {
             panic!("not a grant: {r:?}")
@@ -194,14 +201,8 @@ fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b, c) = (f.client(1), f.client(2), f.client(3));
     let ga = f.acquire(a, 1, "k", false);
-    assert!(matches!(
-        f.acquire(b, 2, "k", false),
-        Response::Queued { .. }
-    ));
-    assert!(matches!(
-        f.acquire(c, 3, "k", false),
-        Response::Queued { .. }
-    ));
+    assert!(f.queued(b, 2, "k", false));
+    assert!(f.queued(c, 3, "k", false));
     assert_eq!(f.release(a, &ga), Response::Released);
     let (state_b, token_b, _) = f.cell(b, 2);
     assert_eq!(state_b, CELL_GRANTED);
@@ -236,14 +237,8 @@ fn shared_holders_coexist_and_a_queued_writer_blocks_later_readers() {
     let rb = f.acquire(b, 2, "k", true);
     assert!(matches!(rb, Response::Granted { .. }));
     assert_eq!(f.word("k").shared_holders(), 2);
-    assert!(matches!(
-        f.acquire(c, 3, "k", false),
-        Response::Queued { .. }
-    ));
-    assert!(
-        matches!(f.acquire(d, 4, "k", true), Response::Queued { .. }),
-        "no barging past a queued writer"
-    );
+    assert!(f.queued(c, 3, "k", false));
+    assert!(f.queued(d, 4, "k", true), "no barging past a queued writer");
     f.release(a, &ra);
     assert_eq!(f.cell(c, 3).0, CELL_IDLE);
     f.release(b, &rb);
@@ -267,10 +262,7 @@ fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
     let (slot_index, held, fast_token) = f.hold_on_fast_path(a, "k");
-    assert!(matches!(
-        f.acquire(b, 2, "k", false),
-        Response::Queued { .. }
-    ));
+    assert!(f.queued(b, 2, "k", false));
     let slot = f.table.slot(slot_index).unwrap();
     assert!(
         !try_release_exclusive(&slot.word, held),
@@ -438,18 +430,12 @@ fn held_locks_survive_adoption_by_a_new_manager() {
     assert!(f.table.header().token_floor.load(Ordering::Relaxed) >= floor_before);
     f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
     f.m.hello(&f.table, 2, 0, 7, Some(b), 2).unwrap();
-    assert!(matches!(
-        f.acquire(b, 2, "held-by-broker", false),
-        Response::Queued { .. }
-    ));
+    assert!(f.queued(b, 2, "held-by-broker", false));
     assert!(matches!(
         f.m.cancel(&f.table, 2, &mut f.w),
         Response::Cancelled
     ));
-    assert!(matches!(
-        f.acquire(b, 2, "held-fast", false),
-        Response::Queued { .. }
-    ));
+    assert!(f.queued(b, 2, "held-fast", false));
     let fast_token =
         f.table.slot(s).unwrap().token_base.load(Ordering::Relaxed) + fast.held.counter() as u64;
     assert_eq!(
@@ -458,10 +444,7 @@ fn held_locks_survive_adoption_by_a_new_manager() {
     );
     assert_eq!(f.cell(b, 2).0, CELL_GRANTED);
     assert_eq!(f.release(a, &g_broker), Response::Released);
-    assert!(
-        matches!(f.acquire(a, 1, "read", false), Response::Queued { .. }),
-        "the shared hold survived"
-    );
+    assert!(f.queued(a, 1, "read", false), "the shared hold survived");
     assert_eq!(f.release(b, &shared), Response::Released);
 }
 
@@ -500,10 +483,7 @@ fn scribbled_words_are_repaired_and_never_reach_a_grant_to_two_clients() {
     );
     let gb = f.acquire(b, 2, "k", false);
     assert!(matches!(gb, Response::Granted { .. }));
-    assert!(
-        matches!(f.acquire(a, 1, "k", false), Response::Queued { .. }),
-        "the broker's grant to b stands"
-    );
+    assert!(f.queued(a, 1, "k", false), "the broker's grant to b stands");
 }
 
 proptest::proptest! {
@@ -631,14 +611,8 @@ fn a_key_predicted_contended_gets_its_waiter_queue_reserved_before_the_first_wai
         "the key stays on the fast path until someone queues"
     );
     let ga = f.acquire(a, 1, "k", false);
-    assert!(matches!(
-        f.acquire(b, 2, "k", false),
-        Response::Queued { .. }
-    ));
-    assert!(matches!(
-        f.acquire(c, 3, "k", false),
-        Response::Queued { .. }
-    ));
+    assert!(f.queued(b, 2, "k", false));
+    assert!(f.queued(c, 3, "k", false));
     assert_eq!(
         f.m.queue_capacity(b"k"),
         Some(reserved),
