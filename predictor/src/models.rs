@@ -357,6 +357,9 @@ pub struct HoldValue {
 
 /// The hold times of [`HoldValue`], as multiples of the horizon.
 pub const HOLD_HORIZONS: [f32; 3] = [1.0, 4.0, 10.0];
+/// The head whose hold time is the horizon itself.
+const BASE_HEAD: usize = 0;
+const _: () = assert!(HOLD_HORIZONS[BASE_HEAD] == 1.0);
 
 /// A calibrated histogram of [`HoldValue`]: 16 bins over one feature, or
 /// 4 x 4 over two (the first feature's quarter, then the second's).
@@ -443,20 +446,20 @@ impl HoldValue {
         }
     }
 
+    /// P(requested within `H_head`) in one bin of histogram `h`.
+    fn calibrated_bin(&self, head: usize, h: usize, bin: usize) -> f32 {
+        let (requested, samples) = self.histograms[head][h][bin];
+        if bin < HISTOGRAMS[h].first_opinion_bin() {
+            0.0
+        } else {
+            requested / (samples + CALIBRATION_PRIOR)
+        }
+    }
+
     /// P(requested within `H_k`) by bin, per hold time and histogram.
     fn calibrated(&self) -> [[[f32; CALIBRATION_BINS]; HISTOGRAMS.len()]; HOLD_HORIZONS.len()] {
-        self.histograms.map(|histograms| {
-            std::array::from_fn(|h| {
-                let first = HISTOGRAMS[h].first_opinion_bin();
-                std::array::from_fn(|bin| {
-                    let (requested, samples) = histograms[h][bin];
-                    if bin < first {
-                        0.0
-                    } else {
-                        requested / (samples + CALIBRATION_PRIOR)
-                    }
-                })
-            })
+        std::array::from_fn(|head| {
+            std::array::from_fn(|h| std::array::from_fn(|bin| self.calibrated_bin(head, h, bin)))
         })
     }
 
@@ -521,16 +524,13 @@ impl Model for HoldValue {
         hold_value_scores::<false>(&scoring, view, out);
     }
     fn horizon_probability(&self, features: &[f32; FEATURES]) -> Option<f32> {
-        // The head at the horizon itself (factor 1), as the scoring loop
-        // computes it.
-        let head = HOLD_HORIZONS.iter().position(|&factor| factor == 1.0)?;
-        let calibrated = self.calibrated();
-        let regression = sigmoid(self.heads[head].logit(features));
+        // The head at the horizon itself, as the scoring loop computes it.
+        let regression = sigmoid(self.heads[BASE_HEAD].logit(features));
         Some(
             HISTOGRAMS
                 .iter()
-                .zip(&calibrated[head])
-                .map(|(histogram, bins)| bins[histogram.bin_of(features)])
+                .enumerate()
+                .map(|(h, histogram)| self.calibrated_bin(BASE_HEAD, h, histogram.bin_of(features)))
                 .fold(regression, f32::max),
         )
     }
