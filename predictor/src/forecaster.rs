@@ -213,19 +213,18 @@ impl Forecaster {
     /// Labels every sample whose window `(at, at + horizon_k]` ends at or before
     /// `closed_us`: every event up to then, and none after, has been ingested.
     fn label_closed(&mut self, closed_us: u64) {
-        // Stage by stage, ascending: a sample labelled at one stage may be due
-        // at the next only if its horizon is no longer, which it is not.
+        // Stage by stage, ascending: a sample labelled at one stage moves on
+        // to the next, where it is due in this same pass if that window has
+        // closed too (after a long gap between calls).
         for stage_index in 0..self.stages.len() {
-            loop {
-                let stage = &mut self.stages[stage_index];
-                match stage.queue.front() {
-                    Some(sample) if sample.at_us + stage.horizon_us <= closed_us => {}
-                    _ => break,
-                }
-                let Some(sample) = stage.queue.pop_front() else {
-                    break;
-                };
-                self.label(stage_index, sample);
+            let horizon_us = self.stages[stage_index].horizon_us;
+            while self.stages[stage_index]
+                .queue
+                .front()
+                .is_some_and(|sample| sample.at_us + horizon_us <= closed_us)
+            {
+                let sample = self.stages[stage_index].queue.pop_front();
+                self.label(stage_index, sample.expect("the front, checked just above"));
             }
         }
     }
