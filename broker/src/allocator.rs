@@ -143,6 +143,17 @@ pub trait Policy: Send {
     /// The current score threshold (0 for policies that use none).
     fn threshold(&self) -> f32;
     fn name(&self) -> &'static str;
+    /// Whether the policy wants `candidate` (a key without a slot) prepared:
+    /// its probability clears the threshold or it is predicted contended.
+    /// The same rule as `tick`'s, for the broker's "late, not missed" count.
+    fn wants(&self, _candidate: &Score) -> bool {
+        false
+    }
+    /// Whether a slot whose contention probability is `contention` keeps its
+    /// contention state prepared (the same rule as `tick`'s).
+    fn predicts_contended(&self, _contention: Option<f32>) -> bool {
+        false
+    }
 }
 
 /// Counters a policy keeps about its own decisions.
@@ -313,13 +324,17 @@ fn best_first(
     scores.sort_unstable_by(order);
 }
 
+/// A probability in [0, 1], or `None` (NaN, out of range).
+fn in_range(probability: f32) -> Option<f32> {
+    (0.0..=1.0).contains(&probability).then_some(probability)
+}
+
+/// The probability if valid, else 0 (counted).
 fn valid(probability: f32, stats: &mut PolicyStats) -> f32 {
-    if (0.0..=1.0).contains(&probability) {
-        probability
-    } else {
+    in_range(probability).unwrap_or_else(|| {
         stats.invalid_scores += 1;
         0.0
-    }
+    })
 }
 
 impl Predictive {
@@ -345,12 +360,22 @@ impl Predictive {
     /// The valid contention probability if it is at or above the contention
     /// threshold (so the key's contention state is to be prepared and kept).
     fn predicted_contended(&mut self, contention: Option<f32>) -> Option<f32> {
-        let threshold = self.config.contention_threshold;
-        if threshold <= 0.0 {
+        if self.config.contention_threshold <= 0.0 {
             return None;
         }
         let contention = valid(contention?, &mut self.stats);
-        (contention >= threshold).then_some(contention)
+        self.clears_contention(contention).then_some(contention)
+    }
+
+    /// Whether a valid contention probability clears the contention threshold.
+    fn clears_contention(&self, contention: f32) -> bool {
+        let threshold = self.config.contention_threshold;
+        threshold > 0.0 && contention >= threshold
+    }
+
+    /// Whether a valid access probability clears the threshold.
+    fn clears_threshold(&self, probability: f32) -> bool {
+        probability >= self.threshold && probability > 0.0
     }
 
     fn control(&mut self, input: &TickInput<'_>) {
@@ -464,7 +489,7 @@ impl Policy for Predictive {
                     probability,
                     contention,
                 });
-            } else if probability >= threshold && probability > 0.0 {
+            } else if self.clears_threshold(probability) {
                 self.wanted.push(Score {
                     key_hash: candidate.key_hash,
                     probability,
@@ -550,6 +575,16 @@ impl Policy for Predictive {
     }
     fn name(&self) -> &'static str {
         "predictive"
+    }
+    fn wants(&self, candidate: &Score) -> bool {
+        let probability = in_range(candidate.probability).unwrap_or(0.0);
+        let contention = in_range(candidate.contention).unwrap_or(0.0);
+        self.clears_threshold(probability) || self.clears_contention(contention)
+    }
+    fn predicts_contended(&self, contention: Option<f32>) -> bool {
+        contention
+            .and_then(in_range)
+            .is_some_and(|contention| self.clears_contention(contention))
     }
 }
 
@@ -841,6 +876,40 @@ mod tests {
             probability,
             contention,
         }
+    }
+
+    #[test]
+    fn wants_and_predicts_contended_follow_the_rule_tick_applies() {
+        let policy = fixed(0.5);
+        let candidates = [
+            candidate(1, 0.6, 0.0),
+            candidate(2, 0.4, 0.0),
+            candidate(3, 0.0, 0.7),
+            candidate(4, f32::NAN, 2.0),
+            candidate(5, 1.5, 0.2),
+        ];
+        let wanted: Vec<u64> = candidates
+            .iter()
+            .filter(|c| policy.wants(c))
+            .map(|c| c.key_hash)
+            .collect();
+        assert_eq!(wanted, vec![1, 3]);
+        let mut prepared: Vec<u64> = run_tick(&mut fixed(0.5), 0, 10, &[], &candidates)
+            .iter()
+            .map(|action| match *action {
+                Action::Prepare { key_hash } | Action::PrepareContention { key_hash } => key_hash,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        prepared.sort_unstable();
+        assert_eq!(prepared, wanted, "tick prepares exactly what it wants");
+        assert!(policy.predicts_contended(Some(0.8)));
+        assert!(!policy.predicts_contended(Some(0.2)));
+        assert!(!policy.predicts_contended(Some(f32::NAN)));
+        assert!(!policy.predicts_contended(None));
+        let keep_alive = KeepAlive::new(500_000);
+        assert!(!keep_alive.wants(&candidates[0]));
+        assert!(!keep_alive.predicts_contended(Some(0.8)));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::config::{Config, Policy};
 use crate::files::RuntimeFiles;
 use crate::locks::LockManager;
 use shm_layout::events::EventsView;
-use shm_layout::scores::{Scored, ScoresView, sanitize};
+use shm_layout::scores::{Scored, ScoresView};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 use std::collections::HashMap;
@@ -38,10 +38,8 @@ pub struct Allocation {
     /// Scratch for the next read (swapped in when the read is not torn).
     fresh: Vec<Scored>,
     score_of: HashMap<u64, Scored>,
-    /// Waiters reserved per key predicted contended, and the contention
-    /// probability from which a key counts as predicted contended (0 = off).
+    /// Waiters reserved per key predicted contended.
     contention_waiters: usize,
-    contention_threshold: f32,
     candidates: Vec<Score>,
     views: Vec<SlotView>,
     actions: Vec<Action>,
@@ -71,7 +69,6 @@ impl Allocation {
             fresh: Vec::new(),
             score_of: HashMap::new(),
             contention_waiters: config.allocator.contention_waiters as usize,
-            contention_threshold: config.allocator.contention_threshold,
             candidates: Vec::new(),
             views: Vec::new(),
             actions: Vec::new(),
@@ -130,12 +127,8 @@ impl Allocation {
             load: self.load,
         };
         self.policy.tick(&input, &mut self.actions);
-        let threshold = self.policy.threshold();
-        let contention_threshold = self.contention_threshold;
-        let wanted = self.candidates.iter().filter(|c| {
-            (c.probability >= threshold && c.probability > 0.0)
-                || (contention_threshold > 0.0 && c.contention >= contention_threshold)
-        });
+        let policy = &self.policy;
+        let wanted = self.candidates.iter().filter(|c| policy.wants(c));
         manager.set_predicted(wanted.map(|c| c.key_hash));
         // Publish each keyed slot's score for observers (`forelock locks`),
         // and end the contention preparations no longer predicted.
@@ -144,11 +137,7 @@ impl Allocation {
                 let score = view.score.unwrap_or(0.0);
                 slot.score_bits.store(score.to_bits(), Ordering::Relaxed);
             }
-            let predicted = contention_threshold > 0.0
-                && view
-                    .contention
-                    .is_some_and(|c| sanitize(c) >= contention_threshold);
-            if view.contention_prepared && !predicted {
+            if view.contention_prepared && !self.policy.predicts_contended(view.contention) {
                 manager.end_contention_preparation(view.slot);
             }
         }
