@@ -125,6 +125,13 @@ impl Broker {
         self.spawn();
     }
 
+    /// Start it again after [`Broker::kill9`], on the same directory and
+    /// configuration.
+    pub fn restart_stopped(&mut self) {
+        assert!(self.child.is_none(), "the broker is still running");
+        self.spawn();
+    }
+
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
