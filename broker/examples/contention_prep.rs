@@ -14,7 +14,8 @@
 //! step is not hidden under the ~40 us of a real hand-off between processes.
 
 use forelockd::config::Policy;
-use forelockd::locks::{ConnId, LockManager, Waker};
+use forelockd::ledger::Ledger;
+use forelockd::locks::{ConnId, Limits, LockManager, Waker};
 use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events};
 use shm_layout::key_hash;
 use shm_layout::sync::shm::AtomicU32;
@@ -92,7 +93,17 @@ fn main() {
     // SAFETY: as for the table view.
     let events = unsafe { EventsView::new(events_buf.ptr, events_len) }.expect("valid events");
     let mut waker = Quiet(None);
-    let mut m = LockManager::adopt(&table, Policy::Forecast, 1, 0, |_, _| true, &mut waker);
+    let g = table.geometry();
+    let mut m = LockManager::adopt(
+        &table,
+        Ledger::on_heap(g.slot_count, g.client_count),
+        Policy::Forecast,
+        Limits::for_table(g.client_count),
+        1,
+        0,
+        |_, _| true,
+        &mut waker,
+    );
     let register = |m: &mut LockManager, pid| match m.hello(&table, pid, 0, 1, None, 0) {
         Ok(forelockd::locks::Registered::New { client }) => client,
         other => panic!("registration: {other:?}"),
@@ -109,12 +120,12 @@ fn main() {
         }
         let Response::Granted {
             slot, token: ta, ..
-        } = m.acquire(&table, &events, a, 1, 1, key, false, true)
+        } = m.acquire(&table, &events, a, 1, 1, 1, key, false, true)
         else {
             panic!("A's acquire is granted");
         };
         let start = Instant::now();
-        let queued = m.acquire(&table, &events, b, 2, 2, key, false, true);
+        let queued = m.acquire(&table, &events, b, 2, 2, 2, key, false, true);
         let queued_at = Instant::now();
         assert!(matches!(queued, Response::Queued { .. }), "{queued:?}");
         let released = m.release(&table, a, slot, ta, &mut waker);

@@ -138,8 +138,13 @@ fn now_ms() -> u64 {
 impl EventLoop {
     pub fn new(config: Config) -> anyhow::Result<EventLoop> {
         let files = RuntimeFiles::open(&config)?;
+        let geometry = files.table.geometry();
+        let (ledger, ledger_adopted) =
+            crate::ledger::open(&files.dir, geometry.slot_count, geometry.client_count)?;
+        // The epoch comes from the ledger: the header's copy is client-writable.
+        let epoch = ledger.epoch() + 1;
         let header = files.table.header();
-        let epoch = header.broker_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        header.broker_epoch.store(epoch, Ordering::Relaxed);
         header
             .broker_pid
             .store(std::process::id(), Ordering::Relaxed);
@@ -153,7 +158,9 @@ impl EventLoop {
         };
         let manager = LockManager::adopt(
             &files.table,
+            ledger,
             config.allocator.policy,
+            crate::locks::Limits::for_table(geometry.client_count),
             epoch,
             now_ms(),
             |pid, start| process_start_time(pid) == Some(start),
@@ -161,7 +168,12 @@ impl EventLoop {
         );
         flush_syscall_wakes(&mut wakes.pending);
         wakes.mode = config.broker.futex_wake;
-        if files.adopted {
+        if files.adopted && !ledger_adopted {
+            tracing::warn!(
+                "the table was adopted without a ledger that matches it: its keys, holds and \
+                 client records were dropped (clients must reconnect)"
+            );
+        } else if files.adopted {
             tracing::info!(
                 epoch,
                 clients = manager.active_clients().len(),
@@ -504,9 +516,10 @@ impl EventLoop {
         if c.inflight == 0 {
             self.conns[conn] = None;
         }
+        let _ = client;
         self.metrics.dequeued(id);
         self.manager
-            .conn_closed(&self.files.table, id, client, &mut self.wakes);
+            .conn_closed(&self.files.table, id, &mut self.wakes);
         self.flush_wakes();
     }
 
@@ -587,13 +600,22 @@ impl EventLoop {
                 code: ErrorCode::BadRequest,
                 message: "the first message on a connection must be Hello".into(),
             },
-            (Request::Acquire { key, shared, queue }, Some(client)) => {
+            (
+                Request::Acquire {
+                    key,
+                    shared,
+                    queue,
+                    request,
+                },
+                Some(client),
+            ) => {
                 let r = self.manager.acquire(
                     table,
                     &self.files.events,
                     client,
                     id,
                     cell,
+                    request,
                     &key,
                     shared,
                     queue,
@@ -604,9 +626,17 @@ impl EventLoop {
                 }
                 r
             }
-            (Request::Cancel, Some(_)) => {
+            (Request::Cancel { request }, Some(client)) => {
                 self.metrics.dequeued(id);
-                self.manager.cancel(table, id, &mut self.wakes)
+                self.manager
+                    .cancel(table, client, id, request, &mut self.wakes)
+            }
+            (Request::Bye, Some(client)) => {
+                self.manager.bye(table, client, &mut self.wakes);
+                if let Some(c) = self.conns[conn].as_mut() {
+                    c.client = None;
+                }
+                Response::Bye
             }
             (Request::Release { slot, token }, Some(client)) => {
                 let held_since_ms = table

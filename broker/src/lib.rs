@@ -20,5 +20,6 @@ pub mod allocator_glue;
 pub mod config;
 pub mod event_loop;
 pub mod files;
+pub mod ledger;
 pub mod locks;
 pub mod metrics;

@@ -37,9 +37,10 @@
 
 use crate::allocator::SlotView;
 use crate::config::Policy;
+use crate::ledger::{ClientEntry, FAST_REQUEST, Hold, Ledger};
 use shm_layout::events::EventsView;
 use shm_layout::events::Outcome;
-use shm_layout::lockword::{EXCLUSIVE, OWNER_DIED, PREPARED, RESERVED_MASK, Word};
+use shm_layout::lockword::{self, OWNER_DIED, RESERVED_MASK, Word};
 use shm_layout::scores::Scored;
 use shm_layout::sync::shm::{AtomicU32, Ordering};
 use shm_layout::table::{
@@ -48,6 +49,7 @@ use shm_layout::table::{
 };
 use shm_layout::wire::{ErrorCode, Response};
 use shm_layout::{key_hash, validate_key};
+use std::collections::HashSet;
 use std::collections::{HashMap, VecDeque};
 
 /// The `client` field of events the broker writes on its own behalf.
@@ -80,19 +82,18 @@ enum Holder {
     Shared(Vec<(u32, u64)>),
 }
 
-/// A shared hold adopted from a previous broker: its exact token is unknown,
-/// so any release of the slot by that client matches it.
-const TOKEN_UNKNOWN: u64 = u64::MAX;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Waiter {
     client: u32,
     conn: ConnId,
     cell: u32,
     shared: bool,
+    /// The client's id for this acquire: a re-sent request (same id, new
+    /// connection) takes this waiter over instead of queueing twice.
+    request: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SlotState {
     key: Option<Box<[u8]>>,
     hash: u64,
@@ -113,9 +114,13 @@ struct SlotState {
     placed_at_ms: u64,
     uses: u32,
     /// The highest token this slot has issued as far as the broker knows.
-    /// Token base and counter live in client-writable memory; a broker grant
-    /// never goes below this, whatever they say.
+    /// The counter lives in client-writable memory; a broker grant never
+    /// goes below this, whatever it says.
     issued: u64,
+    /// The slot's token base: a grant's token is `base + counter`. The
+    /// table's `token_base` is a copy for clients; this one (and the
+    /// ledger's) is the truth.
+    base: u64,
     /// Position in the key index, if indexed.
     index_pos: Option<u32>,
 }
@@ -136,20 +141,42 @@ impl SlotState {
             placed_at_ms: 0,
             uses: 0,
             issued: 0,
+            base: 0,
             index_pos: None,
         }
     }
 }
 
-#[derive(Debug, Default)]
+/// A client record as the registry knows it. Liveness comes from the pidfd
+/// (or, at adoption, the process's start time) only: connections are
+/// transport, and a client may have none for a while.
+#[derive(Debug, Default, Clone)]
 struct ClientState {
     active: bool,
     pid: u32,
-    /// Connections currently open for this record (this broker's lifetime).
-    conns: u32,
-    /// Whether any connection attached since this broker started.
-    seen: bool,
+    uid: u32,
 }
+
+/// Bounds on what one uid may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client records one uid may hold at once.
+    pub clients_per_uid: u32,
+}
+
+impl Limits {
+    /// Half the records per uid (at least one): one user cannot lock the
+    /// others out of the broker.
+    pub fn for_table(client_count: u32) -> Limits {
+        Limits {
+            clients_per_uid: (client_count / 2).max(1),
+        }
+    }
+}
+
+/// Keys whose holder died and whose slot was freed before anyone was told,
+/// remembered so the next holder of the key still hears it (bounded).
+const DIED_KEYS_MAX: usize = 1 << 16;
 
 /// What the event loop must do after a registration.
 #[derive(Debug, PartialEq, Eq)]
@@ -162,7 +189,10 @@ pub enum Registered {
 
 pub struct LockManager {
     policy: Policy,
+    limits: Limits,
     epoch: u64,
+    /// The broker's persisted truth (see [`crate::ledger`]).
+    ledger: Ledger,
     keys: HashMap<Box<[u8]>, u32>,
     slots: Vec<SlotState>,
     free: Vec<u32>,
@@ -171,12 +201,8 @@ pub struct LockManager {
     clients: Vec<ClientState>,
     /// Queued acquires by connection: the slot each waits on.
     waiting: HashMap<ConnId, u32>,
-    /// Grants made through a connection's wait cell, until the connection's
-    /// next request (answers a Cancel that raced with the hand-off).
-    handed: HashMap<ConnId, (u32, u64, bool)>,
-    /// Every token issued so far is below this (the private copy of the
-    /// header's `token_floor`, which a client could overwrite).
-    floor: u64,
+    /// Keys whose owner-died flag outlived their slot.
+    died_keys: HashSet<Box<[u8]>>,
     /// Keys seen recently, by hash: what the allocator may prepare.
     known: HashMap<u64, Box<[u8]>>,
     /// Keys the forecaster scored above the threshold at the last tick that
@@ -200,12 +226,18 @@ fn word_of(table: &TableView, s: u32) -> Word {
 }
 
 impl LockManager {
-    /// Build the manager over a table, adopting whatever the table holds (a
-    /// fresh table adopts nothing). `alive(pid)` says whether a recorded client
-    /// process still runs (with the same start time).
+    /// Build the manager from the ledger (the broker's truth) and the table
+    /// (for the lock words of prepared slots, the only state clients write).
+    /// A new ledger and table adopt nothing. `alive(pid, start_time)` says
+    /// whether a recorded client process still runs. The table is rewritten
+    /// from the ledger: keys, token bases, client records, the index; a
+    /// client that scribbled any of it loses the scribble.
+    #[allow(clippy::too_many_arguments)]
     pub fn adopt(
         table: &TableView,
+        ledger: Ledger,
         policy: Policy,
+        limits: Limits,
         epoch: u64,
         now_ms: u64,
         mut alive: impl FnMut(u32, u64) -> bool,
@@ -214,7 +246,9 @@ impl LockManager {
         let g = table.geometry();
         let mut m = LockManager {
             policy,
+            limits,
             epoch,
+            ledger,
             keys: HashMap::new(),
             slots: (0..g.slot_count).map(|_| SlotState::empty()).collect(),
             free: Vec::new(),
@@ -223,57 +257,49 @@ impl LockManager {
                 .map(|_| ClientState::default())
                 .collect(),
             waiting: HashMap::new(),
-            handed: HashMap::new(),
-            floor: 1,
+            died_keys: HashSet::new(),
             known: HashMap::new(),
             predicted: std::collections::HashSet::new(),
             now_ms,
         };
+        m.ledger.set_epoch(epoch);
         for p in 0..g.index_len {
             if let Some(e) = table.index_entry(p) {
                 e.0.store(0, Ordering::Relaxed);
             }
         }
-        let mut floor = table.header().token_floor.load(Ordering::Relaxed).max(1);
-        // Slots: keep each valid, distinct key; free everything else.
-        for s in 0..g.slot_count {
+        // Slots: the ledger's keys, written back over whatever the table says.
+        for s in (0..g.slot_count).rev() {
             let slot = table.slot(s).expect("s < slot_count");
             let word = Word(slot.word.load(Ordering::Acquire));
-            floor = floor.max(word_token(slot, word).saturating_add(1));
-            let key = slot.key_bytes();
-            let keep = slot.key_len.load(Ordering::Relaxed) as usize == key.len()
-                && validate_key(&key).is_ok()
-                && !m.keys.contains_key(key.as_slice());
-            if !keep {
-                let next_gen = word.generation().wrapping_add(1);
+            let keyed = m
+                .ledger
+                .slot(s)
+                .filter(|(key, _)| validate_key(key).is_ok() && !m.keys.contains_key(&key[..]));
+            let Some((key, base)) = keyed else {
+                m.ledger.clear_slot(s);
                 slot.key_len.store(0, Ordering::Relaxed);
-                slot.word
-                    .store(Word::new(next_gen, 0, 0, 0).0, Ordering::Release);
+                slot.word.store(lockword::rekey(word).0, Ordering::Release);
                 m.free.push(s);
                 continue;
-            }
+            };
+            let hash = key_hash(&key);
+            slot.store_key(&key, hash, 0);
+            slot.token_base.store(base, Ordering::Relaxed);
             let st = &mut m.slots[s as usize];
-            st.hash = key_hash(&key);
-            slot.key_hash.store(st.hash, Ordering::Relaxed);
+            st.hash = hash;
             st.key = Some(key.clone().into_boxed_slice());
+            st.base = base;
             st.last_counter = word.counter();
-            st.issued = word_token(slot, word);
+            st.issued = base.saturating_add(word.counter() as u64);
             st.last_use_ms = now_ms;
             st.managed = !word.is_prepared();
             m.keys.insert(key.into_boxed_slice(), s);
         }
-        m.free.reverse();
-        table.header().token_floor.store(floor, Ordering::Relaxed);
-        m.floor = floor;
-        // Clients: live ones keep their records and broker-granted holds.
+        // Clients: the ledger's, written back over the table's records.
         let mut dead = Vec::new();
         for c in 0..g.client_count {
             let rec = table.client(c).expect("c < client_count");
-            if rec.state.load(Ordering::Relaxed) != CLIENT_ACTIVE {
-                continue;
-            }
-            let pid = rec.pid.load(Ordering::Relaxed);
-            let start = rec.start_time.load(Ordering::Relaxed);
             for cell in &rec.cells {
                 if cell.state.load(Ordering::Relaxed) == CELL_WAITING {
                     // The queue it waited in died with the old broker.
@@ -281,66 +307,113 @@ impl LockManager {
                     waker.wake(&cell.state);
                 }
             }
+            for h in &rec.broker_holds {
+                h.store(0, Ordering::Relaxed);
+            }
+            let Some(entry) = m.ledger.client(c) else {
+                rec.state.store(CLIENT_FREE, Ordering::Release);
+                continue;
+            };
+            rec.pid.store(entry.pid, Ordering::Relaxed);
+            rec.uid.store(entry.uid, Ordering::Relaxed);
+            rec.start_time.store(entry.start_time, Ordering::Relaxed);
+            rec.state.store(CLIENT_ACTIVE, Ordering::Release);
             m.clients[c as usize] = ClientState {
                 active: true,
-                pid,
-                conns: 0,
-                seen: false,
+                pid: entry.pid,
+                uid: entry.uid,
             };
-            for h in &rec.broker_holds {
-                let raw = h.load(Ordering::Relaxed);
-                let Some(slot_index) = (raw & !HOLD_SHARED).checked_sub(1) else {
-                    continue;
-                };
-                let shared = raw & HOLD_SHARED != 0;
-                let Some(st) = m.slots.get_mut(slot_index as usize) else {
-                    h.store(0, Ordering::Relaxed);
-                    continue;
-                };
-                if st.key.is_none() {
-                    h.store(0, Ordering::Relaxed);
-                    continue;
-                }
-                let slot = table.slot(slot_index).expect("bounds checked above");
-                let word = Word(slot.word.load(Ordering::Acquire));
-                let token = word_token(slot, word);
-                st.managed = true;
-                st.holder = match (std::mem::replace(&mut st.holder, Holder::Free), shared) {
-                    (Holder::Free, false) => Holder::Exclusive {
-                        client: c,
-                        token,
-                        via_broker: true,
-                    },
-                    (Holder::Free, true) => Holder::Shared(vec![(c, TOKEN_UNKNOWN)]),
-                    (Holder::Shared(mut v), true) => {
-                        v.push((c, TOKEN_UNKNOWN));
-                        Holder::Shared(v)
-                    }
-                    // Two records claim incompatible holds: the table was
-                    // scribbled. Keep the first claim, drop this one.
-                    (other, _) => {
-                        h.store(0, Ordering::Relaxed);
-                        other
-                    }
-                };
+            let holds: Vec<(usize, Hold)> = m.ledger.holds(c).collect();
+            for (_, hold) in holds {
+                m.adopt_hold(table, c, hold);
             }
-            if !alive(pid, start) {
+            if !alive(entry.pid, entry.start_time) {
                 dead.push(c);
             }
         }
-        // Managed slots: the word mirrors the private holder from now on.
         for s in 0..g.slot_count {
-            if m.slots[s as usize].key.is_some() && m.slots[s as usize].managed {
-                m.mirror(table, s);
-            }
             if m.slots[s as usize].key.is_some() {
+                if m.slots[s as usize].managed {
+                    m.mirror(table, s);
+                }
                 m.index_insert(table, s);
             }
         }
+        table
+            .header()
+            .token_floor
+            .store(m.ledger.floor(), Ordering::Relaxed);
         for c in dead {
             m.client_gone(table, c, waker);
         }
         m
+    }
+
+    /// One hold from the ledger, at adoption. A hold that contradicts the
+    /// others (the ledger only records consistent ones, so this means a
+    /// broker bug or a damaged file) is dropped with a warning.
+    fn adopt_hold(&mut self, table: &TableView, c: u32, hold: Hold) {
+        let Some(st) = self.slots.get_mut(hold.slot as usize) else {
+            self.ledger.remove_hold(c, hold.slot, Some(hold.token));
+            return;
+        };
+        let fits = st.key.is_some()
+            && matches!(
+                (&st.holder, hold.shared),
+                (Holder::Free, _) | (Holder::Shared(_), true)
+            );
+        if !fits {
+            tracing::warn!(
+                client = c,
+                ?hold,
+                "ledger hold contradicts another: dropped"
+            );
+            self.ledger.remove_hold(c, hold.slot, Some(hold.token));
+            return;
+        }
+        st.managed = true;
+        st.issued = st.issued.max(hold.token);
+        st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {
+            Holder::Shared(mut v) => {
+                v.push((c, hold.token));
+                Holder::Shared(v)
+            }
+            _ if hold.shared => Holder::Shared(vec![(c, hold.token)]),
+            _ => Holder::Exclusive {
+                client: c,
+                token: hold.token,
+                via_broker: hold.request != FAST_REQUEST,
+            },
+        };
+        // The word says managed from now on, whatever it said.
+        let slot = table.slot(hold.slot).expect("slot in range");
+        slot.word
+            .fetch_and(!shm_layout::lockword::PREPARED, Ordering::AcqRel);
+        mirror_hold(table, c, hold.slot, hold.shared);
+    }
+
+    /// The broker dies and a new one adopts the same table and ledger (tests
+    /// and the explorer: the real restart is a new process).
+    #[cfg(test)]
+    pub(crate) fn readopt(
+        &mut self,
+        table: &TableView,
+        alive: impl FnMut(u32, u64) -> bool,
+        waker: &mut dyn Waker,
+    ) {
+        let g = table.geometry();
+        let ledger = std::mem::replace(&mut self.ledger, Ledger::on_heap(1, 1));
+        *self = LockManager::adopt(
+            table,
+            ledger,
+            self.policy,
+            self.limits,
+            self.epoch + 1,
+            self.now_ms,
+            alive,
+            waker,
+        );
+        debug_assert_eq!(self.slots.len(), g.slot_count as usize);
     }
 
     // ---- registration ---------------------------------------------------------
@@ -375,10 +448,21 @@ impl LockManager {
                     ),
                 ));
             }
-            let st = &mut self.clients[c as usize];
-            st.conns += 1;
-            st.seen = true;
             return Ok(Registered::Attached { client: c });
+        }
+        let of_uid = self
+            .clients
+            .iter()
+            .filter(|st| st.active && st.uid == uid)
+            .count();
+        if of_uid >= self.limits.clients_per_uid as usize {
+            return Err((
+                ErrorCode::TooManyClients,
+                format!(
+                    "uid {uid} already has {of_uid} client records, its quota: share one Client \
+                     per process, or raise access.max_clients_per_uid in the broker's configuration"
+                ),
+            ));
         }
         let Some(c) = self.clients.iter().position(|st| !st.active) else {
             return Err((
@@ -390,6 +474,15 @@ impl LockManager {
                 ),
             ));
         };
+        // The ledger first: a broker killed after the Welcome knows the record.
+        self.ledger.set_client(
+            c as u32,
+            ClientEntry {
+                pid,
+                start_time,
+                uid,
+            },
+        );
         let rec = table.client(c as u32).expect("c < client_count");
         for h in &rec.broker_holds {
             h.store(0, Ordering::Relaxed);
@@ -405,40 +498,29 @@ impl LockManager {
         self.clients[c] = ClientState {
             active: true,
             pid,
-            conns: 1,
-            seen: true,
+            uid,
         };
         table.header().stats.clients.fetch_add(1, Ordering::Relaxed);
         Ok(Registered::New { client: c as u32 })
     }
 
-    /// A connection closed. When a record's last connection closes, the client
-    /// is gone: its locks are released (reported as owner-died to the next
-    /// holder, since it never released them itself).
-    pub fn conn_closed(
-        &mut self,
-        table: &TableView,
-        conn: ConnId,
-        client: Option<u32>,
-        waker: &mut dyn Waker,
-    ) {
-        self.handed.remove(&conn);
+    /// A connection closed. Its queued acquire (if any) leaves the queue;
+    /// nothing else changes: a connection is transport, and only the
+    /// client's death (its pidfd) or its `Bye` releases what it holds. A
+    /// grant answered on this connection that never reached the client is
+    /// delivered again when the client re-sends the same request.
+    pub fn conn_closed(&mut self, table: &TableView, conn: ConnId, waker: &mut dyn Waker) {
         if let Some(slot) = self.waiting.remove(&conn) {
             self.slots[slot as usize].queue.retain(|w| w.conn != conn);
+            self.mirror(table, slot);
             self.dispatch(table, slot, waker);
-        }
-        let Some(c) = client else { return };
-        let Some(st) = self.clients.get_mut(c as usize) else {
-            return;
-        };
-        st.conns = st.conns.saturating_sub(1);
-        if st.active && st.seen && st.conns == 0 {
-            self.client_gone(table, c, waker);
         }
     }
 
-    /// The process behind record `client` died (pidfd) or left: release
-    /// everything it held, drop its waiters, free the record.
+    /// The process behind record `client` died (pidfd), or its `Client` said
+    /// `Bye`: release everything it held (the next holders are told the owner
+    /// died: it never released those itself), drop its waiters, free the
+    /// record.
     pub fn client_gone(&mut self, table: &TableView, client: u32, waker: &mut dyn Waker) {
         let Some(st) = self.clients.get_mut(client as usize) else {
             return;
@@ -453,6 +535,15 @@ impl LockManager {
                 continue;
             }
             let before = self.slots[s as usize].queue.len();
+            let gone: Vec<ConnId> = self.slots[s as usize]
+                .queue
+                .iter()
+                .filter(|w| w.client == client)
+                .map(|w| w.conn)
+                .collect();
+            for conn in gone {
+                self.waiting.remove(&conn);
+            }
             self.slots[s as usize].queue.retain(|w| w.client != client);
             let mut touched = before != self.slots[s as usize].queue.len();
             let slot = table.slot(s).expect("s < slot_count");
@@ -484,7 +575,7 @@ impl LockManager {
                     if !w.is_prepared() || w.exclusive_owner() != Some(client) {
                         break;
                     }
-                    let freed = Word(shm_layout::lockword::released(w).0 | OWNER_DIED);
+                    let freed = lockword::release_for_dead_owner(w);
                     // SYNC POINT: Release pairs with the next acquirer's CAS.
                     if slot
                         .word
@@ -501,6 +592,13 @@ impl LockManager {
                 self.dispatch(table, s, waker);
             }
         }
+        // The ledger last: a broker killed midway releases the rest at its
+        // restart (the process is still dead then).
+        let holds: Vec<(usize, Hold)> = self.ledger.holds(client).collect();
+        for (_, hold) in holds {
+            self.ledger.remove_hold(client, hold.slot, Some(hold.token));
+        }
+        self.ledger.clear_client(client);
         let rec = table.client(client).expect("client < client_count");
         for h in &rec.broker_holds {
             h.store(0, Ordering::Relaxed);
@@ -518,10 +616,22 @@ impl LockManager {
         }
     }
 
+    /// A `Bye` from record `client`: its `Client` was dropped, so it holds
+    /// nothing it still means to hold (a guard borrows its client). Whatever
+    /// is left (a forgotten guard) is released as if the client died.
+    pub fn bye(&mut self, table: &TableView, client: u32, waker: &mut dyn Waker) {
+        self.client_gone(table, client, waker);
+    }
+
     // ---- requests ---------------------------------------------------------------
 
-    /// An `Acquire` from connection `conn` of record `client`, whose wait cell
-    /// is `cell`.
+    /// An `Acquire` (request id `request`) from connection `conn` of record
+    /// `client`, whose wait cell is `cell`.
+    ///
+    /// Idempotent per request id: a request the client sends again (its
+    /// connection broke, or the broker restarted) is answered with the grant
+    /// it already produced, or takes its queued place over, instead of
+    /// queueing behind itself.
     #[allow(clippy::too_many_arguments)]
     pub fn acquire(
         &mut self,
@@ -530,19 +640,50 @@ impl LockManager {
         client: u32,
         conn: ConnId,
         cell: u32,
+        request: u64,
         key: &[u8],
         shared: bool,
         queue: bool,
     ) -> Response {
-        self.handed.remove(&conn);
         if let Err(e) = validate_key(key) {
             return error(ErrorCode::BadKey, e.to_string());
+        }
+        if request == FAST_REQUEST {
+            return error(
+                ErrorCode::BadRequest,
+                format!("request id {FAST_REQUEST} is reserved: number requests from 1"),
+            );
         }
         if self.waiting.contains_key(&conn) {
             return error(
                 ErrorCode::BadRequest,
                 "this connection already has a queued acquire".into(),
             );
+        }
+        if let Some(&s) = self.keys.get(key) {
+            if let Some((_, hold)) = self
+                .ledger
+                .holds(client)
+                .find(|(_, h)| h.request == request && h.slot == s)
+            {
+                return Response::Granted {
+                    slot: s,
+                    token: hold.token,
+                    owner_died: hold.owner_died,
+                };
+            }
+            let st = &mut self.slots[s as usize];
+            if let Some(w) = st
+                .queue
+                .iter_mut()
+                .find(|w| w.client == client && w.request == request)
+            {
+                let old = std::mem::replace(&mut w.conn, conn);
+                w.cell = cell;
+                self.waiting.remove(&old);
+                self.waiting.insert(conn, s);
+                return Response::Queued { slot: s };
+            }
         }
         let stats = &table.header().stats;
         let s = match self.keys.get(key) {
@@ -573,7 +714,9 @@ impl LockManager {
                 return Response::WouldBlock;
             }
         }
-        self.take_over(table, s);
+        if let Err(refusal) = self.take_over(table, s) {
+            return refusal;
+        }
         let st = &self.slots[s as usize];
         let grantable = st.queue.is_empty()
             && match &st.holder {
@@ -597,7 +740,7 @@ impl LockManager {
                 &stats.misses
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            return match self.grant(table, s, client, shared) {
+            return match self.grant(table, s, client, shared, request) {
                 Ok((token, owner_died)) => Response::Granted {
                     slot: s,
                     token,
@@ -633,26 +776,60 @@ impl LockManager {
             conn,
             cell,
             shared,
+            request,
         });
         self.waiting.insert(conn, s);
         self.mirror(table, s);
         Response::Queued { slot: s }
     }
 
-    /// A `Cancel` from `conn`: withdraw its queued acquire, or report the grant
-    /// that beat the cancel.
-    pub fn cancel(&mut self, table: &TableView, conn: ConnId, waker: &mut dyn Waker) -> Response {
-        if let Some(slot) = self.waiting.remove(&conn) {
-            self.slots[slot as usize].queue.retain(|w| w.conn != conn);
+    /// A `Cancel` of request `request` from `conn` of `client`: withdraw its
+    /// queued acquire, or report the grant that beat the cancel (on whatever
+    /// connection it was answered).
+    pub fn cancel(
+        &mut self,
+        table: &TableView,
+        client: u32,
+        conn: ConnId,
+        request: u64,
+        waker: &mut dyn Waker,
+    ) -> Response {
+        let queued = self.waiting.get(&conn).copied().or_else(|| {
+            self.slots
+                .iter()
+                .position(|st| {
+                    st.queue
+                        .iter()
+                        .any(|w| w.client == client && w.request == request)
+                })
+                .map(|s| s as u32)
+        });
+        if let Some(slot) = queued {
+            let st = &mut self.slots[slot as usize];
+            let conns: Vec<ConnId> = st
+                .queue
+                .iter()
+                .filter(|w| w.conn == conn || (w.client == client && w.request == request))
+                .map(|w| w.conn)
+                .collect();
+            st.queue
+                .retain(|w| w.conn != conn && !(w.client == client && w.request == request));
+            for c in conns {
+                self.waiting.remove(&c);
+            }
             self.mirror(table, slot);
             self.dispatch(table, slot, waker);
             return Response::Cancelled;
         }
-        match self.handed.remove(&conn) {
-            Some((slot, token, owner_died)) => Response::Granted {
-                slot,
-                token,
-                owner_died,
+        match self
+            .ledger
+            .holds(client)
+            .find(|(_, h)| h.request == request && request != FAST_REQUEST)
+        {
+            Some((_, hold)) => Response::Granted {
+                slot: hold.slot,
+                token: hold.token,
+                owner_died: hold.owner_died,
             },
             None => Response::Cancelled,
         }
@@ -678,12 +855,17 @@ impl LockManager {
             // A fast-path hold whose release CAS failed for a transient reason
             // (or a confused client): release it if the word says it is ours.
             let w = Word(tslot.word.load(Ordering::Acquire));
-            let ours = w.exclusive_owner() == Some(client) && word_token(tslot, w) == token;
-            let freed = shm_layout::lockword::released(w);
+            let ours = w.exclusive_owner() == Some(client)
+                && st.base.saturating_add(w.counter() as u64) == token;
             return if ours
                 && tslot
                     .word
-                    .compare_exchange(w.0, freed.0, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(
+                        w.0,
+                        lockword::released(w).0,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
                     .is_ok()
             {
                 Response::Released
@@ -695,37 +877,29 @@ impl LockManager {
             Holder::Exclusive {
                 client: c,
                 token: t,
-                via_broker,
+                ..
             } if *c == client && *t == token => {
-                let via_broker = *via_broker;
                 st.holder = Holder::Free;
-                if via_broker {
-                    clear_hold(table, client, slot);
-                }
                 true
             }
-            Holder::Shared(v) => {
-                match v
-                    .iter()
-                    .position(|&(c, t)| c == client && (t == token || t == TOKEN_UNKNOWN))
-                {
-                    Some(i) => {
-                        v.swap_remove(i);
-                        if v.is_empty() {
-                            st.holder = Holder::Free;
-                        }
-                        clear_hold(table, client, slot);
-                        true
+            Holder::Shared(v) => match v.iter().position(|&(c, t)| c == client && t == token) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    if v.is_empty() {
+                        st.holder = Holder::Free;
                     }
-                    None => false,
+                    true
                 }
-            }
+                None => false,
+            },
             _ => false,
         };
         if !released {
             return not_holder(slot);
         }
-        st.last_use_ms = now_ms;
+        self.ledger.remove_hold(client, slot, Some(token));
+        clear_hold_mirror(table, client, slot);
+        self.slots[slot as usize].last_use_ms = now_ms;
         self.mirror(table, slot);
         self.dispatch(table, slot, waker);
         Response::Released
@@ -753,9 +927,7 @@ impl LockManager {
                     stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
                 }
                 st.uses = st.uses.saturating_add(grants);
-                st.issued = st
-                    .issued
-                    .max(word_token(table.slot(s).expect("s < slot_count"), w));
+                st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
                 st.last_counter = w.counter();
                 st.last_use_ms = now_ms;
                 st.speculative = false;
@@ -889,7 +1061,6 @@ impl LockManager {
         st.contention_prepared = true;
         st.contention_used = false;
         self.waiting.reserve(waiters);
-        self.handed.reserve(waiters);
         table
             .header()
             .stats
@@ -1018,88 +1189,118 @@ impl LockManager {
         Some(s)
     }
 
-    /// Write `key` into free slot `s`, managed and unheld, and index it.
+    /// Write `key` into free slot `s`, managed and unheld, and index it. Its
+    /// token base is the floor: above every token any key ever had.
     fn place_key(&mut self, table: &TableView, s: u32, key: &[u8]) {
         let slot = table.slot(s).expect("free slots are in range");
         let header = table.header();
         let old = Word(slot.word.load(Ordering::Acquire));
         let hash = key_hash(key);
-        let base = self.floor;
+        let base = self.ledger.floor();
+        // The ledger first: a restarted broker trusts it, not the table.
+        self.ledger.set_slot(s, key, base);
         slot.store_key(key, hash, 0);
         slot.token_base.store(base, Ordering::Relaxed);
         slot.prepared_at_ms.store(self.now_ms, Ordering::Relaxed);
         slot.waiters.store(0, Ordering::Relaxed);
+        let died = self.died_keys.remove(key);
+        let mut word = lockword::rekey(old);
+        if died {
+            word = Word(word.0 | OWNER_DIED);
+        }
         // SYNC POINT: Release publishes the key and token base written above;
         // pairs with the Acquire word load in `TableView::lookup`.
-        slot.word.store(
-            Word::new(old.generation().wrapping_add(1), 0, 0, 0).0,
-            Ordering::Release,
-        );
+        slot.word.store(word.0, Ordering::Release);
         let st = &mut self.slots[s as usize];
         *st = SlotState::empty();
         st.key = Some(key.into());
         st.hash = hash;
         st.last_use_ms = self.now_ms;
         st.placed_at_ms = self.now_ms;
+        st.base = base;
         st.issued = base;
         self.keys.insert(key.into(), s);
         self.index_insert(table, s);
         header.stats.slots_used.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Clear slot `s` if its word is still unheld; raise the token floor above
-    /// every token it issued.
+    /// Clear slot `s` if its word is still unheld. The floor is raised above
+    /// every token the slot issued before its counter is reset, so that a
+    /// broker killed in between still never issues a token twice.
     fn free_slot(&mut self, table: &TableView, s: u32) -> bool {
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
         if w.is_prepared() && !w.is_free() {
             return false;
         }
-        let emptied = Word::new(w.generation().wrapping_add(1), 0, 0, 0);
+        let st = &self.slots[s as usize];
+        let issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
+        self.raise_floor(table, issued.saturating_add(1));
         // SYNC POINT: AcqRel: Acquire pairs with the last fast-path release;
         // Release orders the unpublishing before we rewrite the key. Failure
         // Acquire: we only re-read.
         if slot
             .word
-            .compare_exchange(w.0, emptied.0, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                w.0,
+                lockword::rekey(w).0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_err()
         {
             return false; // a client took it meanwhile: keep the slot
         }
-        let issued = self.slots[s as usize].issued.max(word_token(slot, w));
-        self.raise_floor(table, issued.saturating_add(1));
+        self.ledger.clear_slot(s);
         self.index_remove(table, s);
         slot.key_len.store(0, Ordering::Relaxed);
         let st = std::mem::replace(&mut self.slots[s as usize], SlotState::empty());
         if let Some(key) = st.key {
+            if w.owner_died() && self.died_keys.len() < DIED_KEYS_MAX {
+                // Nobody was told yet: the key's next holder will be.
+                self.died_keys.insert(key.clone());
+            }
             self.keys.remove(&key);
         }
         self.free.push(s);
         true
     }
 
-    /// Raise the private token floor to `at_least` and publish it (the
-    /// header's copy only ever goes up, even if a client lowered it).
+    /// Raise the token floor to `at_least` in the ledger, and publish it in
+    /// the header for observers (clients never read it for a decision).
     fn raise_floor(&mut self, table: &TableView, at_least: u64) {
-        self.floor = self.floor.max(at_least);
-        let published = table
-            .header()
-            .token_floor
-            .fetch_max(self.floor, Ordering::Relaxed);
-        self.floor = self.floor.max(published);
+        let floor = self.ledger.raise_floor(at_least);
+        table.header().token_floor.store(floor, Ordering::Relaxed);
     }
 
     /// Make a prepared slot managed (clear PREPARED), learning its fast-path
-    /// holder from the word. A managed slot is left as it is.
-    fn take_over(&mut self, table: &TableView, s: u32) {
+    /// holder from the word and recording it in the ledger, so that a
+    /// restarted broker knows it too. A managed slot is left as it is.
+    /// Refused when the holder's ledger entry is full (it holds
+    /// [`crate::ledger::LEDGER_HOLDS`] locks): the slot then stays prepared.
+    fn take_over(&mut self, table: &TableView, s: u32) -> Result<(), Response> {
         if self.slots[s as usize].managed {
-            return;
+            return Ok(());
         }
         let slot = table.slot(s).expect("s < slot_count");
+        let peek = Word(slot.word.load(Ordering::Acquire));
+        if let Some(owner) = peek.exclusive_owner()
+            && self.clients.get(owner as usize).is_some_and(|c| c.active)
+            && !self.ledger.has_room(owner)
+        {
+            return Err(error(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "the holder of this key holds {} locks, the most the broker can record: \
+                     try again later",
+                    crate::ledger::LEDGER_HOLDS
+                ),
+            ));
+        }
         // SYNC POINT: AcqRel on fetch_and: Acquire pairs with the Release of a
         // fast-path release (so we see the holder's final state); after this,
         // clients' CASes (which require PREPARED) fail.
-        let w = Word(slot.word.fetch_and(!PREPARED, Ordering::AcqRel));
+        let w = Word(slot.word.fetch_and(!lockword::PREPARED, Ordering::AcqRel));
         let st = &mut self.slots[s as usize];
         st.managed = true;
         st.holder = Holder::Free;
@@ -1107,17 +1308,30 @@ impl LockManager {
             table.header().stats.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot = s, word = ?w, "lock word in a shape forelock never writes: repaired to free (someone scribbled on the table)");
         } else if let Some(owner) = w.exclusive_owner() {
-            let token = word_token(slot, w);
-            st.holder = Holder::Exclusive {
-                client: owner,
-                token,
-                via_broker: false,
-            };
+            let token = st.base.saturating_add(w.counter() as u64);
             let owner_alive = self.clients.get(owner as usize).is_some_and(|c| c.active);
-            if !owner_alive {
-                // The word names a client that is not registered: its owner is
-                // gone (or the word was scribbled). Release it as owner-died.
-                st.holder = Holder::Free;
+            let recorded = owner_alive
+                && self.ledger.add_hold(
+                    owner,
+                    Hold {
+                        slot: s,
+                        shared: false,
+                        token,
+                        request: FAST_REQUEST,
+                        owner_died: false,
+                    },
+                );
+            if recorded {
+                st.holder = Holder::Exclusive {
+                    client: owner,
+                    token,
+                    via_broker: false,
+                };
+            } else {
+                // The word names a client that is not registered (its owner
+                // is gone, or the word was scribbled), or one whose entry
+                // filled between the check above and now (impossible: one
+                // thread). Release it as owner-died.
                 slot.word.fetch_or(OWNER_DIED, Ordering::AcqRel);
                 table
                     .header()
@@ -1126,6 +1340,8 @@ impl LockManager {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        let st = &mut self.slots[s as usize];
+        st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
         if w.counter() != st.last_counter {
             table.header().stats.hits.fetch_add(
                 (w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF) as u64,
@@ -1134,56 +1350,64 @@ impl LockManager {
             st.last_counter = w.counter();
         }
         self.mirror(table, s);
+        Ok(())
     }
 
-    /// Grant managed slot `s` to `client`: bump the counter (rebasing the
-    /// token if the counter is exhausted), record the hold. Returns the token
-    /// and whether the previous owner died.
+    /// Grant managed slot `s` to `client` for its request `request`: bump the
+    /// counter (rebasing the token if the counter is exhausted), record the
+    /// hold in the ledger, then in the word. Returns the token and whether
+    /// the previous owner died.
     fn grant(
         &mut self,
         table: &TableView,
         s: u32,
         client: u32,
         shared: bool,
+        request: u64,
     ) -> Result<(u64, bool), Response> {
-        let rec = table
-            .client(client)
-            .expect("registered clients are in range");
-        let Some(free_hold) = rec
-            .broker_holds
-            .iter()
-            .find(|h| h.load(Ordering::Relaxed) == 0)
-        else {
+        let broker_holds = self
+            .ledger
+            .holds(client)
+            .filter(|(_, h)| h.request != FAST_REQUEST)
+            .count();
+        if broker_holds >= BROKER_HOLDS || !self.ledger.has_room(client) {
             return Err(error(
                 ErrorCode::TooManyHolds,
                 format!(
                     "this client already holds {BROKER_HOLDS} locks granted by the broker: release some first"
                 ),
             ));
-        };
-        free_hold.store(
-            (s + 1) | if shared { HOLD_SHARED } else { 0 },
-            Ordering::Relaxed,
-        );
+        }
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
-        let mut counter = w.counter();
-        let mut base = slot.token_base.load(Ordering::Relaxed);
-        if counter as u64 >= shm_layout::lockword::COUNTER_MASK {
-            base = base.saturating_add(counter as u64);
-            counter = 0;
-        }
-        counter += 1;
         let owner_died = w.owner_died();
         let st = &mut self.slots[s as usize];
-        // Never below a token this slot issued before, whatever the
-        // client-writable base says; rebase so base + counter = token.
-        let token = base
-            .saturating_add(counter as u64)
+        // The token: above every token this slot issued, whatever the
+        // client-writable counter says; rebase when the counter would run out.
+        let mut token = st
+            .base
+            .saturating_add(w.counter() as u64 + 1)
             .max(st.issued.saturating_add(1));
+        let mut counter = token - st.base;
+        if counter > lockword::COUNTER_MASK {
+            st.base = token - 1;
+            counter = 1;
+            token = st.base + 1;
+            self.ledger.set_base(s, st.base);
+            slot.token_base.store(st.base, Ordering::Relaxed);
+        }
+        let counter = counter as u32;
         st.issued = token;
-        slot.token_base
-            .store(token - counter as u64, Ordering::Relaxed);
+        self.ledger.add_hold(
+            client,
+            Hold {
+                slot: s,
+                shared,
+                token,
+                request,
+                owner_died,
+            },
+        );
         st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {
             Holder::Shared(mut v) if shared => {
                 v.push((client, token));
@@ -1200,16 +1424,22 @@ impl LockManager {
         st.last_use_ms = self.now_ms;
         st.uses = st.uses.saturating_add(1);
         st.speculative = false;
-        let word = Word::new(w.generation(), 0, 0, counter);
-        slot.word.store(word.0, Ordering::Release);
+        // The grant consumed the owner-died bit.
+        slot.word.store(
+            lockword::managed(Word(w.0 & !OWNER_DIED), false, 0, counter).0,
+            Ordering::Release,
+        );
         slot.held_since_ms.store(self.now_ms, Ordering::Relaxed);
+        mirror_hold(table, client, s, shared);
         self.mirror(table, s);
         Ok((token, owner_died))
     }
 
     /// Grant the head of `s`'s queue (all leading shared waiters at once) if
-    /// the slot is free for them; otherwise, with an empty queue and no holder,
-    /// give the slot back to the fast path.
+    /// the slot is free for them; a waiter that cannot take the lock (its
+    /// hold list is full) is answered with the refusal and the next one is
+    /// served. With an empty queue and no holder, the slot goes back to the
+    /// fast path.
     fn dispatch(&mut self, table: &TableView, s: u32, waker: &mut dyn Waker) {
         loop {
             let st = &self.slots[s as usize];
@@ -1230,13 +1460,12 @@ impl LockManager {
             let Some(cell) = rec.cells.get(head.cell as usize) else {
                 continue;
             };
-            let answer = match self.grant(table, s, head.client, head.shared) {
+            let answer = match self.grant(table, s, head.client, head.shared, head.request) {
                 Ok((token, owner_died)) => {
                     // Mirrored in the cell for observers only.
                     cell.token.store(token, Ordering::Relaxed);
                     let flags = if owner_died { GRANT_OWNER_DIED } else { 0 };
                     cell.flags.store(flags, Ordering::Relaxed);
-                    self.handed.insert(head.conn, (s, token, owner_died));
                     table
                         .header()
                         .stats
@@ -1263,9 +1492,6 @@ impl LockManager {
             // state after its futex wait.
             cell.state.store(CELL_GRANTED, Ordering::Release);
             waker.wake(&cell.state);
-            if !head.shared {
-                break;
-            }
         }
         self.mirror(table, s);
         let st = &self.slots[s as usize];
@@ -1288,22 +1514,18 @@ impl LockManager {
         }
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
-        let prepared = Word::new(
-            w.generation(),
-            PREPARED | (w.0 & OWNER_DIED),
-            0,
-            w.counter(),
-        );
+        // The table's base is a copy for clients: rewrite it from ours.
+        slot.token_base.store(st.base, Ordering::Relaxed);
         // SYNC POINT: Release publishes the slot's state to the next fast-path
         // acquirer (its CAS is Acquire).
-        slot.word.store(prepared.0, Ordering::Release);
+        slot.word.store(lockword::prepare(w).0, Ordering::Release);
         slot.waiters.store(0, Ordering::Relaxed);
         st.managed = false;
         st.last_counter = w.counter();
     }
 
     /// Write the managed slot's private holder and queue length into the word
-    /// and slot for observers (and for a restarted broker).
+    /// and slot for observers.
     fn mirror(&self, table: &TableView, s: u32) {
         let st = &self.slots[s as usize];
         let slot = table.slot(s).expect("s < slot_count");
@@ -1317,9 +1539,10 @@ impl LockManager {
             Holder::Exclusive { client, .. } => (true, client + 1),
             Holder::Shared(v) => (false, v.len() as u32),
         };
-        let flags = (w.0 & OWNER_DIED) | if exclusive { EXCLUSIVE } else { 0 };
-        let word = Word::new(w.generation(), flags, holders, w.counter());
-        slot.word.store(word.0, Ordering::Release);
+        slot.word.store(
+            lockword::managed(w, exclusive, holders, w.counter()).0,
+            Ordering::Release,
+        );
     }
 
     fn index_insert(&mut self, table: &TableView, s: u32) {
@@ -1382,15 +1605,26 @@ impl LockManager {
     }
 }
 
-/// The token a slot's word stands for: `token_base + counter`, saturating
-/// (both are client-writable, so any value may be there).
-fn word_token(slot: &shm_layout::table::Slot, w: Word) -> u64 {
-    slot.token_base
-        .load(Ordering::Relaxed)
-        .saturating_add(w.counter() as u64)
+/// Mirror a broker hold into the client's table record, for observers
+/// (`forelock locks` shows shared holders from it). Best effort: the ledger
+/// is the record that counts.
+fn mirror_hold(table: &TableView, client: u32, slot: u32, shared: bool) {
+    let Some(rec) = table.client(client) else {
+        return;
+    };
+    if let Some(h) = rec
+        .broker_holds
+        .iter()
+        .find(|h| h.load(Ordering::Relaxed) == 0)
+    {
+        h.store(
+            (slot + 1) | if shared { HOLD_SHARED } else { 0 },
+            Ordering::Relaxed,
+        );
+    }
 }
 
-fn clear_hold(table: &TableView, client: u32, slot: u32) {
+fn clear_hold_mirror(table: &TableView, client: u32, slot: u32) {
     let Some(rec) = table.client(client) else {
         return;
     };

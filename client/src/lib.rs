@@ -68,7 +68,7 @@ use shm_layout::table::{
 use shm_layout::wire::{ErrorCode, Request, Response};
 use shm_layout::{EVENTS_FILE, SOCKET_FILE, TABLE_FILE, key_hash, validate_key};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,22 @@ struct Inner {
     /// The broker forgot this client (it recreated the table): every call
     /// fails with BrokerRestarted.
     lost: AtomicBool,
+    /// The id of the next acquire sent to the broker (never 0: the broker
+    /// reserves it). A re-sent acquire keeps its id, so the broker answers
+    /// it with the grant it already made instead of granting twice.
+    next_request: AtomicU64,
+}
+
+impl Drop for Inner {
+    /// Tell the broker this client is done, so its record is freed now rather
+    /// than when the process exits. Every guard borrowed the client, so none
+    /// is left (one leaked with `mem::forget` is released as owner-died).
+    fn drop(&mut self) {
+        let conn = self.pool().idle.pop();
+        if let Some(mut conn) = conn {
+            let _ = conn.call(&Request::Bye);
+        }
+    }
 }
 
 /// Connections not in use, and which wait cells have a connection at all.
@@ -204,6 +220,7 @@ impl Client {
             }),
             pool_changed: Condvar::new(),
             lost: AtomicBool::new(false),
+            next_request: AtomicU64::new(1),
         };
         inner.cell(0).state.store(CELL_IDLE, Ordering::Relaxed);
         conn.epoch = inner.broker_epoch();
@@ -380,6 +397,11 @@ impl Inner {
             return None;
         }
         let hold = fast_acquire(view, key, hash, self.index)?;
+        if hold.wrong_key {
+            // Taken on a slot re-keyed under us: not our key; give it back.
+            let _ = self.release_through_broker(hold.slot, hold.token);
+            return None;
+        }
         self.events
             .view()
             .push(self.index, hash, 0, Outcome::FastHit, false, self.index);
@@ -555,10 +577,12 @@ impl Inner {
             return Err(timeout());
         };
         let queue = !matches!(wait, Wait::Try);
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let request = Request::Acquire {
             key: key.to_vec(),
             shared,
             queue,
+            request: request_id,
         };
         let cell = self.cell(lease.cell);
         let mut queued_slot;
@@ -610,7 +634,7 @@ impl Inner {
                 WaitEnd::TimedOut => {}
             }
             // Timed out: withdraw, unless the hand-off won the race.
-            return match self.cancel(&mut lease, cell)? {
+            return match self.cancel(&mut lease, cell, request_id)? {
                 Some(WaitEnd::Granted { token, owner_died }) => Ok(BrokerGrant {
                     slot: queued_slot,
                     token,
@@ -698,20 +722,45 @@ impl Inner {
         }
     }
 
-    /// Withdraw a queued acquire after a timeout. `Some(Granted)` if the
-    /// hand-off won the race; `None` when the request left the queue.
-    fn cancel(&self, lease: &mut Lease<'_>, cell: &WaitCell) -> Result<Option<WaitEnd>, Error> {
+    /// Withdraw queued acquire `request` after a timeout. `Some(Granted)` if
+    /// the hand-off won the race; `None` when the request left the queue.
+    ///
+    /// On the connection the request waited on, a hand-off answered before
+    /// our Cancel arrives first and the Cancel's own answer (the same grant)
+    /// follows. If that connection broke, the Cancel goes on a new one, which
+    /// carries only the Cancel's answer: the broker finds the grant by the
+    /// request id, whichever connection it was answered on.
+    fn cancel(
+        &self,
+        lease: &mut Lease<'_>,
+        cell: &WaitCell,
+        request: u64,
+    ) -> Result<Option<WaitEnd>, Error> {
         cell.state.store(CELL_IDLE, Ordering::Relaxed);
-        let Some(conn) = lease.conn.as_mut() else {
-            return Ok(None);
+        let cancel = Request::Cancel { request };
+        let same_conn = lease.conn.is_some();
+        let answer = if same_conn {
+            match lease.conn.as_mut().expect("checked").call(&cancel) {
+                Ok(answer) => answer,
+                Err(ConnError::Broken(_)) => {
+                    lease.conn = None;
+                    return self.cancel_on_new_conn(lease, &cancel);
+                }
+                Err(ConnError::Other(e)) => {
+                    lease.conn = None;
+                    return Err(e);
+                }
+            }
+        } else {
+            return self.cancel_on_new_conn(lease, &cancel);
         };
-        match conn.call(&Request::Cancel) {
-            Ok(Response::Cancelled) => Ok(None),
-            Ok(Response::Granted {
+        match answer {
+            Response::Cancelled => Ok(None),
+            Response::Granted {
                 token, owner_died, ..
-            }) => {
-                // The hand-off was answered before our Cancel was read; the
-                // Cancel's own answer (the same grant) follows: consume it.
+            } => {
+                // The hand-off's answer came first: consume the Cancel's own.
+                let conn = lease.conn.as_mut().expect("checked");
                 match conn.recv() {
                     Ok(Response::Granted { .. }) => {
                         Ok(Some(WaitEnd::Granted { token, owner_died }))
@@ -723,20 +772,27 @@ impl Inner {
                     }
                 }
             }
-            Ok(Response::Error { code, message }) => {
+            Response::Error { code, message } => {
                 lease.conn = None;
                 Err(Error::from_broker(code, message, None))
             }
-            Ok(other) => Err(unexpected(lease, "Cancel", other)),
-            Err(ConnError::Broken(_)) => {
-                // The broker died with its queue, and answered nothing first.
-                lease.conn = None;
-                Ok(None)
-            }
-            Err(ConnError::Other(e)) => {
-                lease.conn = None;
-                Err(e)
-            }
+            other => Err(unexpected(lease, "Cancel", other)),
+        }
+    }
+
+    /// Send `cancel` on a fresh connection (one answer only).
+    fn cancel_on_new_conn(
+        &self,
+        lease: &mut Lease<'_>,
+        cancel: &Request,
+    ) -> Result<Option<WaitEnd>, Error> {
+        match self.call(lease, cancel, || {})?.0 {
+            Response::Cancelled => Ok(None),
+            Response::Granted {
+                token, owner_died, ..
+            } => Ok(Some(WaitEnd::Granted { token, owner_died })),
+            Response::Error { code, message } => Err(Error::from_broker(code, message, None)),
+            other => Err(unexpected(lease, "Cancel", other)),
         }
     }
 
@@ -866,6 +922,7 @@ impl LockGuard<'_> {
                 held,
                 token: self.token,
                 owner_died: self.owner_died,
+                wrong_key: false,
             };
             if fast_release(self.inner.table.view(), &hold) {
                 return Ok(());
@@ -878,9 +935,57 @@ impl LockGuard<'_> {
 impl Drop for LockGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        if !self.released {
-            let _ = self.release_inner();
+        if !self.released
+            && let Err(Error::BrokerNotRunning { .. }) = self.release_inner()
+        {
+            // The broker is down past the reconnect window: the lock is still
+            // held there. Deliver the release when it is back.
+            release_later(
+                self.inner.socket.clone(),
+                self.inner.index,
+                self.slot,
+                self.token,
+            );
         }
+    }
+}
+
+/// How long a release the broker could not take is retried in the
+/// background before it is given up (the lock is then released when this
+/// process exits, by its death).
+const RELEASE_LATER_FOR: Duration = Duration::from_secs(3600);
+
+/// Release `slot`/`token` of client record `index` from a background thread,
+/// retrying until the broker answers. The thread opens its own connection
+/// (attached to the record, which belongs to this process), so it needs
+/// nothing from the `Client`, which may be gone by then.
+#[cold]
+fn release_later(socket: PathBuf, index: u32, slot: u32, token: u64) {
+    let spawned = std::thread::Builder::new()
+        .name("forelock-release".into())
+        .spawn(move || {
+            let start = Instant::now();
+            let mut backoff = RECONNECT_BACKOFF_FIRST;
+            while start.elapsed() < RELEASE_LATER_FOR {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // Cell 0: this connection never queues, so it needs no wake-up.
+                let mut conn = match Conn::open(&socket, Some(index), 0) {
+                    Ok((conn, _)) => conn,
+                    Err(ConnError::Broken(_)) => continue,
+                    // The record is gone (the broker lost it, or this
+                    // process's registration ended): nothing is held.
+                    Err(ConnError::Other(_)) => return,
+                };
+                match conn.call(&Request::Release { slot, token }) {
+                    Ok(_) => return,
+                    Err(ConnError::Broken(_)) => continue,
+                    Err(ConnError::Other(_)) => return,
+                }
+            }
+        });
+    if spawned.is_err() {
+        // No thread to be had: the lock is released when this process exits.
     }
 }
 

@@ -132,6 +132,9 @@ pub(crate) struct FastHold {
     pub(crate) held: Word,
     pub(crate) token: u64,
     pub(crate) owner_died: bool,
+    /// Taken on a slot re-keyed since the lookup (see [`fast_acquire_seen`]):
+    /// not the caller's key, to be released through the broker at once.
+    pub(crate) wrong_key: bool,
 }
 
 /// The fast path: look `key` up, CAS its prepared word to "held by `owner`".
@@ -145,6 +148,27 @@ pub(crate) fn fast_acquire(
     owner: u32,
 ) -> Option<FastHold> {
     let (slot_index, seen) = table.lookup(key, hash)?;
+    fast_acquire_seen(table, key, slot_index, seen, owner)
+}
+
+/// The CAS half of [`fast_acquire`], on the slot and word a lookup found.
+///
+/// The word's 16-bit generation is the seqlock of the slot's key, and it can
+/// wrap while a client stalls between its lookup and its CAS (65,536 re-keys
+/// of the slot). So once the CAS made the word ours, the key is compared
+/// again: the broker re-keys only a free word, so while we hold it the key
+/// cannot change, and a mismatch means the generation wrapped. Then the hold
+/// is given back at once (or, if the broker took the slot over in that
+/// instant, handed to the caller flagged `wrong_key`, to release through the
+/// broker).
+#[inline]
+pub(crate) fn fast_acquire_seen(
+    table: &TableView,
+    key: &[u8],
+    slot_index: u32,
+    seen: Word,
+    owner: u32,
+) -> Option<FastHold> {
     let slot = table.slot(slot_index)?;
     // SYNC POINT: the CAS inside (Acquire) pairs with the broker's Release
     // store that published the prepared word, so `token_base` read below is
@@ -155,11 +179,22 @@ pub(crate) fn fast_acquire(
         .token_base
         .load(Ordering::Relaxed)
         .saturating_add(grant.held.counter() as u64);
-    Some(FastHold {
+    let hold = FastHold {
         slot: slot_index,
         held: grant.held,
         token,
         owner_died: grant.owner_died,
+        wrong_key: false,
+    };
+    if slot.key_equals(key) {
+        return Some(hold);
+    }
+    if lockword::try_release_exclusive(&slot.word, grant.held) {
+        return None;
+    }
+    Some(FastHold {
+        wrong_key: true,
+        ..hold
     })
 }
 

@@ -284,6 +284,24 @@ fn owner_died_is_reported_by_the_next_fast_grant() {
     assert_eq!(hold.token, 6);
 }
 
+/// Defect 8 of "Never two holders": the 16-bit key generation can wrap
+/// while a client stalls between its lookup and its CAS; the CAS then
+/// succeeded on a slot that holds another key by now.
+#[test]
+fn a_generation_that_wrapped_during_a_stall_does_not_grant_another_key() {
+    let (_dir, table) = table_with(b"k", 1);
+    let view = table.view();
+    let (slot_index, seen) = view.lookup(b"k", key_hash(b"k")).unwrap();
+    // 65,536 re-keys later the slot holds "other", at the same generation.
+    prepare(view, slot_index, b"other", 1, seen.generation());
+    assert_eq!(
+        crate::mapped::fast_acquire_seen(view, b"k", slot_index, seen, 0),
+        None
+    );
+    let word = view.slot(slot_index).unwrap().word_acquire();
+    assert!(word.is_free(), "the mistaken hold was given back: {word:?}");
+}
+
 #[test]
 fn fast_release_fails_once_the_broker_took_the_slot_over() {
     let (_dir, table) = table_with(b"k", 1);
@@ -488,9 +506,10 @@ fn serve(state: Arc<MockState>, fd: OwnedFd) {
                 token: 10,
                 owner_died: false,
             },
-            Request::Cancel => Response::Cancelled,
+            Request::Cancel { .. } => Response::Cancelled,
             Request::Release { .. } => Response::Released,
             Request::Ping => Response::Pong,
+            Request::Bye => Response::Bye,
         });
         let bytes = encode(&response);
         // SAFETY: `fd` is our open socket; `bytes` is readable for its length.
@@ -576,12 +595,13 @@ fn an_unprepared_key_is_granted_by_the_broker_and_released_through_it() {
     assert_eq!(guard.token(), 10);
     drop(guard);
     let requests = broker.state.requests();
-    assert!(requests.iter().any(|(_, r)| *r
-        == Request::Acquire {
-            key: b"cold".to_vec(),
+    assert!(requests.iter().any(|(_, r)| matches!(r,
+        Request::Acquire {
+            key,
             shared: false,
-            queue: true
-        }));
+            queue: true,
+            request: 1..,
+        } if key == b"cold")));
     assert!(
         requests
             .iter()
@@ -661,7 +681,7 @@ fn a_timeout_cancels_the_queued_request_and_reports_how_long_it_waited() {
             .state
             .requests()
             .iter()
-            .any(|(_, r)| *r == Request::Cancel)
+            .any(|(_, r)| matches!(r, Request::Cancel { .. }))
     );
 }
 
@@ -669,7 +689,7 @@ fn a_timeout_cancels_the_queued_request_and_reports_how_long_it_waited() {
 fn a_hand_off_that_wins_the_race_with_cancel_is_a_grant() {
     let broker = MockBroker::start(|_, _, request| match request {
         Request::Acquire { queue: true, .. } => Some(Response::Queued { slot: 4 }),
-        Request::Cancel => Some(Response::Granted {
+        Request::Cancel { .. } => Some(Response::Granted {
             slot: 4,
             token: 7,
             owner_died: false,

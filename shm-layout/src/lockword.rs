@@ -224,6 +224,59 @@ pub const fn released(held: Word) -> Word {
     Word::new(held.generation(), PREPARED, 0, held.counter())
 }
 
+// ---- the broker's transitions -------------------------------------------------
+//
+// | transition | from | to | how |
+// |---|---|---|---|
+// | [`take_over`] | any keyed word | same, `P` cleared | `fetch_and`: a fast-path holder's release CAS fails from then on |
+// | [`managed`] | `P=0` | `P=0`, holders/`X` mirror the broker's holder, counter as given | store (clients never write a `P=0` word) |
+// | [`prepare`] | `P=0`, free | `P=1`, free, same counter, `D` kept | store: the Release publishes the slot to the next fast acquirer |
+// | [`release_for_dead_owner`] | `P=1`, held by a dead client | `P=1`, free, `D` set | CAS from the exact held word (a racing scribbler makes it fail: retried, bounded) |
+// | [`rekey`] | `P=0`, or `P=1` free | next generation, `P=0`, free, counter 0 | CAS for a prepared word (a client may take it meanwhile: then the slot is kept), store for a managed one |
+//
+// The client's two transitions ([`try_acquire_exclusive`], [`try_release_exclusive`])
+// require `P=1`, so after [`take_over`] the word is the broker's alone, and
+// the only transitions that race with a client are `take_over`,
+// `release_for_dead_owner` and `rekey` of a prepared word: all three are one
+// atomic read-modify-write, checked against the client's under loom below.
+
+/// The word after the broker takes a slot over: `P` cleared, all else kept.
+pub const fn take_over(w: Word) -> Word {
+    Word(w.0 & !PREPARED)
+}
+
+/// A broker-managed word (`P=0`) that mirrors the broker's holder for
+/// observers: `exclusive` with `holders` = owner + 1, or `holders` shared
+/// holders, or free. Keeps the generation and the owner-died bit.
+pub const fn managed(w: Word, exclusive: bool, holders: u32, counter: u32) -> Word {
+    let flags = (w.0 & OWNER_DIED) | if exclusive { EXCLUSIVE } else { 0 };
+    Word::new(w.generation(), flags, holders, counter)
+}
+
+/// A managed, free word given back to the fast path: prepared, free, same
+/// counter and generation, owner-died kept for the next acquirer.
+pub const fn prepare(w: Word) -> Word {
+    Word::new(
+        w.generation(),
+        PREPARED | (w.0 & OWNER_DIED),
+        0,
+        w.counter(),
+    )
+}
+
+/// A prepared word held by a client that died, released: free, prepared,
+/// owner-died set so the next holder is told.
+pub const fn release_for_dead_owner(held: Word) -> Word {
+    Word(released(held).0 | OWNER_DIED)
+}
+
+/// A slot's word when its key is removed or changed: the next generation
+/// (so a client that looked the old key up fails its CAS), managed, free,
+/// counter 0 (the token base moves to the floor with the new key).
+pub const fn rekey(w: Word) -> Word {
+    Word::new(w.generation().wrapping_add(1), 0, 0, 0)
+}
+
 /// A 64-bit atomic cell the transitions can run on: the real `AtomicU64` in a
 /// shared mapping, or loom's on the heap.
 pub trait WordCell {
@@ -424,6 +477,68 @@ mod loom_tests {
     }
 
     #[test]
+    fn a_dead_owner_release_from_a_stale_snapshot_never_frees_a_newer_hold() {
+        // The client takes, releases and takes again; the broker, believing
+        // the owner dead, releases from whatever held word it read. Each hold
+        // is freed exactly once: by its holder or by the broker, never both.
+        loom::model(|| {
+            let word = Arc::new(AtomicU64::new(Word::new(0, PREPARED, 0, 0).0));
+            let w2 = word.clone();
+            let client = loom::thread::spawn(move || {
+                let mut frees = 0;
+                let mut holds = 0;
+                for _ in 0..2 {
+                    if let Ok(g) = try_acquire_exclusive(&*w2, 0, 1) {
+                        holds += 1;
+                        frees += try_release_exclusive(&*w2, g.held) as u32;
+                    }
+                }
+                (holds, frees)
+            });
+            let cur = word.load_word(Ordering::Acquire);
+            let broker_freed = cur.exclusive_owner() == Some(1)
+                && word
+                    .compare_exchange_word(
+                        cur,
+                        release_for_dead_owner(cur),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok();
+            let (holds, frees) = client.join().unwrap();
+            assert_eq!(holds, frees + broker_freed as u32);
+            assert!(Word(word.load(Ordering::Relaxed)).is_free());
+        });
+    }
+
+    #[test]
+    fn a_rekey_never_succeeds_while_a_client_is_inside() {
+        loom::model(|| {
+            let word = Arc::new(AtomicU64::new(Word::new(0, PREPARED, 0, 0).0));
+            let inside = Arc::new(AtomicUsize::new(0));
+            let (w2, in2) = (word.clone(), inside.clone());
+            let client = loom::thread::spawn(move || {
+                if let Ok(g) = try_acquire_exclusive(&*w2, 0, 1) {
+                    in2.fetch_add(1, Ordering::SeqCst);
+                    in2.fetch_sub(1, Ordering::SeqCst);
+                    assert!(try_release_exclusive(&*w2, g.held));
+                }
+            });
+            let cur = word.load_word(Ordering::Acquire);
+            if cur.is_free()
+                && word
+                    .compare_exchange_word(cur, rekey(cur), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                // Re-keyed: nobody is inside, and nobody gets in later (the
+                // client's CAS expects the old generation).
+                assert_eq!(inside.load(Ordering::SeqCst), 0);
+            }
+            client.join().unwrap();
+        });
+    }
+
+    #[test]
     fn a_broker_takeover_during_a_hold_forces_the_release_through_the_broker() {
         loom::model(|| {
             let word = Arc::new(AtomicU64::new(Word::new(0, PREPARED, 0, 0).0));
@@ -434,9 +549,12 @@ mod loom_tests {
             // The broker's takeover: clear PREPARED with a CAS, keeping holders.
             let mut cur = Word(word.load(Ordering::Acquire));
             loop {
-                let managed = Word(cur.0 & !PREPARED);
-                match word.compare_exchange_word(cur, managed, Ordering::AcqRel, Ordering::Acquire)
-                {
+                match word.compare_exchange_word(
+                    cur,
+                    take_over(cur),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
                     Ok(_) => break,
                     Err(now) => cur = now,
                 }

@@ -15,7 +15,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 /// Bump on any change to these types.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -32,17 +32,27 @@ pub enum Request {
     },
     /// Take `key`. If it is held: `queue` true queues the request (answer
     /// `Queued`, grant later through the wait cell), false answers `WouldBlock`.
+    ///
+    /// `request` is the client's id for this acquire (unique per client
+    /// record, never 0). Sent again with the same id (after a broken
+    /// connection or a broker restart), it is answered with the grant it
+    /// already produced, or takes its queued place over: never a second grant.
     Acquire {
         key: Vec<u8>,
         shared: bool,
         queue: bool,
+        request: u64,
     },
-    /// Withdraw this connection's queued acquire (timeout or abandon).
-    Cancel,
+    /// Withdraw the queued acquire `request` (timeout or abandon); answered
+    /// `Cancelled`, or `Granted` if the grant won the race.
+    Cancel { request: u64 },
     /// Release a lock granted with `token` on `slot`.
     Release { slot: u32, token: u64 },
     /// Liveness check; also the broker round trip the benchmark measures.
     Ping,
+    /// The client is done (its `Client` was dropped): free its record and
+    /// release whatever it still holds, as if it died. Answered `Bye`.
+    Bye,
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -66,6 +76,7 @@ pub enum Response {
     Cancelled,
     Released,
     Pong,
+    Bye,
     Error {
         code: ErrorCode,
         message: String,
@@ -170,14 +181,17 @@ mod tests {
             (
                 proptest::collection::vec(any::<u8>(), 0..80),
                 any::<bool>(),
-                any::<bool>()
+                any::<bool>(),
+                any::<u64>()
             )
-                .prop_map(|(key, shared, queue)| Request::Acquire {
+                .prop_map(|(key, shared, queue, request)| Request::Acquire {
                     key,
                     shared,
-                    queue
+                    queue,
+                    request
                 }),
-            Just(Request::Cancel),
+            any::<u64>().prop_map(|request| Request::Cancel { request }),
+            Just(Request::Bye),
             (any::<u32>(), any::<u64>()).prop_map(|(slot, token)| Request::Release { slot, token }),
             Just(Request::Ping),
         ]

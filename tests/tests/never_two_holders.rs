@@ -128,7 +128,10 @@ fn a_scribbled_wait_cell_cannot_make_the_broker_release_a_live_clients_locks() {
             "k was granted to another process while this live client held it"
         );
         q_holder.release();
-        assert!(waiting.join().unwrap(), "the wait for q still ends in a grant");
+        assert!(
+            waiting.join().unwrap(),
+            "the wait for q still ends in a grant"
+        );
     });
     k.release().unwrap();
 }
@@ -177,7 +180,9 @@ fn a_scribbled_token_floor_cannot_pin_tokens_at_the_maximum() {
     let mut w = Worker::spawn(dir.path(), &["hold", "warm", "--hold-ms", "0"]);
     parse_held(&w.next_line("HELD"));
     with_table_mut(dir.path(), |t| {
-        t.header().token_floor.store(u64::MAX - 1, Ordering::Relaxed);
+        t.header()
+            .token_floor
+            .store(u64::MAX - 1, Ordering::Relaxed);
         for s in 0..t.geometry().slot_count {
             t.slot(s)
                 .unwrap()
@@ -219,7 +224,10 @@ fn an_owner_died_flag_survives_the_eviction_of_its_slot() {
         t.lookup(b"k", shm_layout::key_hash(b"k"))
             .is_some_and(|(_, w)| !w.owner_died())
     }) {
-        assert!(Instant::now() < deadline, "the holder's death was never seen");
+        assert!(
+            Instant::now() < deadline,
+            "the holder's death was never seen"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     for key in ["x", "y", "z"] {

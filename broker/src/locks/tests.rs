@@ -49,6 +49,7 @@ struct Fixture {
     w: CountingWaker,
     alloc: crate::allocator_glue::Allocation,
     now: u64,
+    next_request: u64,
     _bufs: (Buf, Buf),
 }
 
@@ -74,7 +75,16 @@ fn fixture(slots: u32, clients: u32, policy: Policy) -> Fixture {
     // SAFETY: as above.
     let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
     let mut w = CountingWaker::default();
-    let m = LockManager::adopt(&table, policy, 1, 0, |_, _| true, &mut w);
+    let m = LockManager::adopt(
+        &table,
+        Ledger::on_heap(slots, clients),
+        policy,
+        Limits::for_table(clients.max(4) * 2),
+        1,
+        0,
+        |_, _| true,
+        &mut w,
+    );
     let mut config = crate::config::Config::default_config();
     config.allocator.keep_alive_ms = KEEP_ALIVE;
     let alloc = crate::allocator_glue::Allocation::new(&config);
@@ -85,6 +95,7 @@ fn fixture(slots: u32, clients: u32, policy: Policy) -> Fixture {
         w,
         alloc,
         now: 0,
+        next_request: 1,
         _bufs: (tb, eb),
     }
 }
@@ -97,12 +108,14 @@ impl Fixture {
         }
     }
     fn acquire(&mut self, client: u32, conn: ConnId, key: &str, shared: bool) -> Response {
+        self.next_request += 1;
         self.m.acquire(
             &self.table,
             &self.events,
             client,
             conn,
             conn as u32 % 64,
+            self.next_request,
             key.as_bytes(),
             shared,
             true,
@@ -155,6 +168,12 @@ impl Fixture {
             held,
             slot.token_base.load(Ordering::Relaxed) + held.counter() as u64,
         )
+    }
+
+    /// The broker dies and a new one adopts the table and the ledger;
+    /// `alive` says which client processes still run.
+    fn restart(&mut self, alive: impl FnMut(u32, u64) -> bool) {
+        self.m.readopt(&self.table, alive, &mut self.w);
     }
 
     /// Let time pass and run the allocator (keep-alive policy) once.
@@ -252,7 +271,7 @@ fn try_lock_on_a_held_key_would_block_and_queues_nothing() {
     let (a, b) = (f.client(1), f.client(2));
     f.acquire(a, 1, "k", false);
     let r =
-        f.m.acquire(&f.table, &f.events, b, 2, 2, b"k", false, false);
+        f.m.acquire(&f.table, &f.events, b, 2, 2, 99, b"k", false, false);
     assert_eq!(r, Response::WouldBlock);
     assert_eq!(f.table.slot(0).unwrap().waiters.load(Ordering::Relaxed), 0);
 }
@@ -354,14 +373,17 @@ fn a_cancel_that_loses_the_race_to_a_hand_off_reports_the_grant() {
     f.acquire(b, 2, "k", false);
     f.release(a, &ga);
     assert!(matches!(
-        f.m.cancel(&f.table, 2, &mut f.w),
+        f.m.cancel(&f.table, b, 2, f.next_request, &mut f.w),
         Response::Granted { .. }
     ));
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b) = (f.client(1), f.client(2));
     f.acquire(a, 1, "k", false);
     f.acquire(b, 2, "k", false);
-    assert_eq!(f.m.cancel(&f.table, 2, &mut f.w), Response::Cancelled);
+    assert_eq!(
+        f.m.cancel(&f.table, b, 2, f.next_request, &mut f.w),
+        Response::Cancelled
+    );
     assert_eq!(f.table.slot(0).unwrap().waiters.load(Ordering::Relaxed), 0);
 }
 
@@ -426,13 +448,13 @@ fn held_locks_survive_adoption_by_a_new_manager() {
     let shared = f.acquire(b, 2, "read", true);
     // The broker dies; a new one adopts the table. Both clients still run.
     let floor_before = f.table.header().token_floor.load(Ordering::Relaxed);
-    f.m = LockManager::adopt(&f.table, Policy::KeepAlive, 2, 0, |_, _| true, &mut f.w);
+    f.restart(|_, _| true);
     assert!(f.table.header().token_floor.load(Ordering::Relaxed) >= floor_before);
     f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
     f.m.hello(&f.table, 2, 0, 7, Some(b), 2).unwrap();
     assert!(f.queued(b, 2, "held-by-broker", false));
     assert!(matches!(
-        f.m.cancel(&f.table, 2, &mut f.w),
+        f.m.cancel(&f.table, b, 2, f.next_request, &mut f.w),
         Response::Cancelled
     ));
     assert!(f.queued(b, 2, "held-fast", false));
@@ -453,7 +475,7 @@ fn adoption_releases_the_locks_of_clients_that_died_meanwhile() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let a = f.client(1);
     f.acquire(a, 1, "k", false);
-    f.m = LockManager::adopt(&f.table, Policy::KeepAlive, 2, 0, |_, _| false, &mut f.w);
+    f.restart(|_, _| false);
     let b = f.client(2);
     let g = f.acquire(b, 2, "k", false);
     assert!(
@@ -508,8 +530,7 @@ proptest::proptest! {
         let _ = f.acquire(b, 3, "other", true);
         f.advance(KEEP_ALIVE + 1);
         f.m.client_gone(&f.table, a, &mut f.w);
-        let mut w = CountingWaker::default();
-        let _ = LockManager::adopt(&f.table, Policy::KeepAlive, 3, 0, |_, _| true, &mut w);
+        f.restart(|_, _| true);
     }
 }
 
@@ -539,7 +560,7 @@ fn a_try_lock_on_a_fast_path_hold_leaves_the_slot_on_the_fast_path() {
     let (a, b) = (f.client(1), f.client(2));
     let (s, held, _) = f.hold_on_fast_path(a, "k");
     let r =
-        f.m.acquire(&f.table, &f.events, b, 2, 2, b"k", false, false);
+        f.m.acquire(&f.table, &f.events, b, 2, 2, 99, b"k", false, false);
     assert_eq!(r, Response::WouldBlock);
     let slot = f.table.slot(s).unwrap();
     assert!(
