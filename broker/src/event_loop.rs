@@ -320,6 +320,23 @@ pub struct EventLoop {
     last_tick_ms: u64,
 }
 
+/// The pause before accept is armed again after it failed with `errno`,
+/// given the last pause (`0` after a success): `None` (at once) for the
+/// errors of one connection or of none (ECONNABORTED, EINTR, EAGAIN);
+/// otherwise, resources ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) or the
+/// error is unknown, and retrying at once would only fail at once: a pause
+/// that doubles from [`ACCEPT_BACKOFF_MIN_MS`] to [`ACCEPT_BACKOFF_MAX_MS`].
+fn accept_backoff_after(errno: i32, last_ms: u64) -> Option<u64> {
+    if matches!(errno, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN) {
+        return None;
+    }
+    Some(
+        last_ms
+            .saturating_mul(2)
+            .clamp(ACCEPT_BACKOFF_MIN_MS, ACCEPT_BACKOFF_MAX_MS),
+    )
+}
+
 /// A relative io_uring timeout of `ms` milliseconds, boxed so that it stays
 /// put while the operation is in flight.
 fn timespec_ms(ms: u64) -> Box<types::Timespec> {
@@ -774,11 +791,10 @@ impl EventLoop {
         }
     }
 
-    /// An accept completed. Out of resources (EMFILE, ENFILE, ENOBUFS,
-    /// ENOMEM, or any error not known to be transient) it is armed again
-    /// only after a pause that doubles from [`ACCEPT_BACKOFF_MIN_MS`] to
-    /// [`ACCEPT_BACKOFF_MAX_MS`]: re-arming at once would fail at once, a
-    /// busy loop. Failures are logged first, then at most once a second.
+    /// An accept completed. Out of resources it is armed again only after a
+    /// pause ([`accept_backoff_after`]) on a ring timeout: re-arming at once
+    /// would fail at once, a busy loop. Failures are logged first, then at
+    /// most once a second with a count.
     fn accept_done(&mut self, result: i32) {
         if result >= 0 {
             self.accept_backoff_ms = 0;
@@ -789,14 +805,13 @@ impl EventLoop {
             return;
         }
         let errno = -result;
-        if matches!(errno, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN) {
+        let Some(backoff_ms) = accept_backoff_after(errno, self.accept_backoff_ms) else {
             // That connection is gone, or nothing happened: the next may work.
             tracing::debug!(errno, "accept failed (transient)");
             self.arm_accept();
             return;
-        }
-        self.accept_backoff_ms =
-            (self.accept_backoff_ms * 2).clamp(ACCEPT_BACKOFF_MIN_MS, ACCEPT_BACKOFF_MAX_MS);
+        };
+        self.accept_backoff_ms = backoff_ms;
         if let Some(suppressed) = self.accept_failures.allow(now_ms()) {
             tracing::warn!(
                 error = %std::io::Error::from_raw_os_error(errno),
@@ -1263,6 +1278,27 @@ mod tests {
         c.recv_armed = true;
         assert_eq!(c.answers_unsent(), ANSWERS_MAX as u32 + 1);
         assert_eq!(c.ops_in_flight(), 2);
+    }
+
+    #[test]
+    fn accept_out_of_descriptors_backs_off_doubling_to_a_second_and_transient_errors_do_not() {
+        let mut pause_ms = 0;
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            pause_ms = accept_backoff_after(libc::EMFILE, pause_ms).unwrap();
+            pauses.push(pause_ms);
+        }
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
+            "5 ms doubling, capped at 1 s"
+        );
+        for errno in [libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::EINVAL] {
+            assert_eq!(accept_backoff_after(errno, 0), Some(5), "errno {errno}");
+        }
+        for errno in [libc::ECONNABORTED, libc::EINTR, libc::EAGAIN] {
+            assert_eq!(accept_backoff_after(errno, 640), None, "errno {errno}");
+        }
     }
 
     #[test]
