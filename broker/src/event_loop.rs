@@ -3,9 +3,23 @@
 //! timer, the signalfd (SIGTERM/SIGINT), and optionally futex wakes.
 //!
 //! Every submission's `user_data` names an entry of a slab of in-flight
-//! operations ([`OpSlab`]) with a generation; every buffer an operation
-//! points to is owned by that entry until its completion arrives, which is
-//! what makes each `push` below sound.
+//! operations ([`OpSlab`]); every buffer an operation points to is owned by
+//! that entry until its completion arrives, which is what makes each `push`
+//! below sound (see its `# Safety`).
+//!
+//! Any local process may connect, so the transport assumes a hostile peer:
+//!
+//! - an operation on a connection carries the connection's full [`ConnId`]
+//!   (serial and slab index), and its completion is applied only if that
+//!   connection still holds the index (`Conns`); a closing connection
+//!   serves nothing it receives;
+//! - each connection has at most one recv and one send in flight and a
+//!   bounded queue of answers; it is not read while more than
+//!   `ANSWERS_BEFORE_PAUSE` answers are unsent (backpressure), so a peer
+//!   that never reads costs bounded memory and no CPU;
+//! - `broker.max_connections_per_uid` bounds the connections of one uid;
+//! - accept out of file descriptors retries after a growing pause instead of
+//!   at once (`accept_backoff_after`).
 
 use crate::allocator_glue::Allocation;
 use crate::config::{Config, FutexWake};
