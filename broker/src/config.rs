@@ -77,6 +77,9 @@ pub struct BrokerConfig {
     pub spin_waiters_us: u64,
     /// Socket file mode (octal as a string, e.g. "0666"): who may connect.
     pub socket_mode: String,
+    /// Most connections open at once from one uid (SO_PEERCRED), root
+    /// included; connections past it are closed at once.
+    pub max_connections_per_uid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -176,6 +179,13 @@ impl Config {
                  contention_waiters (a deeper queue still grows on demand)",
                 self.allocator.contention_waiters, self.table.slots
             ));
+        }
+        if self.broker.max_connections_per_uid == 0 {
+            return Err(
+                "broker.max_connections_per_uid must be at least 1 (every client needs a \
+                 connection)"
+                    .into(),
+            );
         }
         u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
             format!(

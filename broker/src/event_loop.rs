@@ -3,9 +3,23 @@
 //! timer, the signalfd (SIGTERM/SIGINT), and optionally futex wakes.
 //!
 //! Every submission's `user_data` names an entry of a slab of in-flight
-//! operations ([`OpSlab`]) with a generation; every buffer an operation
-//! points to is owned by that entry until its completion arrives, which is
-//! what makes each `push` below sound.
+//! operations ([`OpSlab`]); every buffer an operation points to is owned by
+//! that entry until its completion arrives, which is what makes each `push`
+//! below sound (see its `# Safety`).
+//!
+//! Any local process may connect, so the transport assumes a hostile peer:
+//!
+//! - an operation on a connection carries the connection's full [`ConnId`]
+//!   (serial and slab index), and its completion is applied only if that
+//!   connection still holds the index (`Conns`); a closing connection
+//!   serves nothing it receives;
+//! - each connection has at most one recv and one send in flight and a
+//!   bounded queue of answers; it is not read while more than
+//!   `ANSWERS_BEFORE_PAUSE` answers are unsent (backpressure), so a peer
+//!   that never reads costs bounded memory and no CPU;
+//! - `broker.max_connections_per_uid` bounds the connections of one uid;
+//! - accept out of file descriptors retries after a growing pause instead of
+//!   at once (`accept_backoff_after`).
 
 use crate::allocator_glue::Allocation;
 use crate::config::{Config, FutexWake};
@@ -22,14 +36,22 @@ use std::time::Instant;
 const RECV_BUF: usize = wire::MAX_MESSAGE + 1;
 
 /// An in-flight operation and the memory it borrows.
+///
+/// Operations on a connection carry its full [`ConnId`] (serial and slab
+/// index), never the bare index: a completion is applied only to the
+/// connection that submitted it ([`Conns::get_mut`] checks the serial).
 enum Op {
     Accept,
+    /// The pause before accept is armed again after it ran out of resources.
+    AcceptRetry {
+        _ts: Box<types::Timespec>,
+    },
     Recv {
-        conn: usize,
+        conn: ConnId,
         buf: Box<[u8; RECV_BUF]>,
     },
     Send {
-        conn: usize,
+        conn: ConnId,
         _buf: rkyv::util::AlignedVec,
     },
     PidFd {
@@ -74,6 +96,19 @@ impl OpSlab {
     }
 }
 
+/// Answers a connection may have queued or in flight and still be read
+/// from. A legitimate client has one request outstanding and at most two
+/// answers: a queued acquire's later grant and the reply to its request.
+/// Past this the broker stops receiving from the peer until its answers
+/// drain, so a peer that never reads costs a bounded amount of memory.
+const ANSWERS_BEFORE_PAUSE: u32 = 2;
+
+/// Hard cap on a connection's unsent answers. Reading pauses long before
+/// this (answers come from requests, requests stop being read at
+/// [`ANSWERS_BEFORE_PAUSE`]); reaching it means answers arrived without
+/// requests, and the connection is shut down rather than grown.
+const ANSWERS_MAX: usize = 16;
+
 struct Conn {
     fd: OwnedFd,
     id: ConnId,
@@ -81,10 +116,169 @@ struct Conn {
     uid: u32,
     client: Option<u32>,
     cell: u32,
-    /// In-flight recv and send operations; the fd closes when both are done.
-    inflight: u8,
+    /// A recv is in flight (at most one).
+    recv_armed: bool,
+    /// A send is in flight (at most one: answers leave in order).
+    send_armed: bool,
+    /// Answers waiting for the send in flight, oldest first; at most
+    /// [`ANSWERS_MAX`].
+    outbox: std::collections::VecDeque<rkyv::util::AlignedVec>,
+    /// Closed for requests: nothing received is served any more, and the
+    /// entry (and its fd) is freed when its last operation completes.
     closing: bool,
 }
+
+impl Conn {
+    /// Answers not yet sent: queued, plus the one in flight.
+    fn answers_unsent(&self) -> u32 {
+        // ANSWERS_MAX bounds the outbox, so this cannot overflow.
+        self.outbox.len() as u32 + u32::from(self.send_armed)
+    }
+
+    /// Operations in flight that still point at this connection's fd.
+    fn ops_in_flight(&self) -> u32 {
+        u32::from(self.recv_armed) + u32::from(self.send_armed)
+    }
+}
+
+/// The open connections: a slab indexed by the low 32 bits of a [`ConnId`],
+/// with the connection's serial in the high bits, and the count of
+/// connections per uid (SO_PEERCRED).
+///
+/// An entry is freed only when its connection is closing and its last
+/// operation has completed, so no operation of a connection can be in
+/// flight when its index is reused; [`Conns::get`] checking the whole id is
+/// the second line of defence (ids repeat only after 2^32 connections).
+struct Conns {
+    entries: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    next_serial: u64,
+    per_uid: std::collections::HashMap<u32, u32>,
+}
+
+impl Conns {
+    fn new() -> Conns {
+        Conns {
+            entries: Vec::new(),
+            free: Vec::new(),
+            next_serial: 1,
+            per_uid: std::collections::HashMap::new(),
+        }
+    }
+
+    fn index(id: ConnId) -> usize {
+        (id & 0xFFFF_FFFF) as usize
+    }
+
+    /// The connection `id`, if it is still the one at its index.
+    fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.entries
+            .get(Conns::index(id))?
+            .as_ref()
+            .filter(|c| c.id == id)
+    }
+
+    /// The connection `id`, if it is still the one at its index.
+    fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.entries
+            .get_mut(Conns::index(id))?
+            .as_mut()
+            .filter(|c| c.id == id)
+    }
+
+    /// Open connections of `uid`.
+    fn of_uid(&self, uid: u32) -> u32 {
+        self.per_uid.get(&uid).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, fd: OwnedFd, pid: u32, uid: u32) -> ConnId {
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.entries.push(None);
+                self.entries.len() - 1
+            }
+        };
+        // Each connection holds an fd, so the slab never nears 2^32 entries.
+        assert!(
+            index <= u32::MAX as usize,
+            "connection slab index fits 32 bits"
+        );
+        debug_assert!(self.entries[index].is_none(), "a free entry is empty");
+        let id = conn_id(self.next_serial, index);
+        self.next_serial += 1;
+        self.entries[index] = Some(Conn {
+            fd,
+            id,
+            pid,
+            uid,
+            client: None,
+            cell: 0,
+            recv_armed: false,
+            send_armed: false,
+            outbox: std::collections::VecDeque::new(),
+            closing: false,
+        });
+        *self.per_uid.entry(uid).or_insert(0) += 1;
+        id
+    }
+
+    /// Remove connection `id` (closing its fd); nothing if `id` is stale.
+    fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let index = Conns::index(id);
+        let slot = self.entries.get_mut(index)?;
+        if slot.as_ref().is_none_or(|c| c.id != id) {
+            return None;
+        }
+        let c = slot.take()?;
+        self.free.push(index as u32);
+        if let Some(n) = self.per_uid.get_mut(&c.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&c.uid);
+            }
+        }
+        Some(c)
+    }
+}
+
+/// "Log the first, then at most once per `every_ms`, with a count."
+struct RateLimited {
+    every_ms: u64,
+    last_ms: Option<u64>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    const fn new(every_ms: u64) -> RateLimited {
+        RateLimited {
+            every_ms,
+            last_ms: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(events suppressed since the last log)` if this one may be
+    /// logged now.
+    fn allow(&mut self, now_ms: u64) -> Option<u64> {
+        match self.last_ms {
+            Some(last) if now_ms.saturating_sub(last) < self.every_ms => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_ms = Some(now_ms);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// First pause before accept is tried again after running out of resources.
+const ACCEPT_BACKOFF_MIN_MS: u64 = 5;
+/// Longest pause: a legitimate client waits at most this long (in the
+/// listen backlog) once descriptors are free again.
+const ACCEPT_BACKOFF_MAX_MS: u64 = 1000;
 
 /// Answers and wake-ups requested by the lock manager, delivered after each
 /// request: answers first, then the futex wakes.
@@ -110,15 +304,24 @@ fn conn_id(serial: u64, index: usize) -> ConnId {
 }
 
 pub struct EventLoop {
+    /// Declared first so that it is dropped first, before the buffers
+    /// (`ops`) and the table mapping (`files`) its operations point to.
+    /// Closing the ring cancels them, but the kernel finishes that
+    /// asynchronously: an `EventLoop` is dropped only when the process is
+    /// about to exit (after `run` returns).
+    ring: IoUring,
     config: Config,
     files: RuntimeFiles,
     manager: LockManager,
     allocation: Allocation,
     metrics: Metrics,
-    ring: IoUring,
     ops: OpSlab,
-    conns: Vec<Option<Conn>>,
-    next_conn_id: u64,
+    conns: Conns,
+    /// Pause before the next accept after it ran out of resources; 0 while
+    /// accepting works.
+    accept_backoff_ms: u64,
+    accept_failures: RateLimited,
+    refused_connections: RateLimited,
     listener: OwnedFd,
     signal_fd: OwnedFd,
     client_generation: Vec<u64>,
@@ -129,6 +332,33 @@ pub struct EventLoop {
     /// Time spent serving completions since the last tick, and when that was.
     busy_ns: u64,
     last_tick_ms: u64,
+}
+
+/// The pause before accept is armed again after it failed with `errno`,
+/// given the last pause (`0` after a success): `None` (at once) for the
+/// errors of one connection or of none (ECONNABORTED, EINTR, EAGAIN);
+/// otherwise, resources ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM) or the
+/// error is unknown, and retrying at once would only fail at once: a pause
+/// that doubles from [`ACCEPT_BACKOFF_MIN_MS`] to [`ACCEPT_BACKOFF_MAX_MS`].
+fn accept_backoff_after(errno: i32, last_ms: u64) -> Option<u64> {
+    if matches!(errno, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN) {
+        return None;
+    }
+    Some(
+        last_ms
+            .saturating_mul(2)
+            .clamp(ACCEPT_BACKOFF_MIN_MS, ACCEPT_BACKOFF_MAX_MS),
+    )
+}
+
+/// A relative io_uring timeout of `ms` milliseconds, boxed so that it stays
+/// put while the operation is in flight.
+fn timespec_ms(ms: u64) -> Box<types::Timespec> {
+    Box::new(
+        types::Timespec::new()
+            .sec(ms / 1000)
+            .nsec(((ms % 1000) * 1_000_000) as u32),
+    )
 }
 
 fn now_ms() -> u64 {
@@ -211,8 +441,10 @@ impl EventLoop {
                 ops: Vec::new(),
                 free: Vec::new(),
             },
-            conns: Vec::new(),
-            next_conn_id: 1,
+            conns: Conns::new(),
+            accept_backoff_ms: 0,
+            accept_failures: RateLimited::new(1000),
+            refused_connections: RateLimited::new(1000),
             listener,
             signal_fd,
             client_generation: vec![0; clients],
@@ -224,7 +456,13 @@ impl EventLoop {
             last_tick_ms: now_ms(),
         };
         for (client, pid) in event_loop.manager.active_clients() {
-            event_loop.watch_client(client, pid);
+            if !event_loop.watch_client(client, pid) {
+                tracing::error!(
+                    client,
+                    pid,
+                    "adopted client cannot be watched: its locks stay held until it releases them"
+                );
+            }
         }
         Ok(event_loop)
     }
@@ -296,14 +534,31 @@ impl EventLoop {
         Ok(())
     }
 
-    fn push(&mut self, entry: squeue::Entry) {
+    /// Queue `entry` on the submission ring (submitting first if it is full).
+    ///
+    /// # Safety
+    ///
+    /// The kernel reads and writes the memory `entry` points to (buffers,
+    /// timespecs, futex words) at any time until the entry's completion is
+    /// reaped, and uses the fds it names until then. So every pointer in
+    /// `entry` must stay valid, unmoved and not otherwise borrowed until that
+    /// completion, that is, either
+    ///
+    /// - it points into a heap allocation owned by the [`Op`] stored in
+    ///   `self.ops` under `entry`'s `user_data` (a `Box` or an `AlignedVec`,
+    ///   whose contents do not move when the `Op` moves), which is removed
+    ///   only by [`EventLoop::complete`] for that completion; or
+    /// - it points into memory that outlives the ring (the table mapping in
+    ///   `self.files`, which is declared after `ring`, so the ring closes
+    ///   first on drop);
+    ///
+    /// and every fd it names is owned by that `Op`, by a [`Conn`] that is not
+    /// freed while the operation is in flight (see [`Conn::ops_in_flight`]),
+    /// or by `self` (listener, signalfd).
+    unsafe fn push(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: every entry pushed here points only into memory owned by
-            // the Op stored in `self.ops` under the entry's user_data (receive
-            // and send buffers, timespecs, the signal buffer) or into the table
-            // mapping (futex words), which outlives the ring; the Op is removed
-            // only when its completion arrives, so the memory outlives the
-            // kernel's use of it.
+            // SAFETY: the caller guarantees that everything `entry` points to
+            // outlives the operation (this function's `# Safety`).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -325,7 +580,21 @@ impl EventLoop {
         .flags(libc::SOCK_CLOEXEC)
         .build()
         .user_data(ud);
-        self.push(e);
+        // SAFETY:
+        // - no address buffer: both pointers are null;
+        // - the listener fd is owned by `self` and lives as long as the ring.
+        unsafe { self.push(e) };
+    }
+
+    /// Arm accept again after `accept_backoff_ms`, through a ring timeout.
+    fn arm_accept_retry(&mut self) {
+        let ts = timespec_ms(self.accept_backoff_ms);
+        let ptr: *const types::Timespec = &*ts;
+        let ud = self.ops.insert(Op::AcceptRetry { _ts: ts });
+        let e = opcode::Timeout::new(ptr).build().user_data(ud);
+        // SAFETY: `ptr` points into the Box owned by the Op::AcceptRetry
+        // stored under `ud`, freed only when its completion is reaped.
+        unsafe { self.push(e) };
     }
 
     fn arm_signal(&mut self) {
@@ -335,27 +604,34 @@ impl EventLoop {
         let e = opcode::Read::new(types::Fd(self.signal_fd.as_raw_fd()), ptr, 128)
             .build()
             .user_data(ud);
-        self.push(e);
+        // SAFETY:
+        // - `ptr` points into the 128-byte Box owned by the Op::Signal stored
+        //   under `ud`, freed only when its completion is reaped;
+        // - the signalfd is owned by `self` and lives as long as the ring.
+        unsafe { self.push(e) };
     }
 
     fn arm_tick(&mut self) {
-        let ms = self.config.allocator.tick_ms;
-        let ts = Box::new(
-            types::Timespec::new()
-                .sec(ms / 1000)
-                .nsec(((ms % 1000) * 1_000_000) as u32),
-        );
+        let ts = timespec_ms(self.config.allocator.tick_ms);
         let ptr: *const types::Timespec = &*ts;
         let ud = self.ops.insert(Op::Tick { _ts: ts });
         let e = opcode::Timeout::new(ptr).build().user_data(ud);
-        self.push(e);
+        // SAFETY: `ptr` points into the Box owned by the Op::Tick stored
+        // under `ud`, freed only when its completion is reaped.
+        unsafe { self.push(e) };
     }
 
-    fn arm_recv(&mut self, conn: usize) {
-        let Some(c) = self.conns[conn].as_mut() else {
+    /// Receive the next request of `conn`, unless it is closing, already
+    /// receiving, or has more than [`ANSWERS_BEFORE_PAUSE`] answers unsent
+    /// (backpressure: a send completing calls this again).
+    fn arm_recv(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
-        c.inflight += 1;
+        if c.closing || c.recv_armed || c.answers_unsent() > ANSWERS_BEFORE_PAUSE {
+            return;
+        }
+        c.recv_armed = true;
         let fd = c.fd.as_raw_fd();
         let mut buf = Box::new([0u8; RECV_BUF]);
         let ptr = buf.as_mut_ptr();
@@ -363,34 +639,98 @@ impl EventLoop {
         let e = opcode::Recv::new(types::Fd(fd), ptr, RECV_BUF as u32)
             .build()
             .user_data(ud);
-        self.push(e);
+        // SAFETY:
+        // - `ptr` points into the RECV_BUF-byte Box owned by the Op::Recv
+        //   stored under `ud`, freed only when its completion is reaped;
+        // - `fd` is owned by the Conn `conn`, which now has `recv_armed` set
+        //   and so is not freed before that completion (`free_if_done`).
+        unsafe { self.push(e) };
     }
 
-    fn send(&mut self, conn: usize, response: &Response) {
-        let Some(c) = self.conns[conn].as_mut() else {
+    /// Queue `response` on `conn`; sent at once unless a send is in flight.
+    fn send(&mut self, conn: ConnId, response: &Response) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            tracing::debug!(
+                conn,
+                ?response,
+                "answer for a connection that is gone: dropped"
+            );
             return;
         };
-        c.inflight += 1;
+        if c.closing {
+            return;
+        }
+        if c.outbox.len() >= ANSWERS_MAX {
+            // Unreachable for a peer that reads: reading pauses long before.
+            let (pid, uid) = (c.pid, c.uid);
+            tracing::warn!(
+                conn,
+                pid,
+                uid,
+                "a connection has {ANSWERS_MAX} answers unsent: shut down"
+            );
+            self.shut_down(conn);
+            return;
+        }
+        c.outbox.push_back(wire::encode(response));
+        self.send_next(conn);
+    }
+
+    /// Start the oldest queued answer of `conn`, if no send is in flight.
+    fn send_next(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        if c.send_armed || c.closing {
+            return;
+        }
+        let Some(buf) = c.outbox.pop_front() else {
+            return;
+        };
+        c.send_armed = true;
         let fd = c.fd.as_raw_fd();
-        let buf = wire::encode(response);
         let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
         let ud = self.ops.insert(Op::Send { conn, _buf: buf });
         let e = opcode::Send::new(types::Fd(fd), ptr, len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(ud);
-        self.push(e);
+        // SAFETY:
+        // - `ptr..ptr+len` is the heap buffer of the AlignedVec owned by the
+        //   Op::Send stored under `ud` (moving the vector did not move it),
+        //   freed only when its completion is reaped;
+        // - `fd` is owned by the Conn `conn`, which now has `send_armed` set
+        //   and so is not freed before that completion (`free_if_done`).
+        unsafe { self.push(e) };
     }
 
-    fn watch_client(&mut self, client: u32, pid: u32) {
+    /// Shut the socket of `conn` down both ways: its operations in flight
+    /// complete at once (recv with 0, send with EPIPE) and the completions
+    /// close it. For a peer that must not be served any more.
+    fn shut_down(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get(conn) {
+            // SAFETY: shutdown on an fd the Conn owns takes no pointers.
+            unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    /// Watch `pid` with a pidfd, so that its death releases record
+    /// `client`. False if the process cannot be watched (out of file
+    /// descriptors): the caller must not keep the record.
+    fn watch_client(&mut self, client: u32, pid: u32) -> bool {
         // SAFETY: pidfd_open takes a pid and flags, no pointers.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
-            // Already gone (ESRCH): release its locks now.
-            self.manager
-                .client_gone(&self.files.table, client, &mut self.wakes);
-            self.flush_wakes();
-            return;
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ESRCH) {
+                // Already gone: release its locks now.
+                self.manager
+                    .client_gone(&self.files.table, client, &mut self.wakes);
+                self.flush_wakes();
+                return true;
+            }
+            tracing::warn!(client, pid, %error, "cannot watch a client process (pidfd_open)");
+            return false;
         }
         // SAFETY: pidfd_open returned a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
@@ -405,7 +745,10 @@ impl EventLoop {
         let e = opcode::PollAdd::new(types::Fd(raw), libc::POLLIN as u32)
             .build()
             .user_data(ud);
-        self.push(e);
+        // SAFETY: no buffer; the pidfd `raw` is owned by the Op::PidFd stored
+        // under `ud`, dropped only when its completion is reaped.
+        unsafe { self.push(e) };
+        true
     }
 
     fn complete(&mut self, user_data: u64, result: i32) {
@@ -413,32 +756,40 @@ impl EventLoop {
             return;
         };
         match op {
-            Op::Accept => {
-                if result >= 0 {
-                    // SAFETY: a successful accept returns a new fd we own.
-                    let fd = unsafe { OwnedFd::from_raw_fd(result) };
-                    self.accepted(fd);
-                } else {
-                    tracing::warn!(errno = -result, "accept failed");
-                }
-                self.arm_accept();
-            }
+            Op::Accept => self.accept_done(result),
+            Op::AcceptRetry { .. } => self.arm_accept(),
             Op::Recv { conn, buf } => {
-                self.op_done(conn);
-                if result <= 0 {
+                let Some(c) = self.conns.get_mut(conn) else {
+                    // A later connection may sit at this index: never apply
+                    // the completion to it. The buffer is freed here.
+                    tracing::debug!(conn, "stale receive completion dropped");
+                    return;
+                };
+                c.recv_armed = false;
+                if c.closing {
+                    // Closed for requests: what arrives now is not served.
+                    self.free_if_done(conn);
+                } else if result <= 0 {
                     self.close(conn);
                 } else {
                     self.received(conn, &buf[..result as usize]);
-                    if self.conns[conn].as_ref().is_some_and(|c| !c.closing) {
-                        self.arm_recv(conn);
-                    }
+                    self.arm_recv(conn);
                 }
             }
             Op::Send { conn, .. } => {
-                self.op_done(conn);
+                let Some(c) = self.conns.get_mut(conn) else {
+                    tracing::debug!(conn, "stale send completion dropped");
+                    return;
+                };
+                c.send_armed = false;
                 if result < 0 {
                     self.close(conn);
+                } else {
+                    self.send_next(conn);
+                    // Backpressure released: read the peer again.
+                    self.arm_recv(conn);
                 }
+                self.free_if_done(conn);
             }
             Op::PidFd {
                 client, generation, ..
@@ -466,64 +817,102 @@ impl EventLoop {
         }
     }
 
+    /// An accept completed. Out of resources it is armed again only after a
+    /// pause ([`accept_backoff_after`]) on a ring timeout: re-arming at once
+    /// would fail at once, a busy loop. Failures are logged first, then at
+    /// most once a second with a count.
+    fn accept_done(&mut self, result: i32) {
+        if result >= 0 {
+            self.accept_backoff_ms = 0;
+            // SAFETY: a successful accept returns a new fd we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(result) };
+            self.accepted(fd);
+            self.arm_accept();
+            return;
+        }
+        let errno = -result;
+        let Some(backoff_ms) = accept_backoff_after(errno, self.accept_backoff_ms) else {
+            // That connection is gone, or nothing happened: the next may work.
+            tracing::debug!(errno, "accept failed (transient)");
+            self.arm_accept();
+            return;
+        };
+        self.accept_backoff_ms = backoff_ms;
+        if let Some(suppressed) = self.accept_failures.allow(now_ms()) {
+            tracing::warn!(
+                error = %std::io::Error::from_raw_os_error(errno),
+                failures_since_last_report = suppressed,
+                retry_in_ms = self.accept_backoff_ms,
+                "accept failed: new connections wait in the listen backlog (out of file \
+                 descriptors? raise LimitNOFILE / ulimit -n of forelockd)"
+            );
+        }
+        self.arm_accept_retry();
+    }
+
     fn accepted(&mut self, fd: OwnedFd) {
         let Some((pid, uid)) = peer_credentials(&fd) else {
             tracing::warn!("connection without peer credentials: closed");
             return;
         };
-        let index = self
-            .conns
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or_else(|| {
-                self.conns.push(None);
-                self.conns.len() - 1
-            });
-        let id = conn_id(self.next_conn_id, index);
-        self.next_conn_id += 1;
-        self.conns[index] = Some(Conn {
-            fd,
-            id,
-            pid,
-            uid,
-            client: None,
-            cell: 0,
-            inflight: 0,
-            closing: false,
-        });
-        self.arm_recv(index);
+        let limit = self.config.broker.max_connections_per_uid;
+        if self.conns.of_uid(uid) >= limit {
+            tracing::debug!(
+                pid,
+                uid,
+                limit,
+                "connection past max_connections_per_uid: closed"
+            );
+            if let Some(suppressed) = self.refused_connections.allow(now_ms()) {
+                tracing::warn!(
+                    pid,
+                    uid,
+                    limit,
+                    refused_since_last_report = suppressed,
+                    "connection refused: uid has broker.max_connections_per_uid connections open"
+                );
+            }
+            return; // dropping `fd` closes it
+        }
+        let id = self.conns.insert(fd, pid, uid);
+        self.arm_recv(id);
     }
 
-    fn op_done(&mut self, conn: usize) {
-        let Some(c) = self.conns[conn].as_mut() else {
-            return;
-        };
-        c.inflight -= 1;
-        if c.closing && c.inflight == 0 {
-            self.conns[conn] = None; // closes the fd
+    /// Free `conn` if it is closing and no operation still uses its fd.
+    fn free_if_done(&mut self, conn: ConnId) {
+        if self
+            .conns
+            .get(conn)
+            .is_some_and(|c| c.closing && c.ops_in_flight() == 0)
+        {
+            self.conns.remove(conn); // closes the fd
         }
     }
 
-    fn close(&mut self, conn: usize) {
-        let Some(c) = self.conns[conn].as_mut() else {
+    /// The peer left or failed: stop serving `conn`, tell the lock manager,
+    /// and free it once its operations in flight have completed.
+    fn close(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         if c.closing {
             return;
         }
         c.closing = true;
-        let (id, client) = (c.id, c.client);
-        if c.inflight == 0 {
-            self.conns[conn] = None;
-        }
-        let _ = client;
+        c.outbox.clear();
+        let id = c.id;
+        // Complete the operations still in flight now (a recv would wait for
+        // the peer's next request, a send for the peer to read).
+        self.shut_down(conn);
+        self.free_if_done(conn);
         self.metrics.dequeued(id);
         self.manager
             .conn_closed(&self.files.table, id, &mut self.wakes);
         self.flush_wakes();
     }
 
-    fn received(&mut self, conn: usize, bytes: &[u8]) {
+    /// Serve one request of `conn` (not closing: the caller checked).
+    fn received(&mut self, conn: ConnId, bytes: &[u8]) {
         let started = Instant::now();
         let request = match wire::decode_request(bytes) {
             Ok(r) => r,
@@ -538,9 +927,9 @@ impl EventLoop {
                 return;
             }
         };
-        let c = self.conns[conn]
-            .as_ref()
-            .expect("a receiving connection exists");
+        let Some(c) = self.conns.get(conn) else {
+            return;
+        };
         let (id, pid, uid, client, cell) = (c.id, c.pid, c.uid, c.client, c.cell);
         let table = &self.files.table;
         let mut handing_off = false;
@@ -575,16 +964,31 @@ impl EventLoop {
                                     client
                                 }
                             };
-                            let c = self.conns[conn].as_mut().expect("exists");
-                            c.client = Some(index);
-                            c.cell = cell;
-                            let epoch = table.header().broker_epoch.load(Ordering::Relaxed);
-                            if let Registered::New { client } = reg {
-                                self.watch_client(client, pid);
+                            if let Some(c) = self.conns.get_mut(conn) {
+                                c.client = Some(index);
+                                c.cell = cell;
                             }
-                            Response::Welcome {
-                                client: index,
-                                epoch,
+                            let epoch = table.header().broker_epoch.load(Ordering::Relaxed);
+                            if let Registered::New { client } = reg
+                                && !self.watch_client(client, pid)
+                            {
+                                // Its death would go unnoticed: refuse it and
+                                // free the record (it holds nothing yet).
+                                self.manager.bye(&self.files.table, client, &mut self.wakes);
+                                if let Some(c) = self.conns.get_mut(conn) {
+                                    c.client = None;
+                                }
+                                Response::Error {
+                                    code: ErrorCode::TooManyClients,
+                                    message: "the broker cannot watch this process for its death \
+                                              (pidfd_open failed; see the broker's log): try again"
+                                        .into(),
+                                }
+                            } else {
+                                Response::Welcome {
+                                    client: index,
+                                    epoch,
+                                }
                             }
                         }
                         Err((code, message)) => Response::Error { code, message },
@@ -633,7 +1037,7 @@ impl EventLoop {
             }
             (Request::Bye, Some(client)) => {
                 self.manager.bye(table, client, &mut self.wakes);
-                if let Some(c) = self.conns[conn].as_mut() {
+                if let Some(c) = self.conns.get_mut(conn) {
                     c.client = None;
                 }
                 Response::Bye
@@ -673,14 +1077,8 @@ impl EventLoop {
                 if matches!(response, Response::Granted { .. }) {
                     self.metrics.handed_off(*id);
                 }
-                let index = (*id & 0xFFFF_FFFF) as usize;
-                if self
-                    .conns
-                    .get(index)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| c.id == *id && !c.closing)
-                {
-                    self.send(index, response);
+                if self.conns.get(*id).is_some_and(|c| !c.closing) {
+                    self.send(*id, response);
                 } else {
                     tracing::debug!(
                         conn = id,
@@ -712,7 +1110,11 @@ impl EventLoop {
                     )
                     .build()
                     .user_data(ud);
-                    self.push(e);
+                    // SAFETY: `word` points to a wait cell's state in the table
+                    // mapping (the manager names only cells it reached through
+                    // a bounds-checked view of it), which outlives the ring:
+                    // `files` is declared after `ring` in EventLoop.
+                    unsafe { self.push(e) };
                 }
                 if let Err(e) = self.ring.submit() {
                     tracing::error!(error = %e, "io_uring submit of futex wakes failed");
@@ -866,4 +1268,99 @@ fn unix_ms() -> u64 {
 fn watchdog_interval_ms() -> Option<u64> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     Some((usec / 2000).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn an_fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn a_completion_for_a_closed_connection_never_reaches_the_next_one_at_its_index() {
+        let mut conns = Conns::new();
+        let attacker = conns.insert(an_fd(), 10, 1000);
+        assert!(conns.remove(attacker).is_some());
+        let victim = conns.insert(an_fd(), 11, 1000);
+        assert_eq!(
+            Conns::index(victim),
+            Conns::index(attacker),
+            "the victim reuses the slab index"
+        );
+        assert_ne!(victim, attacker);
+        // What a stale completion (or a late request) of the attacker's
+        // connection would reach: nothing.
+        assert!(conns.get(attacker).is_none());
+        assert!(conns.get_mut(attacker).is_none());
+        assert!(conns.remove(attacker).is_none(), "a stale id frees nothing");
+        assert_eq!(conns.get(victim).map(|c| c.pid), Some(11));
+    }
+
+    #[test]
+    fn connections_are_counted_per_uid_until_freed() {
+        let mut conns = Conns::new();
+        let a = conns.insert(an_fd(), 1, 1000);
+        let b = conns.insert(an_fd(), 2, 1000);
+        let c = conns.insert(an_fd(), 3, 0);
+        assert_eq!(conns.of_uid(1000), 2);
+        assert_eq!(conns.of_uid(0), 1);
+        conns.remove(a);
+        conns.remove(a);
+        assert_eq!(
+            conns.of_uid(1000),
+            1,
+            "a second remove of one id counts once"
+        );
+        conns.remove(b);
+        conns.remove(c);
+        assert_eq!(conns.of_uid(1000), 0);
+        assert!(conns.per_uid.is_empty());
+    }
+
+    #[test]
+    fn unsent_answers_and_operations_in_flight_are_counted_without_wrapping() {
+        let mut conns = Conns::new();
+        let id = conns.insert(an_fd(), 1, 0);
+        let c = conns.get_mut(id).unwrap();
+        for _ in 0..ANSWERS_MAX {
+            c.outbox.push_back(wire::encode(&Response::Pong));
+        }
+        c.send_armed = true;
+        c.recv_armed = true;
+        assert_eq!(c.answers_unsent(), ANSWERS_MAX as u32 + 1);
+        assert_eq!(c.ops_in_flight(), 2);
+    }
+
+    #[test]
+    fn accept_out_of_descriptors_backs_off_doubling_to_a_second_and_transient_errors_do_not() {
+        let mut pause_ms = 0;
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            pause_ms = accept_backoff_after(libc::EMFILE, pause_ms).unwrap();
+            pauses.push(pause_ms);
+        }
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
+            "5 ms doubling, capped at 1 s"
+        );
+        for errno in [libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::EINVAL] {
+            assert_eq!(accept_backoff_after(errno, 0), Some(5), "errno {errno}");
+        }
+        for errno in [libc::ECONNABORTED, libc::EINTR, libc::EAGAIN] {
+            assert_eq!(accept_backoff_after(errno, 640), None, "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn a_rate_limited_log_reports_the_first_event_then_once_per_period_with_a_count() {
+        let mut log = RateLimited::new(1000);
+        assert_eq!(log.allow(5000), Some(0));
+        assert_eq!(log.allow(5001), None);
+        assert_eq!(log.allow(5999), None);
+        assert_eq!(log.allow(6000), Some(2));
+        assert_eq!(log.allow(6001), None);
+    }
 }
