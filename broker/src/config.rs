@@ -12,13 +12,28 @@ pub const DEFAULT_CONFIG: &str = include_str!("../forelockd.toml");
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Directory of the runtime files; empty = `FORELOCK_RUNTIME_DIR`, else
-    /// `/run/forelock` for root, else `$XDG_RUNTIME_DIR/forelock`.
+    /// Directory of the runtime files; empty = [`shm_layout::default_runtime_dir`].
     pub runtime_dir: String,
+    pub access: AccessConfig,
     pub table: TableConfig,
     pub allocator: AllocatorConfig,
     pub broker: BrokerConfig,
     pub metrics: MetricsConfig,
+}
+
+/// Who may use the broker: the members of one group (docs/security.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Group name (or number) whose members may connect and map the files;
+    /// empty = the broker's own primary group.
+    pub group: String,
+    /// Mode of `table`, `events`, `scores` and `broker.sock` (octal as a
+    /// string). The runtime directory gets the matching search bits (0750
+    /// for the default 0660).
+    pub mode: String,
+    /// Client records one uid may hold at once; 0 = half of `table.clients`.
+    pub max_clients_per_uid: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,8 +90,11 @@ pub struct BrokerConfig {
     pub spin_us: u64,
     /// The same while a request waits in a queue (a release is coming).
     pub spin_waiters_us: u64,
-    /// Socket file mode (octal as a string, e.g. "0666"): who may connect.
-    pub socket_mode: String,
+    /// Replaced by `access.mode` and `access.group`: still parsed, so that
+    /// an old configuration fails with an error naming the new options
+    /// instead of "unknown field".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
     /// Most connections open at once from one uid (SO_PEERCRED), root
     /// included; connections past it are closed at once.
     pub max_connections_per_uid: u32,
@@ -187,12 +205,16 @@ impl Config {
                     .into(),
             );
         }
-        u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
-            format!(
-                "broker.socket_mode = {:?}: give an octal mode like \"0660\"",
-                self.broker.socket_mode
-            )
-        })?;
+        if let Some(old) = &self.broker.socket_mode {
+            return Err(format!(
+                "broker.socket_mode = {old:?} is no longer supported: it was replaced by \
+                 [access] mode (the mode of broker.sock and of the table, events and scores \
+                 files; default \"0660\") and [access] group (who may use the broker; default \
+                 the broker's own group). Remove broker.socket_mode and set those instead; \
+                 other users can no longer be given access (docs/security.md)"
+            ));
+        }
+        parse_access_mode(&self.access.mode)?;
         Ok(())
     }
 
@@ -204,9 +226,56 @@ impl Config {
         }
     }
 
+    /// Mode of `broker.sock`: `access.mode`.
     pub fn socket_mode(&self) -> u32 {
-        u32::from_str_radix(self.broker.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+        self.file_mode()
     }
+
+    /// Mode of `table`, `events` and `scores`: `access.mode` (validated).
+    pub fn file_mode(&self) -> u32 {
+        parse_access_mode(&self.access.mode).unwrap_or(0o660)
+    }
+
+    /// Mode of the runtime directory: the owner's rwx, and r-x for the group
+    /// (and others) wherever `access.mode` gives them anything. Never write
+    /// for them: a process that could write the directory could replace the
+    /// table or bind its own `broker.sock` (docs/security.md).
+    pub fn dir_mode(&self) -> u32 {
+        let mode = self.file_mode();
+        let mut dir = 0o700;
+        if mode & 0o060 != 0 {
+            dir |= 0o050;
+        }
+        if mode & 0o006 != 0 {
+            dir |= 0o005;
+        }
+        dir
+    }
+}
+
+/// `access.mode`: octal; the owner reads and writes; nobody executes; other
+/// users never write (they could truncate or scribble the table).
+fn parse_access_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("access.mode = {text:?}: give an octal mode like \"0660\""))?;
+    if mode & 0o600 != 0o600 {
+        return Err(format!(
+            "access.mode = {text:?}: the broker's own user must read and write its files (0600)"
+        ));
+    }
+    if mode & !0o666 != 0 {
+        return Err(format!(
+            "access.mode = {text:?}: only read and write bits (the files are not programs)"
+        ));
+    }
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "access.mode = {text:?}: other users may not write the table (anyone could \
+             truncate it or take any lock); give the users who need forelock a group and set \
+             access.group to it, with access.mode = \"0660\""
+        ));
+    }
+    Ok(mode)
 }
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
@@ -261,5 +330,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("lower contention_waiters"), "{e}");
+    }
+
+    #[test]
+    fn the_default_access_is_the_group_with_0660_files_and_a_0750_dir() {
+        let c = Config::default_config();
+        assert_eq!(c.access.group, "");
+        assert_eq!(c.file_mode(), 0o660);
+        assert_eq!(c.socket_mode(), 0o660);
+        assert_eq!(c.dir_mode(), 0o750);
+        let c = Config::from_toml("[access]\nmode = \"0600\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.dir_mode(), 0o700);
+    }
+
+    #[test]
+    fn the_old_socket_mode_names_its_replacement() {
+        let e = Config::from_toml("[broker]\nsocket_mode = \"0666\"\n", Path::new("x.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("[access] mode"), "{e}");
+        assert!(e.to_string().contains("[access] group"), "{e}");
+    }
+
+    #[test]
+    fn an_access_mode_that_lets_other_users_write_is_refused() {
+        let e = Config::from_toml("[access]\nmode = \"0666\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("other users may not write"), "{e}");
+        let e = Config::from_toml("[access]\nmode = \"0460\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("0600"), "{e}");
+        let e = Config::from_toml("[access]\nmode = \"0770\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("read and write bits"), "{e}");
+    }
+
+    #[test]
+    fn print_config_round_trips_without_the_old_option() {
+        let c = Config::default_config();
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert!(!text.contains("socket_mode"), "{text}");
+        assert_eq!(Config::from_toml(&text, Path::new("x.toml")).unwrap(), c);
     }
 }

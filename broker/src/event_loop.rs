@@ -390,7 +390,7 @@ impl EventLoop {
             &files.table,
             ledger,
             config.allocator.policy,
-            crate::locks::Limits::for_table(geometry.client_count),
+            crate::locks::Limits::from_config(&config, geometry.client_count),
             epoch,
             now_ms(),
             |pid, start| process_start_time(pid) == Some(start),

@@ -172,6 +172,15 @@ impl Limits {
             clients_per_uid: (client_count / 2).max(1),
         }
     }
+
+    /// The configured limits (`access.max_clients_per_uid`, 0 = the default
+    /// for the table).
+    pub fn from_config(config: &crate::config::Config, client_count: u32) -> Limits {
+        match config.access.max_clients_per_uid {
+            0 => Limits::for_table(client_count),
+            n => Limits { clients_per_uid: n },
+        }
+    }
 }
 
 /// Keys whose holder died and whose slot was freed before anyone was told,

@@ -467,8 +467,10 @@ fn start_prometheus(listen: &str, runtime_dir: &Path, snapshot: Arc<Mutex<Snapsh
 
 /// A read-only mapping of the table, for the counters in its header.
 struct MappedStats {
-    _map: memmap2::Mmap,
+    // Field order: the view, then the SIGBUS registration, then the mapping.
     view: shm_layout::table::TableView,
+    _guard: crate::files::MappingGuard,
+    _map: memmap2::Mmap,
 }
 
 impl MappedStats {
@@ -478,10 +480,13 @@ impl MappedStats {
         // - a read-only shared mapping of a regular file: the other writers
         //   (the event loop, clients) change it only through atomics, and this
         //   thread reads it only through the atomics of a TableView;
-        // - the file is not truncated while the broker runs (the broker owns
-        //   it and sizes it once at creation).
+        // - a process of the access group may truncate it: the mapping is
+        //   registered with the broker's SIGBUS handler (below), which then
+        //   puts zeros in its place instead of letting the fault kill us.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+        let guard = crate::files::MappingGuard::register(map.as_ptr(), map.len())
+            .map_err(|e| format!("{}: {e:#}", path.display()))?;
         // SAFETY:
         // - `map` is page-aligned (so 64-aligned) and `map.len()` bytes long;
         // - it stays mapped as long as the view: both live in this struct and
@@ -489,7 +494,11 @@ impl MappedStats {
         // - concurrent writers use atomics only (see above).
         let view = unsafe { shm_layout::table::TableView::new(map.as_ptr(), map.len()) }
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(MappedStats { _map: map, view })
+        Ok(MappedStats {
+            view,
+            _guard: guard,
+            _map: map,
+        })
     }
 }
 

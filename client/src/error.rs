@@ -43,6 +43,16 @@ pub enum Error {
         cause: std::io::Error,
     },
 
+    /// A runtime file (the lock table or the access-event file) failed the
+    /// client's trust checks before it was mapped: it must be a regular file
+    /// (not a symbolic link), owned by the owner of its runtime directory,
+    /// and not writable by other users (nor may the directory be).
+    #[error(
+        "the forelock runtime file {} is not trustworthy: {problem}; forelockd makes its files          regular files of its own user, not writable by other users, in a directory of its own:          check FORELOCK_RUNTIME_DIR, restart forelockd to recreate its files, and find out who          changed them (docs/security.md)",
+        path.display()
+    )]
+    RuntimeFileUntrusted { path: PathBuf, problem: String },
+
     /// The client and the broker (or the files it wrote) come from different
     /// forelock releases.
     #[error(

@@ -172,8 +172,11 @@ enum WaitEnd {
 
 impl Client {
     /// Connect to the broker serving [`shm_layout::default_runtime_dir`]
-    /// (`$FORELOCK_RUNTIME_DIR`, else `/run/forelock` for root, else
-    /// `$XDG_RUNTIME_DIR/forelock`, else `/tmp/forelock-<uid>`).
+    /// (`$FORELOCK_RUNTIME_DIR`, else `/run/forelock` when it exists (the
+    /// systemd broker's, for every user) or for root, else
+    /// `$XDG_RUNTIME_DIR/forelock`, else `/tmp/forelock-<uid>`). A user
+    /// other than the broker's must be in its access group (the systemd
+    /// unit's `forelock`): others cannot open its files or socket.
     pub fn connect() -> Result<Client, Error> {
         Client::connect_to(shm_layout::default_runtime_dir())
     }

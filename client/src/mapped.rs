@@ -11,22 +11,83 @@ use shm_layout::lockword::{self, Word};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Map `path` read-write and shared. Returns the file's identity `(dev, ino)`
-/// with the mapping.
+/// Check what was opened at `path` before mapping it: a regular file, owned
+/// by the owner of its directory (the broker), not writable by other users,
+/// in a directory not writable by other users. Whoever could change the file
+/// could make this process take locks that are not its own, or crash it.
+fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Error> {
+    let untrusted = |problem: String| Error::RuntimeFileUntrusted {
+        path: path.to_owned(),
+        problem,
+    };
+    if !meta.file_type().is_file() {
+        return Err(untrusted(format!(
+            "it is not a regular file ({:?})",
+            meta.file_type()
+        )));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let dir_meta = std::fs::metadata(dir).map_err(|cause| Error::TableUnreadable {
+        path: dir.to_owned(),
+        cause,
+    })?;
+    if dir_meta.mode() & 0o002 != 0 {
+        return Err(untrusted(format!(
+            "its directory {} is writable by other users (mode {:04o}), so anyone could have \
+             replaced it",
+            dir.display(),
+            dir_meta.mode() & 0o7777
+        )));
+    }
+    if meta.uid() != dir_meta.uid() {
+        return Err(untrusted(format!(
+            "it is owned by uid {}, but its runtime directory by uid {} (the broker)",
+            meta.uid(),
+            dir_meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(untrusted(format!(
+            "it is writable by other users (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Map `path` read-write and shared, after [`check_trusted`]. Returns the
+/// file's identity `(dev, ino)` with the mapping.
 fn map_file(path: &Path) -> Result<(MmapRaw, (u64, u64)), Error> {
     let unreadable = |cause| Error::TableUnreadable {
         path: path.to_owned(),
         cause,
     };
-    let file: File = OpenOptions::new()
+    // O_NOFOLLOW: a symlink at the file's name is refused, never followed.
+    let file: File = match OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(unreadable)?;
+    {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Error::RuntimeFileUntrusted {
+                path: path.to_owned(),
+                problem: "it is a symbolic link (forelock never follows one there)".into(),
+            });
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
     let meta = file.metadata().map_err(unreadable)?;
+    check_trusted(path, &meta)?;
     if meta.len() == 0 {
         return Err(Error::from_layout(
             path.to_owned(),
@@ -66,7 +127,8 @@ impl MappedTable {
         // - other forelock processes write the file only through atomics
         //   (table module contract); a scribbler produces arbitrary bits, which
         //   every field accepts. A file shrunk under us would SIGBUS, not
-        //   corrupt memory: only the broker sizes it, once, at creation.
+        //   corrupt memory: only the broker sizes it, once, at creation, and
+        //   only its uid and group may write it (docs/security.md).
         let view = unsafe { TableView::new(map.as_ptr(), map.len()) }
             .map_err(|cause| Error::from_layout(path.to_owned(), cause))?;
         Ok(MappedTable {

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// The broker's runtime directory [default: $FORELOCK_RUNTIME_DIR, else /run/forelock
-    /// for root, else $XDG_RUNTIME_DIR/forelock, else /tmp/forelock-UID].
+    /// if it exists or for root, else $XDG_RUNTIME_DIR/forelock, else /tmp/forelock-UID].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
     /// How long to wait for the broker's files to appear at start, ms.

@@ -124,21 +124,76 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Where the system broker serves: systemd's `RuntimeDirectory=forelock`.
+pub const SYSTEM_RUNTIME_DIR: &str = "/run/forelock";
+
 /// The runtime directory every forelock process uses unless told otherwise:
-/// `$FORELOCK_RUNTIME_DIR` if set; else `/run/forelock` for root (systemd's
-/// `RuntimeDirectory=forelock`); else `$XDG_RUNTIME_DIR/forelock`; else
-/// `/tmp/forelock-<uid>`.
+/// `$FORELOCK_RUNTIME_DIR` if set; else `/run/forelock` if it exists, whatever
+/// our uid (the systemd broker serves there, and its clients are ordinary
+/// users of its access group); else `/run/forelock` for root (a broker about
+/// to create it); else `$XDG_RUNTIME_DIR/forelock`; else
+/// `/tmp/forelock-<uid>` (forelockd creates it 0700 and refuses one another
+/// user owns).
 pub fn default_runtime_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("FORELOCK_RUNTIME_DIR") {
+    default_runtime_dir_from(
+        std::env::var_os("FORELOCK_RUNTIME_DIR"),
+        std::path::Path::new(SYSTEM_RUNTIME_DIR).is_dir(),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        unsafe { libc::getuid() },
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
+}
+
+/// [`default_runtime_dir`]'s rule over its inputs (the environment, whether
+/// `/run/forelock` exists, the uid), so that it can be tested.
+pub fn default_runtime_dir_from(
+    forelock_runtime_dir: Option<std::ffi::OsString>,
+    system_dir_exists: bool,
+    uid: u32,
+    xdg_runtime_dir: Option<std::ffi::OsString>,
+) -> std::path::PathBuf {
+    if let Some(dir) = forelock_runtime_dir.filter(|d| !d.is_empty()) {
         return dir.into();
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        return "/run/forelock".into();
+    if system_dir_exists || uid == 0 {
+        return SYSTEM_RUNTIME_DIR.into();
     }
-    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR") {
+    if let Some(xdg) = xdg_runtime_dir.filter(|d| !d.is_empty()) {
         return std::path::PathBuf::from(xdg).join("forelock");
     }
     format!("/tmp/forelock-{uid}").into()
+}
+
+#[cfg(test)]
+mod runtime_dir_tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_default_runtime_dir_follows_the_documented_order() {
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        let rule = default_runtime_dir_from;
+        assert_eq!(rule(some("/x"), true, 0, some("/xdg")), PathBuf::from("/x"));
+        // A user's client finds the systemd broker, not its own XDG dir.
+        assert_eq!(
+            rule(None, true, 1000, some("/run/user/1000")),
+            PathBuf::from("/run/forelock")
+        );
+        assert_eq!(
+            rule(None, false, 0, some("/xdg")),
+            PathBuf::from("/run/forelock")
+        );
+        assert_eq!(
+            rule(None, false, 1000, some("/run/user/1000")),
+            PathBuf::from("/run/user/1000/forelock")
+        );
+        assert_eq!(
+            rule(None, false, 1000, None),
+            PathBuf::from("/tmp/forelock-1000")
+        );
+        assert_eq!(
+            rule(some(""), false, 1000, some("")),
+            PathBuf::from("/tmp/forelock-1000")
+        );
+    }
 }

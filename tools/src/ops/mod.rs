@@ -49,8 +49,8 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<i32> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RuntimeDirArg {
     /// The broker's runtime directory (default: $FORELOCK_RUNTIME_DIR, else
-    /// /run/forelock for root, else $XDG_RUNTIME_DIR/forelock, else
-    /// /tmp/forelock-<uid>).
+    /// /run/forelock if it exists or for root, else $XDG_RUNTIME_DIR/forelock,
+    /// else /tmp/forelock-<uid>).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
 }
