@@ -7,8 +7,8 @@ use shm_layout::lockword::{Decline, try_acquire_exclusive, try_release_exclusive
 use shm_layout::table::{Geometry, Header, init_header};
 
 /// A 64-aligned heap buffer standing in for a mapping.
-struct Buf {
-    ptr: *mut u8,
+pub(super) struct Buf {
+    pub(super) ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 impl Buf {
@@ -19,9 +19,25 @@ impl Buf {
         assert!(!ptr.is_null());
         Buf { ptr, layout }
     }
+    pub(super) fn len(&self) -> usize {
+        self.layout.size()
+    }
     fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for layout.size() bytes, zero-initialised, ours.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+    /// The bytes, read (single-threaded tests: no one writes meanwhile).
+    pub(super) fn bytes_ref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() initialised bytes; the tests
+        // that read them write the buffer only through `&mut self` or from
+        // this thread, never during the borrow.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+    /// A copy of the buffer (the explorer's branch points).
+    pub(super) fn copy(&self) -> Buf {
+        let mut b = Buf::new(self.len());
+        b.bytes().copy_from_slice(self.bytes_ref());
+        b
     }
 }
 impl Drop for Buf {
@@ -32,7 +48,7 @@ impl Drop for Buf {
 }
 
 #[derive(Default)]
-struct CountingWaker(Vec<usize>, Vec<(ConnId, Response)>);
+pub(super) struct CountingWaker(Vec<usize>, pub(super) Vec<(ConnId, Response)>);
 impl Waker for CountingWaker {
     fn answer(&mut self, conn: ConnId, response: Response) {
         self.1.push((conn, response));
@@ -40,6 +56,34 @@ impl Waker for CountingWaker {
     fn wake(&mut self, cell: &AtomicU32) {
         self.0.push(cell as *const AtomicU32 as usize);
     }
+}
+
+/// A fresh table on the heap, and its view (valid while the buffer lives).
+pub(super) fn new_table(slots: u32, clients: u32) -> (Buf, TableView) {
+    let g = Geometry::new(slots, clients).unwrap();
+    let mut tb = Buf::new(g.file_size);
+    // SAFETY: the buffer is 64-aligned, large enough, and exclusively ours.
+    init_header(
+        unsafe { &mut *(tb.bytes().as_mut_ptr() as *mut Header) },
+        &g,
+    );
+    // SAFETY: the buffer is returned with the view; callers keep it alive.
+    let table = unsafe { TableView::new(tb.ptr, g.file_size) }.unwrap();
+    (tb, table)
+}
+
+/// A fresh events file on the heap for `clients` clients, and its view.
+pub(super) fn new_events(clients: u32) -> (Buf, EventsView) {
+    let mut eb = Buf::new(events_file_size(clients + 1, 16));
+    // SAFETY: 64-aligned, large enough, exclusively ours.
+    init_events(
+        unsafe { &mut *(eb.bytes().as_mut_ptr() as *mut EventsHeader) },
+        clients + 1,
+        16,
+    );
+    // SAFETY: the buffer is returned with the view; callers keep it alive.
+    let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
+    (eb, events)
 }
 
 struct Fixture {
@@ -56,24 +100,8 @@ struct Fixture {
 const KEEP_ALIVE: u64 = 100;
 
 fn fixture(slots: u32, clients: u32, policy: Policy) -> Fixture {
-    let g = Geometry::new(slots, clients).unwrap();
-    let mut tb = Buf::new(g.file_size);
-    // SAFETY: the buffer is 64-aligned, large enough, and exclusively ours.
-    init_header(
-        unsafe { &mut *(tb.bytes().as_mut_ptr() as *mut Header) },
-        &g,
-    );
-    let mut eb = Buf::new(events_file_size(clients + 1, 16));
-    // SAFETY: as above.
-    init_events(
-        unsafe { &mut *(eb.bytes().as_mut_ptr() as *mut EventsHeader) },
-        clients + 1,
-        16,
-    );
-    // SAFETY: the buffers live in the fixture as long as the views.
-    let table = unsafe { TableView::new(tb.ptr, g.file_size) }.unwrap();
-    // SAFETY: as above.
-    let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
+    let (tb, table) = new_table(slots, clients);
+    let (eb, events) = new_events(clients);
     let mut w = CountingWaker::default();
     let m = LockManager::adopt(
         &table,
