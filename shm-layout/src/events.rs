@@ -83,6 +83,19 @@ pub struct RingHeader {
     pub _reserved: [u64; 7],
 }
 
+/// `seq` while event number `n` is being written: `2n + 1`, wrapping. The
+/// head is client-writable, so any `n` may come up; wrapping keeps the
+/// arithmetic total (a scribbled head costs the ring's events, never a
+/// panic: `fuzz/regressions/table_open/events-push-head-overflow`).
+const fn seq_writing(n: u64) -> u64 {
+    n.wrapping_mul(2).wrapping_add(1)
+}
+
+/// `seq` once event number `n` is complete: `2n + 2`, wrapping.
+const fn seq_written(n: u64) -> u64 {
+    n.wrapping_mul(2).wrapping_add(2)
+}
+
 /// One event. `seq = 2 * n + 1` while event number `n` is written, `2 * n + 2`
 /// once complete.
 #[repr(C)]
@@ -248,7 +261,7 @@ impl EventsView {
         };
         let n = header.head.fetch_add(1, Ordering::Relaxed);
         let Some(e) = self.event(ring, n) else { return };
-        e.seq.store(2 * n + 1, Ordering::Relaxed);
+        e.seq.store(seq_writing(n), Ordering::Relaxed);
         // SYNC POINT: this Release fence orders the odd `seq` before the field
         // stores; pairs with the reader's Acquire fence before its second `seq`
         // load, so a reader that saw any new field also sees `seq` changed.
@@ -260,7 +273,7 @@ impl EventsView {
             Ordering::Relaxed,
         );
         // SYNC POINT: pairs with the reader's Acquire load of `seq`.
-        e.seq.store(2 * n + 2, Ordering::Release);
+        e.seq.store(seq_written(n), Ordering::Release);
     }
 
     /// The ring's head (events ever claimed).
@@ -274,7 +287,7 @@ impl EventsView {
         let e = self.event(ring, n)?;
         // SYNC POINT: pairs with the producer's final Release store of `seq`.
         let s1 = e.seq.load(Ordering::Acquire);
-        if s1 != 2 * n + 2 {
+        if s1 != seq_written(n) {
             return None;
         }
         let key_hash = e.key_hash.load(Ordering::Relaxed);

@@ -278,7 +278,9 @@ impl ScoresView {
         h.written_at_ns.store(now_ns, Ordering::Relaxed);
         h.writer_pid.store(std::process::id(), Ordering::Relaxed);
         // SYNC POINT: pairs with the reader's Acquire load of `seq`.
-        h.seq.store(odd + 1, Ordering::Release);
+        // Wrapping: `seq` comes from the file (a corrupted one may hold
+        // u64::MAX: `fuzz/regressions/table_open/scores-write-seq-overflow`).
+        h.seq.store(odd.wrapping_add(1), Ordering::Release);
     }
 
     /// Copy the current snapshot into `out` (cleared first), both
