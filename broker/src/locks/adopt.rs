@@ -1,0 +1,198 @@
+//! Restart adoption: a new broker rebuilds the manager from the ledger (the
+//! broker's truth: keys, token bases, floor, client records, holds including
+//! taken-over fast-path holds) and the table (only for the lock words of
+//! prepared slots, the one state clients write). The table is rewritten from
+//! the ledger; a client that scribbled any of it loses the scribble. Clients
+//! whose process died meanwhile are released at once.
+
+use super::directory::Directory;
+use super::engine::{Holder, mirror_hold};
+use super::registry::{ClientState, Limits, Registry};
+use super::{LockManager, Waker};
+use crate::config::Policy;
+use crate::ledger::{FAST_REQUEST, Hold, Ledger};
+use shm_layout::lockword::{self, Word};
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::{CELL_ABANDONED, CELL_WAITING, CLIENT_ACTIVE, CLIENT_FREE, TableView};
+use shm_layout::{key_hash, validate_key};
+use std::collections::{HashMap, HashSet};
+
+impl LockManager {
+    /// Build the manager from the ledger (the broker's truth) and the table
+    /// (for the lock words of prepared slots, the only state clients write).
+    /// A new ledger and table adopt nothing. `alive(pid, start_time)` says
+    /// whether a recorded client process still runs. The table is rewritten
+    /// from the ledger: keys, token bases, client records, the index; a
+    /// client that scribbled any of it loses the scribble.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt(
+        table: &TableView,
+        ledger: Ledger,
+        policy: Policy,
+        limits: Limits,
+        epoch: u64,
+        now_ms: u64,
+        mut alive: impl FnMut(u32, u64) -> bool,
+        waker: &mut dyn Waker,
+    ) -> LockManager {
+        let g = table.geometry();
+        let mut m = LockManager {
+            policy,
+            epoch,
+            ledger,
+            dir: Directory::new(g.slot_count, g.index_len),
+            registry: Registry::new(g.client_count, limits),
+            waiting: HashMap::new(),
+            predicted: HashSet::new(),
+            now_ms,
+        };
+        m.ledger.set_epoch(epoch);
+        for p in 0..g.index_len {
+            if let Some(e) = table.index_entry(p) {
+                e.0.store(0, Ordering::Relaxed);
+            }
+        }
+        // Slots: the ledger's keys, written back over whatever the table says.
+        for s in (0..g.slot_count).rev() {
+            let slot = table.slot(s).expect("s < slot_count");
+            let word = Word(slot.word.load(Ordering::Acquire));
+            let keyed = m
+                .ledger
+                .slot(s)
+                .filter(|(key, _)| validate_key(key).is_ok() && !m.dir.keys.contains_key(&key[..]));
+            let Some((key, base)) = keyed else {
+                m.ledger.clear_slot(s);
+                slot.key_len.store(0, Ordering::Relaxed);
+                slot.word.store(lockword::rekey(word).0, Ordering::Release);
+                m.dir.free.push(s);
+                continue;
+            };
+            let hash = key_hash(&key);
+            slot.store_key(&key, hash, 0);
+            slot.token_base.store(base, Ordering::Relaxed);
+            let st = &mut m.dir.slots[s as usize];
+            st.hash = hash;
+            st.key = Some(key.clone().into_boxed_slice());
+            st.base = base;
+            st.last_counter = word.counter();
+            st.issued = base.saturating_add(word.counter() as u64);
+            st.last_use_ms = now_ms;
+            st.managed = !word.is_prepared();
+            m.dir.keys.insert(key.into_boxed_slice(), s);
+        }
+        // Clients: the ledger's, written back over the table's records.
+        let mut dead = Vec::new();
+        for c in 0..g.client_count {
+            let rec = table.client(c).expect("c < client_count");
+            for cell in &rec.cells {
+                if cell.state.load(Ordering::Relaxed) == CELL_WAITING {
+                    // The queue it waited in died with the old broker.
+                    cell.state.store(CELL_ABANDONED, Ordering::Release);
+                    waker.wake(&cell.state);
+                }
+            }
+            for h in &rec.broker_holds {
+                h.store(0, Ordering::Relaxed);
+            }
+            let Some(entry) = m.ledger.client(c) else {
+                rec.state.store(CLIENT_FREE, Ordering::Release);
+                continue;
+            };
+            rec.pid.store(entry.pid, Ordering::Relaxed);
+            rec.uid.store(entry.uid, Ordering::Relaxed);
+            rec.start_time.store(entry.start_time, Ordering::Relaxed);
+            rec.state.store(CLIENT_ACTIVE, Ordering::Release);
+            m.registry.clients[c as usize] = ClientState {
+                active: true,
+                pid: entry.pid,
+                uid: entry.uid,
+            };
+            let holds: Vec<(usize, Hold)> = m.ledger.holds(c).collect();
+            for (_, hold) in holds {
+                m.adopt_hold(table, c, hold);
+            }
+            if !alive(entry.pid, entry.start_time) {
+                dead.push(c);
+            }
+        }
+        for s in 0..g.slot_count {
+            if m.dir.slots[s as usize].key.is_some() {
+                if m.dir.slots[s as usize].managed {
+                    m.mirror(table, s);
+                }
+                m.dir.index_insert(table, s);
+            }
+        }
+        table
+            .header()
+            .token_floor
+            .store(m.ledger.floor(), Ordering::Relaxed);
+        for c in dead {
+            m.client_gone(table, c, waker);
+        }
+        m
+    }
+
+    /// One hold from the ledger, at adoption. A hold that contradicts the
+    /// others (the ledger only records consistent ones, so this means a
+    /// broker bug or a damaged file) is dropped with a warning.
+    fn adopt_hold(&mut self, table: &TableView, c: u32, hold: Hold) {
+        let Some(st) = self.dir.slots.get_mut(hold.slot as usize) else {
+            self.ledger.remove_hold(c, hold.slot, Some(hold.token));
+            return;
+        };
+        let fits = st.key.is_some() && st.holder.admits(hold.shared);
+        if !fits {
+            tracing::warn!(
+                client = c,
+                ?hold,
+                "ledger hold contradicts another: dropped"
+            );
+            self.ledger.remove_hold(c, hold.slot, Some(hold.token));
+            return;
+        }
+        st.managed = true;
+        st.issued = st.issued.max(hold.token);
+        st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {
+            Holder::Shared(mut v) => {
+                v.push((c, hold.token));
+                Holder::Shared(v)
+            }
+            _ if hold.shared => Holder::Shared(vec![(c, hold.token)]),
+            _ => Holder::Exclusive {
+                client: c,
+                token: hold.token,
+                via_broker: hold.request != FAST_REQUEST,
+            },
+        };
+        // The word says managed from now on, whatever it said.
+        let slot = table.slot(hold.slot).expect("slot in range");
+        slot.word
+            .fetch_and(!shm_layout::lockword::PREPARED, Ordering::AcqRel);
+        mirror_hold(table, c, hold.slot, hold.shared);
+    }
+
+    /// The broker dies and a new one adopts the same table and ledger (tests
+    /// and the explorer: the real restart is a new process).
+    #[cfg(test)]
+    pub(crate) fn readopt(
+        &mut self,
+        table: &TableView,
+        alive: impl FnMut(u32, u64) -> bool,
+        waker: &mut dyn Waker,
+    ) {
+        let g = table.geometry();
+        let ledger = std::mem::replace(&mut self.ledger, Ledger::on_heap(1, 1));
+        *self = LockManager::adopt(
+            table,
+            ledger,
+            self.policy,
+            self.registry.limits,
+            self.epoch + 1,
+            self.now_ms,
+            alive,
+            waker,
+        );
+        debug_assert_eq!(self.dir.slots.len(), g.slot_count as usize);
+    }
+}

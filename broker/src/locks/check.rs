@@ -1,0 +1,124 @@
+//! The explorer's hold on the manager (tests only): a fork at a branch
+//! point, a digest of the state that decides its future, and the engine's
+//! own invariants.
+
+use super::LockManager;
+use super::engine::Holder;
+
+impl LockManager {
+    /// A copy of this manager with its ledger on the heap: a branch point of
+    /// the explorer (the table is copied by the caller).
+    #[cfg(test)]
+    pub(crate) fn fork(&self) -> LockManager {
+        LockManager {
+            policy: self.policy,
+            epoch: self.epoch,
+            ledger: self.ledger.clone_to_heap(),
+            dir: self.dir.clone(),
+            registry: self.registry.clone(),
+            waiting: self.waiting.clone(),
+            predicted: self.predicted.clone(),
+            now_ms: self.now_ms,
+        }
+    }
+
+    /// A hash of everything that decides this manager's future behaviour
+    /// (the explorer's visited set; the table and ledger are hashed apart).
+    #[cfg(test)]
+    pub(crate) fn digest(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        for st in &self.dir.slots {
+            st.key.hash(h);
+            st.managed.hash(h);
+            format!("{:?}", st.holder).hash(h);
+            for w in &st.queue {
+                (w.client, w.conn, w.cell, w.shared, w.request).hash(h);
+            }
+            (st.issued, st.base, st.last_counter).hash(h);
+        }
+        for c in &self.registry.clients {
+            (c.active, c.pid, c.uid).hash(h);
+        }
+        let mut waiting: Vec<_> = self.waiting.iter().collect();
+        waiting.sort();
+        waiting.hash(h);
+        let mut died: Vec<_> = self.dir.died_keys.iter().collect();
+        died.sort();
+        died.hash(h);
+    }
+
+    /// The engine's own invariants, checked by the explorer after every step:
+    /// - no waiter starves while its key is free (a queue's head is served
+    ///   whenever the holder allows it);
+    /// - every queued waiter is in the connection map, and nothing else is;
+    /// - the ledger records exactly the holds the manager knows of managed
+    ///   slots (so a restart rebuilds the same holders);
+    /// - no client that is not active holds or waits for anything.
+    #[cfg(test)]
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut queued = 0;
+        for (s, st) in self.dir.slots.iter().enumerate() {
+            if let Some(head) = st.queue.front() {
+                if st.holder.admits(head.shared) {
+                    return Err(format!(
+                        "slot {s}: waiter {head:?} starves behind {:?}",
+                        st.holder
+                    ));
+                }
+            }
+            for w in &st.queue {
+                queued += 1;
+                if self.waiting.get(&w.conn) != Some(&(s as u32)) {
+                    return Err(format!(
+                        "slot {s}: waiter {w:?} missing from the connection map"
+                    ));
+                }
+                if !self.registry.clients[w.client as usize].active {
+                    return Err(format!("slot {s}: waiter {w:?} of an inactive client"));
+                }
+            }
+        }
+        if queued != self.waiting.len() {
+            return Err(format!(
+                "{} waiters mapped, {queued} queued",
+                self.waiting.len()
+            ));
+        }
+        for (c, cs) in self.registry.clients.iter().enumerate() {
+            let c = c as u32;
+            let mut recorded: Vec<(u32, u64)> = self
+                .ledger
+                .holds(c)
+                .map(|(_, h)| (h.slot, h.token))
+                .collect();
+            if !cs.active {
+                if !recorded.is_empty() || self.ledger.client(c).is_some() {
+                    return Err(format!("inactive client {c} still in the ledger"));
+                }
+                continue;
+            }
+            let mut held: Vec<(u32, u64)> = Vec::new();
+            for (s, st) in self.dir.slots.iter().enumerate() {
+                match &st.holder {
+                    Holder::Exclusive { client, token, .. } if *client == c => {
+                        held.push((s as u32, *token))
+                    }
+                    Holder::Shared(v) => held.extend(
+                        v.iter()
+                            .filter(|(h, _)| *h == c)
+                            .map(|&(_, t)| (s as u32, t)),
+                    ),
+                    _ => {}
+                }
+            }
+            recorded.sort();
+            held.sort();
+            if recorded != held {
+                return Err(format!(
+                    "client {c}: ledger holds {recorded:?}, manager {held:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}

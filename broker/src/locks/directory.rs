@@ -1,0 +1,320 @@
+//! The key directory: which slot holds which key. It owns each slot's private
+//! state ([`SlotState`]: key, managed or prepared, holder and queue, token
+//! base and the highest token issued, the allocator's bookkeeping), the map
+//! from keys to slots, the free list, the private mirror of the table's key
+//! index (and the index's insert and backward-shift remove), the keys seen
+//! recently (what the allocator may prepare by hash), and the keys whose
+//! owner died after their slot was freed. Placing a key and freeing a slot
+//! write the ledger before the table: a restarted broker trusts the ledger.
+//!
+//! Slot life cycle (private `SlotState` and the lock word):
+//!
+//! ```text
+//!   free --(slow-path acquire / allocator prepare)--> keyed
+//!   keyed+managed  (word P=0): broker grants, queues, hands off
+//!   keyed+prepared (word P=1): clients grant themselves by CAS
+//!   managed --(release, queue empty, policy allows)--> prepared
+//!   prepared --(someone queues: takeover CAS clears P)--> managed
+//!   keyed (unheld, no queue) --(idle past keep-alive, or evicted)--> free
+//! ```
+//!
+//! Who may move a keyed slot between managed and prepared, and who holds it,
+//! is the grant engine's decision ([`super::engine`]); this file only places
+//! and frees keys.
+
+use super::engine::{Holder, Waiter};
+use super::word_of;
+use crate::ledger::Ledger;
+use shm_layout::key_hash;
+use shm_layout::lockword::{self, OWNER_DIED, Word};
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::{INDEX_MAX_PROBE, IndexEntry, TableView};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+#[derive(Debug, Clone)]
+pub(super) struct SlotState {
+    pub(super) key: Option<Box<[u8]>>,
+    pub(super) hash: u64,
+    pub(super) managed: bool,
+    pub(super) holder: Holder,
+    pub(super) queue: VecDeque<Waiter>,
+    /// The word's counter when we last looked: a change means fast-path grants.
+    pub(super) last_counter: u32,
+    pub(super) last_use_ms: u64,
+    /// Prepared ahead of any request by the allocator and not used since.
+    pub(super) speculative: bool,
+    /// The queue was reserved because contention was predicted
+    /// ([`super::LockManager::prepare_contention`]); cleared when the slot is freed.
+    pub(super) contention_prepared: bool,
+    /// A waiter has queued since that preparation (counted once as a hit).
+    pub(super) contention_used: bool,
+    /// When the key got its slot, and grants since (fast and broker).
+    pub(super) placed_at_ms: u64,
+    pub(super) uses: u32,
+    /// The highest token this slot has issued as far as the broker knows.
+    /// The counter lives in client-writable memory; a broker grant never
+    /// goes below this, whatever it says.
+    pub(super) issued: u64,
+    /// The slot's token base: a grant's token is `base + counter`. The
+    /// table's `token_base` is a copy for clients; this one (and the
+    /// ledger's) is the truth.
+    pub(super) base: u64,
+    /// Position in the key index, if indexed.
+    pub(super) index_pos: Option<u32>,
+}
+
+impl SlotState {
+    pub(super) fn empty() -> SlotState {
+        SlotState {
+            key: None,
+            hash: 0,
+            managed: true,
+            holder: Holder::Free,
+            queue: VecDeque::new(),
+            last_counter: 0,
+            last_use_ms: 0,
+            speculative: false,
+            contention_prepared: false,
+            contention_used: false,
+            placed_at_ms: 0,
+            uses: 0,
+            issued: 0,
+            base: 0,
+            index_pos: None,
+        }
+    }
+}
+
+/// Keys whose holder died and whose slot was freed before anyone was told,
+/// remembered so the next holder of the key still hears it (bounded).
+const DIED_KEYS_MAX: usize = 1 << 16;
+
+/// The keys and their slots.
+#[derive(Debug, Clone)]
+pub(super) struct Directory {
+    pub(super) keys: HashMap<Box<[u8]>, u32>,
+    pub(super) slots: Vec<SlotState>,
+    pub(super) free: Vec<u32>,
+    /// Private mirror of the key index: `slot + 1` or 0 per position.
+    pub(super) index: Vec<u32>,
+    /// Keys whose owner-died flag outlived their slot.
+    pub(super) died_keys: HashSet<Box<[u8]>>,
+    /// Keys seen recently, by hash: what the allocator may prepare.
+    pub(super) known: HashMap<u64, Box<[u8]>>,
+}
+
+impl Directory {
+    /// `slot_count` empty slots (none on the free list yet) and an empty
+    /// index mirror of `index_len` positions.
+    pub(super) fn new(slot_count: u32, index_len: u32) -> Directory {
+        Directory {
+            keys: HashMap::new(),
+            slots: (0..slot_count).map(|_| SlotState::empty()).collect(),
+            free: Vec::new(),
+            index: vec![0; index_len as usize],
+            died_keys: HashSet::new(),
+            known: HashMap::new(),
+        }
+    }
+
+    /// Put slot `s` in the index within [`INDEX_MAX_PROBE`] positions of its
+    /// hash's home, in our mirror and in the table.
+    pub(super) fn index_insert(&mut self, table: &TableView, s: u32) {
+        let mask = self.index.len() as u32 - 1;
+        let hash = self.slots[s as usize].hash;
+        let home = hash as u32 & mask;
+        for probe in 0..INDEX_MAX_PROBE as u32 {
+            let p = (home + probe) & mask;
+            if self.index[p as usize] == 0 {
+                self.index[p as usize] = s + 1;
+                self.slots[s as usize].index_pos = Some(p);
+                if let Some(e) = table.index_entry(p) {
+                    e.0.store(IndexEntry::pack(hash, s), Ordering::Release);
+                }
+                return;
+            }
+        }
+        // No room near home: the key works through the broker only.
+    }
+
+    /// Remove `s` from the index with backward-shift deletion, so probes need
+    /// no tombstones. Readers racing with a shift may miss an entry for a
+    /// moment; they then take the slow path.
+    pub(super) fn index_remove(&mut self, table: &TableView, s: u32) {
+        let Some(mut hole) = self.slots[s as usize].index_pos.take() else {
+            return;
+        };
+        let mask = self.index.len() as u32 - 1;
+        let mut next = (hole + 1) & mask;
+        loop {
+            let occupant = self.index[next as usize];
+            if occupant == 0 {
+                break;
+            }
+            let o = occupant - 1;
+            let home = self.slots[o as usize].hash as u32 & mask;
+            // Move `o` into the hole if the hole lies on its probe path.
+            let dist_next = next.wrapping_sub(home) & mask;
+            let dist_hole = hole.wrapping_sub(home) & mask;
+            if dist_hole < dist_next {
+                self.index[hole as usize] = occupant;
+                self.slots[o as usize].index_pos = Some(hole);
+                if let Some(e) = table.index_entry(hole) {
+                    e.0.store(
+                        IndexEntry::pack(self.slots[o as usize].hash, o),
+                        Ordering::Release,
+                    );
+                }
+                hole = next;
+            }
+            next = (next + 1) & mask;
+            if next == hole {
+                break;
+            }
+        }
+        self.index[hole as usize] = 0;
+        if let Some(e) = table.index_entry(hole) {
+            e.0.store(0, Ordering::Release);
+        }
+    }
+
+    /// Remember `key` by its hash: the allocator may prepare it (bounded).
+    pub(super) fn remember(&mut self, hash: u64, key: &[u8]) {
+        if self.known.len() >= 4 * self.slots.len() + 1024 {
+            // Bounded: forget everything not currently in a slot.
+            let slots = &self.slots;
+            self.known
+                .retain(|_, k| slots.iter().any(|st| st.key.as_deref() == Some(&**k)));
+            if self.known.len() >= 4 * self.slots.len() + 1024 {
+                self.known.clear();
+            }
+        }
+        self.known.entry(hash).or_insert_with(|| key.into());
+    }
+
+    /// Take a free slot for `key` (evicting the least recently used idle slot
+    /// if none is free). The slot is keyed and managed, with no holder.
+    pub(super) fn allocate(
+        &mut self,
+        table: &TableView,
+        ledger: &mut Ledger,
+        now_ms: u64,
+        key: &[u8],
+    ) -> Option<u32> {
+        let s = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let victim = (0..self.slots.len() as u32)
+                    .filter(|&s| {
+                        let st = &self.slots[s as usize];
+                        st.key.is_some()
+                            && st.queue.is_empty()
+                            && st.holder == Holder::Free
+                            && (st.managed || word_of(table, s).is_free())
+                    })
+                    // Slots kept for predicted contention go last.
+                    .min_by_key(|&s| {
+                        let st = &self.slots[s as usize];
+                        (st.contention_prepared, st.last_use_ms)
+                    })?;
+                if !self.free_slot(table, ledger, victim) {
+                    return None;
+                }
+                self.free.pop()?
+            }
+        };
+        self.place_key(table, ledger, now_ms, s, key);
+        Some(s)
+    }
+
+    /// Write `key` into free slot `s`, managed and unheld, and index it. Its
+    /// token base is the floor: above every token any key ever had.
+    pub(super) fn place_key(
+        &mut self,
+        table: &TableView,
+        ledger: &mut Ledger,
+        now_ms: u64,
+        s: u32,
+        key: &[u8],
+    ) {
+        let slot = table.slot(s).expect("free slots are in range");
+        let header = table.header();
+        let old = Word(slot.word.load(Ordering::Acquire));
+        let hash = key_hash(key);
+        let base = ledger.floor();
+        // The ledger first: a restarted broker trusts it, not the table.
+        ledger.set_slot(s, key, base);
+        slot.store_key(key, hash, 0);
+        slot.token_base.store(base, Ordering::Relaxed);
+        slot.prepared_at_ms.store(now_ms, Ordering::Relaxed);
+        slot.waiters.store(0, Ordering::Relaxed);
+        let died = self.died_keys.remove(key);
+        let mut word = lockword::rekey(old);
+        if died {
+            word = Word(word.0 | OWNER_DIED);
+        }
+        // SYNC POINT: Release publishes the key and token base written above;
+        // pairs with the Acquire word load in `TableView::lookup`.
+        slot.word.store(word.0, Ordering::Release);
+        let st = &mut self.slots[s as usize];
+        *st = SlotState::empty();
+        st.key = Some(key.into());
+        st.hash = hash;
+        st.last_use_ms = now_ms;
+        st.placed_at_ms = now_ms;
+        st.base = base;
+        st.issued = base;
+        self.keys.insert(key.into(), s);
+        self.index_insert(table, s);
+        header.stats.slots_used.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Clear slot `s` if its word is still unheld. The floor is raised above
+    /// every token the slot issued before its counter is reset, so that a
+    /// broker killed in between still never issues a token twice.
+    pub(super) fn free_slot(&mut self, table: &TableView, ledger: &mut Ledger, s: u32) -> bool {
+        let slot = table.slot(s).expect("s < slot_count");
+        let w = Word(slot.word.load(Ordering::Acquire));
+        if w.is_prepared() && !w.is_free() {
+            return false;
+        }
+        let st = &self.slots[s as usize];
+        let issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
+        raise_floor(table, ledger, issued.saturating_add(1));
+        // SYNC POINT: AcqRel: Acquire pairs with the last fast-path release;
+        // Release orders the unpublishing before we rewrite the key. Failure
+        // Acquire: we only re-read.
+        if slot
+            .word
+            .compare_exchange(
+                w.0,
+                lockword::rekey(w).0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return false; // a client took it meanwhile: keep the slot
+        }
+        ledger.clear_slot(s);
+        self.index_remove(table, s);
+        slot.key_len.store(0, Ordering::Relaxed);
+        let st = std::mem::replace(&mut self.slots[s as usize], SlotState::empty());
+        if let Some(key) = st.key {
+            if w.owner_died() && self.died_keys.len() < DIED_KEYS_MAX {
+                // Nobody was told yet: the key's next holder will be.
+                self.died_keys.insert(key.clone());
+            }
+            self.keys.remove(&key);
+        }
+        self.free.push(s);
+        true
+    }
+}
+
+/// Raise the token floor to `at_least` in the ledger, and publish it in
+/// the header for observers (clients never read it for a decision).
+fn raise_floor(table: &TableView, ledger: &mut Ledger, at_least: u64) {
+    let floor = ledger.raise_floor(at_least);
+    table.header().token_floor.store(floor, Ordering::Relaxed);
+}

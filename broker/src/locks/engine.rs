@@ -1,0 +1,665 @@
+//! The grant engine: acquire (idempotent per request id), release, cancel,
+//! the take-over of a prepared slot, grants and hand-offs to the queue, the
+//! return of an idle slot to the fast path, and the word mirror that shows
+//! observers the private holder. One admit rule decides every grant
+//! ([`Holder::admits`]): a slow-path acquire, a hand-off to a queue's head,
+//! a hold adopted from the ledger, and the explorer's starvation check.
+//!
+//! A grant is recorded in the ledger before the lock word says it: a broker
+//! killed in between adopts the hold from the ledger and rewrites the word.
+
+use super::{ConnId, LockManager, Waker, word_of};
+use crate::config::Policy;
+use crate::ledger::{FAST_REQUEST, Hold};
+use shm_layout::events::{EventsView, Outcome};
+use shm_layout::lockword::{self, OWNER_DIED, RESERVED_MASK, Word};
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::{BROKER_HOLDS, CELL_GRANTED, GRANT_OWNER_DIED, HOLD_SHARED, TableView};
+use shm_layout::validate_key;
+use shm_layout::wire::{ErrorCode, Response};
+
+/// Who holds a managed slot. Prepared slots keep their holder in the word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Holder {
+    Free,
+    Exclusive {
+        client: u32,
+        token: u64,
+        via_broker: bool,
+    },
+    Shared(Vec<(u32, u64)>),
+}
+
+impl Holder {
+    /// The admit rule: whether a new holder (`shared` or exclusive) may join
+    /// the holders there are. Every grant path asks this (a queue must also
+    /// be empty, or the newcomer be its head).
+    pub(super) fn admits(&self, shared: bool) -> bool {
+        match self {
+            Holder::Free => true,
+            Holder::Shared(_) => shared,
+            Holder::Exclusive { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Waiter {
+    pub(super) client: u32,
+    pub(super) conn: ConnId,
+    pub(super) cell: u32,
+    pub(super) shared: bool,
+    /// The client's id for this acquire: a re-sent request (same id, new
+    /// connection) takes this waiter over instead of queueing twice.
+    pub(super) request: u64,
+}
+
+impl LockManager {
+    /// An `Acquire` (request id `request`) from connection `conn` of record
+    /// `client`, whose wait cell is `cell`.
+    ///
+    /// Idempotent per request id: a request the client sends again (its
+    /// connection broke, or the broker restarted) is answered with the grant
+    /// it already produced, or takes its queued place over, instead of
+    /// queueing behind itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acquire(
+        &mut self,
+        table: &TableView,
+        events: &EventsView,
+        client: u32,
+        conn: ConnId,
+        cell: u32,
+        request: u64,
+        key: &[u8],
+        shared: bool,
+        queue: bool,
+    ) -> Response {
+        if let Err(e) = validate_key(key) {
+            return error(ErrorCode::BadKey, e.to_string());
+        }
+        if request == FAST_REQUEST {
+            return error(
+                ErrorCode::BadRequest,
+                format!("request id {FAST_REQUEST} is reserved: number requests from 1"),
+            );
+        }
+        if self.waiting.contains_key(&conn) {
+            return error(
+                ErrorCode::BadRequest,
+                "this connection already has a queued acquire".into(),
+            );
+        }
+        if let Some(&s) = self.dir.keys.get(key) {
+            if let Some((_, hold)) = self
+                .ledger
+                .holds(client)
+                .find(|(_, h)| h.request == request && h.slot == s)
+            {
+                return Response::Granted {
+                    slot: s,
+                    token: hold.token,
+                    owner_died: hold.owner_died,
+                };
+            }
+            let st = &mut self.dir.slots[s as usize];
+            if let Some(w) = st
+                .queue
+                .iter_mut()
+                .find(|w| w.client == client && w.request == request)
+            {
+                let old = std::mem::replace(&mut w.conn, conn);
+                w.cell = cell;
+                self.waiting.remove(&old);
+                self.waiting.insert(conn, s);
+                return Response::Queued { slot: s };
+            }
+        }
+        let stats = &table.header().stats;
+        let s = match self.dir.keys.get(key) {
+            Some(&s) => s,
+            None => match self.dir.allocate(table, &mut self.ledger, self.now_ms, key) {
+                Some(s) => s,
+                None => {
+                    stats.table_full.fetch_add(1, Ordering::Relaxed);
+                    return error(
+                        ErrorCode::TableFull,
+                        format!(
+                            "all {} lock slots hold keys that are held or waited for: raise \
+                             table.slots in the broker's configuration, or release locks",
+                            self.dir.slots.len()
+                        ),
+                    );
+                }
+            },
+        };
+        let hash = self.dir.slots[s as usize].hash;
+        self.dir.remember(hash, key);
+        if !queue && !self.dir.slots[s as usize].managed {
+            // A try-lock on a key held on the fast path: say so without
+            // taking the slot over (which would send its holder's release
+            // through the broker for nothing).
+            let w = word_of(table, s);
+            if w.exclusive_owner().is_some() {
+                return Response::WouldBlock;
+            }
+        }
+        if let Err(refusal) = self.take_over(table, s) {
+            return refusal;
+        }
+        let st = &self.dir.slots[s as usize];
+        let grantable = st.queue.is_empty() && st.holder.admits(shared);
+        if grantable {
+            events.push(
+                events.ring_count() - 1,
+                hash,
+                shm_layout::monotonic_ns(),
+                Outcome::SlowPath,
+                shared,
+                client,
+            );
+            // Predicted but not prepared in time: late; not predicted: a miss.
+            let counter = if self.predicted.remove(&hash) {
+                &stats.late
+            } else {
+                &stats.misses
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return match self.grant(table, s, client, shared, request) {
+                Ok((token, owner_died)) => Response::Granted {
+                    slot: s,
+                    token,
+                    owner_died,
+                },
+                Err(resp) => {
+                    self.return_to_fast_path(table, s);
+                    resp
+                }
+            };
+        }
+        if !queue {
+            return Response::WouldBlock;
+        }
+        events.push(
+            events.ring_count() - 1,
+            hash,
+            shm_layout::monotonic_ns(),
+            Outcome::Contended,
+            shared,
+            client,
+        );
+        stats.contended.fetch_add(1, Ordering::Relaxed);
+        let st = &mut self.dir.slots[s as usize];
+        if st.contention_prepared && !st.contention_used {
+            st.contention_used = true;
+            stats
+                .contention_prepared_hits
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        st.queue.push_back(Waiter {
+            client,
+            conn,
+            cell,
+            shared,
+            request,
+        });
+        self.waiting.insert(conn, s);
+        self.mirror(table, s);
+        Response::Queued { slot: s }
+    }
+
+    /// A `Cancel` of request `request` from `conn` of `client`: withdraw its
+    /// queued acquire, or report the grant that beat the cancel (on whatever
+    /// connection it was answered).
+    pub fn cancel(
+        &mut self,
+        table: &TableView,
+        client: u32,
+        conn: ConnId,
+        request: u64,
+        waker: &mut dyn Waker,
+    ) -> Response {
+        let queued = self.waiting.get(&conn).copied().or_else(|| {
+            self.dir
+                .slots
+                .iter()
+                .position(|st| {
+                    st.queue
+                        .iter()
+                        .any(|w| w.client == client && w.request == request)
+                })
+                .map(|s| s as u32)
+        });
+        if let Some(slot) = queued {
+            let st = &mut self.dir.slots[slot as usize];
+            let conns: Vec<ConnId> = st
+                .queue
+                .iter()
+                .filter(|w| w.conn == conn || (w.client == client && w.request == request))
+                .map(|w| w.conn)
+                .collect();
+            st.queue
+                .retain(|w| w.conn != conn && !(w.client == client && w.request == request));
+            for c in conns {
+                self.waiting.remove(&c);
+            }
+            self.mirror(table, slot);
+            self.dispatch(table, slot, waker);
+            return Response::Cancelled;
+        }
+        match self
+            .ledger
+            .holds(client)
+            .find(|(_, h)| h.request == request && request != FAST_REQUEST)
+        {
+            Some((_, hold)) => Response::Granted {
+                slot: hold.slot,
+                token: hold.token,
+                owner_died: hold.owner_died,
+            },
+            None => Response::Cancelled,
+        }
+    }
+
+    /// A `Release` of `slot` granted with `token`, from record `client`.
+    pub fn release(
+        &mut self,
+        table: &TableView,
+        client: u32,
+        slot: u32,
+        token: u64,
+        waker: &mut dyn Waker,
+    ) -> Response {
+        let now_ms = self.now_ms;
+        let Some(st) = self.dir.slots.get_mut(slot as usize) else {
+            return error(ErrorCode::NotHolder, format!("slot {slot} does not exist"));
+        };
+        let Some(tslot) = table.slot(slot) else {
+            return error(ErrorCode::NotHolder, format!("slot {slot} does not exist"));
+        };
+        if !st.managed {
+            // A fast-path hold whose release CAS failed for a transient reason
+            // (or a confused client): release it if the word says it is ours.
+            let w = Word(tslot.word.load(Ordering::Acquire));
+            let ours = w.exclusive_owner() == Some(client)
+                && st.base.saturating_add(w.counter() as u64) == token;
+            return if ours
+                && tslot
+                    .word
+                    .compare_exchange(
+                        w.0,
+                        lockword::released(w).0,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+            {
+                Response::Released
+            } else {
+                not_holder(slot)
+            };
+        }
+        let released = match &mut st.holder {
+            Holder::Exclusive {
+                client: c,
+                token: t,
+                ..
+            } if *c == client && *t == token => {
+                st.holder = Holder::Free;
+                true
+            }
+            Holder::Shared(v) => match v.iter().position(|&(c, t)| c == client && t == token) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    if v.is_empty() {
+                        st.holder = Holder::Free;
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if !released {
+            return not_holder(slot);
+        }
+        self.ledger.remove_hold(client, slot, Some(token));
+        clear_hold_mirror(table, client, slot);
+        self.dir.slots[slot as usize].last_use_ms = now_ms;
+        self.mirror(table, slot);
+        self.dispatch(table, slot, waker);
+        Response::Released
+    }
+
+    /// A connection closed. Its queued acquire (if any) leaves the queue;
+    /// nothing else changes: a connection is transport, and only the
+    /// client's death (its pidfd) or its `Bye` releases what it holds. A
+    /// grant answered on this connection that never reached the client is
+    /// delivered again when the client re-sends the same request.
+    pub fn conn_closed(&mut self, table: &TableView, conn: ConnId, waker: &mut dyn Waker) {
+        if let Some(slot) = self.waiting.remove(&conn) {
+            self.dir.slots[slot as usize]
+                .queue
+                .retain(|w| w.conn != conn);
+            self.mirror(table, slot);
+            self.dispatch(table, slot, waker);
+        }
+    }
+
+    /// Whether any acquire is queued.
+    pub fn has_waiters(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Make a prepared slot managed (clear PREPARED), learning its fast-path
+    /// holder from the word and recording it in the ledger, so that a
+    /// restarted broker knows it too. A managed slot is left as it is.
+    /// Refused when the holder's ledger entry is full (it holds
+    /// [`crate::ledger::LEDGER_HOLDS`] locks): the slot then stays prepared.
+    fn take_over(&mut self, table: &TableView, s: u32) -> Result<(), Response> {
+        if self.dir.slots[s as usize].managed {
+            return Ok(());
+        }
+        let slot = table.slot(s).expect("s < slot_count");
+        let peek = Word(slot.word.load(Ordering::Acquire));
+        if let Some(owner) = peek.exclusive_owner()
+            && self.registry.is_active(owner)
+            && !self.ledger.has_room(owner)
+        {
+            return Err(error(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "the holder of this key holds {} locks, the most the broker can record: \
+                     try again later",
+                    crate::ledger::LEDGER_HOLDS
+                ),
+            ));
+        }
+        // SYNC POINT: AcqRel on fetch_and: Acquire pairs with the Release of a
+        // fast-path release (so we see the holder's final state); after this,
+        // clients' CASes (which require PREPARED) fail.
+        let w = Word(slot.word.fetch_and(!lockword::PREPARED, Ordering::AcqRel));
+        let st = &mut self.dir.slots[s as usize];
+        st.managed = true;
+        st.holder = Holder::Free;
+        if w.0 & RESERVED_MASK != 0 || (!w.is_free() && w.exclusive_owner().is_none()) {
+            table.header().stats.repairs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(slot = s, word = ?w, "lock word in a shape forelock never writes: repaired to free (someone scribbled on the table)");
+        } else if let Some(owner) = w.exclusive_owner() {
+            let token = st.base.saturating_add(w.counter() as u64);
+            let owner_alive = self.registry.is_active(owner);
+            let recorded = owner_alive
+                && self.ledger.add_hold(
+                    owner,
+                    Hold {
+                        slot: s,
+                        shared: false,
+                        token,
+                        request: FAST_REQUEST,
+                        owner_died: false,
+                    },
+                );
+            if recorded {
+                st.holder = Holder::Exclusive {
+                    client: owner,
+                    token,
+                    via_broker: false,
+                };
+            } else {
+                // The word names a client that is not registered (its owner
+                // is gone, or the word was scribbled), or one whose entry
+                // filled between the check above and now (impossible: one
+                // thread). Release it as owner-died.
+                slot.word.fetch_or(OWNER_DIED, Ordering::AcqRel);
+                table
+                    .header()
+                    .stats
+                    .owner_deaths
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let st = &mut self.dir.slots[s as usize];
+        st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
+        if w.counter() != st.last_counter {
+            table.header().stats.hits.fetch_add(
+                (w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF) as u64,
+                Ordering::Relaxed,
+            );
+            st.last_counter = w.counter();
+        }
+        self.mirror(table, s);
+        Ok(())
+    }
+
+    /// Grant managed slot `s` to `client` for its request `request`: bump the
+    /// counter (rebasing the token if the counter is exhausted), record the
+    /// hold in the ledger, then in the word. Returns the token and whether
+    /// the previous owner died.
+    fn grant(
+        &mut self,
+        table: &TableView,
+        s: u32,
+        client: u32,
+        shared: bool,
+        request: u64,
+    ) -> Result<(u64, bool), Response> {
+        let broker_holds = self
+            .ledger
+            .holds(client)
+            .filter(|(_, h)| h.request != FAST_REQUEST)
+            .count();
+        if broker_holds >= BROKER_HOLDS || !self.ledger.has_room(client) {
+            return Err(error(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "this client already holds {BROKER_HOLDS} locks granted by the broker: release some first"
+                ),
+            ));
+        }
+        let slot = table.slot(s).expect("s < slot_count");
+        let w = Word(slot.word.load(Ordering::Acquire));
+        let owner_died = w.owner_died();
+        let st = &mut self.dir.slots[s as usize];
+        // The token: above every token this slot issued, whatever the
+        // client-writable counter says; rebase when the counter would run out.
+        let mut token = st
+            .base
+            .saturating_add(w.counter() as u64 + 1)
+            .max(st.issued.saturating_add(1));
+        let mut counter = token - st.base;
+        if counter > lockword::COUNTER_MASK {
+            st.base = token - 1;
+            counter = 1;
+            token = st.base + 1;
+            self.ledger.set_base(s, st.base);
+            slot.token_base.store(st.base, Ordering::Relaxed);
+        }
+        let counter = counter as u32;
+        st.issued = token;
+        self.ledger.add_hold(
+            client,
+            Hold {
+                slot: s,
+                shared,
+                token,
+                request,
+                owner_died,
+            },
+        );
+        st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {
+            Holder::Shared(mut v) if shared => {
+                v.push((client, token));
+                Holder::Shared(v)
+            }
+            _ if shared => Holder::Shared(vec![(client, token)]),
+            _ => Holder::Exclusive {
+                client,
+                token,
+                via_broker: true,
+            },
+        };
+        st.last_counter = counter;
+        st.last_use_ms = self.now_ms;
+        st.uses = st.uses.saturating_add(1);
+        st.speculative = false;
+        // The grant consumed the owner-died bit.
+        slot.word.store(
+            lockword::managed(Word(w.0 & !OWNER_DIED), false, 0, counter).0,
+            Ordering::Release,
+        );
+        slot.held_since_ms.store(self.now_ms, Ordering::Relaxed);
+        mirror_hold(table, client, s, shared);
+        self.mirror(table, s);
+        Ok((token, owner_died))
+    }
+
+    /// Grant the head of `s`'s queue (all leading shared waiters at once) if
+    /// the slot is free for them; a waiter that cannot take the lock (its
+    /// hold list is full) is answered with the refusal and the next one is
+    /// served. With an empty queue and no holder, the slot goes back to the
+    /// fast path.
+    pub(super) fn dispatch(&mut self, table: &TableView, s: u32, waker: &mut dyn Waker) {
+        loop {
+            let st = &self.dir.slots[s as usize];
+            let Some(&head) = st.queue.front() else { break };
+            if !st.holder.admits(head.shared) {
+                break;
+            }
+            self.dir.slots[s as usize].queue.pop_front();
+            self.waiting.remove(&head.conn);
+            let Some(rec) = table.client(head.client) else {
+                continue;
+            };
+            let Some(cell) = rec.cells.get(head.cell as usize) else {
+                continue;
+            };
+            let answer = match self.grant(table, s, head.client, head.shared, head.request) {
+                Ok((token, owner_died)) => {
+                    // Mirrored in the cell for observers only.
+                    cell.token.store(token, Ordering::Relaxed);
+                    let flags = if owner_died { GRANT_OWNER_DIED } else { 0 };
+                    cell.flags.store(flags, Ordering::Relaxed);
+                    table
+                        .header()
+                        .stats
+                        .handoffs
+                        .fetch_add(1, Ordering::Relaxed);
+                    Response::Granted {
+                        slot: s,
+                        token,
+                        owner_died,
+                    }
+                }
+                // Its hold list is full: it cannot take more.
+                Err(refusal) => refusal,
+            };
+            tracing::debug!(
+                slot = s,
+                client = head.client,
+                conn = head.conn,
+                ?answer,
+                "hand-off"
+            );
+            waker.answer(head.conn, answer);
+            // SYNC POINT: Release pairs with the waiter's Acquire load of the
+            // state after its futex wait.
+            cell.state.store(CELL_GRANTED, Ordering::Release);
+            waker.wake(&cell.state);
+        }
+        self.mirror(table, s);
+        let st = &self.dir.slots[s as usize];
+        if st.queue.is_empty() && st.holder == Holder::Free {
+            self.return_to_fast_path(table, s);
+        }
+    }
+
+    /// A managed, unheld slot with no queue becomes prepared again (if the
+    /// policy prepares at all).
+    pub(super) fn return_to_fast_path(&mut self, table: &TableView, s: u32) {
+        let st = &mut self.dir.slots[s as usize];
+        if self.policy == Policy::None
+            || !st.managed
+            || st.holder != Holder::Free
+            || !st.queue.is_empty()
+            || st.key.is_none()
+        {
+            return;
+        }
+        let slot = table.slot(s).expect("s < slot_count");
+        let w = Word(slot.word.load(Ordering::Acquire));
+        // The table's base is a copy for clients: rewrite it from ours.
+        slot.token_base.store(st.base, Ordering::Relaxed);
+        // SYNC POINT: Release publishes the slot's state to the next fast-path
+        // acquirer (its CAS is Acquire).
+        slot.word.store(lockword::prepare(w).0, Ordering::Release);
+        slot.waiters.store(0, Ordering::Relaxed);
+        st.managed = false;
+        st.last_counter = w.counter();
+    }
+
+    /// Write the managed slot's private holder and queue length into the word
+    /// and slot for observers.
+    pub(super) fn mirror(&self, table: &TableView, s: u32) {
+        let st = &self.dir.slots[s as usize];
+        let slot = table.slot(s).expect("s < slot_count");
+        slot.waiters.store(st.queue.len() as u32, Ordering::Relaxed);
+        if !st.managed {
+            return;
+        }
+        let w = Word(slot.word.load(Ordering::Acquire));
+        let (exclusive, holders) = match &st.holder {
+            Holder::Free => (false, 0),
+            Holder::Exclusive { client, .. } => (true, client + 1),
+            Holder::Shared(v) => (false, v.len() as u32),
+        };
+        slot.word.store(
+            lockword::managed(w, exclusive, holders, w.counter()).0,
+            Ordering::Release,
+        );
+    }
+}
+
+/// Mirror a broker hold into the client's table record, for observers
+/// (`forelock locks` shows shared holders from it). Best effort: the ledger
+/// is the record that counts.
+pub(super) fn mirror_hold(table: &TableView, client: u32, slot: u32, shared: bool) {
+    let Some(rec) = table.client(client) else {
+        return;
+    };
+    if let Some(h) = rec
+        .broker_holds
+        .iter()
+        .find(|h| h.load(Ordering::Relaxed) == 0)
+    {
+        h.store(
+            (slot + 1) | if shared { HOLD_SHARED } else { 0 },
+            Ordering::Relaxed,
+        );
+    }
+}
+
+fn clear_hold_mirror(table: &TableView, client: u32, slot: u32) {
+    let Some(rec) = table.client(client) else {
+        return;
+    };
+    if let Some(h) = rec
+        .broker_holds
+        .iter()
+        .find(|h| h.load(Ordering::Relaxed) & !HOLD_SHARED == slot + 1)
+    {
+        h.store(0, Ordering::Relaxed);
+    }
+}
+
+fn error(code: ErrorCode, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+fn not_holder(slot: u32) -> Response {
+    error(
+        ErrorCode::NotHolder,
+        format!(
+            "release of slot {slot}: this client does not hold it with that token (double release?)"
+        ),
+    )
+}

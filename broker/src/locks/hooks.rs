@@ -1,0 +1,254 @@
+//! The allocator's hooks ([`crate::allocator`], through
+//! [`crate::allocator_glue`]): the tick that notices fast-path grants, what
+//! the policy sees of each slot, preparing a key ahead of any request,
+//! contention preparation, and eviction.
+//!
+//! Contention preparation ([`LockManager::prepare_contention`]): for a key the
+//! forecaster predicts contended, the allocator places the slot (if it has
+//! none) and reserves its waiter queue, so the first waiters are queued
+//! without a heap allocation on the request's path. That queue is the only
+//! per-key hand-off state built lazily: a waiter's wait cell and futex word
+//! belong to its connection (set up at registration), the take-over of a
+//! prepared slot is one `fetch_and` that cannot be done ahead without taking
+//! the key off the fast path, and the broker-wide maps of queued and handed-off
+//! connections keep their capacity once grown (preparation reserves room in
+//! them too). A slot keeps its queue's capacity until it is freed, so a key
+//! kept resident keeps the queue depth it reached.
+
+use super::engine::Holder;
+use super::{BROKER_CLIENT, LockManager, word_of};
+use crate::allocator::SlotView;
+use crate::config::Policy;
+use shm_layout::events::{EventsView, Outcome};
+use shm_layout::lockword::Word;
+use shm_layout::scores::Scored;
+use shm_layout::sync::shm::Ordering;
+use shm_layout::table::TableView;
+
+impl LockManager {
+    /// Every tick: notice fast-path grants (a lock word's counter moved) and
+    /// publish slot counts. Reclaiming is the allocator policy's decision
+    /// ([`crate::allocator`]), applied through [`LockManager::evict`].
+    pub fn tick(&mut self, table: &TableView, now_ms: u64) {
+        self.now_ms = now_ms;
+        let stats = &table.header().stats;
+        let (mut used, mut prepared) = (0u64, 0u64);
+        for s in 0..self.dir.slots.len() as u32 {
+            let st = &mut self.dir.slots[s as usize];
+            if st.key.is_none() {
+                continue;
+            }
+            used += 1;
+            let w = word_of(table, s);
+            if w.counter() != st.last_counter {
+                let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
+                if !st.managed {
+                    stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
+                }
+                st.uses = st.uses.saturating_add(grants);
+                st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
+                st.last_counter = w.counter();
+                st.last_use_ms = now_ms;
+                st.speculative = false;
+            }
+            if !st.managed {
+                prepared += 1;
+            }
+        }
+        stats.slots_used.store(used, Ordering::Relaxed);
+        stats.slots_prepared.store(prepared, Ordering::Relaxed);
+    }
+
+    /// What the allocator policy sees of each keyed slot, into `out`;
+    /// `scored(hash)` gives the forecaster's latest entry for a key.
+    pub fn slot_views(
+        &self,
+        table: &TableView,
+        scored: impl Fn(u64) -> Option<Scored>,
+        out: &mut Vec<SlotView>,
+    ) {
+        out.clear();
+        for (i, st) in self.dir.slots.iter().enumerate() {
+            if st.key.is_none() {
+                continue;
+            }
+            let w = Word(
+                table
+                    .slot(i as u32)
+                    .expect("i < slot_count")
+                    .word
+                    .load(Ordering::Relaxed),
+            );
+            let held = !st.queue.is_empty()
+                || st.holder != Holder::Free
+                || (!st.managed && !w.is_free())
+                // Keep the bit until the next holder has been told.
+                || w.owner_died();
+            let scored = scored(st.hash);
+            out.push(SlotView {
+                slot: i as u32,
+                key_hash: st.hash,
+                prepared_at_us: st.placed_at_ms * 1000,
+                last_use_us: (st.uses > 0).then_some(st.last_use_ms * 1000),
+                uses_since_prepared: st.uses,
+                held,
+                score: scored.map(|s| s.score),
+                contention: scored.map(|s| s.contention),
+                contention_prepared: st.contention_prepared,
+            });
+        }
+    }
+
+    /// Whether the key with `hash` has a slot.
+    pub fn has_key_hash(&self, hash: u64) -> bool {
+        self.dir
+            .known
+            .get(&hash)
+            .is_some_and(|k| self.dir.keys.contains_key(k))
+    }
+
+    /// Prepare the key with hash `hash` ahead of any request, if the broker
+    /// knows its text and has room without evicting. Returns whether a slot was
+    /// newly prepared.
+    pub fn prepare(&mut self, table: &TableView, events: &EventsView, hash: u64) -> bool {
+        if self.policy == Policy::None {
+            return false;
+        }
+        let Some(key) = self.dir.known.get(&hash).cloned() else {
+            return false;
+        };
+        if let Some(&s) = self.dir.keys.get(&key) {
+            let st = &self.dir.slots[s as usize];
+            if st.managed && st.holder == Holder::Free && st.queue.is_empty() {
+                self.return_to_fast_path(table, s);
+            }
+            self.dir.slots[s as usize].last_use_ms = self.now_ms;
+            return false;
+        }
+        let Some(s) = self.dir.free.pop() else {
+            return false;
+        };
+        self.dir
+            .place_key(table, &mut self.ledger, self.now_ms, s, &key);
+        self.dir.slots[s as usize].speculative = true;
+        self.return_to_fast_path(table, s);
+        table
+            .header()
+            .stats
+            .preparations
+            .fetch_add(1, Ordering::Relaxed);
+        events.push(
+            events.ring_count() - 1,
+            hash,
+            shm_layout::monotonic_ns(),
+            Outcome::Prepared,
+            false,
+            BROKER_CLIENT,
+        );
+        true
+    }
+
+    /// Prepare the contention-resolution state of the key with hash `hash`
+    /// (the allocator's `PrepareContention`): place its slot as
+    /// [`LockManager::prepare`] does if it has none, then reserve room for
+    /// `waiters` queued requests in its queue and in the broker-wide maps of
+    /// queued and handed-off connections. Returns whether it was prepared
+    /// (false: the key is unknown, or it has no slot and none is free, or
+    /// preparation is off).
+    pub fn prepare_contention(
+        &mut self,
+        table: &TableView,
+        events: &EventsView,
+        hash: u64,
+        waiters: usize,
+    ) -> bool {
+        if self.policy == Policy::None {
+            return false;
+        }
+        let Some(key) = self.dir.known.get(&hash).cloned() else {
+            return false;
+        };
+        let s = match self.dir.keys.get(&key) {
+            Some(&s) => s,
+            None => {
+                if !self.prepare(table, events, hash) {
+                    return false;
+                }
+                *self.dir.keys.get(&key).expect("prepare placed the key")
+            }
+        };
+        let st = &mut self.dir.slots[s as usize];
+        st.queue.reserve(waiters.saturating_sub(st.queue.len()));
+        st.contention_prepared = true;
+        st.contention_used = false;
+        self.waiting.reserve(waiters);
+        table
+            .header()
+            .stats
+            .contention_prepared
+            .fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The capacity of the key's waiter queue, if the key has a slot (tests
+    /// and observers).
+    pub fn queue_capacity(&self, key: &[u8]) -> Option<usize> {
+        let &s = self.dir.keys.get(key)?;
+        Some(self.dir.slots[s as usize].queue.capacity())
+    }
+
+    /// Whether the key's slot holds a contention preparation (tests and observers).
+    pub fn contention_prepared(&self, key: &[u8]) -> bool {
+        self.dir
+            .keys
+            .get(key)
+            .is_some_and(|&s| self.dir.slots[s as usize].contention_prepared)
+    }
+
+    /// The forecaster no longer predicts contention for the key in slot `s`:
+    /// the slot is an ordinary one again (no longer evicted last by the slow
+    /// path; a new prediction prepares it again). Its queue keeps its capacity.
+    pub fn end_contention_preparation(&mut self, s: u32) {
+        if let Some(st) = self.dir.slots.get_mut(s as usize) {
+            st.contention_prepared = false;
+            st.contention_used = false;
+        }
+    }
+
+    /// Free a prepared or idle slot now (the allocator's reclaim or eviction).
+    /// Refuses a slot that is held or waited for (re-checked here: the policy
+    /// decided on a snapshot). A slot prepared ahead and never used counts as
+    /// a wasted preparation.
+    pub fn evict(&mut self, table: &TableView, events: &EventsView, s: u32) -> bool {
+        let Some(st) = self.dir.slots.get(s as usize) else {
+            return false;
+        };
+        if st.key.is_none() || !st.queue.is_empty() || st.holder != Holder::Free {
+            return false;
+        }
+        let (wasted, hash) = (st.speculative, st.hash);
+        if !self.dir.free_slot(table, &mut self.ledger, s) {
+            return false;
+        }
+        if wasted {
+            table.header().stats.wasted.fetch_add(1, Ordering::Relaxed);
+            let ring = events.ring_count() - 1;
+            events.push(
+                ring,
+                hash,
+                shm_layout::monotonic_ns(),
+                Outcome::Reclaimed,
+                false,
+                BROKER_CLIENT,
+            );
+        }
+        true
+    }
+
+    /// The keys the forecaster wants prepared that are not (yet): a slow-path
+    /// request for one of them counts as late rather than missed.
+    pub fn set_predicted(&mut self, hashes: impl IntoIterator<Item = u64>) {
+        self.predicted.clear();
+        self.predicted.extend(hashes);
+    }
+}
