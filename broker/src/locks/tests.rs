@@ -832,3 +832,92 @@ fn with_the_forecast_policy_a_key_scored_contended_is_reserved_and_kept_past_its
     );
     assert!(!f.m.contention_prepared(b"contended"));
 }
+
+// ---- regressions of "Never two holders" (defect 8) ----------------------------
+
+impl Fixture {
+    fn acquire_as(&mut self, client: u32, conn: ConnId, key: &str, request: u64) -> Response {
+        self.m.acquire(
+            &self.table,
+            &self.events,
+            client,
+            conn,
+            conn as u32 % 64,
+            request,
+            key.as_bytes(),
+            false,
+            true,
+        )
+    }
+}
+
+/// A hand-off answered on a connection that closed before the client read
+/// it used to be lost, the lock held by a client that never learnt it got
+/// it. Now the client's re-sent request (same id) is answered with it.
+#[test]
+fn a_hand_off_to_a_closed_connection_is_delivered_when_the_client_asks_again() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let ga = f.acquire(a, 1, "k", false);
+    assert!(matches!(
+        f.acquire_as(b, 2, "k", 77),
+        Response::Queued { .. }
+    ));
+    f.release(a, &ga);
+    let handed = f.w.1.pop().expect("a hand-off answer");
+    assert_eq!(handed.0, 2);
+    f.m.conn_closed(&f.table, 2, &mut f.w); // the answer never arrived
+    assert_eq!(
+        f.acquire_as(b, 3, "k", 77),
+        handed.1,
+        "the same grant, again"
+    );
+    assert!(f.queued(a, 1, "k", false), "and b still holds k");
+}
+
+/// A broker killed after recording a grant but before sending it left the
+/// client to queue behind its own adopted hold forever. Now the re-sent
+/// request gets the grant the ledger recorded.
+#[test]
+fn a_grant_made_before_a_broker_kill_is_answered_again_after_the_restart() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let g = f.acquire_as(a, 1, "k", 5);
+    assert!(matches!(g, Response::Granted { .. }));
+    f.restart(|_, _| true); // the answer was lost with the old broker
+    f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
+    assert_eq!(f.acquire_as(a, 9, "k", 5), g);
+    assert_eq!(f.release(a, &g), Response::Released);
+}
+
+/// A Cancel whose connection broke goes on a new one: the grant that beat
+/// it is found by its request id.
+#[test]
+fn a_cancel_on_a_new_connection_finds_the_grant_by_request_id() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let ga = f.acquire(a, 1, "k", false);
+    assert!(matches!(
+        f.acquire_as(b, 2, "k", 41),
+        Response::Queued { .. }
+    ));
+    f.release(a, &ga);
+    let handed = f.w.1.pop().expect("a hand-off answer").1;
+    f.m.conn_closed(&f.table, 2, &mut f.w);
+    assert_eq!(f.m.cancel(&f.table, b, 3, 41, &mut f.w), handed);
+    assert_eq!(
+        f.m.cancel(&f.table, b, 3, 42, &mut f.w),
+        Response::Cancelled
+    );
+}
+
+/// A connection that closes is transport: the client's locks stay held
+/// (defect 2's root cause, at the engine's level).
+#[test]
+fn closing_every_connection_of_a_live_client_releases_nothing() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    f.acquire(a, 1, "k", false);
+    f.m.conn_closed(&f.table, 1, &mut f.w);
+    assert!(f.queued(b, 2, "k", false), "k is still a's");
+}
