@@ -144,7 +144,7 @@ fn wait_from(timeout: Option<f64>) -> PyResult<Wait> {
         Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(format!(
             "timeout must be None or a number of seconds >= 0, not {t}"
         ))),
-        Some(t) if t == 0.0 => Ok(Wait::Try),
+        Some(0.0) => Ok(Wait::Try),
         Some(t) => Ok(Wait::For(Duration::from_secs_f64(t.min(1e9)))),
     }
 }

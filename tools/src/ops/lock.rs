@@ -353,7 +353,9 @@ fn hold(args: &LockArgs) -> i32 {
             && let Some(stream) = serve_unlock(stream)
         {
             let _ = guard.release();
-            // Closed after the release: `unlock` returns when it sees EOF.
+            // The name is free again before `unlock` returns (it waits for
+            // EOF on `stream`): a `lock` right after it may bind it.
+            drop(listener);
             drop(stream);
             return 0;
         }
