@@ -32,6 +32,10 @@
 //! # }
 //! ```
 //!
+//! With the cargo feature `tokio`, `lock_async` and its try, timeout and
+//! shared forms wait without blocking the runtime's threads; they return an
+//! [`OwnedLockGuard`], which any guard becomes with [`LockGuard::into_owned`].
+//!
 //! A `Client` is `Send + Sync` and cheap to clone (an `Arc`): share one per
 //! process. It keeps a pool of up to [`shm_layout::table::WAIT_CELLS`] broker
 //! connections, one per concurrent blocking call; further callers wait for a
