@@ -6,6 +6,15 @@ apt-get update -q
 # fonts-dejavu-core: text in the PNG plots (tools); systemd: systemd-analyze
 # verify of the unit files.
 apt-get install -y -q --no-install-recommends fonts-dejavu-core systemd
+# gcc, libc6-dev, pkg-config: the C ABI's tests compile C programs against
+# libforelock_capi with the flags of forelock.pc (tools/tests/languages.rs).
+apt-get install -y -q --no-install-recommends gcc libc6-dev pkg-config
+# maturin builds the Python package (client/python), pytest runs its tests;
+# filelock is the Python peer of the language benchmark. Into the machine's
+# Python 3.11 (a throwaway CI machine: no venv needed).
+python3 -m pip install -q --root-user-action=ignore --break-system-packages \
+    'maturin>=1.8,<2' pytest filelock 2>/dev/null \
+    || python3 -m pip install -q 'maturin>=1.8,<2' pytest filelock
 # Peers for `forelock bench` (Redis, etcd), if the peer script is present.
 if [ -f .ci/peers.sh ]; then
     bash .ci/peers.sh

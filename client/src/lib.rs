@@ -32,6 +32,10 @@
 //! # }
 //! ```
 //!
+//! With the cargo feature `tokio`, `lock_async` and its try, timeout and
+//! shared forms wait without blocking the runtime's threads; they return an
+//! [`OwnedLockGuard`], which any guard becomes with [`LockGuard::into_owned`].
+//!
 //! A `Client` is `Send + Sync` and cheap to clone (an `Arc`): share one per
 //! process. It keeps a pool of up to [`shm_layout::table::WAIT_CELLS`] broker
 //! connections, one per concurrent blocking call; further callers wait for a
@@ -49,6 +53,8 @@
 //!   `try_lock` on an unprepared key) waits for one of them to finish; the
 //!   fast path never waits.
 
+#[cfg(feature = "tokio")]
+mod async_tokio;
 mod conn;
 mod error;
 mod mapped;
@@ -917,38 +923,153 @@ impl LockGuard<'_> {
         self.release_inner()
     }
 
+    /// Turn this guard into one that owns a clone of `client` (the client
+    /// it was taken through), so it can outlive the borrow: for async tasks
+    /// and foreign-language handles.
+    ///
+    /// # Panics
+    /// If `client` is not (a clone of) the client this guard came from.
+    pub fn into_owned(self, client: &Client) -> OwnedLockGuard {
+        assert!(
+            std::ptr::eq(self.inner, &*client.inner),
+            "LockGuard::into_owned: the guard was taken through another Client"
+        );
+        // Not dropped: the owned guard takes over the release.
+        let guard = std::mem::ManuallyDrop::new(self);
+        OwnedLockGuard {
+            client: client.clone(),
+            slot: guard.slot,
+            token: guard.token,
+            owner_died: guard.owner_died,
+            shared: guard.shared,
+            fast: guard.fast,
+            released: false,
+        }
+    }
+
     #[inline]
     fn release_inner(&self) -> Result<(), Error> {
-        if let Some(held) = self.fast {
-            let hold = FastHold {
-                slot: self.slot,
-                held,
-                token: self.token,
-                owner_died: self.owner_died,
-                wrong_key: false,
-            };
-            if fast_release(self.inner.table.view(), &hold) {
-                return Ok(());
-            }
-        }
-        self.inner.release_through_broker(self.slot, self.token)
+        self.inner
+            .release_grant(self.slot, self.token, self.owner_died, self.fast)
     }
 }
 
 impl Drop for LockGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        if !self.released
-            && let Err(Error::BrokerNotRunning { .. }) = self.release_inner()
+        if !self.released {
+            self.inner
+                .release_on_drop(self.slot, self.token, self.owner_died, self.fast);
+        }
+    }
+}
+
+impl Inner {
+    /// Release a grant: the fast path's CAS back if we granted ourselves,
+    /// else (or if the broker took the hold over) through the broker.
+    #[inline]
+    fn release_grant(
+        &self,
+        slot: u32,
+        token: u64,
+        owner_died: bool,
+        fast: Option<Word>,
+    ) -> Result<(), Error> {
+        if let Some(held) = fast {
+            let hold = FastHold {
+                slot,
+                held,
+                token,
+                owner_died,
+                wrong_key: false,
+            };
+            if fast_release(self.table.view(), &hold) {
+                return Ok(());
+            }
+        }
+        self.release_through_broker(slot, token)
+    }
+
+    /// The release of a guard dropped without `release()`: errors ignored,
+    /// except that a broker down past the reconnect window gets the release
+    /// delivered when it is back.
+    #[inline]
+    fn release_on_drop(&self, slot: u32, token: u64, owner_died: bool, fast: Option<Word>) {
+        if let Err(Error::BrokerNotRunning { .. }) =
+            self.release_grant(slot, token, owner_died, fast)
         {
-            // The broker is down past the reconnect window: the lock is still
-            // held there. Deliver the release when it is back.
-            release_later(
-                self.inner.socket.clone(),
-                self.inner.index,
-                self.slot,
-                self.token,
-            );
+            release_later(self.socket.clone(), self.index, slot, token);
+        }
+    }
+}
+
+/// A held lock that owns (a clone of) its [`Client`] instead of borrowing
+/// it: made by [`LockGuard::into_owned`] and by the async calls. Released
+/// when dropped (errors ignored) or by [`OwnedLockGuard::release`].
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct OwnedLockGuard {
+    client: Client,
+    slot: u32,
+    token: u64,
+    owner_died: bool,
+    shared: bool,
+    fast: Option<Word>,
+    released: bool,
+}
+
+impl std::fmt::Debug for OwnedLockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedLockGuard")
+            .field("slot", &self.slot)
+            .field("token", &self.token)
+            .field("shared", &self.shared)
+            .field("fast_path", &self.fast.is_some())
+            .field("previous_owner_died", &self.owner_died)
+            .finish()
+    }
+}
+
+impl OwnedLockGuard {
+    /// The fencing token of this grant (see [`LockGuard::token`]).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The previous holder died while holding the lock.
+    pub fn previous_owner_died(&self) -> bool {
+        self.owner_died
+    }
+
+    /// Held in shared mode.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Granted by this client's own CAS on a prepared slot (no broker).
+    pub fn fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The client this guard holds its lock through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Release now, reporting errors (`Drop` releases too, silently).
+    pub fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        self.client
+            .inner
+            .release_grant(self.slot, self.token, self.owner_died, self.fast)
+    }
+}
+
+impl Drop for OwnedLockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            self.client
+                .inner
+                .release_on_drop(self.slot, self.token, self.owner_died, self.fast);
         }
     }
 }

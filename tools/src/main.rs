@@ -4,6 +4,8 @@
 //! forelock status [--json]               broker, table and forecaster at a glance
 //! forelock locks [--json]                every key: mode, holder, waiters, token
 //! forelock run KEY -- COMMAND ...        run a command under a lock (flock(1) flags)
+//! forelock lock --pid PID KEY            hold a lock until PID exits (shell scripts)
+//! forelock unlock --pid PID KEY          release it earlier
 //! forelock hist [--out DIR]              the broker's latency histograms
 //! forelock bench [--quick] [--out DIR]   forelock beside its peers, one run
 //! forelock replay TRACE [--json]         forecaster + allocator on a lock trace

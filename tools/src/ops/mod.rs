@@ -2,11 +2,13 @@
 //!
 //! `status` and `locks` map the broker's lock table read-only and read its
 //! atomics: they never talk to the broker, so they work while it is busy,
-//! stuck or gone (then they say so). `run` is a client like any other. `hist`
+//! stuck or gone (then they say so). `run` is a client like any other, and so
+//! is the holder process `lock` starts (`unlock` talks to it). `hist`
 //! reads the interval logs the broker writes under its runtime directory.
 //! See `docs/operations.md`.
 
 mod hist;
+mod lock;
 mod locks;
 mod plot;
 mod run;
@@ -16,6 +18,7 @@ use anyhow::anyhow;
 use std::path::{Path, PathBuf};
 
 pub use hist::HistArgs;
+pub use lock::{LockArgs, UnlockArgs};
 pub use locks::LocksArgs;
 pub use run::RunArgs;
 pub use status::StatusArgs;
@@ -30,6 +33,11 @@ pub enum OpsCommand {
     Locks(LocksArgs),
     /// Run a command while holding a lock (flags and exit codes of flock(1)).
     Run(RunArgs),
+    /// Take a lock held on behalf of process PID (a shell's `$$`) until it
+    /// exits or `forelock unlock` releases it; prints the fencing token.
+    Lock(LockArgs),
+    /// Release a lock taken with `forelock lock --pid PID KEY`.
+    Unlock(UnlockArgs),
     /// Dump the broker's latency histograms: percentile tables, HdrHistogram
     /// interval logs and a percentile plot (PNG).
     Hist(HistArgs),
@@ -41,6 +49,8 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<i32> {
         OpsCommand::Status(args) => status::run(&args),
         OpsCommand::Locks(args) => locks::run(&args),
         OpsCommand::Run(args) => Ok(run::run(&args)),
+        OpsCommand::Lock(args) => Ok(lock::lock(&args)),
+        OpsCommand::Unlock(args) => Ok(lock::unlock(&args)),
         OpsCommand::Hist(args) => hist::run(&args),
     }
 }
