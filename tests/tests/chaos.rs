@@ -226,8 +226,8 @@ fn random_kills_restarts_stops_and_scribbles_never_grant_a_key_twice() {
 
     let start = Instant::now();
     // The one broker stop of the run, at a random moment in its first half.
-    let mut stop_at =
-        (run_for >= STOP_MIN_RUN).then(|| start + run_for.mul_f64(d.rng.random_range(0.15..0.5)));
+    let mut stop_at = (fault("stop-broker") && run_for >= STOP_MIN_RUN)
+        .then(|| start + run_for.mul_f64(d.rng.random_range(0.15..0.5)));
     let mut stopped_until: Option<Instant> = None;
     let mut last_broker_kill = start;
     let mut broker_log_at_death = Vec::new();
