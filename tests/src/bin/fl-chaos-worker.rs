@@ -303,25 +303,17 @@ impl Worker<'_> {
             guard.fast_path()
         );
         append(log, &enter)?;
-
-        let last = read_number(&dir.join("last"));
-        if token <= last {
-            self.violation(
-                key,
-                &format!("fencing: token {token} is not above {last}, the last exclusive holder's"),
-            );
-        }
-        let marker = dir.join("writer");
+        // From here on the section is open in the log: whatever fails, the
+        // caller gets a Section, so that `X` is appended (an open section
+        // would make every later entry look like an overlap).
         let mine = format!("{wid} {token}\n");
-        let mut holding_marker = false;
-        if exclusive {
-            holding_marker = self.take_marker(key, &dir, &mine)?;
-            let tmp = dir.join(format!("last-{wid}"));
-            std::fs::write(&tmp, format!("{token}\n"))?;
-            std::fs::rename(&tmp, dir.join("last"))?;
-        } else {
-            self.check_no_live_writer(key, &marker, "entered shared");
-        }
+        let holding_marker = match self.enter_checks(key, &dir, token, exclusive, &mine) {
+            Ok(holding_marker) => holding_marker,
+            Err(e) => {
+                self.note(&format!("checker I/O entering {}: {e}", self.keys[key]));
+                false
+            }
+        };
         // Mostly short; now and then long, so that holds span broker kills
         // and stops and queues form behind them.
         let sleep_us = if self.rng.random_bool(0.05) {
@@ -341,9 +333,51 @@ impl Worker<'_> {
         })
     }
 
+    /// Fencing, and the marker: ours if exclusive, no live writer's if shared.
+    /// True if we hold the marker.
+    fn enter_checks(
+        &self,
+        key: usize,
+        dir: &Path,
+        token: u64,
+        exclusive: bool,
+        mine: &str,
+    ) -> std::io::Result<bool> {
+        let wid = self.wid;
+        let last = read_number(&dir.join("last"));
+        if token <= last {
+            self.violation(
+                key,
+                &format!("fencing: token {token} is not above {last}, the last exclusive holder's"),
+            );
+        }
+        let marker = dir.join("writer");
+        let mut holding_marker = false;
+        if exclusive {
+            holding_marker = self.take_marker(key, dir, mine)?;
+            let tmp = dir.join(format!("last-{wid}"));
+            std::fs::write(&tmp, format!("{token}\n"))?;
+            std::fs::rename(&tmp, dir.join("last"))?;
+        } else {
+            self.check_no_live_writer(key, &marker, "entered shared");
+        }
+        Ok(holding_marker)
+    }
+
     /// The second half: who appended after our `E`? Nobody, while we hold
     /// exclusive; no exclusive holder, while we hold shared. Then leave.
+    /// `X` is appended whatever the checks' I/O did (see `try_enter`).
     fn try_leave(&mut self, section: Section) -> std::io::Result<()> {
+        let sleep_us = self.rng.random_range(0..=1000);
+        std::thread::sleep(Duration::from_micros(sleep_us));
+        let (key, token) = (section.key, section.token);
+        if let Err(e) = self.leave_checks(section) {
+            self.note(&format!("checker I/O leaving {}: {e}", self.keys[key]));
+        }
+        append(&mut self.logs[key], &format!("X {} {token}\n", self.wid))
+    }
+
+    fn leave_checks(&self, section: Section) -> std::io::Result<()> {
         let Section {
             key,
             token,
@@ -356,8 +390,6 @@ impl Worker<'_> {
         let wid = self.wid;
         let dir = key_dir(self.run, key);
         let marker = dir.join("writer");
-        let sleep_us = self.rng.random_range(0..=1000);
-        std::thread::sleep(Duration::from_micros(sleep_us));
         let mut after = String::new();
         let mut reader = File::open(dir.join("log"))?;
         reader.seek(SeekFrom::Start(from))?;
@@ -403,7 +435,7 @@ impl Worker<'_> {
         } else {
             self.check_no_live_writer(key, &marker, "was inside shared");
         }
-        append(&mut self.logs[key], &format!("X {wid} {token}\n"))
+        Ok(())
     }
 
     /// Put our marker in place; false if a live writer's is there (reported).
