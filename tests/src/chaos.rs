@@ -152,6 +152,13 @@ pub struct Analysis {
     /// violation of mutual exclusion or fencing).
     pub owner_death_unreported: Vec<String>,
     pub violations: Vec<String>,
+    /// Distinct sections someone else entered (each double grant counts
+    /// once here, however many entries it let in).
+    pub overlapped_sections: u64,
+    /// Entries whose owner_died flag was set, among the first entries into
+    /// an overlapped section: the broker released a live holder's lock as if
+    /// it had died.
+    pub overlaps_reported_as_owner_death: u64,
 }
 
 /// Walk every key's log (see the module docs). Run only once every worker
@@ -168,6 +175,8 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
         // entry must carry owner_died (it was granted after the death, or
         // the overlap check flags it). Its `K` line.
         let mut expect_died: Option<usize> = None;
+        // (wid, token) of the sections already counted as overlapped.
+        let mut overlapped: std::collections::HashSet<(u64, u64)> = Default::default();
         for (n, line) in text.lines().enumerate() {
             let line_no = n + 1;
             let f: Vec<&str> = line.split(' ').collect();
@@ -199,6 +208,10 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
                     a.fast_path += u64::from(f[5] == "true");
                     for (&other, &(other_exclusive, other_token, other_line)) in &open {
                         if other != wid && (exclusive || other_exclusive) {
+                            if overlapped.insert((other, other_token)) {
+                                a.overlapped_sections += 1;
+                                a.overlaps_reported_as_owner_death += u64::from(f[4] == "true");
+                            }
                             a.violations.push(format!(
                                 "{key}: two holders inside at once: worker {wid} entered \
                                  {} with token {token} (log line {line_no}) while worker \
@@ -291,6 +304,7 @@ mod tests {
         let a = analyze_text("E 1 5 x false true\nE 2 6 s false false\nX 2 6\nX 1 5\n");
         assert_eq!(a.violations.len(), 1, "{:?}", a.violations);
         assert!(a.violations[0].contains("two holders"));
+        assert_eq!(a.overlapped_sections, 1);
     }
 
     #[test]

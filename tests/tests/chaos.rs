@@ -369,7 +369,8 @@ fn report(
     println!(
         "chaos: seed={seed} secs={secs} grants_checked={} (exclusive {}, shared {}, fast path {}, \
          owner_died {}, killed inside {}) workers_killed={} broker_kills={} broker_stops={} \
-         scribbles={scribbles} violations={} (live {}, log {}) owner_deaths_unreported={} \
+         scribbles={scribbles} violations={} (live {}, log {}; {} sections overlapped, {} of them \
+         entered with owner_died) owner_deaths_unreported={} \
          workers_exited_by_themselves={} workers_stuck_at_end={} broker_deaths={} notes={}",
         a.grants,
         a.exclusive,
@@ -383,6 +384,8 @@ fn report(
         live.len() + a.violations.len(),
         live.len(),
         a.violations.len(),
+        a.overlapped_sections,
+        a.overlaps_reported_as_owner_death,
         a.owner_death_unreported.len(),
         c.workers_exited,
         c.workers_stuck_at_end,
