@@ -73,8 +73,9 @@ fn main() {
 // ---- work ---------------------------------------------------------------------
 
 /// Relative weights of the checked keys: the first two are hot (contended,
-/// kept prepared by the keep-alive policy), the last is rare (its slot is
-/// reclaimed between uses, so it takes the slow path).
+/// kept prepared by the keep-alive policy), the last is rare (used about as
+/// often as the keep-alive lapses, so its slot is often reclaimed between
+/// uses and it takes the slow path).
 const KEY_WEIGHTS: [u32; 5] = [40, 30, 15, 14, 1];
 
 struct Worker<'a> {
