@@ -171,10 +171,14 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
         let mut open: HashMap<u64, (bool, u64, usize)> = HashMap::new();
         let mut floor_any = 0u64;
         let mut floor_exclusive = 0u64;
-        // An exclusive holder was killed inside (its `K` seen): the next
-        // entry must carry owner_died (it was granted after the death, or
-        // the overlap check flags it). Its `K` line.
-        let mut expect_died: Option<usize> = None;
+        // An exclusive holder was killed inside (its `K` seen): the first
+        // grant after the death must carry owner_died. Shared holders granted
+        // together may log in another order than their grants, but all log
+        // before the next exclusive holder enters (or overlap it): so the
+        // first grant is the lowest token among the entries from the `K` up
+        // to the next exclusive entry. Pending: (K line, lowest token so far,
+        // its owner_died, its wid, its line).
+        let mut expect_died: Option<(usize, u64, bool, u64, usize)> = None;
         // (wid, token) of the sections already counted as overlapped.
         let mut overlapped: std::collections::HashSet<(u64, u64)> = Default::default();
         for (n, line) in text.lines().enumerate() {
@@ -196,13 +200,13 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
                         a.shared += 1;
                     }
                     a.owner_died += u64::from(f[4] == "true");
-                    if let Some(k_line) = expect_died.take() {
-                        if f[4] != "true" {
-                            a.owner_death_unreported.push(format!(
-                                "{key}: worker {wid} entered (log line {line_no}) after an \
-                                 exclusive holder was killed inside (line {k_line}), without \
-                                 previous_owner_died()"
-                            ));
+                    if let Some(pending) = &mut expect_died {
+                        if token < pending.1 {
+                            *pending = (pending.0, token, f[4] == "true", wid, line_no);
+                        }
+                        if exclusive {
+                            let pending = expect_died.take().expect("just matched");
+                            owner_death_check(&mut a, key, pending);
                         }
                     }
                     a.fast_path += u64::from(f[5] == "true");
@@ -253,7 +257,10 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
                     if let Some((exclusive, token, _)) = open.remove(&wid) {
                         a.killed_inside += 1;
                         if exclusive {
-                            expect_died = Some(line_no);
+                            if let Some(pending) = expect_died.take() {
+                                owner_death_check(&mut a, key, pending);
+                            }
+                            expect_died = Some((line_no, u64::MAX, true, 0, 0));
                         }
                         close(&mut floor_any, &mut floor_exclusive, exclusive, token);
                     }
@@ -263,8 +270,27 @@ pub fn analyze(run: &Path, keys: &[String]) -> Analysis {
                     .push(format!("{key}: log line {line_no} unreadable: {line:?}")),
             }
         }
+        if let Some(pending) = expect_died.take() {
+            owner_death_check(&mut a, key, pending);
+        }
     }
     a
+}
+
+/// The first grant after an exclusive holder's death (see `analyze`) must
+/// say the previous owner died. No entry at all (u64::MAX) is fine.
+fn owner_death_check(
+    a: &mut Analysis,
+    key: &str,
+    (k_line, token, died, wid, line_no): (usize, u64, bool, u64, usize),
+) {
+    if token != u64::MAX && !died {
+        a.owner_death_unreported.push(format!(
+            "{key}: worker {wid} was granted first (token {token}, log line {line_no}) after \
+             an exclusive holder was killed inside (line {k_line}), without \
+             previous_owner_died()"
+        ));
+    }
 }
 
 fn close(floor_any: &mut u64, floor_exclusive: &mut u64, exclusive: bool, token: u64) {
@@ -316,6 +342,18 @@ mod tests {
         let a = analyze_text("E 1 5 x false true\nK 1\nE 2 6 x false false\nX 2 6\n");
         assert!(a.violations.is_empty(), "{:?}", a.violations);
         assert_eq!(a.owner_death_unreported.len(), 1);
+        // Shared holders granted after the death log in any order: the flag
+        // goes with the lowest token.
+        let a = analyze_text(
+            "E 1 5 x false true\nK 1\nE 3 7 s false false\nE 2 6 s true false\n\
+             X 2 6\nX 3 7\nE 4 8 x false true\nX 4 8\n",
+        );
+        assert!(a.violations.is_empty(), "{:?}", a.violations);
+        assert!(
+            a.owner_death_unreported.is_empty(),
+            "{:?}",
+            a.owner_death_unreported
+        );
     }
 
     #[test]
