@@ -4,8 +4,9 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # fonts-dejavu-core: text in the PNG plots (tools); systemd: systemd-analyze
-# verify of the unit files.
-apt-get install -y -q --no-install-recommends fonts-dejavu-core systemd
+# verify of the unit files; g++: libFuzzer, which cargo-fuzz's libfuzzer-sys
+# compiles from C++ (.ci/fuzz.sh).
+apt-get install -y -q --no-install-recommends fonts-dejavu-core systemd g++
 # gcc, libc6-dev, pkg-config: the C ABI's tests compile C programs against
 # libforelock_capi with the flags of forelock.pc (tools/tests/languages.rs).
 apt-get install -y -q --no-install-recommends gcc libc6-dev pkg-config

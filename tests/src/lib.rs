@@ -8,6 +8,8 @@
 //! a temporary runtime directory and a real broker process. Every wait is
 //! bounded: a test that would hang fails with a message instead.
 
+pub mod chaos;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
