@@ -174,8 +174,8 @@ impl LockManager {
 
     /// The broker dies and a new one adopts the same table and ledger (tests
     /// and the explorer: the real restart is a new process).
-    #[cfg(test)]
-    pub(crate) fn readopt(
+    #[cfg(any(test, feature = "model"))]
+    pub fn readopt(
         &mut self,
         table: &TableView,
         alive: impl FnMut(u32, u64) -> bool,

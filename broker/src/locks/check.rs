@@ -8,8 +8,8 @@ use super::engine::Holder;
 impl LockManager {
     /// A copy of this manager with its ledger on the heap: a branch point of
     /// the explorer (the table is copied by the caller).
-    #[cfg(test)]
-    pub(crate) fn fork(&self) -> LockManager {
+    #[cfg(any(test, feature = "model"))]
+    pub fn fork(&self) -> LockManager {
         LockManager {
             policy: self.policy,
             epoch: self.epoch,
@@ -24,8 +24,8 @@ impl LockManager {
 
     /// A hash of everything that decides this manager's future behaviour
     /// (the explorer's visited set; the table and ledger are hashed apart).
-    #[cfg(test)]
-    pub(crate) fn digest(&self, h: &mut impl std::hash::Hasher) {
+    #[cfg(any(test, feature = "model"))]
+    pub fn digest(&self, h: &mut impl std::hash::Hasher) {
         use std::hash::Hash;
         for st in &self.dir.slots {
             st.key.hash(h);
@@ -54,8 +54,8 @@ impl LockManager {
     /// - the ledger records exactly the holds the manager knows of managed
     ///   slots (so a restart rebuilds the same holders);
     /// - no client that is not active holds or waits for anything.
-    #[cfg(test)]
-    pub(crate) fn check(&self) -> Result<(), String> {
+    #[cfg(any(test, feature = "model"))]
+    pub fn check(&self) -> Result<(), String> {
         let mut queued = 0;
         for (s, st) in self.dir.slots.iter().enumerate() {
             if let Some(head) = st.queue.front() {

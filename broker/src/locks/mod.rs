@@ -42,8 +42,10 @@ mod engine;
 mod hooks;
 mod registry;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "model"))]
 mod check;
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 
 use crate::config::Policy;
 use crate::ledger::Ledger;
@@ -62,7 +64,7 @@ pub use registry::Limits;
 use {
     shm_layout::events::EventsView,
     shm_layout::key_hash,
-    shm_layout::table::{CELL_GRANTED, CELL_IDLE, CLIENT_FREE, GRANT_OWNER_DIED, IndexEntry},
+    shm_layout::table::{CELL_GRANTED, CELL_IDLE, CLIENT_FREE, GRANT_OWNER_DIED},
     shm_layout::wire::ErrorCode,
 };
 

@@ -2,89 +2,9 @@
 //! without processes or io_uring (those are in tests/).
 
 use super::*;
-use shm_layout::events::{EventsHeader, events_file_size, init_events};
 use shm_layout::lockword::{Decline, try_acquire_exclusive, try_release_exclusive};
-use shm_layout::table::{Geometry, Header, init_header};
 
-/// A 64-aligned heap buffer standing in for a mapping.
-pub(super) struct Buf {
-    pub(super) ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-impl Buf {
-    fn new(len: usize) -> Buf {
-        let layout = std::alloc::Layout::from_size_align(len, 64).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        Buf { ptr, layout }
-    }
-    pub(super) fn len(&self) -> usize {
-        self.layout.size()
-    }
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for layout.size() bytes, zero-initialised, ours.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-    /// The bytes, read (single-threaded tests: no one writes meanwhile).
-    pub(super) fn bytes_ref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for layout.size() initialised bytes; the tests
-        // that read them write the buffer only through `&mut self` or from
-        // this thread, never during the borrow.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-    /// A copy of the buffer (the explorer's branch points).
-    pub(super) fn copy(&self) -> Buf {
-        let mut b = Buf::new(self.len());
-        b.bytes().copy_from_slice(self.bytes_ref());
-        b
-    }
-}
-impl Drop for Buf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
-}
-
-#[derive(Default)]
-pub(super) struct CountingWaker(Vec<usize>, pub(super) Vec<(ConnId, Response)>);
-impl Waker for CountingWaker {
-    fn answer(&mut self, conn: ConnId, response: Response) {
-        self.1.push((conn, response));
-    }
-    fn wake(&mut self, cell: &AtomicU32) {
-        self.0.push(cell as *const AtomicU32 as usize);
-    }
-}
-
-/// A fresh table on the heap, and its view (valid while the buffer lives).
-pub(super) fn new_table(slots: u32, clients: u32) -> (Buf, TableView) {
-    let g = Geometry::new(slots, clients).unwrap();
-    let mut tb = Buf::new(g.file_size);
-    // SAFETY: the buffer is 64-aligned, large enough, and exclusively ours.
-    init_header(
-        unsafe { &mut *(tb.bytes().as_mut_ptr() as *mut Header) },
-        &g,
-    );
-    // SAFETY: the buffer is returned with the view; callers keep it alive.
-    let table = unsafe { TableView::new(tb.ptr, g.file_size) }.unwrap();
-    (tb, table)
-}
-
-/// A fresh events file on the heap for `clients` clients, and its view.
-pub(super) fn new_events(clients: u32) -> (Buf, EventsView) {
-    let mut eb = Buf::new(events_file_size(clients + 1, 16));
-    // SAFETY: 64-aligned, large enough, exclusively ours.
-    init_events(
-        unsafe { &mut *(eb.bytes().as_mut_ptr() as *mut EventsHeader) },
-        clients + 1,
-        16,
-    );
-    // SAFETY: the buffer is returned with the view; callers keep it alive.
-    let events = unsafe { EventsView::new(eb.ptr, events_file_size(clients + 1, 16)) }.unwrap();
-    (eb, events)
-}
+use super::model::{Buf, CountingWaker, new_events, new_table};
 
 struct Fixture {
     table: TableView,
