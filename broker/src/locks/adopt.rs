@@ -69,6 +69,24 @@ impl LockManager {
             };
             let hash = key_hash(&key);
             slot.store_key(&key, hash, 0);
+            // A managed word (clients never write one) is rebased with a zero
+            // counter, at the floor or above its last token: its counter may
+            // be that of a re-key the old broker made just before it died
+            // (free_slot resets the counter after raising the floor above the
+            // slot's tokens and before erasing the slot from the ledger).
+            // Holds adopted below keep the tokens they were granted with.
+            let (base, word) = if word.is_prepared() {
+                (base, word)
+            } else {
+                let base = m
+                    .ledger
+                    .floor()
+                    .max(base.saturating_add(word.counter() as u64));
+                m.ledger.set_base(s, base);
+                let rebased = lockword::managed(word, word.is_exclusive(), word.holders(), 0);
+                slot.word.store(rebased.0, Ordering::Release);
+                (base, rebased)
+            };
             slot.token_base.store(base, Ordering::Relaxed);
             let st = &mut m.dir.slots[s as usize];
             st.hash = hash;

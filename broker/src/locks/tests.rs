@@ -841,3 +841,31 @@ fn closing_every_connection_of_a_live_client_releases_nothing() {
     f.m.conn_closed(&f.table, 1, &mut f.w);
     assert!(f.queued(b, 2, "k", false), "k is still a's");
 }
+
+/// Defect 7's cousin, found re-reading the ledger's write order: a broker
+/// killed between re-keying a slot's word (counter reset) and erasing the
+/// slot from the ledger came back with the old key at its old base and a
+/// zero counter, so the key's next token went back.
+#[test]
+fn a_broker_killed_while_freeing_a_slot_never_lets_its_tokens_go_back() {
+    let mut f = fixture(8, 4, Policy::None);
+    let a = f.client(1);
+    let mut last = 0;
+    for _ in 0..3 {
+        let g = f.acquire(a, 1, "k", false);
+        last = token(&g);
+        f.release(a, &g);
+    }
+    // free_slot up to its CAS, then the SIGKILL: floor raised, word re-keyed,
+    // the ledger still names the key.
+    let (s, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
+    f.m.ledger.raise_floor(last + 1);
+    f.table
+        .slot(s)
+        .unwrap()
+        .word
+        .store(shm_layout::lockword::rekey(w).0, Ordering::Release);
+    f.restart(|_, _| true);
+    let g = f.acquire(a, 1, "k", false);
+    assert!(token(&g) > last, "token {} after {last}", token(&g));
+}
