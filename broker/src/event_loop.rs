@@ -506,7 +506,7 @@ impl EventLoop {
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!(
-            "forelockd stopping: locks held stay recorded in the table for the next broker"
+            "forelockd stopping: locks held stay recorded (ledger and table) for the next broker"
         );
         Ok(())
     }
