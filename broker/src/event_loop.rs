@@ -1000,6 +1000,19 @@ impl EventLoop {
                 message: "Hello sent twice on one connection".into(),
             },
             (Request::Ping, _) => Response::Pong,
+            // An observer's question: no client record needed, answered
+            // from memory, bounded to one message.
+            (Request::Waiters { key }, _) => {
+                let all = self.manager.waiters(&key);
+                Response::Waiters {
+                    total: u32::try_from(all.len()).unwrap_or(u32::MAX),
+                    waiters: all
+                        .into_iter()
+                        .take(wire::WAITERS_MAX)
+                        .map(|(pid, shared)| wire::WaiterInfo { pid, shared })
+                        .collect(),
+                }
+            }
             (_, None) => Response::Error {
                 code: ErrorCode::BadRequest,
                 message: "the first message on a connection must be Hello".into(),

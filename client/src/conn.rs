@@ -53,6 +53,41 @@ pub(crate) struct Conn {
 
 /// A connected, not yet greeted SOCK_SEQPACKET socket to `path`.
 pub(crate) fn connect_socket(path: &Path) -> io::Result<OwnedFd> {
+    connect_socket_within(path, RESPONSE_TIMEOUT, None)
+}
+
+/// Set socket option `option` (SO_RCVTIMEO or SO_SNDTIMEO) of `fd` to `timeout`.
+fn set_timeout(fd: &OwnedFd, option: libc::c_int, timeout: Duration) -> io::Result<()> {
+    let timeout = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY:
+    // - `fd` is an open socket;
+    // - `timeout` is a valid timeval, and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`connect_socket`] with an answer timeout of `recv_timeout` and, if
+/// `send_timeout` is given, a bound on the connect (a broker that does not
+/// accept fills its backlog) and on each send.
+pub(crate) fn connect_socket_within(
+    path: &Path,
+    recv_timeout: Duration,
+    send_timeout: Option<Duration>,
+) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain integers and bytes; all-zero is a valid
@@ -79,24 +114,9 @@ pub(crate) fn connect_socket(path: &Path) -> io::Result<OwnedFd> {
     }
     // SAFETY: `raw` is a fresh, open descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let timeout = libc::timeval {
-        tv_sec: RESPONSE_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY:
-    // - `fd` is an open socket we own;
-    // - `timeout` is a valid timeval, and the length passed is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    set_timeout(&fd, libc::SO_RCVTIMEO, recv_timeout)?;
+    if let Some(timeout) = send_timeout {
+        set_timeout(&fd, libc::SO_SNDTIMEO, timeout)?;
     }
     // SAFETY:
     // - `fd` is an open socket we own;
@@ -115,6 +135,16 @@ pub(crate) fn connect_socket(path: &Path) -> io::Result<OwnedFd> {
 }
 
 impl Conn {
+    /// A connection on `fd` that says no Hello (an observer's): it owns no
+    /// wait cell.
+    pub(crate) fn unregistered(fd: OwnedFd) -> Conn {
+        Conn {
+            fd,
+            cell: 0,
+            epoch: 0,
+        }
+    }
+
     /// Connect and say Hello. `client: None` registers a new client record.
     /// Returns the connection and the record index the broker welcomed.
     pub(crate) fn open(

@@ -41,6 +41,9 @@
 //! connections, one per concurrent blocking call; further callers wait for a
 //! free connection. The protocol is in `docs/protocol.md`.
 //!
+//! [`observe`] asks the broker about its state without a `Client` (no
+//! client record, a short timeout): who waits for a key, in queue order.
+//!
 //! If the broker restarts and re-adopts its table, the client reconnects
 //! (for up to 5 s) and carries on: held locks stay held. If the broker lost
 //! the client's registration (it recreated the table), calls fail with
@@ -58,6 +61,7 @@ mod async_tokio;
 mod conn;
 mod error;
 mod mapped;
+pub mod observe;
 
 pub use error::Error;
 pub use shm_layout::{KeyError, LayoutError, MAX_KEY_LEN};

@@ -510,6 +510,10 @@ fn serve(state: Arc<MockState>, fd: OwnedFd) {
             Request::Release { .. } => Response::Released,
             Request::Ping => Response::Pong,
             Request::Bye => Response::Bye,
+            Request::Waiters { .. } => Response::Waiters {
+                waiters: Vec::new(),
+                total: 0,
+            },
         });
         let bytes = encode(&response);
         // SAFETY: `fd` is our open socket; `bytes` is readable for its length.
@@ -708,6 +712,71 @@ fn ping_is_one_round_trip() {
     let broker = MockBroker::start(defaults);
     let client = broker.client();
     assert!(client.ping().unwrap() > Duration::ZERO);
+}
+
+#[test]
+fn observe_waiters_asks_without_hello_and_returns_the_queue_in_order() {
+    let broker = MockBroker::start(|_, _, request| match request {
+        Request::Waiters { key } if key == b"k" => Some(Response::Waiters {
+            waiters: vec![
+                crate::observe::WaiterInfo {
+                    pid: 7,
+                    shared: false,
+                },
+                crate::observe::WaiterInfo {
+                    pid: 9,
+                    shared: true,
+                },
+            ],
+            total: 2,
+        }),
+        _ => None,
+    });
+    let w = crate::observe::waiters(broker.dir.path(), "k").unwrap();
+    assert_eq!(
+        w.waiters
+            .iter()
+            .map(|w| (w.pid, w.shared))
+            .collect::<Vec<_>>(),
+        [(7, false), (9, true)]
+    );
+    assert_eq!(w.total, 2);
+    let mut observer =
+        crate::observe::Observer::connect(broker.dir.path(), Duration::from_secs(1)).unwrap();
+    assert_eq!(observer.waiters("other").unwrap().total, 0);
+    assert_eq!(
+        broker
+            .state
+            .requests()
+            .iter()
+            .filter(|(_, r)| matches!(r, Request::Hello { .. }))
+            .count(),
+        0,
+        "an observer registers nothing"
+    );
+}
+
+#[test]
+fn observe_gives_up_on_a_broker_that_does_not_answer() {
+    let dir = runtime_dir();
+    // Listening, never accepting: a stopped or hung broker.
+    let _listener = listen(&dir.path().join(SOCKET_FILE));
+    let started = Instant::now();
+    let err = crate::observe::waiters(dir.path(), "k").unwrap_err();
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let gone = runtime_dir();
+    let err = crate::observe::waiters(gone.path(), "k").unwrap_err();
+    assert!(matches!(err, Error::BrokerNotRunning { .. }), "{err:?}");
 }
 
 #[test]

@@ -5,11 +5,13 @@
 //! that sends garbage gets an error reply and its packet is dropped, never
 //! trusted. The client's identity comes from SO_PEERCRED, not from a message.
 //!
-//! A connection starts with [`Request::Hello`]; after that it carries one
-//! request and one response at a time. Each connection owns one wait cell of
-//! its client record (named in `Hello`): when an acquire is queued, the broker
-//! answers [`Response::Queued`] and later hands the lock over by writing that
-//! cell and waking it with a shared futex.
+//! A connection starts with [`Request::Hello`] (only [`Request::Ping`] and
+//! [`Request::Waiters`], which need no client record, may come before it);
+//! after that it carries one request and one response at a time. Each
+//! connection owns one wait cell of its client record (named in `Hello`):
+//! when an acquire is queued, the broker answers [`Response::Queued`] and
+//! later hands the lock over by writing that cell and waking it with a shared
+//! futex.
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -18,6 +20,9 @@ use rkyv::util::AlignedVec;
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 1024;
+/// Most waiters one [`Response::Waiters`] lists (the answer must fit
+/// [`MAX_MESSAGE`]); `total` says how many there are.
+pub const WAITERS_MAX: usize = 100;
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -53,6 +58,10 @@ pub enum Request {
     /// The client is done (its `Client` was dropped): free its record and
     /// release whatever it still holds, as if it died. Answered `Bye`.
     Bye,
+    /// Who waits for `key`, in queue order (an observer's question, like
+    /// `forelock locks`). Allowed before `Hello`: it needs no client record.
+    /// Answered [`Response::Waiters`].
+    Waiters { key: Vec<u8> },
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -81,6 +90,22 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    /// The answer to [`Request::Waiters`]: the first [`WAITERS_MAX`] queued
+    /// acquires of the key, head first, and how many are queued in all
+    /// (empty and 0 if the key has no slot or nobody waits).
+    Waiters {
+        waiters: Vec<WaiterInfo>,
+        total: u32,
+    },
+}
+
+/// One queued acquire, as [`Response::Waiters`] lists it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaiterInfo {
+    /// The waiting client's process (its client record's pid).
+    pub pid: u32,
+    /// A shared acquire.
+    pub shared: bool,
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +219,40 @@ mod tests {
             Just(Request::Bye),
             (any::<u32>(), any::<u64>()).prop_map(|(slot, token)| Request::Release { slot, token }),
             Just(Request::Ping),
+            proptest::collection::vec(any::<u8>(), 0..80).prop_map(|key| Request::Waiters { key }),
+        ]
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(client, epoch)| Response::Welcome { client, epoch }),
+            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(slot, token, owner_died)| {
+                Response::Granted {
+                    slot,
+                    token,
+                    owner_died,
+                }
+            }),
+            any::<u32>().prop_map(|slot| Response::Queued { slot }),
+            Just(Response::WouldBlock),
+            Just(Response::Cancelled),
+            Just(Response::Released),
+            Just(Response::Pong),
+            Just(Response::Bye),
+            "[ -~]{0,200}".prop_map(|message| Response::Error {
+                code: ErrorCode::BadKey,
+                message
+            }),
+            (
+                proptest::collection::vec(
+                    (any::<u32>(), any::<bool>())
+                        .prop_map(|(pid, shared)| WaiterInfo { pid, shared }),
+                    0..=WAITERS_MAX
+                ),
+                any::<u32>()
+            )
+                .prop_map(|(waiters, total)| Response::Waiters { waiters, total }),
         ]
     }
 
@@ -204,10 +263,38 @@ mod tests {
         }
 
         #[test]
+        fn every_response_round_trips_within_the_message_limit(r in response()) {
+            let bytes = encode(&r);
+            prop_assert!(bytes.len() <= MAX_MESSAGE, "{} bytes", bytes.len());
+            prop_assert_eq!(decode_response(&bytes).unwrap(), r);
+        }
+
+        #[test]
         fn random_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_request(&bytes);
             let _ = decode_response(&bytes);
         }
+    }
+
+    #[test]
+    fn the_longest_waiters_answer_fits_a_message() {
+        let r = Response::Waiters {
+            waiters: vec![
+                WaiterInfo {
+                    pid: u32::MAX,
+                    shared: true
+                };
+                WAITERS_MAX
+            ],
+            total: u32::MAX,
+        };
+        let bytes = encode(&r);
+        assert!(bytes.len() <= MAX_MESSAGE, "{} bytes", bytes.len());
+        assert_eq!(decode_response(&bytes).unwrap(), r);
+        let longest_key = Request::Waiters {
+            key: vec![b'k'; crate::MAX_KEY_LEN],
+        };
+        assert!(encode(&longest_key).len() <= MAX_MESSAGE);
     }
 
     #[test]

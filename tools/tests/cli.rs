@@ -148,7 +148,8 @@ fn locks_shows_the_holder_pid_token_and_queued_waiters() {
     assert_eq!(row["mode"], "exclusive", "{row}");
     assert_eq!(row["holder_pids"][0], holder.pid(), "{row}");
     assert_eq!(row["token"], holder.token, "{row}");
-    assert_eq!(row["waiters"], 0);
+    assert_eq!(row["waiter_count"], 0);
+    assert_eq!(row["waiters"], serde_json::json!([]));
 
     let waiter = Command::new(cli_exe())
         .args(["run", "orders:1", "--", "true"])
@@ -156,7 +157,7 @@ fn locks_shows_the_holder_pid_token_and_queued_waiters() {
         .spawn()
         .unwrap();
     eventually("a queued waiter shows in locks", || {
-        lock_row(dir.path(), "orders:1").is_some_and(|r| r["waiters"] == 1)
+        lock_row(dir.path(), "orders:1").is_some_and(|r| r["waiter_count"] == 1)
     });
     let text = stdout(&forelock(dir.path(), &["locks"]));
     assert!(text.contains("orders:1"), "{text}");
@@ -418,6 +419,110 @@ fn killing_forelock_run_releases_the_lock_and_kills_the_command() {
     });
 }
 
+/// `forelock run [-s] KEY -- true`, queued behind a holder: its pid, once
+/// `locks` counts `n` waiters on KEY.
+fn queue_waiter(dir: &std::path::Path, key: &str, shared: bool, n: u32) -> std::process::Child {
+    let mut cmd = Command::new(cli_exe());
+    cmd.arg("run");
+    if shared {
+        cmd.arg("-s");
+    }
+    let child = cmd
+        .args([key, "--", "true"])
+        .env("FORELOCK_RUNTIME_DIR", dir)
+        .spawn()
+        .unwrap();
+    eventually(&format!("waiter {n} queues on {key}"), || {
+        lock_row(dir, key).is_some_and(|r| r["waiter_count"] == n)
+    });
+    child
+}
+
+#[test]
+fn locks_lists_the_waiters_pids_in_queue_order() {
+    let dir = TempDir::new("locks-waiters");
+    let _broker = Broker::start(dir.path(), SMALL);
+    let holder = Holder::start(dir.path(), &[], "orders:2");
+    let first = queue_waiter(dir.path(), "orders:2", false, 1);
+    let second = queue_waiter(dir.path(), "orders:2", true, 2);
+    let (p1, p2) = (first.id(), second.id());
+
+    let row = lock_row(dir.path(), "orders:2").expect("orders:2 has a row");
+    assert_eq!(row["holder_pids"][0], holder.pid(), "{row}");
+    assert_eq!(
+        row["waiters"],
+        serde_json::json!([{"pid": p1, "shared": false}, {"pid": p2, "shared": true}]),
+        "head of the queue first: {row}"
+    );
+    assert_eq!(row["waiter_count"], 2, "{row}");
+
+    let out = forelock(dir.path(), &["locks"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("2 (pids {p1},{p2}*)")), "{text}");
+
+    assert_eq!(holder.finish(), 0);
+    for waiter in [first, second] {
+        assert_eq!(
+            wait_output(waiter).status.code(),
+            Some(0),
+            "granted in turn"
+        );
+    }
+    let row = lock_row(dir.path(), "orders:2").expect("still keyed");
+    assert_eq!(row["waiters"], serde_json::json!([]), "{row}");
+}
+
+#[test]
+fn locks_with_a_stopped_broker_prints_the_table_and_the_waiter_count() {
+    let dir = TempDir::new("locks-stopped");
+    let broker = Broker::start(dir.path(), SMALL);
+    let holder = Holder::start(dir.path(), &[], "busy");
+    let waiter = queue_waiter(dir.path(), "busy", false, 1);
+    let pid = broker.pid() as i32;
+    // SAFETY: kill takes plain integers; the broker is our unreaped child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = std::time::Instant::now();
+    let out = forelock(dir.path(), &["locks"]);
+    let text_result = (out.status.code(), stdout(&out));
+    let json_out = forelock(dir.path(), &["locks", "--json"]);
+    let elapsed = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    let (code, text) = text_result;
+    assert_eq!(code, Some(0), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("busy"))
+        .unwrap_or_else(|| panic!("no row for busy:\n{text}"));
+    assert!(line.contains(&holder.pid().to_string()), "{text}");
+    assert!(text.contains("waiters shown as a count only"), "{text}");
+    assert!(text.contains("did not answer"), "{text}");
+    assert_eq!(json_out.status.code(), Some(0), "{}", stderr(&json_out));
+    let rows: serde_json::Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "busy")
+        .expect("busy has a row");
+    assert_eq!(row["waiter_count"], 1, "{row}");
+    assert!(row["waiters"].is_null(), "unknown, not empty: {row}");
+    assert!(
+        stderr(&json_out).contains("did not answer"),
+        "{}",
+        stderr(&json_out)
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "a stopped broker must not hang `forelock locks`: {elapsed:?}"
+    );
+
+    assert_eq!(holder.finish(), 0);
+    assert_eq!(wait_output(waiter).status.code(), Some(0));
+}
+
 #[test]
 fn a_stopped_broker_is_reported_as_not_responding() {
     let dir = TempDir::new("stopped");
@@ -457,7 +562,7 @@ fn hist_has_wait_hold_and_handoff_after_contention() {
         .spawn()
         .unwrap();
     eventually("the waiter queues", || {
-        lock_row(dir.path(), "busy").is_some_and(|r| r["waiters"] == 1)
+        lock_row(dir.path(), "busy").is_some_and(|r| r["waiter_count"] == 1)
     });
     assert_eq!(holder.finish(), 0);
     assert_eq!(wait_output(waiter).status.code(), Some(0));

@@ -351,6 +351,28 @@ impl LockManager {
         !self.waiting.is_empty()
     }
 
+    /// Who waits for `key`, head of the queue first: each waiter's pid (its
+    /// client record's) and whether it asked for a shared lock. Empty if the
+    /// key has no slot or nobody waits. Read-only (observers:
+    /// `Request::Waiters`).
+    pub fn waiters(&self, key: &[u8]) -> Vec<(u32, bool)> {
+        let Some(&s) = self.dir.keys.get(key) else {
+            return Vec::new();
+        };
+        self.dir.slots[s as usize]
+            .queue
+            .iter()
+            .map(|w| {
+                let pid = self
+                    .registry
+                    .clients
+                    .get(w.client as usize)
+                    .map_or(0, |c| c.pid);
+                (pid, w.shared)
+            })
+            .collect()
+    }
+
     /// Make a prepared slot managed (clear PREPARED), learning its fast-path
     /// holder from the word and recording it in the ledger, so that a
     /// restarted broker knows it too. A managed slot is left as it is.

@@ -197,6 +197,37 @@ fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
 }
 
 #[test]
+fn waiters_lists_the_queue_by_pid_in_order_and_follows_grants_cancels_and_deaths() {
+    let mut f = fixture(8, 8, Policy::KeepAlive);
+    let (a, b, c, d) = (f.client(100), f.client(200), f.client(300), f.client(400));
+    assert!(f.m.waiters(b"k").is_empty(), "an unknown key: nobody waits");
+    let ga = f.acquire(a, 1, "k", false);
+    assert!(f.m.waiters(b"k").is_empty(), "held, nobody queued");
+    assert!(f.queued(b, 2, "k", true));
+    assert!(f.queued(c, 3, "k", false));
+    assert!(f.queued(d, 4, "k", true));
+    assert_eq!(
+        f.m.waiters(b"k"),
+        [(200, true), (300, false), (400, true)],
+        "queue order, each with its pid and mode; the holder is not a waiter"
+    );
+    assert!(f.m.waiters(b"other").is_empty());
+
+    // The head is granted: it leaves the list, the rest keep their order.
+    assert_eq!(f.release(a, &ga), Response::Released);
+    assert_eq!(f.m.waiters(b"k"), [(300, false), (400, true)]);
+    // A cancel and a death take theirs out.
+    let d_request = f.next_request;
+    assert_eq!(
+        f.m.cancel(&f.table, d, 4, d_request, &mut f.w),
+        Response::Cancelled
+    );
+    assert_eq!(f.m.waiters(b"k"), [(300, false)]);
+    f.m.client_gone(&f.table, c, &mut f.w);
+    assert!(f.m.waiters(b"k").is_empty());
+}
+
+#[test]
 fn shared_holders_coexist_and_a_queued_writer_blocks_later_readers() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
     let (a, b, c, d) = (f.client(1), f.client(2), f.client(3), f.client(4));

@@ -1,11 +1,14 @@
 //! `forelock locks`: one row per key in the table, like PostgreSQL's
 //! `pg_locks`.
 //!
-//! Everything comes from shared memory: the lock word (mode, exclusive
-//! owner, counter, PREPARED), the slot (token base, waiter count, grant time,
-//! score) and the client records (pids; the broker-granted holds of each
-//! client, which name shared holders). The broker keeps its queues in its own
-//! memory, so waiters are a count, not pids.
+//! The rows come from shared memory: the lock word (mode, exclusive owner,
+//! counter, PREPARED), the slot (token base, waiter count, grant time, score)
+//! and the client records (pids; the broker-granted holds of each client,
+//! which name shared holders). The broker keeps its queues in its own
+//! memory, so the waiters' pids are asked of it (`Request::Waiters`, no
+//! client record, a short timeout) for the keys the table says are waited
+//! for. A broker that is busy, stopped or dead does not answer: the rows are
+//! printed all the same, with the waiters as a count and a note.
 
 use super::{RuntimeDirArg, format_ms, open_table};
 use serde::Serialize;
@@ -14,6 +17,15 @@ use shm_layout::sync::shm::Ordering;
 use shm_layout::table::{CLIENT_ACTIVE, HOLD_SHARED, TableView};
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long the broker may take to answer one question about waiters.
+const BROKER_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long all the questions of one `forelock locks` may take together.
+const BROKER_BUDGET: Duration = Duration::from_secs(1);
+/// Waiter pids the text table prints per key (`--json` has them all, up to
+/// [`forelock::observe::WAITERS_MAX`]).
+const PIDS_SHOWN: usize = 10;
 
 #[derive(clap::Args, Debug)]
 pub struct LocksArgs {
@@ -24,9 +36,19 @@ pub struct LocksArgs {
     pub json: bool,
 }
 
+/// One queued acquire.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaiterRow {
+    pub pid: u32,
+    pub shared: bool,
+}
+
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct LockRow {
     pub key: String,
+    /// The key's bytes, to ask the broker about it.
+    #[serde(skip)]
+    pub key_bytes: Vec<u8>,
     pub slot: u32,
     /// "exclusive", "shared" or "free".
     pub mode: &'static str,
@@ -40,8 +62,13 @@ pub struct LockRow {
     /// when the holder took it on the fast path (the broker does not see
     /// that grant's time).
     pub held_for_ms: Option<u64>,
-    /// Requests queued in the broker for this key.
-    pub waiters: u32,
+    /// Requests queued in the broker for this key (the broker's count when
+    /// it answered, else the table's).
+    pub waiter_count: u32,
+    /// The queued requests, head of the queue first (the broker lists at
+    /// most [`forelock::observe::WAITERS_MAX`]); None when the broker did not
+    /// answer.
+    pub waiters: Option<Vec<WaiterRow>>,
     /// Fencing token of the latest grant of this key.
     pub token: u64,
     pub prepared: bool,
@@ -109,7 +136,8 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<LockRow>> {
             continue;
         }
         let word: Word = slot.word_acquire();
-        let key = key_text(&slot.key_bytes());
+        let key_bytes = slot.key_bytes();
+        let key = key_text(&key_bytes);
         let (mode, holder_pids) = if let Some(owner) = word.exclusive_owner() {
             ("exclusive", client_pid(view, owner).into_iter().collect())
         } else if word.shared_holders() > 0 {
@@ -121,8 +149,10 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<LockRow>> {
         let held_since = slot.held_since_ms.load(Ordering::Relaxed);
         let held_for_ms = (mode != "free" && !fast_path && held_since != 0)
             .then(|| now_ms.saturating_sub(held_since));
+        let waiter_count = slot.waiters.load(Ordering::Relaxed);
         rows.push(LockRow {
             key,
+            key_bytes,
             slot: s,
             mode,
             holder_pids,
@@ -133,7 +163,9 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<LockRow>> {
             },
             fast_path,
             held_for_ms,
-            waiters: slot.waiters.load(Ordering::Relaxed),
+            waiter_count,
+            // Nobody waits as far as the table knows; else asked below.
+            waiters: (waiter_count == 0).then(Vec::new),
             token: slot
                 .token_base
                 .load(Ordering::Relaxed)
@@ -147,18 +179,78 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<LockRow>> {
     Ok(rows)
 }
 
+/// Ask the broker serving `dir` who waits for each key of `rows` the table
+/// says is waited for, within [`BROKER_TIMEOUT`] per question and
+/// [`BROKER_BUDGET`] in all. Rows it did not answer for keep `waiters:
+/// None`; the error says why.
+pub fn ask_waiters(dir: &Path, rows: &mut [LockRow]) -> Result<(), String> {
+    if rows.iter().all(|r| r.waiters.is_some()) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut observer =
+        forelock::observe::Observer::connect(dir, BROKER_TIMEOUT).map_err(|e| e.to_string())?;
+    for row in rows.iter_mut().filter(|r| r.waiters.is_none()) {
+        if started.elapsed() > BROKER_BUDGET {
+            return Err(format!(
+                "forelockd took more than {BROKER_BUDGET:?} to answer for every key"
+            ));
+        }
+        let answer = observer
+            .waiters(&row.key_bytes)
+            .map_err(|e| e.to_string())?;
+        row.waiter_count = answer.total;
+        row.waiters = Some(
+            answer
+                .waiters
+                .iter()
+                .map(|w| WaiterRow {
+                    pid: w.pid,
+                    shared: w.shared,
+                })
+                .collect(),
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: &LocksArgs) -> anyhow::Result<i32> {
-    let rows = read(&args.runtime.dir())?;
+    let dir = args.runtime.dir();
+    let mut rows = read(&dir)?;
+    let unanswered = ask_waiters(&dir, &mut rows).err();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
+        if let Some(why) = &unanswered {
+            eprintln!("forelock locks: waiters' pids unknown (\"waiters\": null): {why}");
+        }
     } else {
-        print!("{}", render(&rows));
+        print!("{}", render(&rows, unanswered.as_deref()));
     }
     Ok(0)
 }
 
-/// The text table of `forelock locks`.
-pub fn render(rows: &[LockRow]) -> String {
+/// The WAITERS cell: the count, and the pids in queue order when the broker
+/// named them (`*`: a shared request).
+fn waiters_cell(r: &LockRow) -> String {
+    match &r.waiters {
+        Some(list) if !list.is_empty() => {
+            let mut pids: Vec<String> = list
+                .iter()
+                .take(PIDS_SHOWN)
+                .map(|w| format!("{}{}", w.pid, if w.shared { "*" } else { "" }))
+                .collect();
+            if (r.waiter_count as usize) > pids.len() {
+                pids.push("...".into());
+            }
+            format!("{} (pids {})", r.waiter_count, pids.join(","))
+        }
+        _ => r.waiter_count.to_string(),
+    }
+}
+
+/// The text table of `forelock locks`; `unanswered` says why the broker did
+/// not name the waiters, if it did not.
+pub fn render(rows: &[LockRow], unanswered: Option<&str>) -> String {
     use std::fmt::Write as _;
     let header = [
         "KEY", "MODE", "PID", "HELD FOR", "WAITERS", "TOKEN", "PREPARED", "SCORE",
@@ -190,7 +282,7 @@ pub fn render(rows: &[LockRow]) -> String {
             mode,
             pid,
             held,
-            r.waiters.to_string(),
+            waiters_cell(r),
             r.token.to_string(),
             if r.prepared { "yes" } else { "no" }.into(),
             format!("{:.2}", r.score),
@@ -211,11 +303,22 @@ pub fn render(rows: &[LockRow]) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    let _ = writeln!(
-        out,
-        "({} keys; waiters are queued in forelockd's memory, so only their count is shown)",
-        rows.len()
-    );
+    match unanswered {
+        None => {
+            let _ = writeln!(
+                out,
+                "({} keys; waiters' pids in queue order, * = shared)",
+                rows.len()
+            );
+        }
+        Some(why) => {
+            let _ = writeln!(
+                out,
+                "({} keys; waiters shown as a count only: {why})",
+                rows.len()
+            );
+        }
+    }
     out
 }
 
@@ -228,5 +331,49 @@ mod tests {
         assert_eq!(key_text(b"orders:42"), "orders:42");
         assert_eq!(key_text(b"a\nb"), "a\\nb");
         assert_eq!(key_text(b"a\xffb"), "a\\xffb");
+    }
+
+    fn row(key: &str, waiter_count: u32, waiters: Option<Vec<WaiterRow>>) -> LockRow {
+        LockRow {
+            key: key.into(),
+            key_bytes: key.as_bytes().to_vec(),
+            slot: 0,
+            mode: "exclusive",
+            holder_pids: vec![10],
+            holders: 1,
+            fast_path: false,
+            held_for_ms: Some(5),
+            waiter_count,
+            waiters,
+            token: 7,
+            prepared: false,
+            owner_died: false,
+            score: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_waiters_column_names_pids_in_queue_order_or_the_count_alone() {
+        let w = |pid, shared| WaiterRow { pid, shared };
+        let rows = [
+            row("a", 0, Some(vec![])),
+            row("b", 2, Some(vec![w(123, false), w(456, true)])),
+            row("c", 3, None),
+        ];
+        let text = render(&rows, None);
+        assert!(text.contains("2 (pids 123,456*)"), "{text}");
+        assert!(text.contains("* = shared"), "{text}");
+        let c = text.lines().find(|l| l.starts_with("c ")).unwrap();
+        assert!(c.contains("  3  "), "{c}");
+
+        let many: Vec<WaiterRow> = (1..=100).map(|p| w(p, false)).collect();
+        let cell = waiters_cell(&row("d", 150, Some(many)));
+        assert_eq!(cell, "150 (pids 1,2,3,4,5,6,7,8,9,10,...)");
+
+        let text = render(&rows, Some("forelockd did not answer within 200ms"));
+        assert!(
+            text.contains("waiters shown as a count only: forelockd did not answer"),
+            "{text}"
+        );
     }
 }
