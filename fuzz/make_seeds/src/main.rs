@@ -54,6 +54,7 @@ fn wire(dir: &Path) {
                 key: b"orders:42".to_vec(),
                 shared: false,
                 queue: true,
+                request: 1,
             },
         ),
         (
@@ -62,9 +63,17 @@ fn wire(dir: &Path) {
                 key: vec![b'k'; 64],
                 shared: true,
                 queue: false,
+                request: 2,
             },
         ),
-        ("cancel", Request::Cancel),
+        ("cancel", Request::Cancel { request: 1 }),
+        ("bye", Request::Bye),
+        (
+            "waiters",
+            Request::Waiters {
+                key: b"orders:42".to_vec(),
+            },
+        ),
         (
             "release",
             Request::Release {
@@ -98,6 +107,7 @@ fn wire(dir: &Path) {
         ("cancelled", Response::Cancelled),
         ("released", Response::Released),
         ("pong", Response::Pong),
+        ("bye", Response::Bye),
         (
             "error",
             Response::Error {
