@@ -185,6 +185,11 @@ impl Conn {
         }
     }
 
+    /// Bound the wait for each answer on this connection to `timeout`.
+    pub(crate) fn set_answer_timeout(&self, timeout: Duration) -> io::Result<()> {
+        set_timeout(&self.fd, libc::SO_RCVTIMEO, timeout)
+    }
+
     /// Send one request and read its answer.
     pub(crate) fn call(&mut self, request: &Request) -> Result<Response, ConnError> {
         self.send(request)?;

@@ -89,6 +89,8 @@ const RECONNECT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// A blocked call wakes at least this often to notice a broker restart.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
+/// How long dropping a `Client` waits for the broker to acknowledge its Bye.
+const BYE_WAIT: Duration = Duration::from_millis(500);
 /// Times one request is sent again after its connection broke.
 const RESEND_MAX: u32 = 3;
 
@@ -131,9 +133,15 @@ impl Drop for Inner {
     /// Tell the broker this client is done, so its record is freed now rather
     /// than when the process exits. Every guard borrowed the client, so none
     /// is left (one leaked with `mem::forget` is released as owner-died).
+    ///
+    /// The answer is awaited (so a `Client` created right after this one is
+    /// dropped finds the record free), but for at most [`BYE_WAIT`]: a stuck
+    /// broker must not make a drop hang. Unanswered, the Bye is still read
+    /// by the broker when it resumes.
     fn drop(&mut self) {
         let conn = self.pool().idle.pop();
         if let Some(mut conn) = conn {
+            let _ = conn.set_answer_timeout(BYE_WAIT);
             let _ = conn.call(&Request::Bye);
         }
     }
