@@ -73,7 +73,7 @@ pub struct ReplayArgs {
     /// Slots the allocator may keep prepared [default: 10% of the trace's distinct keys, at least 64].
     #[arg(long)]
     pub budget: Option<usize>,
-    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic, hold-value [default: all].
+    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic, hold-value, online [default: all].
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Fixed thresholds swept for each model (beside the adaptive run).
@@ -136,7 +136,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
             .iter()
             .map(|name| {
                 ModelKind::from_name(name).with_context(|| {
-                    format!("unknown model {name:?}: expected keep-alive, frequency, successor or logistic")
+                    format!("unknown model {name:?}: expected keep-alive, frequency, successor, logistic, hold-value or online")
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?
@@ -775,6 +775,9 @@ pub fn replay(
                 model.name().to_owned(),
                 PredictorConfig {
                     model,
+                    // The online choice judges its members at the budget the
+                    // simulated broker has, as it would be told live.
+                    choice_budget_slots: settings.budget_slots,
                     ..config.clone()
                 },
             ));
