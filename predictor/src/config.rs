@@ -14,7 +14,7 @@
 //! learning_rate = 0.3         # logistic and hold-value models: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written
-//! choice_window_ms = 30000    # online model: members are compared over about this much recent time
+//! choice_window_ms = 60000    # online model: members are compared over about this much recent time
 //! choice_hysteresis = 1.0     # online model: switch when the leader trails by this much discounted loss
 //! choice_budget_slots = 0     # online model: the broker's slot budget (0: thresholds only)
 //! contention_max_keys = 4096  # bound on keys tracked for P(contended) (see contention.rs)
@@ -108,7 +108,7 @@ impl Default for PredictorConfig {
             learning_rate: 0.3,
             top_k: 65_536,
             min_probability: 0.01,
-            choice_window_ms: 30_000,
+            choice_window_ms: 60_000,
             choice_hysteresis: 1.0,
             choice_budget_slots: 0,
             contention_max_keys: 4096,

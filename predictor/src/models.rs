@@ -82,9 +82,13 @@ pub trait Model: Send {
     ) {
         tags.extend(rows.iter().map(|_| 0));
     }
-    /// One sample's label at the horizon itself, with the tag it got when it
-    /// was sampled at `at_us` (called in the order samples were taken).
-    fn labelled(&mut self, _tag: u64, _at_us: u64, _requested: bool) {}
+    /// One sample's label at `label_horizons()[head]`, with the tag it got
+    /// when it was sampled at `at_us` (or the tag returned when it was
+    /// labelled at the previous horizon); returns its tag for the next.
+    /// Called in the order samples were taken, per horizon.
+    fn labelled(&mut self, _head: usize, tag: u64, _at_us: u64, _requested: bool) -> u64 {
+        tag
+    }
     /// Every sample whose window had closed has been labelled.
     fn labels_done(&mut self) {}
     /// Which member the online choice follows, and how it stands
