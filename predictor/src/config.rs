@@ -17,6 +17,7 @@
 //! choice_window_ms = 60000    # online model: members are compared over about this much recent time
 //! choice_hysteresis = 1.0     # online model: switch when the leader trails by this much discounted loss
 //! choice_budget_slots = 0     # online model: the broker's slot budget (0: thresholds only)
+//! score_threads = 1           # threads a tick scores on (large key sets only; the scores do not depend on it)
 //! contention_max_keys = 4096  # bound on keys tracked for P(contended) (see contention.rs)
 //! contention_window_ms = 30000 # time scale of each key's contention share
 //! seed = 1                    # sampling is deterministic for a given seed
@@ -89,6 +90,7 @@ pub struct PredictorConfig {
     pub choice_window_ms: u64,
     pub choice_hysteresis: f32,
     pub choice_budget_slots: usize,
+    pub score_threads: usize,
     pub contention_max_keys: usize,
     pub contention_window_ms: u64,
     pub seed: u64,
@@ -111,6 +113,7 @@ impl Default for PredictorConfig {
             choice_window_ms: 60_000,
             choice_hysteresis: 1.0,
             choice_budget_slots: 0,
+            score_threads: 1,
             contention_max_keys: 4096,
             contention_window_ms: 30_000,
             seed: 1,
@@ -195,6 +198,9 @@ impl PredictorConfig {
                 self.choice_hysteresis.to_string(),
                 "[0, 1e6]",
             );
+        }
+        if self.score_threads == 0 || self.score_threads > 64 {
+            return range("score_threads", self.score_threads.to_string(), "1..=64");
         }
         if self.contention_max_keys == 0 || self.contention_max_keys > (1 << 20) {
             return range(

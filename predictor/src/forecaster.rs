@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 
 use crate::config::PredictorConfig;
-use crate::features::{FEATURES, FeatureStore};
+use crate::features::{BLOCK, FEATURES, FeatureStore, FeatureView};
 use crate::models::{self, Model};
 
 /// Samples waiting at most for one label horizon, whatever the
@@ -85,6 +85,36 @@ impl SelfScore {
         update(&mut self.brier_baseline, (baseline - label).powi(2));
         update(&mut self.positive_share, label);
     }
+}
+
+/// Below this many rows a tick scores on one thread (a thread's start costs
+/// tens of microseconds).
+const ROWS_PER_THREAD_MIN: usize = 1 << 16;
+
+/// Scores `view` into `out`, its rows split between up to `threads` threads
+/// at block boundaries. Every row's score is computed by the same code from
+/// the same inputs whatever the split, so the result does not depend on
+/// `threads` (a test compares them bit for bit).
+fn score_on_threads(model: &dyn Model, view: &FeatureView<'_>, out: &mut [f32], threads: usize) {
+    let rows = view.len();
+    let threads = threads.clamp(1, rows / ROWS_PER_THREAD_MIN + 1);
+    if threads == 1 {
+        model.score(view, out);
+        return;
+    }
+    let per_thread = rows.div_ceil(threads).next_multiple_of(BLOCK);
+    std::thread::scope(|scope| {
+        let mut parts = out.chunks_mut(per_thread).enumerate();
+        let first = parts.next();
+        for (index, part) in parts {
+            let start = index * per_thread;
+            let sub = view.rows(start, start + part.len());
+            scope.spawn(move || model.score(&sub, part));
+        }
+        if let Some((_, part)) = first {
+            model.score(&view.rows(0, part.len()), part);
+        }
+    });
 }
 
 /// See the module docs.
@@ -278,7 +308,12 @@ impl Forecaster {
         let view = self.features.view();
         self.probabilities.clear();
         self.probabilities.resize(view.len(), 0.0);
-        self.model.score(&view, &mut self.probabilities);
+        score_on_threads(
+            self.model.as_ref(),
+            &view,
+            &mut self.probabilities,
+            self.config.score_threads,
+        );
         for probability in &mut self.probabilities {
             // NaN fails both comparisons and becomes 0.
             *probability = if *probability >= 0.0 {
@@ -651,6 +686,44 @@ mod tests {
             "the follower scores {follower}, {above} keys at or above it: {}",
             hold.model().describe()
         );
+    }
+
+    #[test]
+    fn scores_on_several_threads_are_those_of_one() {
+        let events = stream(11, 4000, 3000);
+        for kind in [ModelKind::Frequency, ModelKind::HoldValue] {
+            let mut forecaster = Forecaster::new(PredictorConfig {
+                max_tracked_keys: 4096,
+                ..config(kind)
+            });
+            run_to(&mut forecaster, &events, events.last().unwrap().0);
+            let view = forecaster.features().view();
+            let bits = |threads| {
+                let mut out = vec![0.0f32; view.len()];
+                // Rows per thread as if there were 64 times more, so the split runs.
+                let model = forecaster.model();
+                let per_thread = view.len().div_ceil(threads).next_multiple_of(BLOCK);
+                let mut start = 0;
+                for part in out.chunks_mut(per_thread) {
+                    model.score(&view.rows(start, start + part.len()), part);
+                    start += part.len();
+                }
+                out.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
+            };
+            assert!(view.len() > 2 * BLOCK, "{}", view.len());
+            assert_eq!(bits(1), bits(2), "{kind:?}");
+            assert_eq!(bits(1), bits(3), "{kind:?}");
+            let mut threaded = vec![0.0f32; view.len()];
+            score_on_threads(model_of(&forecaster), &view, &mut threaded, 2);
+            assert_eq!(
+                threaded.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+                bits(1)
+            );
+        }
+    }
+
+    fn model_of(forecaster: &Forecaster) -> &dyn Model {
+        forecaster.model()
     }
 
     #[test]

@@ -39,8 +39,9 @@ fn for_each_block(
     }
 }
 
-/// A model of the ladder.
-pub trait Model: Send {
+/// A model of the ladder. `Sync`: the forecaster may score parts of the
+/// rows on several threads at once (`score_threads`).
+pub trait Model: Send + Sync {
     fn kind(&self) -> ModelKind;
     /// Writes P(requested within the horizon) for each active row; `out.len() == view.len()`.
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]);
