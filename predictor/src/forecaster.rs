@@ -216,6 +216,7 @@ impl Forecaster {
     pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
         // Windows (at, at + horizon] with at + horizon < ts_us are complete.
         self.label_closed(ts_us.saturating_sub(1));
+        self.report_requests(&[(ts_us, client, key_hash)]);
         self.features.ingest(ts_us, client, key_hash);
         self.scores_current = false;
     }
@@ -224,6 +225,10 @@ impl Forecaster {
     /// [`Forecaster::ingest`] on each in turn, labelling included, but faster
     /// (the features' memory accesses are prefetched a few events ahead).
     pub fn ingest_batch(&mut self, events: &[(u64, u32, u64)]) {
+        if let Some(&(first_us, _, _)) = events.first() {
+            self.label_closed(first_us.saturating_sub(1));
+        }
+        self.report_requests(events);
         let mut rest = events;
         while let Some(&(first_us, _, _)) = rest.first() {
             // As `ingest` would before the first event: label the windows closed before it.
@@ -237,6 +242,25 @@ impl Forecaster {
             self.features.ingest_batch(&rest[..run]);
             rest = &rest[run..];
             self.scores_current = false;
+        }
+    }
+
+    /// Tells the model which keys are requested, with their rows as scored
+    /// at the last tick (while no event has been ingested since, rows have
+    /// not moved). The online choice counts each member's hits by them.
+    fn report_requests(&mut self, events: &[(u64, u32, u64)]) {
+        if !self.model.wants_requests() {
+            return;
+        }
+        let view = self.features.view();
+        for &(_, _, key_hash) in events {
+            match self.features.row_of(key_hash) {
+                Some(row) if self.scores_current && row < view.len() => {
+                    let features = view.vector(row);
+                    self.model.requested(Some((&view, row, &features)));
+                }
+                _ => self.model.requested(None),
+            }
         }
     }
 
@@ -770,7 +794,9 @@ mod tests {
             !["keep-alive", "successor"].contains(&status.leader),
             "{described}"
         );
-        assert!(status.lead >= 0.0, "the best member leads: {status:?}");
+        // The best member leads, or one within the hysteresis (1 in
+        // discounted loss, over about 2,500 rounds).
+        assert!(status.lead >= -1.0 / 2000.0, "{status:?}");
         assert!(status.trail <= status.bound, "{status:?}");
     }
 

@@ -92,6 +92,14 @@ pub trait Model: Send + Sync {
     }
     /// Every sample whose window had closed has been labelled.
     fn labels_done(&mut self) {}
+    /// Whether [`Model::requested`] does anything.
+    fn wants_requests(&self) -> bool {
+        false
+    }
+    /// A request, seen before the features take it in: its key's row and
+    /// features as scored at the last tick, or `None` if the key was not
+    /// scored then (new, idle, or rows moved since).
+    fn requested(&mut self, _scored: Option<(&FeatureView<'_>, usize, &[f32; FEATURES])>) {}
     /// Which member the online choice follows, and how it stands
     /// (`None` for a single model).
     fn choice(&self) -> Option<crate::online::ChoiceStatus> {

@@ -245,13 +245,32 @@ pub struct Online {
     /// Per member, per threshold: the cut at the last sampling.
     cuts: Vec<[f32; CHOICE_THRESHOLDS.len()]>,
     scratch: Vec<f32>,
-    /// The round being labelled: its tick, per member loss sums, the
-    /// choice's, samples.
+    /// The round being labelled: its tick, per expert the samples it
+    /// selected that were kept for nothing, the choice's, samples.
     round_at_us: Option<u64>,
     round_losses: Vec<f64>,
     round_choice: f64,
     round_samples: u32,
+    /// Per tick since, the requests that came before the next tick, and
+    /// which experts had their keys selected (misses counted).
+    request_rounds: std::collections::VecDeque<RequestRound>,
 }
+
+/// The requests after one tick (until the next), as each expert would have
+/// served them.
+struct RequestRound {
+    at_us: u64,
+    /// Active keys when the round's samples were taken.
+    active: usize,
+    /// The expert followed at that tick.
+    followed: usize,
+    requests: u32,
+    misses: [u32; EXPERTS],
+}
+
+/// Ticks whose requests wait for their samples' labels (5 s of 10 ms
+/// ticks, and room to spare); older ones are dropped.
+const REQUEST_ROUNDS_MAX: usize = 1024;
 
 impl Online {
     pub fn new(config: &PredictorConfig) -> Online {
@@ -298,6 +317,7 @@ impl Online {
             round_losses: vec![0.0; EXPERTS],
             round_choice: 0.0,
             round_samples: 0,
+            request_rounds: std::collections::VecDeque::new(),
         }
     }
 
@@ -336,38 +356,96 @@ impl Online {
     }
 
     fn close_round(&mut self) {
-        if self.round_samples == 0 {
+        let (Some(at_us), samples) = (self.round_at_us, self.round_samples) else {
+            return;
+        };
+        // The requests after this round's tick (older rounds without
+        // samples of their own are dropped).
+        while self
+            .request_rounds
+            .front()
+            .is_some_and(|round| round.at_us < at_us)
+        {
+            self.request_rounds.pop_front();
+        }
+        let requests = match self.request_rounds.front() {
+            Some(round) if round.at_us == at_us => self.request_rounds.pop_front(),
+            _ => None,
+        };
+        let (active, misses, choice_misses, count) = match &requests {
+            Some(round) => (
+                round.active as f64,
+                round.misses.map(f64::from),
+                f64::from(round.misses[round.followed]),
+                f64::from(round.requests),
+            ),
+            None => (0.0, [0.0; EXPERTS], 0.0, 0.0),
+        };
+        // Misses counted on every request; slots kept for nothing estimated
+        // from the samples (uniform over the active keys); the sum divided
+        // by its largest possible value, so the loss is in [0, 1].
+        let price = WASTE_PRICE / (1.0 - WASTE_PRICE);
+        let per_sample = active.max(f64::from(samples)) / f64::from(samples.max(1));
+        let most = count + price * active.max(f64::from(samples));
+        if most <= 0.0 {
+            self.reset_round();
             return;
         }
-        let n = f64::from(self.round_samples);
-        let losses: Vec<f64> = self.round_losses.iter().map(|sum| sum / n).collect();
-        self.chooser.observe(&losses, self.round_choice / n);
+        let loss = |misses: f64, wasted_samples: f64| {
+            ((misses + price * wasted_samples * per_sample) / most).clamp(0.0, 1.0)
+        };
+        let losses: Vec<f64> = self
+            .round_losses
+            .iter()
+            .zip(misses)
+            .map(|(&wasted, misses)| loss(misses, wasted))
+            .collect();
+        self.chooser
+            .observe(&losses, loss(choice_misses, self.round_choice));
+        self.reset_round();
+    }
+
+    fn reset_round(&mut self) {
         self.round_losses.iter_mut().for_each(|sum| *sum = 0.0);
         self.round_choice = 0.0;
         self.round_samples = 0;
         self.round_at_us = None;
     }
+
+    /// Which experts select a row now (bit `e` for expert `e`); records the
+    /// members' scores for the budget's cut if `remember`.
+    fn selection(
+        &mut self,
+        view: &FeatureView<'_>,
+        row: usize,
+        features: &[f32; FEATURES],
+        remember: bool,
+    ) -> u32 {
+        let mut bits = 0u32;
+        for (m, member) in self.members.iter().enumerate() {
+            let score = member.score_one(view, row, features);
+            for (j, &cut) in self.cuts[m].iter().enumerate() {
+                // As the allocator: at or above the threshold, and above 0.
+                if score >= cut && score > 0.0 {
+                    bits |= 1 << (m * CHOICE_THRESHOLDS.len() + j);
+                }
+            }
+            if remember {
+                let recent = &mut self.recent[m];
+                if recent.len() < RECENT_SCORES {
+                    recent.push(score);
+                } else {
+                    recent[self.recent_next] = score;
+                }
+            }
+        }
+        bits
+    }
 }
 
-/// Where a tag keeps its sample's label at the horizon.
-const REQUESTED_BIT: u32 = 63;
 /// The label horizon (of [`Online::LABEL_HORIZONS`]) that decides waste:
 /// the longest, 10 x the horizon.
 const WASTE_HEAD: usize = Online::LABEL_HORIZONS.len() - 1;
-
-/// The loss of one sample (module docs), from its selection bits: a miss
-/// if it was requested within the horizon (`hit_window`) and not selected,
-/// waste if it was selected and not requested within the longest label
-/// horizon (`kept_for_nothing`).
-fn sample_loss(selected: bool, hit_window: bool, kept_for_nothing: bool) -> f64 {
-    if selected && kept_for_nothing {
-        WASTE_PRICE / (1.0 - WASTE_PRICE)
-    } else if !selected && hit_window {
-        1.0
-    } else {
-        0.0
-    }
-}
 
 impl Model for Online {
     fn kind(&self) -> ModelKind {
@@ -405,37 +483,44 @@ impl Model for Online {
         tags: &mut Vec<u64>,
     ) {
         self.update_cuts(view.len());
-        let leader = self.chooser.leader() as u64;
+        let leader = self.chooser.leader();
+        if self.request_rounds.len() >= REQUEST_ROUNDS_MAX {
+            self.request_rounds.pop_front();
+        }
+        self.request_rounds.push_back(RequestRound {
+            at_us: view.now_us,
+            active: view.len(),
+            followed: leader,
+            requests: 0,
+            misses: [0; EXPERTS],
+        });
         for (&row, features) in rows.iter().zip(features) {
-            let mut bits = 0u32;
-            for (m, member) in self.members.iter().enumerate() {
-                let score = member.score_one(view, row, features);
-                for (j, &cut) in self.cuts[m].iter().enumerate() {
-                    // As the allocator: at or above the threshold, and above 0.
-                    if score >= cut && score > 0.0 {
-                        bits |= 1 << (m * CHOICE_THRESHOLDS.len() + j);
-                    }
-                }
-                let recent = &mut self.recent[m];
-                if recent.len() < RECENT_SCORES {
-                    recent.push(score);
-                } else {
-                    recent[self.recent_next] = score;
-                }
-            }
+            let bits = self.selection(view, row, features, true);
             self.recent_next = (self.recent_next + 1) % RECENT_SCORES;
-            tags.push(u64::from(bits) | leader << 32);
+            tags.push(u64::from(bits) | (leader as u64) << 32);
+        }
+    }
+    fn wants_requests(&self) -> bool {
+        true
+    }
+    fn requested(&mut self, scored: Option<(&FeatureView<'_>, usize, &[f32; FEATURES])>) {
+        if self.request_rounds.is_empty() {
+            return;
+        }
+        let bits = match scored {
+            Some((view, row, features)) => self.selection(view, row, features, false),
+            None => 0,
+        };
+        let round = self.request_rounds.back_mut().expect("checked just above");
+        round.requests += 1;
+        for (e, misses) in round.misses.iter_mut().enumerate() {
+            *misses += u32::from(bits >> e & 1 == 0);
         }
     }
     fn labelled(&mut self, head: usize, tag: u64, at_us: u64, requested: bool) -> u64 {
-        if head == 0 {
-            // Requested within the horizon: a hit for whoever selected it.
-            return tag | u64::from(requested) << REQUESTED_BIT;
-        }
         if head != WASTE_HEAD {
             return tag;
         }
-        let hit_window = tag >> REQUESTED_BIT & 1 == 1;
         let kept_for_nothing = !requested;
         if self.round_at_us.is_some_and(|at| at != at_us) {
             self.close_round();
@@ -443,11 +528,13 @@ impl Model for Online {
         self.round_at_us = Some(at_us);
         let bits = tag as u32;
         let followed = ((tag >> 32 & 0xff) as usize).min(EXPERTS - 1);
-        for (e, sum) in self.round_losses.iter_mut().enumerate() {
-            let loss = sample_loss(bits >> e & 1 == 1, hit_window, kept_for_nothing);
-            *sum += loss;
-            if e == followed {
-                self.round_choice += loss;
+        for (e, wasted) in self.round_losses.iter_mut().enumerate() {
+            let selected = bits >> e & 1 == 1;
+            if selected && kept_for_nothing {
+                *wasted += 1.0;
+                if e == followed {
+                    self.round_choice += 1.0;
+                }
             }
         }
         self.round_samples += 1;
@@ -605,16 +692,5 @@ mod tests {
                 }
             });
         }
-    }
-
-    #[test]
-    fn a_sample_costs_a_miss_or_the_price_of_a_wasted_slot() {
-        assert_eq!(sample_loss(true, true, false), 0.0);
-        assert_eq!(sample_loss(false, true, false), 1.0);
-        assert_eq!(sample_loss(false, false, true), 0.0);
-        // Requested after the horizon but within the longest hold: kept, not wasted.
-        assert_eq!(sample_loss(true, false, false), 0.0);
-        let waste = sample_loss(true, false, true);
-        assert!(waste > 0.0 && waste < 1.0, "{waste}");
     }
 }
