@@ -9,33 +9,36 @@
 //! forecaster's features (one [`crate::features::FeatureStore`]); the two
 //! learned ones learn from the same labelled samples as they would alone.
 //! Only the leader scores every active key each tick; the others score the
-//! forecaster's samples only (64 a tick, [`Model::score_one`]), so the tick
-//! costs about as much as the leader alone.
+//! forecaster's samples (64 a tick) and the requested keys only
+//! ([`Model::score_one`]), so the tick costs about as much as the leader alone.
 //!
 //! # The loss: hits and waste at the allocator's operating points
 //!
-//! At each tick the forecaster samples active keys uniformly. For each
-//! sample and member, and for each threshold `tau` of [`CHOICE_THRESHOLDS`],
-//! the member "selects" the key if its score is at or above the cut
-//! `max(tau, q)`, where `q` is the score of the member's `budget`-th best key
-//! (estimated from the member's recent sampled scores: samples are uniform
-//! over the active keys, so the `1 - budget / active` quantile), or 0 with no
-//! budget. When the sample's window closes (labels from the past only, as for
-//! learning), the member's loss on it is, averaged over the thresholds:
+//! The chooser follows experts: each member at each cut of
+//! [`CHOICE_THRESHOLDS`] (the broker's threshold sweeps that range; a
+//! member is judged at its best cut, as the replay judges it at its best
+//! threshold). An expert "selects" a key if the member's score is at or
+//! above `max(cut, q)`, where `q` is the score of the member's `budget`-th
+//! best key (estimated from its recent sampled scores: samples are uniform
+//! over the active keys, so the `1 - budget / active` quantile), or 0 with
+//! no budget (`choice_budget_slots`). Per tick (a round):
 //!
-//! - 1 if the key was requested within the horizon and not selected (a hit
-//!   it would not have earned);
-//! - `tau / (1 - tau)` if it was selected and not requested within the
-//!   longest label horizon (10 x the horizon, 5 s): a slot kept for nothing
-//!   (at that price a key is worth a slot exactly when P(requested) >=
-//!   `tau`, which is how the allocator reads its threshold). A key
-//!   requested later than the horizon but within 5 s is not waste: the
-//!   allocator keeps a selected key's slot, and the replay counts an idle
-//!   slot as waste only if it is freed before its next use;
-//! - 0 otherwise.
+//! - misses: every request that arrives before the next tick is a miss for
+//!   each expert that did not select its key as scored at this tick (the
+//!   forecaster reports requests before their features change,
+//!   `Model::requested`); a key not scored (new, idle) is a miss for all;
+//! - waste: each of the tick's samples that an expert selected and that was
+//!   not requested within the longest label horizon (10 x the horizon, 5
+//!   s) is a slot kept for nothing, scaled up to the active keys (`active /
+//!   samples`) and priced `p / (1 - p)` hits with `p` = [`WASTE_PRICE`]
+//!   (0.1: a key is worth a slot when P(requested) >= 0.1). A key requested
+//!   later than the horizon but within 5 s is not waste: the allocator keeps
+//!   a selected key's slot, and the replay counts an idle slot as waste
+//!   only if it is freed before its next use.
 //!
-//! Each loss is in [0, 1]. A round is one tick's samples; a member's round
-//! loss is its mean over them.
+//! The round's loss is `(misses + price x waste) / (requests + price x
+//! active)`, in [0, 1]. It is known when the tick's samples are labelled
+//! at 5 s.
 //!
 //! # The choice and its margin
 //!
