@@ -29,9 +29,10 @@
 //!   `Model::requested`); a key not scored (new, idle) is a miss for all;
 //! - waste: each of the tick's samples that an expert selected and that was
 //!   not requested within the longest label horizon (10 x the horizon, 5
-//!   s) is a slot kept for nothing, scaled up to the active keys (`active /
-//!   samples`) and priced `p / (1 - p)` hits with `p` = [`WASTE_PRICE`]
-//!   (0.1: a key is worth a slot when P(requested) >= 0.1). A key requested
+//!   s) is a slot kept for nothing for one tick, scaled up to the active
+//!   keys (`active / samples`) and priced `p / (1 - p)` hits per horizon
+//!   (`tick / horizon` of that per tick) with `p` = [`WASTE_PRICE`] (0.1: a
+//!   key is worth its slot for a horizon when P(requested within it) >= 0.1). A key requested
 //!   later than the horizon but within 5 s is not waste: the allocator keeps
 //!   a selected key's slot, and the replay counts an idle slot as waste
 //!   only if it is freed before its next use.
@@ -242,6 +243,9 @@ pub struct Online {
     heads: Vec<Vec<Option<usize>>>,
     chooser: Chooser,
     budget_slots: usize,
+    /// What a slot kept for nothing for one tick costs, in hits:
+    /// `p / (1 - p)` per horizon, `p` = [`WASTE_PRICE`].
+    waste_price_per_tick: f64,
     /// Per member, the last [`RECENT_SCORES`] sampled scores (a ring).
     recent: Vec<Vec<f32>>,
     recent_next: usize,
@@ -312,6 +316,8 @@ impl Online {
             members,
             heads,
             budget_slots: config.choice_budget_slots,
+            waste_price_per_tick: WASTE_PRICE / (1.0 - WASTE_PRICE) * config.tick_ms as f64
+                / config.horizon_ms as f64,
             recent: vec![Vec::with_capacity(RECENT_SCORES); MEMBERS.len()],
             recent_next: 0,
             cuts: vec![CHOICE_THRESHOLDS; MEMBERS.len()],
@@ -387,7 +393,7 @@ impl Online {
         // Misses counted on every request; slots kept for nothing estimated
         // from the samples (uniform over the active keys); the sum divided
         // by its largest possible value, so the loss is in [0, 1].
-        let price = WASTE_PRICE / (1.0 - WASTE_PRICE);
+        let price = self.waste_price_per_tick;
         let per_sample = active.max(f64::from(samples)) / f64::from(samples.max(1));
         let most = count + price * active.max(f64::from(samples));
         if most <= 0.0 {
