@@ -556,12 +556,21 @@ impl Model for Online {
         let chooser = &self.chooser;
         let per_round = 1.0 / chooser.weight().max(1.0);
         let (runner_up, lead) = chooser.lead();
+        // Before the first losses (5 s after the first samples) there is
+        // nothing to say: NaN, which readers show as unknown.
+        let figure = |value: f64| {
+            if chooser.rounds == 0 {
+                f32::NAN
+            } else {
+                value as f32
+            }
+        };
         Some(ChoiceStatus {
             leader: MEMBERS[chooser.leader() / CHOICE_THRESHOLDS.len()].0,
             runner_up: MEMBERS[runner_up / CHOICE_THRESHOLDS.len()].0,
-            lead: lead as f32,
-            trail: (chooser.trail() * per_round) as f32,
-            bound: (chooser.bound() * per_round) as f32,
+            lead: figure(lead),
+            trail: figure(chooser.trail() * per_round),
+            bound: figure(chooser.bound() * per_round),
             rounds: chooser.rounds,
             switches: chooser.switches,
         })

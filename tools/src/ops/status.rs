@@ -288,7 +288,15 @@ pub fn render(s: &Status) -> String {
             f.brier, f.brier_baseline, f.self_score_samples
         );
     }
-    if let (true, Some(choice)) = (f.alive, &f.choice) {
+    if let (true, Some(choice)) = (f.alive, &f.choice)
+        && choice.bound.is_nan()
+    {
+        let _ = writeln!(
+            out,
+            "  online choice follows {} (no losses yet: the first come 5 s after the first samples)",
+            choice.leader
+        );
+    } else if let (true, Some(choice)) = (f.alive, &f.choice) {
         let _ = writeln!(
             out,
             "  online choice follows {}, ahead of the next best member by {:.4} loss per sample; \
