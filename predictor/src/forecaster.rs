@@ -714,7 +714,7 @@ mod tests {
 
     #[test]
     fn scores_on_several_threads_are_those_of_one() {
-        let events = stream(11, 4000, 3000);
+        let events = stream(11, 1000, 3000);
         for kind in [ModelKind::Frequency, ModelKind::HoldValue] {
             let mut forecaster = Forecaster::new(PredictorConfig {
                 max_tracked_keys: 4096,
