@@ -1726,6 +1726,7 @@ mod tests {
             "no prediction",
             "frequency 0.5s",
             "frequency 5s",
+            "online",
         ] {
             assert!(
                 best(model) <= frequency + 0.02,
