@@ -67,9 +67,16 @@ fn main() {
         "{:<12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "model", "ingest ev/s", "1st tick ms", "tick ms", "tick p max", "top-k ms", "active"
     );
-    for model in ModelKind::ALL {
+    // Every model on one thread, then the two costliest scoring on two
+    // (`score_threads`; the scores are the same).
+    let runs = ModelKind::ALL
+        .into_iter()
+        .map(|model| (model, 1))
+        .chain([(ModelKind::HoldValue, 2), (ModelKind::Online, 2)]);
+    for (model, score_threads) in runs {
         let config = PredictorConfig {
             model,
+            score_threads,
             max_tracked_keys: keys as usize,
             activity_window_ms: 600_000,
             ..PredictorConfig::default()
@@ -106,7 +113,11 @@ fn main() {
         let top_k_s = started.elapsed().as_secs_f64();
         println!(
             "{:<12} {:>14.0} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10}",
-            model.name(),
+            if score_threads == 1 {
+                model.name().to_owned()
+            } else {
+                format!("{} x{score_threads}", model.name())
+            },
             events as f64 / ingest_s,
             first_tick_s * 1e3,
             tick_total_s / ticks as f64 * 1e3,

@@ -7,13 +7,17 @@
 //! tick_ms = 10                # scores are recomputed this often
 //! max_tracked_keys = 1048576  # bound on per-key state (see features.rs for eviction)
 //! activity_window_ms = 30000  # keys idle longer than this are not scored (P taken as 0)
-//! model = "hold-value"        # "keep-alive" | "frequency" | "successor" | "logistic" | "hold-value"
+//! model = "online"            # "keep-alive" | "frequency" | "successor" | "logistic" | "hold-value" | "online"
 //! keep_alive_ms = 500         # keep-alive model: prepared for this long after each use
 //! frequency_scale = 2         # frequency model: index into the decay scales 50 ms, 500 ms, 5 s, 60 s
 //! train_samples_per_tick = 64 # (key, tick) samples per tick, labelled as windows close: to learn (logistic, hold-value) and to score any model
 //! learning_rate = 0.3         # logistic and hold-value models: AdaGrad step
 //! top_k = 65536               # live binary: at most this many scores written per tick
 //! min_probability = 0.01      # live binary: scores below this are not written
+//! choice_window_ms = 60000    # online model: members are compared over about this much recent time
+//! choice_hysteresis = 1.0     # online model: switch when the leader trails by this much discounted loss
+//! choice_budget_slots = 0     # online model: the broker's slot budget (0: thresholds only)
+//! score_threads = 1           # threads a tick scores on (large key sets only; the scores do not depend on it)
 //! contention_max_keys = 4096  # bound on keys tracked for P(contended) (see contention.rs)
 //! contention_window_ms = 30000 # time scale of each key's contention share
 //! seed = 1                    # sampling is deterministic for a given seed
@@ -34,17 +38,22 @@ pub enum ModelKind {
     /// Online logistic regression over all features, trained as horizon windows close.
     Logistic,
     /// Per hold time, a logistic regression beside calibrated histograms; scores
-    /// the best hits per slot-second (the default).
+    /// the best hits per slot-second.
     HoldValue,
+    /// Every model above on the same stream, each scored prequentially on
+    /// hits and waste; the scores follow the best now (the default; see
+    /// `online.rs`).
+    Online,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 5] = [
+    pub const ALL: [ModelKind; 6] = [
         ModelKind::KeepAlive,
         ModelKind::Frequency,
         ModelKind::Successor,
         ModelKind::Logistic,
         ModelKind::HoldValue,
+        ModelKind::Online,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +63,7 @@ impl ModelKind {
             ModelKind::Successor => "successor",
             ModelKind::Logistic => "logistic",
             ModelKind::HoldValue => "hold-value",
+            ModelKind::Online => "online",
         }
     }
 
@@ -77,6 +87,10 @@ pub struct PredictorConfig {
     pub learning_rate: f32,
     pub top_k: usize,
     pub min_probability: f32,
+    pub choice_window_ms: u64,
+    pub choice_hysteresis: f32,
+    pub choice_budget_slots: usize,
+    pub score_threads: usize,
     pub contention_max_keys: usize,
     pub contention_window_ms: u64,
     pub seed: u64,
@@ -89,13 +103,17 @@ impl Default for PredictorConfig {
             tick_ms: 10,
             max_tracked_keys: 1 << 20,
             activity_window_ms: 30_000,
-            model: ModelKind::HoldValue,
+            model: ModelKind::Online,
             keep_alive_ms: 500,
             frequency_scale: 2,
             train_samples_per_tick: 64,
             learning_rate: 0.3,
             top_k: 65_536,
             min_probability: 0.01,
+            choice_window_ms: 60_000,
+            choice_hysteresis: 1.0,
+            choice_budget_slots: 0,
+            score_threads: 1,
             contention_max_keys: 4096,
             contention_window_ms: 30_000,
             seed: 1,
@@ -166,6 +184,23 @@ impl PredictorConfig {
                 self.min_probability.to_string(),
                 "[0, 1]",
             );
+        }
+        if self.choice_window_ms < self.tick_ms || self.choice_window_ms > 86_400_000 {
+            return range(
+                "choice_window_ms",
+                self.choice_window_ms.to_string(),
+                "tick_ms..=86400000",
+            );
+        }
+        if !(0.0..=1e6).contains(&self.choice_hysteresis) {
+            return range(
+                "choice_hysteresis",
+                self.choice_hysteresis.to_string(),
+                "[0, 1e6]",
+            );
+        }
+        if self.score_threads == 0 || self.score_threads > 64 {
+            return range("score_threads", self.score_threads.to_string(), "1..=64");
         }
         if self.contention_max_keys == 0 || self.contention_max_keys > (1 << 20) {
             return range(

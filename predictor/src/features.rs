@@ -679,20 +679,25 @@ impl FeatureView<'_> {
         }
     }
 
+    /// The rows `start..end` as a view of their own (row `start` is its row 0).
+    pub fn rows(&self, start: usize, end: usize) -> FeatureView<'_> {
+        FeatureView {
+            key_hash: &self.key_hash[start..end],
+            last_us: &self.last_us[start..end],
+            last_s: &self.last_s[start..end],
+            counts: &self.counts[start * SCALES..end * SCALES],
+            successor_boost: &self.successor_boost[start..end],
+            successor_boost_s: &self.successor_boost_s[start..end],
+            gap_rate: &self.gap_rate[start..end],
+            gap_confidence: &self.gap_confidence[start..end],
+            ..*self
+        }
+    }
+
     /// The feature vector of one active row (same code as [`FeatureView::block`]).
     pub fn vector(&self, row: usize) -> [f32; FEATURES] {
         let mut block = FeatureBlock::new();
-        let one = FeatureView {
-            key_hash: &self.key_hash[row..row + 1],
-            last_us: &self.last_us[row..row + 1],
-            last_s: &self.last_s[row..row + 1],
-            counts: &self.counts[row * SCALES..(row + 1) * SCALES],
-            successor_boost: &self.successor_boost[row..row + 1],
-            successor_boost_s: &self.successor_boost_s[row..row + 1],
-            gap_rate: &self.gap_rate[row..row + 1],
-            gap_confidence: &self.gap_confidence[row..row + 1],
-            ..*self
-        };
+        let one = self.rows(row, row + 1);
         one.block(0, &mut block);
         std::array::from_fn(|j| block.features[j][0])
     }

@@ -28,11 +28,11 @@
 use std::collections::VecDeque;
 
 use crate::config::PredictorConfig;
-use crate::features::{FEATURES, FeatureStore};
+use crate::features::{BLOCK, FEATURES, FeatureStore, FeatureView};
 use crate::models::{self, Model};
 
 /// Samples waiting at most for one label horizon, whatever the
-/// configuration: 64 bytes each, so 16 MiB per horizon. The defaults need
+/// configuration: 72 bytes each, so 18 MiB per horizon. The defaults need
 /// 3,328 at 500 ms and 32,000 at 5 s (64 samples per 10 ms tick).
 pub const PENDING_PER_HORIZON_MAX: usize = 1 << 18;
 
@@ -50,6 +50,8 @@ struct Sample {
     /// the score it wrote, or for a model whose score is not that
     /// probability, [`Model::horizon_probability`].
     probability: f32,
+    /// What the model tagged the sample with ([`Model::sampled`]).
+    tag: u64,
 }
 
 /// Samples the recent means of [`SelfScore`] weigh, about.
@@ -85,6 +87,36 @@ impl SelfScore {
     }
 }
 
+/// Below this many rows a tick scores on one thread (a thread's start costs
+/// tens of microseconds).
+const ROWS_PER_THREAD_MIN: usize = 1 << 16;
+
+/// Scores `view` into `out`, its rows split between up to `threads` threads
+/// at block boundaries. Every row's score is computed by the same code from
+/// the same inputs whatever the split, so the result does not depend on
+/// `threads` (a test compares them bit for bit).
+fn score_on_threads(model: &dyn Model, view: &FeatureView<'_>, out: &mut [f32], threads: usize) {
+    let rows = view.len();
+    let threads = threads.clamp(1, rows / ROWS_PER_THREAD_MIN + 1);
+    if threads == 1 {
+        model.score(view, out);
+        return;
+    }
+    let per_thread = rows.div_ceil(threads).next_multiple_of(BLOCK);
+    std::thread::scope(|scope| {
+        let mut parts = out.chunks_mut(per_thread).enumerate();
+        let first = parts.next();
+        for (index, part) in parts {
+            let start = index * per_thread;
+            let sub = view.rows(start, start + part.len());
+            scope.spawn(move || model.score(&sub, part));
+        }
+        if let Some((_, part)) = first {
+            model.score(&view.rows(0, part.len()), part);
+        }
+    });
+}
+
 /// See the module docs.
 pub struct Forecaster {
     config: PredictorConfig,
@@ -111,6 +143,10 @@ pub struct Forecaster {
     pub samples_dropped: u64,
     /// See [`SelfScore`].
     pub self_score: SelfScore,
+    /// This tick's sampled rows, their features and tags (reused).
+    sampled_rows: Vec<usize>,
+    sampled_features: Vec<[f32; FEATURES]>,
+    sampled_tags: Vec<u64>,
 }
 
 impl Forecaster {
@@ -160,6 +196,9 @@ impl Forecaster {
             samples_labelled: 0,
             samples_dropped: 0,
             self_score: SelfScore::default(),
+            sampled_rows: Vec::new(),
+            sampled_features: Vec::new(),
+            sampled_tags: Vec::new(),
         }
     }
 
@@ -177,6 +216,7 @@ impl Forecaster {
     pub fn ingest(&mut self, ts_us: u64, client: u32, key_hash: u64) {
         // Windows (at, at + horizon] with at + horizon < ts_us are complete.
         self.label_closed(ts_us.saturating_sub(1));
+        self.report_requests(&[(ts_us, client, key_hash)]);
         self.features.ingest(ts_us, client, key_hash);
         self.scores_current = false;
     }
@@ -185,6 +225,10 @@ impl Forecaster {
     /// [`Forecaster::ingest`] on each in turn, labelling included, but faster
     /// (the features' memory accesses are prefetched a few events ahead).
     pub fn ingest_batch(&mut self, events: &[(u64, u32, u64)]) {
+        if let Some(&(first_us, _, _)) = events.first() {
+            self.label_closed(first_us.saturating_sub(1));
+        }
+        self.report_requests(events);
         let mut rest = events;
         while let Some(&(first_us, _, _)) = rest.first() {
             // As `ingest` would before the first event: label the windows closed before it.
@@ -198,6 +242,25 @@ impl Forecaster {
             self.features.ingest_batch(&rest[..run]);
             rest = &rest[run..];
             self.scores_current = false;
+        }
+    }
+
+    /// Tells the model which keys are requested, with their rows as scored
+    /// at the last tick (while no event has been ingested since, rows have
+    /// not moved). The online choice counts each member's hits by them.
+    fn report_requests(&mut self, events: &[(u64, u32, u64)]) {
+        if !self.model.wants_requests() {
+            return;
+        }
+        let view = self.features.view();
+        for &(_, _, key_hash) in events {
+            match self.features.row_of(key_hash) {
+                Some(row) if self.scores_current && row < view.len() => {
+                    let features = view.vector(row);
+                    self.model.requested(Some((&view, row, &features)));
+                }
+                _ => self.model.requested(None),
+            }
         }
     }
 
@@ -227,9 +290,10 @@ impl Forecaster {
                 self.label(stage_index, sample.expect("the front, checked just above"));
             }
         }
+        self.model.labels_done();
     }
 
-    fn label(&mut self, stage: usize, sample: Sample) {
+    fn label(&mut self, stage: usize, mut sample: Sample) {
         if self.features.row_of(sample.key_hash).is_none() {
             self.samples_dropped += 1;
             return;
@@ -248,6 +312,9 @@ impl Forecaster {
             self.self_score.add(sample.probability, baseline, requested);
             self.samples_labelled += 1;
         }
+        sample.tag = self
+            .model
+            .labelled(stage, sample.tag, sample.at_us, requested);
         if let Some(next) = self.stages.get_mut(stage + 1) {
             if next.queue.len() < PENDING_PER_HORIZON_MAX {
                 next.queue.push_back(sample);
@@ -265,7 +332,12 @@ impl Forecaster {
         let view = self.features.view();
         self.probabilities.clear();
         self.probabilities.resize(view.len(), 0.0);
-        self.model.score(&view, &mut self.probabilities);
+        score_on_threads(
+            self.model.as_ref(),
+            &view,
+            &mut self.probabilities,
+            self.config.score_threads,
+        );
         for probability in &mut self.probabilities {
             // NaN fails both comparisons and becomes 0.
             *probability = if *probability >= 0.0 {
@@ -278,24 +350,44 @@ impl Forecaster {
 
         // Samples to learn from (if the model learns) and to score it by.
         let now = self.features.decayed_to_us();
+        self.sampled_rows.clear();
         for _ in 0..self.config.train_samples_per_tick {
-            if self.stages[0].queue.len() >= self.pending_max {
+            if self.stages[0].queue.len() + self.sampled_rows.len() >= self.pending_max {
                 break;
             }
             let Some(row) = self.features.random_active_row() else {
                 break;
             };
-            let view = self.features.view();
-            let features = view.vector(row);
+            self.sampled_rows.push(row);
+        }
+        let view = self.features.view();
+        self.sampled_features.clear();
+        self.sampled_features
+            .extend(self.sampled_rows.iter().map(|&row| view.vector(row)));
+        self.sampled_tags.clear();
+        self.model.sampled(
+            &view,
+            &self.sampled_rows,
+            &self.sampled_features,
+            &mut self.sampled_tags,
+        );
+        debug_assert_eq!(self.sampled_tags.len(), self.sampled_rows.len());
+        for ((&row, features), &tag) in self
+            .sampled_rows
+            .iter()
+            .zip(&self.sampled_features)
+            .zip(&self.sampled_tags)
+        {
             let probability = self
                 .model
-                .horizon_probability(&features)
+                .horizon_probability(features)
                 .unwrap_or(self.probabilities[row]);
             self.stages[0].queue.push_back(Sample {
                 key_hash: view.key_hash[row],
                 at_us: now,
-                features,
+                features: *features,
                 probability,
+                tag,
             });
         }
     }
@@ -618,6 +710,94 @@ mod tests {
             "the follower scores {follower}, {above} keys at or above it: {}",
             hold.model().describe()
         );
+    }
+
+    #[test]
+    fn scores_on_several_threads_are_those_of_one() {
+        let events = stream(11, 1000, 3000);
+        for kind in [ModelKind::Frequency, ModelKind::HoldValue] {
+            let mut forecaster = Forecaster::new(PredictorConfig {
+                max_tracked_keys: 4096,
+                ..config(kind)
+            });
+            run_to(&mut forecaster, &events, events.last().unwrap().0);
+            let view = forecaster.features().view();
+            let bits = |threads| {
+                let mut out = vec![0.0f32; view.len()];
+                // Rows per thread as if there were 64 times more, so the split runs.
+                let model = forecaster.model();
+                let per_thread = view.len().div_ceil(threads).next_multiple_of(BLOCK);
+                let mut start = 0;
+                for part in out.chunks_mut(per_thread) {
+                    model.score(&view.rows(start, start + part.len()), part);
+                    start += part.len();
+                }
+                out.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
+            };
+            assert!(view.len() > 2 * BLOCK, "{}", view.len());
+            assert_eq!(bits(1), bits(2), "{kind:?}");
+            assert_eq!(bits(1), bits(3), "{kind:?}");
+            let mut threaded = vec![0.0f32; view.len()];
+            score_on_threads(model_of(&forecaster), &view, &mut threaded, 2);
+            assert_eq!(
+                threaded.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+                bits(1)
+            );
+        }
+    }
+
+    fn model_of(forecaster: &Forecaster) -> &dyn Model {
+        forecaster.model()
+    }
+
+    #[test]
+    fn each_model_scores_one_row_as_its_block_loop_does() {
+        let events = stream(5, 3000, 50);
+        for kind in ModelKind::ALL {
+            let mut forecaster = Forecaster::new(config(kind));
+            run_to(&mut forecaster, &events, events.last().unwrap().0);
+            let view = forecaster.features().view();
+            let (_, scores) = forecaster.scores().unwrap();
+            assert!(!scores.is_empty());
+            for (row, &score) in scores.iter().enumerate() {
+                let one = forecaster
+                    .model()
+                    .score_one(&view, row, &view.vector(row))
+                    .clamp(0.0, 1.0);
+                assert!(
+                    (one - score).abs() < 1e-4,
+                    "{kind:?} row {row}: {one} {score}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_online_choice_follows_the_member_with_the_least_loss() {
+        // Each of 200 leaders is followed by its own key 3 ms later, every
+        // 2 s: keep-alive and the successor table (which boosts the
+        // follower only 3 ms ahead, between two ticks) lose to the rest.
+        let mut events = Vec::new();
+        for i in 0..3000u64 {
+            let leader = 1000 + i % 200;
+            events.push((i * 10_000, 0, leader));
+            events.push((i * 10_000 + 3_000, 0, leader + 1000));
+        }
+        let mut forecaster = Forecaster::new(PredictorConfig {
+            max_tracked_keys: 4096,
+            ..config(ModelKind::Online)
+        });
+        run_to(&mut forecaster, &events, 30_000_000);
+        let status = forecaster.model().choice().unwrap();
+        let described = forecaster.model().describe();
+        assert!(
+            !["keep-alive", "successor"].contains(&status.leader),
+            "{described}"
+        );
+        // The best member leads, or one within the hysteresis (1 in
+        // discounted loss, over about 2,500 rounds).
+        assert!(status.lead >= -1.0 / 2000.0, "{status:?}");
+        assert!(status.trail <= status.bound, "{status:?}");
     }
 
     #[test]

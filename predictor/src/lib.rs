@@ -5,8 +5,9 @@
 //! the same code: [`trace`] reads recorded lock traces, [`features`] keeps
 //! per-key multi-scale features in ndarray arrays over a bounded key set,
 //! [`models`] is the ladder of models (keep-alive, decayed frequency, successor
-//! table, online logistic regression, and the default: hold value, the best
-//! hits per slot-second over several hold times), and [`forecaster`] ties them together
+//! table, online logistic regression, hold value: the best hits per slot-second
+//! over several hold times), [`online`] runs them all and follows the best
+//! now (the default), and [`forecaster`] ties them together
 //! and trains the learned model as each horizon window closes. [`contention`]
 //! estimates, apart from all that, P(a key is contended within the horizon).
 //!
@@ -29,6 +30,7 @@ pub mod fastmath;
 pub mod features;
 pub mod forecaster;
 pub mod models;
+pub mod online;
 pub mod trace;
 
 /// The 64-bit hash that names a key everywhere in forelock (xxh3-64 of its

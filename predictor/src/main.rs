@@ -258,6 +258,14 @@ fn run() -> anyhow::Result<()> {
                 brier: score.brier,
                 brier_baseline: score.brier_baseline,
             });
+        if let Some(choice) = forecaster.model().choice() {
+            attached.scores.publish_choice(&shm_layout::scores::Choice {
+                leader: choice.leader.to_owned(),
+                lead: choice.lead,
+                trail: choice.trail,
+                bound: choice.bound,
+            });
+        }
 
         ticks += 1;
         if args.ticks.is_some_and(|limit| ticks >= limit) {
@@ -283,6 +291,7 @@ fn run() -> anyhow::Result<()> {
                 lost_events = cursor.lost,
                 ?observed,
                 self_score = ?forecaster.self_score,
+                choice = ?forecaster.model().choice(),
                 model = forecaster.model().kind().name(),
                 "forecaster"
             );

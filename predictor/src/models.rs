@@ -39,8 +39,9 @@ fn for_each_block(
     }
 }
 
-/// A model of the ladder.
-pub trait Model: Send {
+/// A model of the ladder. `Sync`: the forecaster may score parts of the
+/// rows on several threads at once (`score_threads`).
+pub trait Model: Send + Sync {
     fn kind(&self) -> ModelKind;
     /// Writes P(requested within the horizon) for each active row; `out.len() == view.len()`.
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]);
@@ -63,6 +64,47 @@ pub trait Model: Send {
     fn horizon_probability(&self, _features: &[f32; FEATURES]) -> Option<f32> {
         None
     }
+    /// The score [`Model::score`] writes for one active row, whose feature
+    /// vector is `features` (`view.vector(row)`): what the online choice
+    /// ([`crate::online`]) scores each member by on the forecaster's samples.
+    /// The same formula as the block loop; its last bits may differ where the
+    /// block loop fuses multiply-adds.
+    fn score_one(&self, view: &FeatureView<'_>, row: usize, features: &[f32; FEATURES]) -> f32;
+    /// The forecaster sampled these active rows at this tick (with their
+    /// feature vectors), to learn from and to score itself by; a model may
+    /// tag each sample with what it needs at labelling time (pushed to `tags`,
+    /// one per row). Only the online choice does.
+    fn sampled(
+        &mut self,
+        _view: &FeatureView<'_>,
+        rows: &[usize],
+        _features: &[[f32; FEATURES]],
+        tags: &mut Vec<u64>,
+    ) {
+        tags.extend(rows.iter().map(|_| 0));
+    }
+    /// One sample's label at `label_horizons()[head]`, with the tag it got
+    /// when it was sampled at `at_us` (or the tag returned when it was
+    /// labelled at the previous horizon); returns its tag for the next.
+    /// Called in the order samples were taken, per horizon.
+    fn labelled(&mut self, _head: usize, tag: u64, _at_us: u64, _requested: bool) -> u64 {
+        tag
+    }
+    /// Every sample whose window had closed has been labelled.
+    fn labels_done(&mut self) {}
+    /// Whether [`Model::requested`] does anything.
+    fn wants_requests(&self) -> bool {
+        false
+    }
+    /// A request, seen before the features take it in: its key's row and
+    /// features as scored at the last tick, or `None` if the key was not
+    /// scored then (new, idle, or rows moved since).
+    fn requested(&mut self, _scored: Option<(&FeatureView<'_>, usize, &[f32; FEATURES])>) {}
+    /// Which member the online choice follows, and how it stands
+    /// (`None` for a single model).
+    fn choice(&self) -> Option<crate::online::ChoiceStatus> {
+        None
+    }
     /// Human-readable parameters (for reports).
     fn describe(&self) -> String {
         self.kind().name().to_owned()
@@ -81,6 +123,7 @@ pub fn build(config: &PredictorConfig) -> Box<dyn Model> {
         ModelKind::Successor => Box::new(Successor),
         ModelKind::Logistic => Box::new(Logistic::new(config.learning_rate)),
         ModelKind::HoldValue => Box::new(HoldValue::new(config.learning_rate)),
+        ModelKind::Online => Box::new(crate::online::Online::new(config)),
     }
 }
 
@@ -103,6 +146,10 @@ impl Model for KeepAlive {
             *score = (1.0 - age_s * inverse).max(0.0);
         }
         // (Exact ages from the u64 times: this model needs nothing else.)
+    }
+    fn score_one(&self, view: &FeatureView<'_>, row: usize, _: &[f32; FEATURES]) -> f32 {
+        let age_s = view.now_us.saturating_sub(view.last_us[row]) as f32 * 1e-6;
+        (1.0 - age_s * (1.0 / self.keep_alive_s)).max(0.0)
     }
     fn describe(&self) -> String {
         format!("keep-alive {} ms", (self.keep_alive_s * 1e3).round())
@@ -128,6 +175,10 @@ impl Model for Frequency {
                 *score = poisson_within(*score, to_expected);
             }
         }
+    }
+    fn score_one(&self, view: &FeatureView<'_>, row: usize, _: &[f32; FEATURES]) -> f32 {
+        let to_expected = view.horizon_us as f32 / SCALE_TAU_US[self.scale] as f32;
+        poisson_within(view.decayed_count(row, self.scale), to_expected)
     }
     fn describe(&self) -> String {
         format!("frequency tau {} ms", SCALE_TAU_US[self.scale] / 1000)
@@ -170,6 +221,9 @@ impl Model for Successor {
                 scores.copy_from_slice(&block.features[8][..scores.len()]);
             },
         );
+    }
+    fn score_one(&self, _: &FeatureView<'_>, _: usize, features: &[f32; FEATURES]) -> f32 {
+        features[8]
     }
 }
 
@@ -236,6 +290,9 @@ impl Model for Logistic {
     }
     fn learn(&mut self, _head: usize, features: &[f32; FEATURES], requested: bool) {
         self.step(features, requested);
+    }
+    fn score_one(&self, _: &FeatureView<'_>, _: usize, features: &[f32; FEATURES]) -> f32 {
+        sigmoid(self.logit(features))
     }
     fn describe(&self) -> String {
         format!("logistic: {}", self.terms())
@@ -533,6 +590,24 @@ impl Model for HoldValue {
                 .map(|(h, histogram)| self.calibrated_bin(BASE_HEAD, h, histogram.bin_of(features)))
                 .fold(regression, f32::max),
         )
+    }
+    fn score_one(&self, _: &FeatureView<'_>, _: usize, features: &[f32; FEATURES]) -> f32 {
+        let regressions = self
+            .heads
+            .iter()
+            .zip(HOLD_HORIZONS)
+            .map(|(head, factor)| sigmoid(head.logit(features)) / factor)
+            .fold(0.0, f32::max);
+        // The histograms' best over the heads, as `scoring` builds its tables.
+        HISTOGRAMS
+            .iter()
+            .enumerate()
+            .flat_map(|(h, histogram)| {
+                let bin = histogram.bin_of(features);
+                (0..HOLD_HORIZONS.len())
+                    .map(move |k| self.calibrated_bin(k, h, bin) / HOLD_HORIZONS[k])
+            })
+            .fold(regressions, f32::max)
     }
     fn learn(&mut self, head: usize, features: &[f32; FEATURES], requested: bool) {
         self.heads[head].step(features, requested);

@@ -74,7 +74,30 @@ pub struct ScoresHeader {
     pub self_score_samples: AtomicU64,
     pub brier_bits: AtomicU32,
     pub brier_baseline_bits: AtomicU32,
-    pub _reserved: [u8; SCORES_HEADER_SIZE - 96],
+    /// The online choice (see [`Choice`]): the member it follows, NUL-padded
+    /// ASCII (all zero: a single model, or a forecaster older than these
+    /// fields, which were `_reserved` and always 0 in the same version), and
+    /// the f32 bits of its lead, its trail and the trail's bound.
+    pub choice_leader: [AtomicU64; 2],
+    pub choice_lead_bits: AtomicU32,
+    pub choice_trail_bits: AtomicU32,
+    pub choice_bound_bits: AtomicU32,
+    pub _reserved: [u8; SCORES_HEADER_SIZE - 124],
+}
+
+/// How the forecaster's online choice stands, as published in the header.
+/// Losses are means per sample (a missed request costs 1; see
+/// `predictor/src/online.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The member whose scores are written ("" when there is no choice).
+    pub leader: String,
+    /// The next best member's loss minus the leader's.
+    pub lead: f32,
+    /// The choice's own loss minus the best member's.
+    pub trail: f32,
+    /// The stated bound on `trail`.
+    pub bound: f32,
 }
 
 /// The forecaster's score of itself, as published in the header.
@@ -127,6 +150,11 @@ const _: () = {
     assert!(offset_of!(ScoresHeader, self_score_samples) == 80);
     assert!(offset_of!(ScoresHeader, brier_bits) == 88);
     assert!(offset_of!(ScoresHeader, brier_baseline_bits) == 92);
+    assert!(offset_of!(ScoresHeader, choice_leader) == 96);
+    assert!(offset_of!(ScoresHeader, choice_lead_bits) == 112);
+    assert!(offset_of!(ScoresHeader, choice_trail_bits) == 116);
+    assert!(offset_of!(ScoresHeader, choice_bound_bits) == 120);
+    assert!(offset_of!(ScoresHeader, _reserved) == 124);
     assert!(size_of::<ScoreEntry>() == SCORE_ENTRY_SIZE);
     assert!(offset_of!(ScoreEntry, key_hash) == 0);
     assert!(offset_of!(ScoreEntry, score_bits) == 8);
@@ -263,17 +291,7 @@ impl ScoresView {
             n += 1;
         }
         h.count.store(n, Ordering::Relaxed);
-        let mut name = [0u8; 16];
-        let len = model.len().min(16);
-        name[..len].copy_from_slice(&model.as_bytes()[..len]);
-        h.model[0].store(
-            u64::from_ne_bytes(name[..8].try_into().expect("8")),
-            Ordering::Relaxed,
-        );
-        h.model[1].store(
-            u64::from_ne_bytes(name[8..].try_into().expect("8")),
-            Ordering::Relaxed,
-        );
+        store_name(&h.model, model);
         h.horizon_ms.store(horizon_ms, Ordering::Relaxed);
         h.written_at_ns.store(now_ns, Ordering::Relaxed);
         h.writer_pid.store(std::process::id(), Ordering::Relaxed);
@@ -346,14 +364,66 @@ impl ScoresView {
 
     /// The model name the forecaster reported.
     pub fn model(&self) -> String {
-        let h = self.header();
-        let mut bytes = Vec::with_capacity(16);
-        for w in &h.model {
-            bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
-        }
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        String::from_utf8_lossy(&bytes[..end]).into_owned()
+        load_name(&self.header().model)
     }
+
+    /// Publish how the online choice stands (as [`ScoresView::publish_self_score`]:
+    /// no seqlock, each field read on its own).
+    pub fn publish_choice(&self, choice: &Choice) {
+        let h = self.header();
+        h.choice_lead_bits
+            .store(choice.lead.to_bits(), Ordering::Relaxed);
+        h.choice_trail_bits
+            .store(choice.trail.to_bits(), Ordering::Relaxed);
+        h.choice_bound_bits
+            .store(choice.bound.to_bits(), Ordering::Relaxed);
+        store_name(&h.choice_leader, &choice.leader);
+    }
+
+    /// The online choice, or `None` if the forecaster publishes none (a
+    /// single model, or a writer older than the fields). Figures that are
+    /// NaN or infinite read as NaN; a reader shows them as unknown.
+    pub fn choice(&self) -> Option<Choice> {
+        let h = self.header();
+        let leader = load_name(&h.choice_leader);
+        if leader.is_empty() {
+            return None;
+        }
+        let figure = |bits: &AtomicU32| {
+            let value = f32::from_bits(bits.load(Ordering::Relaxed));
+            if value.is_finite() { value } else { f32::NAN }
+        };
+        Some(Choice {
+            leader,
+            lead: figure(&h.choice_lead_bits),
+            trail: figure(&h.choice_trail_bits),
+            bound: figure(&h.choice_bound_bits),
+        })
+    }
+}
+
+/// Stores a name as 16 NUL-padded bytes (longer names are cut).
+fn store_name(words: &[AtomicU64; 2], name: &str) {
+    let mut bytes = [0u8; 16];
+    let len = name.len().min(16);
+    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    for (word, eight) in words.iter().zip(bytes.chunks_exact(8)) {
+        word.store(
+            u64::from_ne_bytes(eight.try_into().expect("8")),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Reads a name stored by [`store_name`] (printable ASCII is not checked:
+/// the result is lossy UTF-8).
+fn load_name(words: &[AtomicU64; 2]) -> String {
+    let mut bytes = Vec::with_capacity(16);
+    for w in words {
+        bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+    }
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 #[cfg(all(test, not(loom)))]
@@ -403,6 +473,33 @@ mod tests {
         });
         let nonsense = view.self_score();
         assert_eq!((nonsense.brier, nonsense.brier_baseline), (1.0, 1.0));
+    }
+
+    #[test]
+    fn the_online_choice_round_trips_and_an_older_writer_publishes_none() {
+        let mut buf = Box::new(Aligned([0; 128 + 4 * 16]));
+        // SAFETY: 64-aligned, large enough, exclusively ours.
+        let header = unsafe { &mut *(buf.0.as_mut_ptr() as *mut ScoresHeader) };
+        init_scores(header, 4);
+        // SAFETY: as above; the view lives shorter than the buffer.
+        let view = unsafe { ScoresView::new(buf.0.as_ptr(), buf.0.len()) }.unwrap();
+        // A writer that knows nothing of the fields leaves them 0.
+        view.write("hold-value", 500, 1, [(1, 0.5)]);
+        assert_eq!(view.choice(), None);
+        let choice = Choice {
+            leader: "frequency 60s".into(),
+            lead: 0.002,
+            trail: 0.0,
+            bound: 0.02,
+        };
+        view.publish_choice(&choice);
+        assert_eq!(view.choice(), Some(choice.clone()));
+        assert_eq!(view.model(), "hold-value", "the model name is untouched");
+        view.publish_choice(&Choice {
+            lead: f32::INFINITY,
+            ..choice
+        });
+        assert!(view.choice().unwrap().lead.is_nan());
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub struct ReplayArgs {
     /// Slots the allocator may keep prepared [default: 10% of the trace's distinct keys, at least 64].
     #[arg(long)]
     pub budget: Option<usize>,
-    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic, hold-value [default: all].
+    /// Models to evaluate, comma-separated: keep-alive, frequency, successor, logistic, hold-value, online [default: all].
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Fixed thresholds swept for each model (beside the adaptive run).
@@ -100,6 +100,10 @@ pub struct ReplayArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Threads for the independent passes (one per model, the baseline, the
+    /// oracle) [default: one per core]; the results do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// Entry point of `forelock replay`.
@@ -136,7 +140,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
             .iter()
             .map(|name| {
                 ModelKind::from_name(name).with_context(|| {
-                    format!("unknown model {name:?}: expected keep-alive, frequency, successor or logistic")
+                    format!("unknown model {name:?}: expected keep-alive, frequency, successor, logistic, hold-value or online")
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?
@@ -147,6 +151,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         keep_alive_ms: args.keep_alive_ms.clone(),
         prepare_latency_us: args.prepare_latency_us,
         eval_every_ticks: args.eval_every.max(1),
+        mid_us: split_time(&trace),
+        threads: args.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
     };
     let report = replay(&name, &trace, &config, &models, &settings);
     if let Some(path) = &args.plot {
@@ -173,6 +181,19 @@ pub struct ReplaySettings {
     pub keep_alive_ms: Vec<u64>,
     pub prepare_latency_us: u64,
     pub eval_every_ticks: u64,
+    /// Where the trace is split into the half thresholds are chosen on and
+    /// the half they are reported on ([`split_time`]).
+    pub mid_us: u64,
+    /// Passes run on this many threads (the results do not depend on it).
+    pub threads: usize,
+}
+
+/// The middle of the trace in time (the first and last request's mean).
+pub fn split_time(trace: &Trace) -> u64 {
+    match (trace.events.first(), trace.events.last()) {
+        (Some(first), Some(last)) => first.ts_us + (last.ts_us - first.ts_us) / 2,
+        _ => 0,
+    }
 }
 
 /// One simulated configuration's results.
@@ -206,6 +227,35 @@ pub struct RunReport {
     pub keep_alive_ms: Option<u64>,
     /// The model at the end of the replay (learnt weights, for the logistic one).
     pub model: Option<String>,
+    /// The same counts over the trace's first and second half.
+    pub halves: [HalfReport; 2],
+}
+
+/// One run's results over half of the trace.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HalfReport {
+    pub requests: u64,
+    pub hit_rate_seen_before: f64,
+    pub prepares: u64,
+    pub wasted: u64,
+    /// Wasted slot-seconds in this half / (budget x half the duration).
+    pub waste_per_budget: f64,
+}
+
+/// Out of sample: per policy and waste level, the setting that was best on
+/// the first half, reported on the second; in sample, the best on the second
+/// half in hindsight.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitRow {
+    pub policy: String,
+    /// Per level of [`EQUAL_WASTE_MULTIPLES`]: (setting chosen on the first
+    /// half, its seen-before hit rate on the second, whether its waste on the
+    /// second half stayed within the level), or None if no setting was
+    /// within the level on the first half.
+    pub out_of_sample: Vec<Option<(String, f64, bool)>>,
+    /// Per level: the best seen-before hit rate on the second half among
+    /// settings within the level there.
+    pub in_sample: Vec<Option<f64>>,
 }
 
 /// A whole replay's results.
@@ -224,6 +274,13 @@ pub struct ReplayReport {
     /// budget is at most each of `equal_waste_levels`.
     pub equal_waste_levels: Vec<f64>,
     pub equal_waste: Vec<(String, Vec<Option<f64>>)>,
+    /// Thresholds chosen on the first half, reported on the second.
+    pub split: Vec<SplitRow>,
+    /// Seen-before hit rates of demand-filled caches of the budget's size
+    /// (no prediction, no waste limit): LRU and Belady's MIN, which evicts
+    /// the key whose next request is farthest (the best any retention
+    /// policy can do). Over the whole trace, and over the second half.
+    pub retention: Retention,
     /// The contention estimate against the trace's contended requests
     /// (independent of the access model; see `replay/contention.rs`).
     pub contention: contention::ContentionReport,
@@ -305,6 +362,40 @@ impl ReplayReport {
                 .collect();
             let _ = writeln!(out, "{:<14} {}", policy, cells.join("  "));
         }
+        let _ = writeln!(
+            out,
+            "\nout of sample: the setting best on the first half at waste per budget <= 1, 2, 4, 10 x no prediction's, \
+             its seen-before hit% on the second half (* its waste there exceeds the level); in sample: the best on the second half"
+        );
+        for row in &self.split {
+            let cells: Vec<String> = row
+                .out_of_sample
+                .iter()
+                .zip(&row.in_sample)
+                .map(|(out, inside)| {
+                    let out = out.as_ref().map_or_else(
+                        || "-".to_owned(),
+                        |(_, v, within)| {
+                            format!("{:.2}{}", v * 100.0, if *within { "" } else { "*" })
+                        },
+                    );
+                    let inside =
+                        inside.map_or_else(|| "-".to_owned(), |v| format!("{:.2}", v * 100.0));
+                    format!("{out:>7} ({inside:>6})")
+                })
+                .collect();
+            let _ = writeln!(out, "{:<14} {}", row.policy, cells.join("  "));
+        }
+        let r = &self.retention;
+        let _ = writeln!(
+            out,
+            "\nretention with {} slots, seen-before hit%: LRU {:.2}, Belady's MIN {:.2} (second half: {:.2}, {:.2})",
+            self.budget_slots,
+            r.lru * 100.0,
+            r.belady * 100.0,
+            r.lru_second_half * 100.0,
+            r.belady_second_half * 100.0
+        );
         let _ = writeln!(out, "\nsweep:");
         out.push_str(&header);
         for run in &self.runs {
@@ -440,6 +531,10 @@ struct Sim {
     next_slot_id: u32,
     feedback: Feedback,
     counters: Counters,
+    /// The same counters for the trace's first and second half (split at
+    /// `mid_us`): thresholds are chosen on one, reported on the other.
+    halves: [Counters; 2],
+    mid_us: u64,
     views: Vec<SlotView>,
     candidates: Vec<Score>,
     actions: Vec<Action>,
@@ -466,26 +561,47 @@ impl Sim {
             next_slot_id: 0,
             feedback: Feedback::default(),
             counters: Counters::default(),
+            halves: [Counters::default(); 2],
+            mid_us: settings.mid_us,
             views: Vec::new(),
             candidates: Vec::new(),
             actions: Vec::new(),
         }
     }
 
+    fn half(&self, at_us: u64) -> usize {
+        usize::from(at_us >= self.mid_us)
+    }
+
+    /// Adds the slot-time `[from_us, to_us)` that served nothing, split
+    /// between the halves.
+    fn add_waste(&mut self, from_us: u64, to_us: u64) {
+        self.counters.wasted_slot_us += u128::from(to_us.saturating_sub(from_us));
+        let mid = self.mid_us.clamp(from_us, to_us.max(from_us));
+        self.halves[0].wasted_slot_us += u128::from(mid.saturating_sub(from_us));
+        self.halves[1].wasted_slot_us += u128::from(to_us.saturating_sub(mid));
+    }
+
     fn request(&mut self, event: &TraceEvent, seen_before: bool) {
-        let counters = &mut self.counters;
-        counters.requests += 1;
-        counters.seen_before_requests += u64::from(seen_before);
+        let half = self.half(event.ts_us);
+        for counters in [&mut self.counters, &mut self.halves[half]] {
+            counters.requests += 1;
+            counters.seen_before_requests += u64::from(seen_before);
+        }
         let release_us = event.ts_us + event.hold_us;
         match self.slot_of_key.get(&event.key_hash) {
             Some(&index) => {
                 let slot = &mut self.slots[index].1;
                 if event.ts_us >= slot.ready_at_us {
-                    counters.hits += 1;
-                    counters.seen_before_hits += u64::from(seen_before);
+                    for counters in [&mut self.counters, &mut self.halves[half]] {
+                        counters.hits += 1;
+                        counters.seen_before_hits += u64::from(seen_before);
+                    }
                     self.feedback.hits += 1;
                 } else {
-                    counters.late += 1;
+                    for counters in [&mut self.counters, &mut self.halves[half]] {
+                        counters.late += 1;
+                    }
                     self.feedback.late += 1;
                 }
                 slot.last_use_us = Some(event.ts_us);
@@ -529,17 +645,19 @@ impl Sim {
             self.slot_of_key.insert(self.slots[index].0, index);
         }
         if slot.uses == 0 {
+            let half = self.half(now_us);
             self.counters.wasted += 1;
+            self.halves[half].wasted += 1;
             self.feedback.wasted += 1;
         }
-        self.counters.wasted_slot_us += u128::from(now_us.saturating_sub(slot.idle_since_us));
+        self.add_waste(slot.idle_since_us, now_us);
     }
 
     fn count_idle_tails(&mut self, now_us: u64) {
-        for (_, slot) in &self.slots {
+        for index in 0..self.slots.len() {
+            let slot = self.slots[index].1;
             if slot.held_until_us <= now_us {
-                self.counters.wasted_slot_us +=
-                    u128::from(now_us.saturating_sub(slot.idle_since_us));
+                self.add_waste(slot.idle_since_us, now_us);
             }
         }
     }
@@ -592,6 +710,8 @@ impl Sim {
                         continue;
                     }
                     self.counters.prepares += 1;
+                    let half = self.half(now_us);
+                    self.halves[half].prepares += 1;
                     self.feedback.prepared += 1;
                     let slot = SimSlot {
                         slot: self.next_slot_id,
@@ -643,6 +763,14 @@ impl Sim {
             threshold_final: self.adaptive.then(|| self.policy.threshold()),
             keep_alive_ms: self.keep_alive_ms,
             model: None,
+            halves: self.halves.map(|c| HalfReport {
+                requests: c.requests,
+                hit_rate_seen_before: share(c.seen_before_hits, c.seen_before_requests),
+                prepares: c.prepares,
+                wasted: c.wasted,
+                waste_per_budget: c.wasted_slot_us as f64
+                    / (self.budget_slots as f64 * (duration_us.max(2) / 2) as f64),
+            }),
         }
     }
 }
@@ -716,42 +844,6 @@ pub fn replay(
     settings: &ReplaySettings,
 ) -> ReplayReport {
     let index = TraceIndex::new(trace);
-    let mut runs = Vec::new();
-    let contention = contention::score(
-        &trace.events,
-        &index.contended,
-        config,
-        settings.eval_every_ticks,
-        forelockd::config::Config::default_config()
-            .allocator
-            .contention_threshold,
-    );
-
-    // No prediction: slow path + keep-alive, one sim per keep-alive time.
-    let mut sims: Vec<Sim> = settings
-        .keep_alive_ms
-        .iter()
-        .map(|&ms| {
-            let mut sim = Sim::new(
-                Box::new(KeepAlive::new(ms * 1000)),
-                "no prediction",
-                format!("keep-alive {ms} ms"),
-                settings,
-            );
-            sim.keep_alive_ms = Some(ms);
-            sim
-        })
-        .collect();
-    run_pass(
-        trace,
-        &index,
-        config,
-        &mut Source::Nothing,
-        &mut sims,
-        None,
-        settings,
-    );
-    runs.extend(sims.iter().map(|sim| sim.report(None, trace.duration_us())));
 
     // The frequency model runs at three decay scales: on a stream without
     // temporal structure the longest one is the benchmark nothing should beat.
@@ -775,63 +867,97 @@ pub fn replay(
                 model.name().to_owned(),
                 PredictorConfig {
                     model,
+                    // The online choice judges its members at the budget the
+                    // simulated broker has, as it would be told live.
+                    choice_budget_slots: settings.budget_slots,
                     ..config.clone()
                 },
             ));
         }
     }
-    for (name, model_config) in variants {
-        let mut sims = predictive_sims(&name, settings);
-        let mut source = Source::Forecaster(Box::new(Forecaster::new(model_config)));
-        let mut quality = Quality::new();
-        run_pass(
-            trace,
-            &index,
-            config,
-            &mut source,
-            &mut sims,
-            Some(&mut quality),
-            settings,
-        );
-        let result = quality.result();
-        let description = match &source {
-            Source::Forecaster(forecaster) => Some(forecaster.model().describe()),
-            _ => None,
-        };
-        runs.extend(sims.iter().map(|sim| RunReport {
-            model: description.clone(),
-            ..sim.report(Some(result), trace.duration_us())
-        }));
-    }
 
-    let mut oracle = Sim::new(
-        Box::new(Predictive::new(PredictiveConfig {
-            threshold_initial: 0.4,
-            adaptive: false,
-            // Free a slot as soon as its key is not needed within the horizon.
-            unused_timeout_us: 0,
-            idle_timeout_us: 0,
-            prepares_per_tick_max: usize::MAX / 8,
-            eviction_margin: 0.0,
-            ..PredictiveConfig::default()
-        })),
-        "oracle",
-        "hindsight".to_owned(),
-        settings,
-    );
-    let mut source = Source::Oracle {
-        next_us: index.first_us.clone(),
+    // Every pass is independent of the others (its own forecaster, its own
+    // sims; the trace and its index are shared read-only): the passes run
+    // on every core, the costliest first, and their results are put back
+    // in the order of the report, so the output is the same whatever the
+    // threads (`replay_in_parallel_gives_the_results_of_one_thread`).
+    let mut jobs: Vec<Job> = vec![Job::NoPrediction, Job::Oracle, Job::Contention];
+    jobs.extend((0..variants.len()).map(Job::Variant));
+    let cost = |job: &Job| match job {
+        Job::Variant(i) => match variants[*i].1.model {
+            ModelKind::Online => 6,
+            ModelKind::HoldValue => 5,
+            ModelKind::Logistic => 4,
+            _ => 2,
+        },
+        Job::Contention => 3,
+        Job::NoPrediction | Job::Oracle => 1,
     };
-    run_pass(
-        trace,
-        &index,
-        config,
-        &mut source,
-        std::slice::from_mut(&mut oracle),
-        None,
-        settings,
-    );
-    runs.push(oracle.report(None, trace.duration_us()));
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&j| std::cmp::Reverse(cost(&jobs[j])));
+    let threads = settings.threads.clamp(1, jobs.len());
+    let next_job = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<JobResult>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let run_job = |job: &Job| -> JobResult {
+        match *job {
+            Job::NoPrediction => {
+                JobResult::Runs(no_prediction_runs(trace, &index, config, settings))
+            }
+            Job::Oracle => JobResult::Runs(vec![oracle_run(trace, &index, config, settings)]),
+            Job::Contention => JobResult::Contention(Box::new(contention::score(
+                &trace.events,
+                &index.contended,
+                config,
+                settings.eval_every_ticks,
+                forelockd::config::Config::default_config()
+                    .allocator
+                    .contention_threshold,
+            ))),
+            Job::Variant(i) => {
+                let (name, model_config) = &variants[i];
+                JobResult::Runs(model_runs(
+                    trace,
+                    &index,
+                    config,
+                    name,
+                    model_config,
+                    settings,
+                ))
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let taken = next_job.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&j) = order.get(taken) else { break };
+                    let result = run_job(&jobs[j]);
+                    *results[j].lock().expect("no job panics while holding it") = Some(result);
+                }
+            });
+        }
+    });
+    let mut results: Vec<Option<JobResult>> = results
+        .into_iter()
+        .map(|cell| cell.into_inner().expect("no job panicked"))
+        .collect();
+    let mut take = |j: usize| results[j].take().expect("every job ran");
+    let mut runs = Vec::new();
+    let mut contention = None;
+    // The report's order: no prediction, the models, the oracle.
+    let mut report_order = vec![0];
+    report_order.extend(3..jobs.len());
+    report_order.push(1);
+    report_order.push(2);
+    for j in report_order {
+        match take(j) {
+            JobResult::Runs(more) => runs.extend(more),
+            JobResult::Contention(report) => contention = Some(*report),
+        }
+    }
+    let contention = contention.expect("the contention job ran");
 
     let mut policies: Vec<String> = Vec::new();
     for run in &runs {
@@ -865,6 +991,8 @@ pub fn replay(
         })
         .collect();
 
+    let split = split_rows(&runs);
+    let retention = retention(trace, &index, settings.budget_slots, settings.mid_us);
     ReplayReport {
         trace: name.to_owned(),
         rows: trace.events.len(),
@@ -877,8 +1005,242 @@ pub fn replay(
         runs,
         equal_waste_levels,
         equal_waste,
+        split,
+        retention,
         contention,
     }
+}
+
+/// The out-of-sample table (see [`SplitRow`]).
+fn split_rows(runs: &[RunReport]) -> Vec<SplitRow> {
+    let Some(baseline) = runs.iter().find(|run| run.policy == "no prediction") else {
+        return Vec::new();
+    };
+    let level =
+        |half: usize, multiple: f64| multiple * baseline.halves[half].waste_per_budget.max(1e-9);
+    let mut policies: Vec<&str> = Vec::new();
+    for run in runs {
+        if !policies.contains(&run.policy.as_str()) && run.policy != "oracle" {
+            policies.push(&run.policy);
+        }
+    }
+    policies
+        .into_iter()
+        .map(|policy| {
+            let mine: Vec<&RunReport> = runs.iter().filter(|run| run.policy == policy).collect();
+            let best_on = |half: usize, limit: f64| {
+                mine.iter()
+                    .filter(|run| run.halves[half].waste_per_budget <= limit)
+                    // The first of equals: the sweep's order decides ties.
+                    .fold(None, |best: Option<&&RunReport>, run| match best {
+                        Some(b)
+                            if b.halves[half].hit_rate_seen_before
+                                >= run.halves[half].hit_rate_seen_before =>
+                        {
+                            Some(b)
+                        }
+                        _ => Some(run),
+                    })
+                    .copied()
+            };
+            SplitRow {
+                policy: policy.to_owned(),
+                out_of_sample: EQUAL_WASTE_MULTIPLES
+                    .iter()
+                    .map(|&m| {
+                        best_on(0, level(0, m)).map(|run| {
+                            (
+                                run.setting.clone(),
+                                run.halves[1].hit_rate_seen_before,
+                                run.halves[1].waste_per_budget <= level(1, m),
+                            )
+                        })
+                    })
+                    .collect(),
+                in_sample: EQUAL_WASTE_MULTIPLES
+                    .iter()
+                    .map(|&m| best_on(1, level(1, m)).map(|run| run.halves[1].hit_rate_seen_before))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// See [`ReplayReport::retention`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Retention {
+    pub lru: f64,
+    pub belady: f64,
+    pub lru_second_half: f64,
+    pub belady_second_half: f64,
+}
+
+/// LRU and Belady's MIN over the trace with `capacity` slots, filled on
+/// demand (every request leaves its key cached).
+fn retention(trace: &Trace, index: &TraceIndex, capacity: usize, mid_us: u64) -> Retention {
+    use std::collections::BTreeSet;
+    let capacity = capacity.max(1);
+    let mut hits = [[0u64; 2]; 2]; // [lru, belady][half]
+    let mut seen = [0u64; 2];
+    // LRU: (last use sequence, key) ordered; key -> its sequence.
+    let mut lru_order: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut lru_of: HashMap<u64, u64, IdentityBuildHasher> = HashMap::default();
+    // MIN: (next use time, key) ordered; key -> its next use.
+    let mut min_order: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut min_of: HashMap<u64, u64, IdentityBuildHasher> = HashMap::default();
+    for (i, event) in trace.events.iter().enumerate() {
+        let half = usize::from(event.ts_us >= mid_us);
+        let seen_before = index.previous_us[i] != NONE_US;
+        seen[half] += u64::from(seen_before);
+        let key = event.key_hash;
+        let sequence = i as u64;
+        if let Some(old) = lru_of.insert(key, sequence) {
+            lru_order.remove(&(old, key));
+            hits[0][half] += u64::from(seen_before);
+        } else if lru_order.len() >= capacity
+            && let Some(victim) = lru_order.pop_first()
+        {
+            lru_of.remove(&victim.1);
+        }
+        lru_order.insert((sequence, key));
+        // Ties on the next use (NONE_US: never again) are broken by key.
+        let next = index.next_us[i];
+        if let Some(old) = min_of.insert(key, next) {
+            min_order.remove(&(old, key));
+            hits[1][half] += u64::from(seen_before);
+        } else if min_order.len() >= capacity
+            && let Some(victim) = min_order.pop_last()
+        {
+            min_of.remove(&victim.1);
+        }
+        min_order.insert((next, key));
+    }
+    let share = |hits: u64, whole: u64| hits as f64 / whole.max(1) as f64;
+    Retention {
+        lru: share(hits[0][0] + hits[0][1], seen[0] + seen[1]),
+        belady: share(hits[1][0] + hits[1][1], seen[0] + seen[1]),
+        lru_second_half: share(hits[0][1], seen[1]),
+        belady_second_half: share(hits[1][1], seen[1]),
+    }
+}
+
+/// One independent pass of [`replay`].
+enum Job {
+    NoPrediction,
+    Oracle,
+    Contention,
+    Variant(usize),
+}
+
+enum JobResult {
+    Runs(Vec<RunReport>),
+    Contention(Box<contention::ContentionReport>),
+}
+
+/// No prediction: slow path + keep-alive, one sim per keep-alive time.
+fn no_prediction_runs(
+    trace: &Trace,
+    index: &TraceIndex,
+    config: &PredictorConfig,
+    settings: &ReplaySettings,
+) -> Vec<RunReport> {
+    let mut sims: Vec<Sim> = settings
+        .keep_alive_ms
+        .iter()
+        .map(|&ms| {
+            let mut sim = Sim::new(
+                Box::new(KeepAlive::new(ms * 1000)),
+                "no prediction",
+                format!("keep-alive {ms} ms"),
+                settings,
+            );
+            sim.keep_alive_ms = Some(ms);
+            sim
+        })
+        .collect();
+    run_pass(
+        trace,
+        index,
+        config,
+        &mut Source::Nothing,
+        &mut sims,
+        None,
+        settings,
+    );
+    sims.iter()
+        .map(|sim| sim.report(None, trace.duration_us()))
+        .collect()
+}
+
+/// One model (or variant) with the adaptive threshold and the sweep.
+fn model_runs(
+    trace: &Trace,
+    index: &TraceIndex,
+    config: &PredictorConfig,
+    name: &str,
+    model_config: &PredictorConfig,
+    settings: &ReplaySettings,
+) -> Vec<RunReport> {
+    let mut sims = predictive_sims(name, settings);
+    let mut source = Source::Forecaster(Box::new(Forecaster::new(model_config.clone())));
+    let mut quality = Quality::new();
+    run_pass(
+        trace,
+        index,
+        config,
+        &mut source,
+        &mut sims,
+        Some(&mut quality),
+        settings,
+    );
+    let result = quality.result();
+    let description = match &source {
+        Source::Forecaster(forecaster) => Some(forecaster.model().describe()),
+        _ => None,
+    };
+    sims.iter()
+        .map(|sim| RunReport {
+            model: description.clone(),
+            ..sim.report(Some(result), trace.duration_us())
+        })
+        .collect()
+}
+
+/// The oracle: knows each key's next request.
+fn oracle_run(
+    trace: &Trace,
+    index: &TraceIndex,
+    config: &PredictorConfig,
+    settings: &ReplaySettings,
+) -> RunReport {
+    let mut oracle = Sim::new(
+        Box::new(Predictive::new(PredictiveConfig {
+            threshold_initial: 0.4,
+            adaptive: false,
+            // Free a slot as soon as its key is not needed within the horizon.
+            unused_timeout_us: 0,
+            idle_timeout_us: 0,
+            prepares_per_tick_max: usize::MAX / 8,
+            eviction_margin: 0.0,
+            ..PredictiveConfig::default()
+        })),
+        "oracle",
+        "hindsight".to_owned(),
+        settings,
+    );
+    let mut source = Source::Oracle {
+        next_us: index.first_us.clone(),
+    };
+    run_pass(
+        trace,
+        index,
+        config,
+        &mut source,
+        std::slice::from_mut(&mut oracle),
+        None,
+        settings,
+    );
+    oracle.report(None, trace.duration_us())
 }
 
 fn predictive_sims(model_name: &str, settings: &ReplaySettings) -> Vec<Sim> {
@@ -1248,6 +1610,8 @@ mod tests {
             keep_alive_ms: vec![500, 5000],
             prepare_latency_us: 50,
             eval_every_ticks: 5,
+            mid_us: 6_000_000,
+            threads: 2,
         }
     }
 
@@ -1362,6 +1726,7 @@ mod tests {
             "no prediction",
             "frequency 0.5s",
             "frequency 5s",
+            "online",
         ] {
             assert!(
                 best(model) <= frequency + 0.02,
@@ -1369,6 +1734,63 @@ mod tests {
                 best(model)
             );
         }
+    }
+
+    #[test]
+    fn replay_in_parallel_gives_the_results_of_one_thread() {
+        let trace = synthetic_trace("zipf", 6_000, 300, 5);
+        let run = |threads| {
+            let report = replay(
+                "zipf",
+                &trace,
+                &PredictorConfig::default(),
+                &[ModelKind::Frequency, ModelKind::Logistic],
+                &ReplaySettings {
+                    threads,
+                    ..settings(64)
+                },
+            );
+            serde_json::to_string(&report).unwrap()
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn belady_retains_at_least_what_lru_does_and_the_halves_split_the_counts() {
+        let trace = synthetic_trace("zipf", 20_000, 2_000, 9);
+        let index = TraceIndex::new(&trace);
+        let mid = split_time(&trace);
+        let retention = retention(&trace, &index, 100, mid);
+        assert!(retention.belady >= retention.lru, "{retention:?}");
+        assert!(retention.belady > retention.lru + 0.05, "{retention:?}");
+        let report = replay(
+            "zipf",
+            &trace,
+            &PredictorConfig::default(),
+            &[ModelKind::Frequency],
+            &ReplaySettings {
+                mid_us: mid,
+                ..settings(100)
+            },
+        );
+        for run in &report.runs {
+            assert_eq!(
+                run.halves[0].requests + run.halves[1].requests,
+                run.requests
+            );
+            assert_eq!(
+                run.halves[0].prepares + run.halves[1].prepares,
+                run.prepares
+            );
+            assert_eq!(run.halves[0].wasted + run.halves[1].wasted, run.wasted);
+            let mean = (run.halves[0].waste_per_budget + run.halves[1].waste_per_budget) / 2.0;
+            assert!(
+                (mean - run.waste_per_budget).abs() < 1e-3,
+                "{} {mean}",
+                run.waste_per_budget
+            );
+        }
+        assert!(report.split.iter().any(|row| row.policy == "frequency 60s"));
     }
 
     #[test]

@@ -63,9 +63,25 @@ pub struct Forecaster {
     pub self_score_samples: u64,
     pub brier: f32,
     pub brier_baseline: f32,
+    /// The online choice: the member followed, and how it stands (None for
+    /// a single model or a forecaster that does not publish it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choice: Option<ChoiceStatus>,
     /// Why the score file could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The forecaster's online choice (`predictor/src/online.rs`); losses are
+/// means per sample, a missed request costing 1.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChoiceStatus {
+    pub leader: String,
+    /// The next best member's loss minus the leader's.
+    pub lead: f32,
+    /// The choice's own loss minus the best member's, and its bound.
+    pub trail: f32,
+    pub bound: f32,
 }
 
 #[derive(Serialize, Debug)]
@@ -153,6 +169,12 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
                 self_score_samples: score.samples,
                 brier: score.brier,
                 brier_baseline: score.brier_baseline,
+                choice: scores.view.choice().map(|choice| ChoiceStatus {
+                    leader: choice.leader,
+                    lead: choice.lead,
+                    trail: choice.trail,
+                    bound: choice.bound,
+                }),
                 error: None,
             }
         }
@@ -165,6 +187,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
             self_score_samples: 0,
             brier: 0.0,
             brier_baseline: 0.0,
+            choice: None,
             error: Some(e.to_string()),
         },
     };
@@ -263,6 +286,22 @@ pub fn render(s: &Status) -> String {
             out,
             "  self-score Brier {:.4} (frequency baseline {:.4}; lower is better) over {} labelled samples",
             f.brier, f.brier_baseline, f.self_score_samples
+        );
+    }
+    if let (true, Some(choice)) = (f.alive, &f.choice)
+        && choice.bound.is_nan()
+    {
+        let _ = writeln!(
+            out,
+            "  online choice follows {} (no losses yet: the first come 5 s after the first samples)",
+            choice.leader
+        );
+    } else if let (true, Some(choice)) = (f.alive, &f.choice) {
+        let _ = writeln!(
+            out,
+            "  online choice follows {}, ahead of the next best member by {:.4} loss per sample; \
+             trails the best member by {:.4} (bound {:.4})",
+            choice.leader, choice.lead, choice.trail, choice.bound
         );
     }
     let c = &s.counters;
