@@ -15,17 +15,10 @@
 //! same promises exhaustively to a small depth; this target goes deep.
 #![no_main]
 
-use forelockd::locks::model::{Explorer, new_events};
+use forelockd::locks::model::Explorer;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let ex = Explorer {
-        keys: 2,
-        lanes: 2,
-        events: new_events(8),
-        max_restarts: u32::MAX,
-        scribbles: true,
-        hostile: true,
-    };
+    let ex = Explorer::new(2, 2, u32::MAX, true, true);
     let mut s = ex.initial(3);
     for pick in data.chunks(2).take(64) {
         let steps = ex.steps(&s);

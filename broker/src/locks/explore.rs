@@ -2,7 +2,7 @@
 //! model's steps ([`super::model`], whose docs list the steps, the promises
 //! checked after each, and the bounds), deduplicating states.
 
-use super::model::{Explorer, Have, Step, new_events};
+use super::model::{Explorer, Have, Step};
 use std::collections::HashSet;
 
 /// Breadth-first to `depth`, deduplicating states. Returns the states seen.
@@ -39,14 +39,7 @@ fn depth(default: usize) -> usize {
 
 #[test]
 fn two_clients_two_keys_with_restarts_and_scribbles() {
-    let ex = Explorer {
-        keys: 2,
-        lanes: 2,
-        events: new_events(8),
-        max_restarts: 2,
-        scribbles: true,
-        hostile: false,
-    };
+    let ex = Explorer::new(2, 2, 2, true, false);
     let states = explore(&ex, 2, depth(4));
     eprintln!("explored {states} states");
     assert!(states > 1000, "the explorer went nowhere: {states} states");
@@ -54,14 +47,7 @@ fn two_clients_two_keys_with_restarts_and_scribbles() {
 
 #[test]
 fn three_clients_one_key_with_restarts() {
-    let ex = Explorer {
-        keys: 1,
-        lanes: 1,
-        events: new_events(8),
-        max_restarts: 1,
-        scribbles: false,
-        hostile: false,
-    };
+    let ex = Explorer::new(1, 1, 1, false, false);
     let states = explore(&ex, 3, depth(6));
     eprintln!("explored {states} states");
     assert!(states > 1000, "the explorer went nowhere: {states} states");
@@ -71,14 +57,7 @@ fn three_clients_one_key_with_restarts() {
 /// hold it took over at restart (defect 1 of "Never two holders") is caught.
 #[test]
 fn the_explorer_catches_a_forgotten_take_over() {
-    let ex = Explorer {
-        keys: 1,
-        lanes: 1,
-        events: new_events(8),
-        max_restarts: 1,
-        scribbles: false,
-        hostile: false,
-    };
+    let ex = Explorer::new(1, 1, 1, false, false);
     let mut s = ex.initial(2);
     for step in [
         Step::Slow((0, 0), 0, false, true),
@@ -103,14 +82,7 @@ fn the_explorer_catches_a_forgotten_take_over() {
 
 #[test]
 fn two_clients_and_a_hostile_one_sending_raw_requests() {
-    let ex = Explorer {
-        keys: 2,
-        lanes: 1,
-        events: new_events(8),
-        max_restarts: 1,
-        scribbles: false,
-        hostile: true,
-    };
+    let ex = Explorer::new(2, 1, 1, false, true);
     let states = explore(&ex, 3, depth(3));
     eprintln!("explored {states} states");
     assert!(states > 1000, "the explorer went nowhere: {states} states");

@@ -195,6 +195,27 @@ impl State {
 }
 
 impl Explorer {
+    /// A model of `keys` keys whose clients have `lanes` threads each, with
+    /// at most `max_restarts` broker restarts per run, one scribble per run
+    /// if `scribbles`, and a raw-request client if `hostile`.
+    pub fn new(
+        keys: usize,
+        lanes: usize,
+        max_restarts: u32,
+        scribbles: bool,
+        hostile: bool,
+    ) -> Explorer {
+        assert!(keys <= KEYS.len(), "the model names {} keys", KEYS.len());
+        Explorer {
+            keys,
+            lanes,
+            events: new_events(8),
+            max_restarts,
+            scribbles,
+            hostile,
+        }
+    }
+
     pub fn initial(&self, clients: usize) -> State {
         let (table_buf, table) = new_table(4, 4);
         let mut w = CountingWaker::default();
