@@ -575,3 +575,50 @@ fn hist_has_wait_hold_and_handoff_after_contention() {
         })
     });
 }
+
+/// `forelock bench --languages`: the Rust and C rows carry figures (C needs
+/// gcc and the C library built beside the CLI; required when
+/// FORELOCK_REQUIRE_ALL_LANGUAGES is set, as in CI), and every row is either
+/// a figure or says what is missing.
+#[test]
+fn bench_languages_measures_rust_and_c_beside_python() {
+    let out = Command::new(cli_exe())
+        .args(["bench", "--languages", "--quick"])
+        .output()
+        .expect("run forelock bench --languages");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figure = |name: &str| {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| {
+            l[name.len()..]
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert!(
+        figure("forelock (Rust)").is_some_and(|ns| ns > 0.0),
+        "{text}"
+    );
+    if std::env::var_os("FORELOCK_REQUIRE_ALL_LANGUAGES").is_some() {
+        assert!(figure("forelock (C ABI)").is_some(), "{text}");
+    }
+    for line in text
+        .lines()
+        .skip(2)
+        .filter(|l| l.starts_with("forelock (") || l.contains("(Python)"))
+    {
+        let value = line
+            .split_whitespace()
+            .find(|w| w.parse::<f64>().is_ok() || *w == "n/a");
+        assert!(
+            value.is_some(),
+            "a row with neither a figure nor a reason: {line}"
+        );
+    }
+}

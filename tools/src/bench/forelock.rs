@@ -43,7 +43,7 @@ struct ForelockSystem {
 
 /// The broker binary: beside this executable (a cargo build puts both in
 /// target/<profile>/), else on PATH.
-fn broker_binary() -> Option<PathBuf> {
+pub(crate) fn broker_binary() -> Option<PathBuf> {
     let beside = std::env::current_exe().ok()?.with_file_name("forelockd");
     if beside.is_file() {
         return Some(beside);

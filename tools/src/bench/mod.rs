@@ -31,6 +31,7 @@
 mod chart;
 mod driver;
 pub mod forelock;
+mod languages;
 mod peers;
 mod report;
 pub(crate) mod support;
@@ -93,6 +94,12 @@ pub struct BenchArgs {
     /// Time each worker spends in one measured run [default: 1000, 150 with --quick].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub duration_ms: Option<u64>,
+
+    /// Instead of the systems: a prepared key's acquire+release from Rust,
+    /// C (the C ABI) and Python (the package), beside Python's fcntl.flock
+    /// and the filelock package, against one broker.
+    #[arg(long)]
+    pub languages: bool,
 }
 
 /// Runs `forelock bench` with `extra` systems (forelock) beside the peers.
@@ -102,6 +109,9 @@ pub fn run_with(args: BenchArgs, extra: Vec<SystemEntry>) -> anyhow::Result<()> 
     entries.extend(peers::entries());
     if let Some(spec) = std::env::var_os(WORKER_ENV) {
         return workload::worker_main(std::path::Path::new(&spec), &entries);
+    }
+    if args.languages {
+        return languages::run(if args.quick { 20_000 } else { 1_000_000 });
     }
     let launcher = driver::Launcher::this_command()?;
     let outcome = driver::drive(&args, &entries, &launcher)?;
