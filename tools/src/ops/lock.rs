@@ -35,7 +35,7 @@
 //! holder process is not available. `unlock`: 0 released, 1 no such hold.
 
 use super::RuntimeDirArg;
-use super::run::{EX_UNAVAILABLE, EX_USAGE};
+use super::run::{EX_UNAVAILABLE, EX_USAGE, take_flock_style};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -304,19 +304,7 @@ fn hold(args: &LockArgs) -> i32 {
             return EX_UNAVAILABLE;
         }
     };
-    let key = args.key.as_str();
-    let timeout = args
-        .timeout
-        .filter(|t| t.is_finite())
-        .map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
-    let guard = match (args.shared, args.nonblock, timeout) {
-        (false, true, _) | (false, false, Some(Duration::ZERO)) => client.try_lock(key),
-        (true, true, _) | (true, false, Some(Duration::ZERO)) => client.try_lock_shared(key),
-        (false, false, Some(t)) => client.lock_timeout(key, t),
-        (true, false, Some(t)) => client.lock_shared_timeout(key, t),
-        (false, false, None) => client.lock(key),
-        (true, false, None) => client.lock_shared(key),
-    };
+    let guard = take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout);
     let guard = match guard {
         Ok(guard) => guard,
         Err(e @ (forelock::Error::WouldBlock { .. } | forelock::Error::Timeout { .. })) => {

@@ -65,19 +65,7 @@ pub fn run(args: &RunArgs) -> i32 {
             return EX_UNAVAILABLE;
         }
     };
-    let key = args.key.as_str();
-    let timeout = args
-        .timeout
-        .filter(|t| t.is_finite())
-        .map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
-    let guard = match (args.shared, args.nonblock, timeout) {
-        (false, true, _) | (false, false, Some(Duration::ZERO)) => client.try_lock(key),
-        (true, true, _) | (true, false, Some(Duration::ZERO)) => client.try_lock_shared(key),
-        (false, false, Some(t)) => client.lock_timeout(key, t),
-        (true, false, Some(t)) => client.lock_shared_timeout(key, t),
-        (false, false, None) => client.lock(key),
-        (true, false, None) => client.lock_shared(key),
-    };
+    let guard = take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout);
     let guard = match guard {
         Ok(guard) => guard,
         Err(forelock::Error::WouldBlock { .. } | forelock::Error::Timeout { .. }) => {
@@ -90,7 +78,7 @@ pub fn run(args: &RunArgs) -> i32 {
     };
     let code = run_command(args, guard.token(), guard.previous_owner_died());
     if let Err(e) = guard.release() {
-        eprintln!("forelock run: releasing {key:?}: {e}");
+        eprintln!("forelock run: releasing {:?}: {e}", args.key);
     }
     code
 }
@@ -192,5 +180,28 @@ fn run_command(args: &RunArgs, token: u64, owner_died: bool) -> i32 {
             // so it cannot have been reused.
             unsafe { libc::kill(pid, signal) };
         }
+    }
+}
+
+/// Take `key` the way flock(1)'s flags ask: `-s` shared, `-n` (or a zero
+/// `-w`) a try-lock, `-w SECS` a bounded wait, else wait as long as it takes.
+/// Shared by `forelock run` and `forelock lock`.
+pub(crate) fn take_flock_style<'c>(
+    client: &'c forelock::Client,
+    key: &str,
+    shared: bool,
+    nonblock: bool,
+    timeout_secs: Option<f64>,
+) -> Result<forelock::LockGuard<'c>, forelock::Error> {
+    let timeout = timeout_secs
+        .filter(|t| t.is_finite())
+        .map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+    match (shared, nonblock, timeout) {
+        (false, true, _) | (false, false, Some(Duration::ZERO)) => client.try_lock(key),
+        (true, true, _) | (true, false, Some(Duration::ZERO)) => client.try_lock_shared(key),
+        (false, false, Some(t)) => client.lock_timeout(key, t),
+        (true, false, Some(t)) => client.lock_shared_timeout(key, t),
+        (false, false, None) => client.lock(key),
+        (true, false, None) => client.lock_shared(key),
     }
 }
