@@ -1,0 +1,142 @@
+//! The `[cluster]` section of the broker's configuration.
+
+use serde::{Deserialize, Serialize};
+
+/// The `[cluster]` section. Its presence turns clustering on; every field but
+/// `node` and `etcd` has a default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This host's name, unique in the cluster.
+    pub node: String,
+    /// etcd client endpoints, e.g. `http://10.78.0.11:2379`.
+    pub etcd: Vec<String>,
+    /// Prefix of every etcd key forelock writes.
+    pub etcd_prefix: String,
+    /// Keys that start with this prefix are global.
+    pub key_prefix: String,
+    /// UDP address the gossip (foca) binds; empty = no gossip.
+    pub gossip_addr: String,
+    /// Gossip peers to join at start.
+    pub seeds: Vec<String>,
+    /// TTL asked for the broker's etcd lease.
+    pub lease_ttl_ms: u64,
+    /// Wait after a predecessor's lease expired before granting.
+    pub lock_delay_ms: u64,
+    /// A used node grant is kept at least this long after a callback.
+    pub min_hold_ms: u64,
+    /// Bound on the rate difference between this host's monotonic clock and
+    /// etcd's (0.05 = 5%).
+    pub max_clock_drift: f64,
+    /// Time the broker stops granting before its lease could have expired,
+    /// beyond the drift allowance.
+    pub fence_margin_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            node: String::new(),
+            etcd: Vec::new(),
+            etcd_prefix: "/forelock".into(),
+            key_prefix: "global/".into(),
+            gossip_addr: String::new(),
+            seeds: Vec::new(),
+            lease_ttl_ms: 10_000,
+            lock_delay_ms: 2_000,
+            min_hold_ms: 50,
+            max_clock_drift: 0.05,
+            fence_margin_ms: 1_000,
+        }
+    }
+}
+
+/// A `[cluster]` section that cannot work, with the fix in its message.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("cluster.node is empty: give this host a name unique in the cluster")]
+    NoNode,
+    #[error("cluster.etcd is empty: list at least one etcd client URL, e.g. \"http://127.0.0.1:2379\"")]
+    NoEtcd,
+    #[error("cluster.key_prefix is empty: every key would be global; use e.g. \"global/\"")]
+    NoKeyPrefix,
+    #[error(
+        "cluster.lease_ttl_ms = {ttl} leaves no time to grant: it must exceed fence_margin_ms ({margin}) plus the drift allowance; raise lease_ttl_ms or lower fence_margin_ms"
+    )]
+    LeaseTooShort { ttl: u64, margin: u64 },
+    #[error("cluster.max_clock_drift = {0} must be in [0, 0.5)")]
+    Drift(f64),
+}
+
+impl ClusterConfig {
+    /// Checks that the section can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty() {
+            return Err(ConfigError::NoNode);
+        }
+        if self.etcd.is_empty() {
+            return Err(ConfigError::NoEtcd);
+        }
+        if self.key_prefix.is_empty() {
+            return Err(ConfigError::NoKeyPrefix);
+        }
+        if !(0.0..0.5).contains(&self.max_clock_drift) {
+            return Err(ConfigError::Drift(self.max_clock_drift));
+        }
+        if self.valid_for_ms(self.lease_ttl_ms) == 0 {
+            return Err(ConfigError::LeaseTooShort {
+                ttl: self.lease_ttl_ms,
+                margin: self.fence_margin_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long after sending a renewal that etcd answered with `ttl_ms` the
+    /// broker may keep granting: `ttl * (1 - drift) - margin`, 0 if none.
+    pub fn valid_for_ms(&self, ttl_ms: u64) -> u64 {
+        let scaled = (ttl_ms as f64 * (1.0 - self.max_clock_drift)) as u64;
+        scaled.saturating_sub(self.fence_margin_ms)
+    }
+
+    /// Whether `key` is global.
+    pub fn is_global(&self, key: &[u8]) -> bool {
+        key.starts_with(self.key_prefix.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> ClusterConfig {
+        ClusterConfig {
+            node: "h1".into(),
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            ..ClusterConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_defaults_with_a_node_and_an_endpoint_are_valid() {
+        assert_eq!(valid().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_margin_is_refused_with_the_fix() {
+        let c = ClusterConfig {
+            lease_ttl_ms: 1000,
+            ..valid()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("raise lease_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn grants_stop_before_the_lease_can_expire() {
+        let c = valid();
+        // 10 s TTL, 5% drift, 1 s margin: 8.5 s.
+        assert_eq!(c.valid_for_ms(10_000), 8_500);
+        assert_eq!(c.valid_for_ms(500), 0);
+    }
+}

@@ -1,0 +1,11 @@
+//! The cluster agent: how a broker holds global keys across hosts.
+//!
+//! etcd is the authority (see `docs/cluster.md`): one key per waiting host
+//! under the lock's prefix, attached to the host's lease; the lowest create
+//! revision holds; each host watches its predecessor. This crate talks to
+//! etcd and to the other brokers (gossip) on a thread of its own; the broker's
+//! grant engine sees only [`Command`]s going out and [`Event`]s coming back.
+
+pub mod config;
+
+pub use config::ClusterConfig;
