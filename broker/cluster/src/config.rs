@@ -56,7 +56,9 @@ impl Default for ClusterConfig {
 pub enum ConfigError {
     #[error("cluster.node is empty: give this host a name unique in the cluster")]
     NoNode,
-    #[error("cluster.etcd is empty: list at least one etcd client URL, e.g. \"http://127.0.0.1:2379\"")]
+    #[error(
+        "cluster.etcd is empty: list at least one etcd client URL, e.g. \"http://127.0.0.1:2379\""
+    )]
     NoEtcd,
     #[error("cluster.key_prefix is empty: every key would be global; use e.g. \"global/\"")]
     NoKeyPrefix,

@@ -9,3 +9,7 @@
 pub mod config;
 
 pub use config::ClusterConfig;
+pub mod agent;
+pub mod etcd_lock;
+
+pub use agent::{Agent, Command, Event, Lease};

@@ -1,0 +1,503 @@
+//! The cluster agent: a thread with a tokio runtime that holds the broker's
+//! etcd lease and its node grants. The broker talks to it with [`Command`]s
+//! and reads [`Event`]s back; an eventfd tells the broker's io_uring loop
+//! that events are waiting.
+//!
+//! The agent never decides a grant on its own clock alone: the broker checks
+//! [`Lease::valid`] itself before every local grant of a global key, so a
+//! starved agent thread cannot make the broker grant past its lease (the
+//! self-fence of docs/cluster.md).
+
+use crate::config::ClusterConfig;
+use crate::etcd_lock::{self, EtcdError, Names};
+use etcd_client::{Client, ConnectOptions};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Low bits of a global key's fencing token: the per-host counter. It is
+/// the lock word's counter width, so a node grant can never hand out more
+/// local tokens than fit below the next revision's.
+pub const COUNTER_BITS: u32 = 24;
+
+/// The token base of a node grant confirmed at etcd revision `rev`.
+pub fn token_base(rev: i64) -> u64 {
+    (rev as u64) << COUNTER_BITS
+}
+
+/// What the broker asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Local processes wait for `key` (or the forecaster predicts them:
+    /// `prefetch`): get its node grant.
+    Want {
+        key: Vec<u8>,
+        shared: bool,
+        prefetch: bool,
+    },
+    /// No local holder is left and the broker will not grant `key` again
+    /// under this node grant: release it at etcd.
+    Release { key: Vec<u8> },
+}
+
+/// What the agent tells the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// This host holds `key`'s node grant under lease epoch `epoch`; local
+    /// tokens are `base + n`, `1 <= n < 2^24`.
+    Granted {
+        key: Vec<u8>,
+        shared: bool,
+        base: u64,
+        epoch: u64,
+        prefetch: bool,
+    },
+    /// Another host waits for `key`: drain and release it.
+    Callback { key: Vec<u8> },
+    /// `key`'s node grant was released at etcd (after a `Release`).
+    Released { key: Vec<u8> },
+    /// The lease of epoch `epoch` could not be confirmed in time: every node
+    /// grant under it is lost.
+    Fenced { epoch: u64, reason: String },
+}
+
+/// The lease as the broker sees it: which epoch, and until when (broker's
+/// CLOCK_MONOTONIC, ns) grants under it are safe.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseState {
+    /// Counts leases taken by this agent, from 1; 0 = none yet.
+    pub epoch: u64,
+    pub id: i64,
+    pub valid_until_ns: u64,
+}
+
+/// Shared view of the lease: written by the agent, read by the broker.
+#[derive(Debug, Clone, Default)]
+pub struct Lease(Arc<Mutex<LeaseState>>);
+
+impl Lease {
+    pub fn get(&self) -> LeaseState {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Whether grants under `epoch` are safe at `now_ns`.
+    pub fn valid(&self, epoch: u64, now_ns: u64) -> bool {
+        let s = self.get();
+        s.epoch == epoch && epoch != 0 && now_ns < s.valid_until_ns
+    }
+    fn set(&self, f: impl FnOnce(&mut LeaseState)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// What `forelock status` shows of the agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub last_error: String,
+    pub fences: u64,
+    /// Node grants by key: "held" or "queued".
+    pub keys: HashMap<Vec<u8>, &'static str>,
+}
+
+/// The broker's handle on the agent thread.
+pub struct Agent {
+    commands: mpsc::UnboundedSender<Command>,
+    events: std::sync::mpsc::Receiver<Event>,
+    wake: Arc<OwnedFd>,
+    pub lease: Lease,
+    pub status: Arc<Mutex<AgentStatus>>,
+    pub config: ClusterConfig,
+}
+
+impl Agent {
+    /// Starts the agent thread. Fails only if the thread or its eventfd
+    /// cannot be made; an unreachable etcd is retried (and shown in status).
+    pub fn start(config: ClusterConfig) -> std::io::Result<Agent> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor this function owns alone.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let (ctx, crx) = mpsc::unbounded_channel();
+        let (etx, erx) = std::sync::mpsc::channel();
+        let lease = Lease::default();
+        let status = Arc::new(Mutex::new(AgentStatus::default()));
+        let inner = Inner {
+            config: config.clone(),
+            events: etx,
+            wake: wake.clone(),
+            lease: lease.clone(),
+            status: status.clone(),
+        };
+        std::thread::Builder::new()
+            .name("forelock-cluster".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread tokio runtime");
+                rt.block_on(inner.run(crx));
+            })?;
+        Ok(Agent {
+            commands: ctx,
+            events: erx,
+            wake,
+            lease,
+            status,
+            config,
+        })
+    }
+
+    /// The eventfd the broker polls: readable when events wait.
+    pub fn wake_fd(&self) -> i32 {
+        self.wake.as_raw_fd()
+    }
+
+    pub fn send(&self, c: Command) {
+        // The agent thread lives as long as the process: a send cannot fail
+        // unless it panicked, which the log already shows.
+        let _ = self.commands.send(c);
+    }
+
+    /// Events waiting, oldest first. Clears the eventfd.
+    pub fn drain(&self) -> Vec<Event> {
+        let mut buf = [0u8; 8];
+        // SAFETY: `buf` is 8 writable bytes, as eventfd reads need; the fd is
+        // ours and non-blocking, so an empty counter returns EAGAIN at once.
+        unsafe { libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        self.events.try_iter().collect()
+    }
+}
+
+struct Inner {
+    config: ClusterConfig,
+    events: std::sync::mpsc::Sender<Event>,
+    wake: Arc<OwnedFd>,
+    lease: Lease,
+    status: Arc<Mutex<AgentStatus>>,
+}
+
+/// What a key's task reports to the session.
+enum KeyReport {
+    Granted(Vec<u8>),
+    Released(Vec<u8>),
+}
+
+struct KeyTask {
+    release: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Inner {
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `one` is 8 readable bytes, as eventfd writes need.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    fn note(&self, f: impl FnOnce(&mut AgentStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    async fn connect(&self) -> Client {
+        loop {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true);
+            match Client::connect(self.config.etcd.clone(), Some(opts)).await {
+                Ok(c) => {
+                    self.note(|s| s.connected = true);
+                    return c;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoints = ?self.config.etcd, "cannot reach etcd; retrying");
+                    self.note(|s| {
+                        s.connected = false;
+                        s.last_error = e.to_string();
+                    });
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let client = self.connect().await;
+        let mut epoch = 0u64;
+        loop {
+            epoch += 1;
+            let (id, ttl_ms) = self.grant_lease(&client, epoch).await;
+            if let Some(reason) = self
+                .session(&client, epoch, id, ttl_ms, &mut commands)
+                .await
+            {
+                self.note(|s| {
+                    s.fences += 1;
+                    s.last_error = reason.clone();
+                    s.keys.clear();
+                });
+                self.lease.set(|l| l.valid_until_ns = 0);
+                tracing::error!(epoch, %reason, "fenced: every node grant of this lease is lost");
+                self.emit(Event::Fenced { epoch, reason });
+                // Free the other hosts early if etcd is reachable; the lease
+                // expires on its own otherwise.
+                let mut c = client.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
+                });
+            } else {
+                return;
+            }
+        }
+    }
+
+    async fn grant_lease(&self, client: &Client, epoch: u64) -> (i64, u64) {
+        let ttl_s = self.config.lease_ttl_ms.div_ceil(1000) as i64;
+        loop {
+            let sent = monotonic_ns();
+            let mut c = client.clone();
+            match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_grant(ttl_s, None)).await
+            {
+                Ok(Ok(g)) => {
+                    let ttl_ms = g.ttl() as u64 * 1000;
+                    let until = sent + self.config.valid_for_ms(ttl_ms) * 1_000_000;
+                    self.lease.set(|l| {
+                        *l = LeaseState {
+                            epoch,
+                            id: g.id(),
+                            valid_until_ns: until,
+                        }
+                    });
+                    self.note(|s| s.connected = true);
+                    tracing::info!(lease = g.id(), ttl_ms, epoch, "lease granted");
+                    return (g.id(), ttl_ms);
+                }
+                Ok(Err(e)) => self.note(|s| {
+                    s.connected = false;
+                    s.last_error = e.to_string();
+                }),
+                Err(_) => self.note(|s| {
+                    s.connected = false;
+                    s.last_error = "etcd did not answer a lease grant".into();
+                }),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Serves commands under one lease until it is lost (returns why) or the
+    /// broker goes away (returns `None`).
+    async fn session(
+        &self,
+        client: &Client,
+        epoch: u64,
+        lease: i64,
+        ttl_ms: u64,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Option<String> {
+        let (rtx, mut rrx) = mpsc::unbounded_channel::<KeyReport>();
+        let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
+        let renew_every = Duration::from_millis((ttl_ms / 3).max(100));
+        let mut renew = tokio::time::interval(renew_every);
+        let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
+        let reason = loop {
+            let deadline = self.lease.get().valid_until_ns;
+            let left = Duration::from_nanos(deadline.saturating_sub(monotonic_ns()));
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {
+                    break format!("lease {lease:x} not confirmed within its safe time ({} ms TTL)", ttl_ms);
+                }
+                _ = renew.tick() => {
+                    match self.renew(client, lease, &mut keeper).await {
+                        Ok(()) => {}
+                        Err(Some(gone)) => break gone,
+                        Err(None) => {} // retried at the next tick
+                    }
+                }
+                c = commands.recv() => match c {
+                    None => {
+                        for (_, t) in tasks.drain() { t.handle.abort(); }
+                        return None;
+                    }
+                    Some(Command::Want { key, shared, prefetch }) => {
+                        if tasks.contains_key(&key) { continue; }
+                        let (tx, rx) = oneshot::channel();
+                        let handle = tokio::spawn(hold(
+                            client.clone(), self.config.clone(), key.clone(), shared, prefetch,
+                            lease, epoch, rx, rtx.clone(), self.events.clone(), self.wake.clone(),
+                        ));
+                        self.note(|s| { s.keys.insert(key.clone(), "queued"); });
+                        tasks.insert(key, KeyTask { release: Some(tx), handle });
+                    }
+                    Some(Command::Release { key }) => {
+                        if let Some(t) = tasks.get_mut(&key)
+                            && let Some(tx) = t.release.take()
+                        {
+                            let _ = tx.send(());
+                        }
+                    }
+                },
+                Some(r) = rrx.recv() => match r {
+                    KeyReport::Granted(key) => self.note(|s| { s.keys.insert(key, "held"); }),
+                    KeyReport::Released(key) => {
+                        tasks.remove(&key);
+                        self.note(|s| { s.keys.remove(&key); });
+                        self.emit(Event::Released { key });
+                    }
+                },
+            }
+        };
+        for (_, t) in tasks.drain() {
+            t.handle.abort();
+        }
+        Some(reason)
+    }
+
+    /// One keep-alive round trip. `Err(Some(why))`: the lease is gone at
+    /// etcd; `Err(None)`: no answer this time.
+    async fn renew(
+        &self,
+        client: &Client,
+        lease: i64,
+        keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ) -> Result<(), Option<String>> {
+        let sent = monotonic_ns();
+        if keeper.is_none() {
+            let mut c = client.clone();
+            match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await
+            {
+                Ok(Ok(k)) => *keeper = Some(k),
+                _ => return Err(None),
+            }
+        }
+        let (k, stream) = keeper.as_mut().expect("set above");
+        let round = async {
+            k.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, round).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                let until = sent + self.config.valid_for_ms(r.ttl() as u64 * 1000) * 1_000_000;
+                self.lease
+                    .set(|l| l.valid_until_ns = l.valid_until_ns.max(until));
+                self.note(|s| s.connected = true);
+                Ok(())
+            }
+            Ok(Ok(Some(_))) => Err(Some(format!("lease {lease:x} expired at etcd"))),
+            other => {
+                if let Ok(Err(e)) = &other {
+                    self.note(|s| s.last_error = e.to_string());
+                }
+                self.note(|s| s.connected = false);
+                *keeper = None;
+                Err(None)
+            }
+        }
+    }
+}
+
+/// One key's node grant, from queueing to release (docs/cluster.md steps
+/// 1-5). Retries every etcd step until it succeeds; the session aborts it
+/// when the lease is lost.
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    c: Client,
+    config: ClusterConfig,
+    key: Vec<u8>,
+    shared: bool,
+    prefetch: bool,
+    lease: i64,
+    epoch: u64,
+    release: oneshot::Receiver<()>,
+    reports: mpsc::UnboundedSender<KeyReport>,
+    events: std::sync::mpsc::Sender<Event>,
+    wake: Arc<OwnedFd>,
+) {
+    let emit = |e: Event| {
+        let _ = events.send(e);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `one` is 8 readable bytes, as eventfd writes need.
+        unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    };
+    let n = Names::new(&config.etcd_prefix, &key, shared, lease);
+    let own_rev = retry(|| etcd_lock::queue(&c, &n, &config.node, lease)).await;
+    // Wait for every blocker to go; remember when the last one went away
+    // without a clean release (its lease expired): lock-delay from then.
+    let mut unclean_at: Option<tokio::time::Instant> = None;
+    loop {
+        let (blocker, rev) = retry(|| etcd_lock::blocker(&c, &n, own_rev, shared)).await;
+        let Some(entry) = blocker else { break };
+        let gone = retry(|| etcd_lock::deleted(&c, &entry, rev + 1)).await;
+        if !retry(|| etcd_lock::released_cleanly(&c, &n, &entry, gone)).await {
+            unclean_at = Some(tokio::time::Instant::now());
+        }
+    }
+    if let Some(at) = unclean_at {
+        tokio::time::sleep_until(at + Duration::from_millis(config.lock_delay_ms)).await;
+    }
+    let Some(rev) = retry(|| etcd_lock::confirm(&c, &n, own_rev, &config.node, lease)).await else {
+        // Our entry is gone: the lease was lost; the session fences.
+        return;
+    };
+    let _ = reports.send(KeyReport::Granted(key.clone()));
+    emit(Event::Granted {
+        key: key.clone(),
+        shared,
+        base: token_base(rev),
+        epoch,
+        prefetch,
+    });
+    let watch_client = c.clone();
+    let watch_names = n.clone();
+    let callback = async move {
+        retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev)).await;
+    };
+    tokio::pin!(callback);
+    tokio::pin!(release);
+    tokio::select! {
+        _ = &mut callback => {
+            emit(Event::Callback { key: key.clone() });
+            let _ = release.await;
+        }
+        _ = &mut release => {}
+    }
+    retry(|| etcd_lock::release(&c, &n, own_rev, lease)).await;
+    let _ = reports.send(KeyReport::Released(key));
+}
+
+/// Runs `f` until it succeeds, backing off from 50 ms to 1 s.
+async fn retry<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EtcdError>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd step failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of every deadline here and in the broker.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,186 @@
+//! The agent against a real etcd (Debian's etcd-server) on loopback: node
+//! grants pass between two agents in create-revision order, a callback
+//! reaches the holder, tokens strictly increase, and a revoked lease fences.
+//!
+//! Skips with a message when `etcd` is not installed, unless
+//! FORELOCK_REQUIRE_CLUSTER=1 (CI), where it fails instead.
+
+use forelock_cluster::{Agent, ClusterConfig, Command, Event};
+use std::net::TcpListener;
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn etcd() -> Option<Etcd> {
+    if Proc::new("etcd").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
+            "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
+        );
+        eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "fl-agent-etcd-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Proc::new("etcd")
+        .args(["--data-dir", dir.to_str().unwrap()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd");
+    Some(Etcd {
+        child,
+        url,
+        _dir: dir,
+    })
+}
+
+fn agent(node: &str, url: &str) -> Agent {
+    Agent::start(ClusterConfig {
+        node: node.into(),
+        etcd: vec![url.into()],
+        etcd_prefix: format!("/fl-test-{}", std::process::id()),
+        lease_ttl_ms: 5_000,
+        lock_delay_ms: 300,
+        ..ClusterConfig::default()
+    })
+    .unwrap()
+}
+
+fn next(a: &Agent, within: Duration) -> Event {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(e) = a.drain().into_iter().next() {
+            return e;
+        }
+        assert!(Instant::now() < end, "no event within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn want(key: &[u8]) -> Command {
+    Command::Want {
+        key: key.to_vec(),
+        shared: false,
+        prefetch: false,
+    }
+}
+
+#[test]
+fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
+    let Some(e) = etcd() else { return };
+    let (a, b) = (agent("a", &e.url), agent("b", &e.url));
+    let key = b"global/k".to_vec();
+    let mut last = 0u64;
+    for round in 0..3 {
+        a.send(want(&key));
+        let Event::Granted { base, .. } = next(&a, Duration::from_secs(15)) else {
+            panic!("a: expected a grant")
+        };
+        assert!(base > last, "round {round}: base {base:#x} after {last:#x}");
+        last = base;
+        b.send(want(&key));
+        assert_eq!(
+            next(&a, Duration::from_secs(10)),
+            Event::Callback { key: key.clone() }
+        );
+        // b must not hold while a does.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(b.drain().is_empty(), "b was granted while a held");
+        a.send(Command::Release { key: key.clone() });
+        assert_eq!(
+            next(&a, Duration::from_secs(10)),
+            Event::Released { key: key.clone() }
+        );
+        let Event::Granted { base, .. } = next(&b, Duration::from_secs(10)) else {
+            panic!("b: expected a grant")
+        };
+        assert!(
+            base > last,
+            "round {round}: b's base {base:#x} after a's {last:#x}"
+        );
+        last = base;
+        b.send(Command::Release { key: key.clone() });
+        assert_eq!(
+            next(&b, Duration::from_secs(10)),
+            Event::Released { key: key.clone() }
+        );
+    }
+}
+
+#[test]
+fn a_lease_revoked_behind_the_agents_back_fences_it() {
+    let Some(e) = etcd() else { return };
+    let a = agent("a", &e.url);
+    let key = b"global/f".to_vec();
+    a.send(want(&key));
+    let Event::Granted { epoch, .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("expected a grant")
+    };
+    let id = a.lease.get().id;
+    assert!(
+        a.lease
+            .valid(epoch, forelock_cluster::agent::monotonic_ns())
+    );
+    let out = Proc::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &e.url, "lease", "revoke", &format!("{id:x}")])
+        .output()
+        .expect("etcdctl (Debian's etcd-client)");
+    assert!(out.status.success(), "{out:?}");
+    match next(&a, Duration::from_secs(10)) {
+        Event::Fenced { epoch: f, .. } => assert_eq!(f, epoch),
+        other => panic!("expected a fence, got {other:?}"),
+    }
+    assert!(
+        !a.lease
+            .valid(epoch, forelock_cluster::agent::monotonic_ns())
+    );
+    // The agent takes a new lease and can hold the key again, with a new epoch.
+    a.send(want(&key));
+    let Event::Granted { epoch: e2, .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("expected a grant under the new lease")
+    };
+    assert!(e2 > epoch);
+}
