@@ -19,6 +19,10 @@ pub struct Config {
     pub allocator: AllocatorConfig,
     pub broker: BrokerConfig,
     pub metrics: MetricsConfig,
+    /// Global keys across hosts (docs/cluster.md). Absent: a single-host
+    /// broker, the embedded default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<forelock_cluster::ClusterConfig>,
 }
 
 /// Who may use the broker: the members of one group (docs/security.md).
@@ -157,6 +161,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(c) = &self.cluster {
+            c.validate().map_err(|e| e.to_string())?;
+        }
         shm_layout::table::Geometry::new(self.table.slots, self.table.clients)
             .map_err(|e| e.to_string())?;
         let cap = self.table.event_ring_capacity;

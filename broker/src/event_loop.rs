@@ -31,6 +31,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use shm_layout::sync::shm::{AtomicU32, Ordering};
 use shm_layout::wire::{self, ErrorCode, Request, Response};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::time::Instant;
 
 const RECV_BUF: usize = wire::MAX_MESSAGE + 1;
@@ -65,6 +66,8 @@ enum Op {
     Signal {
         _buf: Box<[u8; 128]>,
     },
+    /// A poll of the cluster agent's eventfd: events from etcd wait.
+    Cluster,
     FutexWake,
 }
 
@@ -332,6 +335,9 @@ pub struct EventLoop {
     /// Time spent serving completions since the last tick, and when that was.
     busy_ns: u64,
     last_tick_ms: u64,
+    /// The cluster agent (global keys), when the configuration has `[cluster]`.
+    cluster: Option<Rc<forelock_cluster::Agent>>,
+    last_cluster_status_ms: u64,
 }
 
 /// The pause before accept is armed again after it failed with `errno`,
@@ -386,7 +392,7 @@ impl EventLoop {
             answers: Vec::new(),
             pending: Vec::new(),
         };
-        let manager = LockManager::adopt(
+        let mut manager = LockManager::adopt(
             &files.table,
             ledger,
             config.allocator.policy,
@@ -412,6 +418,10 @@ impl EventLoop {
         } else {
             tracing::info!(epoch, "created a new table");
         }
+        let cluster = match &config.cluster {
+            Some(c) => Some(crate::cluster_glue::start(c, &mut manager)?),
+            None => None,
+        };
         let listener = listen(
             &files.dir.join(shm_layout::SOCKET_FILE),
             config.socket_mode(),
@@ -454,6 +464,8 @@ impl EventLoop {
             last_watchdog_ms: 0,
             busy_ns: 0,
             last_tick_ms: now_ms(),
+            cluster,
+            last_cluster_status_ms: 0,
         };
         for (client, pid) in event_loop.manager.active_clients() {
             if !event_loop.watch_client(client, pid) {
@@ -472,6 +484,7 @@ impl EventLoop {
         self.arm_accept();
         self.arm_signal();
         self.arm_tick();
+        self.arm_cluster();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         tracing::info!(
             runtime_dir = %self.files.dir.display(),
@@ -609,6 +622,32 @@ impl EventLoop {
         //   under `ud`, freed only when its completion is reaped;
         // - the signalfd is owned by `self` and lives as long as the ring.
         unsafe { self.push(e) };
+    }
+
+    fn arm_cluster(&mut self) {
+        let Some(fd) = self.cluster.as_ref().map(|a| a.wake_fd()) else {
+            return;
+        };
+        let ud = self.ops.insert(Op::Cluster);
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(ud);
+        // SAFETY: no buffer is read or written (a poll); the eventfd is owned
+        // by the agent in `self.cluster`, which lives as long as the loop.
+        unsafe { self.push(e) };
+    }
+
+    /// Apply what the cluster agent reported (node grants, callbacks,
+    /// fences) to the grant engine.
+    fn cluster_events(&mut self) {
+        let Some(agent) = self.cluster.clone() else {
+            return;
+        };
+        for event in agent.drain() {
+            self.manager
+                .node_event(&self.files.table, event, &mut self.wakes);
+        }
+        self.flush_wakes();
     }
 
     fn arm_tick(&mut self) {
@@ -808,6 +847,10 @@ impl EventLoop {
             Op::Signal { .. } => {
                 tracing::info!("termination signal received");
                 self.stopping = true;
+            }
+            Op::Cluster => {
+                self.cluster_events();
+                self.arm_cluster();
             }
             Op::FutexWake => {
                 if result < 0 {
@@ -1151,6 +1194,13 @@ impl EventLoop {
             .store(shm_layout::monotonic_ns(), Ordering::Relaxed);
         self.allocation.tick(&mut self.manager, &self.files, now);
         self.metrics.on_tick(&self.files, now);
+        if let Some(agent) = self.cluster.clone() {
+            self.manager.check_leases();
+            if now.saturating_sub(self.last_cluster_status_ms) >= 500 {
+                self.last_cluster_status_ms = now;
+                crate::cluster_glue::write_status(&self.files.dir, &agent, &self.manager);
+            }
+        }
         if let Some(every) = self.watchdog_every_ms
             && now.saturating_sub(self.last_watchdog_ms) >= every
         {

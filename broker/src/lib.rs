@@ -10,6 +10,7 @@
 //! | [`locks`] | where a lock is granted, queued, handed off, released for the dead |
 //! | [`allocator`] | the preparation policy, pure: which keys to prepare, reclaim, evict |
 //! | [`allocator_glue`] | runs the preparation policy every tick |
+//! | [`cluster_glue`] | the cluster agent's link and status file (global keys, docs/cluster.md) |
 //! | [`event_loop`] | io_uring: socket, pidfds, timers, signals, futex wakes |
 //! | [`metrics`] | latency histograms |
 //!
@@ -17,6 +18,7 @@
 
 pub mod allocator;
 pub mod allocator_glue;
+pub mod cluster_glue;
 pub mod config;
 pub mod event_loop;
 pub mod files;

@@ -117,6 +117,12 @@ pub enum Error {
     )]
     Protocol { message: String },
 
+    /// A global key's hold ended without a release: this host's broker lost
+    /// its node grant (its etcd lease could not be confirmed in time), so
+    /// another host may hold the key now. Anything done under the lock must
+    /// have been fenced with its token; see docs/cluster.md.
+    #[error("lock lost: {message}")]
+    Lost { message: String },
     /// Any other system error while talking to the broker.
     #[error("I/O error talking to forelockd: {0}")]
     Io(#[from] std::io::Error),
@@ -145,6 +151,7 @@ impl Error {
             ErrorCode::NotYourRecord => Error::BrokerRestarted { detail: message },
             ErrorCode::VersionMismatch => Error::VersionMismatch { detail: message },
             ErrorCode::BadKey | ErrorCode::BadRequest => Error::Protocol { message },
+            ErrorCode::Lost => Error::Lost { message },
         }
     }
 

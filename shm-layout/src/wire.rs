@@ -17,7 +17,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 /// Bump on any change to these types.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 1024;
 /// Most waiters one [`Response::Waiters`] lists (the answer must fit
@@ -126,6 +126,10 @@ pub enum ErrorCode {
     NotHolder,
     /// Attach to a client record of another process, or a dead one.
     NotYourRecord,
+    /// The lock was a global key's, and this host lost its node grant (its
+    /// etcd lease could not be confirmed in time, docs/cluster.md): the hold
+    /// is gone, and another host may hold the key. The release was done.
+    Lost,
 }
 
 /// Encode a message (infallible for these types).

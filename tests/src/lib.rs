@@ -9,6 +9,7 @@
 //! bounded: a test that would hang fails with a message instead.
 
 pub mod chaos;
+pub mod etcd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

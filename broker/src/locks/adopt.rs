@@ -45,6 +45,7 @@ impl LockManager {
             waiting: HashMap::new(),
             predicted: HashSet::new(),
             now_ms,
+            nodes: None,
         };
         m.ledger.set_epoch(epoch);
         for p in 0..g.index_len {

@@ -10,6 +10,12 @@ impl LockManager {
     /// the explorer (the table is copied by the caller).
     #[cfg(any(test, feature = "model"))]
     pub fn fork(&self) -> LockManager {
+        // The explorer drives a single-host broker; the node gate's protocol
+        // is checked by the cluster's own model (broker/cluster).
+        assert!(
+            self.nodes.is_none(),
+            "the explorer does not fork a clustered manager"
+        );
         LockManager {
             policy: self.policy,
             epoch: self.epoch,
@@ -19,6 +25,7 @@ impl LockManager {
             waiting: self.waiting.clone(),
             predicted: self.predicted.clone(),
             now_ms: self.now_ms,
+            nodes: None,
         }
     }
 

@@ -148,7 +148,8 @@ impl LockManager {
             return refusal;
         }
         let st = &self.dir.slots[s as usize];
-        let grantable = st.queue.is_empty() && st.holder.admits(shared);
+        let grantable =
+            st.queue.is_empty() && st.holder.admits(shared) && self.node_admits(key, shared);
         if grantable {
             events.push(
                 events.ring_count() - 1,
@@ -178,6 +179,14 @@ impl LockManager {
             };
         }
         if !queue {
+            // A try-lock on a global key this host does not hold: fetch the
+            // node grant, so that a later try may succeed.
+            if let Some(n) = self.nodes.as_mut()
+                && n.is_global(key)
+                && !n.admits(key, shared)
+            {
+                n.prefetch(key);
+            }
             return Response::WouldBlock;
         }
         events.push(
@@ -205,6 +214,7 @@ impl LockManager {
         });
         self.waiting.insert(conn, s);
         self.mirror(table, s);
+        self.settle(key);
         Response::Queued { slot: s }
     }
 
@@ -328,6 +338,16 @@ impl LockManager {
         self.dir.slots[slot as usize].last_use_ms = now_ms;
         self.mirror(table, slot);
         self.dispatch(table, slot, waker);
+        if let Some(n) = self.nodes.as_mut()
+            && n.take_lost(client, token)
+        {
+            return error(
+                ErrorCode::Lost,
+                format!(
+                    "the hold with token {token} was lost: this host's etcd lease could not be                      confirmed in time, so another host may have held the key since (the release                      is done; see docs/cluster.md)"
+                ),
+            );
+        }
         Response::Released
     }
 
@@ -481,13 +501,28 @@ impl LockManager {
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
         let owner_died = w.owner_died();
+        let global_token = match (&mut self.nodes, &self.dir.slots[s as usize].key) {
+            (Some(n), Some(k)) if n.is_global(k) => Some(n.token(k)),
+            _ => None,
+        };
         let st = &mut self.dir.slots[s as usize];
+        if let Some(token) = global_token {
+            // A global key's token comes from its node grant (`nodes`):
+            // base = the etcd revision << 24, counter = the low bits.
+            let base = token & !lockword::COUNTER_MASK;
+            if st.base != base {
+                st.base = base;
+                self.ledger.set_base(s, base);
+                slot.token_base.store(base, Ordering::Relaxed);
+            }
+        }
         // The token: above every token this slot issued, whatever the
         // client-writable counter says; rebase when the counter would run out.
-        let mut token = st
-            .base
-            .saturating_add(w.counter() as u64 + 1)
-            .max(st.issued.saturating_add(1));
+        let mut token = global_token.unwrap_or_else(|| {
+            st.base
+                .saturating_add(w.counter() as u64 + 1)
+                .max(st.issued.saturating_add(1))
+        });
         let mut counter = token - st.base;
         if counter > lockword::COUNTER_MASK {
             st.base = token - 1;
@@ -544,7 +579,7 @@ impl LockManager {
         loop {
             let st = &self.dir.slots[s as usize];
             let Some(&head) = st.queue.front() else { break };
-            if !st.holder.admits(head.shared) {
+            if !st.holder.admits(head.shared) || !self.slot_admits(s, head.shared) {
                 break;
             }
             self.dir.slots[s as usize].queue.pop_front();
@@ -593,6 +628,25 @@ impl LockManager {
         if st.queue.is_empty() && st.holder == Holder::Free {
             self.return_to_fast_path(table, s);
         }
+        if let Some(k) = self.dir.slots[s as usize].key.clone() {
+            self.settle(&k);
+        }
+    }
+
+    /// The node gate's half of the admit rule: a local key always passes; a
+    /// global key passes only under this host's node grant (`nodes`).
+    fn node_admits(&self, key: &[u8], shared: bool) -> bool {
+        match &self.nodes {
+            Some(n) if n.is_global(key) => n.admits(key, shared),
+            _ => true,
+        }
+    }
+
+    fn slot_admits(&self, s: u32, shared: bool) -> bool {
+        match &self.dir.slots[s as usize].key {
+            Some(k) => self.node_admits(k, shared),
+            None => true,
+        }
     }
 
     /// A managed, unheld slot with no queue becomes prepared again (if the
@@ -604,6 +658,13 @@ impl LockManager {
             || st.holder != Holder::Free
             || !st.queue.is_empty()
             || st.key.is_none()
+        {
+            return;
+        }
+        // A global key is never prepared: each local grant must pass the
+        // node gate, which checks the lease on the broker's clock.
+        if let (Some(n), Some(k)) = (&self.nodes, &st.key)
+            && n.is_global(k)
         {
             return;
         }

@@ -117,6 +117,11 @@ impl LockManager {
         let Some(key) = self.dir.known.get(&hash).cloned() else {
             return false;
         };
+        if self.nodes.as_ref().is_some_and(|n| n.is_global(&key)) {
+            // A predicted global key: fetch its node grant, never prepare it.
+            self.prefetch_global(&key);
+            return false;
+        }
         if let Some(&s) = self.dir.keys.get(&key) {
             let st = &self.dir.slots[s as usize];
             if st.managed && st.holder == Holder::Free && st.queue.is_empty() {

@@ -28,6 +28,8 @@
 //!   closed connection's queued acquire.
 //! - `adopt`: restart adoption: the manager rebuilt from the ledger over the
 //!   table a dead broker left.
+//! - `nodes`: the node gate: a global key is granted only under this
+//!   host's node grant from etcd and a lease still safe (docs/cluster.md).
 //! - `hooks`: the allocator's hooks: the tick, what the policy sees, prepare,
 //!   contention preparation, eviction.
 //! - `check` (tests only): the explorer's fork, digest and invariants.
@@ -40,6 +42,7 @@ mod adopt;
 mod directory;
 mod engine;
 mod hooks;
+mod nodes;
 mod registry;
 
 #[cfg(any(test, feature = "model"))]
@@ -57,6 +60,7 @@ use shm_layout::table::TableView;
 use shm_layout::wire::Response;
 use std::collections::{HashMap, HashSet};
 
+pub use nodes::{ClusterLink, NodeCounts};
 pub use registry::Limits;
 
 // What the tests' `use super::*` finds here besides the above.
@@ -110,6 +114,8 @@ pub struct LockManager {
     /// were not prepared yet: a request for one of them arrived late.
     predicted: HashSet<u64>,
     now_ms: u64,
+    /// The node gate of global keys, when clustering is on (see `nodes`).
+    nodes: Option<nodes::Nodes>,
 }
 
 /// The lock word of slot `s`, an index below the table's slot count.

@@ -6,75 +6,8 @@
 //! FORELOCK_REQUIRE_CLUSTER=1 (CI), where it fails instead.
 
 use forelock_cluster::{Agent, ClusterConfig, Command, Event};
-use std::net::TcpListener;
-use std::process::{Child, Command as Proc, Stdio};
+use forelock_tests::etcd::{LocalEtcd, etcdctl};
 use std::time::{Duration, Instant};
-
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: std::path::PathBuf,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn etcd() -> Option<Etcd> {
-    if Proc::new("etcd").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-            "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
-        );
-        eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
-        return None;
-    }
-    let dir = std::env::temp_dir().join(format!(
-        "fl-agent-etcd-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Proc::new("etcd")
-        .args(["--data-dir", dir.to_str().unwrap()])
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("default=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd");
-    Some(Etcd {
-        child,
-        url,
-        _dir: dir,
-    })
-}
 
 fn agent(node: &str, url: &str) -> Agent {
     Agent::start(ClusterConfig {
@@ -109,7 +42,7 @@ fn want(key: &[u8]) -> Command {
 
 #[test]
 fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
-    let Some(e) = etcd() else { return };
+    let Some(e) = LocalEtcd::start() else { return };
     let (a, b) = (agent("a", &e.url), agent("b", &e.url));
     let key = b"global/k".to_vec();
     let mut last = 0u64;
@@ -151,7 +84,7 @@ fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
 
 #[test]
 fn a_lease_revoked_behind_the_agents_back_fences_it() {
-    let Some(e) = etcd() else { return };
+    let Some(e) = LocalEtcd::start() else { return };
     let a = agent("a", &e.url);
     let key = b"global/f".to_vec();
     a.send(want(&key));
@@ -163,12 +96,8 @@ fn a_lease_revoked_behind_the_agents_back_fences_it() {
         a.lease
             .valid(epoch, forelock_cluster::agent::monotonic_ns())
     );
-    let out = Proc::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &e.url, "lease", "revoke", &format!("{id:x}")])
-        .output()
-        .expect("etcdctl (Debian's etcd-client)");
-    assert!(out.status.success(), "{out:?}");
+    etcdctl(&e.url, &["lease", "revoke", &format!("{id:x}")])
+        .expect("etcdctl lease revoke (Debian's etcd-client)");
     match next(&a, Duration::from_secs(10)) {
         Event::Fenced { epoch: f, .. } => assert_eq!(f, epoch),
         other => panic!("expected a fence, got {other:?}"),

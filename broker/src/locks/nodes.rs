@@ -1,0 +1,356 @@
+//! The node gate: a global key (docs/cluster.md) is granted locally only
+//! while this host holds its node grant from etcd, under a lease the broker
+//! itself still trusts.
+//!
+//! The engine asks [`Nodes::admits`] beside [`super::engine::Holder::admits`]
+//! before every grant of a global key, and takes the token from
+//! [`Nodes::token`] (`base + n`, `base` from the node grant's etcd revision).
+//! After anything that changes a global key's holders or queue it calls
+//! [`LockManager::settle`], which asks the agent for the node grant when
+//! local processes wait and releases it when it must go (a callback after
+//! the minimum hold, counter exhaustion, a shared grant with an exclusive
+//! waiter) and no local holder is left.
+//!
+//! Global keys are never prepared: every local grant of one passes the gate,
+//! so the lease is checked on the broker's own clock at every grant.
+//!
+//! When a lease is lost (the agent's `Fenced`, or the broker's own clock
+//! passing the lease's safe time), every local hold of a global key under it
+//! becomes *lost*: the holder keeps its place in the slot (no one else here
+//! is granted the key until it leaves), and its release is answered `Lost`.
+
+use super::{LockManager, Waker};
+use forelock_cluster::{Command, Event};
+use shm_layout::table::TableView;
+use std::collections::{HashMap, HashSet};
+
+/// What the gate needs of the cluster agent (the real [`forelock_cluster::Agent`],
+/// or a scripted one in tests).
+pub trait ClusterLink {
+    /// Whether `key` is arbitrated across hosts.
+    fn is_global(&self, key: &[u8]) -> bool;
+    fn send(&mut self, command: Command);
+    /// Whether grants under lease `epoch` are still safe now.
+    fn lease_valid(&self, epoch: u64) -> bool;
+    fn min_hold_ms(&self) -> u64;
+}
+
+/// This host's node grant on one global key.
+#[derive(Debug, Clone)]
+struct NodeGrant {
+    shared: bool,
+    epoch: u64,
+    /// The last token granted locally under this node grant.
+    issued: u64,
+    limit: u64,
+    granted_ms: u64,
+    /// A local process took the key under this grant.
+    used: bool,
+    prefetch: bool,
+    /// Another host waits: grant no more, release when the holders leave.
+    callback: bool,
+    /// `Release` was sent; the agent's `Released` ends the grant.
+    releasing: bool,
+}
+
+/// What `forelock status` shows of the gate.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NodeCounts {
+    pub held: usize,
+    pub wanted: usize,
+    pub lost_holds: usize,
+    pub prefetch_hits: u64,
+    pub prefetch_unused: u64,
+}
+
+pub(super) struct Nodes {
+    link: Box<dyn ClusterLink>,
+    grants: HashMap<Vec<u8>, NodeGrant>,
+    /// Keys whose node grant was asked for and not granted yet.
+    wanted: HashSet<Vec<u8>>,
+    /// Local holds `(client, token)` whose node grant was lost.
+    lost: HashSet<(u32, u64)>,
+    prefetch_hits: u64,
+    prefetch_unused: u64,
+}
+
+impl Nodes {
+    pub(super) fn new(link: Box<dyn ClusterLink>) -> Nodes {
+        Nodes {
+            link,
+            grants: HashMap::new(),
+            wanted: HashSet::new(),
+            lost: HashSet::new(),
+            prefetch_hits: 0,
+            prefetch_unused: 0,
+        }
+    }
+
+    pub(super) fn is_global(&self, key: &[u8]) -> bool {
+        self.link.is_global(key)
+    }
+
+    /// Whether a local process may be granted `key` (`shared` or not) now.
+    pub(super) fn admits(&self, key: &[u8], shared: bool) -> bool {
+        self.grants.get(key).is_some_and(|g| {
+            !g.callback
+                && !g.releasing
+                && g.issued < g.limit
+                && (!g.shared || shared)
+                && self.link.lease_valid(g.epoch)
+        })
+    }
+
+    /// The token of a local grant of `key`, which [`Nodes::admits`] allowed.
+    pub(super) fn token(&mut self, key: &[u8]) -> u64 {
+        let g = self
+            .grants
+            .get_mut(key)
+            .expect("admitted: the grant exists");
+        if !g.used && g.prefetch {
+            self.prefetch_hits += 1;
+        }
+        g.used = true;
+        g.issued += 1;
+        g.issued
+    }
+
+    /// Whether the hold `(client, token)` was lost; forgets it.
+    pub(super) fn take_lost(&mut self, client: u32, token: u64) -> bool {
+        self.lost.remove(&(client, token))
+    }
+
+    pub(super) fn counts(&self) -> NodeCounts {
+        NodeCounts {
+            held: self.grants.len(),
+            wanted: self.wanted.len(),
+            lost_holds: self.lost.len(),
+            prefetch_hits: self.prefetch_hits,
+            prefetch_unused: self.prefetch_unused,
+        }
+    }
+
+    /// Ask for `key`'s node grant ahead of any local request (prediction).
+    pub(super) fn prefetch(&mut self, key: &[u8]) {
+        if self.grants.contains_key(key) || !self.wanted.insert(key.to_vec()) {
+            return;
+        }
+        self.link.send(Command::Want {
+            key: key.to_vec(),
+            shared: false,
+            prefetch: true,
+        });
+    }
+}
+
+impl LockManager {
+    /// Applies one event of the cluster agent.
+    pub fn node_event(&mut self, table: &TableView, event: Event, waker: &mut dyn Waker) {
+        let Some(nodes) = self.nodes.as_mut() else {
+            return;
+        };
+        let key = match event {
+            Event::Granted {
+                key,
+                shared,
+                base,
+                epoch,
+                prefetch,
+            } => {
+                nodes.wanted.remove(&key);
+                if !nodes.link.lease_valid(epoch) {
+                    // Granted under a lease already gone: the agent's session
+                    // for it ended, and its keys go with the lease.
+                    return;
+                }
+                tracing::debug!(key = %String::from_utf8_lossy(&key), base, epoch, "node grant");
+                nodes.grants.insert(
+                    key.clone(),
+                    NodeGrant {
+                        shared,
+                        epoch,
+                        issued: base,
+                        limit: base + shm_layout::lockword::COUNTER_MASK,
+                        granted_ms: self.now_ms,
+                        used: false,
+                        prefetch,
+                        callback: false,
+                        releasing: false,
+                    },
+                );
+                key
+            }
+            Event::Callback { key } => {
+                if let Some(g) = nodes.grants.get_mut(&key) {
+                    g.callback = true;
+                }
+                key
+            }
+            Event::Released { key } => {
+                if let Some(g) = nodes.grants.remove(&key)
+                    && g.prefetch
+                    && !g.used
+                {
+                    nodes.prefetch_unused += 1;
+                }
+                key
+            }
+            Event::Fenced { epoch, reason } => {
+                tracing::error!(epoch, %reason, "lease lost: local holds of global keys are lost");
+                self.lose_epoch(Some(epoch));
+                return;
+            }
+        };
+        if let Some(&s) = self.dir.keys.get(key.as_slice()) {
+            self.dispatch(table, s, waker);
+        }
+        self.settle(&key);
+    }
+
+    /// The tick's check on the broker's own clock: node grants whose lease is
+    /// past its safe time are lost now, whatever the agent thread is doing.
+    pub fn check_leases(&mut self) {
+        let Some(nodes) = self.nodes.as_ref() else {
+            return;
+        };
+        if nodes
+            .grants
+            .values()
+            .any(|g| !nodes.link.lease_valid(g.epoch))
+        {
+            self.lose_epoch(None);
+        }
+        // A callback waits out the minimum hold, then drains.
+        let keys: Vec<Vec<u8>> = self
+            .nodes
+            .as_ref()
+            .map(|n| n.grants.keys().cloned().collect())
+            .unwrap_or_default();
+        for k in keys {
+            self.settle(&k);
+        }
+    }
+
+    /// Every node grant under `epoch` (or under any invalid lease, `None`) is
+    /// gone: its local holders are lost, its waiters ask again.
+    fn lose_epoch(&mut self, epoch: Option<u64>) {
+        let Some(nodes) = self.nodes.as_mut() else {
+            return;
+        };
+        let gone: Vec<Vec<u8>> = nodes
+            .grants
+            .iter()
+            .filter(|(_, g)| match epoch {
+                Some(e) => g.epoch == e,
+                None => !nodes.link.lease_valid(g.epoch),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            nodes.grants.remove(k);
+        }
+        // A Want in flight belonged to the lost lease's session too.
+        nodes.wanted.clear();
+        let mut lost = Vec::new();
+        for k in &gone {
+            if let Some(&s) = self.dir.keys.get(k.as_slice()) {
+                match &self.dir.slots[s as usize].holder {
+                    super::engine::Holder::Exclusive { client, token, .. } => {
+                        lost.push((*client, *token))
+                    }
+                    super::engine::Holder::Shared(v) => lost.extend(v.iter().copied()),
+                    super::engine::Holder::Free => {}
+                }
+            }
+        }
+        let nodes = self.nodes.as_mut().expect("checked above");
+        tracing::warn!(keys = gone.len(), holds = lost.len(), "node grants lost");
+        nodes.lost.extend(lost);
+        let waiting: Vec<Vec<u8>> = self
+            .dir
+            .keys
+            .iter()
+            .filter(|(k, s)| {
+                self.nodes.as_ref().is_some_and(|n| n.is_global(k))
+                    && !self.dir.slots[**s as usize].queue.is_empty()
+            })
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        for k in waiting {
+            self.settle(&k);
+        }
+    }
+
+    /// Brings `key`'s node grant in line with its local state: release it if
+    /// it must go and no local holder is left; ask for it if local processes
+    /// wait and it is not here.
+    pub(super) fn settle(&mut self, key: &[u8]) {
+        let now = self.now_ms;
+        let Some(nodes) = self.nodes.as_mut() else {
+            return;
+        };
+        if !nodes.is_global(key) {
+            return;
+        }
+        let slot = self.dir.keys.get(key).map(|&s| &self.dir.slots[s as usize]);
+        let head = slot.and_then(|st| st.queue.front().map(|w| w.shared));
+        let free = slot.is_none_or(|st| st.holder == super::engine::Holder::Free);
+        let min_hold = nodes.link.min_hold_ms();
+        if let Some(g) = nodes.grants.get_mut(key) {
+            let held_enough = !g.used || now >= g.granted_ms + min_hold;
+            let must_go = (g.callback && held_enough)
+                || g.issued >= g.limit
+                || (g.shared && head == Some(false))
+                || !nodes.link.lease_valid(g.epoch);
+            if must_go && free && !g.releasing {
+                g.releasing = true;
+                nodes.link.send(Command::Release { key: key.to_vec() });
+            }
+            return;
+        }
+        if let Some(shared) = head
+            && nodes.wanted.insert(key.to_vec())
+        {
+            nodes.link.send(Command::Want {
+                key: key.to_vec(),
+                shared,
+                prefetch: false,
+            });
+        }
+    }
+
+    /// What `forelock status` shows of the node gate, if clustering is on.
+    pub fn node_counts(&self) -> Option<NodeCounts> {
+        self.nodes.as_ref().map(Nodes::counts)
+    }
+
+    /// Ask for the node grant of the global key `key` before anyone here
+    /// does (the forecaster predicts it).
+    pub fn prefetch_global(&mut self, key: &[u8]) {
+        if let Some(n) = self.nodes.as_mut()
+            && n.is_global(key)
+        {
+            n.prefetch(key);
+        }
+    }
+
+    /// Installs the cluster link (the broker's `[cluster]` section). Holds
+    /// of global keys adopted from a previous broker are lost: their node
+    /// grants lived under that broker's lease.
+    pub fn set_cluster(&mut self, link: Box<dyn ClusterLink>) {
+        let mut nodes = Nodes::new(link);
+        for (k, &s) in &self.dir.keys {
+            if !nodes.is_global(k) {
+                continue;
+            }
+            match &self.dir.slots[s as usize].holder {
+                super::engine::Holder::Exclusive { client, token, .. } => {
+                    nodes.lost.insert((*client, *token));
+                }
+                super::engine::Holder::Shared(v) => nodes.lost.extend(v.iter().copied()),
+                super::engine::Holder::Free => {}
+            }
+        }
+        self.nodes = Some(nodes);
+    }
+}

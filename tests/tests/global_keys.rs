@@ -1,0 +1,144 @@
+//! Global keys through real brokers: two `forelockd`s (two "hosts" on one
+//! machine, each with its own runtime dir) against one real etcd. Clients of
+//! both take `global/…` keys; at most one holds at a time and the tokens the
+//! holders present strictly increase. A hold whose lease is revoked behind
+//! the broker's back is reported lost.
+//!
+//! The fault tests across network namespaces are in `cluster.rs`.
+
+mod support;
+
+use forelock_tests::etcd::{LocalEtcd, etcdctl};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn cluster_config(node: &str, etcd: &str) -> String {
+    format!(
+        "[cluster]\nnode = \"{node}\"\netcd = [\"{etcd}\"]\netcd_prefix = \"/fl-{pid}\"\n\
+         lease_ttl_ms = 4000\nlock_delay_ms = 200\nfence_margin_ms = 1000\nmin_hold_ms = 5\n",
+        pid = std::process::id()
+    )
+}
+
+fn status(dir: &std::path::Path) -> serde_json::Value {
+    let end = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cluster.json"))
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return v;
+        }
+        assert!(Instant::now() < end, "no cluster.json in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_global_key_has_one_holder_across_two_brokers_and_its_tokens_increase() {
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let (da, db) = (TempDir::new("gk-a"), TempDir::new("gk-b"));
+    let _a = Broker::start(da.path(), &cluster_config("a", &etcd.url));
+    let _b = Broker::start(db.path(), &cluster_config("b", &etcd.url));
+    let inside = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(0u64));
+    let grants = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for (i, dir) in [da.path(), da.path(), db.path(), db.path()]
+        .into_iter()
+        .enumerate()
+    {
+        let (dir, inside, accepted, grants) = (
+            dir.to_path_buf(),
+            inside.clone(),
+            accepted.clone(),
+            grants.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let client = forelock::Client::connect_to(&dir).expect("connect");
+            for _ in 0..15 {
+                let guard = client.lock("global/counter").expect("lock global/counter");
+                assert!(
+                    !inside.swap(true, Ordering::SeqCst),
+                    "thread {i}: two holders"
+                );
+                let token = guard.token();
+                {
+                    let mut last = accepted.lock().unwrap();
+                    assert!(
+                        token > *last,
+                        "thread {i}: token {token:#x} after {:#x}",
+                        *last
+                    );
+                    *last = token;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                inside.store(false, Ordering::SeqCst);
+                guard.release().expect("release");
+                grants.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in threads {
+        t.join().expect("a client thread failed");
+    }
+    assert_eq!(grants.load(Ordering::Relaxed), 60);
+    // The key passed between the hosts: both took node grants.
+    let last = *accepted.lock().unwrap();
+    assert!(
+        last >> 24 > 0,
+        "a global token carries the etcd revision: {last:#x}"
+    );
+}
+
+#[test]
+fn a_local_key_with_the_same_name_on_two_brokers_is_not_global() {
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let (da, db) = (TempDir::new("lk-a"), TempDir::new("lk-b"));
+    let _a = Broker::start(da.path(), &cluster_config("a", &etcd.url));
+    let _b = Broker::start(db.path(), &cluster_config("b", &etcd.url));
+    let ca = forelock::Client::connect_to(da.path()).unwrap();
+    let cb = forelock::Client::connect_to(db.path()).unwrap();
+    let ga = ca.lock("local/k").unwrap();
+    let gb = cb.try_lock("local/k").expect("a local key is per host");
+    drop((ga, gb));
+}
+
+#[test]
+fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let (da, db) = (TempDir::new("lost-a"), TempDir::new("lost-b"));
+    let _a = Broker::start(da.path(), &cluster_config("a", &etcd.url));
+    let _b = Broker::start(db.path(), &cluster_config("b", &etcd.url));
+    let ca = forelock::Client::connect_to(da.path()).unwrap();
+    let held = ca.lock("global/x").unwrap();
+    let old = held.token();
+    let lease = status(da.path())["lease"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    etcdctl(&etcd.url, &["lease", "revoke", &lease]).expect("etcdctl lease revoke");
+    let end = Instant::now() + PATIENCE;
+    while status(da.path())["fences"].as_u64() == Some(0) {
+        assert!(
+            Instant::now() < end,
+            "broker a never noticed its lease was gone"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cb = forelock::Client::connect_to(db.path()).unwrap();
+    let taken = cb.lock("global/x").unwrap();
+    assert!(taken.token() > old, "{:#x} after {old:#x}", taken.token());
+    match held.release() {
+        Err(forelock::Error::Lost { message }) => assert!(message.contains("lease"), "{message}"),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+    taken.release().unwrap();
+}
