@@ -122,7 +122,9 @@ pub enum GossipEvent {
     /// A broker joined, or came back (a restart: after the old identity's
     /// `MemberDown`).
     MemberUp { node: String, addr: SocketAddr },
-    /// A broker left, or was declared down by the cluster.
+    /// A broker left, or was declared down by the cluster (which may be
+    /// wrong: a pause or a lossy link). Its hot list and hints are stale
+    /// from here on; its node grants are still etcd's business.
     MemberDown { node: String },
     /// `node`'s latest hot global keys, hottest first; replaces its earlier
     /// list. `truncated`: it had more than fit in one packet.
@@ -155,9 +157,9 @@ struct Counters {
 }
 
 enum Command {
-    /// Encoded broadcast items (a hot list or a want hint), added to foca's
-    /// backlog and pushed to a few members at once.
-    Broadcast(Vec<u8>),
+    /// A broadcast item (a hot list that fits, or a want hint), added to
+    /// foca's backlog and pushed to a few members at once.
+    Broadcast(Item),
     /// Leave the cluster, then report.
     Shutdown(oneshot::Sender<()>),
 }
@@ -172,7 +174,9 @@ pub struct Gossip {
     counters: Arc<Counters>,
     origin: Origin,
     local_addr: SocketAddr,
-    hot_version: AtomicU64,
+    /// Shared with the task, which restamps the latest hot list for a
+    /// member that joins after it was published.
+    hot_version: Arc<AtomicU64>,
     want_seq: AtomicU64,
 }
 
@@ -241,6 +245,7 @@ impl Gossip {
             .filter(|seed| *seed != local_addr)
             .collect();
 
+        let hot_version = Arc::new(AtomicU64::new(0));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let members = Arc::new(Mutex::new(Vec::new()));
         let counters = Arc::new(Counters::default());
@@ -258,6 +263,8 @@ impl Gossip {
             counters: counters.clone(),
             drops_unreported: 0,
             last_drop_warning: None,
+            hot_version: hot_version.clone(),
+            last_hot: None,
         };
         let task = runtime.spawn(driver.run(commands_rx));
         Ok(Gossip {
@@ -267,7 +274,7 @@ impl Gossip {
             counters,
             origin,
             local_addr,
-            hot_version: AtomicU64::new(0),
+            hot_version,
             want_seq: AtomicU64::new(0),
         })
     }
@@ -299,12 +306,13 @@ impl Gossip {
     /// fit in one packet: a longer list is cut at the first key that does
     /// not fit (the hottest are kept), peers see `truncated: true`, and the
     /// report counts what was cut. Keys that are not lock keys are left out
-    /// and counted. Either is logged as a warning.
+    /// and counted. Either is logged as a warning. A member that joins (or
+    /// restarts) later is sent the latest list again.
     pub fn publish_hot(&self, keys: Vec<Vec<u8>>) -> HotKeysPublished {
         // Relaxed: the counter orders only the items it stamps; an item
         // stamped lower that reaches the task later is stale and dropped.
         let version = self.hot_version.fetch_add(1, Ordering::Relaxed);
-        let (bytes, report) = wire::encode_hot(&self.origin, version, keys);
+        let (item, report) = wire::cut_hot(&self.origin, version, keys);
         if report.cut > 0 {
             tracing::warn!(
                 published = report.published,
@@ -321,7 +329,7 @@ impl Gossip {
                 report.invalid
             );
         }
-        let _ = self.commands.send(Command::Broadcast(bytes));
+        let _ = self.commands.send(Command::Broadcast(item));
         report
     }
 
@@ -331,12 +339,11 @@ impl Gossip {
     pub fn want(&self, key: Vec<u8>) -> Result<(), KeyError> {
         validate_key(&key)?;
         let seq = self.want_seq.fetch_add(1, Ordering::Relaxed);
-        let bytes = wire::encode(&Item::Want {
+        let _ = self.commands.send(Command::Broadcast(Item::Want {
             origin: self.origin.clone(),
             seq,
             key,
-        });
-        let _ = self.commands.send(Command::Broadcast(bytes));
+        }));
         Ok(())
     }
 
@@ -407,6 +414,10 @@ struct Driver {
     counters: Arc<Counters>,
     drops_unreported: u64,
     last_drop_warning: Option<Instant>,
+    hot_version: Arc<AtomicU64>,
+    /// This broker's latest hot list. foca spreads an item a bounded number
+    /// of times; a member that joins later gets this one restamped.
+    last_hot: Option<Item>,
 }
 
 impl Driver {
@@ -428,7 +439,7 @@ impl Driver {
                 command = commands.recv() => match command {
                     // Every handle dropped: stop without a goodbye.
                     None => return,
-                    Some(Command::Broadcast(bytes)) => self.broadcast(&bytes),
+                    Some(Command::Broadcast(item)) => self.broadcast(item),
                     Some(Command::Shutdown(done)) => {
                         if let Err(error) = self.foca.leave_cluster(&mut self.runtime) {
                             tracing::warn!(%error, "gossip: announcing the leave failed");
@@ -472,8 +483,17 @@ impl Driver {
         }
     }
 
-    fn broadcast(&mut self, bytes: &[u8]) {
-        match self.foca.add_broadcast(bytes) {
+    fn broadcast(&mut self, mut item: Item) {
+        let bytes = wire::encode_fitted(&mut item);
+        let is_newer_hot = match (&item, &self.last_hot) {
+            (Item::Hot { version, .. }, Some(Item::Hot { version: last, .. })) => version > last,
+            (Item::Hot { .. }, _) => true,
+            (Item::Want { .. }, _) => false,
+        };
+        if is_newer_hot {
+            self.last_hot = Some(item);
+        }
+        match self.foca.add_broadcast(&bytes) {
             // Push it to a few members now rather than at the next probe.
             Ok(true) => {
                 if let Err(error) = self.foca.broadcast(&mut self.runtime) {
@@ -527,9 +547,22 @@ impl Driver {
         }
     }
 
+    /// Drains foca's runtime. Reacting to a notification (a restamped hot
+    /// list for a member that came) can queue more to send: a second pass
+    /// sends it, and a third would only follow a membership change caused
+    /// by our own broadcast, which cannot happen; the bound is a guard.
+    async fn flush(&mut self) {
+        for _ in 0..3 {
+            self.flush_once().await;
+            if self.runtime.backlog() == 0 {
+                break;
+            }
+        }
+    }
+
     /// Sends what foca asked to send, schedules its timers, and turns its
     /// notifications and the handler's news into events.
-    async fn flush(&mut self) {
+    async fn flush_once(&mut self) {
         while let Some((to, data)) = self.runtime.to_send() {
             match self.socket.send_to(&data, to.addr).await {
                 Ok(_) => {
@@ -582,6 +615,18 @@ impl Driver {
         }
     }
 
+    /// Sends the latest hot list again under a new version, so that it is
+    /// news to everyone and spreads to the member that just came.
+    fn republish_hot(&mut self) {
+        let Some(mut item) = self.last_hot.clone() else {
+            return;
+        };
+        if let Item::Hot { version, .. } = &mut item {
+            *version = self.hot_version.fetch_add(1, Ordering::Relaxed);
+        }
+        self.broadcast(item);
+    }
+
     /// Compares foca's active members with the ones last reported: a
     /// restart (a new identity replacing a live one at the same address)
     /// reads as the old one down, then the new one up.
@@ -609,6 +654,7 @@ impl Driver {
             .map(|(_, id)| id)
             .collect();
         came.sort_by(|a, b| a.node.cmp(&b.node));
+        let someone_came = !came.is_empty();
         for id in came {
             let _ = self.events.send(GossipEvent::MemberUp {
                 node: id.node.clone(),
@@ -616,6 +662,9 @@ impl Driver {
             });
         }
         self.up = now_up;
+        if someone_came && let Some(Item::Hot { .. }) = &self.last_hot {
+            self.republish_hot();
+        }
 
         let mut members: Vec<Member> = self
             .foca

@@ -277,6 +277,22 @@ async fn hot_keys_and_a_want_hint_from_one_reach_the_other_two() {
 }
 
 #[tokio::test]
+async fn a_member_that_joins_later_hears_the_latest_hot_list() {
+    let (a, _b, _c) = three().await;
+    let hot = vec![key("published-before-d-came")];
+    let _ = a.gossip.publish_hot(hot.clone());
+    // Long enough for foca to have spread the item its bounded number of
+    // times among a, b and c before d exists (no timing is asserted).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut d = Node::start("d", loopback(), vec![a.addr()]);
+    d.expect_event(
+        "a's hot list at the late joiner",
+        |event| matches!(event, GossipEvent::Hot { node, keys, .. } if node == "a" && *keys == hot),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn an_oversized_hot_key_list_is_cut_to_fit_and_says_so() {
     let (a, mut b, _c) = three().await;
     let keys: Vec<Vec<u8>> = (0..5_000).map(|i| key(&format!("k{i:05}"))).collect();

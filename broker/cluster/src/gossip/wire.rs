@@ -173,11 +173,24 @@ impl HotKeysPublished {
 
 /// The bytes of a `Hot` item for `keys` (hottest first), cut to
 /// [`ITEM_MAX_BYTES`], and what was left out.
+#[cfg(test)]
 pub(crate) fn encode_hot(
     origin: &Origin,
     version: u64,
     keys: Vec<Vec<u8>>,
 ) -> (Vec<u8>, HotKeysPublished) {
+    let (mut item, report) = cut_hot(origin, version, keys);
+    (encode_fitted(&mut item), report)
+}
+
+/// A `Hot` item for `keys` (hottest first) that fits in
+/// [`ITEM_MAX_BYTES`]: invalid keys left out, the list cut at the first key
+/// that does not fit; and what was left out.
+pub(crate) fn cut_hot(
+    origin: &Origin,
+    version: u64,
+    keys: Vec<Vec<u8>>,
+) -> (Item, HotKeysPublished) {
     let offered = keys.len();
     let mut valid: Vec<Vec<u8>> = keys
         .into_iter()
@@ -213,30 +226,40 @@ pub(crate) fn encode_hot(
         truncated: fits < valid_count,
         keys: valid,
     };
-    let mut bytes = encode(&item);
-    // The estimate above is an upper bound; this loop only guards it.
-    while bytes.len() > ITEM_MAX_BYTES {
-        if let Item::Hot {
-            keys, truncated, ..
-        } = &mut item
-        {
-            keys.pop();
-            *truncated = true;
-        }
-        bytes = encode(&item);
-    }
+    // The estimate above is an upper bound; this only guards it.
+    let _ = encode_fitted(&mut item);
     let published = match &item {
         Item::Hot { keys, .. } => keys.len(),
         Item::Want { .. } => 0,
     };
     (
-        bytes,
+        item,
         HotKeysPublished {
             published,
             cut: valid_count - published,
             invalid,
         },
     )
+}
+
+/// The bytes of `item`; a `Hot` item longer than [`ITEM_MAX_BYTES`] loses
+/// its coldest keys (and is marked truncated) until it fits. A `Want` item
+/// always fits: its key is at most [`MAX_KEY_LEN`] bytes.
+pub(crate) fn encode_fitted(item: &mut Item) -> Vec<u8> {
+    let mut bytes = encode(item);
+    while bytes.len() > ITEM_MAX_BYTES {
+        match item {
+            Item::Hot {
+                keys, truncated, ..
+            } if !keys.is_empty() => {
+                keys.pop();
+                *truncated = true;
+            }
+            _ => break,
+        }
+        bytes = encode(item);
+    }
+    bytes
 }
 
 /// What the handler heard, for the gossip task to turn into events.
