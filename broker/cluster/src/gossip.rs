@@ -452,8 +452,13 @@ impl Driver {
                 received = self.socket.recv_from(&mut receive_buffer) => match received {
                     Ok((len, from)) => self.receive(&receive_buffer[..len], from),
                     // An ICMP error from an earlier send (a peer's port
-                    // closed) surfaces here on Linux: not this socket's fault.
-                    Err(error) => tracing::debug!(%error, "gossip: receive failed"),
+                    // closed) surfaces here on Linux: not this socket's
+                    // fault. The pause keeps an error that persists from
+                    // spinning the task.
+                    Err(error) => {
+                        tracing::debug!(%error, "gossip: receive failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 },
                 () = tokio::time::sleep_until(wake_at) => self.fire_due_timers(),
             }
