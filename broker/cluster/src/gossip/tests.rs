@@ -551,3 +551,10 @@ fn mutated_real_packets_never_panic_foca_or_the_handler() {
         }
     }
 }
+
+#[test]
+fn the_handle_can_be_shared_between_tasks() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Gossip>();
+    shareable::<GossipEvent>();
+}
