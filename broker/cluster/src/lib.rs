@@ -7,6 +7,7 @@
 //! grant engine sees only [`Command`]s going out and [`Event`]s coming back.
 
 pub mod config;
+pub mod gossip;
 
 pub use config::ClusterConfig;
 pub mod agent;
