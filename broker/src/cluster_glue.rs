@@ -63,6 +63,8 @@ pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
             "safe_for_ms": lease.valid_until_ns.saturating_sub(now) / 1_000_000,
         },
         "fences": status.fences,
+        "members": status.members.iter().map(|(n, a, up)| serde_json::json!({"node": n, "addr": a, "up": up})).collect::<Vec<_>>(),
+        "hot": status.hot,
         "keys": keys.iter().map(|(k, v)| serde_json::json!({"key": k, "state": v})).collect::<Vec<_>>(),
         "node_grants": counts.held,
         "wanted": counts.wanted,

@@ -142,3 +142,37 @@ fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
     }
     taken.release().unwrap();
 }
+
+#[test]
+fn brokers_with_gossip_see_each_other_in_their_status() {
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let (da, db) = (TempDir::new("gs-a"), TempDir::new("gs-b"));
+    let port = |l: std::net::UdpSocket| l.local_addr().unwrap().port();
+    let pa = port(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    let pb = port(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    let gossip = |me: u16, peer: u16| {
+        format!("gossip_addr = \"127.0.0.1:{me}\"\nseeds = [\"127.0.0.1:{peer}\"]\n")
+    };
+    let _a = Broker::start(
+        da.path(),
+        &(cluster_config("a", &etcd.url) + &gossip(pa, pb)),
+    );
+    let _b = Broker::start(
+        db.path(),
+        &(cluster_config("b", &etcd.url) + &gossip(pb, pa)),
+    );
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let s = status(da.path());
+        let up = s["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["node"] == "b" && m["up"] == true));
+        if up {
+            break;
+        }
+        assert!(Instant::now() < end, "a never saw b by gossip: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

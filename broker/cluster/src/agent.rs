@@ -10,6 +10,7 @@
 
 use crate::config::ClusterConfig;
 use crate::etcd_lock::{self, EtcdError, Names};
+use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use etcd_client::{Client, ConnectOptions};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -61,6 +62,9 @@ pub enum Event {
     /// The lease of epoch `epoch` could not be confirmed in time: every node
     /// grant under it is lost.
     Fenced { epoch: u64, reason: String },
+    /// Gossip: another host says it will want `key` soon. Advisory: the
+    /// broker may release an idle node grant early.
+    Hint { key: Vec<u8> },
 }
 
 /// The lease as the broker sees it: which epoch, and until when (broker's
@@ -99,6 +103,10 @@ pub struct AgentStatus {
     pub fences: u64,
     /// Node grants by key: "held" or "queued".
     pub keys: HashMap<Vec<u8>, &'static str>,
+    /// Gossip members (other brokers): name, address, up.
+    pub members: Vec<(String, String, bool)>,
+    /// Each other host's hot global keys, as it last gossiped them.
+    pub hot: HashMap<String, Vec<String>>,
 }
 
 /// The broker's handle on the agent thread.
@@ -181,6 +189,12 @@ struct Inner {
     status: Arc<Mutex<AgentStatus>>,
 }
 
+/// The session's view of gossip (absent without `gossip_addr`).
+struct GossipLink<'a> {
+    gossip: Option<&'a Gossip>,
+    events: &'a mut mpsc::UnboundedReceiver<GossipEvent>,
+}
+
 /// What a key's task reports to the session.
 enum KeyReport {
     Granted(Vec<u8>),
@@ -227,14 +241,43 @@ impl Inner {
         }
     }
 
+    /// Starts gossip if `gossip_addr` is set (validated with the config).
+    fn start_gossip(&self, events: mpsc::UnboundedSender<GossipEvent>) -> Option<Gossip> {
+        let bind = self.config.gossip_addr.parse().ok()?;
+        let seeds = self
+            .config
+            .seeds
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let cfg = GossipConfig {
+            node: self.config.node.clone(),
+            bind,
+            seeds,
+        };
+        match Gossip::start(cfg, events) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::error!(error = %e, "gossip not started: hints and membership are off");
+                None
+            }
+        }
+    }
+
     async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let (gtx, mut grx) = mpsc::unbounded_channel();
+        let gossip = self.start_gossip(gtx);
         let client = self.connect().await;
         let mut epoch = 0u64;
         loop {
             epoch += 1;
             let (id, ttl_ms) = self.grant_lease(&client, epoch).await;
+            let link = GossipLink {
+                gossip: gossip.as_ref(),
+                events: &mut grx,
+            };
             if let Some(reason) = self
-                .session(&client, epoch, id, ttl_ms, &mut commands)
+                .session(&client, epoch, id, ttl_ms, &mut commands, link)
                 .await
             {
                 self.note(|s| {
@@ -300,7 +343,14 @@ impl Inner {
         lease: i64,
         ttl_ms: u64,
         commands: &mut mpsc::UnboundedReceiver<Command>,
+        gossip: GossipLink<'_>,
     ) -> Option<String> {
+        let GossipLink {
+            gossip,
+            events: heard,
+        } = gossip;
+        let mut published: Vec<Vec<u8>> = Vec::new();
+        let mut predicted: Vec<Vec<u8>> = Vec::new();
         let (rtx, mut rrx) = mpsc::unbounded_channel::<KeyReport>();
         let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
         let renew_every = Duration::from_millis((ttl_ms / 3).max(100));
@@ -315,6 +365,16 @@ impl Inner {
                     break format!("lease {lease:x} not confirmed within its safe time ({} ms TTL)", ttl_ms);
                 }
                 _ = renew.tick() => {
+                    // Gossip this host's hot global keys: the predicted ones
+                    // first, then those it holds or waits for.
+                    if let Some(g) = gossip {
+                        let mut hot = predicted.clone();
+                        hot.extend(tasks.keys().filter(|k| !predicted.contains(k)).cloned());
+                        if hot != published {
+                            g.publish_hot(hot.clone());
+                            published = hot;
+                        }
+                    }
                     match self.renew(client, lease, &mut keeper).await {
                         Ok(()) => {}
                         Err(Some(gone)) => break gone,
@@ -327,6 +387,15 @@ impl Inner {
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
+                        if prefetch && let Some(g) = gossip {
+                            // "I will want K": a holder elsewhere that no
+                            // longer needs it may let it go early.
+                            let _ = g.want(key.clone());
+                            if !predicted.contains(&key) {
+                                predicted.push(key.clone());
+                                predicted.truncate(64);
+                            }
+                        }
                         if tasks.contains_key(&key) { continue; }
                         let (tx, rx) = oneshot::channel();
                         let handle = tokio::spawn(hold(
@@ -344,6 +413,7 @@ impl Inner {
                         }
                     }
                 },
+                Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
                 Some(r) = rrx.recv() => match r {
                     KeyReport::Granted(key) => self.note(|s| { s.keys.insert(key, "held"); }),
                     KeyReport::Released(key) => {
@@ -358,6 +428,35 @@ impl Inner {
             t.handle.abort();
         }
         Some(reason)
+    }
+
+    /// A gossip event: membership and hot lists go to the status; a want
+    /// hint for a key this host holds goes to the broker.
+    fn heard(&self, ev: GossipEvent, gossip: Option<&Gossip>, tasks: &HashMap<Vec<u8>, KeyTask>) {
+        match ev {
+            GossipEvent::MemberUp { .. } | GossipEvent::MemberDown { .. } => {
+                let members = gossip.map(|g| g.members()).unwrap_or_default();
+                self.note(|s| {
+                    s.members = members
+                        .into_iter()
+                        .map(|m| (m.node, m.addr.to_string(), m.up))
+                        .collect()
+                });
+            }
+            GossipEvent::Hot { node, keys, .. } => self.note(|s| {
+                s.hot.insert(
+                    node,
+                    keys.iter()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .collect(),
+                );
+            }),
+            GossipEvent::Want { key, .. } => {
+                if tasks.contains_key(&key) {
+                    self.emit(Event::Hint { key });
+                }
+            }
+        }
     }
 
     /// One keep-alive round trip. `Err(Some(why))`: the lease is gone at

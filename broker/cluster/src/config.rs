@@ -68,6 +68,10 @@ pub enum ConfigError {
     LeaseTooShort { ttl: u64, margin: u64 },
     #[error("cluster.max_clock_drift = {0} must be in [0, 0.5)")]
     Drift(f64),
+    #[error(
+        "cluster.{field} = {value:?} is not an address: write IP:PORT, e.g. \"10.78.0.1:7946\""
+    )]
+    Address { field: &'static str, value: String },
 }
 
 impl ClusterConfig {
@@ -84,6 +88,23 @@ impl ClusterConfig {
         }
         if !(0.0..0.5).contains(&self.max_clock_drift) {
             return Err(ConfigError::Drift(self.max_clock_drift));
+        }
+        if !self.gossip_addr.is_empty() && self.gossip_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Address {
+                field: "gossip_addr",
+                value: self.gossip_addr.clone(),
+            });
+        }
+        if let Some(bad) = self
+            .seeds
+            .iter()
+            .find(|s| s.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(ConfigError::Address {
+                field: "seeds",
+                value: bad.clone(),
+            });
         }
         if self.valid_for_ms(self.lease_ttl_ms) == 0 {
             return Err(ConfigError::LeaseTooShort {

@@ -65,13 +65,13 @@ impl LockManager {
     pub fn check(&self) -> Result<(), String> {
         let mut queued = 0;
         for (s, st) in self.dir.slots.iter().enumerate() {
-            if let Some(head) = st.queue.front() {
-                if st.holder.admits(head.shared) {
-                    return Err(format!(
-                        "slot {s}: waiter {head:?} starves behind {:?}",
-                        st.holder
-                    ));
-                }
+            if let Some(head) = st.queue.front()
+                && st.holder.admits(head.shared)
+            {
+                return Err(format!(
+                    "slot {s}: waiter {head:?} starves behind {:?}",
+                    st.holder
+                ));
             }
             for w in &st.queue {
                 queued += 1;

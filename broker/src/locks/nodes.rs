@@ -195,6 +195,21 @@ impl LockManager {
                 }
                 key
             }
+            Event::Hint { key } => {
+                // Another host will want `key`: an idle node grant (no local
+                // holder, no local waiter) goes now rather than at a callback.
+                let idle = self.dir.keys.get(key.as_slice()).is_none_or(|&s| {
+                    let st = &self.dir.slots[s as usize];
+                    st.holder == super::engine::Holder::Free && st.queue.is_empty()
+                });
+                if let Some(g) = nodes.grants.get_mut(&key)
+                    && idle
+                {
+                    g.callback = true;
+                    g.used = false;
+                }
+                key
+            }
             Event::Fenced { epoch, reason } => {
                 tracing::error!(epoch, %reason, "lease lost: local holds of global keys are lost");
                 self.lose_epoch(Some(epoch));
