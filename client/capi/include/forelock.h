@@ -65,6 +65,11 @@
 // A bug: the library panicked (the message says where).
 #define FORELOCK_E_PANIC 15
 
+// A global key's hold was lost: this host's broker could not confirm its
+// etcd lease in time, so another host may have held the key since. The
+// release is done; what was written under the lock must carry its token.
+#define FORELOCK_E_LOST 16
+
 // The longest key, in bytes (without the terminating NUL).
 #define FORELOCK_MAX_KEY_LEN 64
 

@@ -72,6 +72,10 @@ pub const FORELOCK_E_PROTOCOL: c_int = 13;
 pub const FORELOCK_E_IO: c_int = 14;
 /// A bug: the library panicked (the message says where).
 pub const FORELOCK_E_PANIC: c_int = 15;
+/// A global key's hold was lost: this host's broker could not confirm its
+/// etcd lease in time, so another host may have held the key since. The
+/// release is done; what was written under the lock must carry its token.
+pub const FORELOCK_E_LOST: c_int = 16;
 
 /// The longest key, in bytes (without the terminating NUL).
 pub const FORELOCK_MAX_KEY_LEN: usize = 64;
@@ -113,6 +117,7 @@ fn error_code(error: &Error) -> c_int {
         Error::NotHolder { .. } => FORELOCK_E_NOT_HOLDER,
         Error::BrokerRestarted { .. } => FORELOCK_E_BROKER_RESTARTED,
         Error::Protocol { .. } => FORELOCK_E_PROTOCOL,
+        Error::Lost { .. } => FORELOCK_E_LOST,
         _ => FORELOCK_E_IO,
     }
 }

@@ -87,6 +87,12 @@ create_exception!(
 );
 create_exception!(
     _forelock,
+    LockLost,
+    ForelockError,
+    "A global key's hold was lost: this host's broker lost its etcd lease, so another host may have held the key since."
+);
+create_exception!(
+    _forelock,
     ProtocolError,
     ForelockError,
     "forelockd answered something this client does not expect."
@@ -110,6 +116,7 @@ fn to_py(error: Error) -> PyErr {
         Error::NotHolder { .. } => NotHolder::new_err(message),
         Error::BrokerRestarted { .. } => BrokerRestarted::new_err(message),
         Error::Protocol { .. } => ProtocolError::new_err(message),
+        Error::Lost { .. } => LockLost::new_err(message),
         _ => ForelockError::new_err(message),
     }
 }
@@ -348,6 +355,7 @@ fn _forelock(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TooManyClients", py.get_type::<TooManyClients>())?;
     m.add("TooManyHolds", py.get_type::<TooManyHolds>())?;
     m.add("NotHolder", py.get_type::<NotHolder>())?;
+    m.add("LockLost", py.get_type::<LockLost>())?;
     m.add("BrokerRestarted", py.get_type::<BrokerRestarted>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("MAX_KEY_LEN", forelock::MAX_KEY_LEN)?;

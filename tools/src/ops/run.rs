@@ -12,7 +12,12 @@
 //! conflict code (`-E`, default 1) when `-n` finds the lock held or `-w`
 //! times out; 64 (EX_USAGE) for an invalid key; 69 (EX_UNAVAILABLE) when the
 //! broker cannot be reached or the command cannot be started (as flock(1));
-//! 71 (EX_OSERR) when waiting for the command fails.
+//! 71 (EX_OSERR) when waiting for the command fails; 75 (EX_TEMPFAIL) when
+//! the lock was a global key's and this host lost it while the command ran
+//! (its broker could not confirm its etcd lease in time, docs/cluster.md):
+//! another host may have held the key meanwhile, so whatever the command
+//! wrote must have been fenced with its token (`FORELOCK_TOKEN`). The command
+//! is not stopped early when the hold is lost; it learns it from this code.
 
 use super::RuntimeDirArg;
 use std::ffi::OsString;
@@ -23,6 +28,7 @@ use std::time::Duration;
 pub const EX_USAGE: i32 = 64;
 pub const EX_UNAVAILABLE: i32 = 69;
 pub const EX_OSERR: i32 = 71;
+pub const EX_TEMPFAIL: i32 = 75;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -77,10 +83,17 @@ pub fn run(args: &RunArgs) -> i32 {
         }
     };
     let code = run_command(args, guard.token(), guard.previous_owner_died());
-    if let Err(e) = guard.release() {
-        eprintln!("forelock run: releasing {:?}: {e}", args.key);
+    match guard.release() {
+        Ok(()) => code,
+        Err(e @ forelock::Error::Lost { .. }) => {
+            eprintln!("forelock run: {:?}: {e}", args.key);
+            EX_TEMPFAIL
+        }
+        Err(e) => {
+            eprintln!("forelock run: releasing {:?}: {e}", args.key);
+            code
+        }
     }
-    code
 }
 
 fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {

@@ -208,14 +208,97 @@ pub fn read(dir: &Path) -> anyhow::Result<Status> {
 }
 
 pub fn run(args: &StatusArgs) -> anyhow::Result<i32> {
-    let status = read(&args.runtime.dir())?;
+    let dir = args.runtime.dir();
+    let status = read(&dir)?;
+    let cluster = read_cluster(&dir);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let mut v = serde_json::to_value(&status)?;
+        if let Some(c) = cluster {
+            v["cluster"] = c;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&status));
+        if let Some(c) = cluster {
+            print!("{}", render_cluster(&c));
+        }
     }
     // Like `systemctl status`: 0 when the broker is alive, 3 when it is not.
     Ok(if status.broker.alive { 0 } else { 3 })
+}
+
+/// The broker's `cluster.json` (written every 500 ms when `[cluster]` is
+/// configured), if there is one.
+pub fn read_cluster(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The cluster part of `forelock status`: the lease, the members, and the
+/// global keys this host holds, waits for or prefetched.
+pub fn render_cluster(c: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let lease = &c["lease"];
+    let health = if c["connected"] == true && lease["safe_for_ms"].as_u64() > Some(0) {
+        format!(
+            "lease {} safe for {} ms",
+            lease["id"].as_str().unwrap_or("?"),
+            lease["safe_for_ms"]
+        )
+    } else {
+        format!(
+            "NOT GRANTING global keys: {}",
+            c["last_error"].as_str().unwrap_or("no lease yet")
+        )
+    };
+    let _ = writeln!(
+        out,
+        "cluster:     node {}, {health}; fenced {} times",
+        c["node"].as_str().unwrap_or("?"),
+        c["fences"]
+    );
+    if let Some(members) = c["members"].as_array().filter(|m| !m.is_empty()) {
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| {
+                let up = if m["up"] == true { "up" } else { "DOWN" };
+                format!(
+                    "{} {} {up}",
+                    m["node"].as_str().unwrap_or("?"),
+                    m["addr"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  members:   {}", list.join(", "));
+    }
+    let keys: Vec<String> = c["keys"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|k| {
+                    format!(
+                        "{} ({})",
+                        k["key"].as_str().unwrap_or("?"),
+                        k["state"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  node grants: {}; lost holds {}; prefetch hits {}, unused {}",
+        if keys.is_empty() {
+            "none".into()
+        } else {
+            keys.join(", ")
+        },
+        c["lost_holds"],
+        c["prefetch_hits"],
+        c["prefetch_unused"]
+    );
+    out
 }
 
 fn percent(part: u64, whole: u64) -> String {
@@ -332,4 +415,32 @@ pub fn render(s: &Status) -> String {
         c.table_full, c.repairs
     );
     out
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::render_cluster;
+
+    #[test]
+    fn the_cluster_line_says_when_global_keys_are_not_granted() {
+        let fenced = serde_json::json!({
+            "node": "h1", "connected": false, "last_error": "etcd did not answer",
+            "lease": {"id": "0", "epoch": 1, "safe_for_ms": 0}, "fences": 2,
+            "members": [], "keys": [], "lost_holds": 1, "prefetch_hits": 0, "prefetch_unused": 0
+        });
+        let text = render_cluster(&fenced);
+        assert!(text.contains("NOT GRANTING global keys: etcd did not answer"), "{text}");
+        assert!(text.contains("lost holds 1"), "{text}");
+        let healthy = serde_json::json!({
+            "node": "h1", "connected": true, "last_error": "",
+            "lease": {"id": "7a", "epoch": 1, "safe_for_ms": 8000}, "fences": 0,
+            "members": [{"node": "h2", "addr": "10.0.0.2:7946", "up": true}],
+            "keys": [{"key": "global/a", "state": "held"}],
+            "lost_holds": 0, "prefetch_hits": 3, "prefetch_unused": 1
+        });
+        let text = render_cluster(&healthy);
+        assert!(text.contains("lease 7a safe for 8000 ms"), "{text}");
+        assert!(text.contains("h2 10.0.0.2:7946 up"), "{text}");
+        assert!(text.contains("global/a (held)"), "{text}");
+    }
 }
