@@ -73,6 +73,11 @@ impl Host {
     /// Start `exe` (the broker under test) in host `name`'s namespace with
     /// `options`, and wait until it is ready.
     pub fn start(net: &Net, name: &str, exe: &Path, options: HostOptions) -> Host {
+        if let Some(c) = &options.cluster {
+            c.validate().unwrap_or_else(|e| {
+                panic!("the harness wrote a [cluster] section that cannot work: {e}")
+            });
+        }
         let ns = net.member(name).ns.clone();
         let dir = TempDir::new(&format!("host-{}-{name}", net.prefix));
         let config = config_toml(&options);
@@ -198,5 +203,42 @@ impl Host {
 
     pub fn log(&self) -> String {
         self.broker.log()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_has_a_cluster_section_the_agent_parses_back() {
+        let cluster = ClusterConfig {
+            node: "h2".into(),
+            etcd: vec!["http://10.1.2.11:2379".into()],
+            lease_ttl_ms: 4_000,
+            seeds: vec!["10.1.2.1:7946".into()],
+            ..ClusterConfig::default()
+        };
+        let text = config_toml(&HostOptions {
+            cluster: Some(cluster.clone()),
+            extra_toml: "[allocator]\npolicy = \"none\"\n".into(),
+            faketime: false,
+        });
+        assert!(text.contains("\n[cluster]\n"), "{text}");
+        assert!(text.contains("node = \"h2\""), "{text}");
+        assert!(text.contains("lease_ttl_ms = 4000"), "{text}");
+        #[derive(serde::Deserialize)]
+        struct Back {
+            cluster: ClusterConfig,
+        }
+        // (The other sections are ignored here: no deny_unknown_fields.)
+        let back: Back = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.cluster, cluster);
+    }
+
+    #[test]
+    fn without_a_cluster_section_the_config_is_the_extra_toml_alone() {
+        let text = config_toml(&HostOptions::default());
+        assert!(!text.contains("cluster"), "{text}");
     }
 }
