@@ -9,6 +9,7 @@
 //! bounded: a test that would hang fails with a message instead.
 
 pub mod chaos;
+pub mod cluster;
 pub mod etcd;
 
 use std::io::{BufRead, BufReader};
@@ -50,6 +51,8 @@ impl Drop for TempDir {
 pub struct Broker {
     pub dir: PathBuf,
     exe: PathBuf,
+    /// A command the broker runs under (e.g. `ip netns exec h1`), or empty.
+    wrapper: Vec<String>,
     config: PathBuf,
     env: Vec<(String, String)>,
     /// The process, while it runs.
@@ -61,11 +64,25 @@ impl Broker {
     /// Start the broker `exe` on `dir` with `config` (TOML over the
     /// defaults) and extra environment `env`; wait until it logs "ready".
     pub fn launch(exe: &Path, dir: &Path, config: &str, env: &[(&str, &str)]) -> Broker {
+        Broker::launch_wrapped(&[], exe, dir, config, env)
+    }
+
+    /// [`Broker::launch`] under `wrapper`, a command that ends by exec'ing
+    /// its arguments in the same process (`ip netns exec h1`, `setpriv ...`),
+    /// so that the child's pid is the broker's.
+    pub fn launch_wrapped(
+        wrapper: &[&str],
+        exe: &Path,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Broker {
         let path = dir.join("forelockd-test.toml");
         std::fs::write(&path, config).unwrap();
         let mut b = Broker {
             dir: dir.into(),
             exe: exe.into(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             config: path,
             env: env
                 .iter()
@@ -79,7 +96,15 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(&self.exe)
+        let mut command = match self.wrapper.split_first() {
+            None => Command::new(&self.exe),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.exe);
+                c
+            }
+        };
+        let mut child = command
             .arg("--config")
             .arg(&self.config)
             .arg("--runtime-dir")

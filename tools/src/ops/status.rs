@@ -429,7 +429,10 @@ mod cluster_tests {
             "members": [], "keys": [], "lost_holds": 1, "prefetch_hits": 0, "prefetch_unused": 0
         });
         let text = render_cluster(&fenced);
-        assert!(text.contains("NOT GRANTING global keys: etcd did not answer"), "{text}");
+        assert!(
+            text.contains("NOT GRANTING global keys: etcd did not answer"),
+            "{text}"
+        );
         assert!(text.contains("lost holds 1"), "{text}");
         let healthy = serde_json::json!({
             "node": "h1", "connected": true, "last_error": "",
