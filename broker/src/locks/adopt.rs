@@ -139,6 +139,7 @@ impl LockManager {
                     m.mirror(table, s);
                 }
                 m.dir.index_insert(table, s);
+                m.dir.order_insert(s);
             }
         }
         table
