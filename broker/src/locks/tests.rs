@@ -938,3 +938,33 @@ fn a_full_table_finds_its_eviction_victim_without_scanning_every_slot() {
         "{visits} visits for {acquires} allocations: finding a victim is not amortised O(log n)"
     );
 }
+
+#[test]
+fn a_full_table_evicts_the_least_recently_used_idle_key_passing_over_a_held_one() {
+    // The eviction order is kept lazily (issue 12): a held slot at its front
+    // is passed over, and a key used since it was placed is not taken for
+    // an older one.
+    let mut f = fixture(3, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let _held = f.acquire(a, 1, "held", false);
+    f.advance(1);
+    for key in ["old", "new"] {
+        let g = f.acquire(a, 2, key, false);
+        f.release(a, &g);
+        f.advance(1);
+    }
+    // "old" is used again: "new" is now the least recently used idle key.
+    let g = f.acquire(a, 2, "old", false);
+    f.release(a, &g);
+    f.advance(1);
+    let g = f.acquire(a, 2, "x", false);
+    f.release(a, &g);
+    let indexed = |f: &Fixture, key: &str| {
+        f.table
+            .lookup(key.as_bytes(), key_hash(key.as_bytes()))
+            .is_some()
+    };
+    assert!(indexed(&f, "held"), "a held key is never evicted");
+    assert!(indexed(&f, "old"), "used since it was placed: kept");
+    assert!(!indexed(&f, "new"), "the least recently used idle key goes");
+}

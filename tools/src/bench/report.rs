@@ -483,7 +483,7 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "every latency includes one clock read pair ({} here); batch/op (uncontended) reads the clock once per {} operations; max wait = the longest single sample",
+        "every latency includes one clock read pair ({} here); batch/op (uncontended) = ns per operation of the median chunk of {} operations, one clock read per chunk; max wait = the longest single sample",
         format_ns(outcome.clock_pair_ns),
         super::workload::BATCH_CHUNK
     );
