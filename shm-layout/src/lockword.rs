@@ -233,6 +233,7 @@ pub const fn released(held: Word) -> Word {
 // | [`prepare`] | `P=0`, free | `P=1`, free, same counter, `D` kept | store: the Release publishes the slot to the next fast acquirer |
 // | [`release_for_dead_owner`] | `P=1`, held by a dead client | `P=1`, free, `D` set | CAS from the exact held word (a racing scribbler makes it fail: retried, bounded) |
 // | [`rekey`] | `P=0`, or `P=1` free | next generation, `P=0`, free, counter 0 | CAS for a prepared word (a client may take it meanwhile: then the slot is kept), store for a managed one |
+// | [`prepare_held_for`] | `P=0`, free | `P=1`, `X`, owner + 1, counter + 1, `D` cleared (reported) | store: the word a client's own fast-path grant writes, so the holder releases with [`try_release_exclusive`] (issue 12: one round trip for an unprepared key) |
 //
 // The client's two transitions ([`try_acquire_exclusive`], [`try_release_exclusive`])
 // require `P=1`, so after [`take_over`] the word is the broker's alone, and
@@ -275,6 +276,42 @@ pub const fn release_for_dead_owner(held: Word) -> Word {
 /// counter 0 (the token base moves to the floor with the new key).
 pub const fn rekey(w: Word) -> Word {
     Word::new(w.generation().wrapping_add(1), 0, 0, 0)
+}
+
+/// The broker grants an unprepared, uncontended key so that its holder can
+/// release it on the fast path: from a managed (`P=0`), free, well-formed
+/// word, the word a client's own fast-path grant would have written for
+/// `owner` (`P`, `X`, `owner + 1`, counter + 1, `D` cleared and reported).
+/// The broker stores it (clients never write a `P=0` word, so nothing races
+/// with the store) and answers the client with it; the client's release is
+/// then [`try_release_exclusive`] from exactly this word. A waiter that
+/// arrives meanwhile makes the broker [`take_over`] the slot, which fails the
+/// holder's CAS and sends its release through the broker.
+///
+/// Declines (the broker then grants the ordinary managed way): `Malformed`
+/// for reserved bits, `NotPrepared` is never returned, `Held` for a word with
+/// holders, `CounterExhausted` when counter + 1 would not fit.
+pub fn prepare_held_for(current: Word, owner: u32) -> Result<FastGrant, Decline> {
+    if current.0 & RESERVED_MASK != 0 {
+        return Err(Decline::Malformed);
+    }
+    if current.is_prepared() || !current.is_free() {
+        return Err(Decline::Held);
+    }
+    if current.counter() as u64 == COUNTER_MASK {
+        return Err(Decline::CounterExhausted);
+    }
+    debug_assert!(owner <= MAX_OWNER_INDEX);
+    let held = Word::new(
+        current.generation(),
+        PREPARED | EXCLUSIVE,
+        owner + 1,
+        current.counter() + 1,
+    );
+    Ok(FastGrant {
+        held,
+        owner_died: current.owner_died(),
+    })
 }
 
 /// A 64-bit atomic cell the transitions can run on: the real `AtomicU64` in a
@@ -418,6 +455,49 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_grant_for_fast_release_writes_what_a_client_grant_would() {
+        // From a managed free word with the owner-died bit: the word a
+        // client's own CAS writes on the prepared word, D reported once.
+        let managed_free = Word::new(7, OWNER_DIED, 0, 41);
+        let by_broker = prepare_held_for(managed_free, 3).unwrap();
+        let by_client = acquire_exclusive_transition(prepare(managed_free), 7, 3).unwrap();
+        assert_eq!(by_broker, by_client);
+        assert_eq!(by_broker.held, Word::new(7, PREPARED | EXCLUSIVE, 4, 42));
+        assert!(by_broker.owner_died);
+        // The holder's release is the ordinary fast-path release.
+        let cell = AtomicU64::new(by_broker.held.0);
+        assert!(try_release_exclusive(&cell, by_broker.held));
+        assert_eq!(
+            Word(cell.load(Ordering::Relaxed)),
+            Word::new(7, PREPARED, 0, 42)
+        );
+    }
+
+    #[test]
+    fn a_broker_grant_for_fast_release_declines_every_word_that_is_not_managed_and_free() {
+        assert_eq!(
+            prepare_held_for(Word::new(7, PREPARED, 0, 1), 3),
+            Err(Decline::Held)
+        );
+        assert_eq!(
+            prepare_held_for(Word::new(7, EXCLUSIVE, 2, 1), 3),
+            Err(Decline::Held)
+        );
+        assert_eq!(
+            prepare_held_for(Word::new(7, 0, 2, 1), 3),
+            Err(Decline::Held)
+        );
+        assert_eq!(
+            prepare_held_for(Word(Word::new(7, 0, 0, 1).0 | (1 << 44)), 3),
+            Err(Decline::Malformed)
+        );
+        assert_eq!(
+            prepare_held_for(Word::new(7, 0, 0, COUNTER_MASK as u32), 3),
+            Err(Decline::CounterExhausted)
+        );
+    }
+
+    #[test]
     fn release_fails_once_the_broker_took_the_slot_over() {
         let cell = AtomicU64::new(prepared(0).0);
         let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
@@ -535,6 +615,73 @@ mod loom_tests {
                 assert_eq!(inside.load(Ordering::SeqCst), 0);
             }
             client.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_broker_grant_for_fast_release_excludes_fast_acquirers_and_a_takeover_fails_its_release() {
+        // The broker grants client 1 an unprepared key by storing the held
+        // prepared word, answers it (the message: `answered`), then takes the
+        // slot over for a waiter. Client 1, once answered, releases with its
+        // CAS; client 2 tries the fast path. Never two inside; the hold ends
+        // exactly once: by client 1's CAS or in the broker's takeover.
+        loom::model(|| {
+            let word = Arc::new(AtomicU64::new(Word::new(0, 0, 0, 5).0));
+            let answered = Arc::new(AtomicUsize::new(0));
+            let inside = Arc::new(AtomicUsize::new(0));
+            let holder = {
+                let (word, answered, inside) = (word.clone(), answered.clone(), inside.clone());
+                loom::thread::spawn(move || {
+                    // SYNC POINT: Acquire pairs with the broker's Release of
+                    // the answer, which follows its Release store of the word.
+                    let held = answered.load(Ordering::Acquire);
+                    if held == 0 {
+                        return None; // not answered yet in this interleaving
+                    }
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    Some(try_release_exclusive(&*word, Word(held as u64)))
+                })
+            };
+            let other = {
+                let (word, inside) = (word.clone(), inside.clone());
+                loom::thread::spawn(move || {
+                    if let Ok(g) = try_acquire_exclusive(&*word, 0, 2) {
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        try_release_exclusive(&*word, g.held);
+                        true
+                    } else {
+                        false
+                    }
+                })
+            };
+            // The broker: grant, answer, take over.
+            let g = prepare_held_for(word.load_word(Ordering::Relaxed), 1).unwrap();
+            // SYNC POINT: Release publishes the grant to fast acquirers
+            // (pairs with their CAS's Acquire) and precedes the answer.
+            word.store(g.held.0, Ordering::Release);
+            answered.store(g.held.0 as usize, Ordering::Release);
+            let mut cur = word.load_word(Ordering::Acquire);
+            loop {
+                match word.compare_exchange_word(
+                    cur,
+                    take_over(cur),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => cur = now,
+                }
+            }
+            let taken_from_holder = cur == g.held;
+            let released_by_cas = holder.join().unwrap() == Some(true);
+            let other_got_it = other.join().unwrap();
+            // Client 2 can only have got the key after client 1's CAS freed it.
+            assert!(!other_got_it || released_by_cas);
+            // The hold ends once: client 1's CAS, or the takeover found it held.
+            assert!(!(taken_from_holder && released_by_cas));
+            assert!(taken_from_holder || released_by_cas);
         });
     }
 

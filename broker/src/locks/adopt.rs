@@ -140,6 +140,7 @@ impl LockManager {
                     m.mirror(table, s);
                 }
                 m.dir.index_insert(table, s);
+                m.dir.order_insert(s);
             }
         }
         table

@@ -29,7 +29,7 @@ use shm_layout::key_hash;
 use shm_layout::lockword::{self, OWNER_DIED, Word};
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::{INDEX_MAX_PROBE, IndexEntry, TableView};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 #[derive(Debug, Clone)]
 pub(super) struct SlotState {
@@ -61,6 +61,9 @@ pub(super) struct SlotState {
     pub(super) base: u64,
     /// Position in the key index, if indexed.
     pub(super) index_pos: Option<u32>,
+    /// The (contention kept, last use) under which the slot sits in the
+    /// directory's eviction order; `None`: not in it (free, or parked).
+    pub(super) ordered_as: Option<(bool, u64)>,
 }
 
 impl SlotState {
@@ -81,6 +84,7 @@ impl SlotState {
             issued: 0,
             base: 0,
             index_pos: None,
+            ordered_as: None,
         }
     }
 }
@@ -101,6 +105,24 @@ pub(super) struct Directory {
     pub(super) died_keys: HashSet<Box<[u8]>>,
     /// Keys seen recently, by hash: what the allocator may prepare.
     pub(super) known: HashMap<u64, Box<[u8]>>,
+    /// Keyed slots by (kept for contention, last use, slot): the eviction
+    /// order, kept lazily (see [`Directory::victim`]).
+    order: BTreeSet<(bool, u64, u32)>,
+    /// Slots taken out of `order` because they were held or waited for.
+    parked: Vec<u32>,
+    /// How much work the table-sized loops did (tests only: the regression
+    /// tests of issue 12 count visits rather than time them).
+    #[cfg(test)]
+    pub(super) visits: Visits,
+}
+
+/// Entries looked at by `remember`'s forgetting and by `allocate`'s search
+/// for a victim (tests only).
+#[cfg(test)]
+#[derive(Debug, Clone, Default)]
+pub(super) struct Visits {
+    pub(super) remember: u64,
+    pub(super) victim: u64,
 }
 
 impl Directory {
@@ -114,6 +136,10 @@ impl Directory {
             index: vec![0; index_len as usize],
             died_keys: HashSet::new(),
             known: HashMap::new(),
+            order: BTreeSet::new(),
+            parked: Vec::new(),
+            #[cfg(test)]
+            visits: Visits::default(),
         }
     }
 
@@ -179,12 +205,21 @@ impl Directory {
     }
 
     /// Remember `key` by its hash: the allocator may prepare it (bounded).
+    /// When the memory is full it forgets every key without a slot: one map
+    /// look-up per remembered key, and at least `3 * slots + 1024` keys are
+    /// remembered before the next forgetting, so amortised O(1) per key.
     pub(super) fn remember(&mut self, hash: u64, key: &[u8]) {
         if self.known.len() >= 4 * self.slots.len() + 1024 {
-            // Bounded: forget everything not currently in a slot.
-            let slots = &self.slots;
-            self.known
-                .retain(|_, k| slots.iter().any(|st| st.key.as_deref() == Some(&**k)));
+            let keys = &self.keys;
+            #[cfg(test)]
+            let visits = &mut self.visits.remember;
+            self.known.retain(|_, k| {
+                #[cfg(test)]
+                {
+                    *visits += 1;
+                }
+                keys.contains_key(k)
+            });
             if self.known.len() >= 4 * self.slots.len() + 1024 {
                 self.known.clear();
             }
@@ -204,19 +239,7 @@ impl Directory {
         let s = match self.free.pop() {
             Some(s) => s,
             None => {
-                let victim = (0..self.slots.len() as u32)
-                    .filter(|&s| {
-                        let st = &self.slots[s as usize];
-                        st.key.is_some()
-                            && st.queue.is_empty()
-                            && st.holder == Holder::Free
-                            && (st.managed || word_of(table, s).is_free())
-                    })
-                    // Slots kept for predicted contention go last.
-                    .min_by_key(|&s| {
-                        let st = &self.slots[s as usize];
-                        (st.contention_prepared, st.last_use_ms)
-                    })?;
+                let victim = self.victim(table)?;
                 if !self.free_slot(table, ledger, victim) {
                     return None;
                 }
@@ -225,6 +248,108 @@ impl Directory {
         };
         self.place_key(table, ledger, now_ms, s, key);
         Some(s)
+    }
+
+    /// Whether slot `s` may be evicted now: keyed, nobody queued, no broker
+    /// holder, and on the fast path no holder in the word.
+    fn idle(&self, table: &TableView, s: u32) -> bool {
+        let st = &self.slots[s as usize];
+        st.key.is_some()
+            && st.queue.is_empty()
+            && st.holder == Holder::Free
+            && (st.managed || word_of(table, s).is_free())
+    }
+
+    /// The idle slot to evict: the least recently used, slots kept for
+    /// predicted contention last. Amortised O(log n) (issue 12: it was a scan
+    /// of every slot per allocation):
+    ///
+    /// - `order` holds each keyed slot once, by its (contention kept, last
+    ///   use) when it was put there. A slot used since sits too early; met
+    ///   at the front it is put back under its current place (one move per
+    ///   use, paid by that use).
+    /// - A slot met at the front while held or waited for is parked: out of
+    ///   the order until it is used again ([`Directory::touch`]) or the next
+    ///   tick ([`Directory::unpark`]), so held slots are not looked at on
+    ///   every allocation.
+    /// - Only when the order is empty are the parked slots looked at (a fast
+    ///   holder may have released since the tick): the table is full of held
+    ///   keys, the path that ends in `TableFull`.
+    fn victim(&mut self, table: &TableView) -> Option<u32> {
+        while let Some(&(kept, used, s)) = self.order.first() {
+            #[cfg(test)]
+            {
+                self.visits.victim += 1;
+            }
+            let st = &self.slots[s as usize];
+            let now = (st.contention_prepared, st.last_use_ms);
+            if (kept, used) != now || st.ordered_as != Some(now) {
+                // Used (or its contention kept or dropped) since: move it.
+                self.order.remove(&(kept, used, s));
+                self.slots[s as usize].ordered_as = None;
+                self.order_insert(s);
+                continue;
+            }
+            if self.idle(table, s) {
+                return Some(s);
+            }
+            self.order.remove(&(kept, used, s));
+            self.slots[s as usize].ordered_as = None;
+            self.parked.push(s);
+        }
+        #[cfg(test)]
+        {
+            self.visits.victim += self.parked.len() as u64;
+        }
+        self.parked
+            .iter()
+            .copied()
+            .filter(|&s| self.idle(table, s))
+            .min_by_key(|&s| {
+                let st = &self.slots[s as usize];
+                (st.contention_prepared, st.last_use_ms)
+            })
+    }
+
+    /// Put keyed slot `s` in the eviction order under its current (contention
+    /// kept, last use), if it is not there.
+    pub(super) fn order_insert(&mut self, s: u32) {
+        let st = &mut self.slots[s as usize];
+        if st.key.is_none() || st.ordered_as.is_some() {
+            return;
+        }
+        let at = (st.contention_prepared, st.last_use_ms);
+        st.ordered_as = Some(at);
+        self.order.insert((at.0, at.1, s));
+    }
+
+    /// Take slot `s` out of the eviction order (freed, or parked).
+    fn order_remove(&mut self, s: u32) {
+        if let Some((kept, used)) = self.slots[s as usize].ordered_as.take() {
+            self.order.remove(&(kept, used, s));
+        }
+    }
+
+    /// Slot `s` was used at `now_ms` (a broker grant or release): its place in
+    /// the eviction order moves later, lazily, and a parked slot comes back.
+    pub(super) fn touch(&mut self, s: u32, now_ms: u64) {
+        self.slots[s as usize].last_use_ms = now_ms;
+        self.order_insert(s);
+    }
+
+    /// Whether slot `s` is kept for predicted contention (evicted last).
+    pub(super) fn set_contention_kept(&mut self, s: u32, kept: bool) {
+        self.order_remove(s);
+        self.slots[s as usize].contention_prepared = kept;
+        self.order_insert(s);
+    }
+
+    /// Every tick: parked slots go back into the eviction order (a fast
+    /// holder's release or a cancelled wait is not seen as a use).
+    pub(super) fn unpark(&mut self) {
+        for s in std::mem::take(&mut self.parked) {
+            self.order_insert(s);
+        }
     }
 
     /// Write `key` into free slot `s`, managed and unheld, and index it. Its
@@ -256,6 +381,7 @@ impl Directory {
         // SYNC POINT: Release publishes the key and token base written above;
         // pairs with the Acquire word load in `TableView::lookup`.
         slot.word.store(word.0, Ordering::Release);
+        self.order_remove(s);
         let st = &mut self.slots[s as usize];
         *st = SlotState::empty();
         st.key = Some(key.into());
@@ -266,6 +392,7 @@ impl Directory {
         st.issued = base;
         self.keys.insert(key.into(), s);
         self.index_insert(table, s);
+        self.order_insert(s);
         header.stats.slots_used.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -298,6 +425,7 @@ impl Directory {
         }
         ledger.clear_slot(s);
         self.index_remove(table, s);
+        self.order_remove(s);
         slot.key_len.store(0, Ordering::Relaxed);
         let st = std::mem::replace(&mut self.slots[s as usize], SlotState::empty());
         if let Some(key) = st.key {

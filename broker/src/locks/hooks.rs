@@ -57,6 +57,7 @@ impl LockManager {
         }
         stats.slots_used.store(used, Ordering::Relaxed);
         stats.slots_prepared.store(prepared, Ordering::Relaxed);
+        self.dir.unpark();
     }
 
     /// What the allocator policy sees of each keyed slot, into `out`;
@@ -127,7 +128,7 @@ impl LockManager {
             if st.managed && st.holder == Holder::Free && st.queue.is_empty() {
                 self.return_to_fast_path(table, s);
             }
-            self.dir.slots[s as usize].last_use_ms = self.now_ms;
+            self.dir.touch(s, self.now_ms);
             return false;
         }
         let Some(s) = self.dir.free.pop() else {
@@ -182,9 +183,9 @@ impl LockManager {
                 *self.dir.keys.get(&key).expect("prepare placed the key")
             }
         };
+        self.dir.set_contention_kept(s, true);
         let st = &mut self.dir.slots[s as usize];
         st.queue.reserve(waiters.saturating_sub(st.queue.len()));
-        st.contention_prepared = true;
         st.contention_used = false;
         self.waiting.reserve(waiters);
         table
@@ -215,8 +216,8 @@ impl LockManager {
     /// path; a new prediction prepares it again). Its queue keeps its capacity.
     pub fn end_contention_preparation(&mut self, s: u32) {
         if let Some(st) = self.dir.slots.get_mut(s as usize) {
-            st.contention_prepared = false;
             st.contention_used = false;
+            self.dir.set_contention_kept(s, false);
         }
     }
 

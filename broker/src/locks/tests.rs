@@ -900,3 +900,71 @@ fn a_broker_killed_while_freeing_a_slot_never_lets_its_tokens_go_back() {
     let g = f.acquire(a, 1, "k", false);
     assert!(token(&g) > last, "token {} after {last}", token(&g));
 }
+
+/// Many distinct keys through a full table: each acquire allocates (evicting
+/// the least recently used idle slot) and is remembered. Returns the number
+/// of acquires.
+fn many_distinct_keys(f: &mut Fixture, keys: u32) -> u64 {
+    let a = f.client(1);
+    for i in 0..keys {
+        let g = f.acquire(a, 1, &format!("distinct/{i}"), false);
+        f.release(a, &g);
+    }
+    keys as u64
+}
+
+#[test]
+fn remember_with_its_key_memory_full_looks_at_each_key_once_not_at_every_slot() {
+    // Issue 12: forgetting keys compared every remembered key with every
+    // slot (about 1.1e9 visits at 16,384 slots). 256 slots remember up to
+    // 2048 keys; 6000 keys fill that memory twice.
+    let mut f = fixture(256, 4, Policy::KeepAlive);
+    let acquires = many_distinct_keys(&mut f, 6000);
+    let visits = f.m.dir.visits.remember;
+    assert!(
+        visits <= 4 * acquires,
+        "{visits} visits for {acquires} remembered keys: forgetting is not amortised O(1)"
+    );
+}
+
+#[test]
+fn a_full_table_finds_its_eviction_victim_without_scanning_every_slot() {
+    // Issue 12: each allocation on a full table looked at every slot.
+    let mut f = fixture(256, 4, Policy::KeepAlive);
+    let acquires = many_distinct_keys(&mut f, 3000);
+    let visits = f.m.dir.visits.victim;
+    assert!(
+        visits <= 8 * acquires,
+        "{visits} visits for {acquires} allocations: finding a victim is not amortised O(log n)"
+    );
+}
+
+#[test]
+fn a_full_table_evicts_the_least_recently_used_idle_key_passing_over_a_held_one() {
+    // The eviction order is kept lazily (issue 12): a held slot at its front
+    // is passed over, and a key used since it was placed is not taken for
+    // an older one.
+    let mut f = fixture(3, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let _held = f.acquire(a, 1, "held", false);
+    f.advance(1);
+    for key in ["old", "new"] {
+        let g = f.acquire(a, 2, key, false);
+        f.release(a, &g);
+        f.advance(1);
+    }
+    // "old" is used again: "new" is now the least recently used idle key.
+    let g = f.acquire(a, 2, "old", false);
+    f.release(a, &g);
+    f.advance(1);
+    let g = f.acquire(a, 2, "x", false);
+    f.release(a, &g);
+    let indexed = |f: &Fixture, key: &str| {
+        f.table
+            .lookup(key.as_bytes(), key_hash(key.as_bytes()))
+            .is_some()
+    };
+    assert!(indexed(&f, "held"), "a held key is never evicted");
+    assert!(indexed(&f, "old"), "used since it was placed: kept");
+    assert!(!indexed(&f, "new"), "the least recently used idle key goes");
+}

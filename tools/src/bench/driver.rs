@@ -76,6 +76,9 @@ pub struct RunResult {
     /// Mutual exclusion checks (see `workload`): both must be 0.
     pub exclusion_violations: u64,
     pub lost_counts: u64,
+    /// Uncontended: ns per acquire+release over a loop without a clock read
+    /// per operation, the mean over the workers (none for other workloads).
+    pub batch_ns_per_op: Option<f64>,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
@@ -420,6 +423,7 @@ pub fn measure(
     histogram.auto(true);
     let mut grants_per_process = Vec::with_capacity(workers.len());
     let mut elapsed_ns_max = 0u64;
+    let mut batch = Vec::new();
     for path in &report_paths {
         let report: WorkerReport = serde_json::from_slice(
             &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -430,7 +434,10 @@ pub fn measure(
         histogram.add(&worker_histogram)?;
         grants_per_process.push(report.grants);
         elapsed_ns_max = elapsed_ns_max.max(report.elapsed_ns);
+        batch.extend(report.batch_ns_per_op);
     }
+    let batch_ns_per_op =
+        (!batch.is_empty()).then(|| batch.iter().sum::<f64>() / batch.len() as f64);
     let grants_total: u64 = grants_per_process.iter().sum();
     let (exclusion_violations, lost_counts) = if check_exclusion {
         let counted = board.counted_grants(KEYS_TOTAL);
@@ -457,6 +464,7 @@ pub fn measure(
         throughput_per_s: grants_total as f64 / elapsed_s,
         exclusion_violations,
         lost_counts,
+        batch_ns_per_op,
         histogram,
     })
 }

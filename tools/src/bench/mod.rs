@@ -36,6 +36,7 @@ mod peers;
 mod report;
 pub(crate) mod support;
 pub mod system;
+mod table_cost;
 mod workload;
 
 #[cfg(test)]
@@ -100,6 +101,19 @@ pub struct BenchArgs {
     /// and the filelock package, against one broker.
     #[arg(long)]
     pub languages: bool,
+
+    /// Instead of the systems: many distinct keys through one broker whose
+    /// table fills (its eviction and its memory of keys), per window of keys.
+    #[arg(long)]
+    pub table_cost: bool,
+
+    /// Slots of the broker in --table-cost [default: 16384, 2048 with --quick].
+    #[arg(long, value_name = "SLOTS")]
+    pub table_slots: Option<u32>,
+
+    /// Distinct keys in --table-cost [default: 100000, 12000 with --quick].
+    #[arg(long, value_name = "KEYS")]
+    pub table_keys: Option<u64>,
 }
 
 /// Runs `forelock bench` with `extra` systems (forelock) beside the peers.
@@ -112,6 +126,15 @@ pub fn run_with(args: BenchArgs, extra: Vec<SystemEntry>) -> anyhow::Result<()> 
     }
     if args.languages {
         return languages::run(if args.quick { 20_000 } else { 1_000_000 });
+    }
+    if args.table_cost {
+        let slots = args
+            .table_slots
+            .unwrap_or(if args.quick { 2048 } else { 16_384 });
+        let keys = args
+            .table_keys
+            .unwrap_or(if args.quick { 12_000 } else { 100_000 });
+        return table_cost::run(slots, keys, (keys / 20).max(1));
     }
     let launcher = driver::Launcher::this_command()?;
     let outcome = driver::drive(&args, &entries, &launcher)?;

@@ -33,6 +33,9 @@ pub struct Summary {
     /// Summed over repeats; anything but 0 means a lock failed to exclude.
     pub exclusion_violations: u64,
     pub lost_counts: u64,
+    /// Uncontended: the median over repeats of ns per acquire+release in a
+    /// loop without a clock read per operation.
+    pub batch_ns_per_op: Option<f64>,
 }
 
 fn median_u64(mut values: Vec<u64>) -> u64 {
@@ -77,7 +80,20 @@ pub fn summarize(runs: &[RunResult]) -> Option<Summary> {
         throughput_max: throughput.iter().copied().fold(0.0, f64::max),
         exclusion_violations: runs.iter().map(|run| run.exclusion_violations).sum(),
         lost_counts: runs.iter().map(|run| run.lost_counts).sum(),
+        batch_ns_per_op: {
+            let batch: Vec<f64> = runs.iter().filter_map(|run| run.batch_ns_per_op).collect();
+            (!batch.is_empty()).then(|| median_f64(batch))
+        },
     })
+}
+
+/// "21.4ns", "1.23us": a batch figure, with a decimal below a microsecond.
+fn format_batch_ns(nanoseconds: f64) -> String {
+    if nanoseconds < 1e3 {
+        format!("{nanoseconds:.1}ns")
+    } else {
+        format_ns(nanoseconds.round() as u64)
+    }
 }
 
 /// "850ns", "12.3us", "4.56ms", "1.20s".
@@ -239,6 +255,85 @@ const TARGETS: [Target; 6] = [
     },
 ];
 
+/// The targets of issue 12 on the batch figure (ns per operation over a
+/// loop, no clock read per operation): `system` / `peer` at most `floor`.
+const BATCH_TARGETS: [Target; 3] = [
+    Target {
+        label: "prepared key, batch, vs in-process std Mutex",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "std-mutex",
+        floor: 1.0,
+        aim: 1.0,
+    },
+    Target {
+        label: "prepared key, batch, vs flock(2)",
+        workload: "uncontended-2p",
+        system: FORELOCK_NAME,
+        peer: "flock",
+        floor: 1.0 / 50.0,
+        aim: 1.0 / 100.0,
+    },
+    Target {
+        label: "unprepared key, batch, vs bare Unix-socket round trip",
+        workload: "uncontended-2p",
+        system: FORELOCK_UNPREPARED_NAME,
+        peer: "unix-socket",
+        floor: 2.0,
+        aim: 1.5,
+    },
+];
+
+/// "aim met", "floor met" or "MISSED" for `ratio` against `target`.
+fn verdict(target: &Target, ratio: f64) -> &'static str {
+    if ratio <= target.aim {
+        "aim met"
+    } else if ratio <= target.floor {
+        "floor met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// One line per batch target whose two cells were measured.
+fn batch_targets(outcome: &Outcome) -> String {
+    let batch = |workload: &str, system: &str| {
+        outcome
+            .cells
+            .iter()
+            .find(|cell| cell.workload == workload && cell.system == system)
+            .and_then(|cell| summarize(&cell.runs))
+            .and_then(|summary| summary.batch_ns_per_op)
+    };
+    let mut out = String::new();
+    for target in &BATCH_TARGETS {
+        let (Some(mine), Some(theirs)) = (
+            batch(target.workload, target.system),
+            batch(target.workload, target.peer),
+        ) else {
+            continue;
+        };
+        let ratio = mine / theirs.max(1e-9);
+        let _ = writeln!(
+            out,
+            "  {}: {} {} / {} {} = {} (floor <= {}, aim <= {}): {}",
+            target.label,
+            target.system,
+            format_batch_ns(mine),
+            target.peer,
+            format_batch_ns(theirs),
+            format_ratio(ratio),
+            format_ratio(target.floor),
+            format_ratio(target.aim),
+            verdict(target, ratio),
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("targets of issue 12, batch ns/op against batch ns/op from this run:\n{out}")
+}
+
 /// One line per target of ARCHITECTURE.md whose two cells were measured.
 fn targets(outcome: &Outcome) -> String {
     let p50 = |workload: &str, system: &str| {
@@ -258,13 +353,7 @@ fn targets(outcome: &Outcome) -> String {
             continue;
         };
         let ratio = mine as f64 / theirs.max(1) as f64;
-        let verdict = if ratio <= target.aim {
-            "aim met"
-        } else if ratio <= target.floor {
-            "floor met"
-        } else {
-            "MISSED"
-        };
+        let verdict = verdict(target, ratio);
         let _ = writeln!(
             out,
             "  {}: {} p50 {} / {} p50 {} = {} (floor <= {}, aim <= {}): {verdict}",
@@ -293,9 +382,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
         outcome.cores, outcome.limits.duration_ms, outcome.repeat
     );
     let header = format!(
-        "{:<15} {:<15} {:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
+        "{:<15} {:<15} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
         "workload",
         "system",
+        "batch/op",
         "p50",
         "p99",
         "p99.9",
@@ -338,7 +428,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
                 };
                 let _ = write!(
                     out,
-                    "{:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
+                    "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>15} {:>9} {:>9} {:>19}",
+                    summary
+                        .batch_ns_per_op
+                        .map_or("-".to_string(), format_batch_ns),
                     format_ns(summary.p50_ns),
                     format_ns(summary.p99_ns),
                     format_ns(summary.p999_ns),
@@ -377,6 +470,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
     if !target_lines.is_empty() {
         let _ = writeln!(out, "{target_lines}");
     }
+    let batch_lines = batch_targets(outcome);
+    if !batch_lines.is_empty() {
+        let _ = writeln!(out, "{batch_lines}");
+    }
     for system in &outcome.systems {
         if system.note.is_empty() {
             let _ = writeln!(out, "{}: {}", system.name, system.state);
@@ -386,8 +483,9 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "every latency includes one clock read pair ({} here); max wait = the longest single sample",
-        format_ns(outcome.clock_pair_ns)
+        "every latency includes one clock read pair ({} here); batch/op (uncontended) = ns per operation of the median chunk of {} operations, one clock read per chunk; max wait = the longest single sample",
+        format_ns(outcome.clock_pair_ns),
+        super::workload::BATCH_CHUNK
     );
     let _ = writeln!(out, "total time {:.1} s", outcome.total_s);
     out
@@ -508,8 +606,45 @@ mod tests {
             throughput_per_s: 1.0,
             exclusion_violations: 0,
             lost_counts: 0,
+            batch_ns_per_op: None,
             histogram,
         }
+    }
+
+    fn batch_cell(system: &str, batch_ns_per_op: f64) -> Cell {
+        let mut cell = cell("uncontended-2p", system, 100);
+        cell.runs[0].batch_ns_per_op = Some(batch_ns_per_op);
+        cell
+    }
+
+    #[test]
+    fn batch_targets_compare_ns_per_operation_and_skip_cells_without_a_batch() {
+        let outcome = Outcome {
+            limits: super::super::driver::RunLimits {
+                duration_ms: 1,
+                operations_max: 1,
+            },
+            repeat: 1,
+            cores: 2,
+            workloads: Vec::new(),
+            systems: Vec::new(),
+            cells: vec![
+                batch_cell("forelock", 20.5),
+                batch_cell("std-mutex", 20.0),
+                batch_cell("flock", 3000.0),
+                cell("uncontended-2p", "forelock-unprepared", 90_000),
+                batch_cell("unix-socket", 10_000.0),
+            ],
+            total_s: 1.0,
+            clock_pair_ns: 20,
+        };
+        let text = batch_targets(&outcome);
+        assert!(text.contains("batch, vs in-process std Mutex: forelock 20.5ns / std-mutex 20.0ns = 1.02x (floor <= 1.00x, aim <= 1.00x): MISSED"), "{text}");
+        assert!(text.contains("batch, vs flock(2): forelock 20.5ns / flock 3.0us = 0.0068x (floor <= 0.02x, aim <= 0.01x): aim met"), "{text}");
+        assert!(
+            !text.contains("Unix-socket"),
+            "no batch figure for forelock-unprepared: no line: {text}"
+        );
     }
 
     fn cell(workload: &str, system: &str, p50_ns: u64) -> Cell {

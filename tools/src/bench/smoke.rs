@@ -137,6 +137,13 @@ fn peers_smoke() {
                 run.lost_counts, 0,
                 "{what}: counts under the lock do not add up"
             );
+            // The batch figure: measured for the uncontended workload only.
+            assert_eq!(
+                run.batch_ns_per_op.is_some_and(|ns| ns > 0.0),
+                workload.kind == WorkloadKind::Uncontended,
+                "{what}: batch ns/op {:?}",
+                run.batch_ns_per_op
+            );
             if workload.kind == WorkloadKind::Handoff {
                 // Every grant is a measured hand-off but the first and the
                 // one after the last release (which was not a hand-off).
