@@ -183,7 +183,7 @@ impl LockManager {
             // node grant, so that a later try may succeed.
             if let Some(n) = self.nodes.as_mut()
                 && n.is_global(key)
-                && !n.admits(key, shared)
+                && !n.admits(key, shared, self.now_ms)
             {
                 n.prefetch(key);
             }
@@ -637,7 +637,7 @@ impl LockManager {
     /// global key passes only under this host's node grant (`nodes`).
     fn node_admits(&self, key: &[u8], shared: bool) -> bool {
         match &self.nodes {
-            Some(n) if n.is_global(key) => n.admits(key, shared),
+            Some(n) if n.is_global(key) => n.admits(key, shared, self.now_ms),
             _ => true,
         }
     }

@@ -53,6 +53,14 @@ struct NodeGrant {
     releasing: bool,
 }
 
+impl NodeGrant {
+    /// Whether a callback may end this grant now: it was never used here, or
+    /// it is at least `min_hold_ms` old (no ping-pong between hosts).
+    fn held_enough(&self, now_ms: u64, min_hold_ms: u64) -> bool {
+        !self.used || now_ms >= self.granted_ms + min_hold_ms
+    }
+}
+
 /// What `forelock status` shows of the gate.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NodeCounts {
@@ -90,10 +98,12 @@ impl Nodes {
         self.link.is_global(key)
     }
 
-    /// Whether a local process may be granted `key` (`shared` or not) now.
-    pub(super) fn admits(&self, key: &[u8], shared: bool) -> bool {
+    /// Whether a local process may be granted `key` (`shared` or not) at
+    /// `now_ms`. After a callback, local grants go on until the node grant is
+    /// `min_hold_ms` old (a used one; an unused one yields at once).
+    pub(super) fn admits(&self, key: &[u8], shared: bool, now_ms: u64) -> bool {
         self.grants.get(key).is_some_and(|g| {
-            !g.callback
+            !(g.callback && g.held_enough(now_ms, self.link.min_hold_ms()))
                 && !g.releasing
                 && g.issued < g.limit
                 && (!g.shared || shared)
@@ -312,8 +322,7 @@ impl LockManager {
         let free = slot.is_none_or(|st| st.holder == super::engine::Holder::Free);
         let min_hold = nodes.link.min_hold_ms();
         if let Some(g) = nodes.grants.get_mut(key) {
-            let held_enough = !g.used || now >= g.granted_ms + min_hold;
-            let must_go = (g.callback && held_enough)
+            let must_go = (g.callback && g.held_enough(now, min_hold))
                 || g.issued >= g.limit
                 || (g.shared && head == Some(false))
                 || !nodes.link.lease_valid(g.epoch);
