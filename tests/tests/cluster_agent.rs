@@ -10,12 +10,16 @@ use forelock_tests::etcd::{LocalEtcd, etcdctl};
 use std::time::{Duration, Instant};
 
 fn agent(node: &str, url: &str) -> Agent {
+    agent_with_delay(node, url, 300)
+}
+
+fn agent_with_delay(node: &str, url: &str, lock_delay_ms: u64) -> Agent {
     Agent::start(ClusterConfig {
         node: node.into(),
         etcd: vec![url.into()],
         etcd_prefix: format!("/fl-test-{}", std::process::id()),
         lease_ttl_ms: 5_000,
-        lock_delay_ms: 300,
+        lock_delay_ms,
         ..ClusterConfig::default()
     })
     .unwrap()
@@ -112,4 +116,53 @@ fn a_lease_revoked_behind_the_agents_back_fences_it() {
         panic!("expected a grant under the new lease")
     };
     assert!(e2 > epoch);
+}
+
+/// The node-grant model's counterexample (broker/cluster/tests/model.rs):
+/// a holder whose lease ended before the next host even queued was never
+/// "seen going away", so the first lock-delay rule let the next host grant
+/// at once. The held markers make it wait.
+#[test]
+fn a_holder_gone_before_the_next_host_queued_still_costs_the_lock_delay() {
+    let Some(e) = LocalEtcd::start() else { return };
+    let a = agent_with_delay("a", &e.url, 3_000);
+    let key = b"global/delay".to_vec();
+    a.send(want(&key));
+    let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("a: expected a grant")
+    };
+    // a's lease ends without a release: its entry goes, its marker stays.
+    let id = a.lease.get().id;
+    etcdctl(&e.url, &["lease", "revoke", &format!("{id:x}")]).expect("etcdctl lease revoke");
+    assert!(matches!(
+        next(&a, Duration::from_secs(10)),
+        Event::Fenced { .. }
+    ));
+    let b = agent_with_delay("b", &e.url, 3_000);
+    b.send(want(&key));
+    // Within the first second of the 3 s delay, b must not be granted (a
+    // slow machine only makes the grant later, never earlier).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(b.drain().is_empty(), "b was granted inside the lock-delay");
+    let Event::Granted { .. } = next(&b, Duration::from_secs(15)) else {
+        panic!("b: expected a grant after the lock-delay")
+    };
+    // b released cleanly: the stale marker it waited out is gone, so the
+    // next host is not delayed again.
+    b.send(Command::Release { key: key.clone() });
+    assert_eq!(
+        next(&b, Duration::from_secs(10)),
+        Event::Released { key: key.clone() }
+    );
+    let markers = etcdctl(
+        &e.url,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("/fl-test-{}/held/", std::process::id()),
+        ],
+    )
+    .expect("etcdctl get");
+    assert!(markers.trim().is_empty(), "markers left: {markers}");
 }

@@ -378,7 +378,9 @@ impl Inner {
                     match self.renew(client, lease, &mut keeper).await {
                         Ok(()) => {}
                         Err(Some(gone)) => break gone,
-                        Err(None) => {} // retried at the next tick
+                        // No answer (an etcd member died, the stream broke):
+                        // try again soon, not a third of the TTL later.
+                        Err(None) => renew.reset_after(Duration::from_millis(200)),
                     }
                 }
                 c = commands.recv() => match c {
@@ -527,24 +529,29 @@ async fn hold(
     };
     let n = Names::new(&config.etcd_prefix, &key, shared, lease);
     let own_rev = retry(|| etcd_lock::queue(&c, &n, &config.node, lease)).await;
-    // Wait for every blocker to go; remember when the last one went away
-    // without a clean release (its lease expired): lock-delay from then.
-    let mut unclean_at: Option<tokio::time::Instant> = None;
+    // Wait for every blocker to go.
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(&c, &n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };
-        let gone = retry(|| etcd_lock::deleted(&c, &entry, rev + 1)).await;
-        if !retry(|| etcd_lock::released_cleanly(&c, &n, &entry, gone)).await {
-            unclean_at = Some(tokio::time::Instant::now());
-        }
+        retry(|| etcd_lock::deleted(&c, &entry, rev + 1)).await;
     }
-    if let Some(at) = unclean_at {
-        tokio::time::sleep_until(at + Duration::from_millis(config.lock_delay_ms)).await;
-    }
-    let Some(rev) = retry(|| etcd_lock::confirm(&c, &n, own_rev, &config.node, lease)).await else {
+    let Some(confirmed) = retry(|| etcd_lock::confirm(&c, &n, own_rev, &config.node, lease)).await
+    else {
         // Our entry is gone: the lease was lost; the session fences.
         return;
     };
+    if !confirmed.stale.is_empty() {
+        // A holder went away without a clean release: its local holders may
+        // still run until they notice. Wait the lock-delay before granting.
+        tracing::info!(
+            key = %String::from_utf8_lossy(&key),
+            stale = confirmed.stale.len(),
+            lock_delay_ms = config.lock_delay_ms,
+            "a previous holder left without releasing: waiting the lock-delay"
+        );
+        tokio::time::sleep(Duration::from_millis(config.lock_delay_ms)).await;
+    }
+    let rev = confirmed.revision;
     let _ = reports.send(KeyReport::Granted(key.clone()));
     emit(Event::Granted {
         key: key.clone(),
@@ -567,7 +574,7 @@ async fn hold(
         }
         _ = &mut release => {}
     }
-    retry(|| etcd_lock::release(&c, &n, own_rev, lease)).await;
+    retry(|| etcd_lock::release(&c, &n, own_rev, &confirmed.stale)).await;
     let _ = reports.send(KeyReport::Released(key));
 }
 

@@ -1,7 +1,7 @@
 //! etcd's lock recipe, one function per step of docs/cluster.md's "The node
-//! grant": queue, find the blocker, wait for it to go, tell a clean release
-//! from an expired lease, confirm (the token's revision), release, and watch
-//! for hosts queued behind us (the callback).
+//! grant": queue, find the blocker, wait for it to go, confirm (the token's
+//! revision, and the held markers that say whether to wait the lock-delay),
+//! release, and watch for hosts queued behind us (the callback).
 //!
 //! Every function is one etcd request (or one watch) and is safe to retry:
 //! queueing is guarded by `create_revision == 0`, confirming and releasing by
@@ -9,8 +9,8 @@
 //! no harm when sent again.
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, GetResponse, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::time::Duration;
 
@@ -46,8 +46,11 @@ pub struct Names {
     pub dir: String,
     /// `P/lock/<hex key>/<r|w>/<lease hex>`: this host's entry.
     pub own: String,
-    /// `P/rel/<hex key>`: the lease of the last clean release.
-    pub rel: String,
+    /// `P/held/<hex key>/`: one persistent marker per host that confirmed
+    /// a node grant and has not released it cleanly (value: its entry).
+    pub held: String,
+    /// `P/held/<hex key>/<lease hex>`: this host's marker.
+    pub own_marker: String,
 }
 
 impl Names {
@@ -55,17 +58,14 @@ impl Names {
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         let dir = format!("{etcd_prefix}/lock/{hex}/");
         let mode = if shared { "r" } else { "w" };
+        let held = format!("{etcd_prefix}/held/{hex}/");
         Names {
             own: format!("{dir}{mode}/{lease:x}"),
-            rel: format!("{etcd_prefix}/rel/{hex}"),
+            own_marker: format!("{held}{lease:x}"),
+            held,
             dir,
         }
     }
-}
-
-/// The lease named by a queue entry's last path segment.
-fn lease_of(entry: &[u8]) -> &[u8] {
-    entry.rsplit(|&b| b == b'/').next().unwrap_or(b"")
 }
 
 /// Whether a queue entry is a writer's.
@@ -156,55 +156,31 @@ pub async fn deleted(c: &Client, entry: &[u8], from_rev: i64) -> Result<i64, Etc
     Err(EtcdError::WatchEnded(String::from_utf8_lossy(entry).into()))
 }
 
-/// Step 4: whether `entry`'s deletion at `deleted_rev` was a clean release
-/// (its host wrote `P/rel/K` = its lease in the same transaction) rather than
-/// its lease expiring.
-pub async fn released_cleanly(
-    c: &Client,
-    n: &Names,
-    entry: &[u8],
-    deleted_rev: i64,
-) -> Result<bool, EtcdError> {
-    let mut c = c.clone();
-    let resp = timed(c.get(n.rel.as_str(), None)).await?;
-    Ok(resp
-        .kvs()
-        .first()
-        .is_some_and(|kv| kv.mod_revision() == deleted_rev && kv.value() == lease_of(entry)))
+/// A confirmed node grant: the token revision, and the stale held markers
+/// (holders that went away without a clean release) it must wait out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    pub revision: i64,
+    pub stale: Vec<Vec<u8>>,
 }
 
-/// Step 3: write our entry again while it is still ours; the write's revision
-/// is the node grant's token revision. `None`: our entry is gone (our lease
-/// expired or was revoked): we do not hold the key.
+/// Steps 3 and 4: write our entry again while it is still ours (the write's
+/// revision is the node grant's token revision), put our held marker, and
+/// read the others. A marker whose entry is gone is a holder that left
+/// without a clean release (its lease expired or was revoked): wait the
+/// lock-delay. `None`: our entry is gone: we do not hold the key.
+///
+/// The markers are the fix the node-grant model found for the first rule
+/// ("the last predecessor this host saw go away"): a holder whose lease
+/// expired before this host queued was never seen going away
+/// (broker/cluster/tests/model.rs).
 pub async fn confirm(
     c: &Client,
     n: &Names,
     own_rev: i64,
     node: &str,
     lease: i64,
-) -> Result<Option<i64>, EtcdError> {
-    let mut c = c.clone();
-    let txn = Txn::new()
-        .when([Compare::create_revision(
-            n.own.as_str(),
-            CompareOp::Equal,
-            own_rev,
-        )])
-        .and_then([TxnOp::put(
-            n.own.as_str(),
-            node,
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-    let resp = timed(c.txn(txn)).await?;
-    if !resp.succeeded() {
-        return Ok(None);
-    }
-    Ok(Some(resp.header().ok_or(EtcdError::NoHeader)?.revision()))
-}
-
-/// Step 5: delete our entry and say it was a clean release, in one
-/// transaction. Succeeds too when the entry is already gone.
-pub async fn release(c: &Client, n: &Names, own_rev: i64, lease: i64) -> Result<(), EtcdError> {
+) -> Result<Option<Confirmed>, EtcdError> {
     let mut c = c.clone();
     let txn = Txn::new()
         .when([Compare::create_revision(
@@ -213,9 +189,67 @@ pub async fn release(c: &Client, n: &Names, own_rev: i64, lease: i64) -> Result<
             own_rev,
         )])
         .and_then([
-            TxnOp::delete(n.own.as_str(), None),
-            TxnOp::put(n.rel.as_str(), format!("{lease:x}"), None),
+            TxnOp::put(
+                n.own.as_str(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+            TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(
+                n.dir.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
         ]);
+    let resp = timed(c.txn(txn)).await?;
+    if !resp.succeeded() {
+        return Ok(None);
+    }
+    let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+    let gets: Vec<GetResponse> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let [markers, entries] = gets.as_slice() else {
+        return Err(EtcdError::NoHeader);
+    };
+    let live: std::collections::HashSet<&[u8]> = entries.kvs().iter().map(|kv| kv.key()).collect();
+    let stale = markers
+        .kvs()
+        .iter()
+        .filter(|kv| kv.key() != n.own_marker.as_bytes() && !live.contains(kv.value()))
+        .map(|kv| kv.key().to_vec())
+        .collect();
+    Ok(Some(Confirmed { revision, stale }))
+}
+
+/// Step 5: a clean release: delete our entry and our held marker, and the
+/// stale markers whose lock-delay we waited out, in one transaction. Does
+/// nothing when our entry is already gone (our lease expired): our marker
+/// then stays, and the next holder waits the lock-delay.
+pub async fn release(
+    c: &Client,
+    n: &Names,
+    own_rev: i64,
+    waited_out: &[Vec<u8>],
+) -> Result<(), EtcdError> {
+    let mut c = c.clone();
+    let mut ops = vec![
+        TxnOp::delete(n.own.as_str(), None),
+        TxnOp::delete(n.own_marker.as_str(), None),
+    ];
+    ops.extend(waited_out.iter().map(|m| TxnOp::delete(m.clone(), None)));
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            n.own.as_str(),
+            CompareOp::Equal,
+            own_rev,
+        )])
+        .and_then(ops);
     timed(c.txn(txn)).await?;
     Ok(())
 }
@@ -271,9 +305,8 @@ mod tests {
         let n = Names::new("/fl", b"global/a b", false, 0x1f);
         assert_eq!(n.dir, "/fl/lock/676c6f62616c2f612062/");
         assert_eq!(n.own, "/fl/lock/676c6f62616c2f612062/w/1f");
-        assert_eq!(n.rel, "/fl/rel/676c6f62616c2f612062");
+        assert_eq!(n.own_marker, "/fl/held/676c6f62616c2f612062/1f");
         assert!(is_writer(&n.dir, n.own.as_bytes()));
-        assert_eq!(lease_of(n.own.as_bytes()), b"1f");
         let r = Names::new("/fl", b"global/a b", true, 0x1f);
         assert!(!is_writer(&r.dir, r.own.as_bytes()));
     }

@@ -78,6 +78,9 @@ pub(super) struct Nodes {
     wanted: HashSet<Vec<u8>>,
     /// Local holds `(client, token)` whose node grant was lost.
     lost: HashSet<(u32, u64)>,
+    /// Keys whose `Release` was sent and whose `Released` has not come back:
+    /// a `Granted` for one of them is stale (the agent is releasing it).
+    releasing: HashSet<Vec<u8>>,
     prefetch_hits: u64,
     prefetch_unused: u64,
 }
@@ -89,6 +92,7 @@ impl Nodes {
             grants: HashMap::new(),
             wanted: HashSet::new(),
             lost: HashSet::new(),
+            releasing: HashSet::new(),
             prefetch_hits: 0,
             prefetch_unused: 0,
         }
@@ -103,7 +107,8 @@ impl Nodes {
     /// `min_hold_ms` old (a used one; an unused one yields at once).
     pub(super) fn admits(&self, key: &[u8], shared: bool, now_ms: u64) -> bool {
         self.grants.get(key).is_some_and(|g| {
-            !(g.callback && g.held_enough(now_ms, self.link.min_hold_ms()))
+            let ending = g.callback && g.held_enough(now_ms, self.link.min_hold_ms());
+            !ending
                 && !g.releasing
                 && g.issued < g.limit
                 && (!g.shared || shared)
@@ -168,7 +173,7 @@ impl LockManager {
                 prefetch,
             } => {
                 nodes.wanted.remove(&key);
-                if !nodes.link.lease_valid(epoch) {
+                if !nodes.link.lease_valid(epoch) || nodes.releasing.contains(&key) {
                     // Granted under a lease already gone: the agent's session
                     // for it ended, and its keys go with the lease.
                     return;
@@ -197,6 +202,10 @@ impl LockManager {
                 key
             }
             Event::Released { key } => {
+                nodes.releasing.remove(&key);
+                // The agent's task for the key has ended: a Want sent while
+                // it ran was ignored, so the next one must be sent.
+                nodes.wanted.remove(&key);
                 if let Some(g) = nodes.grants.remove(&key)
                     && g.prefetch
                     && !g.used
@@ -274,8 +283,19 @@ impl LockManager {
         for k in &gone {
             nodes.grants.remove(k);
         }
-        // A Want in flight belonged to the lost lease's session too.
-        nodes.wanted.clear();
+        if epoch.is_some() {
+            // The agent fenced: its session, with every key task, is gone.
+            nodes.releasing.clear();
+            nodes.wanted.clear();
+        } else {
+            // Lost on the broker's clock, while the agent may still think it
+            // holds them (a renewal late past the safe time): have it let
+            // them go, and ignore their grants until it says it has.
+            for k in &gone {
+                nodes.releasing.insert(k.clone());
+                nodes.link.send(Command::Release { key: k.clone() });
+            }
+        }
         let mut lost = Vec::new();
         for k in &gone {
             if let Some(&s) = self.dir.keys.get(k.as_slice()) {
@@ -328,6 +348,7 @@ impl LockManager {
                 || !nodes.link.lease_valid(g.epoch);
             if must_go && free && !g.releasing {
                 g.releasing = true;
+                nodes.releasing.insert(key.to_vec());
                 nodes.link.send(Command::Release { key: key.to_vec() });
             }
             return;

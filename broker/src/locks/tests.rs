@@ -968,3 +968,180 @@ fn a_full_table_evicts_the_least_recently_used_idle_key_passing_over_a_held_one(
     assert!(indexed(&f, "old"), "used since it was placed: kept");
     assert!(!indexed(&f, "new"), "the least recently used idle key goes");
 }
+
+/// The node gate (`nodes`) with a scripted cluster agent: what the engine
+/// sends it, and what it does with the agent's events.
+mod node_gate {
+    use super::*;
+    use forelock_cluster::{Command, Event};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    #[derive(Default)]
+    struct Script {
+        sent: Vec<Command>,
+        lease_valid: bool,
+    }
+
+    struct Link(Rc<RefCell<Script>>);
+
+    impl ClusterLink for Link {
+        fn is_global(&self, key: &[u8]) -> bool {
+            key.starts_with(b"global/")
+        }
+        fn send(&mut self, command: Command) {
+            self.0.borrow_mut().sent.push(command);
+        }
+        fn lease_valid(&self, epoch: u64) -> bool {
+            epoch == 1 && self.0.borrow().lease_valid
+        }
+        fn min_hold_ms(&self) -> u64 {
+            0
+        }
+    }
+
+    fn clustered() -> (Fixture, Rc<RefCell<Script>>) {
+        let mut f = fixture(8, 4, Policy::KeepAlive);
+        let script = Rc::new(RefCell::new(Script {
+            sent: Vec::new(),
+            lease_valid: true,
+        }));
+        f.m.set_cluster(Box::new(Link(script.clone())));
+        (f, script)
+    }
+
+    fn want(key: &str) -> Command {
+        Command::Want {
+            key: key.as_bytes().to_vec(),
+            shared: false,
+            prefetch: false,
+        }
+    }
+
+    fn granted(key: &str, rev: u64) -> Event {
+        Event::Granted {
+            key: key.as_bytes().to_vec(),
+            shared: false,
+            base: rev << 24,
+            epoch: 1,
+            prefetch: false,
+        }
+    }
+
+    fn answered_token(f: &mut Fixture) -> Option<u64> {
+        f.w.1.drain(..).find_map(|(_, r)| match r {
+            Response::Granted { token, .. } => Some(token),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_global_key_waits_for_its_node_grant_and_takes_its_token_from_it() {
+        let (mut f, script) = clustered();
+        let c = f.client(100);
+        assert!(f.queued(c, 1, "global/k", false), "no node grant yet");
+        assert_eq!(script.borrow().sent, vec![want("global/k")]);
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        assert_eq!(answered_token(&mut f), Some((7 << 24) + 1));
+        // A local key needs no node grant.
+        assert!(matches!(
+            f.acquire(c, 2, "local/k", false),
+            Response::Granted { .. }
+        ));
+    }
+
+    /// Regression: killing the etcd leader delayed a renewal past the lease's
+    /// safe time; the broker dropped its node grants on its own clock, but
+    /// the agent still held them and ignored every later `Want` for them, so
+    /// the host never took the key again (tests/cluster.rs,
+    /// killing_the_etcd_leader_pauses_global_keys_for_an_election_only).
+    #[test]
+    fn a_grant_lost_on_the_brokers_clock_is_released_at_the_agent_and_asked_for_again() {
+        let (mut f, script) = clustered();
+        let c = f.client(100);
+        assert!(f.queued(c, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        let r = Response::Granted {
+            slot: f
+                .table
+                .lookup(b"global/k", key_hash(b"global/k"))
+                .unwrap()
+                .0,
+            token: first,
+            owner_died: false,
+        };
+        assert_eq!(f.release(c, &r), Response::Released);
+        script.borrow_mut().sent.clear();
+        // The lease's safe time passes on the broker's clock.
+        script.borrow_mut().lease_valid = false;
+        f.m.check_leases();
+        assert!(
+            script.borrow().sent.contains(&Command::Release {
+                key: b"global/k".to_vec()
+            }),
+            "the agent must be told to let the key go: {:?}",
+            script.borrow().sent
+        );
+        script.borrow_mut().lease_valid = true;
+        assert!(f.queued(c, 2, "global/k", false), "no node grant now");
+        // A grant the agent sent before it saw the Release is stale.
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        assert_eq!(
+            answered_token(&mut f),
+            None,
+            "granted under a released node grant"
+        );
+        script.borrow_mut().sent.clear();
+        f.m.node_event(
+            &f.table,
+            Event::Released {
+                key: b"global/k".to_vec(),
+            },
+            &mut f.w,
+        );
+        assert_eq!(script.borrow().sent, vec![want("global/k")]);
+        f.m.node_event(&f.table, granted("global/k", 9), &mut f.w);
+        let second = answered_token(&mut f).expect("granted under the new node grant");
+        assert!(second > first, "{second:#x} after {first:#x}");
+    }
+
+    #[test]
+    fn a_fence_makes_the_local_holder_lost_and_keeps_others_out_until_it_leaves() {
+        let (mut f, _script) = clustered();
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let token = answered_token(&mut f).expect("granted");
+        f.m.node_event(
+            &f.table,
+            Event::Fenced {
+                epoch: 1,
+                reason: "test".into(),
+            },
+            &mut f.w,
+        );
+        assert!(f.queued(b, 2, "global/k", false));
+        // Even a new node grant does not let b in while a's lost hold stays.
+        f.m.node_event(&f.table, granted("global/k", 9), &mut f.w);
+        assert_eq!(answered_token(&mut f), None);
+        let slot = f
+            .table
+            .lookup(b"global/k", key_hash(b"global/k"))
+            .unwrap()
+            .0;
+        let r = Response::Granted {
+            slot,
+            token,
+            owner_died: false,
+        };
+        match f.release(a, &r) {
+            Response::Error {
+                code: ErrorCode::Lost,
+                message,
+            } => assert!(message.contains("lease"), "{message}"),
+            other => panic!("expected Lost, got {other:?}"),
+        }
+        assert!(answered_token(&mut f).is_some_and(|t| t > token));
+    }
+}
