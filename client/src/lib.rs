@@ -131,6 +131,9 @@ struct Inner {
     next_request: AtomicU64,
     /// The contended path's fairness bound, in nanoseconds.
     fair_after_ns: AtomicU64,
+    /// Waiters on a held key queue in the broker, strictly FIFO, instead of
+    /// sleeping on the slot's futexes ([`Client::set_fifo`]).
+    fifo: AtomicBool,
 }
 
 /// [`FAIR_AFTER_DEFAULT`], or `FORELOCK_FAIR_AFTER_US` when set to a number
@@ -269,6 +272,7 @@ impl Client {
             lost: AtomicBool::new(false),
             next_request: AtomicU64::new(1),
             fair_after_ns: AtomicU64::new(fair_after_from_env().as_nanos() as u64),
+            fifo: AtomicBool::new(std::env::var_os("FORELOCK_FIFO").is_some_and(|v| v == "1")),
         };
         inner.cell(0).state.store(CELL_IDLE, Ordering::Relaxed);
         conn.epoch = inner.broker_epoch();
@@ -289,6 +293,16 @@ impl Client {
     pub fn set_fair_after(&self, bound: Duration) {
         let ns = bound.as_nanos().clamp(1_000, 1_000_000_000) as u64;
         self.inner.fair_after_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// `true`: a wait for a held key queues in the broker, strictly first
+    /// come first served (no barging; every hand-off is a broker round trip,
+    /// about 40 µs). `false` (the default, or `FORELOCK_FIFO=1` for `true`):
+    /// waiters on a prepared key sleep on its slot and a release lets a
+    /// running acquirer barge, with a direct hand-off to any waiter past
+    /// [`Client::set_fair_after`]'s bound.
+    pub fn set_fifo(&self, fifo: bool) {
+        self.inner.fifo.store(fifo, Ordering::Relaxed);
     }
 
     /// This client's record index in the table (the owner id in lock words).
@@ -368,7 +382,7 @@ impl Client {
                     released: false,
                 });
             }
-            if !matches!(wait, Wait::Try) {
+            if !matches!(wait, Wait::Try) && !self.inner.fifo.load(Ordering::Relaxed) {
                 match self.inner.try_contended(key, hash, wait)? {
                     ContendedAnswer::Held(hold) => {
                         return Ok(LockGuard {
