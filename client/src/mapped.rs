@@ -292,6 +292,9 @@ pub(crate) struct SlotParker<'a> {
     fair_after: Duration,
     deadline: Option<Instant>,
     spins: u32,
+    /// The `hungry` sequence and when we first saw that value (the
+    /// hand-off rate limit, see `Parker::may_ask_handoff`).
+    handoffs_seen: Option<(u32, Instant)>,
 }
 
 impl<'a> SlotParker<'a> {
@@ -302,6 +305,7 @@ impl<'a> SlotParker<'a> {
             fair_after,
             deadline,
             spins: 0,
+            handoffs_seen: None,
         }
     }
 }
@@ -323,12 +327,13 @@ impl Parker for SlotParker<'_> {
 
     fn sleep(&mut self, queue: Queue, expected: u32) {
         let now = Instant::now();
-        // Within the bound: sleep until it (then the waiter turns hungry).
-        // Past it: sleep one bound at a time, so that a hand-off whose
-        // wake-up went to a waiter that died is claimed by the next one.
-        let mut timeout = match queue {
-            Queue::Parked => (self.start + self.fair_after).saturating_duration_since(now),
-            Queue::Hungry => self.fair_after,
+        // Within the bound, sleep until it; past it, one bound at a time
+        // (a hungry waiter that may not ask for a hand-off yet, on `park`,
+        // asks when it next wakes; one on `hungry` re-checks a hand-off
+        // whose wake-up went to a waiter that died).
+        let mut timeout = match (self.start + self.fair_after).checked_duration_since(now) {
+            Some(left) if !left.is_zero() && queue == Queue::Parked => left,
+            _ => self.fair_after,
         };
         if let Some(deadline) = self.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(now));
@@ -339,6 +344,24 @@ impl Parker for SlotParker<'_> {
     #[inline]
     fn hungry(&mut self) -> bool {
         self.start.elapsed() >= self.fair_after
+    }
+
+    fn may_ask_handoff(&mut self, hungry_sequence: u32) -> bool {
+        let now = Instant::now();
+        match self.handoffs_seen {
+            Some((seen, since)) if seen == hungry_sequence => {
+                now.duration_since(since) >= self.fair_after
+            }
+            Some(_) => {
+                // A hand-off since we last looked: wait a bound from now.
+                self.handoffs_seen = Some((hungry_sequence, now));
+                false
+            }
+            None => {
+                self.handoffs_seen = Some((hungry_sequence, now));
+                true
+            }
+        }
     }
 
     #[inline]
