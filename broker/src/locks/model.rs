@@ -310,7 +310,8 @@ impl Explorer {
                             out.push(Step::Slow(who, k, false, false));
                             if self.contended {
                                 let table = view(&s.table_buf);
-                                if let Some((_, w)) = table.lookup(KEYS[k], key_hash(KEYS[k])) {
+                                let key = KEYS.get(k).expect("k < keys <= KEYS.len()");
+                                if let Some((_, w)) = table.lookup(key, key_hash(key)) {
                                     if w.is_handoff() {
                                         out.push(Step::Claim(who, k));
                                     } else if w.is_prepared() && w.exclusive_owner().is_some() {
