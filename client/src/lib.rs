@@ -3,9 +3,14 @@
 //! A [`Client`] maps the broker's lock table into this process. When a key is
 //! *prepared* (the broker, guided by its forecaster, set up its slot ahead of
 //! time), [`Client::lock`] takes the lock with one compare-and-swap in shared
-//! memory: no syscall, no broker. Otherwise the request goes to the broker over
-//! a Unix socket; if the key is held, the caller sleeps on a shared futex until
-//! the holder's release hands the lock over (FIFO, no barging). Every grant
+//! memory: no syscall, no broker. If a prepared key is held, the caller sleeps
+//! on a futex in the key's slot (still no broker): a release wakes one sleeper
+//! or lets a running acquirer barge, and a caller that has waited past a bound
+//! ([`Client::set_fair_after`], default [`FAIR_AFTER_DEFAULT`]) gets a direct
+//! hand-off. Otherwise the request goes to the broker over a Unix socket; if
+//! the key is held there, the caller sleeps on a shared futex until the
+//! holder's release hands the lock over (FIFO, no barging; also what
+//! [`Client::set_fifo`] asks for on prepared keys). Every grant
 //! carries a 64-bit fencing token that never goes backwards for a key, and
 //! says whether the previous holder died holding the lock.
 //!
