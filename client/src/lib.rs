@@ -517,7 +517,12 @@ impl Inner {
         let Some((_, seen)) = view.lookup(key, hash) else {
             return Ok(ContendedAnswer::Broker(wait));
         };
-        if !seen.is_prepared() || !(seen.exclusive_owner().is_some() || seen.is_handoff()) {
+        // Any prepared word: held (sleep), handed off (wait for it), or free
+        // again by now (the first turn of `lock_contended` takes it). A
+        // free word sent to the broker here would make it take the slot
+        // over (clear PREPARED) and push every other acquirer of the key to
+        // the broker until its queue drains.
+        if !seen.is_prepared() {
             return Ok(ContendedAnswer::Broker(wait));
         }
         let start = Instant::now();
