@@ -1212,7 +1212,8 @@ impl EventLoop {
 
 fn flush_syscall_wakes(pending: &mut Vec<*const AtomicU32>) {
     for word in pending.drain(..) {
-        // SAFETY: `word` points to a wait cell's state in the table mapping,
+        // SAFETY: `word` points to a wait cell's state or a slot's futex word
+        // (`park`, `hungry`) in the table mapping,
         // which outlives this call (the manager only names cells it reached
         // through a bounds-checked TableView of the live mapping). FUTEX_WAKE
         // without FUTEX_PRIVATE_FLAG: the waiter is another process.

@@ -3,9 +3,14 @@
 //! A [`Client`] maps the broker's lock table into this process. When a key is
 //! *prepared* (the broker, guided by its forecaster, set up its slot ahead of
 //! time), [`Client::lock`] takes the lock with one compare-and-swap in shared
-//! memory: no syscall, no broker. Otherwise the request goes to the broker over
-//! a Unix socket; if the key is held, the caller sleeps on a shared futex until
-//! the holder's release hands the lock over (FIFO, no barging). Every grant
+//! memory: no syscall, no broker. If a prepared key is held, the caller sleeps
+//! on a futex in the key's slot (still no broker): a release wakes one sleeper
+//! or lets a running acquirer barge, and a caller that has waited past a bound
+//! ([`Client::set_fair_after`], default [`FAIR_AFTER_DEFAULT`]) gets a direct
+//! hand-off. Otherwise the request goes to the broker over a Unix socket; if
+//! the key is held there, the caller sleeps on a shared futex until the
+//! holder's release hands the lock over (FIFO, no barging; also what
+//! [`Client::set_fifo`] asks for on prepared keys). Every grant
 //! carries a 64-bit fencing token that never goes backwards for a key, and
 //! says whether the previous holder died holding the lock.
 //!
@@ -68,7 +73,9 @@ pub use shm_layout::{KeyError, LayoutError, MAX_KEY_LEN};
 
 use conn::{Conn, ConnError, futex_wait};
 use error::key_text;
-use mapped::{FastHold, MappedEvents, MappedTable, fast_acquire, fast_release};
+use mapped::{
+    Contended, FastHold, MappedEvents, MappedTable, contended_acquire, fast_acquire, fast_release,
+};
 use shm_layout::events::Outcome;
 use shm_layout::lockword::Word;
 use shm_layout::sync::shm::{AtomicU32, Ordering};
@@ -127,6 +134,21 @@ struct Inner {
     /// reserves it). A re-sent acquire keeps its id, so the broker answers
     /// it with the grant it already made instead of granting twice.
     next_request: AtomicU64,
+    /// The contended path's fairness bound, in nanoseconds.
+    fair_after_ns: AtomicU64,
+    /// Waiters on a held key queue in the broker, strictly FIFO, instead of
+    /// sleeping on the slot's futexes ([`Client::set_fifo`]).
+    fifo: AtomicBool,
+}
+
+/// [`FAIR_AFTER_DEFAULT`], or `FORELOCK_FAIR_AFTER_US` when set to a number
+/// of microseconds from 1 to 1,000,000 (anything else is ignored).
+fn fair_after_from_env() -> Duration {
+    std::env::var("FORELOCK_FAIR_AFTER_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|us| (1..=1_000_000).contains(us))
+        .map_or(FAIR_AFTER_DEFAULT, Duration::from_micros)
 }
 
 impl Drop for Inner {
@@ -168,6 +190,18 @@ enum Wait {
     /// fast path costs no clock read).
     Until(Duration),
 }
+
+/// How the contended path ended without an error.
+enum ContendedAnswer {
+    Held(FastHold),
+    /// Ask the broker, waiting at most this.
+    Broker(Wait),
+}
+
+/// A contended waiter's default fairness bound: past it, the next release
+/// hands the lock to it directly. Overridden by
+/// `FORELOCK_FAIR_AFTER_US` or [`Client::set_fair_after`].
+pub const FAIR_AFTER_DEFAULT: Duration = Duration::from_micros(500);
 
 /// A lock granted by the broker (slow path or hand-off).
 struct BrokerGrant {
@@ -242,6 +276,8 @@ impl Client {
             pool_changed: Condvar::new(),
             lost: AtomicBool::new(false),
             next_request: AtomicU64::new(1),
+            fair_after_ns: AtomicU64::new(fair_after_from_env().as_nanos() as u64),
+            fifo: AtomicBool::new(std::env::var_os("FORELOCK_FIFO").is_some_and(|v| v == "1")),
         };
         inner.cell(0).state.store(CELL_IDLE, Ordering::Relaxed);
         conn.epoch = inner.broker_epoch();
@@ -253,6 +289,25 @@ impl Client {
         Ok(Client {
             inner: Arc::new(inner),
         })
+    }
+
+    /// How long a waiter on a contended prepared key lets running
+    /// acquirers take the lock first (barging, for throughput) before the
+    /// next release hands the lock to it directly. Default
+    /// [`FAIR_AFTER_DEFAULT`]; shorter is fairer and slower.
+    pub fn set_fair_after(&self, bound: Duration) {
+        let ns = bound.as_nanos().clamp(1_000, 1_000_000_000) as u64;
+        self.inner.fair_after_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// `true`: a wait for a held key queues in the broker, strictly first
+    /// come first served (no barging; every hand-off is a broker round trip,
+    /// about 40 µs). `false` (the default, or `FORELOCK_FIFO=1` for `true`):
+    /// waiters on a prepared key sleep on its slot and a release lets a
+    /// running acquirer barge, with a direct hand-off to any waiter past
+    /// [`Client::set_fair_after`]'s bound.
+    pub fn set_fifo(&self, fifo: bool) {
+        self.inner.fifo.store(fifo, Ordering::Relaxed);
     }
 
     /// This client's record index in the table (the owner id in lock words).
@@ -319,6 +374,7 @@ impl Client {
     fn acquire(&self, key: &[u8], shared: bool, wait: Wait) -> Result<LockGuard<'_>, Error> {
         validate_key(key)?;
         let hash = key_hash(key);
+        let mut wait = wait;
         if !shared {
             if let Some(hold) = self.inner.try_fast(key, hash) {
                 return Ok(LockGuard {
@@ -330,6 +386,22 @@ impl Client {
                     fast: Some(hold.held),
                     released: false,
                 });
+            }
+            if !matches!(wait, Wait::Try) && !self.inner.fifo.load(Ordering::Relaxed) {
+                match self.inner.try_contended(key, hash, wait)? {
+                    ContendedAnswer::Held(hold) => {
+                        return Ok(LockGuard {
+                            inner: &self.inner,
+                            slot: hold.slot,
+                            token: hold.token,
+                            owner_died: hold.owner_died,
+                            shared: false,
+                            fast: Some(hold.held),
+                            released: false,
+                        });
+                    }
+                    ContendedAnswer::Broker(rest) => wait = rest,
+                }
             }
         }
         let grant = self.inner.acquire_slow(key, shared, wait)?;
@@ -427,6 +499,58 @@ impl Inner {
             .view()
             .push(self.index, hash, 0, Outcome::FastHit, false, self.index);
         Some(hold)
+    }
+
+    /// The contended path: the key is prepared and held. Sleep on the slot's
+    /// futexes (no broker) until granted, handed off or timed out; a word
+    /// that leaves the fast path's states sends the caller to the broker
+    /// with what is left of its wait.
+    #[cold]
+    #[inline(never)]
+    fn try_contended(&self, key: &[u8], hash: u64, wait: Wait) -> Result<ContendedAnswer, Error> {
+        let view = self.table.view();
+        if view.header().version.load(Ordering::Relaxed) != TABLE_VERSION
+            || self.lost.load(Ordering::Relaxed)
+        {
+            return Ok(ContendedAnswer::Broker(wait));
+        }
+        let Some((_, seen)) = view.lookup(key, hash) else {
+            return Ok(ContendedAnswer::Broker(wait));
+        };
+        // Any prepared word: held (sleep), handed off (wait for it), or free
+        // again by now (the first turn of `lock_contended` takes it). A
+        // free word sent to the broker here would make it take the slot
+        // over (clear PREPARED) and push every other acquirer of the key to
+        // the broker until its queue drains.
+        if !seen.is_prepared() {
+            return Ok(ContendedAnswer::Broker(wait));
+        }
+        let start = Instant::now();
+        let deadline = match wait {
+            Wait::Until(timeout) => Some(deadline_after(start, timeout)),
+            Wait::Try | Wait::Forever => None,
+        };
+        self.events
+            .view()
+            .push(self.index, hash, 0, Outcome::Contended, false, self.index);
+        let fair_after = Duration::from_nanos(self.fair_after_ns.load(Ordering::Relaxed));
+        match contended_acquire(view, key, hash, self.index, fair_after, deadline) {
+            Contended::Held(hold) if hold.wrong_key => {
+                let _ = self.release_through_broker(hold.slot, hold.token);
+                Ok(ContendedAnswer::Broker(wait))
+            }
+            Contended::Held(hold) => Ok(ContendedAnswer::Held(hold)),
+            Contended::TimedOut => Err(Error::Timeout {
+                key: key_text(key),
+                waited: start.elapsed(),
+            }),
+            Contended::Broker => Ok(ContendedAnswer::Broker(match (wait, deadline) {
+                (Wait::Until(_), Some(deadline)) => {
+                    Wait::Until(deadline.saturating_duration_since(Instant::now()))
+                }
+                (other, _) => other,
+            })),
+        }
     }
 
     // ---- the connection pool ------------------------------------------------

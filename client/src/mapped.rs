@@ -4,15 +4,17 @@
 //! [`fast_release`]) so it can be tested on a table built in a temp file,
 //! without a broker.
 
+use crate::conn::futex_wait;
 use crate::error::Error;
 use memmap2::MmapRaw;
 use shm_layout::events::EventsView;
-use shm_layout::lockword::{self, Word};
-use shm_layout::sync::shm::Ordering;
-use shm_layout::table::TableView;
+use shm_layout::lockword::{self, ContendedEnd, Parker, Queue, Unparker, Word};
+use shm_layout::sync::shm::{AtomicU32, Ordering};
+use shm_layout::table::{Slot, TableView};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Check what was opened at `path` before mapping it: a regular file, owned
 /// by the owner of its directory (the broker), not writable by other users,
@@ -251,7 +253,7 @@ pub(crate) fn fast_acquire_seen(
     if slot.key_equals(key) {
         return Some(hold);
     }
-    if lockword::try_release_exclusive(&slot.word, grant.held) {
+    if lockword::release_contended(&slot.word, grant.held, &mut SlotUnparker { slot }) {
         return None;
     }
     Some(FastHold {
@@ -260,12 +262,223 @@ pub(crate) fn fast_acquire_seen(
     })
 }
 
-/// Release a fast-path hold with one CAS. `false`: the broker took the slot
-/// over meanwhile, release through it.
+/// Release a fast-path hold: one CAS when nobody waits, else the wake (or
+/// hand-off) the waiters asked for. `false`: the broker took the slot over
+/// meanwhile, release through it.
 #[inline]
 pub(crate) fn fast_release(table: &TableView, hold: &FastHold) -> bool {
     match table.slot(hold.slot) {
-        Some(slot) => lockword::try_release_exclusive(&slot.word, hold.held),
+        Some(slot) => {
+            lockword::release_contended(&slot.word, hold.held, &mut SlotUnparker { slot })
+        }
         None => false,
+    }
+}
+
+/// Spins (CPU pause loops, then yields) before a contended waiter's first
+/// sleep: a hold on a hot key is often shorter than a futex round trip.
+const SPINS_PAUSE: u32 = 3;
+const SPINS_YIELD: u32 = 3;
+/// The shortest sleep a waiter asks for: below it a timed FUTEX_WAIT costs
+/// more in timer set-up than it saves.
+const SLEEP_MIN: Duration = Duration::from_micros(20);
+
+/// A contended waiter's side of [`lockword::Parker`]: the slot's futex words
+/// (shared futexes: the waker is another process), the fairness bound, the
+/// caller's deadline.
+pub(crate) struct SlotParker<'a> {
+    slot: &'a Slot,
+    start: Instant,
+    fair_after: Duration,
+    deadline: Option<Instant>,
+    spins: u32,
+    /// The `hungry` sequence and when we first saw that value (the
+    /// hand-off rate limit, see `Parker::may_ask_handoff`).
+    handoffs_seen: Option<(u32, Instant)>,
+}
+
+impl<'a> SlotParker<'a> {
+    pub(crate) fn new(slot: &'a Slot, fair_after: Duration, deadline: Option<Instant>) -> Self {
+        SlotParker {
+            slot,
+            start: Instant::now(),
+            fair_after,
+            deadline,
+            spins: 0,
+            handoffs_seen: None,
+        }
+    }
+}
+
+fn futex_of(slot: &Slot, queue: Queue) -> &AtomicU32 {
+    match queue {
+        Queue::Parked => &slot.park,
+        Queue::Hungry => &slot.hungry,
+    }
+}
+
+impl Parker for SlotParker<'_> {
+    #[inline]
+    fn sequence(&self, queue: Queue) -> u32 {
+        // SYNC POINT: Acquire pairs with the Release bump in
+        // `SlotUnparker::wake_one` (see `lockword::lock_contended`).
+        futex_of(self.slot, queue).load(Ordering::Acquire)
+    }
+
+    fn sleep(&mut self, queue: Queue, expected: u32) {
+        let now = Instant::now();
+        // Within the bound, sleep until it; past it, one bound at a time
+        // (a hungry waiter that may not ask for a hand-off yet, on `park`,
+        // asks when it next wakes; one on `hungry` re-checks a hand-off
+        // whose wake-up went to a waiter that died).
+        let mut timeout = match (self.start + self.fair_after).checked_duration_since(now) {
+            Some(left) if !left.is_zero() && queue == Queue::Parked => left,
+            _ => self.fair_after,
+        };
+        if let Some(deadline) = self.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(now));
+        }
+        futex_wait(futex_of(self.slot, queue), expected, timeout.max(SLEEP_MIN));
+    }
+
+    #[inline]
+    fn hungry(&mut self) -> bool {
+        self.start.elapsed() >= self.fair_after
+    }
+
+    fn may_ask_handoff(&mut self, hungry_sequence: u32) -> bool {
+        let now = Instant::now();
+        match self.handoffs_seen {
+            Some((seen, since)) if seen == hungry_sequence => {
+                now.duration_since(since) >= self.fair_after
+            }
+            Some(_) => {
+                // A hand-off since we last looked: wait a bound from now.
+                self.handoffs_seen = Some((hungry_sequence, now));
+                false
+            }
+            None => {
+                self.handoffs_seen = Some((hungry_sequence, now));
+                true
+            }
+        }
+    }
+
+    #[inline]
+    fn expired(&mut self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    #[inline]
+    fn spin(&mut self) -> bool {
+        if self.spins < SPINS_PAUSE {
+            for _ in 0..(32u32 << self.spins) {
+                std::hint::spin_loop();
+            }
+        } else if self.spins < SPINS_PAUSE + SPINS_YIELD {
+            std::thread::yield_now();
+        } else {
+            return false;
+        }
+        self.spins += 1;
+        true
+    }
+}
+
+/// A releaser's side of [`lockword::Unparker`] on one slot.
+pub(crate) struct SlotUnparker<'a> {
+    pub(crate) slot: &'a Slot,
+}
+
+impl Unparker for SlotUnparker<'_> {
+    fn wake_one(&mut self, queue: Queue) -> u32 {
+        let word = futex_of(self.slot, queue);
+        // SYNC POINT: Release pairs with the Acquire of `SlotParker::sequence`:
+        // a waiter that reads this bump also sees our release CAS.
+        word.fetch_add(1, Ordering::Release);
+        futex_wake_one(word)
+    }
+}
+
+/// FUTEX_WAKE one sleeper on `word` (shared futex: the sleeper is another
+/// process). Returns how many woke.
+fn futex_wake_one(word: &AtomicU32) -> u32 {
+    // SAFETY:
+    // - `word` is a valid, 4-aligned u32 (an AtomicU32) in the table mapping,
+    //   alive for the call (the caller borrows the slot from the mapping);
+    // - FUTEX_WAKE reads no other pointer argument (timeout, uaddr2 ignored).
+    let woken = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            1i32,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    woken.max(0) as u32
+}
+
+/// How a contended acquire on a prepared slot ended.
+pub(crate) enum Contended {
+    Held(FastHold),
+    /// Not a prepared slot any more, or its counter ran out: ask the broker.
+    Broker,
+    TimedOut,
+}
+
+/// The contended path: the key's slot was found held on the fast path.
+/// Sleep on the slot's futexes until granted, handed off, declined or
+/// timed out. No broker, no socket.
+#[cold]
+#[inline(never)]
+pub(crate) fn contended_acquire(
+    table: &TableView,
+    key: &[u8],
+    hash: u64,
+    owner: u32,
+    fair_after: Duration,
+    deadline: Option<Instant>,
+) -> Contended {
+    let Some((slot_index, seen)) = table.lookup(key, hash) else {
+        return Contended::Broker;
+    };
+    let Some(slot) = table.slot(slot_index) else {
+        return Contended::Broker;
+    };
+    let mut parker = SlotParker::new(slot, fair_after, deadline);
+    match lockword::lock_contended(&slot.word, seen.generation(), owner, &mut parker) {
+        Ok(grant) => {
+            // SYNC POINT: the grant's CAS (Acquire) pairs with the Release
+            // that published the prepared word or released the previous
+            // hold, so this token base is the preparation's.
+            let token = slot
+                .token_base
+                .load(Ordering::Relaxed)
+                .saturating_add(grant.held.counter() as u64);
+            let hold = FastHold {
+                slot: slot_index,
+                held: grant.held,
+                token,
+                owner_died: grant.owner_died,
+                wrong_key: false,
+            };
+            if slot.key_equals(key) {
+                return Contended::Held(hold);
+            }
+            // The generation wrapped while we slept (see fast_acquire_seen).
+            if fast_release(table, &hold) {
+                Contended::Broker
+            } else {
+                Contended::Held(FastHold {
+                    wrong_key: true,
+                    ..hold
+                })
+            }
+        }
+        Err(ContendedEnd::Expired) => Contended::TimedOut,
+        Err(ContendedEnd::Declined(_)) => Contended::Broker,
     }
 }

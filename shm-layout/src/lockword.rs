@@ -2,11 +2,11 @@
 //! slot, and the state machine of the fast path.
 //!
 //! ```text
-//!  63        48 47   43  42  41  40 39            24 23             0
-//! +------------+-------+---+---+---+----------------+----------------+
-//! | generation | rsvd  | D | P | X |    holders     |    counter     |
-//! +------------+-------+---+---+---+----------------+----------------+
-//!    16 bits     5 bits  1   1   1      16 bits          24 bits
+//!  63        48 47 46  45  44  43  42  41  40 39          24 23           0
+//! +------------+-----+---+---+---+---+---+---+--------------+--------------+
+//! | generation | rsv | H | U | K | D | P | X |   holders    |   counter    |
+//! +------------+-----+---+---+---+---+---+---+--------------+--------------+
+//!    16 bits    2 bits 1   1   1   1   1   1     16 bits        24 bits
 //! ```
 //!
 //! - `counter`: grants since the slot's token base was set. The fencing token of
@@ -16,7 +16,17 @@
 //!   the number of shared holders (broker-managed slots only).
 //! - `X` (EXCLUSIVE), `P` (PREPARED), `D` (OWNER_DIED: the previous holder died
 //!   holding the lock; the next grant reports it and clears the bit).
-//! - `rsvd`: always 0. A word with a reserved bit set was not written by forelock.
+//! - `K` (PARKED): a client may be asleep on the slot's `park` futex: the
+//!   release must wake one. Conservative: a client that ever parked sets it
+//!   again when it takes the lock, so a stale `K` costs one futex wake, and a
+//!   missing one cannot happen while someone sleeps (see [`lock_contended`]).
+//! - `U` (HUNGRY): a client has waited past its fairness bound and sleeps on
+//!   the slot's `hungry` futex: the next release hands the lock off instead of
+//!   freeing it (parking_lot's eventual fairness).
+//! - `H` (HANDOFF): the lock was handed off by its last holder: the counter
+//!   already counts the grant, `holders` is 0, and only a hungry waiter may
+//!   claim it (a running acquirer cannot barge).
+//! - `rsv`: always 0. A word with a reserved bit set was not written by forelock.
 //! - `generation`: bumped by the broker every time the slot's key changes, so a
 //!   client that looked the key up before the change fails its CAS (the word is
 //!   the seqlock of the key bytes).
@@ -25,15 +35,42 @@
 //!
 //! | P | X | holders | meaning | who may write the word |
 //! |---|---|---------|---------|------------------------|
-//! | 1 | 0 | 0       | prepared and free | any client: CAS to `P X owner+1 counter+1` |
-//! | 1 | 1 | o + 1   | held exclusive by client record `o`, granted on the fast path | holder: CAS back to free; broker: take over (clear `P`) |
-//! | 1 | 0 | n > 0   | invalid (shared grants never use the fast path) | broker only: repairs it |
-//! | 1 | 1 | 0       | invalid | broker only: repairs it |
-//! | 0 | any | any   | broker-managed: unprepared, contended (queue in the broker), or held through the broker; `X`/`holders` mirror the broker's state for observers and recovery | broker only |
+//! | P | X | holders | H | meaning | who may write the word |
+//! |---|---|---------|---|---------|------------------------|
+//! | 1 | 0 | 0       | 0 | prepared and free (`K`/`U` are 0 as forelock writes it; set, they are a harmless hint) | any client: CAS to `P X owner+1 counter+1` ([`acquire_exclusive_transition`]) |
+//! | 1 | 1 | o + 1   | 0 | held exclusive by client record `o`, granted on the fast path; `K`: someone may sleep on `park`; `U`: someone hungry sleeps on `hungry` | holder: [`release_transition`]; waiters: add `K`/`U` ([`park_transition`]); broker: take over (clear `P`), release for a dead owner |
+//! | 1 | 1 | 0       | 1 | handed off, not yet claimed; the counter counts the coming grant | a hungry waiter: [`claim_transition`]; the releaser: [`cancel_handoff`] when no hungry waiter slept; waiters: add `K`; broker: take over (treated as free: the counted token is skipped) |
+//! | 1 | 0 | n > 0   | any | invalid (shared grants never use the fast path) | broker only: repairs it |
+//! | 1 | 1 | 0       | 0 | invalid | broker only: repairs it |
+//! | 1 | any | any   | 1 | invalid unless the third row | broker only: repairs it |
+//! | 0 | any | any   | any | broker-managed: unprepared, contended (queue in the broker), or held through the broker; `X`/`holders` mirror the broker's state for observers and recovery; `K`/`U`/`H` are 0 as the broker writes it, and ignored | broker only |
 //!
 //! A client CASes only a word with `P` set, reserved bits clear, and the shape of
-//! the first two rows; anything else sends it to the broker. So a client never
+//! the first three rows; anything else sends it to the broker. So a client never
 //! has to understand a word it did not expect: the broker owns every other state.
+//!
+//! # The contended path
+//!
+//! A client that finds a prepared key held does not go to the broker: it
+//! parks on one of two 32-bit futex words in the slot's hot line
+//! (`Slot::park`, `Slot::hungry`), which are sequence numbers, never states.
+//! The 64-bit word cannot be a futex (Linux futexes are 32-bit), so the
+//! futexes carry no lock state: a waiter reads the sequence *before* it reads
+//! or CASes the word, and a releaser bumps it *after* its release CAS, so a
+//! release that the waiter did not see changes the sequence and its
+//! `FUTEX_WAIT` returns at once (the proof is at [`lock_contended`]).
+//!
+//! - A release of a `K` word frees it (`K` cleared) and wakes one sleeper on
+//!   `park`; a running acquirer may take the lock first (barging), and the
+//!   woken one parks again, setting `K` again.
+//! - A waiter whose wait passed its bound (default 500 µs) becomes hungry: it
+//!   sets `U` and sleeps on `hungry`. A release of a `U` word writes the
+//!   `H` word (counter bumped, no holder) and wakes one hungry sleeper, which
+//!   claims it: a direct hand-off that no running acquirer can take. If no
+//!   hungry client was asleep, the releaser cancels the hand-off back to free.
+//! - Every sleep has a timeout (the bound), so a waiter that was woken and
+//!   died before it set `K` or claimed an `H` word stalls the others for at
+//!   most one bound: the next hungry waiter claims.
 //!
 //! Shared (read) locks are always granted by the broker: the word cannot say
 //! *who* the shared holders are, and the broker must know that to release the
@@ -52,21 +89,39 @@ pub const EXCLUSIVE: u64 = 1 << 40;
 pub const PREPARED: u64 = 1 << 41;
 /// Bit 42: the previous holder died holding the lock.
 pub const OWNER_DIED: u64 = 1 << 42;
-/// Bits 43..48: reserved, always zero.
-pub const RESERVED_MASK: u64 = 0x1F << 43;
+/// Bit 43: a client may be asleep on the slot's `park` futex.
+pub const PARKED: u64 = 1 << 43;
+/// Bit 44: a client that waited past its bound sleeps on the `hungry` futex:
+/// the next release hands off.
+pub const HUNGRY: u64 = 1 << 44;
+/// Bit 45: handed off to a hungry waiter, not yet claimed.
+pub const HANDOFF: u64 = 1 << 45;
+/// The contended path's bits: meaningful only with `P`.
+pub const CONTENDED_MASK: u64 = PARKED | HUNGRY | HANDOFF;
+/// Bits 46..48: reserved, always zero.
+pub const RESERVED_MASK: u64 = 0x3 << 46;
 /// Bits 48..64: key generation.
 pub const GENERATION_SHIFT: u32 = 48;
 pub const GENERATION_MASK: u64 = 0xFFFF << GENERATION_SHIFT;
 
 const _: () = assert!(
     COUNTER_MASK & HOLDERS_MASK == 0
-        && HOLDERS_MASK & (EXCLUSIVE | PREPARED | OWNER_DIED | RESERVED_MASK | GENERATION_MASK)
+        && HOLDERS_MASK
+            & (EXCLUSIVE
+                | PREPARED
+                | OWNER_DIED
+                | CONTENDED_MASK
+                | RESERVED_MASK
+                | GENERATION_MASK)
             == 0
+        && (EXCLUSIVE | PREPARED | OWNER_DIED) & (CONTENDED_MASK | RESERVED_MASK) == 0
+        && CONTENDED_MASK & (RESERVED_MASK | GENERATION_MASK) == 0
         && (COUNTER_MASK
             | HOLDERS_MASK
             | EXCLUSIVE
             | PREPARED
             | OWNER_DIED
+            | CONTENDED_MASK
             | RESERVED_MASK
             | GENERATION_MASK)
             == u64::MAX,
@@ -99,6 +154,17 @@ impl Word {
     pub const fn owner_died(self) -> bool {
         self.0 & OWNER_DIED != 0
     }
+    pub const fn is_parked(self) -> bool {
+        self.0 & PARKED != 0
+    }
+    pub const fn is_hungry(self) -> bool {
+        self.0 & HUNGRY != 0
+    }
+    /// The third row of the truth table: prepared, handed off, unclaimed.
+    pub const fn is_handoff(self) -> bool {
+        self.0 & (PREPARED | EXCLUSIVE | HANDOFF) == PREPARED | EXCLUSIVE | HANDOFF
+            && self.holders() == 0
+    }
     /// The exclusive owner's client record index, if the word says it is held
     /// exclusive by one.
     pub const fn exclusive_owner(self) -> Option<u32> {
@@ -124,7 +190,7 @@ impl Word {
     pub const fn new(generation: u16, flags: u64, holders: u32, counter: u32) -> Word {
         Word(
             ((generation as u64) << GENERATION_SHIFT)
-                | (flags & (EXCLUSIVE | PREPARED | OWNER_DIED))
+                | (flags & (EXCLUSIVE | PREPARED | OWNER_DIED | CONTENDED_MASK))
                 | (((holders as u64) << HOLDERS_SHIFT) & HOLDERS_MASK)
                 | (counter as u64 & COUNTER_MASK),
         )
@@ -139,11 +205,14 @@ impl core::fmt::Debug for Word {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "Word(gen={} {}{}{} holders={} counter={}{})",
+            "Word(gen={} {}{}{}{}{}{} holders={} counter={}{})",
             self.generation(),
             if self.is_prepared() { "P" } else { "-" },
             if self.is_exclusive() { "X" } else { "-" },
             if self.owner_died() { "D" } else { "-" },
+            if self.is_parked() { "K" } else { "-" },
+            if self.is_hungry() { "U" } else { "-" },
+            if self.0 & HANDOFF != 0 { "H" } else { "-" },
             self.holders(),
             self.counter(),
             if self.0 & RESERVED_MASK != 0 {
@@ -186,6 +255,19 @@ pub fn acquire_exclusive_transition(
     expected_generation: u16,
     owner: u32,
 ) -> Result<FastGrant, Decline> {
+    grant_transition(current, expected_generation, owner, 0)
+}
+
+/// [`acquire_exclusive_transition`] for a client that has parked: the held
+/// word carries `keep` (`PARKED`, and `HUNGRY` for a hungry one), because
+/// other clients may still sleep on the slot's futexes and the release must
+/// wake them.
+pub fn grant_transition(
+    current: Word,
+    expected_generation: u16,
+    owner: u32,
+    keep: u64,
+) -> Result<FastGrant, Decline> {
     if current.0 & RESERVED_MASK != 0 {
         return Err(Decline::Malformed);
     }
@@ -194,6 +276,13 @@ pub fn acquire_exclusive_transition(
     }
     if !current.is_prepared() {
         return Err(Decline::NotPrepared);
+    }
+    if current.is_handoff() {
+        // Reserved for a hungry waiter: a running acquirer may not barge.
+        return Err(Decline::Held);
+    }
+    if current.0 & HANDOFF != 0 {
+        return Err(Decline::Malformed);
     }
     if !current.is_free() {
         return if current.exclusive_owner().is_some() {
@@ -208,7 +297,7 @@ pub fn acquire_exclusive_transition(
     debug_assert!(owner <= MAX_OWNER_INDEX);
     let held = Word::new(
         current.generation(),
-        PREPARED | EXCLUSIVE,
+        PREPARED | EXCLUSIVE | (keep & (PARKED | HUNGRY)),
         owner + 1,
         current.counter() + 1,
     );
@@ -216,6 +305,123 @@ pub fn acquire_exclusive_transition(
         held,
         owner_died: current.owner_died(),
     })
+}
+
+/// A hungry waiter claims a handed-off word: held by `owner` with the
+/// counter the hand-off already bumped (the grant was counted then), and
+/// `PARKED` (others may sleep). `HUNGRY` is not kept: other hungry sleepers
+/// set it again when their bounded sleep ends (every bound), so hand-offs,
+/// each of which leaves the lock idle for a wake-up, come at most about
+/// once per bound per hungry waiter, and running acquirers barge between
+/// them (parking_lot's eventual fairness; a conservative `HUNGRY` made
+/// every release a hand-off while anyone was hungry: 54.7k ops/s with four
+/// processes on one key, against 3.1M for a raw futex).
+pub fn claim_transition(
+    current: Word,
+    expected_generation: u16,
+    owner: u32,
+) -> Result<FastGrant, Decline> {
+    if current.0 & RESERVED_MASK != 0 {
+        return Err(Decline::Malformed);
+    }
+    if current.generation() != expected_generation {
+        return Err(Decline::GenerationChanged);
+    }
+    if !current.is_prepared() {
+        return Err(Decline::NotPrepared);
+    }
+    if !current.is_handoff() {
+        return Err(Decline::Held);
+    }
+    debug_assert!(owner <= MAX_OWNER_INDEX);
+    Ok(FastGrant {
+        held: Word::new(
+            current.generation(),
+            PREPARED | EXCLUSIVE | PARKED,
+            owner + 1,
+            current.counter(),
+        ),
+        // A hand-off comes from a live holder's release: nobody died.
+        owner_died: false,
+    })
+}
+
+/// A waiter about to sleep: the held (or handed-off) word with `PARKED`, and
+/// `HUNGRY` for a hungry waiter, so that the release wakes it. `Ok(None)`:
+/// the bits are already set, nothing to write. `Err`: the word is not held
+/// any more (or not prepared): try again from the top.
+pub fn park_transition(current: Word, hungry: bool) -> Result<Option<Word>, Decline> {
+    if current.0 & RESERVED_MASK != 0 {
+        return Err(Decline::Malformed);
+    }
+    if !current.is_prepared() {
+        return Err(Decline::NotPrepared);
+    }
+    let add = if hungry && !current.is_handoff() {
+        PARKED | HUNGRY
+    } else {
+        PARKED
+    };
+    let shape_ok =
+        current.is_handoff() || (current.0 & HANDOFF == 0 && current.exclusive_owner().is_some());
+    if !shape_ok {
+        return Err(Decline::Held);
+    }
+    if current.0 & add == add {
+        Ok(None)
+    } else {
+        Ok(Some(Word(current.0 | add)))
+    }
+}
+
+/// What a releaser must do after its release CAS succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterRelease {
+    /// Nobody sleeps: done.
+    Nothing,
+    /// Wake one sleeper on the `park` futex (bump it first).
+    WakeParked,
+    /// The word is handed off: wake one sleeper on the `hungry` futex (bump
+    /// it first); if none was asleep, [`cancel_handoff`].
+    WakeHungry,
+}
+
+/// The release of a fast-path hold, from the word as it is now (the holder's
+/// `held` word plus any `PARKED`/`HUNGRY` waiters added): free, or handed
+/// off when a hungry waiter asked for it and the counter has room for the
+/// grant it counts. The owner-died bit is never set here (the grant
+/// consumed it; [`release_for_dead_owner`] sets it).
+pub const fn release_transition(current: Word) -> (Word, AfterRelease) {
+    if current.is_hungry() && (current.counter() as u64) < COUNTER_MASK {
+        let handed = Word::new(
+            current.generation(),
+            PREPARED | EXCLUSIVE | HANDOFF | (current.0 & PARKED),
+            0,
+            current.counter() + 1,
+        );
+        (handed, AfterRelease::WakeHungry)
+    } else if current.0 & (PARKED | HUNGRY) != 0 {
+        (released(current), AfterRelease::WakeParked)
+    } else {
+        (released(current), AfterRelease::Nothing)
+    }
+}
+
+/// A hand-off no hungry waiter was asleep to take, given back: free, with
+/// the counter as the hand-off left it (the token it counted is skipped:
+/// tokens stay strictly increasing). `true` in the second field: `PARKED`
+/// was set, wake one sleeper on `park`.
+pub const fn cancel_handoff(handed: Word) -> (Word, bool) {
+    (
+        Word::new(handed.generation(), PREPARED, 0, handed.counter()),
+        handed.is_parked(),
+    )
+}
+
+/// Is `current` still the hold that `held` was granted as? The same word but
+/// for the bits waiters add (`PARKED`, `HUNGRY`).
+pub const fn same_hold(current: Word, held: Word) -> bool {
+    current.0 & !(PARKED | HUNGRY) == held.0 & !(PARKED | HUNGRY)
 }
 
 /// The word a fast-path holder writes back on release: free, prepared, same
@@ -241,9 +447,14 @@ pub const fn released(held: Word) -> Word {
 // `release_for_dead_owner` and `rekey` of a prepared word: all three are one
 // atomic read-modify-write, checked against the client's under loom below.
 
-/// The word after the broker takes a slot over: `P` cleared, all else kept.
+/// The word after the broker takes a slot over: `P` and the contended
+/// path's bits cleared (a managed word has none), all else kept. A
+/// handed-off word (`H`) becomes a managed word with `X` and no holder:
+/// the broker reads the word it replaced and treats a hand-off as free (the
+/// counted token is skipped); the claimer's CAS fails (it needs `P`) and it
+/// asks the broker.
 pub const fn take_over(w: Word) -> Word {
-    Word(w.0 & !PREPARED)
+    Word(w.0 & !(PREPARED | CONTENDED_MASK))
 }
 
 /// A broker-managed word (`P=0`) that mirrors the broker's holder for
@@ -386,6 +597,247 @@ pub fn try_release_exclusive<C: WordCell + ?Sized>(cell: &C, held: Word) -> bool
         .is_ok()
 }
 
+// ---- the contended path, generic over its futexes --------------------------
+
+/// The slot's two futex words (`Slot::park`, `Slot::hungry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    /// Waiters within their bound.
+    Parked,
+    /// Waiters past their bound, waiting for a hand-off.
+    Hungry,
+}
+
+/// What a waiter needs from its surroundings: the futexes (real ones on a
+/// shared mapping in the client, a loom model in the tests), its clock and
+/// its spin policy. Keeping them behind a trait lets loom check the very
+/// code the client runs.
+pub trait Parker {
+    /// The current value of `queue`'s futex word.
+    /// SYNC POINT: Acquire, pairing with the Release bump of
+    /// [`Unparker::wake_one`]: a waiter that reads a bumped value also sees
+    /// the release CAS that preceded the bump.
+    fn sequence(&self, queue: Queue) -> u32;
+    /// Sleep on `queue` while its futex word holds `expected`. Returns at a
+    /// wake, at once if the value changed, at a timeout or spuriously: the
+    /// caller re-reads the word every time.
+    fn sleep(&mut self, queue: Queue, expected: u32);
+    /// Has this waiter waited past its fairness bound?
+    fn hungry(&mut self) -> bool;
+    /// A hungry waiter: may it ask for a hand-off now, given the `hungry`
+    /// futex sequence (bumped by every hand-off)? The client says yes when
+    /// the sequence has not moved for a whole bound (no hand-off to anyone
+    /// lately), so a key hands off about once per bound however many
+    /// waiters are hungry, and running acquirers barge in between.
+    fn may_ask_handoff(&mut self, hungry_sequence: u32) -> bool;
+    /// Has this waiter's deadline passed (a lock with a timeout)?
+    fn expired(&mut self) -> bool;
+    /// Spin once more before the first sleep? (`false`: sleep now.)
+    fn spin(&mut self) -> bool;
+}
+
+/// What a releaser needs: bump a futex word and wake one sleeper on it.
+pub trait Unparker {
+    /// Bump `queue`'s futex word (SYNC POINT: Release, pairing with the
+    /// Acquire of [`Parker::sequence`]), then wake at most one sleeper on it.
+    /// Returns how many woke (0 or 1).
+    fn wake_one(&mut self, queue: Queue) -> u32;
+}
+
+/// How a contended acquire ended without a grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContendedEnd {
+    /// The word left the fast path's states: ask the broker.
+    Declined(Decline),
+    /// The parker's deadline passed.
+    Expired,
+}
+
+/// Release CAS attempts before the release is left to the broker. Each
+/// failure means the word changed under the holder: waiters add `PARKED` and
+/// `HUNGRY` once each, so two failures are the most a well-behaved table
+/// gives; more means a scribbler, and the broker sorts the slot out.
+pub const RELEASE_ATTEMPTS: u32 = 8;
+
+/// The contended acquire of a prepared key: retry the grant, spin a little,
+/// then sleep on the slot's futex until the word frees or (once hungry) is
+/// handed off. Ends only with a grant, a decline (ask the broker) or the
+/// parker's deadline.
+///
+/// No lost wake-up: the waiter reads the futex sequence (Acquire) *before*
+/// it reads the word, and sleeps only after it saw (or CASed) a held word
+/// with its bit (`PARKED`, or `HUNGRY` when hungry). A releaser CASes that
+/// word to free or handed-off, and bumps the sequence (Release) *after*
+/// that CAS. If the waiter's sequence read saw the bump, the release CAS
+/// happened before its word read, which then cannot have seen the held word
+/// (coherence): contradiction. So its sequence is the pre-bump one, and
+/// `FUTEX_WAIT` either sees the bumped value and returns, or was queued
+/// before the wake and is woken (or another sleeper is, and that one sets
+/// `PARKED` again before it sleeps or takes the lock: the bit is
+/// conservative). Checked under loom with untimed sleeps on `park`, where a
+/// lost wake-up is a deadlock. Sleeps on `hungry` are bounded by design
+/// (a hungry sleeper sets `HUNGRY` again each time its sleep ends, which
+/// keeps hand-offs rare), and the model lets them end.
+pub fn lock_contended<C: WordCell + ?Sized, P: Parker + ?Sized>(
+    cell: &C,
+    expected_generation: u16,
+    owner: u32,
+    parker: &mut P,
+) -> Result<FastGrant, ContendedEnd> {
+    let mut slept = false;
+    // Unbounded by design, like any blocking lock: every turn either sleeps,
+    // or follows a change of the word made by another client (progress), or
+    // ends; the parker's deadline bounds a lock with a timeout.
+    loop {
+        let hungry = parker.hungry();
+        let asking = hungry && {
+            let handoffs = parker.sequence(Queue::Hungry);
+            parker.may_ask_handoff(handoffs)
+        };
+        // A hungry waiter that may not ask yet waits like the others (on
+        // `park`, woken by releases, free to barge).
+        let queue = if asking { Queue::Hungry } else { Queue::Parked };
+        let sequence = parker.sequence(queue);
+        // Relaxed: the grant CASes below are the Acquire; this read only
+        // picks the transition (and comes after the sequence's Acquire).
+        let current = cell.load_word(Ordering::Relaxed);
+        let attempt = if current.is_handoff() && hungry {
+            claim_transition(current, expected_generation, owner)
+        } else {
+            // A waiter that slept keeps `PARKED` for the others (it may
+            // not be the last sleeper); `HUNGRY` is for the hungry sleepers
+            // to set again (see `claim_transition`).
+            let keep = if slept { PARKED } else { 0 };
+            grant_transition(current, expected_generation, owner, keep)
+        };
+        match attempt {
+            Ok(grant) => {
+                // SYNC POINT: Acquire pairs with the Release of the release
+                // (or hand-off) CAS that wrote `current`. Failure Relaxed:
+                // we start over from the sequence read.
+                if cell
+                    .compare_exchange_word(
+                        current,
+                        grant.held,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
+                    return Ok(grant);
+                }
+                continue;
+            }
+            Err(Decline::Held) => {}
+            Err(other) => return Err(ContendedEnd::Declined(other)),
+        }
+        if parker.expired() {
+            return Err(ContendedEnd::Expired);
+        }
+        if !slept && parker.spin() {
+            continue;
+        }
+        match park_transition(current, asking) {
+            Ok(Some(marked)) => {
+                // SYNC POINT: Release orders our sequence read before this
+                // write, so the releaser's CAS that reads it (Acquire) and
+                // its later bump cannot be what we read. Failure Relaxed:
+                // start over.
+                if cell
+                    .compare_exchange_word(current, marked, Ordering::Release, Ordering::Relaxed)
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+            Ok(None) => {}
+            Err(Decline::Held) => continue,
+            Err(other) => return Err(ContendedEnd::Declined(other)),
+        }
+        // A hungry waiter never gets here with a hand-off (it claimed it or
+        // lost the claim and started over), so `queue` matches the bit we
+        // saw or set: `HUNGRY` for the hungry queue, `PARKED` for the other.
+        debug_assert!(!(asking && current.is_handoff()));
+        parker.sleep(queue, sequence);
+        slept = true;
+    }
+}
+
+/// The release of a fast-path hold that may have waiters: one CAS from the
+/// granted word when nobody came, else from the word with the waiters'
+/// bits; then the wake the truth table asks for. `false`: the word is no
+/// longer this hold's (the broker took the slot over, or a scribbler wrote
+/// it): release through the broker.
+pub fn release_contended<C: WordCell + ?Sized, U: Unparker + ?Sized>(
+    cell: &C,
+    held: Word,
+    unparker: &mut U,
+) -> bool {
+    let mut current = held;
+    let mut attempts = 0;
+    let (written, after) = loop {
+        if !same_hold(current, held) || !current.is_prepared() {
+            return false;
+        }
+        let (next, after) = release_transition(current);
+        // SYNC POINT: Release pairs with the Acquire of the next grant or
+        // claim CAS, and of the broker's take-over. Failure Relaxed: the
+        // value is only compared with `held` again.
+        match cell.compare_exchange_word(current, next, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => break (next, after),
+            Err(now) => current = now,
+        }
+        attempts += 1;
+        if attempts >= RELEASE_ATTEMPTS {
+            return false;
+        }
+    };
+    match after {
+        AfterRelease::Nothing => {}
+        AfterRelease::WakeParked => {
+            unparker.wake_one(Queue::Parked);
+        }
+        AfterRelease::WakeHungry => {
+            if unparker.wake_one(Queue::Hungry) == 0 {
+                take_back_handoff(cell, written, unparker);
+            }
+        }
+    }
+    true
+}
+
+/// No hungry waiter was asleep for the hand-off: give it back as free,
+/// unless someone claimed it meanwhile (a hungry waiter on its way to
+/// sleep) or the broker took the slot over. Bounded: the word can only gain
+/// `PARKED` (once) before one of those ends the loop.
+fn take_back_handoff<C: WordCell + ?Sized, U: Unparker + ?Sized>(
+    cell: &C,
+    handed: Word,
+    unparker: &mut U,
+) {
+    let mut current = handed;
+    for _ in 0..RELEASE_ATTEMPTS {
+        if !current.is_handoff()
+            || current.generation() != handed.generation()
+            || current.counter() != handed.counter()
+        {
+            return;
+        }
+        let (free, wake) = cancel_handoff(current);
+        // SYNC POINT: Release pairs with the Acquire of the next grant CAS
+        // (our critical section is before the hand-off CAS, before this).
+        match cell.compare_exchange_word(current, free, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => {
+                if wake {
+                    unparker.wake_one(Queue::Parked);
+                }
+                return;
+            }
+            Err(now) => current = now,
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -426,7 +878,7 @@ mod tests {
             acquire_exclusive_transition(prepared(1), 8, 3),
             Err(Decline::GenerationChanged)
         );
-        let reserved = Word(prepared(1).0 | (1 << 44));
+        let reserved = Word(prepared(1).0 | (1 << 46));
         assert_eq!(
             acquire_exclusive_transition(reserved, 7, 3),
             Err(Decline::Malformed)
@@ -505,6 +957,107 @@ mod tests {
         assert!(!try_release_exclusive(&cell, g.held));
     }
 
+    #[test]
+    fn a_waiter_marks_a_held_word_parked_and_a_hungry_one_hungry_too() {
+        let held = Word::new(7, PREPARED | EXCLUSIVE, 2, 5);
+        let parked = park_transition(held, false).unwrap().unwrap();
+        assert!(parked.is_parked());
+        assert!(!parked.is_hungry());
+        assert_eq!(park_transition(parked, false), Ok(None));
+        let hungry = park_transition(parked, true).unwrap().unwrap();
+        assert!(hungry.is_parked());
+        assert!(hungry.is_hungry());
+        assert!(same_hold(hungry, held));
+        // A free or managed word is not slept on.
+        assert_eq!(park_transition(prepared(5), false), Err(Decline::Held));
+        assert_eq!(
+            park_transition(Word::new(7, EXCLUSIVE, 2, 5), false),
+            Err(Decline::NotPrepared)
+        );
+    }
+
+    #[test]
+    fn a_release_frees_and_wakes_or_hands_off_as_the_waiters_asked() {
+        let held = Word::new(7, PREPARED | EXCLUSIVE, 2, 5);
+        assert_eq!(
+            release_transition(held),
+            (prepared(5), AfterRelease::Nothing)
+        );
+        assert_eq!(
+            release_transition(Word(held.0 | PARKED)),
+            (prepared(5), AfterRelease::WakeParked)
+        );
+        let (handed, after) = release_transition(Word(held.0 | PARKED | HUNGRY));
+        assert_eq!(after, AfterRelease::WakeHungry);
+        assert!(handed.is_handoff());
+        assert!(handed.is_parked());
+        assert!(!handed.is_hungry());
+        assert_eq!(
+            handed.counter(),
+            6,
+            "the hand-off counts the grant it makes"
+        );
+        // A hand-off is not for running acquirers.
+        assert_eq!(
+            acquire_exclusive_transition(handed, 7, 3),
+            Err(Decline::Held)
+        );
+        let claimed = claim_transition(handed, 7, 3).unwrap();
+        assert_eq!(claimed.held.exclusive_owner(), Some(3));
+        assert_eq!(claimed.held.counter(), 6);
+        assert!(claimed.held.is_parked(), "more waiters may sleep");
+        assert!(
+            !claimed.held.is_hungry(),
+            "other hungry sleepers set it again when their bounded sleep ends"
+        );
+        let (free, wake) = cancel_handoff(handed);
+        assert_eq!(free, prepared(6), "a cancelled hand-off skips its token");
+        assert!(wake);
+    }
+
+    #[test]
+    fn a_hungry_release_with_an_exhausted_counter_frees_instead_of_handing_off() {
+        let held = Word::new(7, PREPARED | EXCLUSIVE | HUNGRY, 2, COUNTER_MASK as u32);
+        let (free, after) = release_transition(held);
+        assert!(free.is_free());
+        assert_eq!(free.counter() as u64, COUNTER_MASK);
+        assert_eq!(after, AfterRelease::WakeParked);
+    }
+
+    #[test]
+    fn a_handoff_bit_on_any_other_shape_is_malformed() {
+        let bad = Word(prepared(1).0 | HANDOFF);
+        assert_eq!(
+            acquire_exclusive_transition(bad, 7, 3),
+            Err(Decline::Malformed)
+        );
+        assert_eq!(claim_transition(bad, 7, 3), Err(Decline::Held));
+        let held_and_handed = Word::new(7, PREPARED | EXCLUSIVE | HANDOFF, 2, 1);
+        assert!(!held_and_handed.is_handoff());
+        assert_eq!(
+            acquire_exclusive_transition(held_and_handed, 7, 3),
+            Err(Decline::Malformed)
+        );
+    }
+
+    #[test]
+    fn the_release_gives_up_to_the_broker_once_the_word_is_not_its_hold() {
+        struct NoWake;
+        impl Unparker for NoWake {
+            fn wake_one(&mut self, _: Queue) -> u32 {
+                panic!("nobody sleeps")
+            }
+        }
+        let cell = AtomicU64::new(prepared(0).0);
+        let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
+        cell.store(take_over(g.held).0, Ordering::Relaxed);
+        assert!(!release_contended(&cell, g.held, &mut NoWake));
+        let cell = AtomicU64::new(prepared(0).0);
+        let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
+        assert!(release_contended(&cell, g.held, &mut NoWake));
+        assert_eq!(Word(cell.load(Ordering::Relaxed)), prepared(1));
+    }
+
     proptest::proptest! {
         #[test]
         fn no_word_yields_a_grant_unless_it_is_prepared_and_free(raw in proptest::num::u64::ANY, owner in 0u32..=MAX_OWNER_INDEX) {
@@ -517,6 +1070,30 @@ mod tests {
                 proptest::prop_assert_eq!(g.held.counter(), w.counter() + 1);
             }
         }
+
+        #[test]
+        fn every_contended_transition_keeps_tokens_increasing_and_one_holder(raw in proptest::num::u64::ANY, owner in 0u32..=MAX_OWNER_INDEX, hungry in proptest::bool::ANY) {
+            let w = Word(raw);
+            if let Ok(g) = claim_transition(w, w.generation(), owner) {
+                proptest::prop_assert!(w.is_handoff());
+                proptest::prop_assert_eq!(g.held.counter(), w.counter());
+                proptest::prop_assert_eq!(g.held.exclusive_owner(), Some(owner));
+            }
+            if let Ok(g) = grant_transition(w, w.generation(), owner, PARKED | HUNGRY) {
+                proptest::prop_assert!(w.is_free() && !w.is_handoff());
+                proptest::prop_assert_eq!(g.held.counter(), w.counter() + 1);
+            }
+            if let Ok(Some(marked)) = park_transition(w, hungry) {
+                // Parking never changes who holds it, nor the counter.
+                proptest::prop_assert!(same_hold(marked, w) || w.is_handoff());
+                proptest::prop_assert_eq!(marked.counter(), w.counter());
+                proptest::prop_assert_eq!(marked.holders(), w.holders());
+            }
+            let (next, _) = release_transition(w);
+            proptest::prop_assert!(next.counter() >= w.counter());
+            proptest::prop_assert!(next.is_free() || next.is_handoff());
+            proptest::prop_assert_eq!(next.0 & RESERVED_MASK, 0);
+        }
     }
 }
 
@@ -525,6 +1102,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
+    use crate::sync::AtomicU32;
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicUsize;
 
@@ -711,6 +1289,227 @@ mod loom_tests {
                 // told to release through the broker: both leave no prepared word.
                 Ok(_) | Err(_) => assert!(!Word(word.load(Ordering::Relaxed)).is_prepared()),
             }
+        });
+    }
+
+    /// A model of the kernel's futexes for the slot's two words: a waiter
+    /// checks the value and queues atomically with respect to wakes (the
+    /// kernel's hash-bucket lock is the mutex here); a wake bumps the word
+    /// before it takes the lock, as the releaser does. Sleeps never time out,
+    /// so a lost wake-up shows as a deadlock.
+    struct Futexes {
+        seq: [AtomicU32; 2],
+        queue: loom::sync::Mutex<[(u32, u32); 2]>,
+        cv: [loom::sync::Condvar; 2],
+    }
+
+    fn index(q: Queue) -> usize {
+        match q {
+            Queue::Parked => 0,
+            Queue::Hungry => 1,
+        }
+    }
+
+    impl Futexes {
+        fn new() -> Futexes {
+            Futexes {
+                seq: [AtomicU32::new(0), AtomicU32::new(0)],
+                queue: loom::sync::Mutex::new([(0, 0); 2]),
+                cv: [loom::sync::Condvar::new(), loom::sync::Condvar::new()],
+            }
+        }
+        /// Wake up to `n` sleepers; returns how many.
+        fn wake(&self, q: Queue, n: u32) -> u32 {
+            let i = index(q);
+            self.seq[i].fetch_add(1, Ordering::Release);
+            let mut g = self.queue.lock().unwrap();
+            let (sleepers, tokens) = g[i];
+            let woken = (sleepers - tokens).min(n);
+            g[i].1 += woken;
+            if woken > 0 {
+                self.cv[i].notify_all();
+            }
+            woken
+        }
+    }
+
+    struct ModelParker<'a> {
+        futexes: &'a Futexes,
+        sleeps: u32,
+        /// Hungry after this many sleeps.
+        hungry_after: u32,
+        last_handoffs: Option<u32>,
+    }
+
+    impl Parker for ModelParker<'_> {
+        fn sequence(&self, q: Queue) -> u32 {
+            self.futexes.seq[index(q)].load(Ordering::Acquire)
+        }
+        fn sleep(&mut self, q: Queue, expected: u32) {
+            let i = index(q);
+            self.sleeps += 1;
+            if q == Queue::Hungry {
+                // A hungry sleep is bounded (its timeout is the bound): the
+                // model lets it end at any point after a yield. A hand-off's
+                // wake-up still bumps the word, so a claim is also reached
+                // through the wake (the sequence changes).
+                loom::thread::yield_now();
+                return;
+            }
+            let mut g = self.futexes.queue.lock().unwrap();
+            if self.futexes.seq[i].load(Ordering::Relaxed) != expected {
+                return;
+            }
+            g[i].0 += 1;
+            loop {
+                g = self.futexes.cv[i].wait(g).unwrap();
+                if g[i].1 > 0 {
+                    g[i].1 -= 1;
+                    break;
+                }
+            }
+            g[i].0 -= 1;
+        }
+        fn hungry(&mut self) -> bool {
+            self.sleeps >= self.hungry_after
+        }
+        fn may_ask_handoff(&mut self, hungry_sequence: u32) -> bool {
+            // The client's clock rule, in steps: ask unless a hand-off
+            // happened since the last time we looked.
+            let ask = self
+                .last_handoffs
+                .is_none_or(|last| last == hungry_sequence);
+            self.last_handoffs = Some(hungry_sequence);
+            ask
+        }
+        fn expired(&mut self) -> bool {
+            false
+        }
+        fn spin(&mut self) -> bool {
+            false
+        }
+    }
+
+    struct ModelUnparker<'a>(&'a Futexes);
+
+    impl Unparker for ModelUnparker<'_> {
+        fn wake_one(&mut self, q: Queue) -> u32 {
+            self.0.wake(q, 1)
+        }
+    }
+
+    /// The holder (owner 0) releases while two clients wait on the
+    /// contended path, one of which turns hungry after `hungry_after`
+    /// sleeps: every client gets the lock (no lost wake-up: loom reports a
+    /// deadlock otherwise), one at a time, with strictly increasing counters.
+    fn contended_model(hungry_after: [u32; 2]) {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(2);
+        builder.check(move || {
+            let held = Word::new(0, PREPARED | EXCLUSIVE, 1, 1);
+            let word = Arc::new(AtomicU64::new(held.0));
+            let futexes = Arc::new(Futexes::new());
+            let inside = Arc::new(AtomicUsize::new(0));
+            let counters = Arc::new(loom::sync::Mutex::new(vec![1u32]));
+            let handles: Vec<_> = (0..2u32)
+                .map(|c| {
+                    let (word, futexes, inside, counters) = (
+                        word.clone(),
+                        futexes.clone(),
+                        inside.clone(),
+                        counters.clone(),
+                    );
+                    loom::thread::spawn(move || {
+                        let mut parker = ModelParker {
+                            futexes: &futexes,
+                            sleeps: 0,
+                            hungry_after: hungry_after[c as usize],
+                            last_handoffs: None,
+                        };
+                        let g = lock_contended(&*word, 0, c + 1, &mut parker).unwrap();
+                        assert_eq!(inside.fetch_add(1, Ordering::Relaxed), 0);
+                        counters.lock().unwrap().push(g.held.counter());
+                        inside.fetch_sub(1, Ordering::Relaxed);
+                        assert!(release_contended(
+                            &*word,
+                            g.held,
+                            &mut ModelUnparker(&futexes)
+                        ));
+                    })
+                })
+                .collect();
+            assert!(release_contended(
+                &*word,
+                held,
+                &mut ModelUnparker(&futexes)
+            ));
+            for h in handles {
+                h.join().unwrap();
+            }
+            let counters = counters.lock().unwrap();
+            assert_eq!(counters.len(), 3);
+            assert!(counters.windows(2).all(|p| p[0] < p[1]), "{counters:?}");
+            let end = Word(word.load(Ordering::Relaxed));
+            assert!(end.is_free(), "{end:?}");
+        });
+    }
+
+    #[test]
+    fn contended_waiters_are_all_woken_and_never_overlap() {
+        contended_model([u32::MAX, u32::MAX]);
+    }
+
+    #[test]
+    fn a_hungry_waiter_gets_a_handoff_or_the_lock_and_nobody_is_stranded() {
+        contended_model([0, u32::MAX]);
+    }
+
+    #[test]
+    fn two_hungry_waiters_share_handoffs_and_the_last_one_is_given_back() {
+        contended_model([1, 0]);
+    }
+
+    #[test]
+    fn a_dead_holder_released_by_the_broker_wakes_its_sleeper() {
+        // The holder (owner 0) dies holding the lock; the broker frees the
+        // word for it and wakes every sleeper (engine::wake_contended).
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let held = Word::new(0, PREPARED | EXCLUSIVE, 1, 1);
+            let word = Arc::new(AtomicU64::new(held.0));
+            let futexes = Arc::new(Futexes::new());
+            let (w2, f2) = (word.clone(), futexes.clone());
+            let waiter = loom::thread::spawn(move || {
+                let mut parker = ModelParker {
+                    futexes: &f2,
+                    sleeps: 0,
+                    hungry_after: 1,
+                    last_handoffs: None,
+                };
+                let g = lock_contended(&*w2, 0, 2, &mut parker).unwrap();
+                assert!(g.owner_died);
+                assert!(release_contended(&*w2, g.held, &mut ModelUnparker(&f2)));
+            });
+            // The broker's dead-owner release (registry::client_gone).
+            let mut cur = word.load_word(Ordering::Acquire);
+            loop {
+                match word.compare_exchange_word(
+                    cur,
+                    release_for_dead_owner(cur),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => cur = now,
+                }
+            }
+            if cur.0 & (PARKED | HUNGRY) != 0 {
+                futexes.wake(Queue::Parked, u32::MAX);
+                futexes.wake(Queue::Hungry, u32::MAX);
+            }
+            waiter.join().unwrap();
+            assert!(Word(word.load(Ordering::Relaxed)).is_free());
         });
     }
 }

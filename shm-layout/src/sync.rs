@@ -6,9 +6,9 @@
 //! so those always use `core` atomics: see [`shm`].
 
 #[cfg(not(loom))]
-pub use core::sync::atomic::{AtomicU64, Ordering, fence};
+pub use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(loom)]
-pub use loom::sync::atomic::{AtomicU64, Ordering, fence};
+pub use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 /// Atomics for `#[repr(C)]` types that live in shared memory. Always the real
 /// ones: their size and alignment are part of the file format.

@@ -36,7 +36,7 @@ pub const TABLE_MAGIC: [u8; 8] = *b"FRLKTBL1";
 pub const ENDIAN_CHECK: u32 = 0x0102_0304;
 /// Version of this file format (header, slot, index, client record layout and
 /// the key hash function). Bump on any change.
-pub const TABLE_VERSION: u32 = 1;
+pub const TABLE_VERSION: u32 = 2;
 
 pub const HEADER_SIZE: usize = 512;
 pub const SLOT_SIZE: usize = 128;
@@ -151,7 +151,16 @@ pub struct Slot {
     pub waiters: AtomicU32,
     /// Broker clock (ms) when the current holder got the lock, for observers.
     pub held_since_ms: AtomicU64,
-    pub _reserved: [u64; 1],
+    /// Futex word of the contended path's sleepers within their bound: a
+    /// sequence number, bumped (Release) by every release that wakes one of
+    /// them, never a lock state (see [`crate::lockword`], "The contended
+    /// path"). Written by clients: a scribbled value costs a spurious wake.
+    /// On the hot line because every contended release touches it next to
+    /// the word.
+    pub park: AtomicU32,
+    /// Futex word of the sleepers past their bound, waiting for a hand-off;
+    /// bumped like [`Slot::park`] by a release that hands off.
+    pub hungry: AtomicU32,
     /// The key's bytes, in native-endian 8-byte words. Written by the broker
     /// only while the word is not prepared, then published by the word's
     /// generation (the word is the seqlock of these bytes).
@@ -252,6 +261,8 @@ const _: () = {
     assert!(offset_of!(Slot, token_base) == 8);
     assert!(offset_of!(Slot, key_hash) == 24);
     assert!(offset_of!(Slot, held_since_ms) == 48);
+    assert!(offset_of!(Slot, park) == 56);
+    assert!(offset_of!(Slot, hungry) == 60);
     assert!(
         offset_of!(Slot, key) == 64,
         "the key starts the slot's second cache line"

@@ -19,7 +19,7 @@ fn killed_holder_is_released(config: &str, warm_first: bool) {
     let mut holder = Worker::spawn(dir.path(), &["hold", "k"]);
     let (t1, _, fast) = parse_held(&holder.next_line("HELD"));
     assert_eq!(fast, warm_first, "the warmed key is taken on the fast path");
-    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0", "--fifo"]);
     wait_for_waiters(dir.path(), "k", 1);
     holder.kill9();
     let (t2, owner_died, _) = parse_held(&waiter.next_line("HELD"));
@@ -53,7 +53,7 @@ fn a_lock_held_across_a_broker_sigkill_stays_held_and_tokens_keep_rising() {
         t.next_line("ERR").starts_with("ERR WouldBlock"),
         "still held after the restart"
     );
-    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0", "--fifo"]);
     wait_for_waiters(dir.path(), "k", 1);
     holder.release();
     assert_eq!(

@@ -56,6 +56,8 @@ fn waiters_get_the_lock_in_the_order_they_asked() {
                 order_s,
                 "--id",
                 &id.to_string(),
+                // The broker's queue is FIFO; the contended path is not.
+                "--fifo",
             ],
         );
         waiters_list.push(w);

@@ -76,7 +76,7 @@ fn a_restart_remembers_a_fast_path_hold_that_the_broker_took_over() {
     let mut holder = Worker::spawn(dir.path(), &["hold", "k"]);
     let (t1, _, fast) = parse_held(&holder.next_line("HELD"));
     assert!(fast, "the warmed key is taken on the fast path");
-    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0"]);
+    let mut waiter = Worker::spawn(dir.path(), &["hold", "k", "--hold-ms", "0", "--fifo"]);
     wait_for_waiters(dir.path(), "k", 1);
     b.restart();
     assert_eq!(

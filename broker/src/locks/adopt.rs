@@ -187,8 +187,10 @@ impl LockManager {
         };
         // The word says managed from now on, whatever it said.
         let slot = table.slot(hold.slot).expect("slot in range");
-        slot.word
-            .fetch_and(!shm_layout::lockword::PREPARED, Ordering::AcqRel);
+        slot.word.fetch_and(
+            shm_layout::lockword::take_over(Word(u64::MAX)).0,
+            Ordering::AcqRel,
+        );
         mirror_hold(table, c, hold.slot, hold.shared);
     }
 

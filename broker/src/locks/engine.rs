@@ -291,7 +291,8 @@ impl LockManager {
             // A fast-path hold whose release CAS failed for a transient reason
             // (or a confused client): release it if the word says it is ours.
             let w = Word(tslot.word.load(Ordering::Acquire));
-            let ours = w.exclusive_owner() == Some(client)
+            let ours = w.is_prepared()
+                && w.exclusive_owner() == Some(client)
                 && st.base.saturating_add(w.counter() as u64) == token;
             return if ours
                 && tslot
@@ -304,6 +305,7 @@ impl LockManager {
                     )
                     .is_ok()
             {
+                wake_contended(tslot, w, waker);
                 Response::Released
             } else {
                 not_holder(slot)
@@ -420,11 +422,23 @@ impl LockManager {
         // SYNC POINT: AcqRel on fetch_and: Acquire pairs with the Release of a
         // fast-path release (so we see the holder's final state); after this,
         // clients' CASes (which require PREPARED) fail.
-        let w = Word(slot.word.fetch_and(!lockword::PREPARED, Ordering::AcqRel));
+        // The contended path's bits go with PREPARED (see lockword::take_over):
+        // its sleepers time out within their bound, find the word managed,
+        // and ask us.
+        let w = Word(
+            slot.word
+                .fetch_and(lockword::take_over(Word(u64::MAX)).0, Ordering::AcqRel),
+        );
         let st = &mut self.dir.slots[s as usize];
         st.managed = true;
         st.holder = Holder::Free;
-        if w.0 & RESERVED_MASK != 0 || (!w.is_free() && w.exclusive_owner().is_none()) {
+        if w.is_handoff() {
+            // Handed off, not yet claimed: free for us (its counted token is
+            // skipped); the claimer's CAS now fails and it asks us.
+        } else if w.0 & RESERVED_MASK != 0
+            || w.0 & lockword::HANDOFF != 0
+            || (!w.is_free() && w.exclusive_owner().is_none())
+        {
             table.header().stats.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot = s, word = ?w, "lock word in a shape forelock never writes: repaired to free (someone scribbled on the table)");
         } else if let Some(owner) = w.exclusive_owner() {
@@ -700,6 +714,23 @@ impl LockManager {
             Ordering::Release,
         );
     }
+}
+
+/// After the broker freed a prepared word on a client's behalf (`was` is the
+/// word it replaced): wake the contended path's sleepers, if the word said
+/// some may sleep, so they retry now rather than at their bound. Every
+/// sleeper, not one: the broker does not know which of them may take it.
+pub(super) fn wake_contended(slot: &shm_layout::table::Slot, was: Word, waker: &mut dyn Waker) {
+    if was.0 & (lockword::PARKED | lockword::HUNGRY) == 0 {
+        return;
+    }
+    // SYNC POINT: Release pairs with the sleepers' Acquire read of the
+    // sequence (lockword::lock_contended): a sleeper that reads the bump
+    // sees the freed word.
+    slot.park.fetch_add(1, Ordering::Release);
+    slot.hungry.fetch_add(1, Ordering::Release);
+    waker.wake(&slot.park);
+    waker.wake(&slot.hungry);
 }
 
 /// Mirror a broker hold into the client's table record, for observers

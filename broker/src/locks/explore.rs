@@ -87,3 +87,31 @@ fn two_clients_and_a_hostile_one_sending_raw_requests() {
     eprintln!("explored {states} states");
     assert!(states > 1000, "the explorer went nowhere: {states} states");
 }
+
+#[test]
+fn two_clients_one_key_on_the_contended_path_with_restarts() {
+    // Sleepers' bits (PARKED, HUNGRY) on held words, releases that hand off,
+    // claims, and every broker step (take-over by a slow request, death of
+    // the holder or of the hungry sleeper, eviction, restart) around them.
+    let ex = Explorer::new(1, 1, 1, false, false).with_contended();
+    // The depth reaches a claimed hand-off (the directed run below shows the
+    // path: five steps) with one step to spare for a broker step after it.
+    let mut s = ex.initial(2);
+    for step in [
+        Step::Slow((0, 0), 0, false, true),
+        Step::Release((0, 0)),
+        Step::Fast((0, 0), 0),
+        Step::Mark((1, 0), 0, true),
+        Step::Release((0, 0)),
+    ] {
+        ex.apply(&mut s, step).unwrap();
+    }
+    ex.apply(&mut s, Step::Claim((1, 0), 0)).unwrap();
+    assert!(
+        matches!(s.clients[1].lanes[0], Have::Holding { fast: Some(_), .. }),
+        "the hungry sleeper claimed the hand-off: {:?}",
+        s.clients[1].lanes[0]
+    );
+    let states = explore(&ex, 2, depth(6));
+    assert!(states > 100, "explored only {states} states");
+}

@@ -38,7 +38,10 @@ use super::*;
 use crate::ledger::Ledger;
 use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events};
 use shm_layout::key_hash;
-use shm_layout::lockword::{try_acquire_exclusive, try_release_exclusive};
+use shm_layout::lockword::{
+    Queue, Unparker, claim_transition, park_transition, release_contended, try_acquire_exclusive,
+    try_release_exclusive,
+};
 use shm_layout::table::{Geometry, Header, IndexEntry, init_header};
 use shm_layout::wire::Response;
 use std::collections::HashSet;
@@ -104,6 +107,25 @@ pub enum Step {
     Restart,
     Hostile(usize, Raw),
     Scribble(Scribble),
+    /// The contended path: a client that found the key held on the fast
+    /// path marks the word before it sleeps (`PARKED`, with `HUNGRY` if
+    /// true). The sleeper itself is not modelled: what the broker must cope
+    /// with is the bits it leaves, and a sleeper may die at any time.
+    Mark(Who, usize, bool),
+    /// The contended path: a hungry sleeper claims a handed-off word.
+    Claim(Who, usize),
+}
+
+/// The releaser's wake-ups in the model: every hand-off finds a hungry
+/// sleeper (so the handed-off word stays for a [`Step::Claim`], or for the
+/// broker when that sleeper dies, is evicted or restarts); the cancel of
+/// an unclaimed hand-off is loom's to check (shm-layout's lockword).
+struct SleeperAlwaysWakes;
+
+impl Unparker for SleeperAlwaysWakes {
+    fn wake_one(&mut self, _: Queue) -> u32 {
+        1
+    }
 }
 
 /// A raw request of a hostile client (see [`Explorer::hostile`]).
@@ -159,6 +181,9 @@ pub struct Explorer {
     /// arbitrary requests, reserved or repeated request ids, Hellos that
     /// claim another client's record. They must break nothing.
     pub hostile: bool,
+    /// Add the contended path's steps ([`Step::Mark`], [`Step::Claim`]) and
+    /// release through it (`lockword::release_contended`).
+    pub contended: bool,
 }
 
 fn view(buf: &Buf) -> TableView {
@@ -213,7 +238,14 @@ impl Explorer {
             max_restarts,
             scribbles,
             hostile,
+            contended: false,
         }
+    }
+
+    /// The same model with the contended path's steps.
+    pub fn with_contended(mut self) -> Explorer {
+        self.contended = true;
+        self
     }
 
     pub fn initial(&self, clients: usize) -> State {
@@ -276,6 +308,18 @@ impl Explorer {
                             out.push(Step::Slow(who, k, false, true));
                             out.push(Step::Slow(who, k, true, true));
                             out.push(Step::Slow(who, k, false, false));
+                            if self.contended {
+                                let table = view(&s.table_buf);
+                                let key = KEYS.get(k).expect("k < keys <= KEYS.len()");
+                                if let Some((_, w)) = table.lookup(key, key_hash(key)) {
+                                    if w.is_handoff() {
+                                        out.push(Step::Claim(who, k));
+                                    } else if w.is_prepared() && w.exclusive_owner().is_some() {
+                                        out.push(Step::Mark(who, k, false));
+                                        out.push(Step::Mark(who, k, true));
+                                    }
+                                }
+                            }
                         }
                     }
                     Have::Holding { .. } => out.push(Step::Release(who)),
@@ -395,7 +439,12 @@ impl Explorer {
                     unreachable!()
                 };
                 let by_cas = fast.is_some_and(|held| {
-                    try_release_exclusive(&table.slot(slot).expect("in range").word, Word(held))
+                    let word = &table.slot(slot).expect("in range").word;
+                    if self.contended {
+                        release_contended(word, Word(held), &mut SleeperAlwaysWakes)
+                    } else {
+                        try_release_exclusive(word, Word(held))
+                    }
                 });
                 if !by_cas {
                     let r = s.m.release(&table, c.record, slot, token, &mut w);
@@ -501,6 +550,50 @@ impl Explorer {
                 scribble(s, &table, what);
             }
             Step::Hostile(i, raw) => hostile(s, &table, events, &mut w, i, raw)?,
+            Step::Mark(_, k, hungry) => {
+                if let Some((slot, _)) = table.lookup(KEYS[k], key_hash(KEYS[k])) {
+                    let sl = table.slot(slot).expect("in range");
+                    let w = Word(sl.word.load(Ordering::Acquire));
+                    if let Ok(Some(marked)) = park_transition(w, hungry) {
+                        let _ = sl.word.compare_exchange(
+                            w.0,
+                            marked.0,
+                            Ordering::Release,
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+            }
+            Step::Claim((i, l), k) => {
+                let record = s.clients[i].record;
+                if let Some((slot, seen)) = table.lookup(KEYS[k], key_hash(KEYS[k])) {
+                    let sl = table.slot(slot).expect("in range");
+                    if let Ok(g) = claim_transition(seen, seen.generation(), record)
+                        && sl
+                            .word
+                            .compare_exchange(
+                                seen.0,
+                                g.held.0,
+                                Ordering::Acquire,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        // Under the hold the key cannot change (a held word
+                        // is never re-keyed): this is KEYS[k]'s slot.
+                        if !sl.key_equals(KEYS[k]) {
+                            return Err(format!(
+                                "claimed a hand-off of another key in slot {slot}"
+                            ));
+                        }
+                        let token = sl
+                            .token_base
+                            .load(Ordering::Relaxed)
+                            .wrapping_add(g.held.counter() as u64);
+                        granted(s, (i, l), k, slot, token, Some(g.held.0), false)?;
+                    }
+                }
+            }
         }
         deliver(s, &mut w)?;
         check(s)

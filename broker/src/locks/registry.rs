@@ -229,6 +229,7 @@ impl LockManager {
                         .is_ok()
                     {
                         released += 1;
+                        super::engine::wake_contended(slot, w, waker);
                         break;
                     }
                 }

@@ -46,6 +46,10 @@ enum Cmd {
         order_file: Option<PathBuf>,
         #[arg(long, default_value = "0")]
         id: u32,
+        /// Wait in the broker's FIFO queue instead of on the slot's futexes
+        /// (tests of the broker's queue).
+        #[arg(long)]
+        fifo: bool,
     },
     /// Write random bytes over the table's slots, index and client records for
     /// `secs` seconds.
@@ -128,7 +132,9 @@ fn main() {
             hold_ms,
             order_file,
             id,
+            fifo,
         } => {
+            client.set_fifo(fifo);
             let result = match (shared, try_only, timeout_ms) {
                 (false, true, _) => client.try_lock(&key),
                 (true, true, _) => client.try_lock_shared(&key),
