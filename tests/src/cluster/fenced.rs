@@ -457,9 +457,15 @@ impl Resource {
         self.with(|c| (c.clone(), None))
     }
 
-    /// The events so far.
+    /// The events so far. Read while holders may be appending: a last line
+    /// without its newline is an append in progress and is left out.
     pub fn history(&self) -> io::Result<History> {
-        History::parse(&std::fs::read_to_string(history_path(&self.path))?)
+        let text = std::fs::read_to_string(history_path(&self.path))?;
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        History::parse(complete)
     }
 }
 
@@ -670,6 +676,23 @@ mod tests {
         assert!(matches!(c.enter("h1/1/1", 10), Entry::Stale { .. }));
         assert_eq!(c.unresolved(), 1);
         assert_eq!(c.counts.excused, 0);
+    }
+
+    /// Regression: a test read the history while a holder was appending,
+    /// and failed on the half-written line (`history: "15941525793207"`).
+    #[test]
+    fn a_history_read_during_an_append_leaves_the_unfinished_line_out() {
+        let dir = crate::TempDir::new("fenced-torn");
+        let path = dir.path().join("resource");
+        let a = Resource::create(&path).unwrap();
+        assert_eq!(a.rmw("h1/1/1", 1, Duration::ZERO).unwrap(), Rmw::Accepted);
+        let before = a.history().unwrap().events.len();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(history_path(&path))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"15941525793207").unwrap();
+        assert_eq!(a.history().unwrap().events.len(), before);
     }
 
     #[test]
