@@ -245,22 +245,14 @@ impl Forecaster {
         }
     }
 
-    /// Tells the model which keys are requested, with their rows as scored
-    /// at the last tick (while no event has been ingested since, rows have
-    /// not moved). The online choice counts each member's hits by them.
+    /// Tells the model which keys are requested, before the features take
+    /// them in. The online choice serves them in its miniature allocators.
     fn report_requests(&mut self, events: &[(u64, u32, u64)]) {
         if !self.model.wants_requests() {
             return;
         }
-        let view = self.features.view();
-        for &(_, _, key_hash) in events {
-            match self.features.row_of(key_hash) {
-                Some(row) if self.scores_current && row < view.len() => {
-                    let features = view.vector(row);
-                    self.model.requested(Some((&view, row, &features)));
-                }
-                _ => self.model.requested(None),
-            }
+        for &(ts_us, _, key_hash) in events {
+            self.model.requested(ts_us, key_hash);
         }
     }
 
@@ -390,6 +382,7 @@ impl Forecaster {
                 tag,
             });
         }
+        self.model.ticked(&self.features);
     }
 
     /// Key hashes and probabilities of every active key as of the last tick, or
