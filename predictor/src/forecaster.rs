@@ -794,6 +794,36 @@ mod tests {
     }
 
     #[test]
+    fn with_a_small_budget_the_online_choice_follows_the_member_that_prepares_ahead() {
+        // 300 chains of two keys, a chain every 10 ms: its head, then its
+        // tail 60 ms later; each chain comes back every 3 s. 40 slots
+        // cannot keep 600 keys between returns, so a tail is a hit only if
+        // it is prepared when its head is seen: the successor table and
+        // hold-value (whose successor histogram learns it) do that;
+        // keep-alive and the frequencies cannot.
+        let mut events = Vec::new();
+        for i in 0..4000u64 {
+            let head = 10_000 + i % 300;
+            events.push((i * 10_000, (i % 4) as u32, head));
+            events.push((i * 10_000 + 60_000, (i % 4) as u32, head + 10_000));
+        }
+        events.sort_by_key(|e| e.0);
+        let mut forecaster = Forecaster::new(PredictorConfig {
+            max_tracked_keys: 4096,
+            choice_budget_slots: 40,
+            ..config(ModelKind::Online)
+        });
+        run_to(&mut forecaster, &events, 40_000_000);
+        let status = forecaster.model().choice().unwrap();
+        let described = forecaster.model().describe();
+        assert!(
+            ["successor", "hold-value"].contains(&status.leader),
+            "{described}"
+        );
+        assert!(status.trail <= status.bound, "{status:?}");
+    }
+
+    #[test]
     fn samples_waiting_for_labels_are_bounded_whatever_the_configuration() {
         // 65,536 samples a tick, horizons of 10, 40 and 100 s: unbounded,
         // that would be up to 650 million samples waiting.
