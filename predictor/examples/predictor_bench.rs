@@ -69,10 +69,19 @@ fn main() {
     );
     // Every model on one thread, then the two costliest scoring on two
     // (`score_threads`; the scores are the same).
+    // `BENCH_MODELS=hold-value,online` runs only those (each on one and,
+    // where listed above, two threads).
+    let only: Option<Vec<String>> = std::env::var("BENCH_MODELS")
+        .ok()
+        .map(|list| list.split(',').map(str::to_owned).collect());
     let runs = ModelKind::ALL
         .into_iter()
         .map(|model| (model, 1))
-        .chain([(ModelKind::HoldValue, 2), (ModelKind::Online, 2)]);
+        .chain([(ModelKind::HoldValue, 2), (ModelKind::Online, 2)])
+        .filter(|(model, _)| {
+            only.as_ref()
+                .is_none_or(|names| names.iter().any(|n| n == model.name()))
+        });
     for (model, score_threads) in runs {
         let config = PredictorConfig {
             model,

@@ -245,22 +245,14 @@ impl Forecaster {
         }
     }
 
-    /// Tells the model which keys are requested, with their rows as scored
-    /// at the last tick (while no event has been ingested since, rows have
-    /// not moved). The online choice counts each member's hits by them.
+    /// Tells the model which keys are requested, before the features take
+    /// them in. The online choice serves them in its miniature allocators.
     fn report_requests(&mut self, events: &[(u64, u32, u64)]) {
         if !self.model.wants_requests() {
             return;
         }
-        let view = self.features.view();
-        for &(_, _, key_hash) in events {
-            match self.features.row_of(key_hash) {
-                Some(row) if self.scores_current && row < view.len() => {
-                    let features = view.vector(row);
-                    self.model.requested(Some((&view, row, &features)));
-                }
-                _ => self.model.requested(None),
-            }
+        for &(ts_us, _, key_hash) in events {
+            self.model.requested(ts_us, key_hash);
         }
     }
 
@@ -390,6 +382,7 @@ impl Forecaster {
                 tag,
             });
         }
+        self.model.ticked(&self.features);
     }
 
     /// Key hashes and probabilities of every active key as of the last tick, or
@@ -797,6 +790,36 @@ mod tests {
         // The best member leads, or one within the hysteresis (1 in
         // discounted loss, over about 2,500 rounds).
         assert!(status.lead >= -1.0 / 2000.0, "{status:?}");
+        assert!(status.trail <= status.bound, "{status:?}");
+    }
+
+    #[test]
+    fn with_a_small_budget_the_online_choice_follows_the_member_that_prepares_ahead() {
+        // 300 chains of two keys, a chain every 10 ms: its head, then its
+        // tail 60 ms later; each chain comes back every 3 s. 40 slots
+        // cannot keep 600 keys between returns, so a tail is a hit only if
+        // it is prepared when its head is seen: the successor table and
+        // hold-value (whose successor histogram learns it) do that;
+        // keep-alive and the frequencies cannot.
+        let mut events = Vec::new();
+        for i in 0..4000u64 {
+            let head = 10_000 + i % 300;
+            events.push((i * 10_000, (i % 4) as u32, head));
+            events.push((i * 10_000 + 60_000, (i % 4) as u32, head + 10_000));
+        }
+        events.sort_by_key(|e| e.0);
+        let mut forecaster = Forecaster::new(PredictorConfig {
+            max_tracked_keys: 4096,
+            choice_budget_slots: 40,
+            ..config(ModelKind::Online)
+        });
+        run_to(&mut forecaster, &events, 40_000_000);
+        let status = forecaster.model().choice().unwrap();
+        let described = forecaster.model().describe();
+        assert!(
+            ["successor", "hold-value"].contains(&status.leader),
+            "{described}"
+        );
         assert!(status.trail <= status.bound, "{status:?}");
     }
 

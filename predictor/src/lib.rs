@@ -31,6 +31,7 @@ pub mod features;
 pub mod forecaster;
 pub mod models;
 pub mod online;
+pub mod simulated_allocator;
 pub mod trace;
 
 /// The 64-bit hash that names a key everywhere in forelock (xxh3-64 of its

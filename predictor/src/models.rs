@@ -96,10 +96,12 @@ pub trait Model: Send + Sync {
     fn wants_requests(&self) -> bool {
         false
     }
-    /// A request, seen before the features take it in: its key's row and
-    /// features as scored at the last tick, or `None` if the key was not
-    /// scored then (new, idle, or rows moved since).
-    fn requested(&mut self, _scored: Option<(&FeatureView<'_>, usize, &[f32; FEATURES])>) {}
+    /// A request, seen before the features take it in (in time order, each
+    /// between the tick before it and the next).
+    fn requested(&mut self, _ts_us: u64, _key_hash: u64) {}
+    /// The tick is over (scores written, samples taken): the online choice
+    /// runs its miniature allocators ([`crate::simulated_allocator`]).
+    fn ticked(&mut self, _features: &crate::features::FeatureStore) {}
     /// Which member the online choice follows, and how it stands
     /// (`None` for a single model).
     fn choice(&self) -> Option<crate::online::ChoiceStatus> {

@@ -9,73 +9,71 @@
 //! forecaster's features (one [`crate::features::FeatureStore`]); the two
 //! learned ones learn from the same labelled samples as they would alone.
 //! Only the leader scores every active key each tick; the others score the
-//! forecaster's samples (64 a tick) and the requested keys only
-//! ([`Model::score_one`]), so the tick costs about as much as the leader alone.
+//! keys of a bounded sample only ([`Model::score_one`]), so the tick costs
+//! about as much as the leader alone plus a part that does not grow with
+//! the key count.
 //!
-//! # The loss: hits and waste at the allocator's operating points
+//! # The loss: hits and waste of a simulated allocator
 //!
-//! The chooser follows experts: each member at each cut of
-//! [`CHOICE_THRESHOLDS`] (the broker's threshold sweeps that range; a
-//! member is judged at its best cut, as the replay judges it at its best
-//! threshold). An expert "selects" a key if the member's score is at or
-//! above `max(cut, q)`, where `q` is the score of the member's `budget`-th
-//! best key (estimated from its recent sampled scores: samples are uniform
-//! over the active keys, so the `1 - budget / active` quantile), or 0 with
-//! no budget (`choice_budget_slots`). Per tick (a round):
+//! The chooser follows experts: each member read at each threshold of
+//! [`SIMULATED_CUTS`]. Each expert drives a miniature of the broker's
+//! allocator policy on a spatial sample of the keys, with the slot budget
+//! (`choice_budget_slots`) scaled by the sample's rate
+//! ([`crate::simulated_allocator`]): the same prepare, reclaim and evict
+//! rules, the slow path placing every missed key, waste counted as the
+//! replay counts it (a slot's idle time when it is freed unused since). A
+//! round is one tick; expert `e`'s loss in it is
 //!
-//! - misses: every request that arrives before the next tick is a miss for
-//!   each expert that did not select its key as scored at this tick (the
-//!   forecaster reports requests before their features change,
-//!   `Model::requested`); a key not scored (new, idle) is a miss for all;
-//! - waste: each of the tick's samples that an expert selected and that was
-//!   not requested within the longest label horizon (10 x the horizon, 5
-//!   s) is a slot kept for nothing for one tick, scaled up to the active
-//!   keys (`active / samples`) and priced `p / (1 - p)` hits per horizon
-//!   (`tick / horizon` of that per tick) with `p` = [`WASTE_PRICE`] (0.1: a
-//!   key is worth its slot for a horizon when P(requested within it) >= 0.1). A key requested
-//!   later than the horizon but within 5 s is not waste: the allocator keeps
-//!   a selected key's slot, and the replay counts an idle slot as waste
-//!   only if it is freed before its next use.
+//! ```text
+//! l_e = misses_e + price x wasted_slot_seconds_e
+//! ```
 //!
-//! The round's loss is `(misses + price x waste) / (requests + price x
-//! active)`, in [0, 1]. It is known when the tick's samples are labelled
-//! at 5 s.
+//! misses of the sampled requests since the last tick, against the slots the
+//! miniature's last tick left; waste of the slots it freed. The price (misses
+//! per wasted slot-second) is a Lagrange multiplier for the issue's
+//! constraint "no more than 2x keep-alive's waste": each round it goes up
+//! by 0.2 % while the leader's discounted waste is above 1.5 x that of
+//! keep-alive's miniature (the replay's "no prediction"), else down by as
+//! much (between 1e-4 and 1e3). A round's price is fixed when the round is
+//! scored; later changes do not rewrite past losses, so the losses the
+//! chooser sees are one fixed sequence and the bound below applies to it.
 //!
 //! # The choice and its margin
 //!
 //! [`Chooser`] follows the leader of the discounted losses
 //! `D_m(T) = sum_t g^(T - t) l_m(t)` (`g = 1 - 1 / W`, `W` rounds, 60 s by
-//! default), with hysteresis: it switches only when its current member's
-//! discounted loss exceeds the best one's by more than `delta`. Losses come
-//! `d` rounds late (the longest label horizon, in ticks, plus one: 501). For ANY loss sequence
-//! in [0, 1], the choice's own discounted loss satisfies
+//! default), with hysteresis: it switches only when its current expert's
+//! discounted loss exceeds the best one's by more than `delta` (1 miss by
+//! default). Losses come `d` rounds late: `d = 1` (a tick's scores serve the
+//! requests until the next tick, scored at that next tick, after its own
+//! scores were written). With `L` the largest round loss seen, for ANY
+//! sequence of losses in `[0, L]` the choice's discounted loss satisfies
 //!
 //! ```text
-//! D_choice(T) <= min_m D_m(T) + delta + (d + 1) + (d + 1 + delta) g^-d S(T),
+//! D_choice(T) <= min_e D_e(T) + delta + (d + 1) L + ((d + 1) L + delta) g^-d S(T),
 //! S(T) = sum over switches k of g^(T - t_k)
 //! ```
 //!
 //! (follow-the-leader's "be the leader" argument, period by period: a
-//! period played with one member starts where it was best, and ends at most
+//! period played with one expert starts where it was best, and ends at most
 //! `delta` above the best plus the `d + 1` rounds played before the switch
-//! was seen; the periods' best losses telescope). Divided by `sum g^k`
-//! (about `W` rounds), this is a margin in mean loss per round:
-//! `(delta + d + 1) / W` without recent switches, 8.4 % of a round's
-//! maximum loss at the defaults (W = 6000, d = 501, delta = 1), plus about
-//! 9 % per switch in the last `W` rounds: a worst case, in which every
-//! sample the leader scores in the 5 s before a switch is lost; the
-//! measured trail is published beside it. [`ChoiceStatus`] publishes the
-//! actual trail and the bound; the unit tests check the bound on
-//! adversarial streams and that the choice tracks a winner that changes.
+//! was seen, each at most `L`; the periods' best losses telescope). Divided
+//! by `sum g^k` (about `W` rounds), this is a margin in mean loss per round:
+//! `(delta + 2 L) / W` without recent switches, plus `(2 L + delta) / W`
+//! per switch in the last `W` rounds. [`ChoiceStatus`] publishes the
+//! actual trail and the bound; the unit tests check the bound on adversarial
+//! and random streams and that the choice tracks a winner that changes.
 //!
-//! The margin is on the loss above, not on the replay's hit rate: a
-//! member's losses on its samples are what it would earn; the slots it
-//! inherits from the member before it are not counted (docs/forecasting.md
-//! measures the real thing).
+//! The margin is on the miniatures' loss, not on the replay's hit rate: the
+//! real allocator's slots are placed by the member followed at the time (a
+//! new leader inherits them), its threshold adapts instead of being one of
+//! the cuts, and the sample stands for all keys. `forelock replay` measures
+//! the real thing (docs/forecasting.md).
 
 use crate::config::{ModelKind, PredictorConfig};
-use crate::features::{FEATURES, FeatureView};
+use crate::features::{FEATURES, FeatureStore, FeatureView};
 use crate::models::{self, Model};
+use crate::simulated_allocator::{SIMULATED_CUTS, SimulatedAllocators, expert};
 
 /// The members, in order: (name, model, frequency scale).
 pub const MEMBERS: [(&str, ModelKind, usize); 7] = [
@@ -90,21 +88,8 @@ pub const MEMBERS: [(&str, ModelKind, usize); 7] = [
 /// The member followed until losses say otherwise (all are equal then).
 const FIRST_LEADER: usize = 6;
 /// The experts the chooser follows: each member at each cut.
-const EXPERTS: usize = MEMBERS.len() * CHOICE_THRESHOLDS.len();
-/// A slot kept for nothing costs `p / (1 - p)` hits, `p` this: a key is
-/// worth a slot when P(requested) >= `p`.
-const WASTE_PRICE: f64 = 0.1;
-
-/// The allocator thresholds a member's loss averages over: the operating
-/// range of the broker's adaptive threshold (0.3 at start, 0.02 at its floor).
-pub const CHOICE_THRESHOLDS: [f32; 4] = [0.3, 0.1, 0.03, 0.01];
-const _: () = assert!(
-    MEMBERS.len() * CHOICE_THRESHOLDS.len() <= 32,
-    "a tag's low 32 bits"
-);
-
-/// Sampled scores per member kept for the budget's cut.
-const RECENT_SCORES: usize = 1024;
+const EXPERTS: usize = MEMBERS.len() * SIMULATED_CUTS.len();
+const _: () = assert!(MEMBERS.len() <= crate::simulated_allocator::MEMBERS_MAX);
 
 /// Follow-the-leader over discounted losses with hysteresis (module docs).
 #[derive(Debug, Clone)]
@@ -118,6 +103,8 @@ pub struct Chooser {
     weight: f64,
     /// `S(T)`: switches, each decayed since.
     switch_weight: f64,
+    /// The largest round loss seen (members' and the choice's): `L`.
+    loss_max: f64,
     leader: usize,
     pub rounds: u64,
     pub switches: u64,
@@ -142,6 +129,7 @@ impl Chooser {
             choice_loss: 0.0,
             weight: 0.0,
             switch_weight: 0.0,
+            loss_max: 0.0,
             leader: first,
             rounds: 0,
             switches: 0,
@@ -153,15 +141,17 @@ impl Chooser {
         self.leader
     }
 
-    /// One round's losses (each in [0, 1]): the members', and the choice's
+    /// One round's losses (each at least 0): the members', and the choice's
     /// (the loss of the member that was followed when the round was played).
     pub fn observe(&mut self, member_losses: &[f64], choice_loss: f64) {
         assert_eq!(member_losses.len(), self.losses.len());
         let g = self.discount;
         for (total, &loss) in self.losses.iter_mut().zip(member_losses) {
-            debug_assert!((0.0..=1.0).contains(&loss), "{loss}");
+            debug_assert!(loss >= 0.0, "{loss}");
             *total = *total * g + loss;
+            self.loss_max = self.loss_max.max(loss);
         }
+        self.loss_max = self.loss_max.max(choice_loss);
         self.choice_loss = self.choice_loss * g + choice_loss;
         self.weight = self.weight * g + 1.0;
         self.switch_weight *= g;
@@ -193,9 +183,15 @@ impl Chooser {
     /// The bound on [`Chooser::trail`] of the module docs.
     pub fn bound(&self) -> f64 {
         let d = self.delay_rounds;
+        let late = (d + 1.0) * self.loss_max;
         self.hysteresis
-            + (d + 1.0)
-            + (d + 1.0 + self.hysteresis) * self.discount.powf(-d) * self.switch_weight
+            + late
+            + (late + self.hysteresis) * self.discount.powf(-d) * self.switch_weight
+    }
+
+    /// `L`: the largest round loss seen.
+    pub fn loss_max(&self) -> f64 {
+        self.loss_max
     }
 
     /// Discounted losses per member.
@@ -220,7 +216,8 @@ impl Chooser {
 }
 
 /// How the online choice stands (for the score file and `forelock status`).
-/// Losses are means per round (per sample, averaged over the thresholds).
+/// Losses are means per round (per tick): misses plus priced waste in the
+/// sampled miniatures ([`crate::simulated_allocator`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChoiceStatus {
     pub leader: &'static str,
@@ -242,42 +239,17 @@ pub struct Online {
     /// horizons is (`None`: it does not learn at that one).
     heads: Vec<Vec<Option<usize>>>,
     chooser: Chooser,
-    budget_slots: usize,
-    /// What a slot kept for nothing for one tick costs, in hits:
-    /// `p / (1 - p)` per horizon, `p` = [`WASTE_PRICE`].
-    waste_price_per_tick: f64,
-    /// Per member, the last [`RECENT_SCORES`] sampled scores (a ring).
-    recent: Vec<Vec<f32>>,
-    recent_next: usize,
-    /// Per member, per threshold: the cut at the last sampling.
-    cuts: Vec<[f32; CHOICE_THRESHOLDS.len()]>,
-    scratch: Vec<f32>,
-    /// The round being labelled: its tick, per expert the samples it
-    /// selected that were kept for nothing, the choice's, samples.
-    round_at_us: Option<u64>,
-    round_losses: Vec<f64>,
-    round_choice: f64,
-    round_samples: u32,
-    /// Per tick since, the requests that came before the next tick, and
-    /// which experts had their keys selected (misses counted).
-    request_rounds: std::collections::VecDeque<RequestRound>,
+    sim: SimulatedAllocators,
+    /// What a wasted slot-second costs, in misses (adapted each round).
+    waste_price: f64,
+    /// Discounted waste (slot-seconds) per expert, with the chooser's discount.
+    waste: Vec<f64>,
+    discount: f64,
+    /// The expert followed when this tick's scores were written, and the
+    /// one before (the round closed at a tick was played with the latter).
+    followed_now: usize,
+    followed_before: usize,
 }
-
-/// The requests after one tick (until the next), as each expert would have
-/// served them.
-struct RequestRound {
-    at_us: u64,
-    /// Active keys when the round's samples were taken.
-    active: usize,
-    /// The expert followed at that tick.
-    followed: usize,
-    requests: u32,
-    misses: [u32; EXPERTS],
-}
-
-/// Ticks whose requests wait for their samples' labels (5 s of 10 ms
-/// ticks, and room to spare); older ones are dropped.
-const REQUEST_ROUNDS_MAX: usize = 1024;
 
 impl Online {
     pub fn new(config: &PredictorConfig) -> Online {
@@ -301,32 +273,27 @@ impl Online {
             })
             .collect();
         let window_rounds = (config.choice_window_ms as f64 / config.tick_ms as f64).max(1.0);
-        // Losses are known when the longest label window closes.
-        let longest_ms =
-            (config.horizon_ms as f64 * f64::from(Self::LABEL_HORIZONS[WASTE_HEAD])).ceil() as u64;
-        let delay_rounds = longest_ms.div_ceil(config.tick_ms) + 1;
+        let first = expert(FIRST_LEADER, FIRST_CUT);
         Online {
             chooser: Chooser::new(
                 EXPERTS,
-                FIRST_LEADER * CHOICE_THRESHOLDS.len(),
+                first,
                 window_rounds,
                 f64::from(config.choice_hysteresis),
-                delay_rounds,
+                DELAY_ROUNDS,
             ),
             members,
             heads,
-            budget_slots: config.choice_budget_slots,
-            waste_price_per_tick: WASTE_PRICE / (1.0 - WASTE_PRICE) * config.tick_ms as f64
-                / config.horizon_ms as f64,
-            recent: vec![Vec::with_capacity(RECENT_SCORES); MEMBERS.len()],
-            recent_next: 0,
-            cuts: vec![CHOICE_THRESHOLDS; MEMBERS.len()],
-            scratch: Vec::with_capacity(RECENT_SCORES),
-            round_at_us: None,
-            round_losses: vec![0.0; EXPERTS],
-            round_choice: 0.0,
-            round_samples: 0,
-            request_rounds: std::collections::VecDeque::new(),
+            sim: SimulatedAllocators::new(
+                MEMBERS.len(),
+                config.choice_budget_slots,
+                config.activity_window_ms * 1000,
+            ),
+            waste_price: WASTE_PRICE_START,
+            waste: vec![0.0; EXPERTS],
+            discount: 1.0 - 1.0 / window_rounds,
+            followed_now: first,
+            followed_before: first,
         }
     }
 
@@ -337,124 +304,67 @@ impl Online {
         &self.chooser
     }
 
+    /// The miniature allocators the members are scored by.
+    pub fn simulated(&self) -> &SimulatedAllocators {
+        &self.sim
+    }
+
+    /// What a wasted slot-second costs now, in misses.
+    pub fn waste_price(&self) -> f64 {
+        self.waste_price
+    }
+
     fn leader(&self) -> &dyn Model {
         self.members[self.leader_member()].as_ref()
     }
 
     /// The member of the expert the chooser follows.
     fn leader_member(&self) -> usize {
-        self.chooser.leader() / CHOICE_THRESHOLDS.len()
+        self.chooser.leader() / SIMULATED_CUTS.len()
     }
 
-    /// Each member's cut per threshold, from its recent sampled scores.
-    fn update_cuts(&mut self, active: usize) {
-        for (m, recent) in self.recent.iter().enumerate() {
-            let mut quantile = 0.0f32;
-            if self.budget_slots > 0 && active > self.budget_slots && !recent.is_empty() {
-                // The budget-th best of `active` keys: this share of them score higher.
-                let above = self.budget_slots as f64 / active as f64;
-                self.scratch.clear();
-                self.scratch.extend_from_slice(recent);
-                let index = ((1.0 - above) * self.scratch.len() as f64) as usize;
-                let index = index.min(self.scratch.len() - 1);
-                let (_, value, _) = self.scratch.select_nth_unstable_by(index, f32::total_cmp);
-                quantile = *value;
-            }
-            self.cuts[m] = CHOICE_THRESHOLDS.map(|tau| tau.max(quantile));
-        }
-    }
-
+    /// Closes the round since the last tick: each expert's loss, the
+    /// choice's, and the waste price's step (module docs).
     fn close_round(&mut self) {
-        let (Some(at_us), samples) = (self.round_at_us, self.round_samples) else {
-            return;
-        };
-        // The requests after this round's tick (older rounds without
-        // samples of their own are dropped).
-        while self
-            .request_rounds
-            .front()
-            .is_some_and(|round| round.at_us < at_us)
-        {
-            self.request_rounds.pop_front();
-        }
-        let requests = match self.request_rounds.front() {
-            Some(round) if round.at_us == at_us => self.request_rounds.pop_front(),
-            _ => None,
-        };
-        let (active, misses, choice_misses, count) = match &requests {
-            Some(round) => (
-                round.active as f64,
-                round.misses.map(f64::from),
-                f64::from(round.misses[round.followed]),
-                f64::from(round.requests),
-            ),
-            None => (0.0, [0.0; EXPERTS], 0.0, 0.0),
-        };
-        // Misses counted on every request; slots kept for nothing estimated
-        // from the samples (uniform over the active keys); the sum divided
-        // by its largest possible value, so the loss is in [0, 1].
-        let price = self.waste_price_per_tick;
-        let per_sample = active.max(f64::from(samples)) / f64::from(samples.max(1));
-        let most = count + price * active.max(f64::from(samples));
-        if most <= 0.0 {
-            self.reset_round();
-            return;
-        }
-        let loss = |misses: f64, wasted_samples: f64| {
-            ((misses + price * wasted_samples * per_sample) / most).clamp(0.0, 1.0)
-        };
-        let losses: Vec<f64> = self
-            .round_losses
+        let round = self.sim.take_round();
+        let price = self.waste_price;
+        let losses: Vec<f64> = round
+            .misses
             .iter()
-            .zip(misses)
-            .map(|(&wasted, misses)| loss(misses, wasted))
+            .zip(&round.waste_slot_s)
+            .map(|(&misses, &waste)| f64::from(misses) + price * waste)
             .collect();
-        self.chooser
-            .observe(&losses, loss(choice_misses, self.round_choice));
-        self.reset_round();
-    }
-
-    fn reset_round(&mut self) {
-        self.round_losses.iter_mut().for_each(|sum| *sum = 0.0);
-        self.round_choice = 0.0;
-        self.round_samples = 0;
-        self.round_at_us = None;
-    }
-
-    /// Which experts select a row now (bit `e` for expert `e`); records the
-    /// members' scores for the budget's cut if `remember`.
-    fn selection(
-        &mut self,
-        view: &FeatureView<'_>,
-        row: usize,
-        features: &[f32; FEATURES],
-        remember: bool,
-    ) -> u32 {
-        let mut bits = 0u32;
-        for (m, member) in self.members.iter().enumerate() {
-            let score = member.score_one(view, row, features);
-            for (j, &cut) in self.cuts[m].iter().enumerate() {
-                // As the allocator: at or above the threshold, and above 0.
-                if score >= cut && score > 0.0 {
-                    bits |= 1 << (m * CHOICE_THRESHOLDS.len() + j);
-                }
-            }
-            if remember {
-                let recent = &mut self.recent[m];
-                if recent.len() < RECENT_SCORES {
-                    recent.push(score);
-                } else {
-                    recent[self.recent_next] = score;
-                }
-            }
+        let choice = losses[self.followed_before];
+        self.chooser.observe(&losses, choice);
+        for (total, &waste) in self.waste.iter_mut().zip(&round.waste_slot_s) {
+            *total = *total * self.discount + waste;
         }
-        bits
+        // The constraint: the leader's waste at most WASTE_RATIO_MAX times
+        // keep-alive's (the replay's "no prediction"), in the same miniatures.
+        let reference = self.waste[expert(0, 0)];
+        let leader = self.waste[self.chooser.leader()];
+        let step = 1.0 + PRICE_STEP;
+        self.waste_price = if leader > WASTE_RATIO_MAX * reference {
+            self.waste_price * step
+        } else {
+            self.waste_price / step
+        }
+        .clamp(WASTE_PRICE_MIN, WASTE_PRICE_MAX);
     }
 }
 
-/// The label horizon (of [`Online::LABEL_HORIZONS`]) that decides waste:
-/// the longest, 10 x the horizon.
-const WASTE_HEAD: usize = Online::LABEL_HORIZONS.len() - 1;
+/// The expert followed first (hold-value at 0.1) until losses say otherwise.
+const FIRST_CUT: usize = 2;
+/// Losses of the round played with a tick's scores are known one tick later.
+const DELAY_ROUNDS: u64 = 1;
+/// The waste price: misses per wasted slot-second, at start and its range;
+/// per round it goes up by `PRICE_STEP` when the leader wastes more than
+/// `WASTE_RATIO_MAX` times keep-alive, else down by as much.
+const WASTE_PRICE_START: f64 = 0.2;
+const WASTE_PRICE_MIN: f64 = 1e-4;
+const WASTE_PRICE_MAX: f64 = 1e3;
+const PRICE_STEP: f64 = 0.002;
+const WASTE_RATIO_MAX: f64 = 1.5;
 
 impl Model for Online {
     fn kind(&self) -> ModelKind {
@@ -486,78 +396,33 @@ impl Model for Online {
     }
     fn sampled(
         &mut self,
-        view: &FeatureView<'_>,
+        _view: &FeatureView<'_>,
         rows: &[usize],
-        features: &[[f32; FEATURES]],
+        _features: &[[f32; FEATURES]],
         tags: &mut Vec<u64>,
     ) {
-        self.update_cuts(view.len());
-        let leader = self.chooser.leader();
-        if self.request_rounds.len() >= REQUEST_ROUNDS_MAX {
-            self.request_rounds.pop_front();
-        }
-        self.request_rounds.push_back(RequestRound {
-            at_us: view.now_us,
-            active: view.len(),
-            followed: leader,
-            requests: 0,
-            misses: [0; EXPERTS],
-        });
-        for (&row, features) in rows.iter().zip(features) {
-            let bits = self.selection(view, row, features, true);
-            self.recent_next = (self.recent_next + 1) % RECENT_SCORES;
-            tags.push(u64::from(bits) | (leader as u64) << 32);
-        }
+        // This tick's scores were written with the leader now.
+        self.followed_before = self.followed_now;
+        self.followed_now = self.chooser.leader();
+        tags.extend(rows.iter().map(|_| 0));
     }
     fn wants_requests(&self) -> bool {
         true
     }
-    fn requested(&mut self, scored: Option<(&FeatureView<'_>, usize, &[f32; FEATURES])>) {
-        if self.request_rounds.is_empty() {
-            return;
-        }
-        let bits = match scored {
-            Some((view, row, features)) => self.selection(view, row, features, false),
-            None => 0,
-        };
-        let round = self.request_rounds.back_mut().expect("checked just above");
-        round.requests += 1;
-        for (e, misses) in round.misses.iter_mut().enumerate() {
-            *misses += u32::from(bits >> e & 1 == 0);
-        }
+    fn requested(&mut self, ts_us: u64, key_hash: u64) {
+        self.sim.request(ts_us, key_hash);
     }
-    fn labelled(&mut self, head: usize, tag: u64, at_us: u64, requested: bool) -> u64 {
-        if head != WASTE_HEAD {
-            return tag;
-        }
-        let kept_for_nothing = !requested;
-        if self.round_at_us.is_some_and(|at| at != at_us) {
-            self.close_round();
-        }
-        self.round_at_us = Some(at_us);
-        let bits = tag as u32;
-        let followed = ((tag >> 32 & 0xff) as usize).min(EXPERTS - 1);
-        for (e, wasted) in self.round_losses.iter_mut().enumerate() {
-            let selected = bits >> e & 1 == 1;
-            if selected && kept_for_nothing {
-                *wasted += 1.0;
-                if e == followed {
-                    self.round_choice += 1.0;
-                }
-            }
-        }
-        self.round_samples += 1;
-        tag
-    }
-    fn labels_done(&mut self) {
+    fn ticked(&mut self, features: &FeatureStore) {
         self.close_round();
+        self.sim
+            .tick(features.decayed_to_us(), features, &self.members);
     }
     fn choice(&self) -> Option<ChoiceStatus> {
         let chooser = &self.chooser;
         let per_round = 1.0 / chooser.weight().max(1.0);
         let (runner_up, lead) = chooser.lead();
-        // Before the first losses (5 s after the first samples) there is
-        // nothing to say: NaN, which readers show as unknown.
+        // Before the first round there is nothing to say: NaN, which
+        // readers show as unknown.
         let figure = |value: f64| {
             if chooser.rounds == 0 {
                 f32::NAN
@@ -566,8 +431,8 @@ impl Model for Online {
             }
         };
         Some(ChoiceStatus {
-            leader: MEMBERS[chooser.leader() / CHOICE_THRESHOLDS.len()].0,
-            runner_up: MEMBERS[runner_up / CHOICE_THRESHOLDS.len()].0,
+            leader: MEMBERS[chooser.leader() / SIMULATED_CUTS.len()].0,
+            runner_up: MEMBERS[runner_up / SIMULATED_CUTS.len()].0,
             lead: figure(lead),
             trail: figure(chooser.trail() * per_round),
             bound: figure(chooser.bound() * per_round),
@@ -580,17 +445,19 @@ impl Model for Online {
         // Each member at its best cut.
         let losses: Vec<String> = MEMBERS
             .iter()
-            .zip(self.chooser.losses().chunks(CHOICE_THRESHOLDS.len()))
-            .map(|((name, _, _), losses)| {
-                let (j, loss) = losses
+            .enumerate()
+            .map(|(m, (name, _, _))| {
+                let (j, loss) = self.chooser.losses()[expert(m, 0)..expert(m + 1, 0)]
                     .iter()
                     .enumerate()
                     .min_by(|a, b| a.1.total_cmp(b.1))
                     .expect("one per cut");
+                let waste = self.waste[expert(m, j)] / self.waste[expert(0, 0)].max(1e-9);
                 format!(
-                    "{name} {:.4} (cut {})",
+                    "{name} {:.4} (cut {}, waste {:.2}x keep-alive)",
                     loss * per_round,
-                    CHOICE_THRESHOLDS[j]
+                    SIMULATED_CUTS[j],
+                    waste
                 )
             })
             .collect();
@@ -601,10 +468,14 @@ impl Model for Online {
             .map(|member| member.describe())
             .collect();
         format!(
-            "online: leader {} after {} rounds and {} switches; mean loss per round: {}; {}",
+            "online: leader {} at cut {} after {} rounds and {} switches; sample {} keys at rate 1/{}; waste price {:.4} misses per slot-s; mean loss per round: {}; {}",
             MEMBERS[self.leader_member()].0,
+            SIMULATED_CUTS[self.chooser.leader() % SIMULATED_CUTS.len()],
             self.chooser.rounds,
             self.chooser.switches,
+            self.sim.sampled_keys(),
+            (1.0 / self.sim.rate()).round(),
+            self.waste_price,
             losses.join(", "),
             learnt.join(" ")
         )
@@ -700,14 +571,18 @@ mod tests {
             let hysteresis = [0.0, 0.5, 3.0][seed as usize % 3];
             let mut chooser = Chooser::new(members, 0, window, hysteresis, delay as u64);
             let flip = 1 + (seed as usize * 13) % 60;
+            // Losses in [0, L] for L = 1 and, as the miniature allocators
+            // give (misses and priced waste), L = 7.
+            let scale = if seed % 3 == 0 { 7.0 } else { 1.0 };
             play(&mut chooser, 3_000, delay, |round, m| {
-                if seed % 2 == 0 {
-                    // Adversarial: the member followed loses 1, the others 0,
-                    // alternating in blocks against the delay.
-                    f64::from(u8::from((round / flip + m) % members == 0))
-                } else {
-                    random(&mut state).powi(m as i32 + 1)
-                }
+                scale
+                    * if seed % 2 == 0 {
+                        // Adversarial: the member followed loses 1, the others 0,
+                        // alternating in blocks against the delay.
+                        f64::from(u8::from((round / flip + m) % members == 0))
+                    } else {
+                        random(&mut state).powi(m as i32 + 1)
+                    }
             });
         }
     }

@@ -73,7 +73,8 @@ pub struct Forecaster {
 }
 
 /// The forecaster's online choice (`predictor/src/online.rs`); losses are
-/// means per sample, a missed request costing 1.
+/// means per tick in its miniature allocators: a missed request costs 1, a
+/// wasted slot-second the current waste price.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChoiceStatus {
     pub leader: String,
@@ -376,13 +377,13 @@ pub fn render(s: &Status) -> String {
     {
         let _ = writeln!(
             out,
-            "  online choice follows {} (no losses yet: the first come 5 s after the first samples)",
+            "  online choice follows {} (no losses yet: the first come with the first tick)",
             choice.leader
         );
     } else if let (true, Some(choice)) = (f.alive, &f.choice) {
         let _ = writeln!(
             out,
-            "  online choice follows {}, ahead of the next best member by {:.4} loss per sample; \
+            "  online choice follows {}, ahead of the next best member by {:.4} loss per tick; \
              trails the best member by {:.4} (bound {:.4})",
             choice.leader, choice.lead, choice.trail, choice.bound
         );
