@@ -196,8 +196,7 @@ fn start_etcd() -> anyhow::Result<Etcd> {
     let mut server = ChildGuard::new(child);
     let address = format!("127.0.0.1:{client_port}");
     let ready = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
-        matches!(server.try_wait(), Ok(Some(_)))
-            || std::net::TcpStream::connect(&address).is_ok()
+        matches!(server.try_wait(), Ok(Some(_))) || std::net::TcpStream::connect(&address).is_ok()
     });
     if let Ok(Some(status)) = server.try_wait() {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -400,7 +399,10 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
         let start = Instant::now();
         for _ in 0..ops {
             let t0 = Instant::now();
-            client.get(probe.as_str(), None).await.context("etcd Range")?;
+            client
+                .get(probe.as_str(), None)
+                .await
+                .context("etcd Range")?;
             rpcs.get.record(t0.elapsed());
         }
         rpcs.get.elapsed = start.elapsed();
@@ -459,7 +461,11 @@ fn section_first(
     rows.push(first_cycle.row(
         "2 first",
         "global key, first acquire + release",
-        ratio(first_cycle.p50(), rpcs.lock_unlock.p50(), "etcd Lock+Unlock"),
+        ratio(
+            first_cycle.p50(),
+            rpcs.lock_unlock.p50(),
+            "etcd Lock+Unlock",
+        ),
         String::from("release is local: the node grant stays cached"),
     ));
     rows.push(rpcs.lock.row(
@@ -620,9 +626,7 @@ fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> any
         let handles: Vec<_> = hosts
             .iter()
             .enumerate()
-            .flat_map(|(i, host)| {
-                (0..CLIENTS_PER_HOST).map(move |_| (i, host))
-            })
+            .flat_map(|(i, host)| (0..CLIENTS_PER_HOST).map(move |_| (i, host)))
             .map(|(i, host)| (i, scope.spawn(move || worker(host))))
             .collect();
         handles
@@ -634,7 +638,9 @@ fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> any
     let mut per_host = vec![0u64; hosts.len()];
     for (i, result) in results {
         let (waits, grants) = result?;
-        all.histogram.add(&waits.histogram).context("merging histograms")?;
+        all.histogram
+            .add(&waits.histogram)
+            .context("merging histograms")?;
         all.elapsed = all.elapsed.max(waits.elapsed);
         per_host[i] += grants;
     }
@@ -682,11 +688,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     let sections: [(&str, &dyn Fn(&mut Vec<Row>) -> anyhow::Result<()>); 4] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
-        ("2 first", &|rows| section_first(&hosts[0], &etcd, &sizes, rows)),
+        ("2 first", &|rows| {
+            section_first(&hosts[0], &etcd, &sizes, rows)
+        }),
         ("3 transfer", &|rows| {
             section_transfer(&hosts[0], &hosts[1], &sizes, rows)
         }),
-        ("4 contention", &|rows| section_contention(&hosts, &sizes, rows)),
+        ("4 contention", &|rows| {
+            section_contention(&hosts, &sizes, rows)
+        }),
     ];
     for (name, section) in sections {
         if let Err(error) = section(&mut rows) {
@@ -714,7 +724,16 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
         "[cluster] {}; clients are threads of this process, one connection each",
         CLUSTER_SETTINGS.trim().replace('\n', ", ")
     );
-    let header = ["section", "case", "n", "p50", "p99", "ops/s", "ratio (p50)", "note"];
+    let header = [
+        "section",
+        "case",
+        "n",
+        "p50",
+        "p99",
+        "ops/s",
+        "ratio (p50)",
+        "note",
+    ];
     let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|row| {
