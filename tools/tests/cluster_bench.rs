@@ -3,6 +3,7 @@
 //! Behaviour only, never timing. Skips when etcd is not installed, unless
 //! FORELOCK_REQUIRE_CLUSTER is set (CI), where a missing etcd fails.
 
+#[allow(unused_imports)] // the shared support module re-exports more than this test uses
 mod support;
 
 use std::process::{Command, Stdio};

@@ -675,6 +675,9 @@ fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> any
 /// (`forelock_cluster::agent::COUNTER_BITS`).
 const TOKEN_COUNTER_BITS: u32 = 24;
 
+/// One section of the run: it appends its rows.
+type Section<'a> = dyn Fn(&mut Vec<Row>) -> anyhow::Result<()> + 'a;
+
 /// `forelock bench --cluster [--quick]`.
 pub fn run(quick: bool) -> anyhow::Result<()> {
     let sizes = Sizes::new(quick);
@@ -686,7 +689,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<Host>>>()?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    let sections: [(&str, &dyn Fn(&mut Vec<Row>) -> anyhow::Result<()>); 4] = [
+    let sections: [(&str, &Section); 4] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
         ("2 first", &|rows| {
             section_first(&hosts[0], &etcd, &sizes, rows)
@@ -772,6 +775,34 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
     for line in &cells {
         line_out(line);
     }
+    let p50 = |case: &str| {
+        rows.iter()
+            .find(|row| row.case.starts_with(case))
+            .map(|row| row.p50_ns)
+    };
+    let target = |name: &str, ours: Option<u64>, theirs: Option<u64>, within: f64| {
+        if let (Some(ours), Some(theirs)) = (ours, theirs)
+            && theirs > 0
+        {
+            let ratio = ours as f64 / theirs as f64;
+            let verdict = if ratio <= within { "met" } else { "not met" };
+            format!("target {name} (within {within}x): {ratio:.2}x, {verdict}\n")
+        } else {
+            String::new()
+        }
+    };
+    out.push_str(&target(
+        "cached global key vs prepared local key, p50",
+        p50("global key, node grant held here"),
+        p50("local key, prepared"),
+        1.5,
+    ));
+    out.push_str(&target(
+        "first acquisition vs etcd Lock RPC, p50",
+        p50("global key, first acquire (node grant)"),
+        p50("etcd Lock RPC"),
+        1.0,
+    ));
     if failures.is_empty() {
         let _ = writeln!(out, "errors: 0");
     } else {
