@@ -29,6 +29,7 @@
 //! ```
 
 mod chart;
+mod cluster;
 mod driver;
 pub mod forelock;
 mod languages;
@@ -114,6 +115,11 @@ pub struct BenchArgs {
     /// Distinct keys in --table-cost [default: 100000, 12000 with --quick].
     #[arg(long, value_name = "KEYS")]
     pub table_keys: Option<u64>,
+
+    /// Instead of the systems: global keys (three brokers with `[cluster]`
+    /// against an etcd on loopback), beside local keys and etcd's own RPCs.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 /// Runs `forelock bench` with `extra` systems (forelock) beside the peers.
@@ -123,6 +129,9 @@ pub fn run_with(args: BenchArgs, extra: Vec<SystemEntry>) -> anyhow::Result<()> 
     entries.extend(peers::entries());
     if let Some(spec) = std::env::var_os(WORKER_ENV) {
         return workload::worker_main(std::path::Path::new(&spec), &entries);
+    }
+    if args.cluster {
+        return cluster::run(args.quick);
     }
     if args.languages {
         return languages::run(if args.quick { 20_000 } else { 1_000_000 });

@@ -1,0 +1,812 @@
+//! `forelock bench --cluster`: global keys, measured in one run beside the
+//! local paths of the same broker and beside etcd's own RPCs on the same etcd.
+//!
+//! Set-up (all on loopback, no network namespaces): one etcd member on two
+//! free 127.0.0.1 ports with its data directory on disk, and three
+//! `forelockd`s ("hosts" `a`, `b`, `c`), each with its own runtime directory
+//! and a `[cluster]` section pointing at that etcd. Clients are threads of
+//! this process, each with its own connection to its host's broker.
+//!
+//! Sections:
+//! 1. acquire+release of a global key whose node grant host `a` already
+//!    holds, beside a prepared local key and an unprepared local key (a fresh
+//!    key per operation) on the same broker;
+//! 2. the first acquisition of a global key (a fresh key each time: the
+//!    broker takes a node grant from etcd), beside etcd's own `Lock` RPC (and
+//!    `Lock`+`Unlock`), one linearizable `Range` (a get) and one `Put`, made
+//!    with the `etcd-client` crate from this process to the same etcd;
+//! 3. one key alternating between hosts `a` and `b`: the wait of each
+//!    acquisition, every one a node-grant handover through etcd;
+//! 4. one key taken in a loop by two clients on each of the three hosts:
+//!    throughput, waits, grants per host, node-grant handovers.
+//!
+//! Any failed lock, lost hold or overlap of two holders is an error: the
+//! command then fails after printing what it measured. Timings are never
+//! judged here; the ratios are printed for a reader.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+
+use super::report::format_ns;
+use super::support::{
+    ChildGuard, TempDir, die_with_parent, find_binary, free_loopback_port, poll_until,
+    start_forelockd,
+};
+
+/// How long any single acquisition may wait before the bench calls it a failure.
+const LOCK_PATIENCE: Duration = Duration::from_secs(20);
+/// Configuration of every broker's `[cluster]` section beyond node and etcd.
+const CLUSTER_SETTINGS: &str =
+    "lease_ttl_ms = 10000\nlock_delay_ms = 200\nmin_hold_ms = 5\nfence_margin_ms = 1000\n";
+const HOSTS: [&str; 3] = ["a", "b", "c"];
+
+/// Sizes of one run.
+struct Sizes {
+    local_ops: u64,
+    unprepared_ops: u64,
+    first_ops: u64,
+    handovers: u64,
+    contention: Duration,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                local_ops: 2_000,
+                unprepared_ops: 1_000,
+                first_ops: 20,
+                handovers: 20,
+                contention: Duration::from_millis(400),
+            }
+        } else {
+            Sizes {
+                local_ops: 100_000,
+                unprepared_ops: 20_000,
+                first_ops: 300,
+                handovers: 300,
+                contention: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+/// One measured line of the table.
+struct Row {
+    section: &'static str,
+    case: String,
+    samples: u64,
+    p50_ns: u64,
+    p99_ns: u64,
+    ops_per_s: f64,
+    ratio: String,
+    note: String,
+}
+
+struct Latencies {
+    histogram: Histogram<u64>,
+    elapsed: Duration,
+}
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies {
+            histogram: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds"),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.histogram.saturating_record(ns);
+    }
+
+    fn p50(&self) -> u64 {
+        self.histogram.value_at_quantile(0.5)
+    }
+
+    fn p99(&self) -> u64 {
+        self.histogram.value_at_quantile(0.99)
+    }
+
+    fn ops_per_s(&self) -> f64 {
+        let seconds = self.elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            self.histogram.len() as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn row(&self, section: &'static str, case: &str, ratio: String, note: String) -> Row {
+        Row {
+            section,
+            case: case.to_string(),
+            samples: self.histogram.len(),
+            p50_ns: self.p50(),
+            p99_ns: self.p99(),
+            ops_per_s: self.ops_per_s(),
+            ratio,
+            note,
+        }
+    }
+}
+
+fn ratio(ours: u64, theirs: u64, of: &str) -> String {
+    if theirs == 0 {
+        return String::new();
+    }
+    format!("{:.2}x {of}", ours as f64 / theirs as f64)
+}
+
+/// A single-member etcd on loopback, killed and removed on drop.
+struct Etcd {
+    url: String,
+    version: String,
+    _server: ChildGuard,
+    _dir: TempDir,
+}
+
+fn start_etcd() -> anyhow::Result<Etcd> {
+    let binary = find_binary("etcd")
+        .context("etcd is not installed (Debian: apt-get install etcd-server)")?;
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    let dir = TempDir::new("cluster-etcd")?;
+    let client_port = free_loopback_port()?;
+    let mut peer_port = free_loopback_port()?;
+    while peer_port == client_port {
+        peer_port = free_loopback_port()?;
+    }
+    let url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let log_path = dir.path().join("etcd.log");
+    let log = std::fs::File::create(&log_path).context("etcd log")?;
+    let mut command = Command::new(&binary);
+    command
+        .args(["--name", "forelock-bench"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &url])
+        .args(["--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("forelock-bench={peer_url}")])
+        .args(["--initial-cluster-state", "new"])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .env_remove("ETCD_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().context("etcd log")?))
+        .stderr(Stdio::from(log));
+    let child = die_with_parent(&mut command)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut server = ChildGuard::new(child);
+    let address = format!("127.0.0.1:{client_port}");
+    let ready = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        matches!(server.try_wait(), Ok(Some(_))) || std::net::TcpStream::connect(&address).is_ok()
+    });
+    if let Ok(Some(status)) = server.try_wait() {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!("etcd exited at start ({status}): {}", log.trim());
+    }
+    if !ready {
+        bail!("etcd did not listen on {address} within 30 s");
+    }
+    Ok(Etcd {
+        url,
+        version,
+        _server: server,
+        _dir: dir,
+    })
+}
+
+/// One broker with a `[cluster]` section.
+struct Host {
+    name: &'static str,
+    runtime_dir: PathBuf,
+    // Field order: the broker stops before its directory is removed.
+    _broker: ChildGuard,
+    _dir: TempDir,
+}
+
+fn start_host(name: &'static str, etcd_url: &str, prefix: &str) -> anyhow::Result<Host> {
+    let binary = super::forelock::broker_binary()
+        .context("forelockd is not beside this executable nor on PATH")?;
+    let dir = TempDir::new(&format!("cluster-{name}"))?;
+    let config = format!(
+        "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n\
+         [cluster]\nnode = \"{name}\"\netcd = [\"{etcd_url}\"]\netcd_prefix = \"{prefix}\"\n\
+         {CLUSTER_SETTINGS}"
+    );
+    let (broker, runtime_dir) = start_forelockd(&binary, dir.path(), &config)
+        .with_context(|| format!("starting the broker of host {name}"))?;
+    // The agent has a lease once cluster.json says so; until then a global
+    // acquire would wait for it and the first measurement would include it.
+    let status = runtime_dir.join("cluster.json");
+    poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some()
+    });
+    Ok(Host {
+        name,
+        runtime_dir,
+        _broker: broker,
+        _dir: dir,
+    })
+}
+
+fn connect(host: &Host) -> anyhow::Result<forelock::Client> {
+    forelock::Client::connect_to(&host.runtime_dir)
+        .with_context(|| format!("connecting to the broker of host {}", host.name))
+}
+
+/// acquire+release of `key` `ops` times on `client`; also how many were
+/// granted on the fast path (a prepared slot, no broker round trip).
+fn acquire_release(
+    client: &forelock::Client,
+    ops: u64,
+    key: impl Fn(u64) -> String,
+) -> anyhow::Result<(Latencies, u64)> {
+    let mut latencies = Latencies::new();
+    let mut fast = 0;
+    let names: Vec<String> = (0..ops).map(&key).collect();
+    let start = Instant::now();
+    for name in &names {
+        let t0 = Instant::now();
+        let guard = client
+            .lock_timeout(name, LOCK_PATIENCE)
+            .with_context(|| format!("lock {name}"))?;
+        if guard.fast_path() {
+            fast += 1;
+        }
+        guard.release().with_context(|| format!("release {name}"))?;
+        latencies.record(t0.elapsed());
+    }
+    latencies.elapsed = start.elapsed();
+    Ok((latencies, fast))
+}
+
+/// Section 1: the cached global key beside the local paths of the same broker.
+fn section_cached(host: &Host, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let client = connect(host)?;
+    // Warm the prepared key: keep-alive prepares a key used a moment ago.
+    let prepared = "bench/prepared";
+    let warm = poll_until(Duration::from_secs(5), Duration::from_millis(5), || {
+        client
+            .lock_timeout(prepared, LOCK_PATIENCE)
+            .and_then(|guard| {
+                let fast = guard.fast_path();
+                guard.release().map(|()| fast)
+            })
+            .unwrap_or(false)
+    });
+    if !warm {
+        bail!("{prepared} was never prepared by the keep-alive policy within 5 s");
+    }
+    // The node grant of the cached key: taken once, kept by the broker.
+    let cached = "global/cached";
+    client
+        .lock_timeout(cached, LOCK_PATIENCE)
+        .with_context(|| format!("first lock of {cached}"))?
+        .release()?;
+    for _ in 0..100 {
+        client.lock_timeout(cached, LOCK_PATIENCE)?.release()?;
+    }
+    let (global, global_fast) = acquire_release(&client, sizes.local_ops, |_| cached.into())?;
+    let (local, local_fast) = acquire_release(&client, sizes.local_ops, |_| prepared.into())?;
+    let run = std::process::id();
+    let (unprepared, unprepared_fast) = acquire_release(&client, sizes.unprepared_ops, |i| {
+        format!("bench/unprepared/{run}/{i}")
+    })?;
+    let of = |l: &Latencies| l.histogram.len();
+    rows.push(global.row(
+        "1 cached",
+        "global key, node grant held here",
+        format!(
+            "{} p50, {:.2}x ops/s of prepared",
+            ratio(global.p50(), local.p50(), "prepared"),
+            global.ops_per_s() / local.ops_per_s().max(f64::MIN_POSITIVE)
+        ),
+        format!(
+            "{global_fast}/{} fast path; {} p50 unprepared",
+            of(&global),
+            ratio(global.p50(), unprepared.p50(), "of")
+        ),
+    ));
+    rows.push(local.row(
+        "1 cached",
+        "local key, prepared",
+        String::from("reference"),
+        format!("{local_fast}/{} fast path", of(&local)),
+    ));
+    rows.push(unprepared.row(
+        "1 cached",
+        "local key, unprepared (fresh key)",
+        ratio(unprepared.p50(), local.p50(), "prepared"),
+        format!("{unprepared_fast}/{} fast path", of(&unprepared)),
+    ));
+    Ok(())
+}
+
+/// The same etcd through its own RPCs: Lock, Lock+Unlock, Range, Put.
+struct EtcdRpcs {
+    lock: Latencies,
+    lock_unlock: Latencies,
+    get: Latencies,
+    put: Latencies,
+}
+
+fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a tokio runtime for etcd-client")?;
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([url], None)
+            .await
+            .context("etcd-client connect")?;
+        let lease = client
+            .lease_grant(300, None)
+            .await
+            .context("etcd lease grant")?
+            .id();
+        let options = || Some(etcd_client::LockOptions::new().with_lease(lease));
+        let name = format!("/forelock-bench-{}/etcd-lock", std::process::id());
+        // Warm the channel and etcd's lock service.
+        for _ in 0..5 {
+            let key = client.lock(name.as_str(), options()).await?.key().to_vec();
+            client.unlock(key).await?;
+        }
+        let mut rpcs = EtcdRpcs {
+            lock: Latencies::new(),
+            lock_unlock: Latencies::new(),
+            get: Latencies::new(),
+            put: Latencies::new(),
+        };
+        let start = Instant::now();
+        for _ in 0..ops {
+            let t0 = Instant::now();
+            let key = client
+                .lock(name.as_str(), options())
+                .await
+                .context("etcd Lock")?
+                .key()
+                .to_vec();
+            rpcs.lock.record(t0.elapsed());
+            client.unlock(key).await.context("etcd Unlock")?;
+            rpcs.lock_unlock.record(t0.elapsed());
+        }
+        let elapsed = start.elapsed();
+        rpcs.lock.elapsed = elapsed;
+        rpcs.lock_unlock.elapsed = elapsed;
+        let probe = format!("/forelock-bench-{}/probe", std::process::id());
+        client.put(probe.as_str(), "x", None).await?;
+        let start = Instant::now();
+        for _ in 0..ops {
+            let t0 = Instant::now();
+            client
+                .get(probe.as_str(), None)
+                .await
+                .context("etcd Range")?;
+            rpcs.get.record(t0.elapsed());
+        }
+        rpcs.get.elapsed = start.elapsed();
+        let start = Instant::now();
+        for _ in 0..ops {
+            let t0 = Instant::now();
+            client
+                .put(probe.as_str(), "x", None)
+                .await
+                .context("etcd Put")?;
+            rpcs.put.record(t0.elapsed());
+        }
+        rpcs.put.elapsed = start.elapsed();
+        client.lease_revoke(lease).await.ok();
+        Ok(rpcs)
+    })
+}
+
+/// Section 2: first acquisitions (node grants) beside etcd's own RPCs.
+fn section_first(
+    host: &Host,
+    etcd: &Etcd,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let client = connect(host)?;
+    let run = std::process::id();
+    // The acquire alone: the release of a fresh global key is local (the
+    // node grant stays here, as a cached key).
+    let mut first = Latencies::new();
+    let mut first_cycle = Latencies::new();
+    let start = Instant::now();
+    for i in 0..sizes.first_ops {
+        let name = format!("global/first/{run}/{i}");
+        let t0 = Instant::now();
+        let guard = client
+            .lock_timeout(&name, LOCK_PATIENCE)
+            .with_context(|| format!("lock {name}"))?;
+        first.record(t0.elapsed());
+        guard.release().with_context(|| format!("release {name}"))?;
+        first_cycle.record(t0.elapsed());
+    }
+    first.elapsed = start.elapsed();
+    first_cycle.elapsed = first.elapsed;
+    let rpcs = etcd_rpcs(&etcd.url, sizes.first_ops)?;
+    rows.push(first.row(
+        "2 first",
+        "global key, first acquire (node grant)",
+        format!(
+            "{}, {}",
+            ratio(first.p50(), rpcs.lock.p50(), "etcd Lock"),
+            ratio(first.p50(), rpcs.get.p50(), "get")
+        ),
+        String::from("fresh key each time; ops/s = acquire+release cycles"),
+    ));
+    rows.push(first_cycle.row(
+        "2 first",
+        "global key, first acquire + release",
+        ratio(
+            first_cycle.p50(),
+            rpcs.lock_unlock.p50(),
+            "etcd Lock+Unlock",
+        ),
+        String::from("release is local: the node grant stays cached"),
+    ));
+    rows.push(rpcs.lock.row(
+        "2 first",
+        "etcd Lock RPC (etcd-client)",
+        String::from("reference"),
+        String::from("same etcd, one lease, uncontended"),
+    ));
+    rows.push(rpcs.lock_unlock.row(
+        "2 first",
+        "etcd Lock + Unlock RPCs",
+        String::new(),
+        String::new(),
+    ));
+    rows.push(rpcs.get.row(
+        "2 first",
+        "etcd get (one round trip)",
+        String::new(),
+        String::from("linearizable Range, no disk write"),
+    ));
+    rows.push(rpcs.put.row(
+        "2 first",
+        "etcd put (one write)",
+        String::new(),
+        String::from("one raft entry, fsync"),
+    ));
+    Ok(())
+}
+
+/// Section 3: one key alternating between two hosts; each acquisition
+/// after the first is a node-grant handover through etcd.
+fn section_transfer(
+    first: &Host,
+    second: &Host,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let key = format!("global/transfer/{}", std::process::id());
+    // A turn is its number; None stops the other side.
+    let (to_first, first_turns) = mpsc::channel::<Option<u64>>();
+    let (to_second, second_turns) = mpsc::channel::<Option<u64>>();
+    let last_turn = sizes.handovers;
+    let side = |host: &Host,
+                turns: mpsc::Receiver<Option<u64>>,
+                next: mpsc::Sender<Option<u64>>|
+     -> anyhow::Result<Latencies> {
+        let client = connect(host)?;
+        let mut waits = Latencies::new();
+        let start = Instant::now();
+        while let Ok(Some(turn)) = turns.recv() {
+            let t0 = Instant::now();
+            let guard = match client.lock_timeout(&key, LOCK_PATIENCE) {
+                Ok(guard) => guard,
+                Err(error) => {
+                    let _ = next.send(None);
+                    return Err(error).with_context(|| format!("host {}: lock {key}", host.name));
+                }
+            };
+            // Turn 0 takes the key from nobody: not a handover.
+            if turn > 0 {
+                waits.record(t0.elapsed());
+            }
+            let released = guard.release();
+            let stop = released.is_err() || turn >= last_turn;
+            let _ = next.send(if stop { None } else { Some(turn + 1) });
+            released.with_context(|| format!("host {}: release {key}", host.name))?;
+            if stop {
+                break;
+            }
+        }
+        waits.elapsed = start.elapsed();
+        Ok(waits)
+    };
+    let (first_waits, second_waits) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| side(first, first_turns, to_second));
+        let b = scope.spawn(|| side(second, second_turns, to_first.clone()));
+        let _ = to_first.send(Some(0));
+        let first_waits = a.join().expect("transfer thread a panicked");
+        let second_waits = b.join().expect("transfer thread b panicked");
+        (first_waits, second_waits)
+    });
+    let (first_waits, second_waits) = (first_waits?, second_waits?);
+    let mut all = Latencies::new();
+    all.histogram
+        .add(&first_waits.histogram)
+        .context("merging histograms")?;
+    all.histogram
+        .add(&second_waits.histogram)
+        .context("merging histograms")?;
+    all.elapsed = first_waits.elapsed.max(second_waits.elapsed);
+    if all.histogram.len() != last_turn {
+        bail!(
+            "transfer: {} handovers measured, {last_turn} expected",
+            all.histogram.len()
+        );
+    }
+    rows.push(all.row(
+        "3 transfer",
+        &format!("handover {} <-> {}, one key", first.name, second.name),
+        String::new(),
+        format!(
+            "acquire wait while the other host holds the node grant; p50 on {}: {}, on {}: {}",
+            first.name,
+            format_ns(first_waits.p50()),
+            second.name,
+            format_ns(second_waits.p50())
+        ),
+    ));
+    Ok(())
+}
+
+/// Section 4: two clients on each of three hosts take one key in a loop.
+fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    const CLIENTS_PER_HOST: usize = 2;
+    let key = format!("global/contended/{}", std::process::id());
+    let inside = AtomicBool::new(false);
+    let overlaps = AtomicU64::new(0);
+    // The token high bits (the node grant's etcd revision) of the last
+    // holder, and how often they changed: node-grant handovers.
+    let last_grant = Mutex::new((0u64, 0u64));
+    let tokens_decreased = AtomicU64::new(0);
+    let deadline = Instant::now() + sizes.contention;
+    let worker = |host: &Host| -> anyhow::Result<(Latencies, u64)> {
+        let client = connect(host)?;
+        let mut waits = Latencies::new();
+        let mut grants = 0u64;
+        let start = Instant::now();
+        while Instant::now() < deadline {
+            let t0 = Instant::now();
+            let guard = client
+                .lock_timeout(&key, LOCK_PATIENCE)
+                .with_context(|| format!("host {}: lock {key}", host.name))?;
+            waits.record(t0.elapsed());
+            if inside.swap(true, Ordering::SeqCst) {
+                overlaps.fetch_add(1, Ordering::Relaxed);
+            }
+            let token = guard.token();
+            {
+                let mut last = last_grant.lock().expect("poisoned");
+                if token <= last.0 {
+                    tokens_decreased.fetch_add(1, Ordering::Relaxed);
+                }
+                if token >> TOKEN_COUNTER_BITS != last.0 >> TOKEN_COUNTER_BITS {
+                    last.1 += 1;
+                }
+                last.0 = token;
+            }
+            inside.store(false, Ordering::SeqCst);
+            guard
+                .release()
+                .with_context(|| format!("host {}: release {key}", host.name))?;
+            grants += 1;
+        }
+        waits.elapsed = start.elapsed();
+        Ok((waits, grants))
+    };
+    let results: Vec<(usize, anyhow::Result<(Latencies, u64)>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, host)| (0..CLIENTS_PER_HOST).map(move |_| (i, host)))
+            .map(|(i, host)| (i, scope.spawn(move || worker(host))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(i, handle)| (i, handle.join().expect("contention thread panicked")))
+            .collect()
+    });
+    let mut all = Latencies::new();
+    let mut per_host = vec![0u64; hosts.len()];
+    for (i, result) in results {
+        let (waits, grants) = result?;
+        all.histogram
+            .add(&waits.histogram)
+            .context("merging histograms")?;
+        all.elapsed = all.elapsed.max(waits.elapsed);
+        per_host[i] += grants;
+    }
+    let overlaps = overlaps.load(Ordering::Relaxed);
+    let decreased = tokens_decreased.load(Ordering::Relaxed);
+    if overlaps > 0 || decreased > 0 {
+        bail!("contention: {overlaps} overlapping holders, {decreased} tokens not increasing");
+    }
+    if per_host.iter().all(|&grants| grants == 0) {
+        bail!("contention: no grants at all");
+    }
+    let handovers = last_grant.lock().expect("poisoned").1;
+    let spread = hosts
+        .iter()
+        .zip(&per_host)
+        .map(|(host, grants)| format!("{}={grants}", host.name))
+        .collect::<Vec<_>>()
+        .join(" ");
+    rows.push(all.row(
+        "4 contention",
+        &format!(
+            "one key, {} hosts x {CLIENTS_PER_HOST} clients",
+            hosts.len()
+        ),
+        String::new(),
+        format!("grants {spread}; {handovers} node grants; 0 overlaps"),
+    ));
+    Ok(())
+}
+
+use forelock_cluster::agent::COUNTER_BITS as TOKEN_COUNTER_BITS;
+
+/// One section of the run: it appends its rows.
+type Section<'a> = dyn Fn(&mut Vec<Row>) -> anyhow::Result<()> + 'a;
+
+/// `forelock bench --cluster [--quick]`.
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let sizes = Sizes::new(quick);
+    let etcd = start_etcd()?;
+    let prefix = format!("/forelock-bench-{}", std::process::id());
+    let hosts = HOSTS
+        .iter()
+        .map(|name| start_host(name, &etcd.url, &prefix))
+        .collect::<anyhow::Result<Vec<Host>>>()?;
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    let sections: [(&str, &Section); 4] = [
+        ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
+        ("2 first", &|rows| {
+            section_first(&hosts[0], &etcd, &sizes, rows)
+        }),
+        ("3 transfer", &|rows| {
+            section_transfer(&hosts[0], &hosts[1], &sizes, rows)
+        }),
+        ("4 contention", &|rows| {
+            section_contention(&hosts, &sizes, rows)
+        }),
+    ];
+    for (name, section) in sections {
+        if let Err(error) = section(&mut rows) {
+            failures.push(format!("section {name}: {error:#}"));
+        }
+    }
+    print!("{}", render(&etcd, &rows, &failures, quick));
+    if !failures.is_empty() {
+        bail!("{} section(s) failed", failures.len());
+    }
+    Ok(())
+}
+
+fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "forelock bench --cluster{}: hosts a, b, c = three forelockd on this machine (loopback, no namespaces), \
+         one etcd member on 127.0.0.1 ({}), data dir on disk",
+        if quick { " --quick" } else { "" },
+        etcd.version.trim()
+    );
+    let _ = writeln!(
+        out,
+        "[cluster] {}; clients are threads of this process, one connection each",
+        CLUSTER_SETTINGS.trim().replace('\n', ", ")
+    );
+    let header = [
+        "section",
+        "case",
+        "n",
+        "p50",
+        "p99",
+        "ops/s",
+        "ratio (p50)",
+        "note",
+    ];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.section.to_string(),
+                row.case.clone(),
+                row.samples.to_string(),
+                format_ns(row.p50_ns),
+                format_ns(row.p99_ns),
+                format!("{:.0}", row.ops_per_s),
+                row.ratio.clone(),
+                row.note.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for line in &cells {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut line_out = |line: &[String]| {
+        let mut text = String::new();
+        for (i, (cell, width)) in line.iter().zip(widths).enumerate() {
+            if i == 7 {
+                text.push_str(cell);
+            } else if (2..6).contains(&i) {
+                let _ = write!(text, "{cell:>width$}  ");
+            } else {
+                let _ = write!(text, "{cell:<width$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line_out(&header.map(String::from));
+    for line in &cells {
+        line_out(line);
+    }
+    let p50 = |case: &str| {
+        rows.iter()
+            .find(|row| row.case.starts_with(case))
+            .map(|row| row.p50_ns)
+    };
+    let target = |name: &str, ours: Option<u64>, theirs: Option<u64>, within: f64| {
+        if let (Some(ours), Some(theirs)) = (ours, theirs)
+            && theirs > 0
+        {
+            let ratio = ours as f64 / theirs as f64;
+            let verdict = if ratio <= within { "met" } else { "not met" };
+            format!("target {name} (within {within}x): {ratio:.2}x, {verdict}\n")
+        } else {
+            String::new()
+        }
+    };
+    out.push_str(&target(
+        "cached global key vs prepared local key, p50",
+        p50("global key, node grant held here"),
+        p50("local key, prepared"),
+        1.5,
+    ));
+    out.push_str(&target(
+        "first acquisition vs etcd Lock RPC, p50",
+        p50("global key, first acquire (node grant)"),
+        p50("etcd Lock RPC"),
+        1.0,
+    ));
+    if failures.is_empty() {
+        let _ = writeln!(out, "errors: 0");
+    } else {
+        for failure in failures {
+            let _ = writeln!(out, "error: {failure}");
+        }
+    }
+    out
+}
