@@ -503,7 +503,9 @@ pub const fn rekey(w: Word) -> Word {
 /// for reserved bits, `NotPrepared` is never returned, `Held` for a word with
 /// holders, `CounterExhausted` when counter + 1 would not fit.
 pub fn prepare_held_for(current: Word, owner: u32) -> Result<FastGrant, Decline> {
-    if current.0 & RESERVED_MASK != 0 {
+    // A managed word never carries the contended path's bits (truth table):
+    // one that does was not written by the broker.
+    if current.0 & (RESERVED_MASK | CONTENDED_MASK) != 0 {
         return Err(Decline::Malformed);
     }
     if current.is_prepared() || !current.is_free() {
@@ -940,9 +942,16 @@ mod tests {
             Err(Decline::Held)
         );
         assert_eq!(
-            prepare_held_for(Word(Word::new(7, 0, 0, 1).0 | (1 << 44)), 3),
+            prepare_held_for(Word(Word::new(7, 0, 0, 1).0 | (1 << 46)), 3),
             Err(Decline::Malformed)
         );
+        for bit in [PARKED, HUNGRY, HANDOFF] {
+            assert_eq!(
+                prepare_held_for(Word(Word::new(7, 0, 0, 1).0 | bit), 3),
+                Err(Decline::Malformed),
+                "a managed word with {bit:#x}"
+            );
+        }
         assert_eq!(
             prepare_held_for(Word::new(7, 0, 0, COUNTER_MASK as u32), 3),
             Err(Decline::CounterExhausted)
