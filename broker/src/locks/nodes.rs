@@ -49,6 +49,9 @@ struct NodeGrant {
     prefetch: bool,
     /// Another host waits: grant no more, release when the holders leave.
     callback: bool,
+    /// Gossip says another host will want the key, and none here uses it:
+    /// yield at once, without the minimum hold.
+    hinted: bool,
     /// `Release` was sent; the agent's `Released` ends the grant.
     releasing: bool,
 }
@@ -57,7 +60,7 @@ impl NodeGrant {
     /// Whether a callback may end this grant now: it was never used here, or
     /// it is at least `min_hold_ms` old (no ping-pong between hosts).
     fn held_enough(&self, now_ms: u64, min_hold_ms: u64) -> bool {
-        !self.used || now_ms >= self.granted_ms + min_hold_ms
+        !self.used || self.hinted || now_ms >= self.granted_ms + min_hold_ms
     }
 }
 
@@ -190,6 +193,7 @@ impl LockManager {
                         used: false,
                         prefetch,
                         callback: false,
+                        hinted: false,
                         releasing: false,
                     },
                 );
@@ -225,7 +229,7 @@ impl LockManager {
                     && idle
                 {
                     g.callback = true;
-                    g.used = false;
+                    g.hinted = true;
                 }
                 key
             }

@@ -981,6 +981,7 @@ mod node_gate {
     struct Script {
         sent: Vec<Command>,
         lease_valid: bool,
+        min_hold_ms: u64,
     }
 
     struct Link(Rc<RefCell<Script>>);
@@ -996,7 +997,7 @@ mod node_gate {
             epoch == 1 && self.0.borrow().lease_valid
         }
         fn min_hold_ms(&self) -> u64 {
-            0
+            self.0.borrow().min_hold_ms
         }
     }
 
@@ -1005,6 +1006,7 @@ mod node_gate {
         let script = Rc::new(RefCell::new(Script {
             sent: Vec::new(),
             lease_valid: true,
+            min_hold_ms: 0,
         }));
         f.m.set_cluster(Box::new(Link(script.clone())));
         (f, script)
@@ -1143,5 +1145,53 @@ mod node_gate {
             other => panic!("expected Lost, got {other:?}"),
         }
         assert!(answered_token(&mut f).is_some_and(|t| t > token));
+    }
+
+    #[test]
+    fn a_used_grant_waits_out_the_minimum_hold_on_a_callback_but_yields_at_once_to_a_hint() {
+        let (mut f, script) = clustered();
+        script.borrow_mut().min_hold_ms = 1_000_000;
+        let c = f.client(100);
+        assert!(f.queued(c, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let token = answered_token(&mut f).expect("granted");
+        let slot = f
+            .table
+            .lookup(b"global/k", key_hash(b"global/k"))
+            .unwrap()
+            .0;
+        let r = Response::Granted {
+            slot,
+            token,
+            owner_died: false,
+        };
+        assert_eq!(f.release(c, &r), Response::Released);
+        script.borrow_mut().sent.clear();
+        let key = b"global/k".to_vec();
+        f.m.node_event(&f.table, Event::Callback { key: key.clone() }, &mut f.w);
+        assert!(
+            script.borrow().sent.is_empty(),
+            "released inside the minimum hold"
+        );
+        // Still granted locally inside the minimum hold.
+        assert!(matches!(
+            f.acquire(c, 2, "global/k", false),
+            Response::Granted { .. }
+        ));
+        let (mut f, script) = clustered();
+        script.borrow_mut().min_hold_ms = 1_000_000;
+        let c = f.client(100);
+        assert!(f.queued(c, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let token = answered_token(&mut f).expect("granted");
+        let r = Response::Granted {
+            slot,
+            token,
+            owner_died: false,
+        };
+        assert_eq!(f.release(c, &r), Response::Released);
+        script.borrow_mut().sent.clear();
+        f.m.node_event(&f.table, Event::Hint { key: key.clone() }, &mut f.w);
+        assert_eq!(script.borrow().sent, vec![Command::Release { key }]);
     }
 }
