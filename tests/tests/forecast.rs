@@ -245,7 +245,9 @@ fn the_predictor_forecasts_contention_and_the_broker_prepares_the_contended_key(
     // Two workers take the same key over and over: requests queue behind the
     // holder, the predictor sees `Contended` events and forecasts more, the
     // broker prepares the key's queue, and later waiters find it prepared.
-    let mut counting = Counting::new(dir.path(), "contended");
+    // The broker's queue is the FIFO mode's: by default waiters on a hot
+    // prepared key sleep on the slot's futexes and never queue there.
+    let mut counting = Counting::new(dir.path(), "contended").fifo();
     let mut expected = 0;
     let deadline = Instant::now() + PATIENCE;
     loop {

@@ -29,6 +29,9 @@ enum Cmd {
         file: PathBuf,
         #[arg(long)]
         log: PathBuf,
+        /// Wait in the broker's FIFO queue instead of on the slot's futexes.
+        #[arg(long)]
+        fifo: bool,
     },
     /// Take KEY, print HELD, hold until stdin closes or `hold_ms` passes, release.
     Hold {
@@ -93,7 +96,9 @@ fn main() {
             iters,
             file,
             log,
+            fifo,
         } => {
+            client.set_fifo(fifo);
             let mut log = std::fs::OpenOptions::new()
                 .append(true)
                 .create(true)

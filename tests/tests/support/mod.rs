@@ -159,6 +159,7 @@ pub struct Counting {
     log: PathBuf,
     dir: PathBuf,
     key: String,
+    fifo: bool,
     pub workers: Vec<Worker>,
 }
 
@@ -172,23 +173,35 @@ impl Counting {
             counter,
             dir: dir.into(),
             key: key.into(),
+            fifo: false,
             workers: Vec::new(),
         }
+    }
+
+    /// Workers wait in the broker's FIFO queue (`Client::set_fifo`), not on
+    /// the slot's futexes: for tests of the broker's queue.
+    pub fn fifo(mut self) -> Counting {
+        self.fifo = true;
+        self
     }
 
     /// Start `workers` more processes of `iters` iterations each.
     pub fn spawn(&mut self, workers: usize, iters: u32) -> &mut Counting {
         for _ in 0..workers {
-            let args = [
+            let iters = iters.to_string();
+            let mut args = vec![
                 "count",
                 &self.key,
                 "--iters",
-                &iters.to_string(),
+                &iters,
                 "--file",
                 self.counter.to_str().unwrap(),
                 "--log",
                 self.log.to_str().unwrap(),
             ];
+            if self.fifo {
+                args.push("--fifo");
+            }
             self.workers.push(Worker::spawn(&self.dir, &args));
         }
         self
