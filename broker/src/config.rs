@@ -304,6 +304,25 @@ const MAX_RESERVED_WAITERS: u64 = 1 << 22;
 mod tests {
     use super::*;
 
+    /// The commented `[cluster]` example in the embedded defaults is a
+    /// configuration that works once uncommented.
+    #[test]
+    fn the_commented_cluster_example_parses_and_validates() {
+        let start = DEFAULT_CONFIG
+            .find("# [cluster]")
+            .expect("the defaults show a [cluster] example");
+        let uncommented: String = DEFAULT_CONFIG[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = format!("{}\n{uncommented}", &DEFAULT_CONFIG[..start]);
+        let c = Config::from_toml(&text, Path::new("example.toml")).expect("parses");
+        let cluster = c.cluster.expect("the example has [cluster]");
+        assert_eq!(cluster.node, "h1");
+        assert!(cluster.is_global(b"global/x"));
+    }
+
     #[test]
     fn the_embedded_defaults_parse_and_validate() {
         let c = Config::default_config();
