@@ -65,7 +65,10 @@ fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
         // b must not hold while a does.
         std::thread::sleep(Duration::from_millis(200));
         assert!(b.drain().is_empty(), "b was granted while a held");
-        a.send(Command::Release { key: key.clone() });
+        a.send(Command::Release {
+            key: key.clone(),
+            epoch: 1,
+        });
         assert_eq!(
             next(&a, Duration::from_secs(10)),
             Event::Released { key: key.clone() }
@@ -78,7 +81,10 @@ fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
             "round {round}: b's base {base:#x} after a's {last:#x}"
         );
         last = base;
-        b.send(Command::Release { key: key.clone() });
+        b.send(Command::Release {
+            key: key.clone(),
+            epoch: 1,
+        });
         assert_eq!(
             next(&b, Duration::from_secs(10)),
             Event::Released { key: key.clone() }
@@ -149,7 +155,10 @@ fn a_holder_gone_before_the_next_host_queued_still_costs_the_lock_delay() {
     };
     // b released cleanly: the stale marker it waited out is gone, so the
     // next host is not delayed again.
-    b.send(Command::Release { key: key.clone() });
+    b.send(Command::Release {
+        key: key.clone(),
+        epoch: 1,
+    });
     assert_eq!(
         next(&b, Duration::from_secs(10)),
         Event::Released { key: key.clone() }

@@ -39,8 +39,9 @@ pub enum Command {
         prefetch: bool,
     },
     /// No local holder is left and the broker will not grant `key` again
-    /// under this node grant: release it at etcd.
-    Release { key: Vec<u8> },
+    /// under the node grant it got under lease `epoch`: release it at etcd.
+    /// Ignored when that lease's session is over (its keys went with it).
+    Release { key: Vec<u8>, epoch: u64 },
 }
 
 /// What the agent tells the broker.
@@ -407,8 +408,9 @@ impl Inner {
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
                     }
-                    Some(Command::Release { key }) => {
-                        if let Some(t) = tasks.get_mut(&key)
+                    Some(Command::Release { key, epoch: e }) => {
+                        if e == epoch
+                            && let Some(t) = tasks.get_mut(&key)
                             && let Some(tx) = t.release.take()
                         {
                             let _ = tx.send(());

@@ -176,9 +176,19 @@ impl LockManager {
                 prefetch,
             } => {
                 nodes.wanted.remove(&key);
-                if !nodes.link.lease_valid(epoch) || nodes.releasing.contains(&key) {
-                    // Granted under a lease already gone: the agent's session
-                    // for it ended, and its keys go with the lease.
+                if nodes.releasing.contains(&key) {
+                    // The agent is releasing this grant (it saw our Release
+                    // after it had won).
+                    return;
+                }
+                if !nodes.link.lease_valid(epoch) {
+                    // Granted under a lease past its safe time. If the
+                    // session lives on (a renewal came back late), the agent
+                    // holds the key at etcd: have it let go, or every host
+                    // waits for it. If the session is over, the agent ignores
+                    // this, and its `Fenced` clears `releasing`.
+                    nodes.releasing.insert(key.clone());
+                    nodes.link.send(Command::Release { key, epoch });
                     return;
                 }
                 tracing::debug!(key = %String::from_utf8_lossy(&key), base, epoch, "node grant");
@@ -275,16 +285,16 @@ impl LockManager {
         let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
-        let gone: Vec<Vec<u8>> = nodes
+        let gone: Vec<(Vec<u8>, u64)> = nodes
             .grants
             .iter()
             .filter(|(_, g)| match epoch {
                 Some(e) => g.epoch == e,
                 None => !nodes.link.lease_valid(g.epoch),
             })
-            .map(|(k, _)| k.clone())
+            .map(|(k, g)| (k.clone(), g.epoch))
             .collect();
-        for k in &gone {
+        for (k, _) in &gone {
             nodes.grants.remove(k);
         }
         if epoch.is_some() {
@@ -295,13 +305,16 @@ impl LockManager {
             // Lost on the broker's clock, while the agent may still think it
             // holds them (a renewal late past the safe time): have it let
             // them go, and ignore their grants until it says it has.
-            for k in &gone {
+            for (k, e) in &gone {
                 nodes.releasing.insert(k.clone());
-                nodes.link.send(Command::Release { key: k.clone() });
+                nodes.link.send(Command::Release {
+                    key: k.clone(),
+                    epoch: *e,
+                });
             }
         }
         let mut lost = Vec::new();
-        for k in &gone {
+        for (k, _) in &gone {
             if let Some(&s) = self.dir.keys.get(k.as_slice()) {
                 match &self.dir.slots[s as usize].holder {
                     super::engine::Holder::Exclusive { client, token, .. } => {
@@ -353,7 +366,10 @@ impl LockManager {
             if must_go && free && !g.releasing {
                 g.releasing = true;
                 nodes.releasing.insert(key.to_vec());
-                nodes.link.send(Command::Release { key: key.to_vec() });
+                nodes.link.send(Command::Release {
+                    key: key.to_vec(),
+                    epoch: g.epoch,
+                });
             }
             return;
         }

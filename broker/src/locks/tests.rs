@@ -1080,7 +1080,8 @@ mod node_gate {
         f.m.check_leases();
         assert!(
             script.borrow().sent.contains(&Command::Release {
-                key: b"global/k".to_vec()
+                key: b"global/k".to_vec(),
+                epoch: 1,
             }),
             "the agent must be told to let the key go: {:?}",
             script.borrow().sent
@@ -1192,6 +1193,41 @@ mod node_gate {
         assert_eq!(f.release(c, &r), Response::Released);
         script.borrow_mut().sent.clear();
         f.m.node_event(&f.table, Event::Hint { key: key.clone() }, &mut f.w);
-        assert_eq!(script.borrow().sent, vec![Command::Release { key }]);
+        assert_eq!(
+            script.borrow().sent,
+            vec![Command::Release { key, epoch: 1 }]
+        );
+    }
+
+    /// A grant that arrives while the lease is past its safe time (a renewal
+    /// late under load) was dropped silently: the agent kept the key at etcd
+    /// and every other host waited for it for good.
+    #[test]
+    fn a_grant_arriving_past_the_leases_safe_time_is_handed_back_to_the_agent() {
+        let (mut f, script) = clustered();
+        let c = f.client(100);
+        assert!(f.queued(c, 1, "global/k", false));
+        script.borrow_mut().lease_valid = false;
+        script.borrow_mut().sent.clear();
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        assert_eq!(answered_token(&mut f), None, "granted past the safe time");
+        assert_eq!(
+            script.borrow().sent,
+            vec![Command::Release {
+                key: b"global/k".to_vec(),
+                epoch: 1
+            }]
+        );
+        // Once released, the waiter's Want goes out again.
+        script.borrow_mut().lease_valid = true;
+        script.borrow_mut().sent.clear();
+        f.m.node_event(
+            &f.table,
+            Event::Released {
+                key: b"global/k".to_vec(),
+            },
+            &mut f.w,
+        );
+        assert_eq!(script.borrow().sent, vec![want("global/k")]);
     }
 }
