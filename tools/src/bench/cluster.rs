@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -36,8 +36,7 @@ use hdrhistogram::Histogram;
 
 use super::report::format_ns;
 use super::support::{
-    ChildGuard, TempDir, die_with_parent, find_binary, free_loopback_port, poll_until,
-    start_forelockd,
+    ChildGuard, TempDir, etcd_log, find_binary, poll_until, spawn_loopback_etcd, start_forelockd,
 };
 
 /// How long any single acquisition may wait before the bench calls it a failure.
@@ -165,42 +164,14 @@ fn start_etcd() -> anyhow::Result<Etcd> {
         .and_then(|text| text.lines().next().map(str::to_string))
         .unwrap_or_default();
     let dir = TempDir::new("cluster-etcd")?;
-    let client_port = free_loopback_port()?;
-    let mut peer_port = free_loopback_port()?;
-    while peer_port == client_port {
-        peer_port = free_loopback_port()?;
-    }
+    let (mut server, client_port) = spawn_loopback_etcd(&binary, &dir)?;
     let url = format!("http://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let log_path = dir.path().join("etcd.log");
-    let log = std::fs::File::create(&log_path).context("etcd log")?;
-    let mut command = Command::new(&binary);
-    command
-        .args(["--name", "forelock-bench"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &url])
-        .args(["--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("forelock-bench={peer_url}")])
-        .args(["--initial-cluster-state", "new"])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .env_remove("ETCD_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().context("etcd log")?))
-        .stderr(Stdio::from(log));
-    let child = die_with_parent(&mut command)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let mut server = ChildGuard::new(child);
     let address = format!("127.0.0.1:{client_port}");
     let ready = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
         matches!(server.try_wait(), Ok(Some(_))) || std::net::TcpStream::connect(&address).is_ok()
     });
     if let Ok(Some(status)) = server.try_wait() {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("etcd exited at start ({status}): {}", log.trim());
+        bail!("etcd exited at start ({status}): {}", etcd_log(&dir).trim());
     }
     if !ready {
         bail!("etcd did not listen on {address} within 30 s");

@@ -174,6 +174,47 @@ pub fn free_loopback_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// One etcd member (`binary`) on free loopback ports, its data and its log
+/// (`etcd.log`) in `dir`, killed with the bench: the server and its client
+/// port. Readiness is the caller's to check (see `etcd_log` on failure).
+pub fn spawn_loopback_etcd(binary: &Path, dir: &TempDir) -> anyhow::Result<(ChildGuard, u16)> {
+    let client_port = free_loopback_port()?;
+    let mut peer_port = free_loopback_port()?;
+    while peer_port == client_port {
+        peer_port = free_loopback_port()?;
+    }
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let log = std::fs::File::create(dir.path().join("etcd.log")).context("etcd log")?;
+    let mut command = Command::new(binary);
+    command
+        .args(["--name", "forelock-bench"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("forelock-bench={peer_url}")])
+        .args(["--initial-cluster-state", "new"])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .env_remove("ETCD_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(
+            log.try_clone().context("etcd log")?,
+        ))
+        .stderr(std::process::Stdio::from(log));
+    let child = die_with_parent(&mut command)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    Ok((ChildGuard::new(child), client_port))
+}
+
+/// What etcd started by [`spawn_loopback_etcd`] in `dir` logged.
+pub fn etcd_log(dir: &TempDir) -> String {
+    std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default()
+}
+
 /// Whether `binary` is an executable file on `PATH` (or an absolute path).
 pub fn find_binary(binary: &str) -> Option<PathBuf> {
     let candidate = Path::new(binary);

@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -15,8 +14,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::bench::support::{
-    ChildGuard, TempDir, base64_encode, die_with_parent, find_binary, free_loopback_port,
-    poll_until,
+    ChildGuard, TempDir, base64_encode, etcd_log, find_binary, poll_until, spawn_loopback_etcd,
 };
 use crate::bench::system::{
     BenchEnv, LockKey, LockSession, LockSystem, RunShape, Sharing, StartError, SystemEntry,
@@ -47,34 +45,7 @@ fn start(env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
         binary: "etcd (package etcd-server)",
     })?;
     let dir = TempDir::new("etcd")?;
-    let client_port = free_loopback_port()?;
-    let mut peer_port = free_loopback_port()?;
-    while peer_port == client_port {
-        peer_port = free_loopback_port()?;
-    }
-    let client_url = format!("http://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let log = std::fs::File::create(dir.path().join("etcd.log")).context("etcd log")?;
-    let mut command = Command::new(&binary);
-    command
-        .args(["--name", "forelock-bench"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("forelock-bench={peer_url}")])
-        .args(["--initial-cluster-state", "new"])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .env_remove("ETCD_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().context("etcd log")?))
-        .stderr(Stdio::from(log));
-    let child = die_with_parent(&mut command)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let mut server = ChildGuard::new(child);
+    let (mut server, client_port) = spawn_loopback_etcd(&binary, &dir)?;
     let address = format!("127.0.0.1:{client_port}");
     let timeout = if env.quick { 20 } else { 30 };
     let ready = poll_until(
@@ -90,7 +61,7 @@ fn start(env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
         },
     );
     if let Ok(Some(status)) = server.try_wait() {
-        let log = std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default();
+        let log = etcd_log(&dir);
         return Err(StartError::Failed(anyhow::anyhow!(
             "etcd exited at start ({status}): {}",
             log.trim()
