@@ -137,8 +137,10 @@ impl Agent {
         let status = Arc::new(Mutex::new(AgentStatus::default()));
         let inner = Inner {
             config: config.clone(),
-            events: etx,
-            wake: wake.clone(),
+            outbox: Outbox {
+                events: etx,
+                wake: wake.clone(),
+            },
             lease: lease.clone(),
             status: status.clone(),
         };
@@ -182,10 +184,28 @@ impl Agent {
     }
 }
 
-struct Inner {
-    config: ClusterConfig,
+/// The agent's side of the event channel: an event, then a write to the
+/// eventfd the broker's io_uring loop polls.
+#[derive(Clone)]
+struct Outbox {
     events: std::sync::mpsc::Sender<Event>,
     wake: Arc<OwnedFd>,
+}
+
+impl Outbox {
+    fn emit(&self, e: Event) {
+        // The broker outlives the agent thread: a send fails only while the
+        // process exits.
+        let _ = self.events.send(e);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: `one` is 8 readable bytes, as eventfd writes need.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+struct Inner {
+    config: ClusterConfig,
+    outbox: Outbox,
     lease: Lease,
     status: Arc<Mutex<AgentStatus>>,
 }
@@ -209,10 +229,7 @@ struct KeyTask {
 
 impl Inner {
     fn emit(&self, e: Event) {
-        let _ = self.events.send(e);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: `one` is 8 readable bytes, as eventfd writes need.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        self.outbox.emit(e);
     }
 
     fn note(&self, f: impl FnOnce(&mut AgentStatus)) {
@@ -403,7 +420,7 @@ impl Inner {
                         let (tx, rx) = oneshot::channel();
                         let handle = tokio::spawn(hold(
                             client.clone(), self.config.clone(), key.clone(), shared, prefetch,
-                            lease, epoch, rx, rtx.clone(), self.events.clone(), self.wake.clone(),
+                            lease, epoch, rx, rtx.clone(), self.outbox.clone(),
                         ));
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
@@ -520,15 +537,9 @@ async fn hold(
     epoch: u64,
     release: oneshot::Receiver<()>,
     reports: mpsc::UnboundedSender<KeyReport>,
-    events: std::sync::mpsc::Sender<Event>,
-    wake: Arc<OwnedFd>,
+    outbox: Outbox,
 ) {
-    let emit = |e: Event| {
-        let _ = events.send(e);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: `one` is 8 readable bytes, as eventfd writes need.
-        unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-    };
+    let emit = |e: Event| outbox.emit(e);
     let n = Names::new(&config.etcd_prefix, &key, shared, lease);
     let own_rev = retry(|| etcd_lock::queue(&c, &n, &config.node, lease)).await;
     // Wait for every blocker to go.
