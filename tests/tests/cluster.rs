@@ -12,16 +12,14 @@
 
 mod support;
 
-use support::TempDir;
+use support::{TempDir, Worker};
 
 use forelock_tests::cluster::fenced::{Counts, History, Outcome, Resource, monotonic_ns};
 use forelock_tests::cluster::host::cluster_config;
 use forelock_tests::cluster::net::HOSTS;
 use forelock_tests::cluster::{self, Direction, EtcdCluster, Host, HostOptions, Net, wait_until};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn fenced_exe() -> &'static str {
@@ -53,49 +51,29 @@ fn etcd(net: &Net) -> EtcdCluster {
 }
 
 /// A `fl-cluster-worker` and its stdout.
-struct ClusterWorker {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
+struct ClusterWorker(Worker);
 
 impl ClusterWorker {
     fn spawn(host: &Host, key: &str, resource: &Resource, extra: &[&str]) -> ClusterWorker {
-        let mut child = Command::new(worker_exe())
+        let mut command = Command::new(worker_exe());
+        command
             .arg("--dir")
             .arg(host.dir())
             .args(["--host", &host.name, "--key", key])
             .arg("--resource")
             .arg(resource.path())
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start fl-cluster-worker");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ClusterWorker {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        }
+            .args(extra);
+        ClusterWorker(Worker::launch(command))
     }
 
     /// The next line starting with `prefix`, within `limit`.
     fn wait_for(&mut self, prefix: &str, limit: Duration) -> Option<String> {
         let deadline = Instant::now() + limit;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return Some(l),
-                Ok(_) => continue,
-                Err(_) => return None,
+            match self.0.line_within(left) {
+                Some(l) if l.starts_with(prefix) => return Some(l),
+                Some(_) => continue,
+                None => return None,
             }
         }
         None
@@ -111,31 +89,23 @@ impl ClusterWorker {
     /// Close stdin (stop, or leave for a long holder) and collect every
     /// line up to DONE.
     fn finish(mut self) -> Vec<String> {
-        drop(self.stdin.take());
+        self.0.release();
         let mut lines = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
+            match self.0.line_within(left) {
+                Some(l) => {
                     let done = l.starts_with("DONE");
                     lines.push(l);
                     if done {
                         break;
                     }
                 }
-                Err(_) => break,
+                None => break,
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill9();
         lines
-    }
-}
-
-impl Drop for ClusterWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

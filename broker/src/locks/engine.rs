@@ -642,7 +642,11 @@ impl LockManager {
         if st.queue.is_empty() && st.holder == Holder::Free {
             self.return_to_fast_path(table, s);
         }
-        if let Some(k) = self.dir.slots[s as usize].key.clone() {
+        // Only a clustered broker has node grants to settle: no key copy
+        // on every hand-off of a single-host broker.
+        if self.nodes.is_some()
+            && let Some(k) = self.dir.slots[s as usize].key.clone()
+        {
             self.settle(&k);
         }
     }

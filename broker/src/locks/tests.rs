@@ -1037,6 +1037,19 @@ mod node_gate {
         })
     }
 
+    /// The grant of `token` on global/k, as the engine answered it.
+    fn grant_of_k(f: &Fixture, token: u64) -> Response {
+        Response::Granted {
+            slot: f
+                .table
+                .lookup(b"global/k", key_hash(b"global/k"))
+                .unwrap()
+                .0,
+            token,
+            owner_died: false,
+        }
+    }
+
     #[test]
     fn a_global_key_waits_for_its_node_grant_and_takes_its_token_from_it() {
         let (mut f, script) = clustered();
@@ -1064,15 +1077,7 @@ mod node_gate {
         assert!(f.queued(c, 1, "global/k", false));
         f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
         let first = answered_token(&mut f).expect("granted");
-        let r = Response::Granted {
-            slot: f
-                .table
-                .lookup(b"global/k", key_hash(b"global/k"))
-                .unwrap()
-                .0,
-            token: first,
-            owner_died: false,
-        };
+        let r = grant_of_k(&f, first);
         assert_eq!(f.release(c, &r), Response::Released);
         script.borrow_mut().sent.clear();
         // The lease's safe time passes on the broker's clock.
@@ -1128,16 +1133,7 @@ mod node_gate {
         // Even a new node grant does not let b in while a's lost hold stays.
         f.m.node_event(&f.table, granted("global/k", 9), &mut f.w);
         assert_eq!(answered_token(&mut f), None);
-        let slot = f
-            .table
-            .lookup(b"global/k", key_hash(b"global/k"))
-            .unwrap()
-            .0;
-        let r = Response::Granted {
-            slot,
-            token,
-            owner_died: false,
-        };
+        let r = grant_of_k(&f, token);
         match f.release(a, &r) {
             Response::Error {
                 code: ErrorCode::Lost,
@@ -1156,16 +1152,7 @@ mod node_gate {
         assert!(f.queued(c, 1, "global/k", false));
         f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
         let token = answered_token(&mut f).expect("granted");
-        let slot = f
-            .table
-            .lookup(b"global/k", key_hash(b"global/k"))
-            .unwrap()
-            .0;
-        let r = Response::Granted {
-            slot,
-            token,
-            owner_died: false,
-        };
+        let r = grant_of_k(&f, token);
         assert_eq!(f.release(c, &r), Response::Released);
         script.borrow_mut().sent.clear();
         let key = b"global/k".to_vec();
@@ -1185,11 +1172,7 @@ mod node_gate {
         assert!(f.queued(c, 1, "global/k", false));
         f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
         let token = answered_token(&mut f).expect("granted");
-        let r = Response::Granted {
-            slot,
-            token,
-            owner_died: false,
-        };
+        let r = grant_of_k(&f, token);
         assert_eq!(f.release(c, &r), Response::Released);
         script.borrow_mut().sent.clear();
         f.m.node_event(&f.table, Event::Hint { key: key.clone() }, &mut f.w);

@@ -40,14 +40,19 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(dir: &Path, args: &[&str]) -> Worker {
-        let mut child = Command::new(worker_exe())
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
+        let mut command = Command::new(worker_exe());
+        command.arg("--dir").arg(dir).args(args);
+        Worker::launch(command)
+    }
+
+    /// Start `command` (a client process of the tests) with its stdin and
+    /// stdout piped to the returned `Worker`.
+    pub fn launch(mut command: Command) -> Worker {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("start fl-worker");
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", command.get_program()));
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
