@@ -39,7 +39,9 @@ use shm_layout::table::BROKER_HOLDS;
 
 /// `b"FRLKLDG1"` as a little-endian u64.
 const LEDGER_MAGIC: u64 = u64::from_le_bytes(*b"FRLKLDG1");
-pub const LEDGER_VERSION: u64 = 1;
+/// 2: holds carry the `on_fast_path` flag (issue 12: one round trip for an
+/// unprepared key).
+pub const LEDGER_VERSION: u64 = 2;
 const HEADER_WORDS: usize = 8;
 const KEY_WORDS: usize = MAX_KEY_LEN / 8;
 /// `[key_len + 1 (0 = no key), base, key words...]`.
@@ -71,6 +73,13 @@ pub struct Hold {
     pub request: u64,
     /// The grant told its holder that the previous owner died.
     pub owner_died: bool,
+    /// Granted by the broker as a fast-path hold (`lockword::prepare_held_for`):
+    /// its holder releases it with a CAS the broker never sees, so this
+    /// record is only true while the slot's word still names this client
+    /// with this token. Whoever reads the record checks that first (the
+    /// engine's `settle_fast_grant`, adoption); a take-over turns it into
+    /// an ordinary hold (flag cleared).
+    pub on_fast_path: bool,
 }
 
 /// The request id of a hold the client granted itself on the fast path.
@@ -78,12 +87,18 @@ pub const FAST_REQUEST: u64 = 0;
 
 const HOLD_SHARED: u64 = 1 << 32;
 const HOLD_OWNER_DIED: u64 = 1 << 33;
+const HOLD_ON_FAST_PATH: u64 = 1 << 34;
 
 impl Hold {
     fn pack(&self) -> u64 {
         (self.slot as u64 + 1)
             | if self.shared { HOLD_SHARED } else { 0 }
             | if self.owner_died { HOLD_OWNER_DIED } else { 0 }
+            | if self.on_fast_path {
+                HOLD_ON_FAST_PATH
+            } else {
+                0
+            }
     }
     fn unpack(packed: u64, token: u64, request: u64) -> Option<Hold> {
         let slot = (packed & 0xFFFF_FFFF).checked_sub(1)? as u32;
@@ -93,6 +108,7 @@ impl Hold {
             token,
             request,
             owner_died: packed & HOLD_OWNER_DIED != 0,
+            on_fast_path: packed & HOLD_ON_FAST_PATH != 0,
         })
     }
 }
@@ -405,6 +421,27 @@ impl Ledger {
         (0..LEDGER_HOLDS).any(|h| self.client_word(c, 4 + 3 * h).load(Ordering::Relaxed) == 0)
     }
 
+    /// Client `c`'s fast-path hold on `slot` with `token` became an
+    /// ordinary one (the broker took its slot over while the word still
+    /// named it): clear its `on_fast_path` flag. One store, so a broker
+    /// killed around it leaves either record, and both are right for the
+    /// word it left (see `LockManager::take_over`).
+    pub fn confirm_hold(&self, c: u32, slot: u32, token: u64) -> bool {
+        let Some((h, hold)) = self
+            .holds(c)
+            .find(|(_, hold)| hold.slot == slot && hold.token == token)
+        else {
+            return false;
+        };
+        let confirmed = Hold {
+            on_fast_path: false,
+            ..hold
+        };
+        self.client_word(c, 4 + 3 * h)
+            .store(confirmed.pack(), Ordering::Relaxed);
+        true
+    }
+
     /// Erase client `c`'s hold on `slot` (the one with `token`, or any if
     /// `token` is `None`). Returns the erased hold.
     pub fn remove_hold(&self, c: u32, slot: u32, token: Option<u64>) -> Option<Hold> {
@@ -509,8 +546,16 @@ mod tests {
             token: u64::MAX,
             request: 4,
             owner_died: true,
+            on_fast_path: true,
         };
         assert!(l.add_hold(1, hold));
+        assert_eq!(l.holds(1).map(|(_, h)| h).collect::<Vec<_>>(), vec![hold]);
+        assert!(!l.confirm_hold(1, 2, 3));
+        assert!(l.confirm_hold(1, 2, u64::MAX));
+        let hold = Hold {
+            on_fast_path: false,
+            ..hold
+        };
         assert_eq!(l.holds(1).map(|(_, h)| h).collect::<Vec<_>>(), vec![hold]);
         assert_eq!(l.remove_hold(1, 2, Some(3)), None);
         assert_eq!(l.remove_hold(1, 2, Some(u64::MAX)), Some(hold));
@@ -536,6 +581,7 @@ mod tests {
             token: 1,
             request: 1,
             owner_died: false,
+            on_fast_path: false,
         };
         for _ in 0..LEDGER_HOLDS {
             assert!(l.add_hold(0, hold));

@@ -34,7 +34,7 @@
 //! up waiting, use the `_timeout_async` forms, which withdraw the request
 //! from the queue when the time is up.
 
-use crate::{Client, Error, OwnedLockGuard, Wait};
+use crate::{Client, Error, Grant, OwnedLockGuard, Wait};
 use shm_layout::{key_hash, validate_key};
 use std::time::Duration;
 
@@ -99,7 +99,7 @@ impl Client {
                 token: hold.token,
                 owner_died: hold.owner_died,
                 shared: false,
-                fast: Some(hold.held),
+                how: Grant::Fast(hold.held),
                 released: false,
             });
         }
@@ -110,13 +110,14 @@ impl Client {
         // guard's drop releases the lock.
         let task = tokio::task::spawn_blocking(move || {
             let grant = client.inner.acquire_slow(&key, shared, wait)?;
+            let how = client.inner.grant_kind(&grant, shared);
             Ok(OwnedLockGuard {
                 client,
                 slot: grant.slot,
                 token: grant.token,
                 owner_died: grant.owner_died,
                 shared,
-                fast: None,
+                how,
                 released: false,
             })
         });

@@ -203,6 +203,30 @@ enum ContendedAnswer {
 /// `FORELOCK_FAIR_AFTER_US` or [`Client::set_fair_after`].
 pub const FAIR_AFTER_DEFAULT: Duration = Duration::from_micros(500);
 
+/// How a held lock was granted, and so how it is released.
+#[derive(Clone, Copy, Debug)]
+enum Grant {
+    /// Our own CAS on a prepared slot (no broker): released by CAS from
+    /// the word we wrote.
+    Fast(Word),
+    /// The broker, as a fast-path hold (one round trip for an unprepared
+    /// key): released by CAS from the word it wrote.
+    BrokerFast(Word),
+    /// The broker, managed: released through the broker.
+    Broker,
+}
+
+impl Grant {
+    /// The word a release CAS expects, if the release is a CAS (it falls
+    /// back to the broker when the broker took the slot over meanwhile).
+    fn release_word(self) -> Option<Word> {
+        match self {
+            Grant::Fast(held) | Grant::BrokerFast(held) => Some(held),
+            Grant::Broker => None,
+        }
+    }
+}
+
 /// A lock granted by the broker (slow path or hand-off).
 struct BrokerGrant {
     slot: u32,
@@ -383,7 +407,7 @@ impl Client {
                     token: hold.token,
                     owner_died: hold.owner_died,
                     shared: false,
-                    fast: Some(hold.held),
+                    how: Grant::Fast(hold.held),
                     released: false,
                 });
             }
@@ -396,7 +420,7 @@ impl Client {
                             token: hold.token,
                             owner_died: hold.owner_died,
                             shared: false,
-                            fast: Some(hold.held),
+                            how: Grant::Fast(hold.held),
                             released: false,
                         });
                     }
@@ -411,7 +435,7 @@ impl Client {
             token: grant.token,
             owner_died: grant.owner_died,
             shared,
-            fast: None,
+            how: self.inner.grant_kind(&grant, shared),
             released: false,
         })
     }
@@ -689,6 +713,18 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// How a broker grant is released: by one CAS when the broker granted
+    /// it as a fast-path hold (see [`mapped::broker_granted_fast`]), else
+    /// through the broker.
+    fn grant_kind(&self, grant: &BrokerGrant, shared: bool) -> Grant {
+        let held = (!shared)
+            .then(|| {
+                mapped::broker_granted_fast(self.table.view(), grant.slot, self.index, grant.token)
+            })
+            .flatten();
+        held.map_or(Grant::Broker, Grant::BrokerFast)
     }
 
     #[cold]
@@ -1014,7 +1050,7 @@ pub struct LockGuard<'a> {
     owner_died: bool,
     shared: bool,
     /// The word our fast-path CAS wrote, if the client granted itself.
-    fast: Option<Word>,
+    how: Grant,
     released: bool,
 }
 
@@ -1024,7 +1060,7 @@ impl std::fmt::Debug for LockGuard<'_> {
             .field("slot", &self.slot)
             .field("token", &self.token)
             .field("shared", &self.shared)
-            .field("fast_path", &self.fast.is_some())
+            .field("how", &self.how)
             .field("previous_owner_died", &self.owner_died)
             .finish()
     }
@@ -1050,7 +1086,7 @@ impl LockGuard<'_> {
 
     /// Granted by this client's own CAS on a prepared slot (no broker).
     pub fn fast_path(&self) -> bool {
-        self.fast.is_some()
+        matches!(self.how, Grant::Fast(_))
     }
 
     /// Release now, reporting errors (`Drop` releases too, silently).
@@ -1078,7 +1114,7 @@ impl LockGuard<'_> {
             token: guard.token,
             owner_died: guard.owner_died,
             shared: guard.shared,
-            fast: guard.fast,
+            how: guard.how,
             released: false,
         }
     }
@@ -1086,7 +1122,7 @@ impl LockGuard<'_> {
     #[inline]
     fn release_inner(&self) -> Result<(), Error> {
         self.inner
-            .release_grant(self.slot, self.token, self.owner_died, self.fast)
+            .release_grant(self.slot, self.token, self.owner_died, self.how.release_word())
     }
 }
 
@@ -1095,7 +1131,7 @@ impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
         if !self.released {
             self.inner
-                .release_on_drop(self.slot, self.token, self.owner_died, self.fast);
+                .release_on_drop(self.slot, self.token, self.owner_died, self.how.release_word());
         }
     }
 }
@@ -1149,7 +1185,7 @@ pub struct OwnedLockGuard {
     token: u64,
     owner_died: bool,
     shared: bool,
-    fast: Option<Word>,
+    how: Grant,
     released: bool,
 }
 
@@ -1159,7 +1195,7 @@ impl std::fmt::Debug for OwnedLockGuard {
             .field("slot", &self.slot)
             .field("token", &self.token)
             .field("shared", &self.shared)
-            .field("fast_path", &self.fast.is_some())
+            .field("how", &self.how)
             .field("previous_owner_died", &self.owner_died)
             .finish()
     }
@@ -1183,7 +1219,7 @@ impl OwnedLockGuard {
 
     /// Granted by this client's own CAS on a prepared slot (no broker).
     pub fn fast_path(&self) -> bool {
-        self.fast.is_some()
+        matches!(self.how, Grant::Fast(_))
     }
 
     /// The client this guard holds its lock through.
@@ -1196,7 +1232,7 @@ impl OwnedLockGuard {
         self.released = true;
         self.client
             .inner
-            .release_grant(self.slot, self.token, self.owner_died, self.fast)
+            .release_grant(self.slot, self.token, self.owner_died, self.how.release_word())
     }
 }
 
@@ -1205,7 +1241,7 @@ impl Drop for OwnedLockGuard {
         if !self.released {
             self.client
                 .inner
-                .release_on_drop(self.slot, self.token, self.owner_died, self.fast);
+                .release_on_drop(self.slot, self.token, self.owner_died, self.how.release_word());
         }
     }
 }

@@ -262,6 +262,26 @@ pub(crate) fn fast_acquire_seen(
     })
 }
 
+/// A lock the broker granted with `token` on `slot`: is it a fast-path
+/// hold, released with one CAS and no message (issue 12: the broker grants
+/// an unprepared, uncontended key that way)? `Some(held)`: release with
+/// [`fast_release`] from `held`; `None`: release through the broker. The
+/// word is read after the answer (see [`lockword::granted_on_fast_path`]).
+pub(crate) fn broker_granted_fast(
+    table: &TableView,
+    slot: u32,
+    owner: u32,
+    token: u64,
+) -> Option<Word> {
+    let slot = table.slot(slot)?;
+    // SYNC POINT: Acquire pairs with the broker's Release store of the
+    // held word (its grant_fast), so the token base read next is the one
+    // it wrote before.
+    let word = slot.word_acquire();
+    let base = slot.token_base.load(Ordering::Relaxed);
+    lockword::granted_on_fast_path(word, owner, base, token)
+}
+
 /// Release a fast-path hold: one CAS when nobody waits, else the wake (or
 /// hand-off) the waiters asked for. `false`: the broker took the slot over
 /// meanwhile, release through it.

@@ -527,6 +527,26 @@ pub fn prepare_held_for(current: Word, owner: u32) -> Result<FastGrant, Decline>
     })
 }
 
+/// The client's half of [`prepare_held_for`]: after the broker answered an
+/// exclusive acquire with `token`, is the slot's word (`current`, loaded
+/// with Acquire after the answer, `base` the slot's token base read after
+/// it) the fast-path hold the broker wrote for `owner`? Then `Some(held)`:
+/// the holder releases with [`release_contended`] from `held`, with no
+/// message to the broker. `None`: the grant is broker-managed (or the broker
+/// has taken the slot over since), and the release goes through the broker.
+///
+/// The match is exact, so it cannot mistake another hold for ours: `P`
+/// (clients never write a `P=0` word to `P=1`), `X` with our index, and
+/// `base + counter == token` (tokens of a key are never issued twice). The
+/// bits waiters add (`PARKED`, `HUNGRY`) are ignored, as [`same_hold`] does.
+pub fn granted_on_fast_path(current: Word, owner: u32, base: u64, token: u64) -> Option<Word> {
+    let clean = current.0 & (RESERVED_MASK | HANDOFF) == 0
+        && current.is_prepared()
+        && current.exclusive_owner() == Some(owner)
+        && base.checked_add(current.counter() as u64) == Some(token);
+    clean.then_some(Word(current.0 & !(PARKED | HUNGRY)))
+}
+
 /// A 64-bit atomic cell the transitions can run on: the real `AtomicU64` in a
 /// shared mapping, or loom's on the heap.
 pub trait WordCell {
@@ -925,6 +945,25 @@ mod tests {
             Word(cell.load(Ordering::Relaxed)),
             Word::new(7, PREPARED, 0, 42)
         );
+    }
+
+    #[test]
+    fn a_client_recognises_the_fast_hold_its_broker_grant_wrote_and_nothing_else() {
+        let g = prepare_held_for(Word::new(7, 0, 0, 41), 3).unwrap();
+        // base 100: the broker answered token 142.
+        assert_eq!(granted_on_fast_path(g.held, 3, 100, 142), Some(g.held));
+        // Waiters' bits do not change whose hold it is.
+        let marked = Word(g.held.0 | PARKED | HUNGRY);
+        assert_eq!(granted_on_fast_path(marked, 3, 100, 142), Some(g.held));
+        // Another owner, another token, a taken-over (P=0) word, a hand-off,
+        // reserved bits: not ours to release by CAS.
+        assert_eq!(granted_on_fast_path(g.held, 2, 100, 142), None);
+        assert_eq!(granted_on_fast_path(g.held, 3, 100, 141), None);
+        assert_eq!(granted_on_fast_path(take_over(g.held), 3, 100, 142), None);
+        let handed = Word::new(7, PREPARED | EXCLUSIVE | HANDOFF, 0, 42);
+        assert_eq!(granted_on_fast_path(handed, u32::MAX, 100, 142), None);
+        assert_eq!(granted_on_fast_path(Word(g.held.0 | (1 << 46)), 3, 100, 142), None);
+        assert_eq!(granted_on_fast_path(g.held, 3, u64::MAX, 142), None);
     }
 
     #[test]

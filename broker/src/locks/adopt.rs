@@ -53,6 +53,10 @@ impl LockManager {
                 e.0.store(0, Ordering::Relaxed);
             }
         }
+        // Each slot's (base, word) as the old broker left them, before a
+        // managed word is rebased: what an `on_fast_path` record is checked
+        // against.
+        let mut left = vec![(0u64, Word(0)); g.slot_count as usize];
         // Slots: the ledger's keys, written back over whatever the table says.
         for s in (0..g.slot_count).rev() {
             let slot = table.slot(s).expect("s < slot_count");
@@ -68,6 +72,7 @@ impl LockManager {
                 m.dir.free.push(s);
                 continue;
             };
+            left[s as usize] = (base, word);
             let hash = key_hash(&key);
             slot.store_key(&key, hash, 0);
             // A managed word (clients never write one) is rebased with a zero
@@ -128,7 +133,12 @@ impl LockManager {
             };
             let holds: Vec<(usize, Hold)> = m.ledger.holds(c).collect();
             for (_, hold) in holds {
-                m.adopt_hold(table, c, hold);
+                if hold.on_fast_path {
+                    let left = left.get(hold.slot as usize).copied();
+                    m.adopt_fast_record(table, c, hold, left.unwrap_or((0, Word(0))));
+                } else {
+                    m.adopt_hold(table, c, hold);
+                }
             }
             if !alive(entry.pid, entry.start_time) {
                 dead.push(c);
@@ -151,6 +161,46 @@ impl LockManager {
             m.client_gone(table, c, waker);
         }
         m
+    }
+
+    /// An `on_fast_path` record (a fast-path hold the old broker granted or
+    /// was taking over: see `Hold::on_fast_path`), at adoption, against
+    /// `left`, the slot's (base, word) as the old broker left them:
+    /// - the word names it and is still prepared: the slot stays as the old
+    ///   broker had it, prepared with the record (its holder may still
+    ///   release by CAS; whoever reads the record next settles it);
+    /// - the word names it and is managed (a take-over froze it and the
+    ///   broker died before confirming): an ordinary hold from now on;
+    /// - the word does not name it (the holder released by CAS, or the
+    ///   broker died before the word said the grant): erased. A grant never
+    ///   answered is then asked for again by its client, and granted afresh.
+    fn adopt_fast_record(&mut self, table: &TableView, c: u32, hold: Hold, left: (u64, Word)) {
+        let (base, word) = left;
+        let names = hold.slot < table.geometry().slot_count
+            && !hold.shared
+            && self.dir.slots[hold.slot as usize].key.is_some()
+            && word.0 & lockword::RESERVED_MASK == 0
+            && word.exclusive_owner() == Some(c)
+            && base.checked_add(word.counter() as u64) == Some(hold.token);
+        if !names {
+            self.ledger.remove_hold(c, hold.slot, Some(hold.token));
+            return;
+        }
+        let st = &mut self.dir.slots[hold.slot as usize];
+        if word.is_prepared() && st.fast_grant.is_none() {
+            st.fast_grant = Some((c, hold.token));
+            st.issued = st.issued.max(hold.token);
+            return;
+        }
+        self.ledger.confirm_hold(c, hold.slot, hold.token);
+        self.adopt_hold(
+            table,
+            c,
+            Hold {
+                on_fast_path: false,
+                ..hold
+            },
+        );
     }
 
     /// One hold from the ledger, at adoption. A hold that contradicts the

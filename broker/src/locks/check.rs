@@ -41,7 +41,7 @@ impl LockManager {
             for w in &st.queue {
                 (w.client, w.conn, w.cell, w.shared, w.request).hash(h);
             }
-            (st.issued, st.base, st.last_counter).hash(h);
+            (st.issued, st.base, st.last_counter, st.fast_grant).hash(h);
         }
         for c in &self.registry.clients {
             (c.active, c.pid, c.uid).hash(h);
@@ -59,7 +59,8 @@ impl LockManager {
     ///   whenever the holder allows it);
     /// - every queued waiter is in the connection map, and nothing else is;
     /// - the ledger records exactly the holds the manager knows of managed
-    ///   slots (so a restart rebuilds the same holders);
+    ///   slots (so a restart rebuilds the same holders), and flags
+    ///   `on_fast_path` exactly the records of prepared slots' `fast_grant`;
     /// - no client that is not active holds or waits for anything.
     #[cfg(any(test, feature = "model"))]
     pub fn check(&self) -> Result<(), String> {
@@ -96,10 +97,20 @@ impl LockManager {
             let mut recorded: Vec<(u32, u64)> = self
                 .ledger
                 .holds(c)
+                .filter(|(_, h)| !h.on_fast_path)
+                .map(|(_, h)| (h.slot, h.token))
+                .collect();
+            let mut fast_recorded: Vec<(u32, u64)> = self
+                .ledger
+                .holds(c)
+                .filter(|(_, h)| h.on_fast_path)
                 .map(|(_, h)| (h.slot, h.token))
                 .collect();
             if !cs.active {
-                if !recorded.is_empty() || self.ledger.client(c).is_some() {
+                if !recorded.is_empty()
+                    || !fast_recorded.is_empty()
+                    || self.ledger.client(c).is_some()
+                {
                     return Err(format!("inactive client {c} still in the ledger"));
                 }
                 continue;
@@ -117,6 +128,24 @@ impl LockManager {
                     ),
                     _ => {}
                 }
+            }
+            let mut fast_granted: Vec<(u32, u64)> = Vec::new();
+            for (s, st) in self.dir.slots.iter().enumerate() {
+                if let Some((client, token)) = st.fast_grant {
+                    if st.managed {
+                        return Err(format!("slot {s}: managed with a fast-path record"));
+                    }
+                    if client == c {
+                        fast_granted.push((s as u32, token));
+                    }
+                }
+            }
+            fast_recorded.sort();
+            fast_granted.sort();
+            if fast_recorded != fast_granted {
+                return Err(format!(
+                    "client {c}: ledger fast-path records {fast_recorded:?}, manager {fast_granted:?}"
+                ));
             }
             recorded.sort();
             held.sort();

@@ -59,6 +59,12 @@ pub(super) struct SlotState {
     /// table's `token_base` is a copy for clients; this one (and the
     /// ledger's) is the truth.
     pub(super) base: u64,
+    /// The ledger record `(client, token)` flagged `on_fast_path` for this
+    /// slot, if any: a fast-path hold the broker granted
+    /// ([`super::LockManager::grant_fast`]) or is taking over. It is true
+    /// only while the word names it; `LockManager::settle_fast_grant`
+    /// erases it once the holder released by CAS.
+    pub(super) fast_grant: Option<(u32, u64)>,
     /// Position in the key index, if indexed.
     pub(super) index_pos: Option<u32>,
     /// The (contention kept, last use) under which the slot sits in the
@@ -83,6 +89,7 @@ impl SlotState {
             uses: 0,
             issued: 0,
             base: 0,
+            fast_grant: None,
             index_pos: None,
             ordered_as: None,
         }
@@ -422,6 +429,10 @@ impl Directory {
             .is_err()
         {
             return false; // a client took it meanwhile: keep the slot
+        }
+        if let Some((client, token)) = self.slots[s as usize].fast_grant {
+            // The word was free: its holder released by CAS long ago.
+            ledger.remove_hold(client, s, Some(token));
         }
         ledger.clear_slot(s);
         self.index_remove(table, s);

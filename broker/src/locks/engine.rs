@@ -18,6 +18,11 @@ use shm_layout::table::{BROKER_HOLDS, CELL_GRANTED, GRANT_OWNER_DIED, HOLD_SHARE
 use shm_layout::validate_key;
 use shm_layout::wire::{ErrorCode, Response};
 
+/// How many times a take-over retries its CAS on a word that clients keep
+/// changing (releases, grants, waiters' bits) before it freezes the word
+/// with one `fetch_and` whatever it says.
+const TAKE_OVER_ATTEMPTS: u32 = 64;
+
 /// Who holds a managed slot. Prepared slots keep their holder in the word.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Holder {
@@ -84,6 +89,9 @@ impl LockManager {
                 format!("request id {FAST_REQUEST} is reserved: number requests from 1"),
             );
         }
+        // Its fast-path grants it released by CAS leave the records first:
+        // they must not answer a re-sent request nor count in the quota.
+        self.settle_fast_grants_of(table, client);
         if self.waiting.contains_key(&conn) {
             return error(
                 ErrorCode::BadRequest,
@@ -166,7 +174,11 @@ impl LockManager {
                 &stats.misses
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            return match self.grant(table, s, client, shared, request) {
+            let granted = match self.grant_fast(table, s, client, shared, request) {
+                Some(fast) => fast,
+                None => self.grant(table, s, client, shared, request),
+            };
+            return match granted {
                 Ok((token, owner_died)) => Response::Granted {
                     slot: s,
                     token,
@@ -306,6 +318,7 @@ impl LockManager {
                     .is_ok()
             {
                 wake_contended(tslot, w, waker);
+                self.settle_fast_grant(table, slot);
                 Response::Released
             } else {
                 not_holder(slot)
@@ -400,39 +413,78 @@ impl LockManager {
     /// restarted broker knows it too. A managed slot is left as it is.
     /// Refused when the holder's ledger entry is full (it holds
     /// [`crate::ledger::LEDGER_HOLDS`] locks): the slot then stays prepared.
+    ///
+    /// Write order: the holder the word shows is recorded (flagged
+    /// `on_fast_path`: true only while the word names it) *before* the CAS
+    /// that freezes the word, and confirmed after it. A broker killed in
+    /// between leaves a record that adoption checks against the word, so no
+    /// instant exists in which a fast-path holder is in neither the ledger
+    /// nor a prepared word (before this order, a SIGKILL between the freeze
+    /// and the record forgot the holder: two holders after the restart).
     fn take_over(&mut self, table: &TableView, s: u32) -> Result<(), Response> {
         if self.dir.slots[s as usize].managed {
             return Ok(());
         }
         let slot = table.slot(s).expect("s < slot_count");
-        let peek = Word(slot.word.load(Ordering::Acquire));
-        if let Some(owner) = peek.exclusive_owner()
-            && self.registry.is_active(owner)
-            && !self.ledger.has_room(owner)
-        {
-            return Err(error(
-                ErrorCode::TooManyHolds,
-                format!(
-                    "the holder of this key holds {} locks, the most the broker can record: \
-                     try again later",
-                    crate::ledger::LEDGER_HOLDS
-                ),
-            ));
+        let base = self.dir.slots[s as usize].base;
+        let mut w = Word(slot.word.load(Ordering::Acquire));
+        let mut frozen = false;
+        for _ in 0..TAKE_OVER_ATTEMPTS {
+            let shows = w
+                .exclusive_owner()
+                .filter(|&o| w.0 & RESERVED_MASK == 0 && self.registry.is_active(o))
+                .map(|o| (o, base.saturating_add(w.counter() as u64)));
+            self.record_fast_hold(s, shows)?;
+            // SYNC POINT: AcqRel: Acquire pairs with the Release of a
+            // fast-path release or grant (so we see the holder's final
+            // state); after this, clients' CASes (which require PREPARED)
+            // fail. The contended path's bits go with PREPARED (see
+            // lockword::take_over): its sleepers time out within their
+            // bound, find the word managed, and ask us. Failure Acquire: the
+            // word is read again for the next attempt.
+            match slot.word.compare_exchange(
+                w.0,
+                lockword::take_over(w).0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    frozen = true;
+                    break;
+                }
+                Err(now) => w = Word(now),
+            }
         }
-        // SYNC POINT: AcqRel on fetch_and: Acquire pairs with the Release of a
-        // fast-path release (so we see the holder's final state); after this,
-        // clients' CASes (which require PREPARED) fail.
-        // The contended path's bits go with PREPARED (see lockword::take_over):
-        // its sleepers time out within their bound, find the word managed,
-        // and ask us.
-        let w = Word(
-            slot.word
-                .fetch_and(lockword::take_over(Word(u64::MAX)).0, Ordering::AcqRel),
-        );
+        if !frozen {
+            // Only a scribbler racing with us changes a word this often:
+            // freeze whatever it is now (that key is broken anyway).
+            w = Word(
+                slot.word
+                    .fetch_and(lockword::take_over(Word(u64::MAX)).0, Ordering::AcqRel),
+            );
+        }
         let st = &mut self.dir.slots[s as usize];
         st.managed = true;
         st.holder = Holder::Free;
-        if w.is_handoff() {
+        let token = st.base.saturating_add(w.counter() as u64);
+        let recorded = st.fast_grant.take();
+        if let Some((client, t)) = recorded {
+            if w.exclusive_owner() == Some(client) && t == token {
+                // The record names the frozen word's holder: an ordinary
+                // hold from now on.
+                self.ledger.confirm_hold(client, s, t);
+                st.holder = Holder::Exclusive {
+                    client,
+                    token,
+                    via_broker: false,
+                };
+            } else {
+                self.ledger.remove_hold(client, s, Some(t));
+            }
+        }
+        if st.holder != Holder::Free {
+            // Recorded and confirmed above.
+        } else if w.is_handoff() {
             // Handed off, not yet claimed: free for us (its counted token is
             // skipped); the claimer's CAS now fails and it asks us.
         } else if w.0 & RESERVED_MASK != 0
@@ -442,9 +494,11 @@ impl LockManager {
             table.header().stats.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot = s, word = ?w, "lock word in a shape forelock never writes: repaired to free (someone scribbled on the table)");
         } else if let Some(owner) = w.exclusive_owner() {
-            let token = st.base.saturating_add(w.counter() as u64);
-            let owner_alive = self.registry.is_active(owner);
-            let recorded = owner_alive
+            // Not recorded before the freeze: the owner is not registered
+            // (gone, or the word was scribbled), or a scribbler raced with
+            // every attempt. Recorded now if it is a live client with room,
+            // else released as owner-died.
+            let recorded = self.registry.is_active(owner)
                 && self.ledger.add_hold(
                     owner,
                     Hold {
@@ -453,6 +507,7 @@ impl LockManager {
                         token,
                         request: FAST_REQUEST,
                         owner_died: false,
+                        on_fast_path: false,
                     },
                 );
             if recorded {
@@ -462,10 +517,6 @@ impl LockManager {
                     via_broker: false,
                 };
             } else {
-                // The word names a client that is not registered (its owner
-                // is gone, or the word was scribbled), or one whose entry
-                // filled between the check above and now (impossible: one
-                // thread). Release it as owner-died.
                 slot.word.fetch_or(OWNER_DIED, Ordering::AcqRel);
                 table
                     .header()
@@ -475,7 +526,7 @@ impl LockManager {
             }
         }
         let st = &mut self.dir.slots[s as usize];
-        st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
+        st.issued = st.issued.max(token);
         if w.counter() != st.last_counter {
             table.header().stats.hits.fetch_add(
                 (w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF) as u64,
@@ -485,6 +536,173 @@ impl LockManager {
         }
         self.mirror(table, s);
         Ok(())
+    }
+
+    /// Make slot `s`'s `on_fast_path` ledger record say `shows` (the
+    /// `(client, token)` its prepared word names, or nobody): the record a
+    /// take-over writes before it freezes the word. A record that already
+    /// says so is kept (with its request id: a re-sent acquire of a fast
+    /// grant is still answered from it). Refused when the holder's ledger
+    /// entry is full.
+    fn record_fast_hold(&mut self, s: u32, shows: Option<(u32, u64)>) -> Result<(), Response> {
+        let st = &mut self.dir.slots[s as usize];
+        if st.fast_grant == shows {
+            return Ok(());
+        }
+        if let Some((client, token)) = st.fast_grant.take() {
+            self.ledger.remove_hold(client, s, Some(token));
+        }
+        let Some((owner, token)) = shows else {
+            return Ok(());
+        };
+        let hold = Hold {
+            slot: s,
+            shared: false,
+            token,
+            request: FAST_REQUEST,
+            owner_died: false,
+            on_fast_path: true,
+        };
+        if !self.ledger.add_hold(owner, hold) {
+            return Err(error(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "the holder of this key holds {} locks, the most the broker can record: \
+                     try again later",
+                    crate::ledger::LEDGER_HOLDS
+                ),
+            ));
+        }
+        st.fast_grant = Some((owner, token));
+        Ok(())
+    }
+
+    /// Slot `s`'s `on_fast_path` record, checked against the word: erased
+    /// (with the slot's `fast_grant`) once the word no longer names it, i.e.
+    /// its holder released by CAS. A managed slot has no such record.
+    pub(super) fn settle_fast_grant(&mut self, table: &TableView, s: u32) {
+        let st = &mut self.dir.slots[s as usize];
+        let Some((client, token)) = st.fast_grant else {
+            return;
+        };
+        let w = word_of(table, s);
+        if lockword::granted_on_fast_path(w, client, st.base, token).is_none() {
+            self.ledger.remove_hold(client, s, Some(token));
+            st.fast_grant = None;
+        }
+    }
+
+    /// Settle every `on_fast_path` record of `client` (before its records
+    /// are read: the quota, a re-sent request).
+    fn settle_fast_grants_of(&mut self, table: &TableView, client: u32) {
+        let slots: Vec<u32> = self
+            .ledger
+            .holds(client)
+            .filter(|(_, h)| h.on_fast_path)
+            .map(|(_, h)| h.slot)
+            .collect();
+        for s in slots {
+            if (s as usize) < self.dir.slots.len() {
+                self.settle_fast_grant(table, s);
+            }
+        }
+    }
+
+    /// Refuse a grant to `client` when it holds [`BROKER_HOLDS`] locks from
+    /// the broker already, or its ledger entry is full.
+    fn check_quota(&self, client: u32) -> Result<(), Response> {
+        let broker_holds = self
+            .ledger
+            .holds(client)
+            .filter(|(_, h)| h.request != FAST_REQUEST)
+            .count();
+        if broker_holds >= BROKER_HOLDS || !self.ledger.has_room(client) {
+            return Err(error(
+                ErrorCode::TooManyHolds,
+                format!(
+                    "this client already holds {BROKER_HOLDS} locks granted by the broker: release some first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One round trip for an unprepared key (issue 12): grant managed, free,
+    /// exclusive slot `s` to `client` as a fast-path hold
+    /// ([`lockword::prepare_held_for`]), so that its release is one CAS in
+    /// the client and no message. `None` when the slot does not qualify (a
+    /// shared request, a global key, no fast path at all, a word that is not
+    /// managed-free, a counter that must be rebased): the caller grants the
+    /// managed way.
+    ///
+    /// Write order: the ledger record (flagged `on_fast_path`, with the
+    /// request id) before the word, the word before the answer. A broker
+    /// killed before the word store leaves a record the word does not name
+    /// (adoption drops it; the client re-sends and is granted afresh); after
+    /// it, a record the word names (adoption takes the hold over, and the
+    /// re-sent request is answered from it). The holder's CAS release needs
+    /// no broker at all, alive or restarted: the word is then free, and
+    /// whoever reads the record next erases it ([`Self::settle_fast_grant`]).
+    fn grant_fast(
+        &mut self,
+        table: &TableView,
+        s: u32,
+        client: u32,
+        shared: bool,
+        request: u64,
+    ) -> Option<Result<(u64, bool), Response>> {
+        let st = &self.dir.slots[s as usize];
+        let key = st.key.as_deref()?;
+        if shared
+            || self.policy == Policy::None
+            || !st.managed
+            || st.holder != Holder::Free
+            || !st.queue.is_empty()
+            || self.nodes.as_ref().is_some_and(|n| n.is_global(key))
+        {
+            return None;
+        }
+        let slot = table.slot(s).expect("s < slot_count");
+        let w = Word(slot.word.load(Ordering::Acquire));
+        let grant = lockword::prepare_held_for(w, client).ok()?;
+        let token = st.base.saturating_add(grant.held.counter() as u64);
+        if token <= st.issued {
+            // The client-writable counter is behind what we issued: the
+            // managed grant rebases.
+            return None;
+        }
+        if let Err(refusal) = self.check_quota(client) {
+            return Some(Err(refusal));
+        }
+        self.ledger.add_hold(
+            client,
+            Hold {
+                slot: s,
+                shared: false,
+                token,
+                request,
+                owner_died: grant.owner_died,
+                on_fast_path: true,
+            },
+        );
+        let now_ms = self.now_ms;
+        let st = &mut self.dir.slots[s as usize];
+        st.fast_grant = Some((client, token));
+        st.issued = token;
+        st.last_counter = grant.held.counter();
+        st.last_use_ms = now_ms;
+        st.uses = st.uses.saturating_add(1);
+        st.speculative = false;
+        st.managed = false;
+        // The table's base is a copy for clients: rewrite it from ours.
+        slot.token_base.store(st.base, Ordering::Relaxed);
+        slot.held_since_ms.store(now_ms, Ordering::Relaxed);
+        slot.waiters.store(0, Ordering::Relaxed);
+        // SYNC POINT: Release pairs with the holder's Acquire load of the
+        // word after our answer (lockword::granted_on_fast_path) and with
+        // fast acquirers' CAS: both then see the token base stored above.
+        slot.word.store(grant.held.0, Ordering::Release);
+        Some(Ok((token, grant.owner_died)))
     }
 
     /// Grant managed slot `s` to `client` for its request `request`: bump the
@@ -499,19 +717,7 @@ impl LockManager {
         shared: bool,
         request: u64,
     ) -> Result<(u64, bool), Response> {
-        let broker_holds = self
-            .ledger
-            .holds(client)
-            .filter(|(_, h)| h.request != FAST_REQUEST)
-            .count();
-        if broker_holds >= BROKER_HOLDS || !self.ledger.has_room(client) {
-            return Err(error(
-                ErrorCode::TooManyHolds,
-                format!(
-                    "this client already holds {BROKER_HOLDS} locks granted by the broker: release some first"
-                ),
-            ));
-        }
+        self.check_quota(client)?;
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
         let owner_died = w.owner_died();
@@ -555,6 +761,7 @@ impl LockManager {
                 token,
                 request,
                 owner_died,
+                on_fast_path: false,
             },
         );
         st.holder = match std::mem::replace(&mut st.holder, Holder::Free) {

@@ -39,7 +39,8 @@ use crate::ledger::Ledger;
 use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events};
 use shm_layout::key_hash;
 use shm_layout::lockword::{
-    Queue, Unparker, claim_transition, park_transition, release_contended, try_acquire_exclusive,
+    Queue, Unparker, claim_transition, granted_on_fast_path, park_transition, release_contended,
+    try_acquire_exclusive,
     try_release_exclusive,
 };
 use shm_layout::table::{Geometry, Header, IndexEntry, init_header};
@@ -714,7 +715,17 @@ fn answered(
     r: Response,
 ) -> Result<(), String> {
     match r {
-        Response::Granted { slot, token, .. } => granted(s, who, k, slot, token, None, shared),
+        Response::Granted { slot, token, .. } => {
+            // As the client library does: a grant whose word names us with
+            // this token is a fast-path hold, released by CAS.
+            let table = view(&s.table_buf);
+            let fast = table.slot(slot).and_then(|sl| {
+                let base = sl.token_base.load(Ordering::Relaxed);
+                granted_on_fast_path(sl.word_acquire(), s.clients[who.0].record, base, token)
+            });
+            let fast = fast.filter(|_| !shared).map(|w| w.0);
+            granted(s, who, k, slot, token, fast, shared)
+        }
         Response::Queued { .. } => {
             s.clients[who.0].lanes[who.1] = Have::Queued {
                 key: k,

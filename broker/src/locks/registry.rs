@@ -233,6 +233,11 @@ impl LockManager {
                         break;
                     }
                 }
+                // Its ledger records go below, with all the others.
+                let st = &mut self.dir.slots[s as usize];
+                if st.fast_grant.is_some_and(|(c, _)| c == client) {
+                    st.fast_grant = None;
+                }
             }
             if touched {
                 self.mirror(table, s);

@@ -2,7 +2,7 @@
 //! without processes or io_uring (those are in tests/).
 
 use super::*;
-use shm_layout::lockword::{Decline, try_acquire_exclusive, try_release_exclusive};
+use shm_layout::lockword::{self, Decline, try_acquire_exclusive, try_release_exclusive};
 
 use super::model::{Buf, CountingWaker, new_events, new_table};
 
@@ -118,6 +118,19 @@ impl Fixture {
         )
     }
 
+    /// Release `r` (a grant to `client`) the way the client library does
+    /// when the broker's grant is a fast-path hold: one CAS, no message.
+    /// `false` when it is not one (or no longer: taken over).
+    fn cas_release(&self, client: u32, r: &Response) -> bool {
+        let Response::Granted { slot, token, .. } = r else {
+            panic!("not a grant: {r:?}")
+        };
+        let sl = self.table.slot(*slot).unwrap();
+        let base = sl.token_base.load(Ordering::Relaxed);
+        lockword::granted_on_fast_path(sl.word_acquire(), client, base, *token)
+            .is_some_and(|held| try_release_exclusive(&sl.word, held))
+    }
+
     /// The broker dies and a new one adopts the table and the ledger;
     /// `alive` says which client processes still run.
     fn restart(&mut self, alive: impl FnMut(u32, u64) -> bool) {
@@ -139,19 +152,180 @@ fn token(r: &Response) -> u64 {
     }
 }
 
+/// One round trip for an unprepared key (issue 12): the broker's grant is
+/// a fast-path hold, and its release is the holder's CAS, with no message.
 #[test]
-fn a_slow_path_grant_then_release_leaves_the_key_prepared_for_the_fast_path() {
+fn an_unprepared_key_is_granted_as_a_fast_path_hold_released_by_one_cas() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
-    let a = f.client(100);
+    let (a, b) = (f.client(100), f.client(101));
     let g = f.acquire(a, 1, "k", false);
-    assert!(f.word("k").exclusive_owner() == Some(a) && !f.word("k").is_prepared());
-    assert_eq!(f.release(a, &g), Response::Released);
+    let w = f.word("k");
+    assert!(w.exclusive_owner() == Some(a) && w.is_prepared(), "{w:?}");
+    assert!(f.cas_release(a, &g), "released without the broker");
     let w = f.word("k");
     assert!(w.is_prepared() && w.is_free(), "{w:?}");
+    // The next acquirer takes it on the fast path, above the broker's token.
     let (_, w) = f.table.lookup(b"k", key_hash(b"k")).unwrap();
     let slot = f.table.slot(0).unwrap();
-    let fast = try_acquire_exclusive(&slot.word, w.generation(), a).unwrap();
+    let fast = try_acquire_exclusive(&slot.word, w.generation(), b).unwrap();
     assert!(slot.token_base.load(Ordering::Relaxed) + fast.held.counter() as u64 > token(&g));
+    // The grant's ledger record went when a's next request settled it.
+    f.m.check().unwrap();
+    let _ = f.acquire(a, 1, "other", false);
+    assert_eq!(f.m.ledger.holds(a).filter(|(_, h)| h.slot == 0).count(), 0);
+    f.m.check().unwrap();
+}
+
+/// Shared requests, and every grant with policy `none`, stay managed: their
+/// release goes through the broker.
+#[test]
+fn shared_grants_and_policy_none_grants_are_not_released_by_cas() {
+    let mut f = fixture(8, 4, Policy::None);
+    let a = f.client(100);
+    let g = f.acquire(a, 1, "k", false);
+    assert!(!f.word("k").is_prepared());
+    assert!(!f.cas_release(a, &g));
+    assert_eq!(f.release(a, &g), Response::Released);
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(100);
+    let g = f.acquire(a, 1, "k", true);
+    assert!(!f.word("k").is_prepared());
+    assert_eq!(f.release(a, &g), Response::Released);
+}
+
+/// The case that sank the first unacknowledged release: a broker killed
+/// after the holder let go, and before it heard of it, left the key held
+/// for good. Here the release is the word itself, and a restarted broker
+/// reads it.
+#[test]
+fn a_cas_release_the_killed_broker_never_saw_leaves_the_key_free_after_the_restart() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    assert!(f.cas_release(a, &g));
+    f.restart(|_, _| true);
+    f.m.check().unwrap();
+    let gb = f.acquire(b, 2, "k", false);
+    assert!(token(&gb) > token(&g), "{gb:?}");
+    assert_eq!(f.m.ledger.holds(a).count(), 0, "the record was dropped");
+}
+
+/// A broker killed while the fast grant is held: the new broker keeps the
+/// hold (prepared, with its record); a waiter takes the slot over, the
+/// holder's CAS then fails and its release through the broker hands off.
+#[test]
+fn a_fast_grant_held_across_a_broker_restart_stays_held_until_its_holder_releases() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(1), f.client(2));
+    let g = f.acquire(a, 1, "k", false);
+    f.restart(|_, _| true);
+    f.m.check().unwrap();
+    assert!(f.queued(b, 2, "k", false), "a still holds k");
+    assert!(!f.cas_release(a, &g), "taken over: the CAS fails");
+    assert_eq!(f.release(a, &g), Response::Released);
+    let (state, tb, _) = f.cell(b, 2);
+    assert_eq!(state, CELL_GRANTED);
+    assert!(tb > token(&g));
+    f.m.check().unwrap();
+}
+
+/// The answer to a fast grant was lost (connection broke, or the broker
+/// died after the word said it): the re-sent request is answered from the
+/// ledger record, not queued behind the client's own hold.
+#[test]
+fn a_resent_acquire_of_a_fast_grant_is_answered_again_not_queued_behind_itself() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let g = f.acquire_as(a, 1, "k", 7);
+    assert!(f.word("k").is_prepared());
+    assert_eq!(f.acquire_as(a, 2, "k", 7), g);
+    f.restart(|_, _| true);
+    f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
+    assert_eq!(f.acquire_as(a, 3, "k", 7), g);
+    assert!(f.cas_release(a, &g));
+    f.m.check().unwrap();
+}
+
+/// A broker killed between a fast grant's ledger record and its word
+/// store: the record the word does not name is dropped at the restart, and
+/// the client's re-sent request is granted afresh.
+#[test]
+fn a_fast_grant_recorded_but_never_written_is_dropped_at_the_restart() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    let g = f.acquire_as(a, 1, "k", 3);
+    assert!(f.cas_release(a, &g));
+    let _ = f.acquire_as(a, 1, "other", 4); // settles k's record
+    // Request 5's record, as grant_fast writes it before the word.
+    let base = f.table.slot(0).unwrap().token_base.load(Ordering::Relaxed);
+    let next = base + f.word("k").counter() as u64 + 1;
+    f.m.ledger.add_hold(
+        a,
+        crate::ledger::Hold {
+            slot: 0,
+            shared: false,
+            token: next,
+            request: 5,
+            owner_died: false,
+            on_fast_path: true,
+        },
+    );
+    f.restart(|_, _| true);
+    f.m.check().unwrap();
+    f.m.hello(&f.table, 1, 0, 7, Some(a), 1).unwrap();
+    let again = f.acquire_as(a, 2, "k", 5);
+    assert!(token(&again) >= next, "{again:?}");
+    assert!(f.cas_release(a, &again));
+}
+
+/// A take-over records the fast-path holder before it freezes the word; a
+/// broker killed at either point leaves a record the restart checks
+/// against the word: the holder is kept (it never lost its lock), and a
+/// holder that released meanwhile is not.
+#[test]
+fn a_broker_killed_inside_a_take_over_forgets_no_fast_path_holder() {
+    for frozen in [false, true] {
+        let mut f = fixture(8, 4, Policy::KeepAlive);
+        let (a, b) = (f.client(1), f.client(2));
+        let (s, held, t) = f.hold_on_fast_path(a, "k");
+        f.m.ledger.add_hold(
+            a,
+            crate::ledger::Hold {
+                slot: s,
+                shared: false,
+                token: t,
+                request: crate::ledger::FAST_REQUEST,
+                owner_died: false,
+                on_fast_path: true,
+            },
+        );
+        if frozen {
+            let word = &f.table.slot(s).unwrap().word;
+            word.store(lockword::take_over(held).0, Ordering::Release);
+        }
+        f.restart(|_, _| true);
+        f.m.check().unwrap();
+        assert!(f.queued(b, 2, "k", false), "frozen {frozen}: a still holds k");
+        assert_eq!(
+            f.m.release(&f.table, a, s, t, &mut f.w),
+            Response::Released
+        );
+        assert_eq!(f.cell(b, 2).0, CELL_GRANTED, "frozen {frozen}");
+    }
+}
+
+/// Fast grants released by CAS leave records behind until something reads
+/// them; they must not count against the quota of broker-granted locks.
+#[test]
+fn fast_grants_released_by_cas_do_not_use_up_the_quota() {
+    let mut f = fixture(256, 4, Policy::KeepAlive);
+    let a = f.client(1);
+    for i in 0..(shm_layout::table::BROKER_HOLDS + 8) {
+        let g = f.acquire(a, 1, &format!("k{i}"), false);
+        assert!(matches!(g, Response::Granted { .. }), "key {i}: {g:?}");
+        assert!(f.cas_release(a, &g), "key {i}");
+    }
+    f.m.check().unwrap();
 }
 
 #[test]
