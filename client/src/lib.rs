@@ -1121,8 +1121,12 @@ impl LockGuard<'_> {
 
     #[inline]
     fn release_inner(&self) -> Result<(), Error> {
-        self.inner
-            .release_grant(self.slot, self.token, self.owner_died, self.how.release_word())
+        self.inner.release_grant(
+            self.slot,
+            self.token,
+            self.owner_died,
+            self.how.release_word(),
+        )
     }
 }
 
@@ -1130,8 +1134,12 @@ impl Drop for LockGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         if !self.released {
-            self.inner
-                .release_on_drop(self.slot, self.token, self.owner_died, self.how.release_word());
+            self.inner.release_on_drop(
+                self.slot,
+                self.token,
+                self.owner_died,
+                self.how.release_word(),
+            );
         }
     }
 }
@@ -1230,18 +1238,24 @@ impl OwnedLockGuard {
     /// Release now, reporting errors (`Drop` releases too, silently).
     pub fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        self.client
-            .inner
-            .release_grant(self.slot, self.token, self.owner_died, self.how.release_word())
+        self.client.inner.release_grant(
+            self.slot,
+            self.token,
+            self.owner_died,
+            self.how.release_word(),
+        )
     }
 }
 
 impl Drop for OwnedLockGuard {
     fn drop(&mut self) {
         if !self.released {
-            self.client
-                .inner
-                .release_on_drop(self.slot, self.token, self.owner_died, self.how.release_word());
+            self.client.inner.release_on_drop(
+                self.slot,
+                self.token,
+                self.owner_died,
+                self.how.release_word(),
+            );
         }
     }
 }

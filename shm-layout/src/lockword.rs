@@ -962,7 +962,10 @@ mod tests {
         assert_eq!(granted_on_fast_path(take_over(g.held), 3, 100, 142), None);
         let handed = Word::new(7, PREPARED | EXCLUSIVE | HANDOFF, 0, 42);
         assert_eq!(granted_on_fast_path(handed, u32::MAX, 100, 142), None);
-        assert_eq!(granted_on_fast_path(Word(g.held.0 | (1 << 46)), 3, 100, 142), None);
+        assert_eq!(
+            granted_on_fast_path(Word(g.held.0 | (1 << 46)), 3, 100, 142),
+            None
+        );
         assert_eq!(granted_on_fast_path(g.held, 3, u64::MAX, 142), None);
     }
 

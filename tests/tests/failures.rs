@@ -66,6 +66,43 @@ fn a_lock_held_across_a_broker_sigkill_stays_held_and_tokens_keep_rising() {
     assert!(t2 > t1);
 }
 
+/// One round trip for an unprepared key (issue 12): the broker grants a
+/// fresh key as a fast-path hold, and the holder's release is one CAS in
+/// the table. The case that sank the first unacknowledged release: the
+/// broker is killed while the key is held, the holder releases while no
+/// broker runs, and the restarted broker must find the key free, not held
+/// for good.
+#[test]
+fn an_unprepared_key_released_while_the_broker_is_dead_is_free_after_its_restart() {
+    let dir = TempDir::new("fast-grant-kill");
+    let mut b = Broker::start(dir.path(), KEEP_ALIVE);
+    let mut holder = Worker::spawn(dir.path(), &["hold", "fresh"]);
+    let (t1, _, fast) = parse_held(&holder.next_line("HELD"));
+    assert!(!fast, "granted by the broker, not by the holder's own CAS");
+    let word = with_table(dir.path(), |t| {
+        t.lookup(b"fresh", shm_layout::key_hash(b"fresh"))
+            .unwrap()
+            .1
+    });
+    assert!(
+        word.is_prepared() && word.exclusive_owner().is_some(),
+        "the broker's grant is a fast-path hold: {word:?}"
+    );
+    b.kill9();
+    holder.release();
+    assert_eq!(
+        holder.next_line("RELEASED"),
+        "RELEASED",
+        "the release needs no broker"
+    );
+    holder.wait();
+    b.restart_stopped();
+    let mut next = Worker::spawn(dir.path(), &["hold", "fresh", "--try", "--hold-ms", "0"]);
+    let (t2, died, _) = parse_held(&next.next_line("HELD"));
+    assert!(!died, "the holder released; it did not die holding");
+    assert!(t2 > t1);
+}
+
 #[test]
 fn counting_goes_on_correctly_through_a_broker_sigkill_and_restart() {
     let dir = TempDir::new("restart-load");

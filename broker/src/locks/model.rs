@@ -40,8 +40,7 @@ use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events
 use shm_layout::key_hash;
 use shm_layout::lockword::{
     Queue, Unparker, claim_transition, granted_on_fast_path, park_transition, release_contended,
-    try_acquire_exclusive,
-    try_release_exclusive,
+    try_acquire_exclusive, try_release_exclusive,
 };
 use shm_layout::table::{Geometry, Header, IndexEntry, init_header};
 use shm_layout::wire::Response;

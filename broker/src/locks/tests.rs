@@ -305,11 +305,11 @@ fn a_broker_killed_inside_a_take_over_forgets_no_fast_path_holder() {
         }
         f.restart(|_, _| true);
         f.m.check().unwrap();
-        assert!(f.queued(b, 2, "k", false), "frozen {frozen}: a still holds k");
-        assert_eq!(
-            f.m.release(&f.table, a, s, t, &mut f.w),
-            Response::Released
+        assert!(
+            f.queued(b, 2, "k", false),
+            "frozen {frozen}: a still holds k"
         );
+        assert_eq!(f.m.release(&f.table, a, s, t, &mut f.w), Response::Released);
         assert_eq!(f.cell(b, 2).0, CELL_GRANTED, "frozen {frozen}");
     }
 }

@@ -3,7 +3,14 @@
 //!   ago is still prepared and the next acquire is one CAS in the client
 //!   (contended keys go through the broker's FIFO queue and futex hand-off);
 //! - `forelock-unprepared`: a broker that never prepares (`policy = "none"`),
-//!   so every acquire is a broker round trip over the Unix socket.
+//!   so every acquire and every release is a broker round trip over the
+//!   Unix socket;
+//! - `forelock-fresh`: the keep-alive broker, with every operation on a key
+//!   it has never seen: the unprepared key as a user meets it, one round
+//!   trip to acquire (the broker places the key, evicting an idle one when
+//!   the table is full) and one CAS to release. Its workers never share a
+//!   key, so it is only run in uncontended workloads' sense: contended rows
+//!   for it measure the same thing.
 //!
 //! Each starts its own `forelockd` (found next to this executable, else on
 //! PATH) on a private runtime directory, and stops it when the bench ends.
@@ -28,9 +35,15 @@ pub const UNPREPARED_ENTRY: SystemEntry = SystemEntry {
     connect,
 };
 
-/// Both forelock entries, for `bench::run_with`.
+pub const FRESH_ENTRY: SystemEntry = SystemEntry {
+    name: super::FORELOCK_FRESH_NAME,
+    start: start_fresh,
+    connect: connect_fresh,
+};
+
+/// The forelock entries, for `bench::run_with`.
 pub fn entries() -> Vec<SystemEntry> {
-    vec![PREPARED_ENTRY, UNPREPARED_ENTRY]
+    vec![PREPARED_ENTRY, UNPREPARED_ENTRY, FRESH_ENTRY]
 }
 
 struct ForelockSystem {
@@ -94,6 +107,13 @@ fn start_unprepared(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> 
     )
 }
 
+fn start_fresh(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
+    start_with(
+        "keep-alive",
+        "forelock-fresh: forelockd with keep-alive preparation, every operation on a key never seen before: one round trip to acquire, one CAS to release",
+    )
+}
+
 impl LockSystem for ForelockSystem {
     fn traits(&self) -> SystemTraits {
         SystemTraits {
@@ -110,16 +130,38 @@ impl LockSystem for ForelockSystem {
 
 struct ForelockSession {
     client: forelock::Client,
+    /// `Some(prefix)`: every operation takes a key never used before,
+    /// `prefix` + a counter (`forelock-fresh`).
+    fresh: Option<(String, u64)>,
 }
 
 fn connect(runtime_dir: &str, _who: &WorkerIdentity) -> anyhow::Result<Box<dyn LockSession>> {
     let client = forelock::Client::connect_to(runtime_dir)?;
-    Ok(Box::new(ForelockSession { client }))
+    Ok(Box::new(ForelockSession {
+        client,
+        fresh: None,
+    }))
+}
+
+fn connect_fresh(runtime_dir: &str, _who: &WorkerIdentity) -> anyhow::Result<Box<dyn LockSession>> {
+    let client = forelock::Client::connect_to(runtime_dir)?;
+    // The pid keeps workers' keys apart (and so uncontended).
+    let prefix = format!("fresh/{}/", std::process::id());
+    Ok(Box::new(ForelockSession {
+        client,
+        fresh: Some((prefix, 0)),
+    }))
 }
 
 impl LockSession for ForelockSession {
     fn with_lock(&mut self, key: LockKey<'_>, critical: &mut dyn FnMut()) -> anyhow::Result<()> {
-        let guard = self.client.lock(key.name)?;
+        let guard = match &mut self.fresh {
+            None => self.client.lock(key.name)?,
+            Some((prefix, n)) => {
+                *n += 1;
+                self.client.lock(format!("{prefix}{n}"))?
+            }
+        };
         critical();
         guard.release()?;
         Ok(())

@@ -59,6 +59,12 @@ pub const FORELOCK_NAME: &str = "forelock";
 /// Unix-socket round trip.
 pub const FORELOCK_UNPREPARED_NAME: &str = "forelock-unprepared";
 
+/// The name of a forelock system whose every operation names a key the
+/// broker has never seen (keep-alive policy): an unprepared key as a user
+/// meets it. The acquire is one broker round trip; the release is one CAS
+/// (issue 12). Checked against the bare Unix-socket round trip.
+pub const FORELOCK_FRESH_NAME: &str = "forelock-fresh";
+
 /// Options of `forelock bench`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct BenchArgs {

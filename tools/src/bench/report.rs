@@ -10,7 +10,7 @@ use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use serde::Serialize;
 
 use super::driver::{Cell, CellStatus, Outcome, RunResult, default_reference};
-use super::{BenchArgs, FORELOCK_NAME, FORELOCK_UNPREPARED_NAME};
+use super::{BenchArgs, FORELOCK_FRESH_NAME, FORELOCK_NAME, FORELOCK_UNPREPARED_NAME};
 
 /// The median over repeats of one cell, and how far the repeats spread.
 #[derive(Clone, Debug, Serialize)]
@@ -204,7 +204,7 @@ struct Target {
     aim: f64,
 }
 
-const TARGETS: [Target; 6] = [
+const TARGETS: [Target; 7] = [
     Target {
         label: "prepared key, uncontended, vs in-process std Mutex",
         workload: "uncontended-2p",
@@ -222,12 +222,20 @@ const TARGETS: [Target; 6] = [
         aim: 1.0 / 50.0,
     },
     Target {
-        label: "unprepared key (broker round trip) vs bare Unix-socket round trip",
+        label: "unprepared key (fresh key: one round trip, CAS release) vs bare Unix-socket round trip",
+        workload: "uncontended-2p",
+        system: FORELOCK_FRESH_NAME,
+        peer: "unix-socket",
+        floor: 2.0,
+        aim: 1.5,
+    },
+    Target {
+        label: "never-prepared broker (policy none: two round trips) vs bare Unix-socket round trip",
         workload: "uncontended-2p",
         system: FORELOCK_UNPREPARED_NAME,
         peer: "unix-socket",
-        floor: 1.5,
-        aim: 1.2,
+        floor: 2.0,
+        aim: 1.5,
     },
     Target {
         label: "contended hand-off vs raw futex hand-off",
@@ -275,9 +283,9 @@ const BATCH_TARGETS: [Target; 3] = [
         aim: 1.0 / 100.0,
     },
     Target {
-        label: "unprepared key, batch, vs bare Unix-socket round trip",
+        label: "unprepared key (fresh key), batch, vs bare Unix-socket round trip",
         workload: "uncontended-2p",
-        system: FORELOCK_UNPREPARED_NAME,
+        system: FORELOCK_FRESH_NAME,
         peer: "unix-socket",
         floor: 2.0,
         aim: 1.5,
@@ -632,7 +640,7 @@ mod tests {
                 batch_cell("forelock", 20.5),
                 batch_cell("std-mutex", 20.0),
                 batch_cell("flock", 3000.0),
-                cell("uncontended-2p", "forelock-unprepared", 90_000),
+                cell("uncontended-2p", "forelock-fresh", 90_000),
                 batch_cell("unix-socket", 10_000.0),
             ],
             total_s: 1.0,
@@ -643,7 +651,7 @@ mod tests {
         assert!(text.contains("batch, vs flock(2): forelock 20.5ns / flock 3.0us = 0.0068x (floor <= 0.02x, aim <= 0.01x): aim met"), "{text}");
         assert!(
             !text.contains("Unix-socket"),
-            "no batch figure for forelock-unprepared: no line: {text}"
+            "no batch figure for forelock-fresh: no line: {text}"
         );
     }
 
