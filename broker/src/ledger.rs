@@ -25,6 +25,12 @@
 //!   word or queue that released it changed: a crash in between leaves a
 //!   hold recorded that its client no longer has, which that client's
 //!   re-sent Release (or its death) clears; never the reverse;
+//! - a hold that lives in a prepared lock word (a fast-path hold the broker
+//!   granted, or one a take-over is about to freeze) is recorded flagged
+//!   `on_fast_path` before the word says it (grant) or is frozen
+//!   (take-over), and believed only while the word names it: its holder
+//!   may release it with a CAS the broker never sees, so a crash leaves a
+//!   record that adoption checks against the word;
 //! - the floor is raised before a slot's counter is reset (re-key), and a
 //!   slot's base is written before the table's copy;
 //! - a client entry is written before its Welcome, and erased after its holds.

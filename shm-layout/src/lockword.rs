@@ -439,7 +439,7 @@ pub const fn released(held: Word) -> Word {
 // | [`prepare`] | `P=0`, free | `P=1`, free, same counter, `D` kept | store: the Release publishes the slot to the next fast acquirer |
 // | [`release_for_dead_owner`] | `P=1`, held by a dead client | `P=1`, free, `D` set | CAS from the exact held word (a racing scribbler makes it fail: retried, bounded) |
 // | [`rekey`] | `P=0`, or `P=1` free | next generation, `P=0`, free, counter 0 | CAS for a prepared word (a client may take it meanwhile: then the slot is kept), store for a managed one |
-// | [`prepare_held_for`] | `P=0`, free | `P=1`, `X`, owner + 1, counter + 1, `D` cleared (reported) | store: the word a client's own fast-path grant writes, so the holder releases with [`try_release_exclusive`] (issue 12: one round trip for an unprepared key) |
+// | [`prepare_held_for`] | `P=0`, free | `P=1`, `X`, owner + 1, counter + 1, `D` cleared (reported) | store: the word a client's own fast-path grant writes, so the holder, recognising it ([`granted_on_fast_path`]), releases with one CAS (issue 12: one round trip for an unprepared key) |
 //
 // The client's two transitions ([`try_acquire_exclusive`], [`try_release_exclusive`])
 // require `P=1`, so after [`take_over`] the word is the broker's alone, and

@@ -17,7 +17,9 @@
 //!    restart at any step rebuilds the same holders.
 //!
 //! Steps: fast acquire (lookup + CAS), slow acquire (exclusive, shared,
-//! try), release (fast CAS or through the broker), queue, hand-off (the
+//! try; an exclusive grant the broker made as a fast-path hold is
+//! recognised as the client library does), release (fast CAS or through
+//! the broker), queue, hand-off (the
 //! answer reaches the waiter), cancel after a timeout, a connection dropped
 //! while queued (what a scribbled wait cell or a broker stall makes the
 //! client do: it re-sends the same request on a new connection), `Bye`,
