@@ -23,6 +23,14 @@ impl ClusterLink for AgentLink {
     fn lease_valid(&self, epoch: u64) -> bool {
         self.0.lease.valid(epoch, shm_layout::monotonic_ns())
     }
+    fn safe_until_ns(&self, epoch: u64) -> u64 {
+        let lease = self.0.lease.get();
+        if lease.epoch == epoch && epoch != 0 {
+            lease.valid_until_ns
+        } else {
+            0
+        }
+    }
     fn min_hold_ms(&self) -> u64 {
         self.0.config.min_hold_ms
     }

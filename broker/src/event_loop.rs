@@ -1195,7 +1195,7 @@ impl EventLoop {
         self.allocation.tick(&mut self.manager, &self.files, now);
         self.metrics.on_tick(&self.files, now);
         if let Some(agent) = self.cluster.clone() {
-            self.manager.check_leases();
+            self.manager.check_leases(&self.files.table);
             if now.saturating_sub(self.last_cluster_status_ms) >= 500 {
                 self.last_cluster_status_ms = now;
                 crate::cluster_glue::write_status(&self.files.dir, &agent, &self.manager);

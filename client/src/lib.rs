@@ -514,8 +514,8 @@ impl Inner {
             return None;
         }
         let hold = fast_acquire(view, key, hash, self.index)?;
-        if hold.wrong_key {
-            // Taken on a slot re-keyed under us: not our key; give it back.
+        if hold.give_back {
+            // Not ours to keep (see FastHold::give_back): give it back.
             let _ = self.release_through_broker(hold.slot, hold.token);
             return None;
         }
@@ -559,7 +559,7 @@ impl Inner {
             .push(self.index, hash, 0, Outcome::Contended, false, self.index);
         let fair_after = Duration::from_nanos(self.fair_after_ns.load(Ordering::Relaxed));
         match contended_acquire(view, key, hash, self.index, fair_after, deadline) {
-            Contended::Held(hold) if hold.wrong_key => {
+            Contended::Held(hold) if hold.give_back => {
                 let _ = self.release_through_broker(hold.slot, hold.token);
                 Ok(ContendedAnswer::Broker(wait))
             }
@@ -1161,7 +1161,7 @@ impl Inner {
                 held,
                 token,
                 owner_died,
-                wrong_key: false,
+                give_back: false,
             };
             if fast_release(self.table.view(), &hold) {
                 return Ok(());

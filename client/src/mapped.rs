@@ -196,9 +196,12 @@ pub(crate) struct FastHold {
     pub(crate) held: Word,
     pub(crate) token: u64,
     pub(crate) owner_died: bool,
-    /// Taken on a slot re-keyed since the lookup (see [`fast_acquire_seen`]):
-    /// not the caller's key, to be released through the broker at once.
-    pub(crate) wrong_key: bool,
+    /// Not the caller's to keep, and to be released through the broker at
+    /// once: taken on a slot re-keyed since the lookup (see
+    /// [`fast_acquire_seen`]), or on a global key past its lease's safe
+    /// time ([`Slot::may_grant_now`]), and the broker took the slot over
+    /// before the CAS could give it back.
+    pub(crate) give_back: bool,
 }
 
 /// The fast path: look `key` up, CAS its prepared word to "held by `owner`".
@@ -223,7 +226,7 @@ pub(crate) fn fast_acquire(
 /// again: the broker re-keys only a free word, so while we hold it the key
 /// cannot change, and a mismatch means the generation wrapped. Then the hold
 /// is given back at once (or, if the broker took the slot over in that
-/// instant, handed to the caller flagged `wrong_key`, to release through the
+/// instant, handed to the caller flagged `give_back`, to release through the
 /// broker).
 #[inline]
 pub(crate) fn fast_acquire_seen(
@@ -248,16 +251,24 @@ pub(crate) fn fast_acquire_seen(
         held: grant.held,
         token,
         owner_died: grant.owner_died,
-        wrong_key: false,
+        give_back: false,
     };
-    if slot.key_equals(key) {
+    keep_or_give_back(slot, key, hold)
+}
+
+/// A grant the client just made itself on `slot`, kept if it may stand: the
+/// slot still holds `key`, and (a global key) the lease's safe time has not
+/// passed. Otherwise given back by CAS (`None`: ask the broker), or, if the
+/// broker took the slot over first, returned flagged `give_back`.
+fn keep_or_give_back(slot: &Slot, key: &[u8], hold: FastHold) -> Option<FastHold> {
+    if slot.key_equals(key) && slot.may_grant_now() {
         return Some(hold);
     }
-    if lockword::release_contended(&slot.word, grant.held, &mut SlotUnparker { slot }) {
+    if lockword::release_contended(&slot.word, hold.held, &mut SlotUnparker { slot }) {
         return None;
     }
     Some(FastHold {
-        wrong_key: true,
+        give_back: true,
         ..hold
     })
 }
@@ -483,19 +494,13 @@ pub(crate) fn contended_acquire(
                 held: grant.held,
                 token,
                 owner_died: grant.owner_died,
-                wrong_key: false,
+                give_back: false,
             };
-            if slot.key_equals(key) {
-                return Contended::Held(hold);
-            }
-            // The generation wrapped while we slept (see fast_acquire_seen).
-            if fast_release(table, &hold) {
-                Contended::Broker
-            } else {
-                Contended::Held(FastHold {
-                    wrong_key: true,
-                    ..hold
-                })
+            // The generation may have wrapped while we slept, or a global
+            // key's lease passed its safe time (see keep_or_give_back).
+            match keep_or_give_back(slot, key, hold) {
+                Some(hold) => Contended::Held(hold),
+                None => Contended::Broker,
             }
         }
         Err(ContendedEnd::Expired) => Contended::TimedOut,

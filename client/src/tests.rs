@@ -230,6 +230,27 @@ fn a_prepared_key_is_granted_by_one_cas_with_token_base_plus_counter() {
     assert!(word.is_prepared());
 }
 
+/// A global key's slot carries its lease's safe time: a grant the client
+/// makes itself past it is given back at once, and the client asks the
+/// broker (issue 11: a stopped broker cannot let its clients go on
+/// granting themselves a global key).
+#[test]
+fn a_grant_past_the_slots_safe_time_is_given_back_not_kept() {
+    let (_dir, table) = table_with(b"global/k", 1);
+    let view = table.view();
+    let hash = key_hash(b"global/k");
+    let slot = view.slot(2).unwrap();
+    slot.grant_until_ns.store(
+        shm_layout::monotonic_ns() + 60_000_000_000,
+        Ordering::Relaxed,
+    );
+    let hold = fast_acquire(view, b"global/k", hash, 0).expect("within the safe time");
+    assert!(fast_release(view, &hold));
+    slot.grant_until_ns.store(1, Ordering::Relaxed);
+    assert_eq!(fast_acquire(view, b"global/k", hash, 0), None);
+    assert!(slot.word_acquire().is_free(), "given back");
+}
+
 #[test]
 fn a_held_key_declines_the_fast_path() {
     let (_dir, table) = table_with(b"k", 1);

@@ -36,7 +36,7 @@ pub const TABLE_MAGIC: [u8; 8] = *b"FRLKTBL1";
 pub const ENDIAN_CHECK: u32 = 0x0102_0304;
 /// Version of this file format (header, slot, index, client record layout and
 /// the key hash function). Bump on any change.
-pub const TABLE_VERSION: u32 = 2;
+pub const TABLE_VERSION: u32 = 3;
 
 pub const HEADER_SIZE: usize = 512;
 pub const SLOT_SIZE: usize = 128;
@@ -143,8 +143,17 @@ pub struct Slot {
     /// [`KEY_FLAG_GLOBAL`] reserved for cross-host keys.
     pub key_flags: AtomicU32,
     pub key_hash: AtomicU64,
-    /// Broker clock (CLOCK_MONOTONIC ms) when the slot was last prepared.
-    pub prepared_at_ms: AtomicU64,
+    /// Until when clients may grant themselves this prepared slot's key:
+    /// 0 for a local key (no limit); for a global key (docs/cluster.md),
+    /// the CLOCK_MONOTONIC ns at which this host's lease stops being safe.
+    /// A client that took the word checks it *after* its CAS
+    /// ([`Slot::may_grant_now`]) and gives a grant made past it back: so a
+    /// broker that is stopped or slow cannot let its clients go on granting
+    /// themselves a global key after its node grant may have ended. Written
+    /// by the broker before it publishes the prepared word (Release), and
+    /// raised as the lease is renewed. Client-writable like every slot
+    /// field: a scribbled value breaks that key only.
+    pub grant_until_ns: AtomicU64,
     /// Latest forecaster score for the key (f32 bits), for observers.
     pub score_bits: AtomicU32,
     /// Waiters queued in the broker, for observers.
@@ -449,6 +458,18 @@ impl TableView {
 }
 
 impl Slot {
+    /// Whether a grant its client just made itself (by CAS) may stand, by
+    /// [`Slot::grant_until_ns`]: always for a local key (one load, no clock
+    /// read); for a global key, while the lease's safe time has not passed.
+    #[inline]
+    pub fn may_grant_now(&self) -> bool {
+        // SYNC POINT: Acquire pairs with the broker's Release store of a
+        // lowered limit (it lowers it before it takes the slot over), and
+        // is ordered after the caller's grant CAS.
+        let until = self.grant_until_ns.load(Ordering::Acquire);
+        until == 0 || crate::monotonic_ns() < until
+    }
+
     #[inline]
     pub fn word_acquire(&self) -> crate::lockword::Word {
         crate::lockword::Word(self.word.load(Ordering::Acquire))

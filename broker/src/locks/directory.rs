@@ -378,7 +378,7 @@ impl Directory {
         ledger.set_slot(s, key, base);
         slot.store_key(key, hash, 0);
         slot.token_base.store(base, Ordering::Relaxed);
-        slot.prepared_at_ms.store(now_ms, Ordering::Relaxed);
+        slot.grant_until_ns.store(0, Ordering::Relaxed);
         slot.waiters.store(0, Ordering::Relaxed);
         let died = self.died_keys.remove(key);
         let mut word = lockword::rekey(old);

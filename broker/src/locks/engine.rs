@@ -421,7 +421,7 @@ impl LockManager {
     /// instant exists in which a fast-path holder is in neither the ledger
     /// nor a prepared word (before this order, a SIGKILL between the freeze
     /// and the record forgot the holder: two holders after the restart).
-    fn take_over(&mut self, table: &TableView, s: u32) -> Result<(), Response> {
+    pub(super) fn take_over(&mut self, table: &TableView, s: u32) -> Result<(), Response> {
         if self.dir.slots[s as usize].managed {
             return Ok(());
         }
@@ -527,6 +527,11 @@ impl LockManager {
         }
         let st = &mut self.dir.slots[s as usize];
         st.issued = st.issued.max(token);
+        if let (Some(n), Some(k)) = (self.nodes.as_mut(), st.key.as_deref())
+            && n.is_global(k)
+        {
+            n.observe(k, token, w.counter() != st.last_counter);
+        }
         if w.counter() != st.last_counter {
             table.header().stats.hits.fetch_add(
                 (w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF) as u64,
@@ -886,17 +891,30 @@ impl LockManager {
         {
             return;
         }
-        // A global key is never prepared: each local grant must pass the
-        // node gate, which checks the lease on the broker's clock.
+        let slot = table.slot(s).expect("s < slot_count");
+        let mut w = Word(slot.word.load(Ordering::Acquire));
+        let mut until = 0;
         if let (Some(n), Some(k)) = (&self.nodes, &st.key)
             && n.is_global(k)
         {
-            return;
+            // A global key is prepared only while its node grant fits the
+            // fast path, with the lease's safe time in the slot, and its
+            // counter continuing the node grant's: base + counter = the
+            // last token issued under it.
+            let Some((base, issued, safe_until)) = n.fast_until(k, self.now_ms) else {
+                return;
+            };
+            if st.base != base {
+                st.base = base;
+                self.ledger.set_base(s, base);
+            }
+            w = lockword::managed(w, false, 0, (issued - base) as u32);
+            st.issued = st.issued.max(issued);
+            until = safe_until;
         }
-        let slot = table.slot(s).expect("s < slot_count");
-        let w = Word(slot.word.load(Ordering::Acquire));
         // The table's base is a copy for clients: rewrite it from ours.
         slot.token_base.store(st.base, Ordering::Relaxed);
+        slot.grant_until_ns.store(until, Ordering::Relaxed);
         // SYNC POINT: Release publishes the slot's state to the next fast-path
         // acquirer (its CAS is Acquire).
         slot.word.store(lockword::prepare(w).0, Ordering::Release);

@@ -11,8 +11,18 @@
 //! the minimum hold, counter exhaustion, a shared grant with an exclusive
 //! waiter) and no local holder is left.
 //!
-//! Global keys are never prepared: every local grant of one passes the gate,
-//! so the lease is checked on the broker's own clock at every grant.
+//! A global key is prepared (one CAS in the client, no broker) only while
+//! its node grant is exclusive, here, not called back, not releasing, with
+//! room in its counter, under a lease still safe: [`Nodes::fast_until`]. Its
+//! slot then carries the lease's safe time (`Slot::grant_until_ns`), which
+//! each client checks after its CAS, so a stopped or slow broker cannot let
+//! its clients grant themselves the key past it. Whenever the gate would
+//! stop admitting (a callback, a hint, a lost lease, the tick finding the
+//! grant no longer fit for the fast path), the engine takes the slot over
+//! first ([`LockManager::stop_fast_path`]): its fast-path holder becomes a
+//! holder the gate knows, and the tokens clients issued themselves are
+//! folded into the node grant's counter ([`Nodes::observe`]). A prepared
+//! global slot counts as held for the release of its node grant.
 //!
 //! When a lease is lost (the agent's `Fenced`, or the broker's own clock
 //! passing the lease's safe time), every local hold of a global key under it
@@ -21,6 +31,7 @@
 
 use super::{LockManager, Waker};
 use forelock_cluster::{Command, Event};
+use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 use std::collections::{HashMap, HashSet};
 
@@ -32,6 +43,9 @@ pub trait ClusterLink {
     fn send(&mut self, command: Command);
     /// Whether grants under lease `epoch` are still safe now.
     fn lease_valid(&self, epoch: u64) -> bool;
+    /// The CLOCK_MONOTONIC ns until which grants under lease `epoch` are
+    /// safe (0: not safe now).
+    fn safe_until_ns(&self, epoch: u64) -> u64;
     fn min_hold_ms(&self) -> u64;
 }
 
@@ -133,6 +147,39 @@ impl Nodes {
         g.issued
     }
 
+    /// Whether local processes may grant themselves `key` on the fast path
+    /// now, and on what terms: `(base, issued, until_ns)`, the node grant's
+    /// token base, the last token issued under it, and the lease's safe
+    /// time. Only an exclusive node grant that [`Nodes::admits`] would
+    /// admit, and that no other host has asked for.
+    pub(super) fn fast_until(&self, key: &[u8], now_ms: u64) -> Option<(u64, u64, u64)> {
+        let g = self.grants.get(key)?;
+        if g.shared || g.callback || g.hinted || !self.admits(key, false, now_ms) {
+            return None;
+        }
+        let until = self.link.safe_until_ns(g.epoch);
+        (until != 0).then_some((
+            g.limit - shm_layout::lockword::COUNTER_MASK,
+            g.issued,
+            until,
+        ))
+    }
+
+    /// A take-over found `key`'s word at `token`, after `fast_grants` grants
+    /// clients made themselves: fold them into the node grant's counter, so
+    /// the next token it gives is above them.
+    pub(super) fn observe(&mut self, key: &[u8], token: u64, fast_grants: bool) {
+        if let Some(g) = self.grants.get_mut(key) {
+            g.issued = g.issued.max(token.min(g.limit));
+            if fast_grants {
+                if !g.used && g.prefetch {
+                    self.prefetch_hits += 1;
+                }
+                g.used = true;
+            }
+        }
+    }
+
     /// Whether the hold `(client, token)` was lost; forgets it.
     pub(super) fn take_lost(&mut self, client: u32, token: u64) -> bool {
         self.lost.remove(&(client, token))
@@ -210,6 +257,8 @@ impl LockManager {
                 key
             }
             Event::Callback { key } => {
+                self.stop_fast_path(table, &key);
+                let nodes = self.nodes.as_mut().expect("checked above");
                 if let Some(g) = nodes.grants.get_mut(&key) {
                     g.callback = true;
                 }
@@ -231,6 +280,8 @@ impl LockManager {
             Event::Hint { key } => {
                 // Another host will want `key`: an idle node grant (no local
                 // holder, no local waiter) goes now rather than at a callback.
+                self.stop_fast_path(table, &key);
+                let nodes = self.nodes.as_mut().expect("checked above");
                 let idle = self.dir.keys.get(key.as_slice()).is_none_or(|&s| {
                     let st = &self.dir.slots[s as usize];
                     st.holder == super::engine::Holder::Free && st.queue.is_empty()
@@ -245,7 +296,7 @@ impl LockManager {
             }
             Event::Fenced { epoch, reason } => {
                 tracing::error!(epoch, %reason, "lease lost: local holds of global keys are lost");
-                self.lose_epoch(Some(epoch));
+                self.lose_epoch(table, Some(epoch));
                 return;
             }
         };
@@ -257,7 +308,10 @@ impl LockManager {
 
     /// The tick's check on the broker's own clock: node grants whose lease is
     /// past its safe time are lost now, whatever the agent thread is doing.
-    pub fn check_leases(&mut self) {
+    /// Prepared global slots get the lease's current safe time (renewals
+    /// raise it), or are taken over when their grant no longer fits the
+    /// fast path.
+    pub fn check_leases(&mut self, table: &TableView) {
         let Some(nodes) = self.nodes.as_ref() else {
             return;
         };
@@ -266,8 +320,9 @@ impl LockManager {
             .values()
             .any(|g| !nodes.link.lease_valid(g.epoch))
         {
-            self.lose_epoch(None);
+            self.lose_epoch(table, None);
         }
+        self.refresh_fast_path(table);
         // A callback waits out the minimum hold, then drains.
         let keys: Vec<Vec<u8>> = self
             .nodes
@@ -281,7 +336,24 @@ impl LockManager {
 
     /// Every node grant under `epoch` (or under any invalid lease, `None`) is
     /// gone: its local holders are lost, its waiters ask again.
-    fn lose_epoch(&mut self, epoch: Option<u64>) {
+    fn lose_epoch(&mut self, table: &TableView, epoch: Option<u64>) {
+        let Some(nodes) = self.nodes.as_ref() else {
+            return;
+        };
+        // Their fast-path holders first become holders the gate knows (and
+        // so lost holds below), and clients stop granting themselves.
+        let doomed: Vec<Vec<u8>> = nodes
+            .grants
+            .iter()
+            .filter(|(_, g)| match epoch {
+                Some(e) => g.epoch == e,
+                None => !nodes.link.lease_valid(g.epoch),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &doomed {
+            self.stop_fast_path(table, k);
+        }
         let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
@@ -356,7 +428,9 @@ impl LockManager {
         }
         let slot = self.dir.keys.get(key).map(|&s| &self.dir.slots[s as usize]);
         let head = slot.and_then(|st| st.queue.front().map(|w| w.shared));
-        let free = slot.is_none_or(|st| st.holder == super::engine::Holder::Free);
+        // A prepared slot may have a holder only its word knows: never free
+        // until taken over.
+        let free = slot.is_none_or(|st| st.managed && st.holder == super::engine::Holder::Free);
         let min_hold = nodes.link.min_hold_ms();
         if let Some(g) = nodes.grants.get_mut(key) {
             let must_go = (g.callback && g.held_enough(now, min_hold))
@@ -381,6 +455,65 @@ impl LockManager {
                 shared,
                 prefetch: false,
             });
+        }
+    }
+
+    /// Stop local processes from granting themselves `key` on the fast path:
+    /// take its prepared slot over (its fast-path holder becomes a holder
+    /// the gate knows; the tokens clients issued are folded into the node
+    /// grant). If the take-over is refused (the holder's ledger entry is
+    /// full), the slot's limit is set to the past, so clients give back any
+    /// grant they make, and the next tick tries again.
+    pub(super) fn stop_fast_path(&mut self, table: &TableView, key: &[u8]) {
+        let Some(&s) = self.dir.keys.get(key) else {
+            return;
+        };
+        if self.dir.slots[s as usize].managed {
+            return;
+        }
+        let slot = table.slot(s).expect("s < slot_count");
+        // SYNC POINT: Release pairs with the Acquire load in
+        // Slot::may_grant_now: a client whose CAS comes after our take-over
+        // fails anyway; one whose CAS came before it is a holder we learn.
+        slot.grant_until_ns.store(1, Ordering::Release);
+        if self.take_over(table, s).is_err() {
+            tracing::warn!(
+                slot = s,
+                "cannot take over a prepared global key now (its holder's ledger entry is full): its clients stop granting themselves; retried at the next tick"
+            );
+        }
+    }
+
+    /// The tick's upkeep of prepared global slots: each gets its lease's
+    /// current safe time, or is taken over when its node grant no longer
+    /// fits the fast path ([`Nodes::fast_until`]) or is gone.
+    fn refresh_fast_path(&mut self, table: &TableView) {
+        let now = self.now_ms;
+        let Some(nodes) = self.nodes.as_ref() else {
+            return;
+        };
+        // Only a key with a node grant here is ever prepared
+        // (`return_to_fast_path` asks `fast_until`), and a node grant goes
+        // only once its slot is managed (`settle`): so the grants name every
+        // prepared global slot.
+        let mut stop = Vec::new();
+        for k in nodes.grants.keys() {
+            let Some(&s) = self.dir.keys.get(k.as_slice()) else {
+                continue;
+            };
+            if self.dir.slots[s as usize].managed {
+                continue;
+            }
+            match nodes.fast_until(k, now) {
+                Some((_, _, until)) => {
+                    let slot = table.slot(s).expect("s < slot_count");
+                    slot.grant_until_ns.store(until, Ordering::Release);
+                }
+                None => stop.push(k.clone()),
+            }
+        }
+        for k in stop {
+            self.stop_fast_path(table, &k);
         }
     }
 

@@ -1155,6 +1155,7 @@ mod node_gate {
     struct Script {
         sent: Vec<Command>,
         lease_valid: bool,
+        safe_until_ns: u64,
         min_hold_ms: u64,
     }
 
@@ -1170,6 +1171,13 @@ mod node_gate {
         fn lease_valid(&self, epoch: u64) -> bool {
             epoch == 1 && self.0.borrow().lease_valid
         }
+        fn safe_until_ns(&self, epoch: u64) -> u64 {
+            if self.lease_valid(epoch) {
+                self.0.borrow().safe_until_ns
+            } else {
+                0
+            }
+        }
         fn min_hold_ms(&self) -> u64 {
             self.0.borrow().min_hold_ms
         }
@@ -1180,6 +1188,7 @@ mod node_gate {
         let script = Rc::new(RefCell::new(Script {
             sent: Vec::new(),
             lease_valid: true,
+            safe_until_ns: u64::MAX,
             min_hold_ms: 0,
         }));
         f.m.set_cluster(Box::new(Link(script.clone())));
@@ -1256,7 +1265,7 @@ mod node_gate {
         script.borrow_mut().sent.clear();
         // The lease's safe time passes on the broker's clock.
         script.borrow_mut().lease_valid = false;
-        f.m.check_leases();
+        f.m.check_leases(&f.table);
         assert!(
             script.borrow().sent.contains(&Command::Release {
                 key: b"global/k".to_vec(),
@@ -1386,5 +1395,163 @@ mod node_gate {
             &mut f.w,
         );
         assert_eq!(script.borrow().sent, vec![want("global/k")]);
+    }
+
+    /// A client's own fast-path grant of global/k: (slot, held word, token),
+    /// checked as the client library does (CAS, then the slot's limit).
+    fn take_global_by_cas(f: &Fixture, client: u32) -> Option<(u32, Word, u64)> {
+        let (s, w) = f.table.lookup(b"global/k", key_hash(b"global/k"))?;
+        let slot = f.table.slot(s).unwrap();
+        let held = try_acquire_exclusive(&slot.word, w.generation(), client)
+            .ok()?
+            .held;
+        if !slot.may_grant_now() {
+            assert!(try_release_exclusive(&slot.word, held), "given back");
+            return None;
+        }
+        let token = slot.token_base.load(Ordering::Relaxed) + held.counter() as u64;
+        Some((s, held, token))
+    }
+
+    /// Issue 11's cached global key at CAS speed: once this host holds the
+    /// node grant, the key is prepared with the lease's safe time, and its
+    /// tokens continue the node grant's.
+    #[test]
+    fn a_cached_global_key_is_taken_by_one_cas_until_the_leases_safe_time() {
+        let (mut f, script) = clustered();
+        script.borrow_mut().safe_until_ns = shm_layout::monotonic_ns() + 60_000_000_000;
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        let (s, held, token) = take_global_by_cas(&f, b).expect("prepared");
+        let slot = f.table.slot(s).unwrap();
+        assert_eq!(
+            slot.grant_until_ns.load(Ordering::Relaxed),
+            script.borrow().safe_until_ns
+        );
+        assert_eq!(token, first + 1, "the node grant's counter goes on");
+        assert!(try_release_exclusive(&slot.word, held));
+        // The safe time passes: a client's CAS is given back, and the tick
+        // takes the slot over.
+        slot.grant_until_ns.store(1, Ordering::Relaxed);
+        assert_eq!(take_global_by_cas(&f, b), None);
+        script.borrow_mut().safe_until_ns = 0;
+        f.m.check_leases(&f.table);
+        assert!(!f.word("global/k").is_prepared());
+    }
+
+    /// Another host queues: the callback takes the prepared slot over, so
+    /// the fast-path holder becomes a holder the gate waits for, and the
+    /// tokens clients issued themselves stay below every later one.
+    #[test]
+    fn a_callback_takes_a_prepared_global_key_over_before_the_node_grant_goes() {
+        let (mut f, script) = clustered();
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        for _ in 0..3 {
+            let (s, held, _) = take_global_by_cas(&f, b).expect("prepared");
+            assert!(try_release_exclusive(&f.table.slot(s).unwrap().word, held));
+        }
+        let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
+        script.borrow_mut().sent.clear();
+        f.m.node_event(
+            &f.table,
+            Event::Callback {
+                key: b"global/k".to_vec(),
+            },
+            &mut f.w,
+        );
+        assert!(!f.word("global/k").is_prepared(), "taken over");
+        assert!(
+            script.borrow().sent.is_empty(),
+            "b still holds: the node grant stays: {:?}",
+            script.borrow().sent
+        );
+        // b's CAS release fails now; it releases through the broker.
+        assert_eq!(
+            f.release(b, &grant_of_k(&f, fast_token)),
+            Response::Released
+        );
+        assert!(
+            script.borrow().sent.contains(&Command::Release {
+                key: b"global/k".to_vec(),
+                epoch: 1
+            }),
+            "{:?}",
+            script.borrow().sent
+        );
+        f.m.node_event(
+            &f.table,
+            Event::Released {
+                key: b"global/k".to_vec(),
+            },
+            &mut f.w,
+        );
+        assert!(f.queued(a, 2, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 9), &mut f.w);
+        let next = answered_token(&mut f).expect("granted");
+        assert!(next > fast_token, "{next:#x} after {fast_token:#x}");
+    }
+
+    /// A waiter here while a client holds the key by CAS: the take-over
+    /// folds the fast tokens into the node grant's counter, so the waiter's
+    /// token is above them.
+    #[test]
+    fn a_broker_grant_after_fast_grants_of_a_global_key_is_above_their_tokens() {
+        let (mut f, _script) = clustered();
+        let (a, b, c) = (f.client(100), f.client(101), f.client(102));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        for _ in 0..5 {
+            let (s, held, _) = take_global_by_cas(&f, b).expect("prepared");
+            assert!(try_release_exclusive(&f.table.slot(s).unwrap().word, held));
+        }
+        let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
+        assert!(f.queued(c, 3, "global/k", false), "b holds");
+        assert_eq!(
+            f.release(b, &grant_of_k(&f, fast_token)),
+            Response::Released
+        );
+        let (state, tc, _) = f.cell(c, 3);
+        assert_eq!(state, CELL_GRANTED);
+        assert!(tc > fast_token, "{tc:#x} after {fast_token:#x}");
+    }
+
+    /// The lease is lost while a client holds the key by CAS: the slot is
+    /// taken over, so the hold is lost (its release says so) and nobody
+    /// here can take the key by CAS any more.
+    #[test]
+    fn a_fence_takes_prepared_global_keys_over_and_their_fast_holders_are_lost() {
+        let (mut f, _script) = clustered();
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
+        f.m.node_event(
+            &f.table,
+            Event::Fenced {
+                epoch: 1,
+                reason: "test".into(),
+            },
+            &mut f.w,
+        );
+        assert!(!f.word("global/k").is_prepared());
+        assert!(matches!(
+            f.release(b, &grant_of_k(&f, fast_token)),
+            Response::Error {
+                code: ErrorCode::Lost,
+                ..
+            }
+        ));
+        assert_eq!(take_global_by_cas(&f, a), None);
     }
 }
