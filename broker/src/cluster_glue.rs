@@ -37,9 +37,13 @@ impl ClusterLink for AgentLink {
 }
 
 /// Starts the agent and installs its link in `manager`.
-pub fn start(config: &ClusterConfig, manager: &mut LockManager) -> anyhow::Result<Rc<Agent>> {
+pub fn start(
+    config: &ClusterConfig,
+    manager: &mut LockManager,
+    table: &shm_layout::table::TableView,
+) -> anyhow::Result<Rc<Agent>> {
     let agent = Rc::new(Agent::start(config.clone())?);
-    manager.set_cluster(Box::new(AgentLink(agent.clone())));
+    manager.set_cluster(table, Box::new(AgentLink(agent.clone())));
     tracing::info!(node = %config.node, etcd = ?config.etcd, prefix = %config.key_prefix, "cluster agent started");
     Ok(agent)
 }

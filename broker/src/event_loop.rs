@@ -419,7 +419,7 @@ impl EventLoop {
             tracing::info!(epoch, "created a new table");
         }
         let cluster = match &config.cluster {
-            Some(c) => Some(crate::cluster_glue::start(c, &mut manager)?),
+            Some(c) => Some(crate::cluster_glue::start(c, &mut manager, &files.table)?),
             None => None,
         };
         let listener = listen(

@@ -534,9 +534,23 @@ impl LockManager {
 
     /// Installs the cluster link (the broker's `[cluster]` section). Holds
     /// of global keys adopted from a previous broker are lost: their node
-    /// grants lived under that broker's lease.
-    pub fn set_cluster(&mut self, link: Box<dyn ClusterLink>) {
+    /// grants lived under that broker's lease. Global keys that broker left
+    /// prepared are taken over first, so that their fast-path holders are
+    /// among them and no client grants itself one any more.
+    pub fn set_cluster(&mut self, table: &TableView, link: Box<dyn ClusterLink>) {
         let mut nodes = Nodes::new(link);
+        let prepared: Vec<u32> = self
+            .dir
+            .keys
+            .iter()
+            .filter(|(k, s)| nodes.is_global(k) && !self.dir.slots[**s as usize].managed)
+            .map(|(_, &s)| s)
+            .collect();
+        for s in prepared {
+            let slot = table.slot(s).expect("s < slot_count");
+            slot.grant_until_ns.store(1, Ordering::Release);
+            let _ = self.take_over(table, s);
+        }
         for (k, &s) in &self.dir.keys {
             if !nodes.is_global(k) {
                 continue;

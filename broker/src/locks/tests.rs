@@ -1191,7 +1191,7 @@ mod node_gate {
             safe_until_ns: u64::MAX,
             min_hold_ms: 0,
         }));
-        f.m.set_cluster(Box::new(Link(script.clone())));
+        f.m.set_cluster(&f.table, Box::new(Link(script.clone())));
         (f, script)
     }
 
@@ -1553,5 +1553,30 @@ mod node_gate {
             }
         ));
         assert_eq!(take_global_by_cas(&f, a), None);
+    }
+
+    /// A broker restarts while a client holds a global key by CAS: the new
+    /// broker's node grants are new, so the old fast-path hold is lost, and
+    /// the slot is taken over before any client can grant itself the key.
+    #[test]
+    fn a_restarted_broker_takes_over_prepared_global_keys_and_their_holders_are_lost() {
+        let (mut f, script) = clustered();
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(&mut f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
+        f.restart(|_, _| true);
+        f.m.set_cluster(&f.table, Box::new(Link(script.clone())));
+        assert!(!f.word("global/k").is_prepared());
+        f.m.hello(&f.table, 101, 0, 7, Some(b), 1).unwrap();
+        assert!(matches!(
+            f.release(b, &grant_of_k(&f, fast_token)),
+            Response::Error {
+                code: ErrorCode::Lost,
+                ..
+            }
+        ));
     }
 }
