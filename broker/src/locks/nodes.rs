@@ -254,6 +254,18 @@ impl LockManager {
                         releasing: false,
                     },
                 );
+                // A prefetched key gets its slot now (a free one only: a
+                // prediction evicts nothing), so that the dispatch below
+                // prepares it and the first local acquisition is one CAS.
+                if prefetch
+                    && !self.dir.keys.contains_key(key.as_slice())
+                    && !self.dir.free.is_empty()
+                    && let Some(s) = self
+                        .dir
+                        .allocate(table, &mut self.ledger, self.now_ms, &key)
+                {
+                    self.dir.slots[s as usize].speculative = true;
+                }
                 key
             }
             Event::Callback { key } => {

@@ -1579,4 +1579,37 @@ mod node_gate {
             }
         ));
     }
+
+    /// A predicted global key: its prefetched node grant arrives before
+    /// anyone here asks, and the key is prepared at once, so the first
+    /// local acquisition is one CAS.
+    #[test]
+    fn a_prefetched_global_key_is_prepared_before_its_first_local_acquisition() {
+        let (mut f, _script) = clustered();
+        let b = f.client(101);
+        f.m.prefetch_global(b"global/k");
+        f.m.node_event(
+            &f.table,
+            Event::Granted {
+                key: b"global/k".to_vec(),
+                shared: false,
+                base: 7 << 24,
+                epoch: 1,
+                prefetch: true,
+            },
+            &mut f.w,
+        );
+        let (_, _, token) = take_global_by_cas(&f, b).expect("prepared on arrival");
+        assert_eq!(token, (7 << 24) + 1);
+        assert_eq!(f.m.node_counts().unwrap().prefetch_hits, 0, "not seen yet");
+        // The broker learns of the hit when it next looks at the word.
+        f.m.node_event(
+            &f.table,
+            Event::Callback {
+                key: b"global/k".to_vec(),
+            },
+            &mut f.w,
+        );
+        assert_eq!(f.m.node_counts().unwrap().prefetch_hits, 1);
+    }
 }
