@@ -1263,13 +1263,20 @@ mod loom_tests {
                 loom::thread::spawn(move || {
                     // SYNC POINT: Acquire pairs with the broker's Release of
                     // the answer, which follows its Release store of the word.
-                    let held = answered.load(Ordering::Acquire);
-                    if held == 0 {
+                    let token = answered.load(Ordering::Acquire);
+                    if token == 0 {
                         return None; // not answered yet in this interleaving
                     }
                     assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
                     inside.fetch_sub(1, Ordering::SeqCst);
-                    Some(try_release_exclusive(&*word, Word(held as u64)))
+                    // As the client library does: read the word after the
+                    // answer; release by CAS only a word that names this
+                    // hold (token base 0 here), else through the broker.
+                    let now = word.load_word(Ordering::Acquire);
+                    Some(
+                        granted_on_fast_path(now, 1, 0, token as u64)
+                            .is_some_and(|held| try_release_exclusive(&*word, held)),
+                    )
                 })
             };
             let other = {
@@ -1290,7 +1297,7 @@ mod loom_tests {
             // SYNC POINT: Release publishes the grant to fast acquirers
             // (pairs with their CAS's Acquire) and precedes the answer.
             word.store(g.held.0, Ordering::Release);
-            answered.store(g.held.0 as usize, Ordering::Release);
+            answered.store(g.held.counter() as usize, Ordering::Release);
             let mut cur = word.load_word(Ordering::Acquire);
             loop {
                 match word.compare_exchange_word(
