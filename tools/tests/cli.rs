@@ -151,14 +151,7 @@ fn locks_shows_the_holder_pid_token_and_queued_waiters() {
     assert_eq!(row["waiter_count"], 0);
     assert_eq!(row["waiters"], serde_json::json!([]));
 
-    let waiter = Command::new(cli_exe())
-        .args(["run", "orders:1", "--", "true"])
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
-        .spawn()
-        .unwrap();
-    eventually("a queued waiter shows in locks", || {
-        lock_row(dir.path(), "orders:1").is_some_and(|r| r["waiter_count"] == 1)
-    });
+    let waiter = queue_waiter(dir.path(), "orders:1", false, 1);
     let text = stdout(&forelock(dir.path(), &["locks"]));
     assert!(text.contains("orders:1"), "{text}");
     assert!(text.contains(&holder.pid().to_string()), "{text}");
@@ -422,16 +415,31 @@ fn killing_forelock_run_releases_the_lock_and_kills_the_command() {
 /// `forelock run [-s] KEY -- true`, queued behind a holder: its pid, once
 /// `locks` counts `n` waiters on KEY.
 fn queue_waiter(dir: &std::path::Path, key: &str, shared: bool, n: u32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(cli_exe());
     cmd.arg("run");
     if shared {
         cmd.arg("-s");
     }
-    let child = cmd
-        .args([key, "--", "true"])
+    // FIFO: the waiter queues in the broker, whose queue `forelock locks`
+    // lists (an exclusive waiter on a key held on the fast path would sleep
+    // in the slot instead, seen only as contention).
+    cmd.args([key, "--", "true"])
         .env("FORELOCK_RUNTIME_DIR", dir)
-        .spawn()
-        .unwrap();
+        .env("FORELOCK_FIFO", "1");
+    // SAFETY: the hook runs between fork and exec; prctl(2) is
+    // async-signal-safe and touches no memory of ours. A test that fails
+    // must not leave a waiter blocked forever on a broker it killed (it
+    // would hold the test run's output pipe open).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
     eventually(&format!("waiter {n} queues on {key}"), || {
         lock_row(dir, key).is_some_and(|r| r["waiter_count"] == n)
     });
