@@ -1219,7 +1219,7 @@ fn assemble(
         .collect();
 
     let split = split_rows(&runs);
-    let retention = retention(trace, &index, settings.budget_slots, settings.mid_us);
+    let retention = retention(trace, index, settings.budget_slots, settings.mid_us);
     ReplayReport {
         trace: name.to_owned(),
         rows: trace.events.len(),
