@@ -134,6 +134,14 @@ fn main() {
             top_k_s * 1e3,
             forecaster.features().active()
         );
+        // The online choice's tick is its leader's scoring plus a bounded
+        // part: say which member led, or the figure means little.
+        if let Some(choice) = forecaster.model().choice() {
+            println!(
+                "  online choice after the ticks: leader {} (switches {}, rounds {})",
+                choice.leader, choice.switches, choice.rounds
+            );
+        }
     }
 
     {

@@ -28,6 +28,18 @@
 //! leave the sample). So the tick's cost is bounded whatever the key count:
 //! at most that many keys scored by each member, and each expert's policy
 //! over them.
+//!
+//! The level also comes down again: when the live keys (in a slot, or
+//! requested within two activity windows) are fewer than a quarter of
+//! [`SAMPLED_KEYS_MAX`], the stale ones are dropped and the level goes down
+//! by one (twice the keys and twice the budget), so the live keys are then
+//! expected at under half the bound. Without this, one burst of new keys (a
+//! scan, on a block trace) raised the level for the rest of the trace, and
+//! a sparse trace was judged on a sample of one key in 16 or 32 while its
+//! working set would have fitted whole: the miniatures then saw a request
+//! every few seconds and their losses were mostly noise. The rule uses no
+//! figure from any trace: the bound is the cost bound above, and a quarter
+//! leaves a factor of two between going down and going up again.
 
 use std::collections::HashMap;
 
@@ -241,21 +253,54 @@ impl SimulatedAllocators {
         }
     }
 
+    /// The keys in a slot of some expert or requested within two activity
+    /// windows.
+    fn live(&self, now_us: u64) -> Vec<bool> {
+        let stale_us = 2 * self.activity_window_us;
+        self.keys
+            .iter()
+            .map(|key| key.in_slot != 0 || now_us.saturating_sub(key.last_request_us) <= stale_us)
+            .collect()
+    }
+
+    /// If the live keys are fewer than a quarter of the bound, drops the
+    /// others and doubles the rate (module docs).
+    fn widen(&mut self, now_us: u64) {
+        if self.level == 0 {
+            return;
+        }
+        let keep = self.live(now_us);
+        if keep.iter().filter(|&&k| k).count() >= SAMPLED_KEYS_MAX / 4 {
+            return;
+        }
+        self.level -= 1;
+        self.keep_only(&keep);
+    }
+
     /// Makes room in the sample: drops keys long idle and in no slot, then,
     /// if still more than 3/4 full, halves the rate.
     fn shrink(&mut self, now_us: u64) {
-        let stale_us = 2 * self.activity_window_us;
-        let mut keep: Vec<bool> = self
-            .keys
-            .iter()
-            .map(|key| key.in_slot != 0 || now_us.saturating_sub(key.last_request_us) <= stale_us)
-            .collect();
+        let mut keep = self.live(now_us);
         while keep.iter().filter(|&&k| k).count() > SAMPLED_KEYS_MAX * 3 / 4 {
             self.level += 1;
             for (k, key) in self.keys.iter().enumerate() {
                 keep[k] &= self.level == 0 || mix(key.hash) >> (64 - self.level) == 0;
             }
         }
+        self.keep_only(&keep);
+        // A smaller budget: the lowest-scored slots go (not counted either).
+        let budget = self.budget_sampled();
+        for e in 0..self.experts {
+            while self.slots[e].len() > budget {
+                let before = self.round.waste_slot_s[e];
+                self.evict_lowest(e, now_us, usize::MAX);
+                self.round.waste_slot_s[e] = before;
+            }
+        }
+    }
+
+    /// Keeps the keys marked in `keep`, renumbered, and drops the others.
+    fn keep_only(&mut self, keep: &[bool]) {
         // Renumber the kept keys; drop the others from every slot list
         // (not counted as waste: they leave the sample, not the table).
         let mut renumber = vec![u32::MAX; self.keys.len()];
@@ -284,21 +329,13 @@ impl SimulatedAllocators {
                 *k = renumber[*k as usize];
             }
         }
-        // A smaller budget: the lowest-scored slots go (not counted either).
-        let budget = self.budget_sampled();
-        for e in 0..self.experts {
-            while self.slots[e].len() > budget {
-                let before = self.round.waste_slot_s[e];
-                self.evict_lowest(e, now_us, usize::MAX);
-                self.round.waste_slot_s[e] = before;
-            }
-        }
     }
 
     /// One tick: scores the sampled keys with every member, then runs each
     /// expert's policy. `members` are the ladder, in expert order.
     pub fn tick(&mut self, now_us: u64, features: &FeatureStore, members: &[Box<dyn Model>]) {
         debug_assert_eq!(members.len(), self.members);
+        self.widen(now_us);
         let view = features.view();
         let active = view.len();
         for key in &mut self.keys {
@@ -452,6 +489,65 @@ mod tests {
         for e in 0..sim.experts() {
             assert!(sim.slots_of(e) <= sim.budget_sampled());
         }
+    }
+
+    #[test]
+    fn a_sample_raised_by_a_burst_comes_down_when_the_burst_is_over() {
+        // Regression: the level only ever rose, so one burst of new keys
+        // left a sparse trace sampled at 1 key in 16 for good.
+        let window_us = 30_000_000;
+        let mut sim = SimulatedAllocators::new(1, 1000, window_us);
+        let features = FeatureStore::new(64, 500_000, window_us, 1);
+        let members = vec![crate::models::build(&crate::config::PredictorConfig {
+            model: crate::config::ModelKind::KeepAlive,
+            ..crate::config::PredictorConfig::default()
+        })];
+        for h in 0..20_000u64 {
+            sim.request(h * 10, h.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        assert!(sim.level >= 3, "{}", sim.level);
+        // A few keys stay in use; the burst's go stale after two windows.
+        let mut now_us = 200_000;
+        while now_us < 200_000 + 2 * window_us + 1_000_000 {
+            for h in 0..8u64 {
+                sim.request(now_us, h);
+            }
+            sim.tick(now_us, &features, &members);
+            now_us += 100_000;
+        }
+        for _ in 0..10 {
+            sim.tick(now_us, &features, &members);
+            now_us += 10_000;
+        }
+        assert_eq!(sim.level, 0);
+        assert_eq!(sim.budget_sampled(), 1000);
+        assert!(sim.sampled_keys() <= 8, "{}", sim.sampled_keys());
+    }
+
+    #[test]
+    fn a_live_working_set_keeps_the_level_it_needs() {
+        // 1,000 keys in use all the time (more than a quarter of the bound
+        // once sampled at the rate the burst set): the level must not fall
+        // below what keeps them under the bound.
+        let window_us = 30_000_000;
+        let mut sim = SimulatedAllocators::new(1, 1000, window_us);
+        let features = FeatureStore::new(64, 500_000, window_us, 1);
+        let members = vec![crate::models::build(&crate::config::PredictorConfig {
+            model: crate::config::ModelKind::KeepAlive,
+            ..crate::config::PredictorConfig::default()
+        })];
+        let key = |h: u64| h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut now_us = 0;
+        for _ in 0..100 {
+            for h in 0..8_000u64 {
+                sim.request(now_us, key(h));
+            }
+            sim.tick(now_us, &features, &members);
+            assert!(sim.sampled_keys() <= SAMPLED_KEYS_MAX);
+            now_us += 1_000_000;
+        }
+        // 8,000 live keys need the rate at 1/4 or lower (2,000 sampled).
+        assert!(sim.level >= 2, "{}", sim.level);
     }
 
     #[test]
