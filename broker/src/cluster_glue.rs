@@ -71,6 +71,8 @@ pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
         "lost_holds": counts.lost_holds,
         "prefetch_hits": counts.prefetch_hits,
         "prefetch_unused": counts.prefetch_unused,
+        "prefetch_unused_wait_us": counts.prefetch_unused_wait_us,
+        "first_uses_waited": counts.first_uses_waited,
     });
     let path: PathBuf = dir.join(STATUS_FILE);
     let tmp = dir.join(".cluster.json.tmp");

@@ -9,7 +9,7 @@
 //! self-fence of docs/cluster.md).
 
 use crate::config::ClusterConfig;
-use crate::etcd_lock::{self, EtcdError, Names};
+use crate::etcd_lock::{self, EtcdError, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use etcd_client::{Client, ConnectOptions};
 use std::collections::HashMap;
@@ -17,6 +17,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// The `tracing` target of the timestamps (`at_ns`, CLOCK_MONOTONIC) the
+/// agent and the broker's node gate log at each step of a node grant, from
+/// the broker's `Want` to its local grant: turn them on with
+/// `FORELOCK_LOG=forelock::grant_timing=debug` to see where a first
+/// acquisition's time goes.
+pub const TIMING_TARGET: &str = "forelock::grant_timing";
 
 /// Low bits of a global key's fencing token: the per-host counter. It is
 /// the lock word's counter width, so a node grant can never hand out more
@@ -407,6 +414,7 @@ impl Inner {
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
+                        let wanted_ns = monotonic_ns();
                         if prefetch && let Some(g) = gossip {
                             // "I will want K": a holder elsewhere that no
                             // longer needs it may let it go early.
@@ -420,7 +428,7 @@ impl Inner {
                         let (tx, rx) = oneshot::channel();
                         let handle = tokio::spawn(hold(
                             client.clone(), self.config.clone(), key.clone(), shared, prefetch,
-                            lease, epoch, rx, rtx.clone(), self.outbox.clone(),
+                            lease, epoch, rx, rtx.clone(), self.outbox.clone(), wanted_ns,
                         ));
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
@@ -538,20 +546,44 @@ async fn hold(
     release: oneshot::Receiver<()>,
     reports: mpsc::UnboundedSender<KeyReport>,
     outbox: Outbox,
+    wanted_ns: u64,
 ) {
     let emit = |e: Event| outbox.emit(e);
+    let step = |name: &'static str| {
+        tracing::debug!(
+            target: TIMING_TARGET,
+            key = %String::from_utf8_lossy(&key),
+            step = name,
+            at_ns = monotonic_ns(),
+            since_want_us = monotonic_ns().saturating_sub(wanted_ns) / 1000,
+        );
+    };
+    step("agent: want received");
     let n = Names::new(&config.etcd_prefix, &key, shared, lease);
-    let own_rev = retry(|| etcd_lock::queue(&c, &n, &config.node, lease)).await;
-    // Wait for every blocker to go.
-    loop {
-        let (blocker, rev) = retry(|| etcd_lock::blocker(&c, &n, own_rev, shared)).await;
-        let Some(entry) = blocker else { break };
-        retry(|| etcd_lock::deleted(&c, &entry, rev + 1)).await;
-    }
-    let Some(confirmed) = retry(|| etcd_lock::confirm(&c, &n, own_rev, &config.node, lease)).await
-    else {
-        // Our entry is gone: the lease was lost; the session fences.
-        return;
+    // Steps 1-4 in one transaction when nothing blocks; else queued, with
+    // the blocker read in the same transaction.
+    let queued = retry(|| etcd_lock::queue_and_look(&c, &n, &config.node, lease, shared)).await;
+    step("agent: queue txn answered");
+    let (own_rev, confirmed) = match queued {
+        Queued::Confirmed { own_rev, confirmed } => (own_rev, confirmed),
+        Queued::Behind { own_rev, blocker } => {
+            retry(|| etcd_lock::deleted(&c, &blocker, own_rev)).await;
+            step("agent: blocker deleted");
+            let Some(confirmed) =
+                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+            else {
+                return;
+            };
+            (own_rev, confirmed)
+        }
+        Queued::Already { own_rev } => {
+            let Some(confirmed) =
+                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+            else {
+                return;
+            };
+            (own_rev, confirmed)
+        }
     };
     if !confirmed.stale.is_empty() {
         // A holder went away without a clean release: its local holders may
@@ -564,8 +596,10 @@ async fn hold(
         );
         tokio::time::sleep(Duration::from_millis(config.lock_delay_ms)).await;
     }
+    step("agent: node grant confirmed");
     let rev = confirmed.revision;
     let _ = reports.send(KeyReport::Granted(key.clone()));
+    step("agent: granted emitted");
     emit(Event::Granted {
         key: key.clone(),
         shared,
@@ -575,8 +609,11 @@ async fn hold(
     });
     let watch_client = c.clone();
     let watch_names = n.clone();
+    let behind = confirmed.behind;
     let callback = async move {
-        retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev)).await;
+        if !behind {
+            retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev, rev)).await;
+        }
     };
     tokio::pin!(callback);
     tokio::pin!(release);
@@ -589,6 +626,32 @@ async fn hold(
     }
     retry(|| etcd_lock::release(&c, &n, own_rev, &confirmed.stale)).await;
     let _ = reports.send(KeyReport::Released(key));
+}
+
+/// Steps 2-4 for an entry already queued at `own_rev`: wait until no entry
+/// blocks it, then confirm. `None`: our entry is gone (the lease was lost;
+/// the session fences).
+async fn wait_and_confirm(
+    c: &Client,
+    n: &Names,
+    node: &str,
+    lease: i64,
+    shared: bool,
+    own_rev: i64,
+) -> Option<etcd_lock::Confirmed> {
+    loop {
+        let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
+        let Some(entry) = blocker else { break };
+        retry(|| etcd_lock::deleted(c, &entry, rev)).await;
+    }
+    let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
+    tracing::debug!(
+        target: TIMING_TARGET,
+        own_rev,
+        at_ns = monotonic_ns(),
+        step = "agent: blockers gone, confirm txn answered"
+    );
+    confirmed
 }
 
 /// Runs `f` until it succeeds, backing off from 50 ms to 1 s.

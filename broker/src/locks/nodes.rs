@@ -47,6 +47,12 @@ struct NodeGrant {
     /// A local process took the key under this grant.
     used: bool,
     prefetch: bool,
+    /// Local processes were already waiting for the key when the grant
+    /// came: its first local acquisition did not find it here.
+    awaited: bool,
+    /// When (CLOCK_MONOTONIC, ns) the callback came: another host waits
+    /// from then until this grant is released.
+    callback_ns: Option<u64>,
     /// Another host waits: grant no more, release when the holders leave.
     callback: bool,
     /// Gossip says another host will want the key, and none here uses it:
@@ -65,13 +71,24 @@ impl NodeGrant {
 }
 
 /// What `forelock status` shows of the gate.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NodeCounts {
     pub held: usize,
     pub wanted: usize,
     pub lost_holds: usize,
+    /// First local acquisitions under a node grant that found the grant
+    /// already here because it was prefetched.
     pub prefetch_hits: u64,
+    /// First local acquisitions under a node grant that waited for it (it
+    /// was asked for on demand, or a prefetch came too late). The prefetch
+    /// hit rate is `prefetch_hits / (prefetch_hits + first_uses_waited)`.
+    pub first_uses_waited: u64,
+    /// Prefetched node grants released without any local use.
     pub prefetch_unused: u64,
+    /// What those cost other hosts: the time from the callback (another
+    /// host queued) to the release, summed over unused prefetched grants,
+    /// in microseconds.
+    pub prefetch_unused_wait_us: u64,
 }
 
 pub(super) struct Nodes {
@@ -84,8 +101,7 @@ pub(super) struct Nodes {
     /// Keys whose `Release` was sent and whose `Released` has not come back:
     /// a `Granted` for one of them is stale (the agent is releasing it).
     releasing: HashSet<Vec<u8>>,
-    prefetch_hits: u64,
-    prefetch_unused: u64,
+    counts: NodeCounts,
 }
 
 impl Nodes {
@@ -96,8 +112,7 @@ impl Nodes {
             wanted: HashSet::new(),
             lost: HashSet::new(),
             releasing: HashSet::new(),
-            prefetch_hits: 0,
-            prefetch_unused: 0,
+            counts: NodeCounts::default(),
         }
     }
 
@@ -125,8 +140,12 @@ impl Nodes {
             .grants
             .get_mut(key)
             .expect("admitted: the grant exists");
-        if !g.used && g.prefetch {
-            self.prefetch_hits += 1;
+        if !g.used {
+            if g.prefetch && !g.awaited {
+                self.counts.prefetch_hits += 1;
+            } else {
+                self.counts.first_uses_waited += 1;
+            }
         }
         g.used = true;
         g.issued += 1;
@@ -143,8 +162,7 @@ impl Nodes {
             held: self.grants.len(),
             wanted: self.wanted.len(),
             lost_holds: self.lost.len(),
-            prefetch_hits: self.prefetch_hits,
-            prefetch_unused: self.prefetch_unused,
+            ..self.counts
         }
     }
 
@@ -153,12 +171,24 @@ impl Nodes {
         if self.grants.contains_key(key) || !self.wanted.insert(key.to_vec()) {
             return;
         }
+        timing(key, "broker: prefetch want sent");
         self.link.send(Command::Want {
             key: key.to_vec(),
             shared: false,
             prefetch: true,
         });
     }
+}
+
+/// A timestamp of one step of a node grant (see
+/// [`forelock_cluster::agent::TIMING_TARGET`]); free when that target is off.
+fn timing(key: &[u8], step: &'static str) {
+    tracing::debug!(
+        target: forelock_cluster::agent::TIMING_TARGET,
+        key = %String::from_utf8_lossy(key),
+        step,
+        at_ns = shm_layout::monotonic_ns(),
+    );
 }
 
 impl LockManager {
@@ -191,7 +221,13 @@ impl LockManager {
                     nodes.link.send(Command::Release { key, epoch });
                     return;
                 }
+                timing(&key, "broker: granted applied");
                 tracing::debug!(key = %String::from_utf8_lossy(&key), base, epoch, "node grant");
+                let awaited = self
+                    .dir
+                    .keys
+                    .get(key.as_slice())
+                    .is_some_and(|&s| !self.dir.slots[s as usize].queue.is_empty());
                 nodes.grants.insert(
                     key.clone(),
                     NodeGrant {
@@ -202,6 +238,8 @@ impl LockManager {
                         granted_ms: self.now_ms,
                         used: false,
                         prefetch,
+                        awaited,
+                        callback_ns: None,
                         callback: false,
                         hinted: false,
                         releasing: false,
@@ -212,6 +250,7 @@ impl LockManager {
             Event::Callback { key } => {
                 if let Some(g) = nodes.grants.get_mut(&key) {
                     g.callback = true;
+                    g.callback_ns.get_or_insert_with(shm_layout::monotonic_ns);
                 }
                 key
             }
@@ -224,7 +263,11 @@ impl LockManager {
                     && g.prefetch
                     && !g.used
                 {
-                    nodes.prefetch_unused += 1;
+                    nodes.counts.prefetch_unused += 1;
+                    if let Some(since) = g.callback_ns {
+                        let waited_ns = shm_layout::monotonic_ns().saturating_sub(since);
+                        nodes.counts.prefetch_unused_wait_us += waited_ns / 1000;
+                    }
                 }
                 key
             }
@@ -253,6 +296,7 @@ impl LockManager {
             self.dispatch(table, s, waker);
         }
         self.settle(&key);
+        timing(&key, "broker: event handled");
     }
 
     /// The tick's check on the broker's own clock: node grants whose lease is
@@ -376,6 +420,7 @@ impl LockManager {
         if let Some(shared) = head
             && nodes.wanted.insert(key.to_vec())
         {
+            timing(key, "broker: want sent");
             nodes.link.send(Command::Want {
                 key: key.to_vec(),
                 shared,

@@ -14,7 +14,10 @@
 //! 2. the first acquisition of a global key (a fresh key each time: the
 //!    broker takes a node grant from etcd), beside etcd's own `Lock` RPC (and
 //!    `Lock`+`Unlock`), one linearizable `Range` (a get) and one `Put`, made
-//!    with the `etcd-client` crate from this process to the same etcd;
+//!    with the `etcd-client` crate from this process to the same etcd, and
+//!    beside the agent's own node-grant transaction made from this process;
+//!    again on a fourth broker `d` that does not spin while a request waits
+//!    (`spin_waiters_us = 0`);
 //! 3. one key alternating between hosts `a` and `b`: the wait of each
 //!    acquisition, every one a node-grant handover through etcd;
 //! 4. one key taken in a loop by two clients on each of the three hosts:
@@ -45,6 +48,8 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(20);
 const CLUSTER_SETTINGS: &str =
     "lease_ttl_ms = 10000\nlock_delay_ms = 200\nmin_hold_ms = 5\nfence_margin_ms = 1000\n";
 const HOSTS: [&str; 3] = ["a", "b", "c"];
+/// A fourth broker, only for section 2's second row.
+const QUIET_HOST: &str = "d";
 
 /// Sizes of one run.
 struct Sizes {
@@ -193,12 +198,23 @@ struct Host {
     _dir: TempDir,
 }
 
-fn start_host(name: &'static str, etcd_url: &str, prefix: &str) -> anyhow::Result<Host> {
+/// `start_host`'s `broker` for a broker that sleeps at once while a request
+/// waits (the default spins up to `spin_waiters_us = 1000` for a local
+/// release, which on two cores takes CPU from the agent and etcd while the
+/// waiter waits for a node grant).
+const NO_SPIN_WHILE_WAITING: &str = "[broker]\nspin_waiters_us = 0\n";
+
+fn start_host(
+    name: &'static str,
+    etcd_url: &str,
+    prefix: &str,
+    broker: &str,
+) -> anyhow::Result<Host> {
     let binary = super::forelock::broker_binary()
         .context("forelockd is not beside this executable nor on PATH")?;
     let dir = TempDir::new(&format!("cluster-{name}"))?;
     let config = format!(
-        "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n\
+        "{broker}\n[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n\
          [cluster]\nnode = \"{name}\"\netcd = [\"{etcd_url}\"]\netcd_prefix = \"{prefix}\"\n\
          {CLUSTER_SETTINGS}"
     );
@@ -320,6 +336,9 @@ struct EtcdRpcs {
     lock_unlock: Latencies,
     get: Latencies,
     put: Latencies,
+    /// `etcd_lock::queue_and_look` on a free key: the agent's etcd work of a
+    /// first acquisition, without the broker and its agent thread.
+    grant_txn: Latencies,
 }
 
 fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
@@ -348,6 +367,7 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
             lock_unlock: Latencies::new(),
             get: Latencies::new(),
             put: Latencies::new(),
+            grant_txn: Latencies::new(),
         };
         let start = Instant::now();
         for _ in 0..ops {
@@ -365,6 +385,28 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
         let elapsed = start.elapsed();
         rpcs.lock.elapsed = elapsed;
         rpcs.lock_unlock.elapsed = elapsed;
+        // The agent's own first step, from this process: the one
+        // transaction that queues, wins and confirms a free key.
+        let prefix = format!("/forelock-bench-{}-direct", std::process::id());
+        let start = Instant::now();
+        for i in 0..ops {
+            let key = format!("global/direct/{i}");
+            let names =
+                forelock_cluster::etcd_lock::Names::new(&prefix, key.as_bytes(), false, lease);
+            let t0 = Instant::now();
+            let queued =
+                forelock_cluster::etcd_lock::queue_and_look(&client, &names, "bench", lease, false)
+                    .await
+                    .context("the node-grant transaction")?;
+            rpcs.grant_txn.record(t0.elapsed());
+            if !matches!(
+                queued,
+                forelock_cluster::etcd_lock::Queued::Confirmed { .. }
+            ) {
+                bail!("the node-grant transaction on a fresh key did not confirm: {queued:?}");
+            }
+        }
+        rpcs.grant_txn.elapsed = start.elapsed();
         let probe = format!("/forelock-bench-{}/probe", std::process::id());
         client.put(probe.as_str(), "x", None).await?;
         let start = Instant::now();
@@ -392,22 +434,17 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
     })
 }
 
-/// Section 2: first acquisitions (node grants) beside etcd's own RPCs.
-fn section_first(
-    host: &Host,
-    etcd: &Etcd,
-    sizes: &Sizes,
-    rows: &mut Vec<Row>,
-) -> anyhow::Result<()> {
+/// `ops` first acquisitions on `host` (a fresh global key each time): the
+/// acquire alone, and acquire+release. The release of a fresh global key is
+/// local (the node grant stays here, as a cached key).
+fn first_acquisitions(host: &Host, ops: u64) -> anyhow::Result<(Latencies, Latencies)> {
     let client = connect(host)?;
     let run = std::process::id();
-    // The acquire alone: the release of a fresh global key is local (the
-    // node grant stays here, as a cached key).
     let mut first = Latencies::new();
     let mut first_cycle = Latencies::new();
     let start = Instant::now();
-    for i in 0..sizes.first_ops {
-        let name = format!("global/first/{run}/{i}");
+    for i in 0..ops {
+        let name = format!("global/first/{run}/{}/{i}", host.name);
         let t0 = Instant::now();
         let guard = client
             .lock_timeout(&name, LOCK_PATIENCE)
@@ -418,6 +455,21 @@ fn section_first(
     }
     first.elapsed = start.elapsed();
     first_cycle.elapsed = first.elapsed;
+    Ok((first, first_cycle))
+}
+
+/// Section 2: first acquisitions (node grants) beside etcd's own RPCs, on
+/// `host` (the default broker configuration) and on `quiet` (a broker that
+/// does not spin while a request waits).
+fn section_first(
+    host: &Host,
+    quiet: &Host,
+    etcd: &Etcd,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let (first, first_cycle) = first_acquisitions(host, sizes.first_ops)?;
+    let (quiet_first, _) = first_acquisitions(quiet, sizes.first_ops)?;
     let rpcs = etcd_rpcs(&etcd.url, sizes.first_ops)?;
     rows.push(first.row(
         "2 first",
@@ -428,6 +480,12 @@ fn section_first(
             ratio(first.p50(), rpcs.get.p50(), "get")
         ),
         String::from("fresh key each time; ops/s = acquire+release cycles"),
+    ));
+    rows.push(quiet_first.row(
+        "2 first",
+        &format!("the same, on host {}: spin_waiters_us = 0", quiet.name),
+        ratio(quiet_first.p50(), rpcs.lock.p50(), "etcd Lock"),
+        String::from("the broker sleeps while its client waits for the node grant"),
     ));
     rows.push(first_cycle.row(
         "2 first",
@@ -450,6 +508,12 @@ fn section_first(
         "etcd Lock + Unlock RPCs",
         String::new(),
         String::new(),
+    ));
+    rows.push(rpcs.grant_txn.row(
+        "2 first",
+        "node-grant txn alone (etcd-client)",
+        ratio(rpcs.grant_txn.p50(), rpcs.lock.p50(), "etcd Lock"),
+        String::from("queue+win+confirm of a free key, one txn, from this process"),
     ));
     rows.push(rpcs.get.row(
         "2 first",
@@ -654,14 +718,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let prefix = format!("/forelock-bench-{}", std::process::id());
     let hosts = HOSTS
         .iter()
-        .map(|name| start_host(name, &etcd.url, &prefix))
+        .map(|name| start_host(name, &etcd.url, &prefix, ""))
         .collect::<anyhow::Result<Vec<Host>>>()?;
+    let quiet = start_host(QUIET_HOST, &etcd.url, &prefix, NO_SPIN_WHILE_WAITING)?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     let sections: [(&str, &Section); 4] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
         ("2 first", &|rows| {
-            section_first(&hosts[0], &etcd, &sizes, rows)
+            section_first(&hosts[0], &quiet, &etcd, &sizes, rows)
         }),
         ("3 transfer", &|rows| {
             section_transfer(&hosts[0], &hosts[1], &sizes, rows)
@@ -686,7 +751,7 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "forelock bench --cluster{}: hosts a, b, c = three forelockd on this machine (loopback, no namespaces), \
+        "forelock bench --cluster{}: hosts a, b, c (and d, section 2 only) = forelockd on this machine (loopback, no namespaces), \
          one etcd member on 127.0.0.1 ({}), data dir on disk",
         if quick { " --quick" } else { "" },
         etcd.version.trim()
