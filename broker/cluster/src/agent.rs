@@ -25,6 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 /// acquisition's time goes.
 pub const TIMING_TARGET: &str = "forelock::grant_timing";
 
+/// How long after the minimum hold the agent repeats a callback.
+const CALLBACK_AGAIN_MARGIN_MS: u64 = 2;
+
 /// Low bits of a global key's fencing token: the per-host counter. It is
 /// the lock word's counter width, so a node grant can never hand out more
 /// local tokens than fit below the next revision's.
@@ -63,7 +66,9 @@ pub enum Event {
         epoch: u64,
         prefetch: bool,
     },
-    /// Another host waits for `key`: drain and release it.
+    /// Another host waits for `key`: drain and release it. Sent again
+    /// when the grant has been held `min_hold_ms` (if the first one came
+    /// earlier), so that the broker need not wait for its next tick.
     Callback { key: Vec<u8> },
     /// `key`'s node grant was released at etcd (after a `Release`).
     Released { key: Vec<u8> },
@@ -111,6 +116,11 @@ pub struct AgentStatus {
     pub fences: u64,
     /// Node grants by key: "held" or "queued".
     pub keys: HashMap<Vec<u8>, &'static str>,
+    /// Of those keys, which host holds each, as this host last saw at etcd:
+    /// its own node name once it holds the key; while it waits, the host
+    /// of the key's oldest entry when it queued. Absent when not seen (a
+    /// key queued on a retry).
+    pub holders: HashMap<Vec<u8>, String>,
     /// Gossip members (other brokers): name, address, up.
     pub members: Vec<(String, String, bool)>,
     /// Each other host's hot global keys, as it last gossiped them.
@@ -225,6 +235,8 @@ struct GossipLink<'a> {
 
 /// What a key's task reports to the session.
 enum KeyReport {
+    /// Queued behind another host, which held the key then (its name).
+    HeldBy(Vec<u8>, String),
     Granted(Vec<u8>),
     Released(Vec<u8>),
 }
@@ -309,6 +321,7 @@ impl Inner {
                     s.fences += 1;
                     s.last_error = reason.clone();
                     s.keys.clear();
+                    s.holders.clear();
                 });
                 self.lease.set(|l| l.valid_until_ns = 0);
                 tracing::error!(epoch, %reason, "fenced: every node grant of this lease is lost");
@@ -444,10 +457,17 @@ impl Inner {
                 },
                 Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
                 Some(r) = rrx.recv() => match r {
-                    KeyReport::Granted(key) => self.note(|s| { s.keys.insert(key, "held"); }),
+                    KeyReport::HeldBy(key, node) => self.note(|s| { s.holders.insert(key, node); }),
+                    KeyReport::Granted(key) => self.note(|s| {
+                        s.holders.insert(key.clone(), self.config.node.clone());
+                        s.keys.insert(key, "held");
+                    }),
                     KeyReport::Released(key) => {
                         tasks.remove(&key);
-                        self.note(|s| { s.keys.remove(&key); });
+                        self.note(|s| {
+                            s.keys.remove(&key);
+                            s.holders.remove(&key);
+                        });
                         self.emit(Event::Released { key });
                     }
                 },
@@ -566,7 +586,14 @@ async fn hold(
     step("agent: queue txn answered");
     let (own_rev, confirmed) = match queued {
         Queued::Confirmed { own_rev, confirmed } => (own_rev, confirmed),
-        Queued::Behind { own_rev, blocker } => {
+        Queued::Behind {
+            own_rev,
+            blocker,
+            holder,
+        } => {
+            if let Some(holder) = holder {
+                let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
+            }
             retry(|| etcd_lock::deleted(&c, &blocker, own_rev)).await;
             step("agent: blocker deleted");
             let Some(confirmed) =
@@ -598,6 +625,7 @@ async fn hold(
     }
     step("agent: node grant confirmed");
     let rev = confirmed.revision;
+    let granted_at = tokio::time::Instant::now();
     let _ = reports.send(KeyReport::Granted(key.clone()));
     step("agent: granted emitted");
     emit(Event::Granted {
@@ -619,12 +647,30 @@ async fn hold(
     tokio::pin!(release);
     tokio::select! {
         _ = &mut callback => {
+            step("agent: callback (another host queued)");
             emit(Event::Callback { key: key.clone() });
-            let _ = release.await;
+            // The broker lets a used grant go only once it is `min_hold_ms`
+            // old, and otherwise looks again at its next tick: say it again
+            // when that time has come (with a margin for the broker's
+            // millisecond clock and this event's way there).
+            let due = granted_at + Duration::from_millis(config.min_hold_ms + CALLBACK_AGAIN_MARGIN_MS);
+            if tokio::time::Instant::now() < due {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {
+                        emit(Event::Callback { key: key.clone() });
+                        let _ = release.await;
+                    }
+                    _ = &mut release => {}
+                }
+            } else {
+                let _ = release.await;
+            }
         }
         _ = &mut release => {}
     }
+    step("agent: release asked");
     retry(|| etcd_lock::release(&c, &n, own_rev, &confirmed.stale)).await;
+    step("agent: released at etcd");
     let _ = reports.send(KeyReport::Released(key));
 }
 

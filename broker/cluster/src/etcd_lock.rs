@@ -121,7 +121,13 @@ pub enum Queued {
     Confirmed { own_rev: i64, confirmed: Confirmed },
     /// Queued behind `blocker` (the last conflicting entry before ours, the
     /// one to watch), as the store was at revision `own_rev`.
-    Behind { own_rev: i64, blocker: Entry },
+    /// `holder`: the node name (value) of the key's oldest entry then, the
+    /// host that held the key (for `forelock locks`).
+    Behind {
+        own_rev: i64,
+        blocker: Entry,
+        holder: Option<String>,
+    },
     /// Our entry was there already (a retry of a transaction that timed out
     /// but happened): find the blocker and confirm as usual.
     Already { own_rev: i64 },
@@ -181,7 +187,16 @@ pub async fn queue_and_look(
         .with_keys_only()
         .with_sort(SortTarget::Create, SortOrder::Descend)
         .with_limit(if shared { 1 } else { 2 });
-    let win = win.or_else([put_own(), TxnOp::get(conflicting.as_str(), Some(look))]);
+    // And the oldest entry: the holder (its value is its host's name).
+    let oldest = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    let win = win.or_else([
+        put_own(),
+        TxnOp::get(conflicting.as_str(), Some(look)),
+        TxnOp::get(n.dir.as_str(), Some(oldest)),
+    ]);
     let txn = Txn::new()
         .when([Compare::create_revision(
             n.own.as_str(),
@@ -229,9 +244,14 @@ pub async fn queue_and_look(
             },
         });
     }
-    let [newest] = gets.as_slice() else {
+    let [newest, oldest] = gets.as_slice() else {
         return Err(EtcdError::NoHeader);
     };
+    let holder = oldest
+        .kvs()
+        .first()
+        .filter(|kv| kv.key() != n.own.as_bytes())
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
     // The compare failed, so a conflicting entry other than ours exists.
     let blocker = newest
         .kvs()
@@ -242,7 +262,11 @@ pub async fn queue_and_look(
             create_revision: kv.create_revision(),
         })
         .ok_or(EtcdError::NoHeader)?;
-    Ok(Queued::Behind { own_rev, blocker })
+    Ok(Queued::Behind {
+        own_rev,
+        blocker,
+        holder,
+    })
 }
 
 /// Whether an entry created after ours is among `entries`.

@@ -33,6 +33,12 @@ pub trait ClusterLink {
     /// Whether grants under lease `epoch` are still safe now.
     fn lease_valid(&self, epoch: u64) -> bool;
     fn min_hold_ms(&self) -> u64;
+    /// The clock of the minimum hold (CLOCK_MONOTONIC, ms), read when
+    /// needed: the engine's `now_ms` moves only at its ticks (10 ms), and a
+    /// transfer between hosts would wait for the next one.
+    fn now_ms(&self) -> u64 {
+        shm_layout::monotonic_ns() / 1_000_000
+    }
 }
 
 /// This host's node grant on one global key.
@@ -120,12 +126,12 @@ impl Nodes {
         self.link.is_global(key)
     }
 
-    /// Whether a local process may be granted `key` (`shared` or not) at
-    /// `now_ms`. After a callback, local grants go on until the node grant is
+    /// Whether a local process may be granted `key` (`shared` or not) now
+    /// (the link's clock, not the engine's tick-old one). After a callback, local grants go on until the node grant is
     /// `min_hold_ms` old (a used one; an unused one yields at once).
-    pub(super) fn admits(&self, key: &[u8], shared: bool, now_ms: u64) -> bool {
+    pub(super) fn admits(&self, key: &[u8], shared: bool, _engine_now_ms: u64) -> bool {
         self.grants.get(key).is_some_and(|g| {
-            let ending = g.callback && g.held_enough(now_ms, self.link.min_hold_ms());
+            let ending = g.callback && g.held_enough(self.link.now_ms(), self.link.min_hold_ms());
             !ending
                 && !g.releasing
                 && g.issued < g.limit
@@ -235,7 +241,7 @@ impl LockManager {
                         epoch,
                         issued: base,
                         limit: base + shm_layout::lockword::COUNTER_MASK,
-                        granted_ms: self.now_ms,
+                        granted_ms: nodes.link.now_ms(),
                         used: false,
                         prefetch,
                         awaited,
@@ -391,10 +397,10 @@ impl LockManager {
     /// it must go and no local holder is left; ask for it if local processes
     /// wait and it is not here.
     pub(super) fn settle(&mut self, key: &[u8]) {
-        let now = self.now_ms;
         let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
+        let now = nodes.link.now_ms();
         if !nodes.is_global(key) {
             return;
         }
@@ -408,6 +414,7 @@ impl LockManager {
                 || (g.shared && head == Some(false))
                 || !nodes.link.lease_valid(g.epoch);
             if must_go && free && !g.releasing {
+                timing(key, "broker: release sent");
                 g.releasing = true;
                 nodes.releasing.insert(key.to_vec());
                 nodes.link.send(Command::Release {

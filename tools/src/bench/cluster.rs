@@ -21,7 +21,10 @@
 //! 3. one key alternating between hosts `a` and `b`: the wait of each
 //!    acquisition, every one a node-grant handover through etcd;
 //! 4. one key taken in a loop by two clients on each of the three hosts:
-//!    throughput, waits, grants per host, node-grant handovers.
+//!    throughput, waits, grants per host, node-grant handovers;
+//! 5. a lock trace split across three hosts by client, every key global,
+//!    with prediction off and on: acquire latency, the prefetch hit rate and
+//!    what unused prefetches cost other hosts ([`section_trace`]).
 //!
 //! Any failed lock, lost hold or overlap of two holders is an error: the
 //! command then fails after printing what it measured. Timings are never
@@ -39,7 +42,8 @@ use hdrhistogram::Histogram;
 
 use super::report::format_ns;
 use super::support::{
-    ChildGuard, TempDir, etcd_log, find_binary, poll_until, spawn_loopback_etcd, start_forelockd,
+    ChildGuard, TempDir, die_with_parent, etcd_log, find_binary, poll_until, spawn_loopback_etcd,
+    start_forelockd,
 };
 
 /// How long any single acquisition may wait before the bench calls it a failure.
@@ -58,6 +62,8 @@ struct Sizes {
     first_ops: u64,
     handovers: u64,
     contention: Duration,
+    /// Section 5: how much of the trace (from its start) is replayed.
+    trace: Duration,
 }
 
 impl Sizes {
@@ -69,6 +75,7 @@ impl Sizes {
                 first_ops: 20,
                 handovers: 20,
                 contention: Duration::from_millis(400),
+                trace: Duration::from_secs(1),
             }
         } else {
             Sizes {
@@ -77,6 +84,7 @@ impl Sizes {
                 first_ops: 300,
                 handovers: 300,
                 contention: Duration::from_secs(3),
+                trace: Duration::from_secs(5),
             }
         }
     }
@@ -204,17 +212,20 @@ struct Host {
 /// waiter waits for a node grant).
 const NO_SPIN_WHILE_WAITING: &str = "[broker]\nspin_waiters_us = 0\n";
 
+/// A broker with `[cluster]` for host `name`, allocator policy `policy`
+/// (`keep-alive` but in section 5), and `broker` as its `[broker]` section.
 fn start_host(
     name: &'static str,
     etcd_url: &str,
     prefix: &str,
     broker: &str,
+    policy: &str,
 ) -> anyhow::Result<Host> {
     let binary = super::forelock::broker_binary()
         .context("forelockd is not beside this executable nor on PATH")?;
     let dir = TempDir::new(&format!("cluster-{name}"))?;
     let config = format!(
-        "{broker}\n[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n\
+        "{broker}\n[allocator]\npolicy = \"{policy}\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 65536\n\n\
          [cluster]\nnode = \"{name}\"\netcd = [\"{etcd_url}\"]\netcd_prefix = \"{prefix}\"\n\
          {CLUSTER_SETTINGS}"
     );
@@ -706,6 +717,248 @@ fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> any
     Ok(())
 }
 
+/// Section 5's trace, unless `FORELOCK_CLUSTER_TRACE` names another: the
+/// issue's `../shared/traces/tpcc-pg-a.csv.gz`, from the working directory
+/// or from the repository this was built from.
+const TRACE_ENV: &str = "FORELOCK_CLUSTER_TRACE";
+const TRACE_NAME: &str = "tpcc-pg-a.csv.gz";
+/// A replayed hold lasts at most this long (the trace's median is 9 ms, as
+/// long as its transactions; one at a time, a client would fall behind).
+const TRACE_HOLD_CAP: Duration = Duration::from_millis(1);
+/// A row reached later than this after it was due is skipped (counted).
+const TRACE_MAX_LATE: Duration = Duration::from_secs(1);
+/// Prediction off and on: the allocator policy of each host's broker.
+const TRACE_MODES: [(&str, &str); 2] = [("off", "none"), ("on", "forecast")];
+
+fn trace_path() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(TRACE_ENV) {
+        return Some(PathBuf::from(path));
+    }
+    [
+        PathBuf::from("../shared/traces").join(TRACE_NAME),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/traces")
+            .join(TRACE_NAME),
+    ]
+    .into_iter()
+    .find(|path| path.is_file())
+}
+
+/// One row of the trace as a client replays it.
+#[derive(Clone, Copy)]
+struct TraceRow {
+    due: Duration,
+    key_hash: u64,
+    shared: bool,
+    hold: Duration,
+}
+
+/// What one mode of section 5 measured.
+struct TraceRun {
+    latencies: Latencies,
+    skipped: u64,
+    /// Summed over the hosts' cluster.json.
+    prefetch_hits: u64,
+    first_uses_waited: u64,
+    prefetch_unused: u64,
+    prefetch_unused_wait_us: u64,
+}
+
+/// Section 5: the first `seconds` of a lock trace split across three hosts
+/// by client (trace client `c` runs on host `c % 3`), every key global
+/// (`global/<16 hex digits of the trace key's hash>`), with prediction off
+/// (allocator policy `none`: nothing is prefetched) and on (`forecast`, with
+/// a `forelock-predictor` per host: a global key it scores above the
+/// threshold has its node grant prefetched). Each mode runs on three fresh
+/// brokers with an etcd prefix of its own. Each client replays its rows one
+/// at a time, at the rows' times (speed 1): acquire (measured), hold
+/// `min(hold_us, 1 ms)`, release; so no client holds two keys and no wait
+/// can be a deadlock across hosts.
+fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let Some(path) = trace_path() else {
+        bail!(
+            "no trace: set {TRACE_ENV} to a lock trace (the format of shared/traces/README.md), \
+             e.g. tpcc-pg-a.csv.gz"
+        );
+    };
+    let trace = forelock_predictor::trace::read_trace_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let limit_us = sizes.trace.as_micros() as u64;
+    let mut per_client: Vec<Vec<TraceRow>> = Vec::new();
+    for event in trace.events.iter().take_while(|e| e.ts_us < limit_us) {
+        let client = event.client as usize;
+        if per_client.len() <= client {
+            per_client.resize(client + 1, Vec::new());
+        }
+        per_client[client].push(TraceRow {
+            due: Duration::from_micros(event.ts_us),
+            key_hash: event.key_hash,
+            shared: event.mode == forelock_predictor::trace::Mode::Shared,
+            hold: Duration::from_micros(event.hold_us).min(TRACE_HOLD_CAP),
+        });
+    }
+    let total: usize = per_client.iter().map(Vec::len).sum();
+    let keys: std::collections::HashSet<u64> = per_client
+        .iter()
+        .flatten()
+        .map(|row| row.key_hash)
+        .collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (mode, policy) in TRACE_MODES {
+        let run = trace_mode(etcd, policy, &per_client)?;
+        let first_uses = run.prefetch_hits + run.first_uses_waited;
+        let hit_rate = if first_uses > 0 {
+            run.prefetch_hits as f64 / first_uses as f64
+        } else {
+            0.0
+        };
+        rows.push(run.latencies.row(
+            "5 trace",
+            &format!(
+                "{name} first {} s, prediction {mode}",
+                sizes.trace.as_secs_f64()
+            ),
+            String::new(),
+            format!(
+                "{total} rows, {} keys, {} clients on 3 hosts, {} skipped (>1 s late); \
+                 prefetch hit rate {:.1}% ({}/{first_uses} first uses of a node grant); \
+                 {} unused prefetches cost other hosts {} waiting",
+                keys.len(),
+                per_client.iter().filter(|r| !r.is_empty()).count(),
+                run.skipped,
+                hit_rate * 100.0,
+                run.prefetch_hits,
+                run.prefetch_unused,
+                format_ns(run.prefetch_unused_wait_us.saturating_mul(1000)),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One mode of section 5 on three fresh brokers (policy `policy`).
+fn trace_mode(etcd: &Etcd, policy: &str, per_client: &[Vec<TraceRow>]) -> anyhow::Result<TraceRun> {
+    let prefix = format!("/forelock-bench-{}-trace-{policy}", std::process::id());
+    let hosts = HOSTS
+        .iter()
+        .map(|name| start_host(name, &etcd.url, &prefix, "", policy))
+        .collect::<anyhow::Result<Vec<Host>>>()?;
+    // Declared after the hosts: dropped (killed) first.
+    let _predictors = if policy == "forecast" {
+        hosts
+            .iter()
+            .map(start_predictor)
+            .collect::<anyhow::Result<Vec<ChildGuard>>>()?
+    } else {
+        Vec::new()
+    };
+    let skipped = AtomicU64::new(0);
+    let start = Instant::now();
+    let replay = |client: usize, rows: &[TraceRow]| -> anyhow::Result<Latencies> {
+        let host = &hosts[client % hosts.len()];
+        let connection = connect(host)?;
+        let mut latencies = Latencies::new();
+        for row in rows {
+            let now = start.elapsed();
+            if now < row.due {
+                std::thread::sleep(row.due - now);
+            } else if now - row.due > TRACE_MAX_LATE {
+                skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let key = format!("global/{:016x}", row.key_hash);
+            let t0 = Instant::now();
+            let guard = if row.shared {
+                connection.lock_shared_timeout(&key, LOCK_PATIENCE)
+            } else {
+                connection.lock_timeout(&key, LOCK_PATIENCE)
+            }
+            .with_context(|| format!("host {}: lock {key}", host.name))?;
+            latencies.record(t0.elapsed());
+            std::thread::sleep(row.hold);
+            guard
+                .release()
+                .with_context(|| format!("host {}: release {key}", host.name))?;
+        }
+        latencies.elapsed = start.elapsed();
+        Ok(latencies)
+    };
+    let results: Vec<anyhow::Result<Latencies>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = per_client
+            .iter()
+            .enumerate()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(client, rows)| scope.spawn(move || replay(client, rows)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("trace replay thread panicked"))
+            .collect()
+    });
+    let mut run = TraceRun {
+        latencies: Latencies::new(),
+        skipped: skipped.load(Ordering::Relaxed),
+        prefetch_hits: 0,
+        first_uses_waited: 0,
+        prefetch_unused: 0,
+        prefetch_unused_wait_us: 0,
+    };
+    for result in results {
+        let latencies = result?;
+        run.latencies
+            .histogram
+            .add(&latencies.histogram)
+            .context("merging histograms")?;
+        run.latencies.elapsed = run.latencies.elapsed.max(latencies.elapsed);
+    }
+    // cluster.json is rewritten every 500 ms: read it once more after that.
+    std::thread::sleep(Duration::from_millis(700));
+    for host in &hosts {
+        let status = read_cluster_status(host)?;
+        let count = |field: &str| status[field].as_u64().unwrap_or(0);
+        run.prefetch_hits += count("prefetch_hits");
+        run.first_uses_waited += count("first_uses_waited");
+        run.prefetch_unused += count("prefetch_unused");
+        run.prefetch_unused_wait_us += count("prefetch_unused_wait_us");
+    }
+    Ok(run)
+}
+
+fn read_cluster_status(host: &Host) -> anyhow::Result<serde_json::Value> {
+    let path = host.runtime_dir.join("cluster.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A `forelock-predictor` for `host`'s broker (beside this executable).
+fn start_predictor(host: &Host) -> anyhow::Result<ChildGuard> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let binary = exe.with_file_name("forelock-predictor");
+    if !binary.is_file() {
+        bail!(
+            "prediction on needs {} (cargo build --release -p forelock-predictor)",
+            binary.display()
+        );
+    }
+    let mut command = Command::new(&binary);
+    command
+        .arg("--runtime-dir")
+        .arg(&host.runtime_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Ok(ChildGuard::new(
+        die_with_parent(&mut command)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?,
+    ))
+}
+
 use forelock_cluster::agent::COUNTER_BITS as TOKEN_COUNTER_BITS;
 
 /// One section of the run: it appends its rows.
@@ -718,12 +971,18 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let prefix = format!("/forelock-bench-{}", std::process::id());
     let hosts = HOSTS
         .iter()
-        .map(|name| start_host(name, &etcd.url, &prefix, ""))
+        .map(|name| start_host(name, &etcd.url, &prefix, "", "keep-alive"))
         .collect::<anyhow::Result<Vec<Host>>>()?;
-    let quiet = start_host(QUIET_HOST, &etcd.url, &prefix, NO_SPIN_WHILE_WAITING)?;
+    let quiet = start_host(
+        QUIET_HOST,
+        &etcd.url,
+        &prefix,
+        NO_SPIN_WHILE_WAITING,
+        "keep-alive",
+    )?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    let sections: [(&str, &Section); 4] = [
+    let sections: [(&str, &Section); 5] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
         ("2 first", &|rows| {
             section_first(&hosts[0], &quiet, &etcd, &sizes, rows)
@@ -734,6 +993,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         ("4 contention", &|rows| {
             section_contention(&hosts, &sizes, rows)
         }),
+        ("5 trace", &|rows| section_trace(&etcd, &sizes, rows)),
     ];
     for (name, section) in sections {
         if let Err(error) = section(&mut rows) {
