@@ -9,7 +9,7 @@
 //! self-fence of docs/cluster.md).
 
 use crate::config::ClusterConfig;
-use crate::etcd_lock::{self, EtcdError, Names, Queued};
+use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use etcd_client::{Client, ConnectOptions};
 use std::collections::HashMap;
@@ -675,7 +675,8 @@ async fn hold(
 }
 
 /// Steps 2-4 for an entry already queued at `own_rev`: wait until no entry
-/// blocks it, then confirm. `None`: our entry is gone (the lease was lost;
+/// blocks it, then confirm (a writer: both in one transaction each time it
+/// looks). `None`: our entry is gone (the lease was lost;
 /// the session fences).
 async fn wait_and_confirm(
     c: &Client,
@@ -685,6 +686,18 @@ async fn wait_and_confirm(
     shared: bool,
     own_rev: i64,
 ) -> Option<etcd_lock::Confirmed> {
+    if !shared {
+        // A writer looks and confirms in one transaction.
+        loop {
+            match retry(|| etcd_lock::confirm_if_first(c, n, own_rev, node, lease)).await {
+                First::Confirmed(confirmed) => return Some(confirmed),
+                First::Gone => return None,
+                First::Behind { blocker, seen_at } => {
+                    retry(|| etcd_lock::deleted(c, &blocker, seen_at)).await;
+                }
+            }
+        }
+    }
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };

@@ -319,6 +319,110 @@ pub async fn blocker(
     Ok((found, rev))
 }
 
+/// What [`confirm_if_first`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum First {
+    /// No entry before ours: confirmed (steps 3-4).
+    Confirmed(Confirmed),
+    /// `blocker` is before ours (the last one: our predecessor), as the
+    /// store was at revision `seen_at`.
+    Behind { blocker: Entry, seen_at: i64 },
+    /// Our entry is gone (the lease was lost).
+    Gone,
+}
+
+/// Steps 2-4 for a writer's entry queued at `own_rev`, in one round trip:
+/// one transaction guarded by `create_revision(own) == own_rev` and by a
+/// range compare, `create_revision > own_rev - 1` over every entry of the
+/// key (ours among them, so the range is never empty: etcd compares an
+/// empty range as one key with revision 0). When both hold, no entry is
+/// before ours and the transaction confirms as [`confirm`] does; else it
+/// reads our entry and our predecessor, which [`blocker`] would have
+/// answered. A reader's entry has no such compare (its blockers are the
+/// writers before it, a range that may be empty): it looks, then confirms.
+pub async fn confirm_if_first(
+    c: &Client,
+    n: &Names,
+    own_rev: i64,
+    node: &str,
+    lease: i64,
+) -> Result<First, EtcdError> {
+    let mut c = c.clone();
+    let txn = Txn::new()
+        .when([
+            Compare::create_revision(n.own.as_str(), CompareOp::Equal, own_rev),
+            Compare::create_revision(n.dir.as_str(), CompareOp::Greater, own_rev - 1).with_prefix(),
+        ])
+        .and_then([
+            TxnOp::put(
+                n.own.as_str(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+            TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(
+                n.dir.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        ])
+        .or_else([
+            TxnOp::get(n.own.as_str(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(
+                n.dir.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(own_rev - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            ),
+        ]);
+    let resp = timed(c.txn(txn)).await?;
+    let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+    let succeeded = resp.succeeded();
+    let gets: Vec<GetResponse> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let [first, second] = gets.as_slice() else {
+        return Err(EtcdError::NoHeader);
+    };
+    if succeeded {
+        return Ok(First::Confirmed(Confirmed {
+            revision,
+            stale: stale_markers(n, first, second),
+            behind: any_behind(second, own_rev),
+        }));
+    }
+    if first
+        .kvs()
+        .first()
+        .is_none_or(|kv| kv.create_revision() != own_rev)
+    {
+        return Ok(First::Gone);
+    }
+    // The compare failed with our entry in place: an entry is before ours.
+    let blocker = second
+        .kvs()
+        .first()
+        .map(|kv| Entry {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+        })
+        .ok_or(EtcdError::NoHeader)?;
+    Ok(First::Behind {
+        blocker,
+        seen_at: revision,
+    })
+}
+
 /// Step 2, waiting: returns once the entry `blocker`, which we saw at
 /// revision `seen_at`, is deleted. (Its host may have queued again since, under
 /// the same name: an entry of that name created later is not it.)

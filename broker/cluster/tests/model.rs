@@ -27,7 +27,7 @@
 //! | `Send` | an RPC: etcd applies it at once (its linearization point); the answer is then in flight. Also the retry after a loss. A lost request is a request not sent yet |
 //! | `Deliver`, `DropReply` | the answer arrives (and the host sends its next request at once), or is lost |
 //! | etcd applies `Queue` | step 1 (`etcd_lock::queue_and_look`): txn `create_revision == 0` creates the key on the lease; its create revision `C` is the place (a retry finds the key and answers its `C`). In the same txn: with no conflicting key before it, the host has **won and is confirmed** at once (token base `R = C`, held marker, stale markers read: steps 2-4); else it answers the predecessor to watch |
-//! | etcd applies `Check` | step 2, **Wait**: blocked by an earlier conflicting key (answers the last one, the predecessor it watches), or **won**: the grant check against create revisions |
+//! | etcd applies `Check` | step 2, **Wait**: blocked by an earlier conflicting key (answers the last one, the predecessor it watches), or **won**: the grant check against create revisions. A writer's check also confirms in the same txn when it wins (`etcd_lock::confirm_if_first`: a range compare on create revisions); a reader wins, then confirms |
 //! | etcd applies `Confirm` | step 3, **Confirm**: txn guarded by `create_revision(own) == C`; its revision is the token base `R` |
 //! | (reaction) reconfirm | step 3: when `n` would pass its limit (`n_max` here, `2^20 - 1` in the design) the host confirms again |
 //! | `LockDelayElapsed` | step 4, **Lock-delay** |
@@ -430,7 +430,20 @@ impl NodeGrantModel {
                         .unwrap_or_default(),
                     LockDelayRule::HeldMarkers => Vec::new(),
                 };
-                Reply::Won { delay }
+                if me.mode == Mode::Shared {
+                    return Reply::Won { delay };
+                }
+                // A writer's Check is etcd_lock::confirm_if_first: the same
+                // txn confirms when nothing is before it.
+                let Reply::Confirmed { base, mut stale } =
+                    self.apply(etcd, who, &Request::Confirm { create: *create })
+                else {
+                    unreachable!("our key is there: the confirm applies");
+                };
+                stale.extend(delay);
+                stale.sort();
+                stale.dedup();
+                Reply::Confirmed { base, stale }
             }
             Request::Confirm { create } => {
                 if own(etcd, *create).is_none() {
@@ -807,6 +820,22 @@ impl Model for NodeGrantModel {
                         create,
                         pred: Some(p),
                     },
+                    (Phase::Waiting { mode, create, .. }, Reply::Confirmed { base, stale }) => {
+                        if !stale.is_empty() {
+                            s.lock_delay_waited = true;
+                        }
+                        Phase::Held(Held {
+                            mode,
+                            create,
+                            base,
+                            n: 0,
+                            delay_done: stale.is_empty(),
+                            delay: stale,
+                            callback: false,
+                            draining: false,
+                            reconfirming: false,
+                        })
+                    }
                     (Phase::Waiting { mode, create, .. }, Reply::Won { delay }) => {
                         Phase::Confirming {
                             mode,
