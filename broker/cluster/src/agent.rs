@@ -25,8 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 /// acquisition's time goes.
 pub const TIMING_TARGET: &str = "forelock::grant_timing";
 
-/// How long after the minimum hold the agent repeats a callback.
-const CALLBACK_AGAIN_MARGIN_MS: u64 = 2;
+/// How long after the minimum hold the agent repeats a callback: the
+/// broker stamps the grant when it applies `Granted`, a little after the
+/// agent sent it (about 0.1 ms; the broker's next tick is the fallback).
+const CALLBACK_AGAIN_MARGIN: Duration = Duration::from_micros(500);
 
 /// Low bits of a global key's fencing token: the per-host counter. It is
 /// the lock word's counter width, so a node grant can never hand out more
@@ -651,9 +653,8 @@ async fn hold(
             emit(Event::Callback { key: key.clone() });
             // The broker lets a used grant go only once it is `min_hold_ms`
             // old, and otherwise looks again at its next tick: say it again
-            // when that time has come (with a margin for the broker's
-            // millisecond clock and this event's way there).
-            let due = granted_at + Duration::from_millis(config.min_hold_ms + CALLBACK_AGAIN_MARGIN_MS);
+            // when that time has come.
+            let due = granted_at + Duration::from_millis(config.min_hold_ms) + CALLBACK_AGAIN_MARGIN;
             if tokio::time::Instant::now() < due {
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {

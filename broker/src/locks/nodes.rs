@@ -33,11 +33,11 @@ pub trait ClusterLink {
     /// Whether grants under lease `epoch` are still safe now.
     fn lease_valid(&self, epoch: u64) -> bool;
     fn min_hold_ms(&self) -> u64;
-    /// The clock of the minimum hold (CLOCK_MONOTONIC, ms), read when
+    /// The clock of the minimum hold (CLOCK_MONOTONIC, µs), read when
     /// needed: the engine's `now_ms` moves only at its ticks (10 ms), and a
     /// transfer between hosts would wait for the next one.
-    fn now_ms(&self) -> u64 {
-        shm_layout::monotonic_ns() / 1_000_000
+    fn now_us(&self) -> u64 {
+        shm_layout::monotonic_ns() / 1_000
     }
 }
 
@@ -49,7 +49,7 @@ struct NodeGrant {
     /// The last token granted locally under this node grant.
     issued: u64,
     limit: u64,
-    granted_ms: u64,
+    granted_us: u64,
     /// A local process took the key under this grant.
     used: bool,
     prefetch: bool,
@@ -71,8 +71,8 @@ struct NodeGrant {
 impl NodeGrant {
     /// Whether a callback may end this grant now: it was never used here, or
     /// it is at least `min_hold_ms` old (no ping-pong between hosts).
-    fn held_enough(&self, now_ms: u64, min_hold_ms: u64) -> bool {
-        !self.used || self.hinted || now_ms >= self.granted_ms + min_hold_ms
+    fn held_enough(&self, now_us: u64, min_hold_ms: u64) -> bool {
+        !self.used || self.hinted || now_us >= self.granted_us + min_hold_ms * 1000
     }
 }
 
@@ -131,7 +131,7 @@ impl Nodes {
     /// `min_hold_ms` old (a used one; an unused one yields at once).
     pub(super) fn admits(&self, key: &[u8], shared: bool, _engine_now_ms: u64) -> bool {
         self.grants.get(key).is_some_and(|g| {
-            let ending = g.callback && g.held_enough(self.link.now_ms(), self.link.min_hold_ms());
+            let ending = g.callback && g.held_enough(self.link.now_us(), self.link.min_hold_ms());
             !ending
                 && !g.releasing
                 && g.issued < g.limit
@@ -241,7 +241,7 @@ impl LockManager {
                         epoch,
                         issued: base,
                         limit: base + shm_layout::lockword::COUNTER_MASK,
-                        granted_ms: nodes.link.now_ms(),
+                        granted_us: nodes.link.now_us(),
                         used: false,
                         prefetch,
                         awaited,
@@ -400,7 +400,7 @@ impl LockManager {
         let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
-        let now = nodes.link.now_ms();
+        let now = nodes.link.now_us();
         if !nodes.is_global(key) {
             return;
         }
