@@ -58,10 +58,16 @@ pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let counts = manager.node_counts().unwrap_or_default();
-    let mut keys: Vec<(String, &str)> = status
+    let mut keys: Vec<(String, &str, Option<&String>)> = status
         .keys
         .iter()
-        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), *v))
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                *v,
+                status.holders.get(k),
+            )
+        })
         .collect();
     keys.sort();
     let json = serde_json::json!({
@@ -77,12 +83,15 @@ pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
         "fences": status.fences,
         "members": status.members.iter().map(|(n, a, up)| serde_json::json!({"node": n, "addr": a, "up": up})).collect::<Vec<_>>(),
         "hot": status.hot,
-        "keys": keys.iter().map(|(k, v)| serde_json::json!({"key": k, "state": v})).collect::<Vec<_>>(),
+        "key_prefix": agent.config.key_prefix,
+        "keys": keys.iter().map(|(k, v, h)| serde_json::json!({"key": k, "state": v, "holder": h})).collect::<Vec<_>>(),
         "node_grants": counts.held,
         "wanted": counts.wanted,
         "lost_holds": counts.lost_holds,
         "prefetch_hits": counts.prefetch_hits,
         "prefetch_unused": counts.prefetch_unused,
+        "prefetch_unused_wait_us": counts.prefetch_unused_wait_us,
+        "first_uses_waited": counts.first_uses_waited,
     });
     let path: PathBuf = dir.join(STATUS_FILE);
     let tmp = dir.join(".cluster.json.tmp");

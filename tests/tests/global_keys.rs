@@ -120,10 +120,20 @@ fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
     let ca = forelock::Client::connect_to(da.path()).unwrap();
     let held = ca.lock("global/x").unwrap();
     let old = held.token();
-    let lease = status(da.path())["lease"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // cluster.json is rewritten every 500 ms: the one there may predate the
+    // lease (id "0") though the lock above was granted under it.
+    let end = Instant::now() + PATIENCE;
+    let lease = loop {
+        let id = status(da.path())["lease"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if id != "0" {
+            break id;
+        }
+        assert!(Instant::now() < end, "cluster.json never showed a lease");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     etcdctl(&etcd.url, &["lease", "revoke", &lease]).expect("etcdctl lease revoke");
     let end = Instant::now() + PATIENCE;
     while status(da.path())["fences"].as_u64() == Some(0) {

@@ -9,7 +9,7 @@
 //! self-fence of docs/cluster.md).
 
 use crate::config::ClusterConfig;
-use crate::etcd_lock::{self, EtcdError, Names};
+use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use etcd_client::{Client, ConnectOptions};
 use std::collections::HashMap;
@@ -17,6 +17,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// The `tracing` target of the timestamps (`at_ns`, CLOCK_MONOTONIC) the
+/// agent and the broker's node gate log at each step of a node grant, from
+/// the broker's `Want` to its local grant: turn them on with
+/// `FORELOCK_LOG=forelock::grant_timing=debug` to see where a first
+/// acquisition's time goes.
+pub const TIMING_TARGET: &str = "forelock::grant_timing";
+
+/// How long after the minimum hold the agent repeats a callback: the
+/// broker stamps the grant when it applies `Granted`, a little after the
+/// agent sent it (about 0.1 ms; the broker's next tick is the fallback).
+const CALLBACK_AGAIN_MARGIN: Duration = Duration::from_micros(500);
 
 /// Low bits of a global key's fencing token: the per-host counter. It is
 /// the lock word's counter width, so a node grant can never hand out more
@@ -56,7 +68,9 @@ pub enum Event {
         epoch: u64,
         prefetch: bool,
     },
-    /// Another host waits for `key`: drain and release it.
+    /// Another host waits for `key`: drain and release it. Sent again
+    /// when the grant has been held `min_hold_ms` (if the first one came
+    /// earlier), so that the broker need not wait for its next tick.
     Callback { key: Vec<u8> },
     /// `key`'s node grant was released at etcd (after a `Release`).
     Released { key: Vec<u8> },
@@ -104,6 +118,11 @@ pub struct AgentStatus {
     pub fences: u64,
     /// Node grants by key: "held" or "queued".
     pub keys: HashMap<Vec<u8>, &'static str>,
+    /// Of those keys, which host holds each, as this host last saw at etcd:
+    /// its own node name once it holds the key; while it waits, the host
+    /// of the key's oldest entry when it queued. Absent when not seen (a
+    /// key queued on a retry).
+    pub holders: HashMap<Vec<u8>, String>,
     /// Gossip members (other brokers): name, address, up.
     pub members: Vec<(String, String, bool)>,
     /// Each other host's hot global keys, as it last gossiped them.
@@ -218,6 +237,8 @@ struct GossipLink<'a> {
 
 /// What a key's task reports to the session.
 enum KeyReport {
+    /// Queued behind another host, which held the key then (its name).
+    HeldBy(Vec<u8>, String),
     Granted(Vec<u8>),
     Released(Vec<u8>),
 }
@@ -302,6 +323,7 @@ impl Inner {
                     s.fences += 1;
                     s.last_error = reason.clone();
                     s.keys.clear();
+                    s.holders.clear();
                 });
                 self.lease.set(|l| l.valid_until_ns = 0);
                 tracing::error!(epoch, %reason, "fenced: every node grant of this lease is lost");
@@ -407,6 +429,7 @@ impl Inner {
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
+                        let wanted_ns = monotonic_ns();
                         if prefetch && let Some(g) = gossip {
                             // "I will want K": a holder elsewhere that no
                             // longer needs it may let it go early.
@@ -420,7 +443,7 @@ impl Inner {
                         let (tx, rx) = oneshot::channel();
                         let handle = tokio::spawn(hold(
                             client.clone(), self.config.clone(), key.clone(), shared, prefetch,
-                            lease, epoch, rx, rtx.clone(), self.outbox.clone(),
+                            lease, epoch, rx, rtx.clone(), self.outbox.clone(), wanted_ns,
                         ));
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
@@ -436,10 +459,17 @@ impl Inner {
                 },
                 Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
                 Some(r) = rrx.recv() => match r {
-                    KeyReport::Granted(key) => self.note(|s| { s.keys.insert(key, "held"); }),
+                    KeyReport::HeldBy(key, node) => self.note(|s| { s.holders.insert(key, node); }),
+                    KeyReport::Granted(key) => self.note(|s| {
+                        s.holders.insert(key.clone(), self.config.node.clone());
+                        s.keys.insert(key, "held");
+                    }),
                     KeyReport::Released(key) => {
                         tasks.remove(&key);
-                        self.note(|s| { s.keys.remove(&key); });
+                        self.note(|s| {
+                            s.keys.remove(&key);
+                            s.holders.remove(&key);
+                        });
                         self.emit(Event::Released { key });
                     }
                 },
@@ -538,20 +568,51 @@ async fn hold(
     release: oneshot::Receiver<()>,
     reports: mpsc::UnboundedSender<KeyReport>,
     outbox: Outbox,
+    wanted_ns: u64,
 ) {
     let emit = |e: Event| outbox.emit(e);
+    let step = |name: &'static str| {
+        tracing::debug!(
+            target: TIMING_TARGET,
+            key = %String::from_utf8_lossy(&key),
+            step = name,
+            at_ns = monotonic_ns(),
+            since_want_us = monotonic_ns().saturating_sub(wanted_ns) / 1000,
+        );
+    };
+    step("agent: want received");
     let n = Names::new(&config.etcd_prefix, &key, shared, lease);
-    let own_rev = retry(|| etcd_lock::queue(&c, &n, &config.node, lease)).await;
-    // Wait for every blocker to go.
-    loop {
-        let (blocker, rev) = retry(|| etcd_lock::blocker(&c, &n, own_rev, shared)).await;
-        let Some(entry) = blocker else { break };
-        retry(|| etcd_lock::deleted(&c, &entry, rev + 1)).await;
-    }
-    let Some(confirmed) = retry(|| etcd_lock::confirm(&c, &n, own_rev, &config.node, lease)).await
-    else {
-        // Our entry is gone: the lease was lost; the session fences.
-        return;
+    // Steps 1-4 in one transaction when nothing blocks; else queued, with
+    // the blocker read in the same transaction.
+    let queued = retry(|| etcd_lock::queue_and_look(&c, &n, &config.node, lease, shared)).await;
+    step("agent: queue txn answered");
+    let (own_rev, confirmed) = match queued {
+        Queued::Confirmed { own_rev, confirmed } => (own_rev, confirmed),
+        Queued::Behind {
+            own_rev,
+            blocker,
+            holder,
+        } => {
+            if let Some(holder) = holder {
+                let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
+            }
+            retry(|| etcd_lock::deleted(&c, &blocker, own_rev)).await;
+            step("agent: blocker deleted");
+            let Some(confirmed) =
+                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+            else {
+                return;
+            };
+            (own_rev, confirmed)
+        }
+        Queued::Already { own_rev } => {
+            let Some(confirmed) =
+                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+            else {
+                return;
+            };
+            (own_rev, confirmed)
+        }
     };
     if !confirmed.stale.is_empty() {
         // A holder went away without a clean release: its local holders may
@@ -564,8 +625,11 @@ async fn hold(
         );
         tokio::time::sleep(Duration::from_millis(config.lock_delay_ms)).await;
     }
+    step("agent: node grant confirmed");
     let rev = confirmed.revision;
+    let granted_at = tokio::time::Instant::now();
     let _ = reports.send(KeyReport::Granted(key.clone()));
+    step("agent: granted emitted");
     emit(Event::Granted {
         key: key.clone(),
         shared,
@@ -575,20 +639,79 @@ async fn hold(
     });
     let watch_client = c.clone();
     let watch_names = n.clone();
+    let behind = confirmed.behind;
     let callback = async move {
-        retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev)).await;
+        if !behind {
+            retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev, rev)).await;
+        }
     };
     tokio::pin!(callback);
     tokio::pin!(release);
     tokio::select! {
         _ = &mut callback => {
+            step("agent: callback (another host queued)");
             emit(Event::Callback { key: key.clone() });
-            let _ = release.await;
+            // The broker lets a used grant go only once it is `min_hold_ms`
+            // old, and otherwise looks again at its next tick: say it again
+            // when that time has come.
+            let due = granted_at + Duration::from_millis(config.min_hold_ms) + CALLBACK_AGAIN_MARGIN;
+            if tokio::time::Instant::now() < due {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {
+                        emit(Event::Callback { key: key.clone() });
+                        let _ = release.await;
+                    }
+                    _ = &mut release => {}
+                }
+            } else {
+                let _ = release.await;
+            }
         }
         _ = &mut release => {}
     }
+    step("agent: release asked");
     retry(|| etcd_lock::release(&c, &n, own_rev, &confirmed.stale)).await;
+    step("agent: released at etcd");
     let _ = reports.send(KeyReport::Released(key));
+}
+
+/// Steps 2-4 for an entry already queued at `own_rev`: wait until no entry
+/// blocks it, then confirm (a writer: both in one transaction each time it
+/// looks). `None`: our entry is gone (the lease was lost;
+/// the session fences).
+async fn wait_and_confirm(
+    c: &Client,
+    n: &Names,
+    node: &str,
+    lease: i64,
+    shared: bool,
+    own_rev: i64,
+) -> Option<etcd_lock::Confirmed> {
+    if !shared {
+        // A writer looks and confirms in one transaction.
+        loop {
+            match retry(|| etcd_lock::confirm_if_first(c, n, own_rev, node, lease)).await {
+                First::Confirmed(confirmed) => return Some(confirmed),
+                First::Gone => return None,
+                First::Behind { blocker, seen_at } => {
+                    retry(|| etcd_lock::deleted(c, &blocker, seen_at)).await;
+                }
+            }
+        }
+    }
+    loop {
+        let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
+        let Some(entry) = blocker else { break };
+        retry(|| etcd_lock::deleted(c, &entry, rev)).await;
+    }
+    let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
+    tracing::debug!(
+        target: TIMING_TARGET,
+        own_rev,
+        at_ns = monotonic_ns(),
+        step = "agent: blockers gone, confirm txn answered"
+    );
+    confirmed
 }
 
 /// Runs `f` until it succeeds, backing off from 50 ms to 1 s.

@@ -105,6 +105,190 @@ pub async fn queue(c: &Client, n: &Names, node: &str, lease: i64) -> Result<i64,
     Err(EtcdError::NoHeader)
 }
 
+/// A queue entry of another host, as we saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+}
+
+/// What [`queue_and_look`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queued {
+    /// No conflicting entry was there: the one transaction queued, won and
+    /// confirmed (steps 1-4); the entry's create revision is the token
+    /// revision.
+    Confirmed { own_rev: i64, confirmed: Confirmed },
+    /// Queued behind `blocker` (the last conflicting entry before ours, the
+    /// one to watch), as the store was at revision `own_rev`.
+    /// `holder`: the node name (value) of the key's oldest entry then, the
+    /// host that held the key (for `forelock locks`).
+    Behind {
+        own_rev: i64,
+        blocker: Entry,
+        holder: Option<String>,
+    },
+    /// Our entry was there already (a retry of a transaction that timed out
+    /// but happened): find the blocker and confirm as usual.
+    Already { own_rev: i64 },
+}
+
+/// Steps 1 to 4 in one round trip when nothing blocks: one transaction that
+/// puts our entry and, in the same revision,
+///
+/// * if no conflicting entry exists (no entry at all for a writer, no writer
+///   for a reader: a range compare on `create_revision == 0`), also puts our
+///   held marker and reads the markers and entries, as [`confirm`] does. The
+///   token revision is then the entry's own create revision `C`: it is
+///   greater than every revision written by an earlier holder, whose entries
+///   are all gone at `C` (the compare says so), and etcd's revisions only
+///   grow; an entry created later waits for ours (step 2). This is the
+///   `create == base` case of the model's `Queue` (broker/cluster/tests/model.rs);
+/// * else reads the last conflicting entry before ours (our predecessor),
+///   which [`blocker`] would have answered at that revision.
+///
+/// Guarded like [`queue`] by `create_revision(own) == 0`, so a retry finds
+/// the entry there and answers [`Queued::Already`].
+pub async fn queue_and_look(
+    c: &Client,
+    n: &Names,
+    node: &str,
+    lease: i64,
+    shared: bool,
+) -> Result<Queued, EtcdError> {
+    let mut c = c.clone();
+    let put_own = || {
+        TxnOp::put(
+            n.own.as_str(),
+            node,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    };
+    // The entries ours must wait for: every one (a writer), the writers (a
+    // reader). Ours is not among the writers' when we read.
+    let conflicting = if shared {
+        format!("{}w/", n.dir)
+    } else {
+        n.dir.clone()
+    };
+    let free = Compare::create_revision(conflicting.as_str(), CompareOp::Equal, 0).with_prefix();
+    let win = Txn::new().when([free]).and_then([
+        put_own(),
+        TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+        TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+        TxnOp::get(
+            n.dir.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ),
+    ]);
+    // Behind: the newest conflicting entries, ours (a writer's) first.
+    let look = GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(if shared { 1 } else { 2 });
+    // And the oldest entry: the holder (its value is its host's name).
+    let oldest = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    let win = win.or_else([
+        put_own(),
+        TxnOp::get(conflicting.as_str(), Some(look)),
+        TxnOp::get(n.dir.as_str(), Some(oldest)),
+    ]);
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            n.own.as_str(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::txn(win)])
+        .or_else([TxnOp::get(n.own.as_str(), None)]);
+    let resp = timed(c.txn(txn)).await?;
+    let own_rev = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+    let mut ops = resp.op_responses().into_iter();
+    if !resp.succeeded() {
+        return match ops.next() {
+            Some(TxnOpResponse::Get(g)) => g
+                .kvs()
+                .first()
+                .map(|kv| Queued::Already {
+                    own_rev: kv.create_revision(),
+                })
+                .ok_or(EtcdError::NoHeader),
+            _ => Err(EtcdError::NoHeader),
+        };
+    }
+    let Some(TxnOpResponse::Txn(inner)) = ops.next() else {
+        return Err(EtcdError::NoHeader);
+    };
+    let gets: Vec<GetResponse> = inner
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    if inner.succeeded() {
+        let [markers, entries] = gets.as_slice() else {
+            return Err(EtcdError::NoHeader);
+        };
+        return Ok(Queued::Confirmed {
+            own_rev,
+            confirmed: Confirmed {
+                revision: own_rev,
+                stale: stale_markers(n, markers, entries),
+                behind: any_behind(entries, own_rev),
+            },
+        });
+    }
+    let [newest, oldest] = gets.as_slice() else {
+        return Err(EtcdError::NoHeader);
+    };
+    let holder = oldest
+        .kvs()
+        .first()
+        .filter(|kv| kv.key() != n.own.as_bytes())
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+    // The compare failed, so a conflicting entry other than ours exists.
+    let blocker = newest
+        .kvs()
+        .iter()
+        .find(|kv| kv.key() != n.own.as_bytes())
+        .map(|kv| Entry {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+        })
+        .ok_or(EtcdError::NoHeader)?;
+    Ok(Queued::Behind {
+        own_rev,
+        blocker,
+        holder,
+    })
+}
+
+/// Whether an entry created after ours is among `entries`.
+fn any_behind(entries: &GetResponse, own_rev: i64) -> bool {
+    entries
+        .kvs()
+        .iter()
+        .any(|kv| kv.create_revision() > own_rev)
+}
+
+/// Markers (value: their holder's entry) whose entry is gone, ours aside:
+/// holders that left without a clean release (step 4).
+fn stale_markers(n: &Names, markers: &GetResponse, entries: &GetResponse) -> Vec<Vec<u8>> {
+    let live: std::collections::HashSet<&[u8]> = entries.kvs().iter().map(|kv| kv.key()).collect();
+    markers
+        .kvs()
+        .iter()
+        .filter(|kv| kv.key() != n.own_marker.as_bytes() && !live.contains(kv.value()))
+        .map(|kv| kv.key().to_vec())
+        .collect()
+}
+
 /// Step 2: the entry that blocks ours (created before it, and a writer if we
 /// are a reader), and the store's revision when we looked; `None` = we hold.
 pub async fn blocker(
@@ -112,7 +296,7 @@ pub async fn blocker(
     n: &Names,
     own_rev: i64,
     shared: bool,
-) -> Result<(Option<Vec<u8>>, i64), EtcdError> {
+) -> Result<(Option<Entry>, i64), EtcdError> {
     let mut c = c.clone();
     let mut opts = GetOptions::new()
         .with_prefix()
@@ -128,32 +312,175 @@ pub async fn blocker(
         .kvs()
         .iter()
         .find(|kv| !shared || is_writer(&n.dir, kv.key()))
-        .map(|kv| kv.key().to_vec());
+        .map(|kv| Entry {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+        });
     Ok((found, rev))
 }
 
-/// Step 2, waiting: returns the revision at which `entry` was deleted (it is
-/// watched from `from_rev`, so a deletion after we looked is not missed).
-pub async fn deleted(c: &Client, entry: &[u8], from_rev: i64) -> Result<i64, EtcdError> {
+/// What [`confirm_if_first`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum First {
+    /// No entry before ours: confirmed (steps 3-4).
+    Confirmed(Confirmed),
+    /// `blocker` is before ours (the last one: our predecessor), as the
+    /// store was at revision `seen_at`.
+    Behind { blocker: Entry, seen_at: i64 },
+    /// Our entry is gone (the lease was lost).
+    Gone,
+}
+
+/// Steps 2-4 for a writer's entry queued at `own_rev`, in one round trip:
+/// one transaction guarded by `create_revision(own) == own_rev` and by a
+/// range compare, `create_revision > own_rev - 1` over every entry of the
+/// key (ours among them, so the range is never empty: etcd compares an
+/// empty range as one key with revision 0). When both hold, no entry is
+/// before ours and the transaction confirms as [`confirm`] does; else it
+/// reads our entry and our predecessor, which [`blocker`] would have
+/// answered. A reader's entry has no such compare (its blockers are the
+/// writers before it, a range that may be empty): it looks, then confirms.
+pub async fn confirm_if_first(
+    c: &Client,
+    n: &Names,
+    own_rev: i64,
+    node: &str,
+    lease: i64,
+) -> Result<First, EtcdError> {
     let mut c = c.clone();
-    let mut stream = timed(c.watch(
-        entry.to_vec(),
-        Some(WatchOptions::new().with_start_revision(from_rev)),
-    ))
-    .await?;
+    let txn = Txn::new()
+        .when([
+            Compare::create_revision(n.own.as_str(), CompareOp::Equal, own_rev),
+            Compare::create_revision(n.dir.as_str(), CompareOp::Greater, own_rev - 1).with_prefix(),
+        ])
+        .and_then([
+            TxnOp::put(
+                n.own.as_str(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+            TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(
+                n.dir.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        ])
+        .or_else([
+            TxnOp::get(n.own.as_str(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(
+                n.dir.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(own_rev - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            ),
+        ]);
+    let resp = timed(c.txn(txn)).await?;
+    let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+    let succeeded = resp.succeeded();
+    let gets: Vec<GetResponse> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let [first, second] = gets.as_slice() else {
+        return Err(EtcdError::NoHeader);
+    };
+    if succeeded {
+        return Ok(First::Confirmed(Confirmed {
+            revision,
+            stale: stale_markers(n, first, second),
+            behind: any_behind(second, own_rev),
+        }));
+    }
+    if first
+        .kvs()
+        .first()
+        .is_none_or(|kv| kv.create_revision() != own_rev)
+    {
+        return Ok(First::Gone);
+    }
+    // The compare failed with our entry in place: an entry is before ours.
+    let blocker = second
+        .kvs()
+        .first()
+        .map(|kv| Entry {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+        })
+        .ok_or(EtcdError::NoHeader)?;
+    Ok(First::Behind {
+        blocker,
+        seen_at: revision,
+    })
+}
+
+/// Step 2, waiting: returns once the entry `blocker`, which we saw at
+/// revision `seen_at`, is deleted. (Its host may have queued again since, under
+/// the same name: an entry of that name created later is not it.)
+pub async fn deleted(c: &Client, blocker: &Entry, seen_at: i64) -> Result<(), EtcdError> {
+    let entry = blocker.key.as_slice();
+    let look = || async {
+        let mut c = c.clone();
+        let resp = timed(c.get(entry, Some(GetOptions::new().with_keys_only()))).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .is_none_or(|kv| kv.create_revision() != blocker.create_revision))
+    };
+    let deletion = |ev: &etcd_client::Event| ev.event_type() == EventType::Delete;
+    watch_from_now(c, entry, WatchOptions::new(), seen_at, look, deletion).await
+}
+
+/// Watches `key` (with `options`) until an event `wanted` comes, or `look`
+/// (a read of the store) says what we wait for has already happened.
+///
+/// The watch starts at etcd's current revision, not at `seen_at + 1`: etcd
+/// serves a watch that starts in the past from a loop that runs every
+/// 100 ms (its "unsynced" watchers), so each such watch cost up to 100 ms
+/// whenever anything was written in between (measured: a 100 ms transfer
+/// between two hosts). The gap between `seen_at` (the revision at which the
+/// caller last read the store) and the watch's start is closed by `look`,
+/// made only when the gap is not empty: events after the revision in the
+/// watch's "created" answer are all delivered.
+async fn watch_from_now<F, Fut>(
+    c: &Client,
+    key: &[u8],
+    options: WatchOptions,
+    seen_at: i64,
+    look: F,
+    wanted: impl Fn(&etcd_client::Event) -> bool,
+) -> Result<(), EtcdError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, EtcdError>>,
+{
+    let mut c = c.clone();
+    let mut stream = timed(c.watch(key.to_vec(), Some(options))).await?;
     while let Some(resp) = stream.message().await? {
         if resp.canceled() {
             break;
         }
-        for ev in resp.events() {
-            if ev.event_type() == EventType::Delete
-                && let Some(kv) = ev.kv()
-            {
-                return Ok(kv.mod_revision());
+        if resp.created() {
+            let start = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+            if start > seen_at && look().await? {
+                return Ok(());
             }
+            continue;
+        }
+        if resp.events().iter().any(&wanted) {
+            return Ok(());
         }
     }
-    Err(EtcdError::WatchEnded(String::from_utf8_lossy(entry).into()))
+    Err(EtcdError::WatchEnded(String::from_utf8_lossy(key).into()))
 }
 
 /// A confirmed node grant: the token revision, and the stale held markers
@@ -162,6 +489,8 @@ pub async fn deleted(c: &Client, entry: &[u8], from_rev: i64) -> Result<i64, Etc
 pub struct Confirmed {
     pub revision: i64,
     pub stale: Vec<Vec<u8>>,
+    /// Another host had queued behind us by `revision`: the callback is due.
+    pub behind: bool,
 }
 
 /// Steps 3 and 4: write our entry again while it is still ours (the write's
@@ -217,14 +546,11 @@ pub async fn confirm(
     let [markers, entries] = gets.as_slice() else {
         return Err(EtcdError::NoHeader);
     };
-    let live: std::collections::HashSet<&[u8]> = entries.kvs().iter().map(|kv| kv.key()).collect();
-    let stale = markers
-        .kvs()
-        .iter()
-        .filter(|kv| kv.key() != n.own_marker.as_bytes() && !live.contains(kv.value()))
-        .map(|kv| kv.key().to_vec())
-        .collect();
-    Ok(Some(Confirmed { revision, stale }))
+    Ok(Some(Confirmed {
+        revision,
+        stale: stale_markers(n, markers, entries),
+        behind: any_behind(entries, own_rev),
+    }))
 }
 
 /// Step 5: a clean release: delete our entry and our held marker, and the
@@ -255,45 +581,37 @@ pub async fn release(
 }
 
 /// Step 5, the callback: returns when an entry created after ours (another
-/// host waiting for the key) exists.
-pub async fn someone_behind(c: &Client, n: &Names, own_rev: i64) -> Result<(), EtcdError> {
-    let mut c = c.clone();
-    // Look first (an entry may already be there), then watch from the
-    // revision we looked at.
-    let resp = timed(
-        c.get(
-            n.dir.as_str(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_min_create_revision(own_rev + 1)
-                    .with_limit(1),
+/// host waiting for the key) exists. `seen_at`: a revision at which we read
+/// the key's entries and found none after ours (our confirm's).
+pub async fn someone_behind(
+    c: &Client,
+    n: &Names,
+    own_rev: i64,
+    seen_at: i64,
+) -> Result<(), EtcdError> {
+    let look = || async {
+        let mut c = c.clone();
+        let resp = timed(
+            c.get(
+                n.dir.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_min_create_revision(own_rev + 1)
+                        .with_limit(1),
+                ),
             ),
-        ),
-    )
-    .await?;
-    if !resp.kvs().is_empty() {
-        return Ok(());
-    }
-    let from = resp.header().ok_or(EtcdError::NoHeader)?.revision() + 1;
-    let mut stream = timed(c.watch(
-        n.dir.as_str(),
-        Some(WatchOptions::new().with_prefix().with_start_revision(from)),
-    ))
-    .await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() {
-            break;
-        }
-        if resp.events().iter().any(|ev| {
-            ev.event_type() == EventType::Put
-                && ev.kv().is_some_and(|kv| kv.create_revision() > own_rev)
-        }) {
-            return Ok(());
-        }
-    }
-    Err(EtcdError::WatchEnded(n.dir.clone()))
+        )
+        .await?;
+        Ok(!resp.kvs().is_empty())
+    };
+    let later_entry = |ev: &etcd_client::Event| {
+        ev.event_type() == EventType::Put
+            && ev.kv().is_some_and(|kv| kv.create_revision() > own_rev)
+    };
+    let options = WatchOptions::new().with_prefix();
+    watch_from_now(c, n.dir.as_bytes(), options, seen_at, look, later_entry).await
 }
 
 #[cfg(test)]

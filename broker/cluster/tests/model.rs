@@ -26,8 +26,8 @@
 //! | (reaction) queue | step 1, **Queue**: a host with local waiters and no node grant queues at once (also after a release or a new lease) |
 //! | `Send` | an RPC: etcd applies it at once (its linearization point); the answer is then in flight. Also the retry after a loss. A lost request is a request not sent yet |
 //! | `Deliver`, `DropReply` | the answer arrives (and the host sends its next request at once), or is lost |
-//! | etcd applies `Queue` | step 1: txn `create_revision == 0` creates the key on the lease; its create revision `C` is the place (a retry finds the key and answers its `C`) |
-//! | etcd applies `Check` | step 2, **Wait**: blocked by an earlier conflicting key (answers the last one, the predecessor it watches), or **won**: the grant check against create revisions |
+//! | etcd applies `Queue` | step 1 (`etcd_lock::queue_and_look`): txn `create_revision == 0` creates the key on the lease; its create revision `C` is the place (a retry finds the key and answers its `C`). In the same txn: with no conflicting key before it, the host has **won and is confirmed** at once (token base `R = C`, held marker, stale markers read: steps 2-4); else it answers the predecessor to watch |
+//! | etcd applies `Check` | step 2, **Wait**: blocked by an earlier conflicting key (answers the last one, the predecessor it watches), or **won**: the grant check against create revisions. A writer's check also confirms in the same txn when it wins (`etcd_lock::confirm_if_first`: a range compare on create revisions); a reader wins, then confirms |
 //! | etcd applies `Confirm` | step 3, **Confirm**: txn guarded by `create_revision(own) == C`; its revision is the token base `R` |
 //! | (reaction) reconfirm | step 3: when `n` would pass its limit (`n_max` here, `2^20 - 1` in the design) the host confirms again |
 //! | `LockDelayElapsed` | step 4, **Lock-delay** |
@@ -67,17 +67,19 @@
 //! late, by less than `lock_delay`), that rule lets a second holder in; the
 //! shortest trace (test `lock_delay_as_written_misses_a_late_fence`):
 //!
-//! 1. h0 queues (`C = 2`), wins, confirms (`R = 3`), grants a local client
-//!    token `(3, 1)`.
-//! 2. etcd expires h0's lease (revision 4; h0 has not fenced yet: the late
+//! 1. h0 queues, wins and confirms in its one queue txn (`C = R = 2`); its
+//!    answer is on the way back.
+//! 2. etcd expires h0's lease (revision 3; h0 has not fenced yet: the late
 //!    fence).
-//! 3. h1 queues now (`C = 5`): no key before its own, it never saw a predecessor go
-//!    away, so it wins, confirms (`R = 6`) and grants **without lock-delay**,
-//!    while h0 still grants. Two hosts hold `K`.
+//! 3. h1 queues now (`C = R = 4`): no key before its own, it never saw a
+//!    predecessor go away, so it wins, confirms and grants **without
+//!    lock-delay**; h0's answer arrives and h0 grants too. Two hosts hold `K`.
 //!
-//! As checker actions: `Acquire(0, 0)`, `Deliver(0)` x3, `Expire(h0's lease)`,
-//! `Acquire(1, 0)`, `Deliver(1)` x3. Without B as well the same trace breaks
-//! mutual exclusion, and so would any lock-delay rule.
+//! As checker actions: `Acquire(0, 0)`, `Expire(h0's lease)`, `Acquire(1, 0)`,
+//! `Deliver(1)`, `Deliver(0)`. (Found when queue, check and confirm were
+//! three requests, with `Deliver(0)` x3 and `Deliver(1)` x3; the one-txn
+//! queue shortened it.) Without B as well the same trace breaks mutual
+//! exclusion, and so would any lock-delay rule.
 //!
 //! Two more holes of the same rule, found by reading, not yet shown by the
 //! checker (their traces are deeper than the CI bound): a waiter in its
@@ -200,7 +202,19 @@ enum Request {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Reply {
+    /// The own key was there already (a retried queue txn).
     Queued(Rev),
+    /// Queued at `create` behind the conflicting key created at `pred`.
+    QueuedBehind {
+        create: Rev,
+        pred: Rev,
+    },
+    /// Queued at `create` with nothing conflicting before: won and
+    /// confirmed in the same txn, token base `create`.
+    QueuedConfirmed {
+        create: Rev,
+        stale: Vec<Lease>,
+    },
     Blocked(Rev),
     Won {
         delay: Vec<Lease>,
@@ -351,7 +365,10 @@ impl NodeGrantModel {
         };
         match request {
             Request::Queue(mode) => {
-                // Txn: if create_revision(key) == 0 then put(key, lease) else get(key).
+                // etcd_lock::queue_and_look, one txn: if create_revision(own)
+                // == 0 then { put(own, lease); if no conflicting entry (a
+                // range compare) then { put(marker); get(markers); get(entries) }
+                // else { get(newest conflicting) } } else get(own).
                 if let Some(k) = etcd.keys.iter().find(|k| k.owner == who && k.mode == *mode) {
                     return Reply::Queued(k.create);
                 }
@@ -359,12 +376,37 @@ impl NodeGrantModel {
                     return Reply::Gone;
                 }
                 etcd.rev += 1;
+                let create = etcd.rev;
+                let blocking = etcd
+                    .keys
+                    .iter()
+                    .filter(|k| conflicts(k.mode, *mode))
+                    .map(|k| k.create)
+                    .max();
                 etcd.keys.push(LockKey {
                     owner: who,
                     mode: *mode,
-                    create: etcd.rev,
+                    create,
                 });
-                Reply::Queued(etcd.rev)
+                if let Some(pred) = blocking {
+                    return Reply::QueuedBehind { create, pred };
+                }
+                // Won in the same revision: confirmed, token base = create
+                // (steps 2-4 with nothing to wait for; no predecessor seen).
+                let mut stale = Vec::new();
+                if self.rule == LockDelayRule::HeldMarkers {
+                    stale = etcd
+                        .held
+                        .iter()
+                        .copied()
+                        .filter(|l| *l != who && !etcd.keys.iter().any(|k| k.owner == *l))
+                        .collect();
+                    if !etcd.held.contains(&who) {
+                        etcd.held.push(who);
+                        etcd.held.sort();
+                    }
+                }
+                Reply::QueuedConfirmed { create, stale }
             }
             Request::Check { create, pred } => {
                 let Some(i) = own(etcd, *create) else {
@@ -388,7 +430,20 @@ impl NodeGrantModel {
                         .unwrap_or_default(),
                     LockDelayRule::HeldMarkers => Vec::new(),
                 };
-                Reply::Won { delay }
+                if me.mode == Mode::Shared {
+                    return Reply::Won { delay };
+                }
+                // A writer's Check is etcd_lock::confirm_if_first: the same
+                // txn confirms when nothing is before it.
+                let Reply::Confirmed { base, mut stale } =
+                    self.apply(etcd, who, &Request::Confirm { create: *create })
+                else {
+                    unreachable!("our key is there: the confirm applies");
+                };
+                stale.extend(delay);
+                stale.sort();
+                stale.dedup();
+                Reply::Confirmed { base, stale }
             }
             Request::Confirm { create } => {
                 if own(etcd, *create).is_none() {
@@ -736,11 +791,51 @@ impl Model for NodeGrantModel {
                         create,
                         pred: None,
                     },
+                    (Phase::Queuing(mode), Reply::QueuedBehind { create, pred }) => {
+                        Phase::Waiting {
+                            mode,
+                            create,
+                            pred: Some(pred),
+                        }
+                    }
+                    (Phase::Queuing(mode), Reply::QueuedConfirmed { create, mut stale }) => {
+                        stale.sort();
+                        if !stale.is_empty() {
+                            s.lock_delay_waited = true;
+                        }
+                        Phase::Held(Held {
+                            mode,
+                            create,
+                            base: create,
+                            n: 0,
+                            delay_done: stale.is_empty(),
+                            delay: stale,
+                            callback: false,
+                            draining: false,
+                            reconfirming: false,
+                        })
+                    }
                     (Phase::Waiting { mode, create, .. }, Reply::Blocked(p)) => Phase::Waiting {
                         mode,
                         create,
                         pred: Some(p),
                     },
+                    (Phase::Waiting { mode, create, .. }, Reply::Confirmed { base, stale }) => {
+                        if !stale.is_empty() {
+                            s.lock_delay_waited = true;
+                        }
+                        Phase::Held(Held {
+                            mode,
+                            create,
+                            base,
+                            n: 0,
+                            delay_done: stale.is_empty(),
+                            delay: stale,
+                            callback: false,
+                            draining: false,
+                            reconfirming: false,
+                        })
+                    }
                     (Phase::Waiting { mode, create, .. }, Reply::Won { delay }) => {
                         Phase::Confirming {
                             mode,
@@ -960,7 +1055,8 @@ fn renamed(s: &State, perm: &[u8; 3]) -> State {
         }
         match &mut host.reply {
             Some((_, Reply::Won { delay })) => leases(delay),
-            Some((_, Reply::Confirmed { stale, .. })) => leases(stale),
+            Some((_, Reply::Confirmed { stale, .. }))
+            | Some((_, Reply::QueuedConfirmed { stale, .. })) => leases(stale),
             _ => {}
         }
         out.hosts[perm[i] as usize] = host;

@@ -47,6 +47,12 @@ pub trait ClusterLink {
     /// safe (0: not safe now).
     fn safe_until_ns(&self, epoch: u64) -> u64;
     fn min_hold_ms(&self) -> u64;
+    /// The clock of the minimum hold (CLOCK_MONOTONIC, µs), read when
+    /// needed: the engine's `now_ms` moves only at its ticks (10 ms), and a
+    /// transfer between hosts would wait for the next one.
+    fn now_us(&self) -> u64 {
+        shm_layout::monotonic_ns() / 1_000
+    }
 }
 
 /// This host's node grant on one global key.
@@ -57,10 +63,16 @@ struct NodeGrant {
     /// The last token granted locally under this node grant.
     issued: u64,
     limit: u64,
-    granted_ms: u64,
+    granted_us: u64,
     /// A local process took the key under this grant.
     used: bool,
     prefetch: bool,
+    /// Local processes were already waiting for the key when the grant
+    /// came: its first local acquisition did not find it here.
+    awaited: bool,
+    /// When (CLOCK_MONOTONIC, ns) the callback came: another host waits
+    /// from then until this grant is released.
+    callback_ns: Option<u64>,
     /// Another host waits: grant no more, release when the holders leave.
     callback: bool,
     /// Gossip says another host will want the key, and none here uses it:
@@ -73,19 +85,30 @@ struct NodeGrant {
 impl NodeGrant {
     /// Whether a callback may end this grant now: it was never used here, or
     /// it is at least `min_hold_ms` old (no ping-pong between hosts).
-    fn held_enough(&self, now_ms: u64, min_hold_ms: u64) -> bool {
-        !self.used || self.hinted || now_ms >= self.granted_ms + min_hold_ms
+    fn held_enough(&self, now_us: u64, min_hold_ms: u64) -> bool {
+        !self.used || self.hinted || now_us >= self.granted_us + min_hold_ms * 1000
     }
 }
 
 /// What `forelock status` shows of the gate.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NodeCounts {
     pub held: usize,
     pub wanted: usize,
     pub lost_holds: usize,
+    /// First local acquisitions under a node grant that found the grant
+    /// already here because it was prefetched.
     pub prefetch_hits: u64,
+    /// First local acquisitions under a node grant that waited for it (it
+    /// was asked for on demand, or a prefetch came too late). The prefetch
+    /// hit rate is `prefetch_hits / (prefetch_hits + first_uses_waited)`.
+    pub first_uses_waited: u64,
+    /// Prefetched node grants released without any local use.
     pub prefetch_unused: u64,
+    /// What those cost other hosts: the time from the callback (another
+    /// host queued) to the release, summed over unused prefetched grants,
+    /// in microseconds.
+    pub prefetch_unused_wait_us: u64,
 }
 
 pub(super) struct Nodes {
@@ -98,8 +121,7 @@ pub(super) struct Nodes {
     /// Keys whose `Release` was sent and whose `Released` has not come back:
     /// a `Granted` for one of them is stale (the agent is releasing it).
     releasing: HashSet<Vec<u8>>,
-    prefetch_hits: u64,
-    prefetch_unused: u64,
+    counts: NodeCounts,
 }
 
 impl Nodes {
@@ -110,8 +132,7 @@ impl Nodes {
             wanted: HashSet::new(),
             lost: HashSet::new(),
             releasing: HashSet::new(),
-            prefetch_hits: 0,
-            prefetch_unused: 0,
+            counts: NodeCounts::default(),
         }
     }
 
@@ -119,12 +140,12 @@ impl Nodes {
         self.link.is_global(key)
     }
 
-    /// Whether a local process may be granted `key` (`shared` or not) at
-    /// `now_ms`. After a callback, local grants go on until the node grant is
+    /// Whether a local process may be granted `key` (`shared` or not) now
+    /// (the link's clock, not the engine's tick-old one). After a callback, local grants go on until the node grant is
     /// `min_hold_ms` old (a used one; an unused one yields at once).
-    pub(super) fn admits(&self, key: &[u8], shared: bool, now_ms: u64) -> bool {
+    pub(super) fn admits(&self, key: &[u8], shared: bool, _engine_now_ms: u64) -> bool {
         self.grants.get(key).is_some_and(|g| {
-            let ending = g.callback && g.held_enough(now_ms, self.link.min_hold_ms());
+            let ending = g.callback && g.held_enough(self.link.now_us(), self.link.min_hold_ms());
             !ending
                 && !g.releasing
                 && g.issued < g.limit
@@ -139,8 +160,12 @@ impl Nodes {
             .grants
             .get_mut(key)
             .expect("admitted: the grant exists");
-        if !g.used && g.prefetch {
-            self.prefetch_hits += 1;
+        if !g.used {
+            if g.prefetch && !g.awaited {
+                self.counts.prefetch_hits += 1;
+            } else {
+                self.counts.first_uses_waited += 1;
+            }
         }
         g.used = true;
         g.issued += 1;
@@ -172,8 +197,12 @@ impl Nodes {
         if let Some(g) = self.grants.get_mut(key) {
             g.issued = g.issued.max(token.min(g.limit));
             if fast_grants {
-                if !g.used && g.prefetch {
-                    self.prefetch_hits += 1;
+                if !g.used {
+                    if g.prefetch && !g.awaited {
+                        self.counts.prefetch_hits += 1;
+                    } else {
+                        self.counts.first_uses_waited += 1;
+                    }
                 }
                 g.used = true;
             }
@@ -190,8 +219,7 @@ impl Nodes {
             held: self.grants.len(),
             wanted: self.wanted.len(),
             lost_holds: self.lost.len(),
-            prefetch_hits: self.prefetch_hits,
-            prefetch_unused: self.prefetch_unused,
+            ..self.counts
         }
     }
 
@@ -200,12 +228,24 @@ impl Nodes {
         if self.grants.contains_key(key) || !self.wanted.insert(key.to_vec()) {
             return;
         }
+        timing(key, "broker: prefetch want sent");
         self.link.send(Command::Want {
             key: key.to_vec(),
             shared: false,
             prefetch: true,
         });
     }
+}
+
+/// A timestamp of one step of a node grant (see
+/// [`forelock_cluster::agent::TIMING_TARGET`]); free when that target is off.
+fn timing(key: &[u8], step: &'static str) {
+    tracing::debug!(
+        target: forelock_cluster::agent::TIMING_TARGET,
+        key = %String::from_utf8_lossy(key),
+        step,
+        at_ns = shm_layout::monotonic_ns(),
+    );
 }
 
 impl LockManager {
@@ -238,7 +278,13 @@ impl LockManager {
                     nodes.link.send(Command::Release { key, epoch });
                     return;
                 }
+                timing(&key, "broker: granted applied");
                 tracing::debug!(key = %String::from_utf8_lossy(&key), base, epoch, "node grant");
+                let awaited = self
+                    .dir
+                    .keys
+                    .get(key.as_slice())
+                    .is_some_and(|&s| !self.dir.slots[s as usize].queue.is_empty());
                 nodes.grants.insert(
                     key.clone(),
                     NodeGrant {
@@ -246,9 +292,11 @@ impl LockManager {
                         epoch,
                         issued: base,
                         limit: base + shm_layout::lockword::COUNTER_MASK,
-                        granted_ms: self.now_ms,
+                        granted_us: nodes.link.now_us(),
                         used: false,
                         prefetch,
+                        awaited,
+                        callback_ns: None,
                         callback: false,
                         hinted: false,
                         releasing: false,
@@ -273,6 +321,7 @@ impl LockManager {
                 let nodes = self.nodes.as_mut().expect("checked above");
                 if let Some(g) = nodes.grants.get_mut(&key) {
                     g.callback = true;
+                    g.callback_ns.get_or_insert_with(shm_layout::monotonic_ns);
                 }
                 key
             }
@@ -285,7 +334,11 @@ impl LockManager {
                     && g.prefetch
                     && !g.used
                 {
-                    nodes.prefetch_unused += 1;
+                    nodes.counts.prefetch_unused += 1;
+                    if let Some(since) = g.callback_ns {
+                        let waited_ns = shm_layout::monotonic_ns().saturating_sub(since);
+                        nodes.counts.prefetch_unused_wait_us += waited_ns / 1000;
+                    }
                 }
                 key
             }
@@ -316,6 +369,7 @@ impl LockManager {
             self.dispatch(table, s, waker);
         }
         self.settle(&key);
+        timing(&key, "broker: event handled");
     }
 
     /// The tick's check on the broker's own clock: node grants whose lease is
@@ -431,10 +485,10 @@ impl LockManager {
     /// it must go and no local holder is left; ask for it if local processes
     /// wait and it is not here.
     pub(super) fn settle(&mut self, key: &[u8]) {
-        let now = self.now_ms;
         let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
+        let now = nodes.link.now_us();
         if !nodes.is_global(key) {
             return;
         }
@@ -450,6 +504,7 @@ impl LockManager {
                 || (g.shared && head == Some(false))
                 || !nodes.link.lease_valid(g.epoch);
             if must_go && free && !g.releasing {
+                timing(key, "broker: release sent");
                 g.releasing = true;
                 nodes.releasing.insert(key.to_vec());
                 nodes.link.send(Command::Release {
@@ -462,6 +517,7 @@ impl LockManager {
         if let Some(shared) = head
             && nodes.wanted.insert(key.to_vec())
         {
+            timing(key, "broker: want sent");
             nodes.link.send(Command::Want {
                 key: key.to_vec(),
                 shared,

@@ -1612,4 +1612,86 @@ mod node_gate {
         );
         assert_eq!(f.m.node_counts().unwrap().prefetch_hits, 1);
     }
+
+    fn prefetched(key: &str, rev: u64) -> Event {
+        Event::Granted {
+            key: key.as_bytes().to_vec(),
+            shared: false,
+            base: rev << 24,
+            epoch: 1,
+            prefetch: true,
+        }
+    }
+
+    /// A prefetch that came back after a local process had already asked for
+    /// the key was counted as a hit, though that process waited for it: the
+    /// hit rate ("found the node grant already here") was overstated.
+    #[test]
+    fn a_prefetch_that_arrives_after_the_local_request_is_not_a_hit() {
+        let (mut f, _script) = clustered();
+        let c = f.client(100);
+        // Here first: a hit.
+        f.m.prefetch_global(b"global/k");
+        f.m.node_event(&f.table, prefetched("global/k", 7), &mut f.w);
+        let r = f.acquire(c, 1, "global/k", false);
+        assert!(matches!(r, Response::Granted { .. }), "{r:?}");
+        // Asked for, then requested here before it came: waited.
+        f.m.prefetch_global(b"global/j");
+        assert!(f.queued(c, 2, "global/j", false));
+        f.m.node_event(&f.table, prefetched("global/j", 8), &mut f.w);
+        assert!(answered_token(&mut f).is_some(), "the waiter is granted");
+        // On demand: waited.
+        assert!(f.queued(c, 3, "global/i", false));
+        f.m.node_event(&f.table, granted("global/i", 9), &mut f.w);
+        assert!(answered_token(&mut f).is_some(), "the waiter is granted");
+        let counts = f.m.node_counts().expect("clustered");
+        assert_eq!(counts.prefetch_hits, 1, "{counts:?}");
+        assert_eq!(counts.first_uses_waited, 2, "{counts:?}");
+        // Later local grants under the same node grants count no more.
+        f.release(c, &r);
+        assert!(matches!(
+            f.acquire(c, 1, "global/k", false),
+            Response::Granted { .. }
+        ));
+        assert_eq!(f.m.node_counts(), Some(counts));
+    }
+
+    #[test]
+    fn an_unused_prefetch_counts_the_wait_it_cost_another_host_and_a_used_one_does_not() {
+        let (mut f, script) = clustered();
+        let c = f.client(100);
+        let key = b"global/k".to_vec();
+        // Used, then called back and released: no cost counted.
+        f.m.prefetch_global(&key);
+        f.m.node_event(&f.table, prefetched("global/k", 7), &mut f.w);
+        let r = f.acquire(c, 1, "global/k", false);
+        f.release(c, &r);
+        f.m.node_event(&f.table, Event::Callback { key: key.clone() }, &mut f.w);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        f.m.node_event(&f.table, Event::Released { key: key.clone() }, &mut f.w);
+        let counts = f.m.node_counts().expect("clustered");
+        assert_eq!(
+            (counts.prefetch_unused, counts.prefetch_unused_wait_us),
+            (0, 0)
+        );
+        // Unused: it yields at once to the callback, and the time the other
+        // host waited, from the callback to the release, is counted.
+        script.borrow_mut().sent.clear();
+        f.m.prefetch_global(&key);
+        f.m.node_event(&f.table, prefetched("global/k", 9), &mut f.w);
+        f.m.node_event(&f.table, Event::Callback { key: key.clone() }, &mut f.w);
+        assert!(
+            script.borrow().sent.contains(&Command::Release {
+                key: key.clone(),
+                epoch: 1
+            }),
+            "an unused prefetch yields at once: {:?}",
+            script.borrow().sent
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        f.m.node_event(&f.table, Event::Released { key }, &mut f.w);
+        let counts = f.m.node_counts().expect("clustered");
+        assert_eq!(counts.prefetch_unused, 1);
+        assert!(counts.prefetch_unused_wait_us >= 2_000, "{counts:?}");
+    }
 }

@@ -14,11 +14,17 @@
 //! 2. the first acquisition of a global key (a fresh key each time: the
 //!    broker takes a node grant from etcd), beside etcd's own `Lock` RPC (and
 //!    `Lock`+`Unlock`), one linearizable `Range` (a get) and one `Put`, made
-//!    with the `etcd-client` crate from this process to the same etcd;
+//!    with the `etcd-client` crate from this process to the same etcd, and
+//!    beside the agent's own node-grant transaction made from this process;
+//!    again on a fourth broker `d` that does not spin while a request waits
+//!    (`spin_waiters_us = 0`);
 //! 3. one key alternating between hosts `a` and `b`: the wait of each
 //!    acquisition, every one a node-grant handover through etcd;
 //! 4. one key taken in a loop by two clients on each of the three hosts:
-//!    throughput, waits, grants per host, node-grant handovers.
+//!    throughput, waits, grants per host, node-grant handovers;
+//! 5. a lock trace split across three hosts by client, every key global,
+//!    with prediction off and on: acquire latency, the prefetch hit rate and
+//!    what unused prefetches cost other hosts ([`section_trace`]).
 //!
 //! Any failed lock, lost hold or overlap of two holders is an error: the
 //! command then fails after printing what it measured. Timings are never
@@ -36,7 +42,8 @@ use hdrhistogram::Histogram;
 
 use super::report::format_ns;
 use super::support::{
-    ChildGuard, TempDir, etcd_log, find_binary, poll_until, spawn_loopback_etcd, start_forelockd,
+    ChildGuard, TempDir, die_with_parent, etcd_log, find_binary, poll_until, spawn_loopback_etcd,
+    start_forelockd,
 };
 
 /// How long any single acquisition may wait before the bench calls it a failure.
@@ -45,6 +52,8 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(20);
 const CLUSTER_SETTINGS: &str =
     "lease_ttl_ms = 10000\nlock_delay_ms = 200\nmin_hold_ms = 5\nfence_margin_ms = 1000\n";
 const HOSTS: [&str; 3] = ["a", "b", "c"];
+/// A fourth broker, only for section 2's second row.
+const QUIET_HOST: &str = "d";
 
 /// Sizes of one run.
 struct Sizes {
@@ -53,6 +62,8 @@ struct Sizes {
     first_ops: u64,
     handovers: u64,
     contention: Duration,
+    /// Section 5: how much of the trace (from its start) is replayed.
+    trace: Duration,
 }
 
 impl Sizes {
@@ -64,6 +75,7 @@ impl Sizes {
                 first_ops: 20,
                 handovers: 20,
                 contention: Duration::from_millis(400),
+                trace: Duration::from_millis(300),
             }
         } else {
             Sizes {
@@ -72,6 +84,7 @@ impl Sizes {
                 first_ops: 300,
                 handovers: 300,
                 contention: Duration::from_secs(3),
+                trace: Duration::from_secs(2),
             }
         }
     }
@@ -193,12 +206,29 @@ struct Host {
     _dir: TempDir,
 }
 
-fn start_host(name: &'static str, etcd_url: &str, prefix: &str) -> anyhow::Result<Host> {
+/// `start_host`'s `broker` for a broker that sleeps at once while a request
+/// waits (the default spins up to `spin_waiters_us = 1000` for a local
+/// release, which on two cores takes CPU from the agent and etcd while the
+/// waiter waits for a node grant).
+const NO_SPIN_WHILE_WAITING: &str = "[broker]\nspin_waiters_us = 0\n";
+/// The allocator of sections 1-4: a key used a moment ago stays prepared.
+const KEEP_ALIVE: &str = "policy = \"keep-alive\"\nkeep_alive_ms = 5000";
+
+/// A broker with `[cluster]` for host `name`, `allocator` as the body of
+/// its `[allocator]` section ([`KEEP_ALIVE`] but in section 5), and
+/// `broker` as its `[broker]` section.
+fn start_host(
+    name: &'static str,
+    etcd_url: &str,
+    prefix: &str,
+    broker: &str,
+    allocator: &str,
+) -> anyhow::Result<Host> {
     let binary = super::forelock::broker_binary()
         .context("forelockd is not beside this executable nor on PATH")?;
     let dir = TempDir::new(&format!("cluster-{name}"))?;
     let config = format!(
-        "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 5000\n\n[table]\nslots = 32768\n\n\
+        "{broker}\n[allocator]\n{allocator}\n\n[table]\nslots = 65536\n\n\
          [cluster]\nnode = \"{name}\"\netcd = [\"{etcd_url}\"]\netcd_prefix = \"{prefix}\"\n\
          {CLUSTER_SETTINGS}"
     );
@@ -320,6 +350,9 @@ struct EtcdRpcs {
     lock_unlock: Latencies,
     get: Latencies,
     put: Latencies,
+    /// `etcd_lock::queue_and_look` on a free key: the agent's etcd work of a
+    /// first acquisition, without the broker and its agent thread.
+    grant_txn: Latencies,
 }
 
 fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
@@ -348,6 +381,7 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
             lock_unlock: Latencies::new(),
             get: Latencies::new(),
             put: Latencies::new(),
+            grant_txn: Latencies::new(),
         };
         let start = Instant::now();
         for _ in 0..ops {
@@ -365,6 +399,28 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
         let elapsed = start.elapsed();
         rpcs.lock.elapsed = elapsed;
         rpcs.lock_unlock.elapsed = elapsed;
+        // The agent's own first step, from this process: the one
+        // transaction that queues, wins and confirms a free key.
+        let prefix = format!("/forelock-bench-{}-direct", std::process::id());
+        let start = Instant::now();
+        for i in 0..ops {
+            let key = format!("global/direct/{i}");
+            let names =
+                forelock_cluster::etcd_lock::Names::new(&prefix, key.as_bytes(), false, lease);
+            let t0 = Instant::now();
+            let queued =
+                forelock_cluster::etcd_lock::queue_and_look(&client, &names, "bench", lease, false)
+                    .await
+                    .context("the node-grant transaction")?;
+            rpcs.grant_txn.record(t0.elapsed());
+            if !matches!(
+                queued,
+                forelock_cluster::etcd_lock::Queued::Confirmed { .. }
+            ) {
+                bail!("the node-grant transaction on a fresh key did not confirm: {queued:?}");
+            }
+        }
+        rpcs.grant_txn.elapsed = start.elapsed();
         let probe = format!("/forelock-bench-{}/probe", std::process::id());
         client.put(probe.as_str(), "x", None).await?;
         let start = Instant::now();
@@ -392,22 +448,17 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
     })
 }
 
-/// Section 2: first acquisitions (node grants) beside etcd's own RPCs.
-fn section_first(
-    host: &Host,
-    etcd: &Etcd,
-    sizes: &Sizes,
-    rows: &mut Vec<Row>,
-) -> anyhow::Result<()> {
+/// `ops` first acquisitions on `host` (a fresh global key each time): the
+/// acquire alone, and acquire+release. The release of a fresh global key is
+/// local (the node grant stays here, as a cached key).
+fn first_acquisitions(host: &Host, ops: u64) -> anyhow::Result<(Latencies, Latencies)> {
     let client = connect(host)?;
     let run = std::process::id();
-    // The acquire alone: the release of a fresh global key is local (the
-    // node grant stays here, as a cached key).
     let mut first = Latencies::new();
     let mut first_cycle = Latencies::new();
     let start = Instant::now();
-    for i in 0..sizes.first_ops {
-        let name = format!("global/first/{run}/{i}");
+    for i in 0..ops {
+        let name = format!("global/first/{run}/{}/{i}", host.name);
         let t0 = Instant::now();
         let guard = client
             .lock_timeout(&name, LOCK_PATIENCE)
@@ -418,6 +469,21 @@ fn section_first(
     }
     first.elapsed = start.elapsed();
     first_cycle.elapsed = first.elapsed;
+    Ok((first, first_cycle))
+}
+
+/// Section 2: first acquisitions (node grants) beside etcd's own RPCs, on
+/// `host` (the default broker configuration) and on `quiet` (a broker that
+/// does not spin while a request waits).
+fn section_first(
+    host: &Host,
+    quiet: &Host,
+    etcd: &Etcd,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let (first, first_cycle) = first_acquisitions(host, sizes.first_ops)?;
+    let (quiet_first, _) = first_acquisitions(quiet, sizes.first_ops)?;
     let rpcs = etcd_rpcs(&etcd.url, sizes.first_ops)?;
     rows.push(first.row(
         "2 first",
@@ -428,6 +494,12 @@ fn section_first(
             ratio(first.p50(), rpcs.get.p50(), "get")
         ),
         String::from("fresh key each time; ops/s = acquire+release cycles"),
+    ));
+    rows.push(quiet_first.row(
+        "2 first",
+        &format!("the same, on host {}: spin_waiters_us = 0", quiet.name),
+        ratio(quiet_first.p50(), rpcs.lock.p50(), "etcd Lock"),
+        String::from("the broker sleeps while its client waits for the node grant"),
     ));
     rows.push(first_cycle.row(
         "2 first",
@@ -450,6 +522,12 @@ fn section_first(
         "etcd Lock + Unlock RPCs",
         String::new(),
         String::new(),
+    ));
+    rows.push(rpcs.grant_txn.row(
+        "2 first",
+        "node-grant txn alone (etcd-client)",
+        ratio(rpcs.grant_txn.p50(), rpcs.lock.p50(), "etcd Lock"),
+        String::from("queue+win+confirm of a free key, one txn, from this process"),
     ));
     rows.push(rpcs.get.row(
         "2 first",
@@ -642,6 +720,243 @@ fn section_contention(hosts: &[Host], sizes: &Sizes, rows: &mut Vec<Row>) -> any
     Ok(())
 }
 
+/// Section 5's trace, unless `FORELOCK_CLUSTER_TRACE` names another: the
+/// issue's `../shared/traces/tpcc-pg-a.csv.gz`, from the working directory
+/// or from the repository this was built from.
+const TRACE_ENV: &str = "FORELOCK_CLUSTER_TRACE";
+const TRACE_NAME: &str = "tpcc-pg-a.csv.gz";
+/// A replayed hold lasts at most this long (the trace's median is 9 ms, as
+/// long as its transactions; one at a time, a client would fall behind).
+const TRACE_HOLD_CAP: Duration = Duration::from_millis(1);
+/// Prediction off and on: the allocator policy of each host's broker.
+const TRACE_MODES: [(&str, &str); 2] = [("off", "none"), ("on", "forecast")];
+
+fn trace_path() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(TRACE_ENV) {
+        return Some(PathBuf::from(path));
+    }
+    [
+        PathBuf::from("../shared/traces").join(TRACE_NAME),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/traces")
+            .join(TRACE_NAME),
+    ]
+    .into_iter()
+    .find(|path| path.is_file())
+}
+
+/// One row of the trace as a client replays it.
+#[derive(Clone, Copy)]
+struct TraceRow {
+    key_hash: u64,
+    shared: bool,
+    hold: Duration,
+}
+
+/// What one mode of section 5 measured.
+struct TraceRun {
+    latencies: Latencies,
+    /// Summed over the hosts' cluster.json.
+    prefetch_hits: u64,
+    first_uses_waited: u64,
+    prefetch_unused: u64,
+    prefetch_unused_wait_us: u64,
+}
+
+/// Section 5: the first `seconds` of a lock trace split across three hosts
+/// by client (trace client `c` runs on host `c % 3`), every key global
+/// (`global/<16 hex digits of the trace key's hash>`), with prediction off
+/// (allocator policy `none`: nothing is prefetched) and on (`forecast`, with
+/// a `forelock-predictor` per host: a global key it scores above the
+/// threshold has its node grant prefetched). Each mode runs on three fresh
+/// brokers with an etcd prefix of its own. Each client replays its rows in
+/// order, one at a time and as fast as it can (a closed loop: a row starts
+/// when the previous one is released, not at its `ts_us`; paced at the
+/// trace's own rate, every client fell behind at once and more than 90% of
+/// the rows were skipped): acquire (measured), hold `min(hold_us, 1 ms)`,
+/// release; so no client holds two keys and no wait can be a deadlock
+/// across hosts.
+fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let Some(path) = trace_path() else {
+        bail!(
+            "no trace: set {TRACE_ENV} to a lock trace (the format of shared/traces/README.md), \
+             e.g. tpcc-pg-a.csv.gz"
+        );
+    };
+    let trace = forelock_predictor::trace::read_trace_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let limit_us = sizes.trace.as_micros() as u64;
+    let mut per_client: Vec<Vec<TraceRow>> = Vec::new();
+    for event in trace.events.iter().take_while(|e| e.ts_us < limit_us) {
+        let client = event.client as usize;
+        if per_client.len() <= client {
+            per_client.resize(client + 1, Vec::new());
+        }
+        per_client[client].push(TraceRow {
+            key_hash: event.key_hash,
+            shared: event.mode == forelock_predictor::trace::Mode::Shared,
+            hold: Duration::from_micros(event.hold_us).min(TRACE_HOLD_CAP),
+        });
+    }
+    let total: usize = per_client.iter().map(Vec::len).sum();
+    let keys: std::collections::HashSet<u64> = per_client
+        .iter()
+        .flatten()
+        .map(|row| row.key_hash)
+        .collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (mode, policy) in TRACE_MODES {
+        let run = trace_mode(etcd, policy, &per_client)?;
+        let first_uses = run.prefetch_hits + run.first_uses_waited;
+        let hit_rate = if first_uses > 0 {
+            run.prefetch_hits as f64 / first_uses as f64
+        } else {
+            0.0
+        };
+        rows.push(run.latencies.row(
+            "5 trace",
+            &format!(
+                "{name} first {} s, prediction {mode}",
+                sizes.trace.as_secs_f64()
+            ),
+            String::new(),
+            format!(
+                "{total} rows, {} keys, {} clients on 3 hosts; \
+                 prefetch hit rate {:.1}% ({}/{first_uses} first uses of a node grant); \
+                 {} unused prefetches cost other hosts {} waiting",
+                keys.len(),
+                per_client.iter().filter(|r| !r.is_empty()).count(),
+                hit_rate * 100.0,
+                run.prefetch_hits,
+                run.prefetch_unused,
+                format_ns(run.prefetch_unused_wait_us.saturating_mul(1000)),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One mode of section 5 on three fresh brokers (policy `policy`).
+fn trace_mode(etcd: &Etcd, policy: &str, per_client: &[Vec<TraceRow>]) -> anyhow::Result<TraceRun> {
+    let prefix = format!("/forelock-bench-{}-trace-{policy}", std::process::id());
+    // A key idle for 200 ms loses its slot, so that the forecaster can ask
+    // for it again (the allocator prepares only keys without a slot; a
+    // global key's node grant stays here when its slot goes).
+    let allocator = format!("policy = \"{policy}\"\nkeep_alive_ms = 200");
+    let hosts = HOSTS
+        .iter()
+        .map(|name| start_host(name, &etcd.url, &prefix, "", &allocator))
+        .collect::<anyhow::Result<Vec<Host>>>()?;
+    // Declared after the hosts: dropped (killed) first.
+    let _predictors = if policy == "forecast" {
+        hosts
+            .iter()
+            .map(start_predictor)
+            .collect::<anyhow::Result<Vec<ChildGuard>>>()?
+    } else {
+        Vec::new()
+    };
+    let start = Instant::now();
+    let replay = |client: usize, rows: &[TraceRow]| -> anyhow::Result<Latencies> {
+        let host = &hosts[client % hosts.len()];
+        let connection = connect(host)?;
+        let mut latencies = Latencies::new();
+        for row in rows {
+            let key = format!("global/{:016x}", row.key_hash);
+            let t0 = Instant::now();
+            let guard = if row.shared {
+                connection.lock_shared_timeout(&key, LOCK_PATIENCE)
+            } else {
+                connection.lock_timeout(&key, LOCK_PATIENCE)
+            }
+            .with_context(|| format!("host {}: lock {key}", host.name))?;
+            latencies.record(t0.elapsed());
+            std::thread::sleep(row.hold);
+            guard
+                .release()
+                .with_context(|| format!("host {}: release {key}", host.name))?;
+        }
+        latencies.elapsed = start.elapsed();
+        Ok(latencies)
+    };
+    let results: Vec<anyhow::Result<Latencies>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = per_client
+            .iter()
+            .enumerate()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(client, rows)| scope.spawn(move || replay(client, rows)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("trace replay thread panicked"))
+            .collect()
+    });
+    let mut run = TraceRun {
+        latencies: Latencies::new(),
+        prefetch_hits: 0,
+        first_uses_waited: 0,
+        prefetch_unused: 0,
+        prefetch_unused_wait_us: 0,
+    };
+    for result in results {
+        let latencies = result?;
+        run.latencies
+            .histogram
+            .add(&latencies.histogram)
+            .context("merging histograms")?;
+        run.latencies.elapsed = run.latencies.elapsed.max(latencies.elapsed);
+    }
+    // cluster.json is rewritten every 500 ms: read it once more after that.
+    std::thread::sleep(Duration::from_millis(700));
+    for host in &hosts {
+        let status = read_cluster_status(host)?;
+        let count = |field: &str| status[field].as_u64().unwrap_or(0);
+        run.prefetch_hits += count("prefetch_hits");
+        run.first_uses_waited += count("first_uses_waited");
+        run.prefetch_unused += count("prefetch_unused");
+        run.prefetch_unused_wait_us += count("prefetch_unused_wait_us");
+    }
+    Ok(run)
+}
+
+fn read_cluster_status(host: &Host) -> anyhow::Result<serde_json::Value> {
+    let path = host.runtime_dir.join("cluster.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A `forelock-predictor` for `host`'s broker (beside this executable).
+fn start_predictor(host: &Host) -> anyhow::Result<ChildGuard> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let binary = exe.with_file_name("forelock-predictor");
+    if !binary.is_file() {
+        bail!(
+            "prediction on needs {} (cargo build --release -p forelock-predictor)",
+            binary.display()
+        );
+    }
+    let mut command = Command::new(&binary);
+    command
+        .arg("--runtime-dir")
+        .arg(&host.runtime_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(
+            std::fs::File::create(host._dir.path().join("forelock-predictor.log"))
+                .context("predictor log")?,
+        ));
+    Ok(ChildGuard::new(
+        die_with_parent(&mut command)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?,
+    ))
+}
+
 use forelock_cluster::agent::COUNTER_BITS as TOKEN_COUNTER_BITS;
 
 /// One section of the run: it appends its rows.
@@ -654,14 +969,21 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let prefix = format!("/forelock-bench-{}", std::process::id());
     let hosts = HOSTS
         .iter()
-        .map(|name| start_host(name, &etcd.url, &prefix))
+        .map(|name| start_host(name, &etcd.url, &prefix, "", KEEP_ALIVE))
         .collect::<anyhow::Result<Vec<Host>>>()?;
+    let quiet = start_host(
+        QUIET_HOST,
+        &etcd.url,
+        &prefix,
+        NO_SPIN_WHILE_WAITING,
+        KEEP_ALIVE,
+    )?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    let sections: [(&str, &Section); 4] = [
+    let sections: [(&str, &Section); 5] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
         ("2 first", &|rows| {
-            section_first(&hosts[0], &etcd, &sizes, rows)
+            section_first(&hosts[0], &quiet, &etcd, &sizes, rows)
         }),
         ("3 transfer", &|rows| {
             section_transfer(&hosts[0], &hosts[1], &sizes, rows)
@@ -669,6 +991,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         ("4 contention", &|rows| {
             section_contention(&hosts, &sizes, rows)
         }),
+        ("5 trace", &|rows| section_trace(&etcd, &sizes, rows)),
     ];
     for (name, section) in sections {
         if let Err(error) = section(&mut rows) {
@@ -686,7 +1009,7 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "forelock bench --cluster{}: hosts a, b, c = three forelockd on this machine (loopback, no namespaces), \
+        "forelock bench --cluster{}: hosts a, b, c (and d, section 2 only) = forelockd on this machine (loopback, no namespaces), \
          one etcd member on 127.0.0.1 ({}), data dir on disk",
         if quick { " --quick" } else { "" },
         etcd.version.trim()

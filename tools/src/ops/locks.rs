@@ -76,6 +76,10 @@ pub struct LockRow {
     pub owner_died: bool,
     /// The forecaster's latest score for the key (0 when unscored).
     pub score: f32,
+    /// A global key (clustered broker): which host holds its node grant,
+    /// as this broker last saw at etcd ([`global_hosts`]); None for a local
+    /// key or without `[cluster]`.
+    pub host: Option<String>,
 }
 
 /// Printable form of a key: text as is, other bytes as \xNN.
@@ -173,10 +177,42 @@ pub fn read(dir: &Path) -> anyhow::Result<Vec<LockRow>> {
             prepared: word.is_prepared(),
             owner_died: word.owner_died(),
             score: f32::from_bits(slot.score_bits.load(Ordering::Relaxed)),
+            host: None,
         });
     }
     rows.sort_by(|a, b| a.key.cmp(&b.key));
+    if let Ok(text) = std::fs::read_to_string(dir.join("cluster.json"))
+        && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        global_hosts(&status, &mut rows);
+    }
     Ok(rows)
+}
+
+/// Fills [`LockRow::host`] for the global keys among `rows` from the
+/// broker's `cluster.json` (`status`): `<node> (this host)` while this host
+/// holds the node grant; the holder's node name while this host waits for
+/// it (the host of the key's oldest etcd entry when it queued); `not here`
+/// when this host neither holds nor waits for it (ask etcd, or `forelock
+/// locks` on the other hosts).
+pub fn global_hosts(status: &serde_json::Value, rows: &mut [LockRow]) {
+    let Some(prefix) = status["key_prefix"].as_str() else {
+        return;
+    };
+    let keys = status["keys"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for row in rows.iter_mut().filter(|r| r.key.starts_with(prefix)) {
+        let entry = keys
+            .iter()
+            .find(|k| k["key"].as_str() == Some(row.key.as_str()));
+        row.host = Some(match entry {
+            Some(k) => match (k["state"].as_str(), k["holder"].as_str()) {
+                (Some("held"), Some(node)) => format!("{node} (this host)"),
+                (_, Some(node)) => node.to_string(),
+                (_, None) => "unknown (queued)".to_string(),
+            },
+            None => "not here".to_string(),
+        });
+    }
 }
 
 /// Ask the broker serving `dir` who waits for each key of `rows` the table
@@ -253,9 +289,12 @@ fn waiters_cell(r: &LockRow) -> String {
 pub fn render(rows: &[LockRow], unanswered: Option<&str>) -> String {
     use std::fmt::Write as _;
     let header = [
-        "KEY", "MODE", "PID", "HELD FOR", "WAITERS", "TOKEN", "PREPARED", "SCORE",
+        "KEY", "MODE", "PID", "HELD FOR", "WAITERS", "TOKEN", "PREPARED", "SCORE", "HOST",
     ];
-    let mut table: Vec<[String; 8]> = vec![header.map(String::from)];
+    // The HOST column only on a clustered broker with global keys.
+    let hosts = rows.iter().any(|r| r.host.is_some());
+    let columns = if hosts { 9 } else { 8 };
+    let mut table: Vec<[String; 9]> = vec![header.map(String::from)];
     for r in rows {
         let pid = match (r.mode, r.holder_pids.as_slice()) {
             ("free", _) => "-".into(),
@@ -286,9 +325,10 @@ pub fn render(rows: &[LockRow], unanswered: Option<&str>) -> String {
             r.token.to_string(),
             if r.prepared { "yes" } else { "no" }.into(),
             format!("{:.2}", r.score),
+            r.host.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let mut widths = [0usize; 8];
+    let mut widths = [0usize; 9];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -299,6 +339,7 @@ pub fn render(rows: &[LockRow], unanswered: Option<&str>) -> String {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
+            .take(columns)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
@@ -349,7 +390,52 @@ mod tests {
             prepared: false,
             owner_died: false,
             score: 0.0,
+            host: None,
         }
+    }
+
+    #[test]
+    fn a_global_key_shows_which_host_holds_it_from_cluster_json() {
+        let status = serde_json::json!({
+            "node": "h2",
+            "key_prefix": "global/",
+            "keys": [
+                {"key": "global/mine", "state": "held", "holder": "h2"},
+                {"key": "global/theirs", "state": "queued", "holder": "h1"},
+                {"key": "global/retried", "state": "queued", "holder": null},
+            ],
+        });
+        let mut rows = [
+            row("global/mine", 0, Some(vec![])),
+            row("global/nobody-here", 0, Some(vec![])),
+            row("global/retried", 1, None),
+            row("global/theirs", 1, None),
+            row("local", 0, Some(vec![])),
+        ];
+        global_hosts(&status, &mut rows);
+        let hosts: Vec<Option<&str>> = rows.iter().map(|r| r.host.as_deref()).collect();
+        assert_eq!(
+            hosts,
+            [
+                Some("h2 (this host)"),
+                Some("not here"),
+                Some("unknown (queued)"),
+                Some("h1"),
+                None
+            ]
+        );
+        let text = render(&rows, None);
+        assert!(text.lines().next().unwrap().ends_with("HOST"), "{text}");
+        let theirs = text
+            .lines()
+            .find(|l| l.starts_with("global/theirs"))
+            .unwrap();
+        assert!(theirs.ends_with("h1"), "{theirs}");
+        let local = text.lines().find(|l| l.starts_with("local")).unwrap();
+        assert!(local.ends_with('-'), "{local}");
+        // A broker without [cluster] writes no cluster.json: no HOST column.
+        let plain = [row("global/x", 0, Some(vec![]))];
+        assert!(!render(&plain, None).contains("HOST"));
     }
 
     #[test]
