@@ -427,18 +427,21 @@ fn queue_waiter(dir: &std::path::Path, key: &str, shared: bool, n: u32) -> std::
     cmd.args([key, "--", "true"])
         .env("FORELOCK_RUNTIME_DIR", dir)
         .env("FORELOCK_FIFO", "1");
-    // SAFETY: the hook runs between fork and exec; prctl(2) is
-    // async-signal-safe and touches no memory of ours. A test that fails
-    // must not leave a waiter blocked forever on a broker it killed (it
-    // would hold the test run's output pipe open).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A test that fails must not leave a waiter blocked forever on a broker
+    // it killed (it would hold the test run's output pipe open): the waiter
+    // dies with the test's thread.
+    let die_with_test = || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and reads
+        // no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and calls only prctl(2),
+    // which is async-signal-safe, and allocates nothing.
+    unsafe { cmd.pre_exec(die_with_test) };
     let child = cmd.spawn().unwrap();
     eventually(&format!("waiter {n} queues on {key}"), || {
         lock_row(dir, key).is_some_and(|r| r["waiter_count"] == n)
