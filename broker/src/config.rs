@@ -92,7 +92,8 @@ pub struct BrokerConfig {
     pub uring_entries: u32,
     /// Microseconds the event loop polls for work before it sleeps.
     pub spin_us: u64,
-    /// The same while a request waits in a queue (a release is coming).
+    /// The same while a request waits in a queue behind a local holder (a
+    /// release is coming; not while it waits for a node grant from etcd).
     pub spin_waiters_us: u64,
     /// Replaced by `access.mode` and `access.group`: still parsed, so that
     /// an old configuration fails with an error naming the new options

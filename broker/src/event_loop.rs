@@ -496,9 +496,10 @@ impl EventLoop {
         let spin = std::time::Duration::from_micros(self.config.broker.spin_us);
         let spin_waiters = std::time::Duration::from_micros(self.config.broker.spin_waiters_us);
         while !self.stopping {
-            // While someone waits in a queue, a release is coming: stay awake
-            // for it longer (the waiters sleep, so their CPU is free).
-            let spin = if self.manager.has_waiters() {
+            // While someone waits in a queue behind a local holder, a release
+            // is coming: stay awake for it longer (the waiters sleep, so
+            // their CPU is free).
+            let spin = if self.manager.awaits_local_release() {
                 spin_waiters.max(spin)
             } else {
                 spin
