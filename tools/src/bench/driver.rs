@@ -289,6 +289,9 @@ fn not_applicable(system: &dyn LockSystem, workload: &Workload) -> Option<String
     if traits.sharing == Sharing::InProcess && workload.shares_keys() {
         return Some("in-process lock: processes cannot share it".into());
     }
+    if traits.sharing == Sharing::FreshKeys && workload.shares_keys() {
+        return Some("a fresh key per operation: processes never share one".into());
+    }
     if !traits.excludes && workload.shares_keys() {
         return Some("not a lock: a baseline for uncontended round trips only".into());
     }

@@ -9,8 +9,7 @@
 //!   it has never seen: the unprepared key as a user meets it, one round
 //!   trip to acquire (the broker places the key, evicting an idle one when
 //!   the table is full) and one CAS to release. Its workers never share a
-//!   key, so it is only run in uncontended workloads' sense: contended rows
-//!   for it measure the same thing.
+//!   key, so only the workloads without shared keys apply to it.
 //!
 //! Each starts its own `forelockd` (found next to this executable, else on
 //! PATH) on a private runtime directory, and stops it when the bench ends.
@@ -49,6 +48,7 @@ pub fn entries() -> Vec<SystemEntry> {
 struct ForelockSystem {
     runtime_dir: PathBuf,
     note: &'static str,
+    sharing: Sharing,
     // Field order: the broker stops before its directory is removed.
     _broker: ChildGuard,
     _dir: TempDir,
@@ -74,7 +74,11 @@ fn broker_overrides() -> String {
     }
 }
 
-fn start_with(policy: &str, note: &'static str) -> Result<Box<dyn LockSystem>, StartError> {
+fn start_with(
+    policy: &str,
+    note: &'static str,
+    sharing: Sharing,
+) -> Result<Box<dyn LockSystem>, StartError> {
     let binary = broker_binary().ok_or(StartError::NotInstalled {
         binary: "forelockd",
     })?;
@@ -88,6 +92,7 @@ fn start_with(policy: &str, note: &'static str) -> Result<Box<dyn LockSystem>, S
     Ok(Box::new(ForelockSystem {
         runtime_dir,
         note,
+        sharing,
         _broker: broker,
         _dir: dir,
     }))
@@ -97,6 +102,7 @@ fn start_prepared(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
     start_with(
         "keep-alive",
         "forelock: forelockd with keep-alive preparation; a recently used key is taken by one CAS, waiters on a held key sleep on its slot (barging, a direct hand-off past 500 us)",
+        Sharing::CrossProcess,
     )
 }
 
@@ -104,6 +110,7 @@ fn start_unprepared(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> 
     start_with(
         "none",
         "forelock-unprepared: forelockd that never prepares: every acquire and release is a round trip to the broker",
+        Sharing::CrossProcess,
     )
 }
 
@@ -111,13 +118,14 @@ fn start_fresh(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
     start_with(
         "keep-alive",
         "forelock-fresh: forelockd with keep-alive preparation, every operation on a key never seen before: one round trip to acquire, one CAS to release",
+        Sharing::FreshKeys,
     )
 }
 
 impl LockSystem for ForelockSystem {
     fn traits(&self) -> SystemTraits {
         SystemTraits {
-            sharing: Sharing::CrossProcess,
+            sharing: self.sharing,
             excludes: true,
             note: self.note,
         }

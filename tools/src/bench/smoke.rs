@@ -99,7 +99,9 @@ fn peers_smoke() {
         let traits = system.traits();
         for workload in &workloads {
             let shares = workload.shares_keys();
-            if shares && (traits.sharing == super::system::Sharing::InProcess || !traits.excludes) {
+            if shares
+                && (traits.sharing != super::system::Sharing::CrossProcess || !traits.excludes)
+            {
                 continue;
             }
             let run = measure(&entry, system.as_mut(), workload, 0, limits, &launcher)

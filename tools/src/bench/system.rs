@@ -44,6 +44,10 @@ pub enum Sharing {
     /// Each process has its own locks (std::sync::Mutex): only workloads whose
     /// processes never share a key apply.
     InProcess,
+    /// A cross-process lock whose sessions take a key of their own for every
+    /// operation (`forelock-fresh`: the unprepared key): only workloads whose
+    /// processes never share a key apply.
+    FreshKeys,
 }
 
 /// What a system promises, which decides the workloads that apply to it.
