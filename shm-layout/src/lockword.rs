@@ -71,6 +71,12 @@
 //! - Every sleep has a timeout (the bound), so a waiter that was woken and
 //!   died before it set `K` or claimed an `H` word stalls the others for at
 //!   most one bound: the next hungry waiter claims.
+//! - A waiter that finds the slot taken over (`P=0`) and held by a broker
+//!   grant sleeps on `park` too, without a bit (the word is the broker's),
+//!   until the broker prepares the slot again and wakes `park`, or its
+//!   bound passes; only then does it ask the broker. Joining the broker's
+//!   queue at once kept a hot key off the fast path for as long as the
+//!   contention lasted (8 processes on one key at broker speed).
 //!
 //! Shared (read) locks are always granted by the broker: the word cannot say
 //! *who* the shared holders are, and the broker must know that to release the
@@ -751,6 +757,22 @@ pub fn lock_contended<C: WordCell + ?Sized, P: Parker + ?Sized>(
                 continue;
             }
             Err(Decline::Held) => {}
+            Err(Decline::NotPrepared) if !hungry && broker_holds(current) => {
+                // The broker took the slot over and a broker grant holds it
+                // (a take-over for a queued waiter, a counter rebase). Its
+                // queue would keep the key off the fast path for as long as
+                // contended clients keep joining it (seen: 8 processes on
+                // one key stuck at broker speed for a whole run). So wait,
+                // bounded, for the slot to come back to the fast path (the
+                // broker wakes `park` when it re-prepares a slot it took
+                // over); only a waiter past its bound asks the broker.
+                if parker.expired() {
+                    return Err(ContendedEnd::Expired);
+                }
+                parker.sleep(Queue::Parked, sequence);
+                slept = true;
+                continue;
+            }
             Err(other) => return Err(ContendedEnd::Declined(other)),
         }
         if parker.expired() {
@@ -783,6 +805,12 @@ pub fn lock_contended<C: WordCell + ?Sized, P: Parker + ?Sized>(
         parker.sleep(queue, sequence);
         slept = true;
     }
+}
+
+/// A managed word (`P=0`) that says the broker has a holder: well formed,
+/// held exclusive or shared (the broker's mirror).
+const fn broker_holds(current: Word) -> bool {
+    !current.is_prepared() && current.0 & RESERVED_MASK == 0 && !current.is_free()
 }
 
 /// The release of a fast-path hold that may have waiters: one CAS from the
@@ -926,6 +954,85 @@ mod tests {
         let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
         assert!(try_release_exclusive(&cell, g.held));
         assert_eq!(Word(cell.load(Ordering::Relaxed)), prepared(42));
+    }
+
+    /// A parker for plain unit tests: each sleep runs `on_sleep` (what
+    /// other parties do meanwhile), hungry after `hungry_after` sleeps.
+    struct StepParker<'a> {
+        sleeps: u32,
+        hungry_after: u32,
+        on_sleep: &'a dyn Fn(u32),
+    }
+
+    impl Parker for StepParker<'_> {
+        fn sequence(&self, _: Queue) -> u32 {
+            0
+        }
+        fn sleep(&mut self, _: Queue, _: u32) {
+            self.sleeps += 1;
+            (self.on_sleep)(self.sleeps);
+        }
+        fn hungry(&mut self) -> bool {
+            self.sleeps >= self.hungry_after
+        }
+        fn may_ask_handoff(&mut self, _: u32) -> bool {
+            true
+        }
+        fn expired(&mut self) -> bool {
+            false
+        }
+        fn spin(&mut self) -> bool {
+            false
+        }
+    }
+
+    /// Regression (hot-8p stuck at broker speed): a contended waiter that
+    /// finds the slot taken over and held by a broker grant waits for the
+    /// slot to come back to the fast path instead of joining the broker's
+    /// queue; only once past its bound does it ask the broker.
+    #[test]
+    fn a_waiter_on_a_slot_the_broker_holds_waits_for_the_fast_path_until_its_bound() {
+        let word = AtomicU64::new(Word::new(7, EXCLUSIVE, 3, 10).0);
+        // The broker's holder releases and the slot is prepared again
+        // during the waiter's second sleep.
+        let reprepare = |n: u32| {
+            if n == 2 {
+                word.store(Word::new(7, PREPARED, 0, 11).0, Ordering::Release);
+            }
+        };
+        let mut parker = StepParker {
+            sleeps: 0,
+            hungry_after: 100,
+            on_sleep: &reprepare,
+        };
+        let g = lock_contended(&word, 7, 1, &mut parker).expect("granted on the fast path");
+        assert_eq!(g.held, Word::new(7, PREPARED | EXCLUSIVE | PARKED, 2, 12));
+        assert_eq!(parker.sleeps, 2);
+        // Past its bound it asks the broker.
+        let word = AtomicU64::new(Word::new(7, EXCLUSIVE, 3, 10).0);
+        let mut parker = StepParker {
+            sleeps: 0,
+            hungry_after: 1,
+            on_sleep: &|_| {},
+        };
+        assert_eq!(
+            lock_contended(&word, 7, 1, &mut parker),
+            Err(ContendedEnd::Declined(Decline::NotPrepared))
+        );
+        assert_eq!(parker.sleeps, 1);
+        // A managed, free word goes to the broker at once (nobody holds it
+        // there to hand it back).
+        let word = AtomicU64::new(Word::new(7, 0, 0, 10).0);
+        let mut parker = StepParker {
+            sleeps: 0,
+            hungry_after: 100,
+            on_sleep: &|_| {},
+        };
+        assert_eq!(
+            lock_contended(&word, 7, 1, &mut parker),
+            Err(ContendedEnd::Declined(Decline::NotPrepared))
+        );
+        assert_eq!(parker.sleeps, 0);
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub(super) struct SlotState {
     /// only while the word names it; `LockManager::settle_fast_grant`
     /// erases it once the holder released by CAS.
     pub(super) fast_grant: Option<(u32, u64)>,
+    /// The slot was taken over from the fast path since it was last
+    /// prepared: contended clients may sleep on its `park` futex waiting for
+    /// it to come back (see `lockword::lock_contended`), so its next
+    /// return to the fast path wakes them.
+    pub(super) sleepers_may_wait: bool,
     /// Position in the key index, if indexed.
     pub(super) index_pos: Option<u32>,
     /// The (contention kept, last use) under which the slot sits in the
@@ -90,6 +95,7 @@ impl SlotState {
             issued: 0,
             base: 0,
             fast_grant: None,
+            sleepers_may_wait: false,
             index_pos: None,
             ordered_as: None,
         }

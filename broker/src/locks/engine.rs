@@ -475,6 +475,7 @@ impl LockManager {
         }
         let st = &mut self.dir.slots[s as usize];
         st.managed = true;
+        st.sleepers_may_wait = true;
         st.holder = Holder::Free;
         let token = st.base.saturating_add(w.counter() as u64);
         let recorded = st.fast_grant.take();
@@ -863,6 +864,13 @@ impl LockManager {
         let st = &self.dir.slots[s as usize];
         if st.queue.is_empty() && st.holder == Holder::Free {
             self.return_to_fast_path(table, s);
+            let st = &mut self.dir.slots[s as usize];
+            if !st.managed && std::mem::take(&mut st.sleepers_may_wait) {
+                // Contended clients that found the slot taken over wait on
+                // `park` for it to come back: it has.
+                let slot = table.slot(s).expect("s < slot_count");
+                wake_contended(slot, Word(lockword::PARKED), waker);
+            }
         }
         // Only a clustered broker has node grants to settle: no key copy
         // on every hand-off of a single-host broker.

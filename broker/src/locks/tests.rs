@@ -448,6 +448,39 @@ fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
     assert!(f.cell(b, 2).1 > fast_token);
 }
 
+/// Regression (hot-8p stuck at broker speed): contended clients that find
+/// a slot taken over wait on its `park` futex for it to come back to the
+/// fast path instead of queueing in the broker; the broker wakes them when
+/// it re-prepares the slot.
+#[test]
+fn a_slot_taken_over_and_prepared_again_wakes_the_clients_waiting_for_it() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(100), f.client(101));
+    let (s, _held, token_a) = f.hold_on_fast_path(a, "k");
+    assert!(
+        f.queued(b, 2, "k", false),
+        "a holds k: b queues (take-over)"
+    );
+    let park = &f.table.slot(s).unwrap().park as *const AtomicU32 as usize;
+    assert_eq!(
+        f.m.release(&f.table, a, s, token_a, &mut f.w),
+        Response::Released
+    );
+    let gb = f.w.1.pop().expect("handed to b").1;
+    assert!(!f.word("k").is_prepared(), "b holds it through the broker");
+    f.w.0.clear();
+    assert_eq!(f.release(b, &gb), Response::Released);
+    assert!(f.word("k").is_prepared(), "back on the fast path");
+    assert!(f.w.0.contains(&park), "its park sleepers are woken");
+    // Prepared again without a take-over since: no wake.
+    let g = f.acquire(a, 1, "other", false);
+    assert!(matches!(g, Response::Granted { .. }));
+    f.w.0.clear();
+    let (s2, held, _) = f.hold_on_fast_path(b, "k");
+    assert!(try_release_exclusive(&f.table.slot(s2).unwrap().word, held));
+    assert!(f.w.0.is_empty());
+}
+
 #[test]
 fn a_dead_fast_path_holder_is_released_and_the_next_holder_is_told() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
