@@ -680,15 +680,31 @@ impl LockManager {
         }
         let slot = table.slot(s).expect("s < slot_count");
         let w = Word(slot.word.load(Ordering::Acquire));
-        let grant = lockword::prepare_held_for(w, client).ok()?;
-        let token = st.base.saturating_add(grant.held.counter() as u64);
-        if token <= st.issued {
-            // The client-writable counter is behind what we issued: the
-            // managed grant rebases.
-            return None;
-        }
+        // The token: above every token this slot issued, whatever the
+        // client-writable counter says. When the counter cannot hold it
+        // (exhausted by fast-path grants, or behind what we issued), the
+        // slot is rebased here, so that a hot key's counter running out
+        // does not leave it managed (and its contenders queued in the
+        // broker) for as long as the contention lasts.
+        let token = st
+            .base
+            .saturating_add(w.counter() as u64 + 1)
+            .max(st.issued.saturating_add(1));
+        let (base, counter) = match token - st.base {
+            c if c <= lockword::COUNTER_MASK && token == st.base + w.counter() as u64 + 1 => {
+                (st.base, w.counter())
+            }
+            _ => (token - 1, 0),
+        };
+        let from = lockword::managed(w, false, 0, counter);
+        let grant = lockword::prepare_held_for(from, client).ok()?;
         if let Err(refusal) = self.check_quota(client) {
             return Some(Err(refusal));
+        }
+        if base != st.base {
+            // Rebased: the ledger first (a restart trusts it), then the
+            // table's copy below, before the word publishes it.
+            self.ledger.set_base(s, base);
         }
         self.ledger.add_hold(
             client,
@@ -703,6 +719,7 @@ impl LockManager {
         );
         let now_ms = self.now_ms;
         let st = &mut self.dir.slots[s as usize];
+        st.base = base;
         st.fast_grant = Some((client, token));
         st.issued = token;
         st.last_counter = grant.held.counter();

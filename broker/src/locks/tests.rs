@@ -481,6 +481,37 @@ fn a_slot_taken_over_and_prepared_again_wakes_the_clients_waiting_for_it() {
     assert!(f.w.0.is_empty());
 }
 
+/// Regression (hot-8p stuck at broker speed): a hot key whose counter runs
+/// out on the fast path is rebased by a grant that keeps it on the fast
+/// path, instead of a managed grant that left it in the broker's queue.
+#[test]
+fn a_counter_exhausted_on_the_fast_path_is_rebased_by_a_fast_grant() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(100), f.client(101));
+    let (s, held, last) = f.hold_on_fast_path(a, "k");
+    let word = &f.table.slot(s).unwrap().word;
+    assert!(try_release_exclusive(word, held));
+    // The counter runs out: clients' CASes decline from now on.
+    let w = f.word("k");
+    let exhausted = Word::new(
+        w.generation(),
+        lockword::PREPARED,
+        0,
+        lockword::COUNTER_MASK as u32,
+    );
+    word.store(exhausted.0, Ordering::Release);
+    let base = f.table.slot(s).unwrap().token_base.load(Ordering::Relaxed);
+    let top = base + lockword::COUNTER_MASK;
+    assert!(top > last);
+    let g = f.acquire(b, 2, "k", false);
+    assert!(token(&g) > top, "{g:?} after {top}");
+    assert!(f.word("k").is_prepared(), "still on the fast path");
+    assert!(f.cas_release(b, &g));
+    let (_, _, next) = f.hold_on_fast_path(a, "k");
+    assert!(next > token(&g));
+    f.m.check().unwrap();
+}
+
 #[test]
 fn a_dead_fast_path_holder_is_released_and_the_next_holder_is_told() {
     let mut f = fixture(8, 4, Policy::KeepAlive);
