@@ -237,11 +237,27 @@ pub(crate) fn fast_acquire_seen(
     owner: u32,
 ) -> Option<FastHold> {
     let slot = table.slot(slot_index)?;
-    // SYNC POINT: the CAS inside (Acquire) pairs with the broker's Release
-    // store that published the prepared word, so `token_base` read below is
-    // the one of this preparation; the broker never changes it while the slot
-    // is held, which it now is, by us.
+    // The CAS inside is Acquire (see keep_or_give_back's SYNC POINT).
     let grant = lockword::try_acquire_exclusive(&slot.word, seen.generation(), owner).ok()?;
+    keep_or_give_back(slot, slot_index, key, grant)
+}
+
+/// A grant the client just made itself on `slot` (by CAS or claim), as a
+/// hold with its token, kept if it may stand: the slot still holds `key`,
+/// and (a global key) the lease's safe time has not passed. Otherwise given
+/// back by CAS (`None`: ask the broker), or, if the broker took the slot
+/// over first, returned flagged `give_back`.
+#[inline]
+fn keep_or_give_back(
+    slot: &Slot,
+    slot_index: u32,
+    key: &[u8],
+    grant: lockword::FastGrant,
+) -> Option<FastHold> {
+    // SYNC POINT: the grant's CAS (Acquire) pairs with the broker's Release
+    // store that published the prepared word, or with the previous holder's
+    // release, so `token_base` is the one of this preparation; the broker
+    // never changes it while the slot is held, which it now is, by us.
     let token = slot
         .token_base
         .load(Ordering::Relaxed)
@@ -253,14 +269,6 @@ pub(crate) fn fast_acquire_seen(
         owner_died: grant.owner_died,
         give_back: false,
     };
-    keep_or_give_back(slot, key, hold)
-}
-
-/// A grant the client just made itself on `slot`, kept if it may stand: the
-/// slot still holds `key`, and (a global key) the lease's safe time has not
-/// passed. Otherwise given back by CAS (`None`: ask the broker), or, if the
-/// broker took the slot over first, returned flagged `give_back`.
-fn keep_or_give_back(slot: &Slot, key: &[u8], hold: FastHold) -> Option<FastHold> {
     if slot.key_equals(key) && slot.may_grant_now() {
         return Some(hold);
     }
@@ -493,23 +501,9 @@ pub(crate) fn contended_acquire(
     let mut parker = SlotParker::new(slot, fair_after, deadline);
     match lockword::lock_contended(&slot.word, seen.generation(), owner, &mut parker) {
         Ok(grant) => {
-            // SYNC POINT: the grant's CAS (Acquire) pairs with the Release
-            // that published the prepared word or released the previous
-            // hold, so this token base is the preparation's.
-            let token = slot
-                .token_base
-                .load(Ordering::Relaxed)
-                .saturating_add(grant.held.counter() as u64);
-            let hold = FastHold {
-                slot: slot_index,
-                held: grant.held,
-                token,
-                owner_died: grant.owner_died,
-                give_back: false,
-            };
             // The generation may have wrapped while we slept, or a global
             // key's lease passed its safe time (see keep_or_give_back).
-            match keep_or_give_back(slot, key, hold) {
+            match keep_or_give_back(slot, slot_index, key, grant) {
                 Some(hold) => Contended::Held(hold),
                 None => Contended::Broker,
             }

@@ -133,6 +133,27 @@ pub enum Queued {
     Already { own_rev: i64 },
 }
 
+/// The operations of every transaction that confirms a node grant (see
+/// [`confirm`]): our entry put under the lease (created by it, in
+/// [`queue_and_look`], or written again; its revision gives the token's
+/// high bits), our held marker, then the held markers and the entries, read
+/// at the same revision.
+fn confirm_ops(n: &Names, node: &str, lease: i64) -> [TxnOp; 4] {
+    [
+        TxnOp::put(
+            n.own.as_str(),
+            node,
+            Some(PutOptions::new().with_lease(lease)),
+        ),
+        TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+        TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+        TxnOp::get(
+            n.dir.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ),
+    ]
+}
+
 /// Steps 1 to 4 in one round trip when nothing blocks: one transaction that
 /// puts our entry and, in the same revision,
 ///
@@ -157,13 +178,6 @@ pub async fn queue_and_look(
     shared: bool,
 ) -> Result<Queued, EtcdError> {
     let mut c = c.clone();
-    let put_own = || {
-        TxnOp::put(
-            n.own.as_str(),
-            node,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-    };
     // The entries ours must wait for: every one (a writer), the writers (a
     // reader). Ours is not among the writers' when we read.
     let conflicting = if shared {
@@ -172,15 +186,9 @@ pub async fn queue_and_look(
         n.dir.clone()
     };
     let free = Compare::create_revision(conflicting.as_str(), CompareOp::Equal, 0).with_prefix();
-    let win = Txn::new().when([free]).and_then([
-        put_own(),
-        TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
-        TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
-        TxnOp::get(
-            n.dir.as_str(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        ),
-    ]);
+    let win = Txn::new()
+        .when([free])
+        .and_then(confirm_ops(n, node, lease));
     // Behind: the newest conflicting entries, ours (a writer's) first.
     let look = GetOptions::new()
         .with_prefix()
@@ -193,7 +201,11 @@ pub async fn queue_and_look(
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1);
     let win = win.or_else([
-        put_own(),
+        TxnOp::put(
+            n.own.as_str(),
+            node,
+            Some(PutOptions::new().with_lease(lease)),
+        ),
         TxnOp::get(conflicting.as_str(), Some(look)),
         TxnOp::get(n.dir.as_str(), Some(oldest)),
     ]);
@@ -353,19 +365,7 @@ pub async fn confirm_if_first(
             Compare::create_revision(n.own.as_str(), CompareOp::Equal, own_rev),
             Compare::create_revision(n.dir.as_str(), CompareOp::Greater, own_rev - 1).with_prefix(),
         ])
-        .and_then([
-            TxnOp::put(
-                n.own.as_str(),
-                node,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-            TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
-            TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
-            TxnOp::get(
-                n.dir.as_str(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        ])
+        .and_then(confirm_ops(n, node, lease))
         .or_else([
             TxnOp::get(n.own.as_str(), Some(GetOptions::new().with_keys_only())),
             TxnOp::get(
@@ -517,19 +517,7 @@ pub async fn confirm(
             CompareOp::Equal,
             own_rev,
         )])
-        .and_then([
-            TxnOp::put(
-                n.own.as_str(),
-                node,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-            TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
-            TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
-            TxnOp::get(
-                n.dir.as_str(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        ]);
+        .and_then(confirm_ops(n, node, lease));
     let resp = timed(c.txn(txn)).await?;
     if !resp.succeeded() {
         return Ok(None);

@@ -1461,6 +1461,17 @@ mod node_gate {
         assert_eq!(script.borrow().sent, vec![want("global/k")]);
     }
 
+    /// Client `a` takes global/k through the broker once (the node grant,
+    /// revision 7, comes to this host) and releases it: the key is then
+    /// cached here and prepared. Returns that first grant's token.
+    fn cache_global_k(f: &mut Fixture, a: u32) -> u64 {
+        assert!(f.queued(a, 1, "global/k", false));
+        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
+        let first = answered_token(f).expect("granted");
+        assert_eq!(f.release(a, &grant_of_k(f, first)), Response::Released);
+        first
+    }
+
     /// A client's own fast-path grant of global/k: (slot, held word, token),
     /// checked as the client library does (CAS, then the slot's limit).
     fn take_global_by_cas(f: &Fixture, client: u32) -> Option<(u32, Word, u64)> {
@@ -1485,10 +1496,7 @@ mod node_gate {
         let (mut f, script) = clustered();
         script.borrow_mut().safe_until_ns = shm_layout::monotonic_ns() + 60_000_000_000;
         let (a, b) = (f.client(100), f.client(101));
-        assert!(f.queued(a, 1, "global/k", false));
-        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
-        let first = answered_token(&mut f).expect("granted");
-        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        let first = cache_global_k(&mut f, a);
         let (s, held, token) = take_global_by_cas(&f, b).expect("prepared");
         let slot = f.table.slot(s).unwrap();
         assert_eq!(
@@ -1513,10 +1521,7 @@ mod node_gate {
     fn a_callback_takes_a_prepared_global_key_over_before_the_node_grant_goes() {
         let (mut f, script) = clustered();
         let (a, b) = (f.client(100), f.client(101));
-        assert!(f.queued(a, 1, "global/k", false));
-        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
-        let first = answered_token(&mut f).expect("granted");
-        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        cache_global_k(&mut f, a);
         for _ in 0..3 {
             let (s, held, _) = take_global_by_cas(&f, b).expect("prepared");
             assert!(try_release_exclusive(&f.table.slot(s).unwrap().word, held));
@@ -1569,10 +1574,7 @@ mod node_gate {
     fn a_broker_grant_after_fast_grants_of_a_global_key_is_above_their_tokens() {
         let (mut f, _script) = clustered();
         let (a, b, c) = (f.client(100), f.client(101), f.client(102));
-        assert!(f.queued(a, 1, "global/k", false));
-        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
-        let first = answered_token(&mut f).expect("granted");
-        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        cache_global_k(&mut f, a);
         for _ in 0..5 {
             let (s, held, _) = take_global_by_cas(&f, b).expect("prepared");
             assert!(try_release_exclusive(&f.table.slot(s).unwrap().word, held));
@@ -1595,10 +1597,7 @@ mod node_gate {
     fn a_fence_takes_prepared_global_keys_over_and_their_fast_holders_are_lost() {
         let (mut f, _script) = clustered();
         let (a, b) = (f.client(100), f.client(101));
-        assert!(f.queued(a, 1, "global/k", false));
-        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
-        let first = answered_token(&mut f).expect("granted");
-        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        cache_global_k(&mut f, a);
         let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
         f.m.node_event(
             &f.table,
@@ -1626,10 +1625,7 @@ mod node_gate {
     fn a_restarted_broker_takes_over_prepared_global_keys_and_their_holders_are_lost() {
         let (mut f, script) = clustered();
         let (a, b) = (f.client(100), f.client(101));
-        assert!(f.queued(a, 1, "global/k", false));
-        f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
-        let first = answered_token(&mut f).expect("granted");
-        assert_eq!(f.release(a, &grant_of_k(&f, first)), Response::Released);
+        cache_global_k(&mut f, a);
         let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
         f.restart(|_, _| true);
         f.m.set_cluster(&f.table, Box::new(Link(script.clone())));
