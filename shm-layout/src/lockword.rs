@@ -254,6 +254,21 @@ pub struct FastGrant {
     pub owner_died: bool,
 }
 
+/// The checks every client grant starts with: a word forelock wrote (no
+/// reserved bit), of the key the client looked up (its generation), on the
+/// fast path (prepared).
+const fn on_fast_path(current: Word, expected_generation: u16) -> Result<(), Decline> {
+    if current.0 & RESERVED_MASK != 0 {
+        Err(Decline::Malformed)
+    } else if current.generation() != expected_generation {
+        Err(Decline::GenerationChanged)
+    } else if !current.is_prepared() {
+        Err(Decline::NotPrepared)
+    } else {
+        Ok(())
+    }
+}
+
 /// The pure part of a fast-path acquire: from a prepared, free word, the held
 /// word for `owner`. Checked before every CAS.
 pub fn acquire_exclusive_transition(
@@ -274,15 +289,7 @@ pub fn grant_transition(
     owner: u32,
     keep: u64,
 ) -> Result<FastGrant, Decline> {
-    if current.0 & RESERVED_MASK != 0 {
-        return Err(Decline::Malformed);
-    }
-    if current.generation() != expected_generation {
-        return Err(Decline::GenerationChanged);
-    }
-    if !current.is_prepared() {
-        return Err(Decline::NotPrepared);
-    }
+    on_fast_path(current, expected_generation)?;
     if current.is_handoff() {
         // Reserved for a hungry waiter: a running acquirer may not barge.
         return Err(Decline::Held);
@@ -327,15 +334,7 @@ pub fn claim_transition(
     expected_generation: u16,
     owner: u32,
 ) -> Result<FastGrant, Decline> {
-    if current.0 & RESERVED_MASK != 0 {
-        return Err(Decline::Malformed);
-    }
-    if current.generation() != expected_generation {
-        return Err(Decline::GenerationChanged);
-    }
-    if !current.is_prepared() {
-        return Err(Decline::NotPrepared);
-    }
+    on_fast_path(current, expected_generation)?;
     if !current.is_handoff() {
         return Err(Decline::Held);
     }
