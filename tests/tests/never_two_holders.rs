@@ -8,46 +8,12 @@
 //! processes, so that each has its own pid (liveness is per process).
 
 mod support;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
 const KEEP_ALIVE: &str = "[allocator]\npolicy = \"keep-alive\"\nkeep_alive_ms = 60000\n";
 const NO_PREPARE: &str = "[allocator]\npolicy = \"none\"\n";
-
-/// Run `f` over a writable shared view of the table: the scribbler's view.
-fn with_table_mut<T>(
-    dir: &std::path::Path,
-    f: impl FnOnce(&shm_layout::table::TableView) -> T,
-) -> T {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join(shm_layout::TABLE_FILE))
-        .unwrap();
-    let map = memmap2::MmapRaw::map_raw(&file).unwrap();
-    // SAFETY: a page-aligned shared mapping of `map.len()` bytes that lives
-    // for this call; the view reaches it only through atomics.
-    let view = unsafe { shm_layout::table::TableView::new(map.as_ptr(), map.len()) }.unwrap();
-    f(&view)
-}
-
-/// Wake every waiter sleeping on `word` (shared futex).
-fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a live, aligned u32 in a shared mapping; FUTEX_WAKE
-    // reads no other argument.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            std::ptr::null::<libc::timespec>(),
-            0,
-            0,
-        )
-    };
-}
 
 /// A try-lock from another process: `Some(token)` if it got the lock.
 fn try_from_another_process(dir: &std::path::Path, key: &str) -> Option<u64> {

@@ -156,6 +156,37 @@ pub fn with_table<T>(dir: &Path, f: impl FnOnce(&shm_layout::table::TableView) -
     f(&view)
 }
 
+/// Run `f` over a writable shared view of the table: the scribbler's view.
+pub fn with_table_mut<T>(dir: &Path, f: impl FnOnce(&shm_layout::table::TableView) -> T) -> T {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(shm_layout::TABLE_FILE))
+        .unwrap();
+    let map = memmap2::MmapRaw::map_raw(&file).unwrap();
+    // SAFETY: a page-aligned shared mapping of `map.len()` bytes that lives
+    // for this call; the view reaches it only through atomics.
+    let view = unsafe { shm_layout::table::TableView::new(map.as_ptr(), map.len()) }.unwrap();
+    f(&view)
+}
+
+/// Wake every sleeper on `word` (shared futex), as a scribbler could.
+pub fn futex_wake(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: `word` is a live, aligned u32 in a shared mapping; FUTEX_WAKE
+    // reads no other argument.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            0,
+            0,
+        )
+    };
+}
+
 /// The mutual-exclusion check every test uses: worker processes each take
 /// `key` `iters` times and, holding it, read-modify-write a counter in a
 /// file that only the lock protects, logging `<counter> <token>`.
