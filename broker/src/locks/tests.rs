@@ -1754,4 +1754,19 @@ mod node_gate {
         assert_eq!(counts.prefetch_unused, 1);
         assert!(counts.prefetch_unused_wait_us >= 2_000, "{counts:?}");
     }
+
+    /// The event loop stays awake for queued waiters only when a local
+    /// holder's release is coming, not while they wait for a node grant
+    /// (the spinning took the CPU the agent and etcd needed).
+    #[test]
+    fn only_a_waiter_behind_a_local_holder_keeps_the_broker_awake() {
+        let (mut f, _script) = clustered();
+        let (a, b) = (f.client(100), f.client(101));
+        assert!(f.queued(a, 1, "global/k", false), "no node grant yet");
+        assert!(!f.m.awaits_local_release());
+        let g = f.acquire(a, 2, "local/k", false);
+        assert!(matches!(g, Response::Granted { .. }));
+        assert!(f.queued(b, 3, "local/k", false));
+        assert!(f.m.awaits_local_release());
+    }
 }
