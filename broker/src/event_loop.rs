@@ -538,9 +538,12 @@ impl EventLoop {
         self.ring.submit().context("io_uring submit failed")?;
         let started = Instant::now();
         while self.ring.completion().is_empty() {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
+            // Yield, not pause: on a machine whose CPUs are all busy, the
+            // process this loop just answered may be waiting for this CPU,
+            // and a pause loop would hold it off for the whole spin. With
+            // nothing else runnable, sched_yield returns at once.
+            // SAFETY: sched_yield takes no arguments and touches no memory.
+            unsafe { libc::sched_yield() };
             if started.elapsed() >= spin {
                 break;
             }

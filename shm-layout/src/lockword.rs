@@ -33,12 +33,10 @@
 //!
 //! # Truth table
 //!
-//! | P | X | holders | meaning | who may write the word |
-//! |---|---|---------|---------|------------------------|
 //! | P | X | holders | H | meaning | who may write the word |
 //! |---|---|---------|---|---------|------------------------|
 //! | 1 | 0 | 0       | 0 | prepared and free (`K`/`U` are 0 as forelock writes it; set, they are a harmless hint) | any client: CAS to `P X owner+1 counter+1` ([`acquire_exclusive_transition`]) |
-//! | 1 | 1 | o + 1   | 0 | held exclusive by client record `o`, granted on the fast path; `K`: someone may sleep on `park`; `U`: someone hungry sleeps on `hungry` | holder: [`release_transition`]; waiters: add `K`/`U` ([`park_transition`]); broker: take over (clear `P`), release for a dead owner |
+//! | 1 | 1 | o + 1   | 0 | held exclusive by client record `o`, granted on the fast path; `K`: someone may sleep on `park`; `U`: someone hungry sleeps on `hungry` | holder: [`release_transition`], unless the counter is exhausted (then its release goes through the broker, see [`needs_broker_release`]); waiters: add `K`/`U` ([`park_transition`]); broker: take over (clear `P`), release for a dead owner |
 //! | 1 | 1 | 0       | 1 | handed off, not yet claimed; the counter counts the coming grant | a hungry waiter: [`claim_transition`]; the releaser: [`cancel_handoff`] when no hungry waiter slept; waiters: add `K`; broker: take over (treated as free: the counted token is skipped) |
 //! | 1 | 0 | n > 0   | any | invalid (shared grants never use the fast path) | broker only: repairs it |
 //! | 1 | 1 | 0       | 0 | invalid | broker only: repairs it |
@@ -429,6 +427,19 @@ pub const fn same_hold(current: Word, held: Word) -> bool {
     current.0 & !(PARKED | HUNGRY) == held.0 & !(PARKED | HUNGRY)
 }
 
+/// A fast-path hold that took the counter's last value is released through
+/// the broker, not by CAS. Freed by CAS, its word would say "exhausted"
+/// to every contender at once, and each would ask the broker (which must
+/// rebase the token): under enough contention the broker's queue then
+/// never drained, and the key stayed at broker speed for as long as the
+/// contention lasted (8 processes on one hot key, whose 24-bit counter runs
+/// out every few seconds). Released through the broker, the word stays
+/// held until the broker has rebased the counter and prepared the slot
+/// again; the contenders wait on the slot meanwhile, as for any holder.
+pub const fn needs_broker_release(held: Word) -> bool {
+    held.counter() as u64 == COUNTER_MASK
+}
+
 /// The word a fast-path holder writes back on release: free, prepared, same
 /// counter and generation, no OWNER_DIED (the grant consumed it).
 pub const fn released(held: Word) -> Word {
@@ -613,15 +624,18 @@ pub fn try_acquire_exclusive<C: WordCell + ?Sized>(
 
 /// Fast-path release: one CAS from exactly the word we wrote at acquire.
 /// Returns false when the broker took the slot over meanwhile (the release
-/// must then go through the broker, which holds the queue).
+/// must then go through the broker, which holds the queue), or when the
+/// hold used the counter's last value ([`needs_broker_release`]).
 ///
 /// SYNC POINT: Release pairs with the Acquire of the next fast-path
 /// [`try_acquire_exclusive`] and of the broker's takeover CAS. Failure is
 /// Relaxed: the caller then talks to the broker, which re-reads the word.
 #[inline]
 pub fn try_release_exclusive<C: WordCell + ?Sized>(cell: &C, held: Word) -> bool {
-    cell.compare_exchange_word(held, released(held), Ordering::Release, Ordering::Relaxed)
-        .is_ok()
+    !needs_broker_release(held)
+        && cell
+            .compare_exchange_word(held, released(held), Ordering::Release, Ordering::Relaxed)
+            .is_ok()
 }
 
 // ---- the contended path, generic over its futexes --------------------------
@@ -816,12 +830,16 @@ const fn broker_holds(current: Word) -> bool {
 /// granted word when nobody came, else from the word with the waiters'
 /// bits; then the wake the truth table asks for. `false`: the word is no
 /// longer this hold's (the broker took the slot over, or a scribbler wrote
-/// it): release through the broker.
+/// it), or the hold took the counter's last value
+/// ([`needs_broker_release`]): release through the broker.
 pub fn release_contended<C: WordCell + ?Sized, U: Unparker + ?Sized>(
     cell: &C,
     held: Word,
     unparker: &mut U,
 ) -> bool {
+    if needs_broker_release(held) {
+        return false;
+    }
     let mut current = held;
     let mut attempts = 0;
     let (written, after) = loop {
@@ -1213,6 +1231,32 @@ mod tests {
         let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
         assert!(release_contended(&cell, g.held, &mut NoWake));
         assert_eq!(Word(cell.load(Ordering::Relaxed)), prepared(1));
+    }
+
+    /// Regression: such a word freed by CAS sent every contender to the
+    /// broker at once (8 processes on one hot key stuck at broker speed).
+    #[test]
+    fn a_hold_that_took_the_counters_last_value_is_not_released_by_cas() {
+        struct NoWake;
+        impl Unparker for NoWake {
+            fn wake_one(&mut self, _: Queue) -> u32 {
+                panic!("the release must not happen here")
+            }
+        }
+        let last = prepared(COUNTER_MASK as u32 - 1);
+        let cell = AtomicU64::new(last.0);
+        let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
+        assert!(needs_broker_release(g.held));
+        cell.fetch_or(PARKED, Ordering::Relaxed);
+        assert!(!release_contended(&cell, g.held, &mut NoWake));
+        assert!(!try_release_exclusive(&cell, g.held));
+        assert_eq!(
+            Word(cell.load(Ordering::Relaxed)),
+            Word(g.held.0 | PARKED),
+            "still held: the broker releases it"
+        );
+        let earlier = try_acquire_exclusive(&AtomicU64::new(prepared(5).0), 7, 0).unwrap();
+        assert!(!needs_broker_release(earlier.held));
     }
 
     proptest::proptest! {

@@ -300,30 +300,40 @@ impl LockManager {
             return error(ErrorCode::NotHolder, format!("slot {slot} does not exist"));
         };
         if !st.managed {
-            // A fast-path hold whose release CAS failed for a transient reason
-            // (or a confused client): release it if the word says it is ours.
-            let w = Word(tslot.word.load(Ordering::Acquire));
-            let ours = w.is_prepared()
-                && w.exclusive_owner() == Some(client)
-                && st.base.saturating_add(w.counter() as u64) == token;
-            return if ours
-                && tslot
-                    .word
-                    .compare_exchange(
-                        w.0,
-                        lockword::released(w).0,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    )
-                    .is_ok()
-            {
-                wake_contended(tslot, w, waker);
-                self.settle_fast_grant(table, slot);
-                Response::Released
-            } else {
-                not_holder(slot)
+            // A fast-path hold released through us: its CAS failed for a
+            // transient reason (or a confused client), or it took the
+            // counter's last value (lockword::needs_broker_release).
+            let base = st.base;
+            let global = self.nodes.as_ref().is_some_and(|n| {
+                self.dir.slots[slot as usize]
+                    .key
+                    .as_deref()
+                    .is_some_and(|k| n.is_global(k))
+            });
+            let ours = |w: Word| {
+                w.is_prepared()
+                    && w.exclusive_owner() == Some(client)
+                    && base.saturating_add(w.counter() as u64) == token
             };
+            let w = Word(tslot.word.load(Ordering::Acquire));
+            if ours(w) && lockword::needs_broker_release(w) && !global {
+                // Take it over (the holder is recorded, the word frozen with
+                // the holder in it, so contenders keep waiting on the slot)
+                // and release it as a managed hold below: the slot returns
+                // to the fast path rebased (return_to_fast_path) and its
+                // sleepers are woken. A global key's base belongs to its
+                // node grant: freed as exhausted, its next acquirer asks us.
+                if self.take_over(table, slot).is_err() {
+                    // The holder's ledger entry is full: free the word as
+                    // exhausted; the next acquirer asks us and grant_fast
+                    // rebases.
+                    return self.release_fast_hold_by_cas(table, slot, ours, waker);
+                }
+            } else {
+                return self.release_fast_hold_by_cas(table, slot, ours, waker);
+            }
         }
+        let st = &mut self.dir.slots[slot as usize];
         let released = match &mut st.holder {
             Holder::Exclusive {
                 client: c,
@@ -364,6 +374,43 @@ impl LockManager {
             );
         }
         Response::Released
+    }
+
+    /// Release the fast-path hold `ours` recognises on prepared slot `s` by
+    /// CAS, as its holder would have; retried while only the waiters' bits
+    /// change under us (a single attempt answered "not the holder" to a
+    /// holder whose contender had just parked, and the key stayed held).
+    fn release_fast_hold_by_cas(
+        &mut self,
+        table: &TableView,
+        s: u32,
+        ours: impl Fn(Word) -> bool,
+        waker: &mut dyn Waker,
+    ) -> Response {
+        let tslot = table.slot(s).expect("s < slot_count");
+        let mut w = Word(tslot.word.load(Ordering::Acquire));
+        for _ in 0..lockword::RELEASE_ATTEMPTS {
+            if !ours(w) {
+                break;
+            }
+            // SYNC POINT: AcqRel: Release pairs with the next fast
+            // acquirer's Acquire CAS; Acquire with the contenders' CASes
+            // that added their bits. Failure Acquire: read again.
+            match tslot.word.compare_exchange(
+                w.0,
+                lockword::released(w).0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    wake_contended(tslot, w, waker);
+                    self.settle_fast_grant(table, s);
+                    return Response::Released;
+                }
+                Err(now) => w = Word(now),
+            }
+        }
+        not_holder(s)
     }
 
     /// A connection closed. Its queued acquire (if any) leaves the queue;
@@ -946,6 +993,16 @@ impl LockManager {
             w = lockword::managed(w, false, 0, (issued - base) as u32);
             st.issued = st.issued.max(issued);
             until = safe_until;
+        } else if w.counter() as u64 > lockword::COUNTER_MASK / 2 {
+            // A local key's counter past half its range is rebased while
+            // we hold the slot anyway (clients cannot grant from a managed
+            // word), so that a hot key seldom runs it out on the fast path:
+            // base + counter = the last token, counter 0. The ledger first
+            // (a restart trusts it), the table's copy below.
+            let base = st.base.saturating_add(w.counter() as u64).max(st.issued);
+            self.ledger.set_base(s, base);
+            st.base = base;
+            w = lockword::managed(w, false, 0, 0);
         }
         // The table's base is a copy for clients: rewrite it from ours.
         slot.token_base.store(st.base, Ordering::Relaxed);

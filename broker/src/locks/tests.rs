@@ -448,6 +448,66 @@ fn a_fast_path_holder_is_taken_over_and_its_release_hands_off() {
     assert!(f.cell(b, 2).1 > fast_token);
 }
 
+/// Regression (hot-8p stuck at broker speed in the full bench, whose hot
+/// key's 24-bit counter ran out): the holder that took the counter's last
+/// value releases through the broker, which rebases the token in place.
+/// The key is prepared and free again with room in its counter, its next
+/// token is above the last, the contended sleepers are woken, and nobody
+/// was queued in the broker.
+#[test]
+fn an_exhausted_counter_is_rebased_by_its_holders_release_and_the_key_stays_on_the_fast_path() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b) = (f.client(100), f.client(101));
+    let (s, held, _) = f.hold_on_fast_path(a, "hot");
+    let slot = f.table.slot(s).unwrap();
+    assert!(try_release_exclusive(&slot.word, held));
+    // Clients granted it until one value was left.
+    let free = Word(slot.word.load(Ordering::Relaxed));
+    slot.word.store(
+        Word::new(
+            free.generation(),
+            lockword::PREPARED,
+            0,
+            lockword::COUNTER_MASK as u32 - 1,
+        )
+        .0,
+        Ordering::Relaxed,
+    );
+    let last = try_acquire_exclusive(&slot.word, free.generation(), a)
+        .unwrap()
+        .held;
+    let token = slot.token_base.load(Ordering::Relaxed) + last.counter() as u64;
+    // A contender sleeps on the slot.
+    slot.word.fetch_or(lockword::PARKED, Ordering::Relaxed);
+    assert!(
+        !try_release_exclusive(&slot.word, last),
+        "the last value's hold is released through the broker"
+    );
+    f.w.0.clear();
+    assert_eq!(
+        f.m.release(&f.table, a, s, token, &mut f.w),
+        Response::Released
+    );
+    let now = f.word("hot");
+    assert!(
+        now.is_prepared() && now.is_free(),
+        "prepared and free: {now:?}"
+    );
+    assert!(
+        (now.counter() as u64) < lockword::COUNTER_MASK / 2,
+        "rebased: {now:?}"
+    );
+    let park = &slot.park as *const AtomicU32 as usize;
+    assert!(f.w.0.contains(&park), "the contended sleepers are woken");
+    assert!(f.w.1.is_empty(), "nobody was queued");
+    let next = try_acquire_exclusive(&slot.word, now.generation(), b)
+        .expect("b takes it on the fast path")
+        .held;
+    let next_token = slot.token_base.load(Ordering::Relaxed) + next.counter() as u64;
+    assert!(next_token > token, "{next_token} after {token}");
+    f.m.check().unwrap();
+}
+
 /// Regression (hot-8p stuck at broker speed): contended clients that find
 /// a slot taken over wait on its `park` futex for it to come back to the
 /// fast path instead of queueing in the broker; the broker wakes them when
