@@ -891,7 +891,17 @@ impl LockManager {
             let Some(cell) = rec.cells.get(head.cell as usize) else {
                 continue;
             };
-            let answer = match self.grant(table, s, head.client, head.shared, head.request) {
+            // The last waiter gets a fast-path hold where one may be had
+            // (grant_fast: local, exclusive, queue now empty): the slot is
+            // back on the fast path at once, not when that waiter's release
+            // reaches us. A hot key then spends one queue's worth of grants
+            // at broker speed, where it stayed there while contenders kept
+            // joining the queue faster than it drained.
+            let granted = match self.grant_fast(table, s, head.client, head.shared, head.request) {
+                Some(fast) => fast,
+                None => self.grant(table, s, head.client, head.shared, head.request),
+            };
+            let answer = match granted {
                 Ok((token, owner_died)) => {
                     // Mirrored in the cell for observers only.
                     cell.token.store(token, Ordering::Relaxed);

@@ -360,7 +360,12 @@ fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
     let (state_c, token_c, _) = f.cell(c, 3);
     assert_eq!(state_c, CELL_GRANTED);
     assert!(token_c > token_b);
-    assert_eq!(f.w.0.len(), 2, "one futex wake per hand-off");
+    assert_eq!(
+        f.w.0.len(),
+        4,
+        "one futex wake per hand-off, then the slot's two (park, hungry) as c, \
+         the last waiter, takes it back to the fast path"
+    );
     let answered: Vec<ConnId> = f.w.1.iter().map(|(conn, _)| *conn).collect();
     assert_eq!(
         answered,
@@ -508,6 +513,44 @@ fn an_exhausted_counter_is_rebased_by_its_holders_release_and_the_key_stays_on_t
     f.m.check().unwrap();
 }
 
+/// A taken-over slot returns to the fast path as its queue drains: the
+/// last waiter is granted a fast-path hold (released by CAS), and the
+/// clients waiting on the slot for it to come back are woken then, not
+/// when that waiter's release reaches the broker. Waiters behind it are
+/// still granted through the broker, in order.
+#[test]
+fn the_last_waiter_of_a_queue_is_granted_on_the_fast_path() {
+    let mut f = fixture(8, 4, Policy::KeepAlive);
+    let (a, b, c) = (f.client(100), f.client(101), f.client(102));
+    let (s, _held, token_a) = f.hold_on_fast_path(a, "k");
+    assert!(f.queued(b, 2, "k", false));
+    assert!(f.queued(c, 3, "k", false));
+    let park = &f.table.slot(s).unwrap().park as *const AtomicU32 as usize;
+    f.w.0.clear();
+    assert_eq!(
+        f.m.release(&f.table, a, s, token_a, &mut f.w),
+        Response::Released
+    );
+    let (conn, gb) = f.w.1.pop().expect("handed to b");
+    assert_eq!(conn, 2);
+    assert!(!f.word("k").is_prepared(), "c still queued: b holds through the broker");
+    assert!(!f.cas_release(b, &gb));
+    assert_eq!(f.release(b, &gb), Response::Released);
+    let (conn, gc) = f.w.1.pop().expect("handed to c");
+    assert_eq!(conn, 3);
+    assert!(f.word("k").is_prepared(), "c, the last, holds on the fast path");
+    assert!(f.w.0.contains(&park), "the slot's sleepers are woken");
+    let (Response::Granted { token: tb, .. }, Response::Granted { token: tc, .. }) = (&gb, &gc)
+    else {
+        panic!("{gb:?} {gc:?}")
+    };
+    assert!(token_a < *tb && tb < tc);
+    assert!(f.cas_release(c, &gc), "released by one CAS");
+    f.m.check().unwrap();
+    let (_, _, next) = f.hold_on_fast_path(a, "k");
+    assert!(next > *tc);
+}
+
 /// Regression (hot-8p stuck at broker speed): contended clients that find
 /// a slot taken over wait on its `park` futex for it to come back to the
 /// fast path instead of queueing in the broker; the broker wakes them when
@@ -527,11 +570,12 @@ fn a_slot_taken_over_and_prepared_again_wakes_the_clients_waiting_for_it() {
         Response::Released
     );
     let gb = f.w.1.pop().expect("handed to b").1;
-    assert!(!f.word("k").is_prepared(), "b holds it through the broker");
-    f.w.0.clear();
-    assert_eq!(f.release(b, &gb), Response::Released);
-    assert!(f.word("k").is_prepared(), "back on the fast path");
+    assert!(
+        f.word("k").is_prepared(),
+        "back on the fast path: b, the last waiter, holds it there"
+    );
     assert!(f.w.0.contains(&park), "its park sleepers are woken");
+    assert!(f.cas_release(b, &gb));
     // Prepared again without a take-over since: no wake.
     let g = f.acquire(a, 1, "other", false);
     assert!(matches!(g, Response::Granted { .. }));
