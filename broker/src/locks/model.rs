@@ -23,7 +23,9 @@
 //! answer reaches the waiter), cancel after a timeout, a connection dropped
 //! while queued (what a scribbled wait cell or a broker stall makes the
 //! client do: it re-sends the same request on a new connection), `Bye`,
-//! process death (the pidfd), eviction of an idle slot, a broker restart
+//! process death (the pidfd), eviction of an idle slot, a key's counter
+//! spent to its last value by fast-path grants (once per run, with the
+//! contended steps), a broker restart
 //! (SIGKILL and adoption of the table and ledger) at any step, and one
 //! scribble per run of a client-writable field: a lock word or a token base
 //! (which breaks that key only: promises 1, 2 and 4 are then not checked for
@@ -40,6 +42,7 @@ use super::*;
 use crate::ledger::Ledger;
 use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events};
 use shm_layout::key_hash;
+use shm_layout::lockword;
 use shm_layout::lockword::{
     Queue, Unparker, claim_transition, granted_on_fast_path, park_transition, release_contended,
     try_acquire_exclusive, try_release_exclusive,
@@ -116,6 +119,11 @@ pub enum Step {
     Mark(Who, usize, bool),
     /// The contended path: a hungry sleeper claims a handed-off word.
     Claim(Who, usize),
+    /// Clients took and released key `k` on the fast path until one
+    /// counter value is left (16.7M grants in one step; once per run): the
+    /// next fast grant is the last value's, released through the broker
+    /// (`lockword::needs_broker_release`), which rebases the token.
+    Spend(usize),
 }
 
 /// The releaser's wake-ups in the model: every hand-off finds a hungry
@@ -167,6 +175,8 @@ pub struct State {
     pub clients: Vec<Client>,
     pub broken: Vec<bool>,
     pub scribbled: bool,
+    /// A [`Step::Spend`] happened.
+    pub spent: bool,
     pub restarts: u32,
     pub max_token: Vec<u64>,
     pub trace: Vec<Step>,
@@ -202,6 +212,7 @@ impl State {
             clients: self.clients.clone(),
             broken: self.broken.clone(),
             scribbled: self.scribbled,
+            spent: self.spent,
             restarts: self.restarts,
             max_token: self.max_token.clone(),
             trace: self.trace.clone(),
@@ -216,7 +227,14 @@ impl State {
         self.m.ledger.snapshot().hash(&mut h);
         self.m.digest(&mut h);
         self.clients.hash(&mut h);
-        (&self.broken, self.scribbled, self.restarts, &self.max_token).hash(&mut h);
+        (
+            &self.broken,
+            self.scribbled,
+            self.spent,
+            self.restarts,
+            &self.max_token,
+        )
+            .hash(&mut h);
         h.finish()
     }
 }
@@ -286,6 +304,7 @@ impl Explorer {
             clients,
             broken: vec![false; self.keys],
             scribbled: false,
+            spent: false,
             restarts: 0,
             max_token: vec![0; self.keys],
             trace: Vec::new(),
@@ -314,6 +333,13 @@ impl Explorer {
                                 let table = view(&s.table_buf);
                                 let key = KEYS.get(k).expect("k < keys <= KEYS.len()");
                                 if let Some((_, w)) = table.lookup(key, key_hash(key)) {
+                                    if !s.spent
+                                        && w.is_prepared()
+                                        && w.is_free()
+                                        && w.0 & lockword::CONTENDED_MASK == 0
+                                    {
+                                        out.push(Step::Spend(k));
+                                    }
                                     if w.is_handoff() {
                                         out.push(Step::Claim(who, k));
                                     } else if w.is_prepared() && w.exclusive_owner().is_some() {
@@ -563,6 +589,25 @@ impl Explorer {
                             Ordering::Release,
                             Ordering::Relaxed,
                         );
+                    }
+                }
+            }
+            Step::Spend(k) => {
+                s.spent = true;
+                if let Some((slot, w)) = table.lookup(KEYS[k], key_hash(KEYS[k])) {
+                    let sl = table.slot(slot).expect("in range");
+                    let last = lockword::COUNTER_MASK as u32 - 1;
+                    let spent = Word::new(w.generation(), lockword::PREPARED, 0, last);
+                    if w.counter() < last
+                        && sl
+                            .word
+                            .compare_exchange(w.0, spent.0, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        // Those grants' tokens count: every later one must
+                        // be above them.
+                        let top = sl.token_base.load(Ordering::Relaxed) + last as u64;
+                        s.max_token[k] = s.max_token[k].max(top);
                     }
                 }
             }

@@ -533,12 +533,18 @@ fn the_last_waiter_of_a_queue_is_granted_on_the_fast_path() {
     );
     let (conn, gb) = f.w.1.pop().expect("handed to b");
     assert_eq!(conn, 2);
-    assert!(!f.word("k").is_prepared(), "c still queued: b holds through the broker");
+    assert!(
+        !f.word("k").is_prepared(),
+        "c still queued: b holds through the broker"
+    );
     assert!(!f.cas_release(b, &gb));
     assert_eq!(f.release(b, &gb), Response::Released);
     let (conn, gc) = f.w.1.pop().expect("handed to c");
     assert_eq!(conn, 3);
-    assert!(f.word("k").is_prepared(), "c, the last, holds on the fast path");
+    assert!(
+        f.word("k").is_prepared(),
+        "c, the last, holds on the fast path"
+    );
     assert!(f.w.0.contains(&park), "the slot's sleepers are woken");
     let (Response::Granted { token: tb, .. }, Response::Granted { token: tc, .. }) = (&gb, &gc)
     else {
