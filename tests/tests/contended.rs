@@ -6,7 +6,7 @@
 //! only, never timings.
 
 mod support;
-use shm_layout::lockword::Word;
+use shm_layout::lockword::{self, Word};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use support::*;
@@ -90,6 +90,48 @@ fn eight_processes_on_one_hot_key_never_overlap_and_all_finish_without_the_broke
         broker_served(dir.path()),
         served_before,
         "contended acquires of a prepared key went through the broker"
+    );
+}
+
+/// Regression: the full bench's 8-process hot key fell into the broker's
+/// queue for good once its 24-bit counter ran out (every few seconds at
+/// millions of grants a second): the last value's holder freed the word by
+/// CAS, every contender found it exhausted and asked the broker at once,
+/// and the queue never drained. Now that holder releases through the
+/// broker, which rebases the counter in place while the contenders wait on
+/// the slot.
+#[test]
+fn eight_processes_past_the_end_of_the_counter_stay_on_the_fast_path() {
+    let dir = TempDir::new("contend-exhaust");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    warm(dir.path(), "hot");
+    // As if clients had taken and released it 16.7M times: 100 values left.
+    let near_end = lockword::COUNTER_MASK as u32 - 100;
+    with_table_mut(dir.path(), |t| {
+        let (s, w) = t.lookup(b"hot", shm_layout::key_hash(b"hot")).unwrap();
+        let spent = Word::new(w.generation(), lockword::PREPARED, 0, near_end);
+        let slot = t.slot(s).unwrap();
+        assert!(w.is_free() && w.counter() < near_end, "{w:?}");
+        slot.word
+            .compare_exchange(w.0, spent.0, Ordering::AcqRel, Ordering::Relaxed)
+            .expect("nobody else uses the key yet");
+    });
+    let served_before = broker_served(dir.path());
+    let mut c = Counting::new(dir.path(), "hot");
+    c.spawn(8, 250);
+    // Every DONE: none starved; the counter file and the tokens (checked by
+    // finish): none overlapped and the tokens rose across the rebase.
+    c.finish(8 * 250);
+    let (word, _, _) = slot_state(dir.path(), "hot");
+    assert!(word.is_prepared() && word.is_free(), "{word:?}");
+    assert!(
+        word.counter() < near_end,
+        "2000 grants from 100 values before the end: the counter was rebased: {word:?}"
+    );
+    assert_eq!(
+        broker_served(dir.path()),
+        served_before,
+        "acquires went through the broker when the counter ran out"
     );
 }
 
