@@ -14,6 +14,26 @@ use std::time::Duration;
 /// answered `Queued`), so this only bounds a hung broker.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a call polls for the broker's answer before it sleeps in `recv`
+/// (environment variable `FORELOCK_ANSWER_SPIN_US`, microseconds; 0 sleeps
+/// at once). The broker answers most requests in a few microseconds, and a
+/// caller asleep in `recv` must then be woken: on a virtual machine whose
+/// idle vCPU halted, that wake-up costs tens of microseconds, more than the
+/// request itself. The poll yields the CPU between looks
+/// (`sched_yield`), so on a busy CPU the broker or any other runnable
+/// process goes first. Bounded: at most this much CPU per call.
+const ANSWER_SPIN_DEFAULT: Duration = Duration::from_micros(50);
+
+fn answer_spin() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        std::env::var("FORELOCK_ANSWER_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map_or(ANSWER_SPIN_DEFAULT, Duration::from_micros)
+    })
+}
+
 /// What went wrong on a connection: the broker went away (reconnect and retry)
 /// or something else (report).
 #[derive(Debug)]
@@ -193,6 +213,20 @@ impl Conn {
     /// Send one request and read its answer.
     pub(crate) fn call(&mut self, request: &Request) -> Result<Response, ConnError> {
         self.send(request)?;
+        let spin = answer_spin();
+        if !spin.is_zero() {
+            let start = std::time::Instant::now();
+            loop {
+                if let Some(answer) = self.recv_flags(libc::MSG_DONTWAIT)? {
+                    return Ok(answer);
+                }
+                if start.elapsed() >= spin {
+                    break;
+                }
+                // SAFETY: sched_yield takes no arguments and touches no memory.
+                unsafe { libc::sched_yield() };
+            }
+        }
         self.recv()
     }
 
@@ -222,33 +256,52 @@ impl Conn {
     }
 
     pub(crate) fn recv(&mut self) -> Result<Response, ConnError> {
-        let mut buf = [0u8; wire::MAX_MESSAGE + 1];
-        let received = loop {
-            // SAFETY:
-            // - `self.fd` is an open socket we own;
-            // - `buf` is valid for writes of `buf.len()` bytes for the call.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(classify(e));
+        loop {
+            if let Some(answer) = self.recv_flags(0)? {
+                return Ok(answer);
             }
-            break n as usize;
+        }
+    }
+
+    /// One `recv` with `flags`: `None` when it would block (with
+    /// `MSG_DONTWAIT`) or was interrupted by a signal.
+    fn recv_flags(&mut self, flags: libc::c_int) -> Result<Option<Response>, ConnError> {
+        let mut buf = [0u8; wire::MAX_MESSAGE + 1];
+        // SAFETY:
+        // - `self.fd` is an open socket we own;
+        // - `buf` is valid for writes of `buf.len()` bytes for the call.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
         };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(None),
+                // Without MSG_DONTWAIT, EAGAIN is SO_RCVTIMEO passing: no
+                // answer in time (classify says broken).
+                io::ErrorKind::WouldBlock if flags & libc::MSG_DONTWAIT != 0 => Ok(None),
+                _ => Err(classify(e)),
+            };
+        }
+        let received = n as usize;
         if received == 0 {
             return Err(ConnError::Broken(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "forelockd closed the connection",
             )));
         }
-        wire::decode_response(&buf[..received]).map_err(|e| {
-            ConnError::Other(Error::Protocol {
-                message: e.to_string(),
+        wire::decode_response(&buf[..received])
+            .map(Some)
+            .map_err(|e| {
+                ConnError::Other(Error::Protocol {
+                    message: e.to_string(),
+                })
             })
-        })
     }
 
     /// The next message if one is waiting, without blocking.
