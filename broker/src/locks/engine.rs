@@ -378,8 +378,8 @@ impl LockManager {
 
     /// Release the fast-path hold `ours` recognises on prepared slot `s` by
     /// CAS, as its holder would have; retried while only the waiters' bits
-    /// change under us (a single attempt answered "not the holder" to a
-    /// holder whose contender had just parked, and the key stayed held).
+    /// change under us (a contender that parks between our load and our CAS
+    /// must not turn the holder's release into "not the holder").
     fn release_fast_hold_by_cas(
         &mut self,
         table: &TableView,
