@@ -206,6 +206,38 @@ struct Host {
     _dir: TempDir,
 }
 
+/// `FORELOCK_CLUSTER_KEEP_LOGS=<dir>`: each broker's log (and its
+/// predictor's, and its last `cluster.json`) is copied there when the
+/// broker stops, as `<n>-<host>-<file>` (`n` counts brokers in start
+/// order). With `FORELOCK_BENCH_BROKER_LOG=warn,forelock::grant_timing=debug`
+/// the logs hold the node grants' step timestamps.
+const KEEP_LOGS_ENV: &str = "FORELOCK_CLUSTER_KEEP_LOGS";
+/// `FORELOCK_CLUSTER_SECTIONS=2,5`: run only these sections.
+const SECTIONS_ENV: &str = "FORELOCK_CLUSTER_SECTIONS";
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        static STARTED: AtomicU64 = AtomicU64::new(0);
+        let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) else {
+            return;
+        };
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let files = [
+            self._dir.path().join("forelockd.log"),
+            self._dir.path().join("forelock-predictor.log"),
+            self.runtime_dir.join("cluster.json"),
+        ];
+        for file in files {
+            if let Some(name) = file.file_name() {
+                let to = keep.join(format!("{n}-{}-{}", self.name, name.to_string_lossy()));
+                let _ = std::fs::copy(&file, to);
+            }
+        }
+    }
+}
+
 /// `start_host`'s `broker` for a broker that sleeps at once while a request
 /// waits (the default spins up to `spin_waiters_us = 1000` for a local
 /// release, which on two cores takes CPU from the agent and etcd while the
@@ -993,7 +1025,17 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }),
         ("5 trace", &|rows| section_trace(&etcd, &sizes, rows)),
     ];
+    let only: Option<Vec<String>> = std::env::var(SECTIONS_ENV)
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     for (name, section) in sections {
+        let number = name.split(' ').next().unwrap_or_default();
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|s| s == number))
+        {
+            continue;
+        }
         if let Err(error) = section(&mut rows) {
             failures.push(format!("section {name}: {error:#}"));
         }
