@@ -278,3 +278,59 @@ fn a_repeated_first_transaction_keeps_the_place_it_got() {
         );
     });
 }
+
+/// The agent's one shared watch (`watches::Watches`): a wait for an entry
+/// queued behind ours returns on the watch's event, and one whose entry
+/// was queued between the waiter's last read and its registration (the
+/// watch had already passed it) finds it by reading the store.
+#[test]
+fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
+    use forelock_cluster::etcd_lock::{Names, someone_behind};
+    use forelock_cluster::watches::Watches;
+    let Some(e) = LocalEtcd::start() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([e.url.as_str()], None)
+            .await
+            .unwrap();
+        let prefix = format!("/fl-test-{}", std::process::id());
+        let watches = Watches::new(format!("{prefix}/lock/"));
+        let watch = tokio::spawn(watches.clone().run(c.clone()));
+        let ours = Names::new(&prefix, b"global/w", false, 1);
+        let own_rev = c.put(ours.own.as_str(), "a", None).await.unwrap();
+        let own_rev = own_rev.header().unwrap().revision();
+        // Behind us after the wait started: the watch's event.
+        let later = Names::new(&prefix, b"global/w", false, 2);
+        let waiting = someone_behind(&c, &watches, &ours, own_rev, own_rev);
+        let put_later = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut c = c.clone();
+            c.put(later.own.as_str(), "b", None).await.unwrap();
+        };
+        let (waited, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(waiting, put_later)
+        })
+        .await
+        .expect("the wait did not see the entry queued behind");
+        waited.unwrap();
+        // Queued before the wait (the waiter read the store at `own_rev`):
+        // the store is read, not waited on.
+        let other = Names::new(&prefix, b"global/v", false, 1);
+        let other_rev = c.put(other.own.as_str(), "a", None).await.unwrap();
+        let other_rev = other_rev.header().unwrap().revision();
+        let behind_other = Names::new(&prefix, b"global/v", false, 2);
+        c.put(behind_other.own.as_str(), "b", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            someone_behind(&c, &watches, &other, other_rev, other_rev),
+        )
+        .await
+        .expect("the wait missed an entry queued before it")
+        .unwrap();
+        watch.abort();
+    });
+}

@@ -8,9 +8,10 @@
 //! `create_revision == ours`, so a request that timed out but happened does
 //! no harm when sent again.
 
+use crate::watches::{Wanted, Watches};
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, GetResponse, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
 };
 use std::time::Duration;
 
@@ -450,9 +451,15 @@ pub async fn confirm_if_first(
 }
 
 /// Step 2, waiting: returns once the entry `blocker`, which we saw at
-/// revision `seen_at`, is deleted. (Its host may have queued again since, under
-/// the same name: an entry of that name created later is not it.)
-pub async fn deleted(c: &Client, blocker: &Entry, seen_at: i64) -> Result<(), EtcdError> {
+/// revision `seen_at`, is deleted, as the session's shared watch tells
+/// (its host may have queued again since, under the same name: an entry of
+/// that name created later is not it).
+pub async fn deleted(
+    c: &Client,
+    watches: &Watches,
+    blocker: &Entry,
+    seen_at: i64,
+) -> Result<(), EtcdError> {
     let entry = blocker.key.as_slice();
     let look = || async {
         let mut c = c.clone();
@@ -462,51 +469,7 @@ pub async fn deleted(c: &Client, blocker: &Entry, seen_at: i64) -> Result<(), Et
             .first()
             .is_none_or(|kv| kv.create_revision() != blocker.create_revision))
     };
-    let deletion = |ev: &etcd_client::Event| ev.event_type() == EventType::Delete;
-    watch_from_now(c, entry, WatchOptions::new(), seen_at, look, deletion).await
-}
-
-/// Watches `key` (with `options`) until an event `wanted` comes, or `look`
-/// (a read of the store) says what we wait for has already happened.
-///
-/// The watch starts at etcd's current revision, not at `seen_at + 1`: etcd
-/// serves a watch that starts in the past from a loop that runs every
-/// 100 ms (its "unsynced" watchers), so each such watch cost up to 100 ms
-/// whenever anything was written in between (measured: a 100 ms transfer
-/// between two hosts). The gap between `seen_at` (the revision at which the
-/// caller last read the store) and the watch's start is closed by `look`,
-/// made only when the gap is not empty: events after the revision in the
-/// watch's "created" answer are all delivered.
-async fn watch_from_now<F, Fut>(
-    c: &Client,
-    key: &[u8],
-    options: WatchOptions,
-    seen_at: i64,
-    look: F,
-    wanted: impl Fn(&etcd_client::Event) -> bool,
-) -> Result<(), EtcdError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, EtcdError>>,
-{
-    let mut c = c.clone();
-    let mut stream = timed(c.watch(key.to_vec(), Some(options))).await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() {
-            break;
-        }
-        if resp.created() {
-            let start = resp.header().ok_or(EtcdError::NoHeader)?.revision();
-            if start > seen_at && look().await? {
-                return Ok(());
-            }
-            continue;
-        }
-        if resp.events().iter().any(&wanted) {
-            return Ok(());
-        }
-    }
-    Err(EtcdError::WatchEnded(String::from_utf8_lossy(key).into()))
+    watches.wait(Wanted::Deleted { entry }, seen_at, look).await
 }
 
 /// A confirmed node grant: the token revision, and the stale held markers
@@ -599,6 +562,7 @@ pub async fn release(
 /// the key's entries and found none after ours (our confirm's).
 pub async fn someone_behind(
     c: &Client,
+    watches: &Watches,
     n: &Names,
     own_rev: i64,
     seen_at: i64,
@@ -620,12 +584,11 @@ pub async fn someone_behind(
         .await?;
         Ok(!resp.kvs().is_empty())
     };
-    let later_entry = |ev: &etcd_client::Event| {
-        ev.event_type() == EventType::Put
-            && ev.kv().is_some_and(|kv| kv.create_revision() > own_rev)
+    let wanted = Wanted::Later {
+        dir: n.dir.as_bytes(),
+        after: own_rev,
     };
-    let options = WatchOptions::new().with_prefix();
-    watch_from_now(c, n.dir.as_bytes(), options, seen_at, look, later_entry).await
+    watches.wait(wanted, seen_at, look).await
 }
 
 #[cfg(test)]
