@@ -854,6 +854,7 @@ const TRACE_HOLD_CAP: Duration = Duration::from_millis(1);
 /// `none`, which keeps every key off the fast path): both modes then have
 /// the same fast path and the same 200 ms idle timeout, and differ only by
 /// the forecast.
+const TRACE_MODES_ENV: &str = "FORELOCK_CLUSTER_TRACE_MODES";
 const TRACE_MODES: [(&str, &str, bool); 2] =
     [("off", "keep-alive", false), ("on", "forecast", true)];
 
@@ -973,7 +974,31 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let returning = returning_first_uses(&per_client, &order);
-    for (mode, policy, predict) in TRACE_MODES {
+    // `FORELOCK_CLUSTER_TRACE_MODES=off:keep-alive:0,cpu:keep-alive:1`: other
+    // modes (name:policy:predictors), e.g. predictors running beside a
+    // broker that does not use their scores, to tell their CPU cost from
+    // what their prefetches do.
+    let custom: Vec<(String, String, bool)> = std::env::var(TRACE_MODES_ENV)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|m| {
+                    let mut parts = m.split(':');
+                    let name = parts.next()?.to_string();
+                    let policy = parts.next()?.to_string();
+                    let predict = parts.next()? == "1";
+                    Some((name, policy, predict))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| {
+            TRACE_MODES
+                .iter()
+                .map(|&(n, p, r)| (n.to_string(), p.to_string(), r))
+                .collect()
+        });
+    for (mode, policy, predict) in &custom {
+        let (mode, policy, predict) = (mode.as_str(), policy.as_str(), *predict);
         let run = trace_mode(etcd, policy, predict, &per_client)?;
         let first_uses = run.prefetch_hits + run.first_uses_waited;
         let hit_rate = if first_uses > 0 {
@@ -1015,7 +1040,11 @@ fn trace_mode(
     predict: bool,
     per_client: &[Vec<TraceRow>],
 ) -> anyhow::Result<TraceRun> {
-    let prefix = format!("/forelock-bench-{}-trace-{policy}", std::process::id());
+    let prefix = format!(
+        "/forelock-bench-{}-trace-{policy}-{}",
+        std::process::id(),
+        if predict { "predicted" } else { "alone" }
+    );
     // A key idle for 200 ms loses its slot, so that the forecaster can ask
     // for it again (the allocator prepares only keys without a slot; a
     // global key's node grant stays here when its slot goes).
