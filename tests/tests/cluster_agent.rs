@@ -191,3 +191,146 @@ fn a_holder_gone_before_the_next_host_queued_still_costs_the_lock_delay() {
     .expect("etcdctl get");
     assert!(markers.trim().is_empty(), "markers left: {markers}");
 }
+
+/// A reader that joins a reader still holding on another host finds that
+/// host's held marker with its entry live: not a holder gone uncleanly, so
+/// no lock-delay (60 s here: a grant within the 15 s patience means it did
+/// not wait one). The first transaction reads the entries for a reader to
+/// tell live markers from stale ones.
+#[test]
+fn a_reader_beside_a_live_reader_does_not_wait_the_lock_delay() {
+    let Some(e) = LocalEtcd::start() else { return };
+    let key = b"global/readers".to_vec();
+    let shared = |key: &[u8]| Command::Want {
+        key: key.to_vec(),
+        shared: true,
+        prefetch: false,
+    };
+    let a = agent_with_delay("a", &e.url, 60_000);
+    a.send(shared(&key));
+    let Event::Granted { shared: true, .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("a: expected a shared grant")
+    };
+    let b = agent_with_delay("b", &e.url, 60_000);
+    b.send(shared(&key));
+    let Event::Granted { shared: true, .. } = next(&b, Duration::from_secs(15)) else {
+        panic!("b: expected a shared grant beside a's, without the lock-delay")
+    };
+}
+
+/// The first transaction (`etcd_lock::queue_and_look`) sent again after it
+/// happened (its answer lost: a timeout) finds its entry there and keeps
+/// its place: `Already` with the create revision it got the first time,
+/// whether that first time won or queued behind another host.
+#[test]
+fn a_repeated_first_transaction_keeps_the_place_it_got() {
+    use forelock_cluster::etcd_lock::{Names, Queued, queue_and_look};
+    let Some(e) = LocalEtcd::start() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([e.url.as_str()], None)
+            .await
+            .unwrap();
+        let prefix = format!("/fl-test-{}", std::process::id());
+        let key = b"global/retried";
+        let place = |c: &etcd_client::Client, lease: i64| {
+            let names = Names::new(&prefix, key, false, lease);
+            let c = c.clone();
+            async move { queue_and_look(&c, &names, "n", lease, false).await.unwrap() }
+        };
+        let first = c.lease_grant(30, None).await.unwrap().id();
+        let won = place(&c, first).await;
+        let Queued::Confirmed { own_rev, confirmed } = won else {
+            panic!("a free key: expected the first transaction to win, got {won:?}")
+        };
+        assert_eq!(confirmed.revision, own_rev);
+        assert_eq!(
+            place(&c, first).await,
+            Queued::Already { own_rev },
+            "a repeated winning transaction"
+        );
+        let second = c.lease_grant(30, None).await.unwrap().id();
+        let behind = place(&c, second).await;
+        let Queued::Behind {
+            own_rev: second_rev,
+            blocker,
+            holder,
+        } = behind
+        else {
+            panic!("a held key: expected to queue behind, got {behind:?}")
+        };
+        assert!(second_rev > own_rev);
+        assert_eq!(
+            blocker.key,
+            Names::new(&prefix, key, false, first).own.into_bytes()
+        );
+        assert_eq!(blocker.create_revision, own_rev);
+        assert_eq!(holder.as_deref(), Some("n"));
+        assert_eq!(
+            place(&c, second).await,
+            Queued::Already {
+                own_rev: second_rev
+            },
+            "a repeated queued transaction"
+        );
+    });
+}
+
+/// The agent's one shared watch (`watches::Watches`): a wait for an entry
+/// queued behind ours returns on the watch's event, and one whose entry
+/// was queued between the waiter's last read and its registration (the
+/// watch had already passed it) finds it by reading the store.
+#[test]
+fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
+    use forelock_cluster::etcd_lock::{Names, someone_behind};
+    use forelock_cluster::watches::Watches;
+    let Some(e) = LocalEtcd::start() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([e.url.as_str()], None)
+            .await
+            .unwrap();
+        let prefix = format!("/fl-test-{}", std::process::id());
+        let watches = Watches::new(format!("{prefix}/lock/"));
+        let watch = tokio::spawn(watches.clone().run(c.clone()));
+        let ours = Names::new(&prefix, b"global/w", false, 1);
+        let own_rev = c.put(ours.own.as_str(), "a", None).await.unwrap();
+        let own_rev = own_rev.header().unwrap().revision();
+        // Behind us after the wait started: the watch's event.
+        let later = Names::new(&prefix, b"global/w", false, 2);
+        let waiting = someone_behind(&c, &watches, &ours, own_rev, own_rev);
+        let put_later = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut c = c.clone();
+            c.put(later.own.as_str(), "b", None).await.unwrap();
+        };
+        let (waited, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(waiting, put_later)
+        })
+        .await
+        .expect("the wait did not see the entry queued behind");
+        waited.unwrap();
+        // Queued before the wait (the waiter read the store at `own_rev`):
+        // the store is read, not waited on.
+        let other = Names::new(&prefix, b"global/v", false, 1);
+        let other_rev = c.put(other.own.as_str(), "a", None).await.unwrap();
+        let other_rev = other_rev.header().unwrap().revision();
+        let behind_other = Names::new(&prefix, b"global/v", false, 2);
+        c.put(behind_other.own.as_str(), "b", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            someone_behind(&c, &watches, &other, other_rev, other_rev),
+        )
+        .await
+        .expect("the wait missed an entry queued before it")
+        .unwrap();
+        watch.abort();
+    });
+}

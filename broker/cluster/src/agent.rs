@@ -11,6 +11,7 @@
 use crate::config::ClusterConfig;
 use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
+use crate::watches::Watches;
 use etcd_client::{Client, ConnectOptions};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -393,6 +394,9 @@ impl Inner {
         let mut predicted: Vec<Vec<u8>> = Vec::new();
         let (rtx, mut rrx) = mpsc::unbounded_channel::<KeyReport>();
         let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
+        // One watch over every entry, shared by the key tasks' waits.
+        let watches = Watches::new(format!("{}/lock/", self.config.etcd_prefix));
+        let watch_task = tokio::spawn(watches.clone().run(client.clone()));
         let renew_every = Duration::from_millis((ttl_ms / 3).max(100));
         let mut renew = tokio::time::interval(renew_every);
         let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
@@ -415,6 +419,7 @@ impl Inner {
                             published = hot;
                         }
                     }
+                    watches.prune();
                     match self.renew(client, lease, &mut keeper).await {
                         Ok(()) => {}
                         Err(Some(gone)) => break gone,
@@ -426,6 +431,7 @@ impl Inner {
                 c = commands.recv() => match c {
                     None => {
                         for (_, t) in tasks.drain() { t.handle.abort(); }
+                        watch_task.abort();
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
@@ -442,8 +448,9 @@ impl Inner {
                         if tasks.contains_key(&key) { continue; }
                         let (tx, rx) = oneshot::channel();
                         let handle = tokio::spawn(hold(
-                            client.clone(), self.config.clone(), key.clone(), shared, prefetch,
-                            lease, epoch, rx, rtx.clone(), self.outbox.clone(), wanted_ns,
+                            client.clone(), watches.clone(), self.config.clone(), key.clone(),
+                            shared, prefetch, lease, epoch, rx, rtx.clone(), self.outbox.clone(),
+                            wanted_ns,
                         ));
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
@@ -478,6 +485,7 @@ impl Inner {
         for (_, t) in tasks.drain() {
             t.handle.abort();
         }
+        watch_task.abort();
         Some(reason)
     }
 
@@ -559,6 +567,7 @@ impl Inner {
 #[allow(clippy::too_many_arguments)]
 async fn hold(
     c: Client,
+    watches: Watches,
     config: ClusterConfig,
     key: Vec<u8>,
     shared: bool,
@@ -596,10 +605,10 @@ async fn hold(
             if let Some(holder) = holder {
                 let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
             }
-            retry(|| etcd_lock::deleted(&c, &blocker, own_rev)).await;
+            retry(|| etcd_lock::deleted(&c, &watches, &blocker, own_rev)).await;
             step("agent: blocker deleted");
             let Some(confirmed) =
-                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+                wait_and_confirm(&c, &watches, &n, &config.node, lease, shared, own_rev).await
             else {
                 return;
             };
@@ -607,7 +616,7 @@ async fn hold(
         }
         Queued::Already { own_rev } => {
             let Some(confirmed) =
-                wait_and_confirm(&c, &n, &config.node, lease, shared, own_rev).await
+                wait_and_confirm(&c, &watches, &n, &config.node, lease, shared, own_rev).await
             else {
                 return;
             };
@@ -640,9 +649,19 @@ async fn hold(
     let watch_client = c.clone();
     let watch_names = n.clone();
     let behind = confirmed.behind;
+    let callback_watches = watches.clone();
     let callback = async move {
         if !behind {
-            retry(|| etcd_lock::someone_behind(&watch_client, &watch_names, own_rev, rev)).await;
+            retry(|| {
+                etcd_lock::someone_behind(
+                    &watch_client,
+                    &callback_watches,
+                    &watch_names,
+                    own_rev,
+                    rev,
+                )
+            })
+            .await;
         }
     };
     tokio::pin!(callback);
@@ -681,6 +700,7 @@ async fn hold(
 /// the session fences).
 async fn wait_and_confirm(
     c: &Client,
+    watches: &Watches,
     n: &Names,
     node: &str,
     lease: i64,
@@ -694,7 +714,7 @@ async fn wait_and_confirm(
                 First::Confirmed(confirmed) => return Some(confirmed),
                 First::Gone => return None,
                 First::Behind { blocker, seen_at } => {
-                    retry(|| etcd_lock::deleted(c, &blocker, seen_at)).await;
+                    retry(|| etcd_lock::deleted(c, watches, &blocker, seen_at)).await;
                 }
             }
         }
@@ -702,7 +722,7 @@ async fn wait_and_confirm(
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };
-        retry(|| etcd_lock::deleted(c, &entry, rev)).await;
+        retry(|| etcd_lock::deleted(c, watches, &entry, rev)).await;
     }
     let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
     tracing::debug!(

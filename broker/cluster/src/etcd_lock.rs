@@ -8,9 +8,10 @@
 //! `create_revision == ours`, so a request that timed out but happened does
 //! no harm when sent again.
 
+use crate::watches::{Wanted, Watches};
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, GetResponse, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
 };
 use std::time::Duration;
 
@@ -154,22 +155,35 @@ fn confirm_ops(n: &Names, node: &str, lease: i64) -> [TxnOp; 4] {
     ]
 }
 
-/// Steps 1 to 4 in one round trip when nothing blocks: one transaction that
-/// puts our entry and, in the same revision,
+/// Steps 1 to 4 in one round trip when nothing blocks: one flat
+/// transaction, guarded by `create_revision(own) == 0` and by a range
+/// compare, `create_revision == 0` over the entries ours must wait for
+/// (every entry for a writer, the writers for a reader): no conflicting
+/// entry exists.
 ///
-/// * if no conflicting entry exists (no entry at all for a writer, no writer
-///   for a reader: a range compare on `create_revision == 0`), also puts our
-///   held marker and reads the markers and entries, as [`confirm`] does. The
-///   token revision is then the entry's own create revision `C`: it is
-///   greater than every revision written by an earlier holder, whose entries
-///   are all gone at `C` (the compare says so), and etcd's revisions only
-///   grow; an entry created later waits for ours (step 2). This is the
-///   `create == base` case of the model's `Queue` (broker/cluster/tests/model.rs);
-/// * else reads the last conflicting entry before ours (our predecessor),
-///   which [`blocker`] would have answered at that revision.
+/// * Both hold: it puts our entry and our held marker and reads the
+///   markers, as [`confirm`] does, in the same revision `C`: the host has
+///   won and is confirmed. The token revision is the entry's own create
+///   revision `C`: it is greater than every revision written by an earlier
+///   holder, whose entries are all gone at `C` (the compare says so), and
+///   etcd's revisions only grow; an entry created later waits for ours
+///   (step 2). This is the `create == base` case of the model's `Queue`
+///   (broker/cluster/tests/model.rs). A writer reads no entries: the
+///   compare says there are none but its own, so every other marker is
+///   stale. A reader also reads the entries (the readers that hold with it
+///   have live markers).
+/// * Else: it puts our entry (a retry's put finds it there and keeps its
+///   create revision), and reads it, the last conflicting entry before it
+///   (our predecessor, which [`blocker`] would have answered at that
+///   revision) and the key's oldest entry (its value names the holder).
+///   An entry whose create revision is older than the transaction's is a
+///   retry of a transaction that timed out but happened:
+///   [`Queued::Already`].
 ///
-/// Guarded like [`queue`] by `create_revision(own) == 0`, so a retry finds
-/// the entry there and answers [`Queued::Already`].
+/// One transaction without nesting: measured against etcd's `Lock` RPC on
+/// the same etcd, the nested form (an outer compare on our entry, then the
+/// range compare) and the writer's read of the entries cost 60-80 us more
+/// than the flat one, which costs what `Lock` does.
 pub async fn queue_and_look(
     c: &Client,
     n: &Names,
@@ -185,10 +199,24 @@ pub async fn queue_and_look(
     } else {
         n.dir.clone()
     };
-    let free = Compare::create_revision(conflicting.as_str(), CompareOp::Equal, 0).with_prefix();
-    let win = Txn::new()
-        .when([free])
-        .and_then(confirm_ops(n, node, lease));
+    let put_own = || {
+        TxnOp::put(
+            n.own.as_str(),
+            node,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    };
+    let mut win = vec![
+        put_own(),
+        TxnOp::put(n.own_marker.as_str(), n.own.as_str(), None),
+        TxnOp::get(n.held.as_str(), Some(GetOptions::new().with_prefix())),
+    ];
+    if shared {
+        win.push(TxnOp::get(
+            n.dir.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ));
+    }
     // Behind: the newest conflicting entries, ours (a writer's) first.
     let look = GetOptions::new()
         .with_prefix()
@@ -200,42 +228,22 @@ pub async fn queue_and_look(
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1);
-    let win = win.or_else([
-        TxnOp::put(
-            n.own.as_str(),
-            node,
-            Some(PutOptions::new().with_lease(lease)),
-        ),
-        TxnOp::get(conflicting.as_str(), Some(look)),
-        TxnOp::get(n.dir.as_str(), Some(oldest)),
-    ]);
     let txn = Txn::new()
-        .when([Compare::create_revision(
-            n.own.as_str(),
-            CompareOp::Equal,
-            0,
-        )])
-        .and_then([TxnOp::txn(win)])
-        .or_else([TxnOp::get(n.own.as_str(), None)]);
+        .when([
+            Compare::create_revision(n.own.as_str(), CompareOp::Equal, 0),
+            Compare::create_revision(conflicting.as_str(), CompareOp::Equal, 0).with_prefix(),
+        ])
+        .and_then(win)
+        .or_else([
+            put_own(),
+            TxnOp::get(n.own.as_str(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(conflicting.as_str(), Some(look)),
+            TxnOp::get(n.dir.as_str(), Some(oldest)),
+        ]);
     let resp = timed(c.txn(txn)).await?;
-    let own_rev = resp.header().ok_or(EtcdError::NoHeader)?.revision();
-    let mut ops = resp.op_responses().into_iter();
-    if !resp.succeeded() {
-        return match ops.next() {
-            Some(TxnOpResponse::Get(g)) => g
-                .kvs()
-                .first()
-                .map(|kv| Queued::Already {
-                    own_rev: kv.create_revision(),
-                })
-                .ok_or(EtcdError::NoHeader),
-            _ => Err(EtcdError::NoHeader),
-        };
-    }
-    let Some(TxnOpResponse::Txn(inner)) = ops.next() else {
-        return Err(EtcdError::NoHeader);
-    };
-    let gets: Vec<GetResponse> = inner
+    let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
+    let succeeded = resp.succeeded();
+    let gets: Vec<GetResponse> = resp
         .op_responses()
         .into_iter()
         .filter_map(|op| match op {
@@ -243,28 +251,41 @@ pub async fn queue_and_look(
             _ => None,
         })
         .collect();
-    if inner.succeeded() {
-        let [markers, entries] = gets.as_slice() else {
-            return Err(EtcdError::NoHeader);
+    if succeeded {
+        let stale = match gets.as_slice() {
+            // A writer: no entry but ours exists at `revision`.
+            [markers] if !shared => stale_markers(n, markers, |_| false),
+            [markers, entries] if shared => stale_among(n, markers, entries),
+            _ => return Err(EtcdError::NoHeader),
         };
+        // Nothing can be created after ours in the revision that created it.
         return Ok(Queued::Confirmed {
-            own_rev,
+            own_rev: revision,
             confirmed: Confirmed {
-                revision: own_rev,
-                stale: stale_markers(n, markers, entries),
-                behind: any_behind(entries, own_rev),
+                revision,
+                stale,
+                behind: false,
             },
         });
     }
-    let [newest, oldest] = gets.as_slice() else {
+    let [own, newest, oldest] = gets.as_slice() else {
         return Err(EtcdError::NoHeader);
     };
+    let own_rev = own
+        .kvs()
+        .first()
+        .map(|kv| kv.create_revision())
+        .ok_or(EtcdError::NoHeader)?;
+    if own_rev != revision {
+        return Ok(Queued::Already { own_rev });
+    }
     let holder = oldest
         .kvs()
         .first()
         .filter(|kv| kv.key() != n.own.as_bytes())
         .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-    // The compare failed, so a conflicting entry other than ours exists.
+    // The compare failed and ours is new, so a conflicting entry other
+    // than ours exists.
     let blocker = newest
         .kvs()
         .iter()
@@ -290,15 +311,21 @@ fn any_behind(entries: &GetResponse, own_rev: i64) -> bool {
 }
 
 /// Markers (value: their holder's entry) whose entry is gone, ours aside:
-/// holders that left without a clean release (step 4).
-fn stale_markers(n: &Names, markers: &GetResponse, entries: &GetResponse) -> Vec<Vec<u8>> {
-    let live: std::collections::HashSet<&[u8]> = entries.kvs().iter().map(|kv| kv.key()).collect();
+/// holders that left without a clean release (step 4). `live(entry)`:
+/// whether that entry exists.
+fn stale_markers(n: &Names, markers: &GetResponse, live: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
     markers
         .kvs()
         .iter()
-        .filter(|kv| kv.key() != n.own_marker.as_bytes() && !live.contains(kv.value()))
+        .filter(|kv| kv.key() != n.own_marker.as_bytes() && !live(kv.value()))
         .map(|kv| kv.key().to_vec())
         .collect()
+}
+
+/// [`stale_markers`] against the entries read in the same revision.
+fn stale_among(n: &Names, markers: &GetResponse, entries: &GetResponse) -> Vec<Vec<u8>> {
+    let live: std::collections::HashSet<&[u8]> = entries.kvs().iter().map(|kv| kv.key()).collect();
+    stale_markers(n, markers, |entry| live.contains(entry))
 }
 
 /// Step 2: the entry that blocks ours (created before it, and a writer if we
@@ -397,7 +424,7 @@ pub async fn confirm_if_first(
     if succeeded {
         return Ok(First::Confirmed(Confirmed {
             revision,
-            stale: stale_markers(n, first, second),
+            stale: stale_among(n, first, second),
             behind: any_behind(second, own_rev),
         }));
     }
@@ -424,9 +451,15 @@ pub async fn confirm_if_first(
 }
 
 /// Step 2, waiting: returns once the entry `blocker`, which we saw at
-/// revision `seen_at`, is deleted. (Its host may have queued again since, under
-/// the same name: an entry of that name created later is not it.)
-pub async fn deleted(c: &Client, blocker: &Entry, seen_at: i64) -> Result<(), EtcdError> {
+/// revision `seen_at`, is deleted, as the session's shared watch tells
+/// (its host may have queued again since, under the same name: an entry of
+/// that name created later is not it).
+pub async fn deleted(
+    c: &Client,
+    watches: &Watches,
+    blocker: &Entry,
+    seen_at: i64,
+) -> Result<(), EtcdError> {
     let entry = blocker.key.as_slice();
     let look = || async {
         let mut c = c.clone();
@@ -436,51 +469,7 @@ pub async fn deleted(c: &Client, blocker: &Entry, seen_at: i64) -> Result<(), Et
             .first()
             .is_none_or(|kv| kv.create_revision() != blocker.create_revision))
     };
-    let deletion = |ev: &etcd_client::Event| ev.event_type() == EventType::Delete;
-    watch_from_now(c, entry, WatchOptions::new(), seen_at, look, deletion).await
-}
-
-/// Watches `key` (with `options`) until an event `wanted` comes, or `look`
-/// (a read of the store) says what we wait for has already happened.
-///
-/// The watch starts at etcd's current revision, not at `seen_at + 1`: etcd
-/// serves a watch that starts in the past from a loop that runs every
-/// 100 ms (its "unsynced" watchers), so each such watch cost up to 100 ms
-/// whenever anything was written in between (measured: a 100 ms transfer
-/// between two hosts). The gap between `seen_at` (the revision at which the
-/// caller last read the store) and the watch's start is closed by `look`,
-/// made only when the gap is not empty: events after the revision in the
-/// watch's "created" answer are all delivered.
-async fn watch_from_now<F, Fut>(
-    c: &Client,
-    key: &[u8],
-    options: WatchOptions,
-    seen_at: i64,
-    look: F,
-    wanted: impl Fn(&etcd_client::Event) -> bool,
-) -> Result<(), EtcdError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, EtcdError>>,
-{
-    let mut c = c.clone();
-    let mut stream = timed(c.watch(key.to_vec(), Some(options))).await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() {
-            break;
-        }
-        if resp.created() {
-            let start = resp.header().ok_or(EtcdError::NoHeader)?.revision();
-            if start > seen_at && look().await? {
-                return Ok(());
-            }
-            continue;
-        }
-        if resp.events().iter().any(&wanted) {
-            return Ok(());
-        }
-    }
-    Err(EtcdError::WatchEnded(String::from_utf8_lossy(key).into()))
+    watches.wait(Wanted::Deleted { entry }, seen_at, look).await
 }
 
 /// A confirmed node grant: the token revision, and the stale held markers
@@ -536,7 +525,7 @@ pub async fn confirm(
     };
     Ok(Some(Confirmed {
         revision,
-        stale: stale_markers(n, markers, entries),
+        stale: stale_among(n, markers, entries),
         behind: any_behind(entries, own_rev),
     }))
 }
@@ -573,6 +562,7 @@ pub async fn release(
 /// the key's entries and found none after ours (our confirm's).
 pub async fn someone_behind(
     c: &Client,
+    watches: &Watches,
     n: &Names,
     own_rev: i64,
     seen_at: i64,
@@ -594,12 +584,11 @@ pub async fn someone_behind(
         .await?;
         Ok(!resp.kvs().is_empty())
     };
-    let later_entry = |ev: &etcd_client::Event| {
-        ev.event_type() == EventType::Put
-            && ev.kv().is_some_and(|kv| kv.create_revision() > own_rev)
+    let wanted = Wanted::Later {
+        dir: n.dir.as_bytes(),
+        after: own_rev,
     };
-    let options = WatchOptions::new().with_prefix();
-    watch_from_now(c, n.dir.as_bytes(), options, seen_at, look, later_entry).await
+    watches.wait(wanted, seen_at, look).await
 }
 
 #[cfg(test)]

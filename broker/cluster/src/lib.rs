@@ -12,5 +12,6 @@ pub mod gossip;
 pub use config::ClusterConfig;
 pub mod agent;
 pub mod etcd_lock;
+pub mod watches;
 
 pub use agent::{Agent, Command, Event, Lease};

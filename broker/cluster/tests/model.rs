@@ -26,7 +26,7 @@
 //! | (reaction) queue | step 1, **Queue**: a host with local waiters and no node grant queues at once (also after a release or a new lease) |
 //! | `Send` | an RPC: etcd applies it at once (its linearization point); the answer is then in flight. Also the retry after a loss. A lost request is a request not sent yet |
 //! | `Deliver`, `DropReply` | the answer arrives (and the host sends its next request at once), or is lost |
-//! | etcd applies `Queue` | step 1 (`etcd_lock::queue_and_look`): txn `create_revision == 0` creates the key on the lease; its create revision `C` is the place (a retry finds the key and answers its `C`). In the same txn: with no conflicting key before it, the host has **won and is confirmed** at once (token base `R = C`, held marker, stale markers read: steps 2-4); else it answers the predecessor to watch |
+//! | etcd applies `Queue` | step 1 (`etcd_lock::queue_and_look`): one flat txn puts the key on the lease; its create revision `C` is the place (a retry finds the key, writes it again, and answers its `C`). In the same txn: with no conflicting key before it, the host has **won and is confirmed** at once (token base `R = C`, held marker, stale markers read: steps 2-4); else it answers the predecessor to watch |
 //! | etcd applies `Check` | step 2, **Wait**: blocked by an earlier conflicting key (answers the last one, the predecessor it watches), or **won**: the grant check against create revisions. A writer's check also confirms in the same txn when it wins (`etcd_lock::confirm_if_first`: a range compare on create revisions); a reader wins, then confirms |
 //! | etcd applies `Confirm` | step 3, **Confirm**: txn guarded by `create_revision(own) == C`; its revision is the token base `R` |
 //! | (reaction) reconfirm | step 3: when `n` would pass its limit (`n_max` here, `2^20 - 1` in the design) the host confirms again |
@@ -365,12 +365,16 @@ impl NodeGrantModel {
         };
         match request {
             Request::Queue(mode) => {
-                // etcd_lock::queue_and_look, one txn: if create_revision(own)
-                // == 0 then { put(own, lease); if no conflicting entry (a
-                // range compare) then { put(marker); get(markers); get(entries) }
-                // else { get(newest conflicting) } } else get(own).
+                // etcd_lock::queue_and_look, one flat txn: if
+                // create_revision(own) == 0 and no conflicting entry (a range
+                // compare) then { put(own, lease); put(marker); get(markers) }
+                // else { put(own, lease); get(own); get(newest conflicting);
+                // get(oldest) }. A retry (own there) writes own again, which
+                // keeps its create revision: a revision, nothing else.
                 if let Some(k) = etcd.keys.iter().find(|k| k.owner == who && k.mode == *mode) {
-                    return Reply::Queued(k.create);
+                    let create = k.create;
+                    etcd.rev += 1;
+                    return Reply::Queued(create);
                 }
                 if !etcd.leases.contains(&who) {
                     return Reply::Gone;

@@ -206,6 +206,38 @@ struct Host {
     _dir: TempDir,
 }
 
+/// `FORELOCK_CLUSTER_KEEP_LOGS=<dir>`: each broker's log (and its
+/// predictor's, and its last `cluster.json`) is copied there when the
+/// broker stops, as `<n>-<host>-<file>` (`n` counts brokers in start
+/// order). With `FORELOCK_BENCH_BROKER_LOG=warn,forelock::grant_timing=debug`
+/// the logs hold the node grants' step timestamps.
+const KEEP_LOGS_ENV: &str = "FORELOCK_CLUSTER_KEEP_LOGS";
+/// `FORELOCK_CLUSTER_SECTIONS=2,5`: run only these sections.
+const SECTIONS_ENV: &str = "FORELOCK_CLUSTER_SECTIONS";
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        static STARTED: AtomicU64 = AtomicU64::new(0);
+        let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) else {
+            return;
+        };
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let files = [
+            self._dir.path().join("forelockd.log"),
+            self._dir.path().join("forelock-predictor.log"),
+            self.runtime_dir.join("cluster.json"),
+        ];
+        for file in files {
+            if let Some(name) = file.file_name() {
+                let to = keep.join(format!("{n}-{}-{}", self.name, name.to_string_lossy()));
+                let _ = std::fs::copy(&file, to);
+            }
+        }
+    }
+}
+
 /// `start_host`'s `broker` for a broker that sleeps at once while a request
 /// waits (the default spins up to `spin_waiters_us = 1000` for a local
 /// release, which on two cores takes CPU from the agent and etcd while the
@@ -448,17 +480,85 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
     })
 }
 
+/// etcd's `Lock` RPC made from this thread between two first acquisitions
+/// (a fresh lease-attached lock key each time, unlocked after it), so that
+/// both see etcd in the same state: after a pause of the same length
+/// (measured on this VM: a `Lock` issued after a 2 ms pause took 790-870 us
+/// against 540-560 us back-to-back, the same for any request: etcd and its
+/// client sleep between requests, and waking them costs).
+struct LockInTurn {
+    runtime: tokio::runtime::Runtime,
+    client: etcd_client::Client,
+    lease: i64,
+    name: String,
+    lock: Latencies,
+}
+
+impl LockInTurn {
+    fn new(url: &str) -> anyhow::Result<LockInTurn> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a tokio runtime for etcd-client")?;
+        let (client, lease) = runtime.block_on(async {
+            let mut client = etcd_client::Client::connect([url], None)
+                .await
+                .context("etcd-client connect")?;
+            let lease = client
+                .lease_grant(300, None)
+                .await
+                .context("etcd lease grant")?
+                .id();
+            anyhow::Ok((client, lease))
+        })?;
+        Ok(LockInTurn {
+            runtime,
+            client,
+            lease,
+            name: format!("/forelock-bench-{}/etcd-lock-in-turn", std::process::id()),
+            lock: Latencies::new(),
+        })
+    }
+
+    fn lock_once(&mut self) -> anyhow::Result<()> {
+        let options = Some(etcd_client::LockOptions::new().with_lease(self.lease));
+        let t0 = Instant::now();
+        let key = self
+            .runtime
+            .block_on(self.client.lock(self.name.as_str(), options))
+            .context("etcd Lock")?
+            .key()
+            .to_vec();
+        self.lock.record(t0.elapsed());
+        self.runtime
+            .block_on(self.client.unlock(key))
+            .context("etcd Unlock")?;
+        Ok(())
+    }
+}
+
 /// `ops` first acquisitions on `host` (a fresh global key each time): the
 /// acquire alone, and acquire+release. The release of a fresh global key is
-/// local (the node grant stays here, as a cached key).
-fn first_acquisitions(host: &Host, ops: u64) -> anyhow::Result<(Latencies, Latencies)> {
+/// local (the node grant stays here, as a cached key). With `in_turn`, an
+/// etcd `Lock` RPC follows each acquisition.
+fn first_acquisitions(
+    host: &Host,
+    ops: u64,
+    mut in_turn: Option<&mut LockInTurn>,
+) -> anyhow::Result<(Latencies, Latencies)> {
     let client = connect(host)?;
     let run = std::process::id();
     let mut first = Latencies::new();
     let mut first_cycle = Latencies::new();
     let start = Instant::now();
+    // Keys of their own for the acquisitions in turn with Lock.
+    let tag = if in_turn.is_some() {
+        "in-turn"
+    } else {
+        "alone"
+    };
     for i in 0..ops {
-        let name = format!("global/first/{run}/{}/{i}", host.name);
+        let name = format!("global/first/{run}/{}/{tag}/{i}", host.name);
         let t0 = Instant::now();
         let guard = client
             .lock_timeout(&name, LOCK_PATIENCE)
@@ -466,9 +566,15 @@ fn first_acquisitions(host: &Host, ops: u64) -> anyhow::Result<(Latencies, Laten
         first.record(t0.elapsed());
         guard.release().with_context(|| format!("release {name}"))?;
         first_cycle.record(t0.elapsed());
+        if let Some(lock) = in_turn.as_deref_mut() {
+            lock.lock_once()?;
+        }
     }
     first.elapsed = start.elapsed();
     first_cycle.elapsed = first.elapsed;
+    if let Some(lock) = in_turn {
+        lock.lock.elapsed = first.elapsed;
+    }
     Ok((first, first_cycle))
 }
 
@@ -482,8 +588,11 @@ fn section_first(
     sizes: &Sizes,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let (first, first_cycle) = first_acquisitions(host, sizes.first_ops)?;
-    let (quiet_first, _) = first_acquisitions(quiet, sizes.first_ops)?;
+    let (first, first_cycle) = first_acquisitions(host, sizes.first_ops, None)?;
+    let (quiet_first, _) = first_acquisitions(quiet, sizes.first_ops, None)?;
+    // Once more, each acquisition followed by an etcd Lock RPC.
+    let mut in_turn = LockInTurn::new(&etcd.url)?;
+    let (first_in_turn, _) = first_acquisitions(host, sizes.first_ops, Some(&mut in_turn))?;
     let rpcs = etcd_rpcs(&etcd.url, sizes.first_ops)?;
     rows.push(first.row(
         "2 first",
@@ -515,7 +624,19 @@ fn section_first(
         "2 first",
         "etcd Lock RPC (etcd-client)",
         String::from("reference"),
-        String::from("same etcd, one lease, uncontended"),
+        String::from("same etcd, one lease, uncontended, back-to-back"),
+    ));
+    rows.push(first_in_turn.row(
+        "2 first",
+        "global key, first acquire, in turn with etcd Lock",
+        ratio(first_in_turn.p50(), in_turn.lock.p50(), "etcd Lock in turn"),
+        String::from("each first acquisition followed by one etcd Lock (+Unlock) from this thread"),
+    ));
+    rows.push(in_turn.lock.row(
+        "2 first",
+        "etcd Lock RPC, in turn with first acquisitions",
+        String::from("reference in turn"),
+        String::from("the same etcd in the same state as for the row above"),
     ));
     rows.push(rpcs.lock_unlock.row(
         "2 first",
@@ -728,8 +849,14 @@ const TRACE_NAME: &str = "tpcc-pg-a.csv.gz";
 /// A replayed hold lasts at most this long (the trace's median is 9 ms, as
 /// long as its transactions; one at a time, a client would fall behind).
 const TRACE_HOLD_CAP: Duration = Duration::from_millis(1);
-/// Prediction off and on: the allocator policy of each host's broker.
-const TRACE_MODES: [(&str, &str); 2] = [("off", "none"), ("on", "forecast")];
+/// Prediction off and on: the allocator policy of each host's broker, and
+/// whether a `forelock-predictor` runs beside it. Off is `keep-alive` (not
+/// `none`, which keeps every key off the fast path): both modes then have
+/// the same fast path and the same 200 ms idle timeout, and differ only by
+/// the forecast.
+const TRACE_MODES_ENV: &str = "FORELOCK_CLUSTER_TRACE_MODES";
+const TRACE_MODES: [(&str, &str, bool); 2] =
+    [("off", "keep-alive", false), ("on", "forecast", true)];
 
 fn trace_path() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(TRACE_ENV) {
@@ -761,12 +888,48 @@ struct TraceRun {
     first_uses_waited: u64,
     prefetch_unused: u64,
     prefetch_unused_wait_us: u64,
+    /// CPU time (user + system) the hosts' predictors used, summed.
+    predictor_cpu: Duration,
+}
+
+/// CPU time (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf takes a plain integer and reads no memory of ours.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_s > 0).then(|| Duration::from_millis(ticks * 1000 / per_s as u64))
+}
+
+/// How many rows, in trace order, take a key on a host that used it
+/// before while another host used it since: the first uses a prefetch
+/// could serve at best. A host's first use of a key is unknown to its
+/// broker (its forecaster has never seen the key), and a key used again
+/// on the same host with no other host in between still has its node
+/// grant here: neither can be a prefetch hit.
+fn returning_first_uses(per_client: &[Vec<TraceRow>], order: &[(u64, usize, usize)]) -> usize {
+    let mut seen: std::collections::HashSet<(usize, u64)> = std::collections::HashSet::new();
+    let mut last_host: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut returning = 0;
+    for &(_, client, index) in order {
+        let host = client % HOSTS.len();
+        let key = per_client[client][index].key_hash;
+        if seen.contains(&(host, key)) && last_host.get(&key) != Some(&host) {
+            returning += 1;
+        }
+        seen.insert((host, key));
+        last_host.insert(key, host);
+    }
+    returning
 }
 
 /// Section 5: the first `seconds` of a lock trace split across three hosts
 /// by client (trace client `c` runs on host `c % 3`), every key global
 /// (`global/<16 hex digits of the trace key's hash>`), with prediction off
-/// (allocator policy `none`: nothing is prefetched) and on (`forecast`, with
+/// (allocator policy `keep-alive`: nothing is prefetched) and on (`forecast`, with
 /// a `forelock-predictor` per host: a global key it scores above the
 /// threshold has its node grant prefetched). Each mode runs on three fresh
 /// brokers with an etcd prefix of its own. Each client replays its rows in
@@ -787,11 +950,13 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
         .with_context(|| format!("reading {}", path.display()))?;
     let limit_us = sizes.trace.as_micros() as u64;
     let mut per_client: Vec<Vec<TraceRow>> = Vec::new();
+    let mut order = Vec::new();
     for event in trace.events.iter().take_while(|e| e.ts_us < limit_us) {
         let client = event.client as usize;
         if per_client.len() <= client {
             per_client.resize(client + 1, Vec::new());
         }
+        order.push((event.ts_us, client, per_client[client].len()));
         per_client[client].push(TraceRow {
             key_hash: event.key_hash,
             shared: event.mode == forelock_predictor::trace::Mode::Shared,
@@ -808,8 +973,33 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    for (mode, policy) in TRACE_MODES {
-        let run = trace_mode(etcd, policy, &per_client)?;
+    let returning = returning_first_uses(&per_client, &order);
+    // `FORELOCK_CLUSTER_TRACE_MODES=off:keep-alive:0,cpu:keep-alive:1`: other
+    // modes (name:policy:predictors), e.g. predictors running beside a
+    // broker that does not use their scores, to tell their CPU cost from
+    // what their prefetches do.
+    let custom: Vec<(String, String, bool)> = std::env::var(TRACE_MODES_ENV)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|m| {
+                    let mut parts = m.split(':');
+                    let name = parts.next()?.to_string();
+                    let policy = parts.next()?.to_string();
+                    let predict = parts.next()? == "1";
+                    Some((name, policy, predict))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| {
+            TRACE_MODES
+                .iter()
+                .map(|&(n, p, r)| (n.to_string(), p.to_string(), r))
+                .collect()
+        });
+    for (mode, policy, predict) in &custom {
+        let (mode, policy, predict) = (mode.as_str(), policy.as_str(), *predict);
+        let run = trace_mode(etcd, policy, predict, &per_client)?;
         let first_uses = run.prefetch_hits + run.first_uses_waited;
         let hit_rate = if first_uses > 0 {
             run.prefetch_hits as f64 / first_uses as f64
@@ -825,23 +1015,36 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
             String::new(),
             format!(
                 "{total} rows, {} keys, {} clients on 3 hosts; \
-                 prefetch hit rate {:.1}% ({}/{first_uses} first uses of a node grant); \
-                 {} unused prefetches cost other hosts {} waiting",
+                 prefetch hit rate {:.1}% ({}/{first_uses} first uses of a node grant; \
+                 {returning} rows in trace order come back to a host that used their key \
+                 after another host did: the most a prefetch could serve); \
+                 {} unused prefetches cost other hosts {} waiting; predictors' CPU {:.1} s",
                 keys.len(),
                 per_client.iter().filter(|r| !r.is_empty()).count(),
                 hit_rate * 100.0,
                 run.prefetch_hits,
                 run.prefetch_unused,
                 format_ns(run.prefetch_unused_wait_us.saturating_mul(1000)),
+                run.predictor_cpu.as_secs_f64(),
             ),
         ));
     }
     Ok(())
 }
 
-/// One mode of section 5 on three fresh brokers (policy `policy`).
-fn trace_mode(etcd: &Etcd, policy: &str, per_client: &[Vec<TraceRow>]) -> anyhow::Result<TraceRun> {
-    let prefix = format!("/forelock-bench-{}-trace-{policy}", std::process::id());
+/// One mode of section 5 on three fresh brokers (policy `policy`), with a
+/// predictor beside each if `predict`.
+fn trace_mode(
+    etcd: &Etcd,
+    policy: &str,
+    predict: bool,
+    per_client: &[Vec<TraceRow>],
+) -> anyhow::Result<TraceRun> {
+    let prefix = format!(
+        "/forelock-bench-{}-trace-{policy}-{}",
+        std::process::id(),
+        if predict { "predicted" } else { "alone" }
+    );
     // A key idle for 200 ms loses its slot, so that the forecaster can ask
     // for it again (the allocator prepares only keys without a slot; a
     // global key's node grant stays here when its slot goes).
@@ -851,11 +1054,11 @@ fn trace_mode(etcd: &Etcd, policy: &str, per_client: &[Vec<TraceRow>]) -> anyhow
         .map(|name| start_host(name, &etcd.url, &prefix, "", &allocator))
         .collect::<anyhow::Result<Vec<Host>>>()?;
     // Declared after the hosts: dropped (killed) first.
-    let _predictors = if policy == "forecast" {
+    let predictors = if predict {
         hosts
             .iter()
             .map(start_predictor)
-            .collect::<anyhow::Result<Vec<ChildGuard>>>()?
+            .collect::<anyhow::Result<Vec<(ChildGuard, u32)>>>()?
     } else {
         Vec::new()
     };
@@ -900,6 +1103,10 @@ fn trace_mode(etcd: &Etcd, policy: &str, per_client: &[Vec<TraceRow>]) -> anyhow
         first_uses_waited: 0,
         prefetch_unused: 0,
         prefetch_unused_wait_us: 0,
+        predictor_cpu: predictors
+            .iter()
+            .filter_map(|&(_, pid)| cpu_time(pid))
+            .sum(),
     };
     for result in results {
         let latencies = result?;
@@ -929,8 +1136,9 @@ fn read_cluster_status(host: &Host) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// A `forelock-predictor` for `host`'s broker (beside this executable).
-fn start_predictor(host: &Host) -> anyhow::Result<ChildGuard> {
+/// A `forelock-predictor` for `host`'s broker (beside this executable), and
+/// its pid.
+fn start_predictor(host: &Host) -> anyhow::Result<(ChildGuard, u32)> {
     let exe = std::env::current_exe().context("finding this program")?;
     let binary = exe.with_file_name("forelock-predictor");
     if !binary.is_file() {
@@ -950,11 +1158,11 @@ fn start_predictor(host: &Host) -> anyhow::Result<ChildGuard> {
             std::fs::File::create(host._dir.path().join("forelock-predictor.log"))
                 .context("predictor log")?,
         ));
-    Ok(ChildGuard::new(
-        die_with_parent(&mut command)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?,
-    ))
+    let child = die_with_parent(&mut command)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id();
+    Ok((ChildGuard::new(child), pid))
 }
 
 use forelock_cluster::agent::COUNTER_BITS as TOKEN_COUNTER_BITS;
@@ -993,7 +1201,17 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }),
         ("5 trace", &|rows| section_trace(&etcd, &sizes, rows)),
     ];
+    let only: Option<Vec<String>> = std::env::var(SECTIONS_ENV)
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     for (name, section) in sections {
+        let number = name.split(' ').next().unwrap_or_default();
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|s| s == number))
+        {
+            continue;
+        }
         if let Err(error) = section(&mut rows) {
             failures.push(format!("section {name}: {error:#}"));
         }
@@ -1090,9 +1308,15 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
         1.5,
     ));
     out.push_str(&target(
-        "first acquisition vs etcd Lock RPC, p50",
+        "first acquisition vs etcd Lock RPC back-to-back, p50",
         p50("global key, first acquire (node grant)"),
-        p50("etcd Lock RPC"),
+        p50("etcd Lock RPC (etcd-client)"),
+        1.0,
+    ));
+    out.push_str(&target(
+        "first acquisition vs etcd Lock RPC, in turn, p50",
+        p50("global key, first acquire, in turn"),
+        p50("etcd Lock RPC, in turn"),
         1.0,
     ));
     if failures.is_empty() {

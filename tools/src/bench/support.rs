@@ -326,7 +326,12 @@ pub fn start_forelockd(
         .arg(&config_path)
         .arg("--runtime-dir")
         .arg(&runtime_dir)
-        .env("FORELOCK_LOG", "warn")
+        // `FORELOCK_BENCH_BROKER_LOG` (a FORELOCK_LOG filter) lets a run
+        // log more, e.g. `warn,forelock::grant_timing=debug`.
+        .env(
+            "FORELOCK_LOG",
+            std::env::var("FORELOCK_BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log));
