@@ -21,7 +21,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// idle vCPU halted, that wake-up costs tens of microseconds, more than the
 /// request itself. The poll yields the CPU between looks
 /// (`sched_yield`), so on a busy CPU the broker or any other runnable
-/// process goes first. Bounded: at most this much CPU per call.
+/// process goes first. Bounded: at most this much CPU per call. Measured
+/// (`forelock bench --systems forelock-fresh,unix-socket --workloads
+/// uncontended-2p`, 2-core VM, lightly loaded): an unprepared key's
+/// acquire+release 44.9 us without the poll, 10.9 us with it.
 const ANSWER_SPIN_DEFAULT: Duration = Duration::from_micros(50);
 
 fn answer_spin() -> Duration {
