@@ -728,6 +728,24 @@ fn a_hand_off_that_wins_the_race_with_cancel_is_a_grant() {
     assert_eq!(guard.token(), 7);
 }
 
+/// The caller polls for the answer a bounded while, then sleeps in `recv`:
+/// an answer that comes after the poll (a busy broker) is still received,
+/// and is the one for this request.
+#[test]
+fn an_answer_slower_than_the_poll_is_received_asleep() {
+    let broker = MockBroker::start(|_, _, request| match request {
+        Request::Ping => {
+            std::thread::sleep(Duration::from_millis(20));
+            Some(Response::Pong)
+        }
+        _ => None,
+    });
+    let client = broker.client();
+    assert!(client.ping().unwrap() >= Duration::from_millis(20));
+    let g = client.lock("k").unwrap();
+    assert_eq!(g.token(), 10, "the next answer is the next request's");
+}
+
 #[test]
 fn ping_is_one_round_trip() {
     let broker = MockBroker::start(defaults);
