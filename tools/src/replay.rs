@@ -545,6 +545,10 @@ struct TickShared {
     /// bits read at any time in the tick are those at its start.
     ranked_ids: Vec<u32>,
     ranked_holders: Vec<u64>,
+    /// The forecaster's row of each ranked key, when the ranking came from
+    /// [`top_rows`] (empty otherwise): its dense number is then in
+    /// `row_ids`, put there by this tick's [`TickShared::fill`].
+    ranked_rows: Vec<u32>,
 }
 
 impl TickShared {
@@ -561,6 +565,7 @@ impl TickShared {
             },
             ranked_ids: Vec::new(),
             ranked_holders: Vec::new(),
+            ranked_rows: Vec::new(),
         }
     }
 
@@ -574,6 +579,7 @@ impl TickShared {
         }
         self.ranked_ids.clear();
         self.ranked_holders.clear();
+        self.ranked_rows.clear();
         self.filled = false;
     }
 
@@ -630,7 +636,12 @@ impl TickShared {
     /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
     fn rank_known(&mut self, rank: usize, ranked: &[Score], index: &TraceIndex) {
         while self.ranked_ids.len() <= rank {
-            let key_id = index.id(ranked[self.ranked_ids.len()].key_hash);
+            let next = self.ranked_ids.len();
+            let key_id = match self.ranked_rows.get(next) {
+                Some(&row) => self.row_ids[row as usize].1,
+                None => index.id(ranked[next].key_hash),
+            };
+            debug_assert_eq!(key_id, index.id(ranked[next].key_hash));
             self.ranked_ids.push(key_id);
             if !self.holders.is_empty() {
                 self.ranked_holders.push(self.holders[key_id as usize]);
@@ -666,7 +677,9 @@ fn oracle_score(next_us: u64, now_us: u64, horizon_us: u64) -> f32 {
 /// How the policy sees a simulated slot at `now_us`.
 fn slot_view(key_hash: u64, slot: &SimSlot, now_us: u64, score: Option<f32>) -> SlotView {
     SlotView {
-        slot: slot.slot,
+        // The policy only echoes it in its actions: the key's dense number
+        // (a broker has one slot per key) finds the slot without hashing.
+        slot: slot.key_id,
         key_hash,
         prepared_at_us: slot.prepared_at_us,
         last_use_us: slot.last_use_us,
@@ -683,7 +696,6 @@ fn slot_view(key_hash: u64, slot: &SimSlot, now_us: u64, score: Option<f32>) -> 
 
 #[derive(Debug, Clone, Copy)]
 struct SimSlot {
-    slot: u32,
     /// The key's dense number ([`TraceIndex::key_id`]).
     key_id: u32,
     prepared_at_us: u64,
@@ -721,7 +733,6 @@ struct Sim {
     /// This broker's bit in [`TickShared::holders`] (0: not tracked there,
     /// in a pass of more than 64 brokers).
     holder_bit: u64,
-    next_slot_id: u32,
     feedback: Feedback,
     counters: Counters,
     /// The same counters for the trace's first and second half (split at
@@ -1024,7 +1035,6 @@ impl Sim {
             slots: Vec::new(),
             slot_of_key: vec![NO_SLOT; keys],
             holder_bit: 0,
-            next_slot_id: 0,
             feedback: Feedback::default(),
             counters: Counters::default(),
             halves: [Counters::default(); 2],
@@ -1065,7 +1075,6 @@ impl Sim {
             NO_SLOT => {
                 self.feedback.misses += 1;
                 let slot = SimSlot {
-                    slot: self.next_slot_id,
                     key_id,
                     prepared_at_us: event.ts_us,
                     ready_at_us: event.ts_us,
@@ -1101,7 +1110,6 @@ impl Sim {
     }
 
     fn insert(&mut self, key_hash: u64, slot: SimSlot, shared: &mut TickShared) {
-        self.next_slot_id = self.next_slot_id.wrapping_add(1);
         shared.set_holder(slot.key_id, self.holder_bit, true);
         self.slot_of_key[slot.key_id as usize] =
             u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
@@ -1290,7 +1298,6 @@ impl Sim {
                     self.halves[half].prepares += 1;
                     self.feedback.prepared += 1;
                     let slot = SimSlot {
-                        slot: self.next_slot_id,
                         key_id,
                         prepared_at_us: now_us,
                         ready_at_us: now_us + self.prepare_latency_us,
@@ -1301,10 +1308,11 @@ impl Sim {
                     };
                     self.insert(key_hash, slot, shared);
                 }
-                Action::Reclaim { key_hash, .. } | Action::Evict { key_hash, .. } => {
-                    if let Some(&key_id) = index.id_of.get(&key_hash) {
-                        self.remove(key_id, now_us, shared);
-                    }
+                // The slot number the policy echoes is the key's dense
+                // number ([`slot_view`]).
+                Action::Reclaim { slot, key_hash } | Action::Evict { slot, key_hash } => {
+                    debug_assert_eq!(slot, index.id(key_hash));
+                    self.remove(slot, now_us, shared);
                 }
             }
         }
@@ -1969,12 +1977,18 @@ fn run_pass(
                 forecaster.tick(now_us);
                 shared.fill(forecaster, index);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
-                forecaster.top_k(budget, min_threshold, &mut top);
-                ranked.extend(top.iter().map(|&(key_hash, probability)| Score {
-                    key_hash,
+                top_rows(forecaster, budget, min_threshold, &mut top);
+                let keys = forecaster.scores().map_or(&[][..], |(keys, _)| keys);
+                ranked.extend(top.iter().map(|&(row, probability)| Score {
+                    key_hash: keys[row as usize],
                     probability,
                     contention: 0.0,
                 }));
+                if shared.filled {
+                    shared
+                        .ranked_rows
+                        .extend(top.iter().map(|&(row, _)| row as u32));
+                }
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
@@ -2020,6 +2034,34 @@ fn run_pass(
         now_us += tick_us;
         tick_number += 1;
     }
+}
+
+/// `Forecaster::top_k` with each key's row in the forecaster's score
+/// arrays in place of its hash: the same code on elements of the same type
+/// whose order depends only on the probabilities compared, so the same
+/// rows in the same order, ties included (`top_rows_ranks_as_top_k`).
+fn top_rows(forecaster: &Forecaster, k: usize, min_probability: f32, out: &mut Vec<(u64, f32)>) {
+    out.clear();
+    let Some((_, probabilities)) = forecaster.scores() else {
+        return;
+    };
+    out.extend(
+        probabilities
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p >= min_probability)
+            .map(|(row, &p)| (row as u64, p)),
+    );
+    let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
+    if out.len() > k {
+        if k == 0 {
+            out.clear();
+            return;
+        }
+        out.select_nth_unstable_by(k - 1, by_probability_descending);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_probability_descending);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -2464,7 +2506,6 @@ mod tests {
                 _ => 0,
             };
             let slot = SimSlot {
-                slot: 7,
                 key_id: 0,
                 prepared_at_us,
                 ready_at_us: prepared_at_us,
@@ -2519,6 +2560,45 @@ mod tests {
             checked[usize::from(reclaimed)] += 1;
         }
         assert!(checked[0] > 1000 && checked[1] > 1000, "{checked:?}");
+    }
+
+    #[test]
+    fn top_rows_ranks_as_top_k() {
+        // Many equal probabilities (a Zipf tail seen once), so that ties
+        // are ordered by the selection and the sort themselves.
+        let trace = synthetic_trace("zipf", 20_000, 4_000, 5);
+        for model in [
+            ModelKind::Frequency,
+            ModelKind::Successor,
+            ModelKind::HoldValue,
+        ] {
+            let mut forecaster = Forecaster::new(PredictorConfig {
+                model,
+                ..PredictorConfig::default()
+            });
+            let (mut top, mut rows) = (Vec::new(), Vec::new());
+            let mut compared = 0;
+            for (i, chunk) in trace.events.chunks(500).enumerate() {
+                let batch: Vec<(u64, u32, u64)> = chunk
+                    .iter()
+                    .map(|e| (e.ts_us, e.client, e.key_hash))
+                    .collect();
+                forecaster.ingest_batch(&batch);
+                forecaster.tick(chunk.last().unwrap().ts_us + 1);
+                let (keys, _) = forecaster.scores().unwrap();
+                for (k, min) in [(50, 0.001), (1_000, 0.001), (100_000, 0.0), (0, 0.5)] {
+                    forecaster.top_k(k, min, &mut top);
+                    top_rows(&forecaster, k, min, &mut rows);
+                    let by_rows: Vec<(u64, f32)> = rows
+                        .iter()
+                        .map(|&(row, p)| (keys[row as usize], p))
+                        .collect();
+                    assert_eq!(top, by_rows, "{model:?} tick {i} k {k}");
+                    compared += top.len();
+                }
+            }
+            assert!(compared > 10_000, "{compared}");
+        }
     }
 
     #[test]
