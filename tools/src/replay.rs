@@ -545,6 +545,10 @@ struct TickShared {
     /// bits read at any time in the tick are those at its start.
     ranked_ids: Vec<u32>,
     ranked_holders: Vec<u64>,
+    /// The forecaster's row of each ranked key, when the ranking came from
+    /// [`top_rows`] (empty otherwise): its dense number is then in
+    /// `row_ids`, put there by this tick's [`TickShared::fill`].
+    ranked_rows: Vec<u32>,
 }
 
 impl TickShared {
@@ -561,6 +565,7 @@ impl TickShared {
             },
             ranked_ids: Vec::new(),
             ranked_holders: Vec::new(),
+            ranked_rows: Vec::new(),
         }
     }
 
@@ -574,6 +579,7 @@ impl TickShared {
         }
         self.ranked_ids.clear();
         self.ranked_holders.clear();
+        self.ranked_rows.clear();
         self.filled = false;
     }
 
@@ -621,10 +627,21 @@ impl TickShared {
         (!entry.1.is_nan()).then_some(entry.1)
     }
 
+    /// A key's score in a tick whose scores were [`TickShared::fill`]ed.
+    fn filled_score(&self, key_id: u32) -> f32 {
+        let entry = self.scores[key_id as usize];
+        if entry.0 == self.stamp { entry.1 } else { 0.0 }
+    }
+
     /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
     fn rank_known(&mut self, rank: usize, ranked: &[Score], index: &TraceIndex) {
         while self.ranked_ids.len() <= rank {
-            let key_id = index.id(ranked[self.ranked_ids.len()].key_hash);
+            let next = self.ranked_ids.len();
+            let key_id = match self.ranked_rows.get(next) {
+                Some(&row) => self.row_ids[row as usize].1,
+                None => index.id(ranked[next].key_hash),
+            };
+            debug_assert_eq!(key_id, index.id(ranked[next].key_hash));
             self.ranked_ids.push(key_id);
             if !self.holders.is_empty() {
                 self.ranked_holders.push(self.holders[key_id as usize]);
@@ -657,9 +674,28 @@ fn oracle_score(next_us: u64, now_us: u64, horizon_us: u64) -> f32 {
 // ---------------------------------------------------------------------------
 // One simulated broker: slots, policy, counters.
 
+/// How the policy sees a simulated slot at `now_us`.
+fn slot_view(key_hash: u64, slot: &SimSlot, now_us: u64, score: Option<f32>) -> SlotView {
+    SlotView {
+        // The policy only echoes it in its actions: the key's dense number
+        // (a broker has one slot per key) finds the slot without hashing.
+        slot: slot.key_id,
+        key_hash,
+        prepared_at_us: slot.prepared_at_us,
+        last_use_us: slot.last_use_us,
+        uses_since_prepared: slot.uses,
+        held: slot.held_until_us > now_us,
+        score,
+        // The simulated brokers get no contention forecast: they
+        // simulate access preparation only (the contention estimate
+        // is scored on its own, replay/contention.rs).
+        contention: None,
+        contention_prepared: false,
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct SimSlot {
-    slot: u32,
     /// The key's dense number ([`TraceIndex::key_id`]).
     key_id: u32,
     prepared_at_us: u64,
@@ -697,7 +733,6 @@ struct Sim {
     /// This broker's bit in [`TickShared::holders`] (0: not tracked there,
     /// in a pass of more than 64 brokers).
     holder_bit: u64,
-    next_slot_id: u32,
     feedback: Feedback,
     counters: Counters,
     /// The same counters for the trace's first and second half (split at
@@ -707,12 +742,276 @@ struct Sim {
     views: Vec<SlotView>,
     candidates: Vec<Score>,
     actions: Vec<Action>,
+    /// When the policy could reclaim each slot of `slots` (same positions).
+    eligible_at_us: Vec<u64>,
+    /// What [`Sim::tick`] reads of each slot of `slots` (same positions)
+    /// when it looks for the lowest-ranked idle slots.
+    hot: Vec<Hot>,
+    /// Positions in `slots` shown to the policy this tick, ascending.
+    shown: Vec<u32>,
+    /// The lowest-ranked idle slots ([`Sim::lowest_idle`]).
+    lowest: Vec<Victim>,
+    /// Ticks in which the policy was shown: only the slots it may free;
+    /// those and the lowest-ranked idle slots; every slot.
+    shown_counts: [u64; 3],
+    /// The policy's reclaim rule and prepare cap, for [`Sim::tick`]'s
+    /// shortcut (see [`Reclaim`]).
+    rule: Reclaim,
+}
+
+/// What a simulated broker's policy does with a slot that is not held, as
+/// far as [`Sim::tick`] needs it to leave out the slots the policy cannot
+/// act on: the rules of `forelockd::allocator`'s `KeepAlive` and
+/// `Predictive` restated (`a_slot_is_left_out_only_when_its_policy_keeps_it`
+/// checks them against the policies).
+#[derive(Debug, Clone, Copy)]
+enum Reclaim {
+    /// `KeepAlive`: reclaimed `keep_alive_us` after its last activity; never prepares.
+    KeepAlive { keep_alive_us: u64 },
+    /// `Predictive`: an unused preparation may be reclaimed `unused_us` after
+    /// it was prepared, a used slot `idle_us` after its last activity (both
+    /// only when the key's score is under the threshold); at most
+    /// `prepares_max` candidates are wanted per tick.
+    Predictive {
+        unused_us: u64,
+        idle_us: u64,
+        prepares_max: usize,
+        adaptive: bool,
+    },
+}
+
+impl Reclaim {
+    fn of_predictive(config: &PredictiveConfig) -> Reclaim {
+        Reclaim::Predictive {
+            unused_us: config.unused_timeout_us,
+            idle_us: config.idle_timeout_us,
+            prepares_max: config.prepares_per_tick_max,
+            adaptive: config.adaptive,
+        }
+    }
+
+    /// The first time at which the policy may free `slot` (not held, and
+    /// past its timeout): before it, the policy keeps the slot whatever its
+    /// score. The policies' "expired" is `now - t0 > timeout`.
+    fn eligible_at_us(self, slot: &SimSlot) -> u64 {
+        let last_activity = slot
+            .last_use_us
+            .unwrap_or(slot.prepared_at_us)
+            .max(slot.prepared_at_us);
+        let (t0, timeout) = match self {
+            Reclaim::KeepAlive { keep_alive_us } => (last_activity, keep_alive_us),
+            Reclaim::Predictive {
+                unused_us, idle_us, ..
+            } => {
+                if slot.uses == 0 {
+                    (slot.prepared_at_us, unused_us)
+                } else {
+                    (last_activity, idle_us)
+                }
+            }
+        };
+        slot.held_until_us
+            .max(t0.saturating_add(timeout).saturating_add(1))
+    }
+
+    /// At least as many candidates as the policy wants prepared this tick
+    /// at `threshold` (its post-control one): those at or above it and
+    /// above 0, at most `prepares_max`.
+    fn wanted(self, candidates: &[Score], threshold: f32) -> usize {
+        match self {
+            Reclaim::KeepAlive { .. } => 0,
+            Reclaim::Predictive { prepares_max, .. } => candidates
+                .iter()
+                .filter(|c| c.probability >= threshold && c.probability > 0.0)
+                .count()
+                .min(prepares_max),
+        }
+    }
+}
+
+/// A slot as [`Sim::lowest_idle`] reads it.
+#[derive(Debug, Clone, Copy)]
+struct Hot {
+    held_until_us: u64,
+    /// The policies' last activity: the last use, or the preparation.
+    last_activity_us: u64,
+    key_id: u32,
+}
+
+impl Hot {
+    fn of(slot: &SimSlot) -> Hot {
+        Hot {
+            held_until_us: slot.held_until_us,
+            last_activity_us: slot
+                .last_use_us
+                .unwrap_or(slot.prepared_at_us)
+                .max(slot.prepared_at_us),
+            key_id: slot.key_id,
+        }
+    }
+}
+
+/// An idle slot ranked as the policy ranks its eviction victims: lowest
+/// score first (as `f32::total_cmp` orders them), then least recently
+/// active (`KeepAlive`: least recently active, then first in slot order);
+/// `position` (in slot order) makes the order total.
+#[derive(Debug, Clone, Copy)]
+struct Victim {
+    score: f32,
+    last_activity_us: u64,
+    position: u32,
+}
+
+impl Victim {
+    fn rank(&self, other: &Victim) -> std::cmp::Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(self.last_activity_us.cmp(&other.last_activity_us))
+            .then(self.position.cmp(&other.position))
+    }
+}
+
+impl PartialEq for Victim {
+    fn eq(&self, other: &Victim) -> bool {
+        self.rank(other).is_eq()
+    }
+}
+impl Eq for Victim {}
+impl PartialOrd for Victim {
+    fn partial_cmp(&self, other: &Victim) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Victim {
+    fn cmp(&self, other: &Victim) -> std::cmp::Ordering {
+        self.rank(other)
+    }
+}
+
+/// A slot's score as `Predictive` ranks it: a NaN or out-of-range score, or
+/// none, counts as 0.
+fn effective(score: Option<f32>) -> f32 {
+    score.map_or(0.0, |p| if (0.0..=1.0).contains(&p) { p } else { 0.0 })
 }
 
 impl Sim {
+    /// The score the policy would see on the slot at `position`.
+    fn score_at(
+        &self,
+        position: usize,
+        source: &Source,
+        shared: &mut TickShared,
+        now_us: u64,
+        horizon_us: u64,
+    ) -> Option<f32> {
+        let key_id = self.hot[position].key_id;
+        if shared.filled {
+            return Some(shared.filled_score(key_id));
+        }
+        shared.score(source, key_id, self.slots[position].0, now_us, horizon_us)
+    }
+
+    /// Asks the policy for this tick's actions, showing it the slots at
+    /// `self.shown` (ascending) with the budget less the slots left out.
+    fn show(
+        &mut self,
+        actions: &mut Vec<Action>,
+        source: &Source,
+        shared: &mut TickShared,
+        now_us: u64,
+        horizon_us: u64,
+    ) {
+        self.views.clear();
+        for &position in &self.shown {
+            let position = position as usize;
+            let score = self.score_at(position, source, shared, now_us, horizon_us);
+            let (key_hash, slot) = &self.slots[position];
+            self.views.push(slot_view(*key_hash, slot, now_us, score));
+        }
+        let left_out = self.slots.len() - self.views.len();
+        let input = TickInput {
+            now_us,
+            budget_slots: self.budget_slots.saturating_sub(left_out),
+            slots: &self.views,
+            candidates: &self.candidates,
+            feedback: &self.feedback,
+            load: 0.0,
+        };
+        self.policy.tick(&input, actions);
+    }
+
+    /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
+    /// the policy keeps (not held, not reclaimed by `actions`), lowest
+    /// first. Whether they decide the policy's victims, and the order it
+    /// names them in, whatever the other slots: the policy is
+    /// `Predictive` (which sorts its victims), there are `count` of them,
+    /// and no two of them rank equal (it ranks by score and last activity
+    /// alone).
+    #[allow(clippy::too_many_arguments)]
+    fn lowest_idle(
+        &mut self,
+        count: usize,
+        actions: &[Action],
+        index: &TraceIndex,
+        source: &Source,
+        shared: &mut TickShared,
+        now_us: u64,
+        horizon_us: u64,
+    ) -> bool {
+        let mut reclaimed: Vec<u32> = actions
+            .iter()
+            .filter_map(|action| match *action {
+                Action::Reclaim { key_hash, .. } => {
+                    Some(self.slot_of_key[index.id(key_hash) as usize])
+                }
+                _ => None,
+            })
+            .collect();
+        reclaimed.sort_unstable();
+        self.lowest.clear();
+        // `KeepAlive` names its victims in the order its selection leaves
+        // them, which depends on every idle slot: it is always shown all.
+        if !matches!(self.rule, Reclaim::Predictive { .. }) {
+            return false;
+        }
+        let mut heap: std::collections::BinaryHeap<Victim> =
+            std::collections::BinaryHeap::with_capacity(count + 1);
+        let mut next_reclaimed = 0;
+        for position in 0..self.hot.len() {
+            let hot = self.hot[position];
+            if hot.held_until_us > now_us {
+                continue;
+            }
+            if reclaimed.get(next_reclaimed) == Some(&(position as u32)) {
+                next_reclaimed += 1;
+                continue;
+            }
+            let score = effective(self.score_at(position, source, shared, now_us, horizon_us));
+            let victim = Victim {
+                score,
+                last_activity_us: hot.last_activity_us,
+                position: position as u32,
+            };
+            if heap.len() < count {
+                heap.push(victim);
+            } else if let Some(mut top) = heap.peek_mut()
+                && victim < *top
+            {
+                *top = victim;
+            }
+        }
+        self.lowest.extend(heap.into_sorted_vec());
+        self.lowest.len() == count
+            && self.lowest.windows(2).all(|pair| {
+                pair[0].score.total_cmp(&pair[1].score).is_ne()
+                    || pair[0].last_activity_us != pair[1].last_activity_us
+            })
+    }
+
     /// `keys`: the trace's distinct keys ([`TraceIndex::keys`]).
     fn new(
         policy: Box<dyn Policy>,
+        rule: Reclaim,
         policy_name: &str,
         setting: String,
         settings: &ReplaySettings,
@@ -720,6 +1019,12 @@ impl Sim {
     ) -> Sim {
         Sim {
             policy,
+            rule,
+            eligible_at_us: Vec::new(),
+            hot: Vec::new(),
+            shown: Vec::new(),
+            lowest: Vec::new(),
+            shown_counts: [0; 3],
             policy_name: policy_name.to_owned(),
             setting,
             fixed_threshold: None,
@@ -730,7 +1035,6 @@ impl Sim {
             slots: Vec::new(),
             slot_of_key: vec![NO_SLOT; keys],
             holder_bit: 0,
-            next_slot_id: 0,
             feedback: Feedback::default(),
             counters: Counters::default(),
             halves: [Counters::default(); 2],
@@ -771,7 +1075,6 @@ impl Sim {
             NO_SLOT => {
                 self.feedback.misses += 1;
                 let slot = SimSlot {
-                    slot: self.next_slot_id,
                     key_id,
                     prepared_at_us: event.ts_us,
                     ready_at_us: event.ts_us,
@@ -800,15 +1103,18 @@ impl Sim {
                 slot.uses = slot.uses.saturating_add(1);
                 slot.held_until_us = slot.held_until_us.max(release_us);
                 slot.idle_since_us = slot.held_until_us;
+                self.eligible_at_us[index as usize] = self.rule.eligible_at_us(slot);
+                self.hot[index as usize] = Hot::of(slot);
             }
         }
     }
 
     fn insert(&mut self, key_hash: u64, slot: SimSlot, shared: &mut TickShared) {
-        self.next_slot_id = self.next_slot_id.wrapping_add(1);
         shared.set_holder(slot.key_id, self.holder_bit, true);
         self.slot_of_key[slot.key_id as usize] =
             u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
+        self.eligible_at_us.push(self.rule.eligible_at_us(&slot));
+        self.hot.push(Hot::of(&slot));
         self.slots.push((key_hash, slot));
     }
 
@@ -824,6 +1130,8 @@ impl Sim {
         self.slot_of_key[key_id as usize] = NO_SLOT;
         shared.set_holder(key_id, self.holder_bit, false);
         self.slots.swap_remove(index);
+        self.eligible_at_us.swap_remove(index);
+        self.hot.swap_remove(index);
         if index < self.slots.len() {
             self.slot_of_key[self.slots[index].1.key_id as usize] = index as u32;
         }
@@ -856,24 +1164,7 @@ impl Sim {
         shared: &mut TickShared,
         index: &TraceIndex,
     ) {
-        self.views.clear();
-        for (key_hash, slot) in &self.slots {
-            let score = shared.score(source, slot.key_id, *key_hash, now_us, horizon_us);
-            self.views.push(SlotView {
-                slot: slot.slot,
-                key_hash: *key_hash,
-                prepared_at_us: slot.prepared_at_us,
-                last_use_us: slot.last_use_us,
-                uses_since_prepared: slot.uses,
-                held: slot.held_until_us > now_us,
-                score,
-                // The simulated brokers get no contention forecast: they
-                // simulate access preparation only (the contention estimate
-                // is scored on its own, replay/contention.rs).
-                contention: None,
-                contention_prepared: false,
-            });
-        }
+        // The candidates: the ranked keys this broker has no slot for.
         self.candidates.clear();
         let threshold = self.policy.threshold();
         for (rank, score) in ranked.iter().enumerate() {
@@ -890,16 +1181,109 @@ impl Sim {
                 self.candidates.push(*score);
             }
         }
-        let input = TickInput {
-            now_us,
-            budget_slots: self.budget_slots,
-            slots: &self.views,
-            candidates: &self.candidates,
-            feedback: &self.feedback,
-            load: 0.0,
+
+        // The policy is shown only the slots it may act on, in slot order,
+        // with the budget less the slots left out (which it keeps whatever
+        // their score), so that it reclaims, prepares and evicts exactly
+        // what it would with every slot in view
+        // (`the_fast_replay_reports_what_the_reference_replay_does`):
+        // - first the slots it may free: not held and past their timeout
+        //   ([`Reclaim::eligible_at_us`]), and under a fixed threshold only
+        //   those scored under it (it keeps the others);
+        // - if it may evict (more slots kept than the budget, or more keys
+        //   wanted than free slots), the tick is asked again with, beside
+        //   those, the `m + 1` lowest-ranked idle slots, `m` bounding the
+        //   evictions: when those are ranked without ties, the policy's
+        //   selection of its victims among them is its selection among all
+        //   of its idle slots. With ties, or too few idle slots, it is asked
+        //   again with every slot. The first call moved the adaptive
+        //   threshold's clock to now, so a second call's control step
+        //   changes nothing: its actions are those of the policy asked once.
+        let total = self.slots.len();
+        let threshold_before = self.policy.threshold();
+        let keep_only_under = match self.rule {
+            Reclaim::Predictive {
+                adaptive: false, ..
+            } => Some(threshold_before),
+            _ => None,
         };
+        self.shown.clear();
+        for (position, &eligible_at_us) in self.eligible_at_us.iter().enumerate() {
+            if now_us >= eligible_at_us {
+                if let Some(threshold) = keep_only_under {
+                    let score = self.score_at(position, source, shared, now_us, horizon_us);
+                    if effective(score) >= threshold {
+                        continue;
+                    }
+                }
+                self.shown.push(position as u32);
+            }
+        }
         let mut actions = std::mem::take(&mut self.actions);
-        self.policy.tick(&input, &mut actions);
+        self.show(&mut actions, source, shared, now_us, horizon_us);
+        let reclaimed = actions
+            .iter()
+            .filter(|action| matches!(action, Action::Reclaim { .. }))
+            .count();
+        let kept = total - reclaimed;
+        let free = self.budget_slots.saturating_sub(kept);
+        let evictions_max = kept.saturating_sub(self.budget_slots)
+            + self
+                .rule
+                .wanted(&self.candidates, self.policy.threshold())
+                .saturating_sub(free);
+        if evictions_max > 0 {
+            let exact = self.lowest_idle(
+                evictions_max + 1,
+                &actions,
+                index,
+                source,
+                shared,
+                now_us,
+                horizon_us,
+            );
+            if exact {
+                let lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
+                let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
+                let (mut a, mut b) = (0, 0);
+                let mut lowest = lowest;
+                lowest.sort_unstable();
+                while a < self.shown.len() || b < lowest.len() {
+                    let next = match (self.shown.get(a), lowest.get(b)) {
+                        (Some(&x), Some(&y)) if x == y => {
+                            a += 1;
+                            b += 1;
+                            x
+                        }
+                        (Some(&x), Some(&y)) if x < y => {
+                            a += 1;
+                            x
+                        }
+                        (Some(&x), None) => {
+                            a += 1;
+                            x
+                        }
+                        (_, Some(&y)) => {
+                            b += 1;
+                            y
+                        }
+                        (None, None) => unreachable!(),
+                    };
+                    merged.push(next);
+                }
+                self.shown = merged;
+            }
+            if !exact || total - self.shown.len() > self.budget_slots {
+                self.shown.clear();
+                self.shown.extend(0..total as u32);
+                self.shown_counts[2] += 1;
+            } else {
+                self.shown_counts[1] += 1;
+            }
+            self.show(&mut actions, source, shared, now_us, horizon_us);
+        } else {
+            self.shown_counts[0] += 1;
+        }
         for action in &actions {
             match *action {
                 // PrepareContention also places the slot; the sims get no
@@ -914,7 +1298,6 @@ impl Sim {
                     self.halves[half].prepares += 1;
                     self.feedback.prepared += 1;
                     let slot = SimSlot {
-                        slot: self.next_slot_id,
                         key_id,
                         prepared_at_us: now_us,
                         ready_at_us: now_us + self.prepare_latency_us,
@@ -925,10 +1308,11 @@ impl Sim {
                     };
                     self.insert(key_hash, slot, shared);
                 }
-                Action::Reclaim { key_hash, .. } | Action::Evict { key_hash, .. } => {
-                    if let Some(&key_id) = index.id_of.get(&key_hash) {
-                        self.remove(key_id, now_us, shared);
-                    }
+                // The slot number the policy echoes is the key's dense
+                // number ([`slot_view`]).
+                Action::Reclaim { slot, key_hash } | Action::Evict { slot, key_hash } => {
+                    debug_assert_eq!(slot, index.id(key_hash));
+                    self.remove(slot, now_us, shared);
                 }
             }
         }
@@ -1377,6 +1761,9 @@ fn no_prediction_runs(
         .map(|&ms| {
             let mut sim = Sim::new(
                 Box::new(KeepAlive::new(ms * 1000)),
+                Reclaim::KeepAlive {
+                    keep_alive_us: ms * 1000,
+                },
                 "no prediction",
                 format!("keep-alive {ms} ms"),
                 settings,
@@ -1441,17 +1828,19 @@ fn oracle_run(
     config: &PredictorConfig,
     settings: &ReplaySettings,
 ) -> RunReport {
+    let oracle_config = PredictiveConfig {
+        threshold_initial: 0.4,
+        adaptive: false,
+        // Free a slot as soon as its key is not needed within the horizon.
+        unused_timeout_us: 0,
+        idle_timeout_us: 0,
+        prepares_per_tick_max: usize::MAX / 8,
+        eviction_margin: 0.0,
+        ..PredictiveConfig::default()
+    };
     let mut oracle = Sim::new(
-        Box::new(Predictive::new(PredictiveConfig {
-            threshold_initial: 0.4,
-            adaptive: false,
-            // Free a slot as soon as its key is not needed within the horizon.
-            unused_timeout_us: 0,
-            idle_timeout_us: 0,
-            prepares_per_tick_max: usize::MAX / 8,
-            eviction_margin: 0.0,
-            ..PredictiveConfig::default()
-        })),
+        Box::new(Predictive::new(oracle_config)),
+        Reclaim::of_predictive(&oracle_config),
         "oracle",
         "hindsight".to_owned(),
         settings,
@@ -1476,6 +1865,7 @@ fn predictive_sims(model_name: &str, settings: &ReplaySettings, keys: usize) -> 
     let mut sims = vec![{
         let mut sim = Sim::new(
             Box::new(Predictive::new(PredictiveConfig::default())),
+            Reclaim::of_predictive(&PredictiveConfig::default()),
             model_name,
             "adaptive".to_owned(),
             settings,
@@ -1485,14 +1875,15 @@ fn predictive_sims(model_name: &str, settings: &ReplaySettings, keys: usize) -> 
         sim
     }];
     for &threshold in &settings.thresholds {
-        let policy = Predictive::new(PredictiveConfig {
+        let policy_config = PredictiveConfig {
             threshold_initial: threshold,
             threshold_min: threshold.min(PredictiveConfig::default().threshold_min),
             adaptive: false,
             ..PredictiveConfig::default()
-        });
+        };
         let mut sim = Sim::new(
-            Box::new(policy),
+            Box::new(Predictive::new(policy_config)),
+            Reclaim::of_predictive(&policy_config),
             model_name,
             format!("threshold {threshold}"),
             settings,
@@ -1586,12 +1977,18 @@ fn run_pass(
                 forecaster.tick(now_us);
                 shared.fill(forecaster, index);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
-                forecaster.top_k(budget, min_threshold, &mut top);
-                ranked.extend(top.iter().map(|&(key_hash, probability)| Score {
-                    key_hash,
+                top_rows(forecaster, budget, min_threshold, &mut top);
+                let keys = forecaster.scores().map_or(&[][..], |(keys, _)| keys);
+                ranked.extend(top.iter().map(|&(row, probability)| Score {
+                    key_hash: keys[row as usize],
                     probability,
                     contention: 0.0,
                 }));
+                if shared.filled {
+                    shared
+                        .ranked_rows
+                        .extend(top.iter().map(|&(row, _)| row as u32));
+                }
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
@@ -1637,6 +2034,34 @@ fn run_pass(
         now_us += tick_us;
         tick_number += 1;
     }
+}
+
+/// `Forecaster::top_k` with each key's row in the forecaster's score
+/// arrays in place of its hash: the same code on elements of the same type
+/// whose order depends only on the probabilities compared, so the same
+/// rows in the same order, ties included (`top_rows_ranks_as_top_k`).
+fn top_rows(forecaster: &Forecaster, k: usize, min_probability: f32, out: &mut Vec<(u64, f32)>) {
+    out.clear();
+    let Some((_, probabilities)) = forecaster.scores() else {
+        return;
+    };
+    out.extend(
+        probabilities
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p >= min_probability)
+            .map(|(row, &p)| (row as u64, p)),
+    );
+    let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
+    if out.len() > k {
+        if k == 0 {
+            out.clear();
+            return;
+        }
+        out.select_nth_unstable_by(k - 1, by_probability_descending);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_probability_descending);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -2047,6 +2472,172 @@ mod tests {
             );
             assert_eq!(fast.table(), reference.table(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_slot_is_left_out_only_when_its_policy_keeps_it() {
+        // A slot shown alone, scored 0 (under any threshold), is reclaimed
+        // exactly from `Reclaim::eligible_at_us` on: before it the policy
+        // keeps it whatever its score, so leaving it out changes nothing.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move |below: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % below
+        };
+        let predictive = PredictiveConfig {
+            threshold_initial: 0.1,
+            adaptive: false,
+            ..PredictiveConfig::default()
+        };
+        let oracle = PredictiveConfig {
+            unused_timeout_us: 0,
+            idle_timeout_us: 0,
+            ..predictive
+        };
+        let mut checked = [0u64; 2];
+        for _ in 0..20_000 {
+            let prepared_at_us = 1_000_000 + random(3_000_000);
+            let used = random(2) == 0;
+            let last_use_us = used.then(|| prepared_at_us + random(2_000_000));
+            let held_until_us = match last_use_us {
+                Some(last) if random(2) == 0 => last + random(1_500_000),
+                _ => 0,
+            };
+            let slot = SimSlot {
+                key_id: 0,
+                prepared_at_us,
+                ready_at_us: prepared_at_us,
+                last_use_us,
+                uses: u32::from(used) * (1 + random(3) as u32),
+                held_until_us,
+                idle_since_us: held_until_us.max(prepared_at_us),
+            };
+            let keep_alive_us = [100_000, 500_000, 5_000_000][random(3) as usize];
+            let (mut policy, rule): (Box<dyn Policy>, Reclaim) = match random(3) {
+                0 => (
+                    Box::new(KeepAlive::new(keep_alive_us)),
+                    Reclaim::KeepAlive { keep_alive_us },
+                ),
+                1 => (
+                    Box::new(Predictive::new(predictive)),
+                    Reclaim::of_predictive(&predictive),
+                ),
+                _ => (
+                    Box::new(Predictive::new(oracle)),
+                    Reclaim::of_predictive(&oracle),
+                ),
+            };
+            let eligible_at_us = rule.eligible_at_us(&slot);
+            let now_us = match random(3) {
+                0 => eligible_at_us,
+                1 => eligible_at_us - 1,
+                _ => 1_000_000 + random(8_000_000),
+            };
+            let views = [slot_view(1, &slot, now_us, Some(0.0))];
+            let feedback = Feedback::default();
+            let mut actions = Vec::new();
+            policy.tick(
+                &TickInput {
+                    now_us,
+                    budget_slots: 10,
+                    slots: &views,
+                    candidates: &[],
+                    feedback: &feedback,
+                    load: 0.0,
+                },
+                &mut actions,
+            );
+            let reclaimed = actions
+                .iter()
+                .any(|action| matches!(action, Action::Reclaim { .. }));
+            assert_eq!(
+                reclaimed,
+                now_us >= eligible_at_us,
+                "{slot:?} {rule:?} at {now_us}"
+            );
+            checked[usize::from(reclaimed)] += 1;
+        }
+        assert!(checked[0] > 1000 && checked[1] > 1000, "{checked:?}");
+    }
+
+    #[test]
+    fn top_rows_ranks_as_top_k() {
+        // Many equal probabilities (a Zipf tail seen once), so that ties
+        // are ordered by the selection and the sort themselves.
+        let trace = synthetic_trace("zipf", 20_000, 4_000, 5);
+        for model in [
+            ModelKind::Frequency,
+            ModelKind::Successor,
+            ModelKind::HoldValue,
+        ] {
+            let mut forecaster = Forecaster::new(PredictorConfig {
+                model,
+                ..PredictorConfig::default()
+            });
+            let (mut top, mut rows) = (Vec::new(), Vec::new());
+            let mut compared = 0;
+            for (i, chunk) in trace.events.chunks(500).enumerate() {
+                let batch: Vec<(u64, u32, u64)> = chunk
+                    .iter()
+                    .map(|e| (e.ts_us, e.client, e.key_hash))
+                    .collect();
+                forecaster.ingest_batch(&batch);
+                forecaster.tick(chunk.last().unwrap().ts_us + 1);
+                let (keys, _) = forecaster.scores().unwrap();
+                for (k, min) in [(50, 0.001), (1_000, 0.001), (100_000, 0.0), (0, 0.5)] {
+                    forecaster.top_k(k, min, &mut top);
+                    top_rows(&forecaster, k, min, &mut rows);
+                    let by_rows: Vec<(u64, f32)> = rows
+                        .iter()
+                        .map(|&(row, p)| (keys[row as usize], p))
+                        .collect();
+                    assert_eq!(top, by_rows, "{model:?} tick {i} k {k}");
+                    compared += top.len();
+                }
+            }
+            assert!(compared > 10_000, "{compared}");
+        }
+    }
+
+    #[test]
+    fn every_way_of_showing_the_slots_to_the_policy_is_taken() {
+        // The reference test compares the replay with the policy shown
+        // every slot: on its tight Zipf trace, every shortcut of
+        // `Sim::tick` is taken (only the slots it may free; those and the
+        // lowest-ranked idle slots; every slot, on ties).
+        let trace = synthetic_trace("zipf", 3_000, 400, 11);
+        let index = TraceIndex::new(&trace);
+        let settings = ReplaySettings {
+            mid_us: split_time(&trace),
+            thresholds: vec![0.5, 0.1, 0.02],
+            ..settings(24)
+        };
+        let config = PredictorConfig::default();
+        let mut counts = [0u64; 3];
+        for model in [ModelKind::Frequency, ModelKind::Successor] {
+            let mut sims = predictive_sims(model.name(), &settings, index.keys());
+            let mut source = Source::Forecaster(Box::new(Forecaster::new(PredictorConfig {
+                model,
+                ..config.clone()
+            })));
+            run_pass(
+                &trace,
+                &index,
+                &config,
+                &mut source,
+                &mut sims,
+                None,
+                &settings,
+            );
+            for sim in &sims {
+                for (count, more) in counts.iter_mut().zip(sim.shown_counts) {
+                    *count += more;
+                }
+            }
+        }
+        assert!(counts.iter().all(|&count| count > 0), "{counts:?}");
     }
 
     #[test]
