@@ -419,17 +419,25 @@ impl Forecaster {
                 .filter(|(_, p)| **p >= min_probability)
                 .map(|(&key, &p)| (key, p)),
         );
-        let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
-        if out.len() > k {
-            if k == 0 {
-                out.clear();
-                return;
-            }
-            out.select_nth_unstable_by(k - 1, by_probability_descending);
-            out.truncate(k);
-        }
-        out.sort_unstable_by(by_probability_descending);
+        keep_top_k(out, k);
     }
+}
+
+/// Keep the `k` entries of `out` with the highest probabilities, highest
+/// first. The order depends only on the probabilities (and, among ties, on
+/// the input order), so the replay ranks its rows with the very order the
+/// live forecaster ranks keys ([`Forecaster::top_k`]).
+pub fn keep_top_k(out: &mut Vec<(u64, f32)>, k: usize) {
+    let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
+    if out.len() > k {
+        if k == 0 {
+            out.clear();
+            return;
+        }
+        out.select_nth_unstable_by(k - 1, by_probability_descending);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_probability_descending);
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use forelock_predictor::config::{ModelKind, PredictorConfig};
 use forelock_predictor::features::IdentityBuildHasher;
-use forelock_predictor::forecaster::Forecaster;
+use forelock_predictor::forecaster::{Forecaster, keep_top_k};
 use forelock_predictor::trace::{Mode, Trace, TraceEvent, read_trace_file};
 use forelockd::allocator::{
     Action, Feedback, KeepAlive, Policy, Predictive, PredictiveConfig, Score, SlotView, TickInput,
@@ -1348,9 +1348,10 @@ fn run_pass(
 }
 
 /// `Forecaster::top_k` with each key's row in the forecaster's score
-/// arrays in place of its hash: the same code on elements of the same type
-/// whose order depends only on the probabilities compared, so the same
-/// rows in the same order, ties included (`top_rows_ranks_as_top_k`).
+/// arrays in place of its hash: the same ranking (`keep_top_k`) on
+/// elements of the same type whose order depends only on the probabilities
+/// compared, so the same rows in the same order, ties included
+/// (`top_rows_ranks_as_top_k`).
 fn top_rows(forecaster: &Forecaster, k: usize, min_probability: f32, out: &mut Vec<(u64, f32)>) {
     out.clear();
     let Some((_, probabilities)) = forecaster.scores() else {
@@ -1363,16 +1364,7 @@ fn top_rows(forecaster: &Forecaster, k: usize, min_probability: f32, out: &mut V
             .filter(|(_, p)| **p >= min_probability)
             .map(|(row, &p)| (row as u64, p)),
     );
-    let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
-    if out.len() > k {
-        if k == 0 {
-            out.clear();
-            return;
-        }
-        out.select_nth_unstable_by(k - 1, by_probability_descending);
-        out.truncate(k);
-    }
-    out.sort_unstable_by(by_probability_descending);
+    keep_top_k(out, k);
 }
 
 #[allow(clippy::too_many_arguments)]
