@@ -387,12 +387,14 @@ struct EtcdRpcs {
     grant_txn: Latencies,
 }
 
-fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
+/// A current-thread runtime for etcd-client, a client connected to `url`
+/// and a 300 s lease: what the etcd measurements run on.
+fn etcd_session(url: &str) -> anyhow::Result<(tokio::runtime::Runtime, etcd_client::Client, i64)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("a tokio runtime for etcd-client")?;
-    runtime.block_on(async {
+    let (client, lease) = runtime.block_on(async {
         let mut client = etcd_client::Client::connect([url], None)
             .await
             .context("etcd-client connect")?;
@@ -401,6 +403,14 @@ fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
             .await
             .context("etcd lease grant")?
             .id();
+        anyhow::Ok((client, lease))
+    })?;
+    Ok((runtime, client, lease))
+}
+
+fn etcd_rpcs(url: &str, ops: u64) -> anyhow::Result<EtcdRpcs> {
+    let (runtime, mut client, lease) = etcd_session(url)?;
+    runtime.block_on(async {
         let options = || Some(etcd_client::LockOptions::new().with_lease(lease));
         let name = format!("/forelock-bench-{}/etcd-lock", std::process::id());
         // Warm the channel and etcd's lock service.
@@ -496,21 +506,7 @@ struct LockInTurn {
 
 impl LockInTurn {
     fn new(url: &str) -> anyhow::Result<LockInTurn> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("a tokio runtime for etcd-client")?;
-        let (client, lease) = runtime.block_on(async {
-            let mut client = etcd_client::Client::connect([url], None)
-                .await
-                .context("etcd-client connect")?;
-            let lease = client
-                .lease_grant(300, None)
-                .await
-                .context("etcd lease grant")?
-                .id();
-            anyhow::Ok((client, lease))
-        })?;
+        let (runtime, client, lease) = etcd_session(url)?;
         Ok(LockInTurn {
             runtime,
             client,
