@@ -1215,14 +1215,16 @@ mod tests {
         );
     }
 
+    /// An unparker for releases that must wake nobody.
+    struct NoWake;
+    impl Unparker for NoWake {
+        fn wake_one(&mut self, _: Queue) -> u32 {
+            panic!("no wake-up expected here")
+        }
+    }
+
     #[test]
     fn the_release_gives_up_to_the_broker_once_the_word_is_not_its_hold() {
-        struct NoWake;
-        impl Unparker for NoWake {
-            fn wake_one(&mut self, _: Queue) -> u32 {
-                panic!("nobody sleeps")
-            }
-        }
         let cell = AtomicU64::new(prepared(0).0);
         let g = try_acquire_exclusive(&cell, 7, 0).unwrap();
         cell.store(take_over(g.held).0, Ordering::Relaxed);
@@ -1237,12 +1239,6 @@ mod tests {
     /// broker at once (8 processes on one hot key stuck at broker speed).
     #[test]
     fn a_hold_that_took_the_counters_last_value_is_not_released_by_cas() {
-        struct NoWake;
-        impl Unparker for NoWake {
-            fn wake_one(&mut self, _: Queue) -> u32 {
-                panic!("the release must not happen here")
-            }
-        }
         let last = prepared(COUNTER_MASK as u32 - 1);
         let cell = AtomicU64::new(last.0);
         let g = try_acquire_exclusive(&cell, 7, 0).unwrap();

@@ -218,6 +218,19 @@ fn a_reader_beside_a_live_reader_does_not_wait_the_lock_delay() {
     };
 }
 
+/// A current-thread runtime, a client of `e`, and a key prefix of this
+/// process's own: what the tests of the agent's etcd pieces run on.
+fn etcd_session(e: &LocalEtcd) -> (tokio::runtime::Runtime, etcd_client::Client, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = rt
+        .block_on(etcd_client::Client::connect([e.url.as_str()], None))
+        .unwrap();
+    (rt, c, format!("/fl-test-{}", std::process::id()))
+}
+
 /// The first transaction (`etcd_lock::queue_and_look`) sent again after it
 /// happened (its answer lost: a timeout) finds its entry there and keeps
 /// its place: `Already` with the create revision it got the first time,
@@ -226,15 +239,8 @@ fn a_reader_beside_a_live_reader_does_not_wait_the_lock_delay() {
 fn a_repeated_first_transaction_keeps_the_place_it_got() {
     use forelock_cluster::etcd_lock::{Names, Queued, queue_and_look};
     let Some(e) = LocalEtcd::start() else { return };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, mut c, prefix) = etcd_session(&e);
     rt.block_on(async {
-        let mut c = etcd_client::Client::connect([e.url.as_str()], None)
-            .await
-            .unwrap();
-        let prefix = format!("/fl-test-{}", std::process::id());
         let key = b"global/retried";
         let place = |c: &etcd_client::Client, lease: i64| {
             let names = Names::new(&prefix, key, false, lease);
@@ -288,15 +294,8 @@ fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
     use forelock_cluster::etcd_lock::{Names, someone_behind};
     use forelock_cluster::watches::Watches;
     let Some(e) = LocalEtcd::start() else { return };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, mut c, prefix) = etcd_session(&e);
     rt.block_on(async {
-        let mut c = etcd_client::Client::connect([e.url.as_str()], None)
-            .await
-            .unwrap();
-        let prefix = format!("/fl-test-{}", std::process::id());
         let watches = Watches::new(format!("{prefix}/lock/"));
         let watch = tokio::spawn(watches.clone().run(c.clone()));
         let ours = Names::new(&prefix, b"global/w", false, 1);
