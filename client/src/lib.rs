@@ -519,9 +519,7 @@ impl Inner {
             let _ = self.release_through_broker(hold.slot, hold.token);
             return None;
         }
-        self.events
-            .view()
-            .push(self.index, hash, 0, Outcome::FastHit, false, self.index);
+        self.events.record(self.index, hash, Outcome::FastHit);
         Some(hold)
     }
 
@@ -554,9 +552,7 @@ impl Inner {
             Wait::Until(timeout) => Some(deadline_after(start, timeout)),
             Wait::Try | Wait::Forever => None,
         };
-        self.events
-            .view()
-            .push(self.index, hash, 0, Outcome::Contended, false, self.index);
+        self.events.record(self.index, hash, Outcome::Contended);
         let fair_after = Duration::from_nanos(self.fair_after_ns.load(Ordering::Relaxed));
         match contended_acquire(view, key, hash, self.index, fair_after, deadline) {
             Contended::Held(hold) if hold.give_back => {

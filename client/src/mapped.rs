@@ -7,7 +7,7 @@
 use crate::conn::futex_wait;
 use crate::error::Error;
 use memmap2::MmapRaw;
-use shm_layout::events::EventsView;
+use shm_layout::events::{EventsView, Outcome};
 use shm_layout::lockword::{self, ContendedEnd, Parker, Queue, Unparker, Word};
 use shm_layout::sync::shm::{AtomicU32, Ordering};
 use shm_layout::table::{Slot, TableView};
@@ -164,7 +164,32 @@ impl MappedTable {
 pub(crate) struct MappedEvents {
     // Field order: the view is dropped before the mapping it points into.
     view: EventsView,
+    /// The thread that owns our ring's head, or [`NO_OWNER`] / [`SHARED`].
+    owner: std::sync::atomic::AtomicU64,
     _map: MmapRaw,
+}
+
+/// [`MappedEvents::owner`] before the first event.
+const NO_OWNER: u64 = 0;
+/// [`MappedEvents::owner`] once a second thread pushed: `fetch_add` for good.
+const SHARED: u64 = u64::MAX;
+
+/// This thread's token, for [`MappedEvents::owner`]: unique in the process
+/// for its lifetime (a counter, never reused), never [`NO_OWNER`] or
+/// [`SHARED`]. One thread-local load once assigned.
+#[inline]
+fn thread_token() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(NO_OWNER) };
+    }
+    TOKEN.with(|token| {
+        if token.get() == NO_OWNER {
+            token.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        token.get()
+    })
 }
 
 impl MappedEvents {
@@ -179,10 +204,48 @@ impl MappedEvents {
         //   contract); any bit pattern is accepted by its fields.
         let view = unsafe { EventsView::new(map.as_ptr(), map.len()) }
             .map_err(|cause| Error::from_layout(path.to_owned(), cause))?;
-        Ok(MappedEvents { view, _map: map })
+        Ok(MappedEvents {
+            view,
+            owner: std::sync::atomic::AtomicU64::new(NO_OWNER),
+            _map: map,
+        })
     }
 
+    /// Record a request of ours (`ring` is our client index) on the key
+    /// with hash `hash`. A client used by one thread owns its ring and
+    /// pushes without a locked instruction ([`EventsView::push_as_only_writer`]);
+    /// the first push from a second thread makes the ring shared, and every
+    /// push after it claims its entry with `fetch_add`. The owner's push in
+    /// flight at that moment may collide with the other thread's: a hint
+    /// lost or torn, once per client (what `push_as_only_writer` says).
     #[inline]
+    pub(crate) fn record(&self, ring: u32, hash: u64, outcome: Outcome) {
+        use std::sync::atomic::Ordering;
+        let me = thread_token();
+        // Relaxed: the owner word orders nothing; it only picks the claim.
+        let owner = self.owner.load(Ordering::Relaxed);
+        if owner == me || (owner == NO_OWNER && self.claim(me)) {
+            self.view
+                .push_as_only_writer(ring, hash, 0, outcome, false, ring);
+        } else {
+            if owner != SHARED {
+                self.owner.store(SHARED, Ordering::Relaxed);
+            }
+            self.view.push(ring, hash, 0, outcome, false, ring);
+        }
+    }
+
+    /// The first event: `me` becomes the ring's owner, unless another
+    /// thread got there first (then the ring is shared).
+    #[cold]
+    fn claim(&self, me: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.owner
+            .compare_exchange(NO_OWNER, me, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    #[cfg(test)]
     pub(crate) fn view(&self) -> &EventsView {
         &self.view
     }

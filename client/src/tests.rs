@@ -51,16 +51,59 @@ fn create_table(dir: &Path) -> Geometry {
 }
 
 fn create_events(dir: &Path) {
+    create_events_of(dir, RING_CAPACITY);
+}
+
+fn create_events_of(dir: &Path, capacity: u32) {
     let rings = CLIENTS + 1;
     create_file(
         &dir.join(EVENTS_FILE),
-        events_file_size(rings, RING_CAPACITY),
+        events_file_size(rings, capacity),
         |base| {
             // SAFETY: as in `create_table`: a fresh, exclusive, page-aligned
             // mapping larger than an EventsHeader, which all-zero is valid for.
             let header = unsafe { &mut *base.cast::<EventsHeader>() };
-            init_events(header, rings, RING_CAPACITY);
+            init_events(header, rings, capacity);
         },
+    );
+}
+
+// ---- the client's event ring -------------------------------------------------
+
+/// A client used by one thread pushes its events without a locked
+/// instruction; once a second thread pushes, every push claims its entry
+/// with `fetch_add`, so threads that push at once lose nothing.
+#[test]
+fn a_ring_pushed_by_one_thread_then_by_several_at_once_loses_no_event() {
+    const EACH: u64 = 50_000;
+    let dir = runtime_dir();
+    create_events_of(dir.path(), 1 << 18);
+    let events = MappedEvents::open(&dir.path().join(EVENTS_FILE)).unwrap();
+    let mut cursor = shm_layout::events::EventCursor::new(events.view());
+    for i in 0..EACH {
+        events.record(1, i, Outcome::FastHit);
+    }
+    let mut seen = 0u64;
+    cursor.drain(events.view(), |_| seen += 1);
+    assert_eq!((seen, cursor.lost), (EACH, 0), "the owner's own pushes");
+
+    let start = std::sync::Barrier::new(3);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                start.wait();
+                for i in 0..EACH {
+                    events.record(1, i, Outcome::FastHit);
+                }
+            });
+        }
+    });
+    seen = 0;
+    cursor.drain(events.view(), |_| seen += 1);
+    assert_eq!(
+        (seen, cursor.lost),
+        (3 * EACH, 0),
+        "three threads at once, after the owner stopped"
     );
 }
 
