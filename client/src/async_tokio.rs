@@ -34,65 +34,63 @@
 //! up waiting, use the `_timeout_async` forms, which withdraw the request
 //! from the queue when the time is up.
 
-use crate::{Client, Error, Grant, OwnedLockGuard, Wait};
-use shm_layout::{key_hash, validate_key};
+use crate::key::Name;
+use crate::{Client, Error, Grant, LockName, OwnedLockGuard, Wait};
 use std::time::Duration;
 
 impl Client {
     /// Take `key` exclusively, waiting (without blocking the runtime) as long
     /// as it takes.
-    pub async fn lock_async(&self, key: impl AsRef<[u8]>) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), false, Wait::Forever).await
+    pub async fn lock_async(&self, key: impl LockName) -> Result<OwnedLockGuard, Error> {
+        self.acquire_async(key.lock_name()?, false, Wait::Forever)
+            .await
     }
 
     /// Take `key` exclusively if it is free; [`Error::WouldBlock`] if held.
-    pub async fn try_lock_async(&self, key: impl AsRef<[u8]>) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), false, Wait::Try).await
+    pub async fn try_lock_async(&self, key: impl LockName) -> Result<OwnedLockGuard, Error> {
+        self.acquire_async(key.lock_name()?, false, Wait::Try).await
     }
 
     /// Take `key` exclusively, waiting at most `timeout` ([`Error::Timeout`]
     /// then; the request leaves the queue).
     pub async fn lock_timeout_async(
         &self,
-        key: impl AsRef<[u8]>,
+        key: impl LockName,
         timeout: Duration,
     ) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), false, Wait::Until(timeout))
+        self.acquire_async(key.lock_name()?, false, Wait::Until(timeout))
             .await
     }
 
     /// Take `key` shared, waiting as long as it takes.
-    pub async fn lock_shared_async(&self, key: impl AsRef<[u8]>) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), true, Wait::Forever).await
+    pub async fn lock_shared_async(&self, key: impl LockName) -> Result<OwnedLockGuard, Error> {
+        self.acquire_async(key.lock_name()?, true, Wait::Forever)
+            .await
     }
 
     /// Take `key` shared if no writer holds or awaits it;
     /// [`Error::WouldBlock`] otherwise.
-    pub async fn try_lock_shared_async(
-        &self,
-        key: impl AsRef<[u8]>,
-    ) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), true, Wait::Try).await
+    pub async fn try_lock_shared_async(&self, key: impl LockName) -> Result<OwnedLockGuard, Error> {
+        self.acquire_async(key.lock_name()?, true, Wait::Try).await
     }
 
     /// Take `key` shared, waiting at most `timeout`.
     pub async fn lock_shared_timeout_async(
         &self,
-        key: impl AsRef<[u8]>,
+        key: impl LockName,
         timeout: Duration,
     ) -> Result<OwnedLockGuard, Error> {
-        self.acquire_async(key.as_ref(), true, Wait::Until(timeout))
+        self.acquire_async(key.lock_name()?, true, Wait::Until(timeout))
             .await
     }
 
     async fn acquire_async(
         &self,
-        key: &[u8],
+        name: Name<'_>,
         shared: bool,
         wait: Wait,
     ) -> Result<OwnedLockGuard, Error> {
-        validate_key(key)?;
-        if !shared && let Some(hold) = self.inner.try_fast(key, key_hash(key)) {
+        if !shared && let Some(hold) = self.inner.try_fast(&name) {
             return Ok(OwnedLockGuard {
                 client: self.clone(),
                 slot: hold.slot,
@@ -104,7 +102,7 @@ impl Client {
             });
         }
         let client = self.clone();
-        let key = key.to_vec();
+        let key = name.bytes.to_vec();
         // The guard is built on the blocking thread: if this future was
         // dropped meanwhile, tokio drops the task's output there, and the
         // guard's drop releases the lock.

@@ -65,16 +65,20 @@
 mod async_tokio;
 mod conn;
 mod error;
+mod key;
 mod mapped;
 pub mod observe;
 
 pub use error::Error;
+pub use key::{Key, LockName};
 pub use shm_layout::{KeyError, LayoutError, MAX_KEY_LEN};
 
 use conn::{Conn, ConnError, futex_wait};
 use error::key_text;
+use key::Name;
 use mapped::{
-    Contended, FastHold, MappedEvents, MappedTable, contended_acquire, fast_acquire, fast_release,
+    Contended, FastHold, MappedEvents, MappedTable, contended_acquire, fast_acquire_seen,
+    fast_release,
 };
 use shm_layout::events::Outcome;
 use shm_layout::lockword::Word;
@@ -83,7 +87,7 @@ use shm_layout::table::{
     CELL_ABANDONED, CELL_IDLE, CELL_WAITING, TABLE_VERSION, WAIT_CELLS, WaitCell,
 };
 use shm_layout::wire::{ErrorCode, Request, Response};
-use shm_layout::{EVENTS_FILE, SOCKET_FILE, TABLE_FILE, key_hash, validate_key};
+use shm_layout::{EVENTS_FILE, SOCKET_FILE, TABLE_FILE};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -346,14 +350,14 @@ impl Client {
 
     /// Take `key` exclusively, waiting as long as it takes.
     #[inline]
-    pub fn lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), false, Wait::Forever)
+    pub fn lock(&self, key: impl LockName) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.lock_name()?, false, Wait::Forever)
     }
 
     /// Take `key` exclusively if it is free; [`Error::WouldBlock`] if held.
     #[inline]
-    pub fn try_lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), false, Wait::Try)
+    pub fn try_lock(&self, key: impl LockName) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.lock_name()?, false, Wait::Try)
     }
 
     /// Take `key` exclusively, waiting at most `timeout`
@@ -361,31 +365,31 @@ impl Client {
     #[inline]
     pub fn lock_timeout(
         &self,
-        key: impl AsRef<[u8]>,
+        key: impl LockName,
         timeout: Duration,
     ) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), false, Wait::Until(timeout))
+        self.acquire(key.lock_name()?, false, Wait::Until(timeout))
     }
 
     /// Take `key` shared (many readers, no writer), waiting as long as it
     /// takes. Shared locks always go through the broker.
-    pub fn lock_shared(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), true, Wait::Forever)
+    pub fn lock_shared(&self, key: impl LockName) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.lock_name()?, true, Wait::Forever)
     }
 
     /// Take `key` shared if no writer holds or awaits it; [`Error::WouldBlock`]
     /// otherwise.
-    pub fn try_lock_shared(&self, key: impl AsRef<[u8]>) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), true, Wait::Try)
+    pub fn try_lock_shared(&self, key: impl LockName) -> Result<LockGuard<'_>, Error> {
+        self.acquire(key.lock_name()?, true, Wait::Try)
     }
 
     /// Take `key` shared, waiting at most `timeout`.
     pub fn lock_shared_timeout(
         &self,
-        key: impl AsRef<[u8]>,
+        key: impl LockName,
         timeout: Duration,
     ) -> Result<LockGuard<'_>, Error> {
-        self.acquire(key.as_ref(), true, Wait::Until(timeout))
+        self.acquire(key.lock_name()?, true, Wait::Until(timeout))
     }
 
     /// One Ping/Pong round trip with the broker, timed: the broker round trip
@@ -394,13 +398,12 @@ impl Client {
         self.inner.ping()
     }
 
-    #[inline]
-    fn acquire(&self, key: &[u8], shared: bool, wait: Wait) -> Result<LockGuard<'_>, Error> {
-        validate_key(key)?;
-        let hash = key_hash(key);
+    #[inline(always)]
+    fn acquire(&self, name: Name<'_>, shared: bool, wait: Wait) -> Result<LockGuard<'_>, Error> {
+        let (key, hash) = (name.bytes, name.hash);
         let mut wait = wait;
         if !shared {
-            if let Some(hold) = self.inner.try_fast(key, hash) {
+            if let Some(hold) = self.inner.try_fast(&name) {
                 return Ok(LockGuard {
                     inner: &self.inner,
                     slot: hold.slot,
@@ -504,7 +507,7 @@ impl Inner {
 
     /// The fast path: one CAS on a prepared slot, then a `FastHit` event.
     #[inline]
-    fn try_fast(&self, key: &[u8], hash: u64) -> Option<FastHold> {
+    fn try_fast(&self, name: &Name<'_>) -> Option<FastHold> {
         let view = self.table.view();
         // A table the broker retired (version no longer ours) or a client the
         // broker forgot must not grant itself anything: go to the broker.
@@ -513,13 +516,14 @@ impl Inner {
         {
             return None;
         }
-        let hold = fast_acquire(view, key, hash, self.index)?;
+        let (slot, seen) = name.find(view)?;
+        let hold = fast_acquire_seen(view, name.bytes, slot, seen, self.index)?;
         if hold.give_back {
             // Not ours to keep (see FastHold::give_back): give it back.
             let _ = self.release_through_broker(hold.slot, hold.token);
             return None;
         }
-        self.events.record(self.index, hash, Outcome::FastHit);
+        self.events.record(self.index, name.hash, Outcome::FastHit);
         Some(hold)
     }
 

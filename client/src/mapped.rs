@@ -184,12 +184,13 @@ fn thread_token() -> u64 {
     thread_local! {
         static TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(NO_OWNER) };
     }
-    TOKEN.with(|token| {
-        if token.get() == NO_OWNER {
-            token.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        token.get()
-    })
+    let token = TOKEN.get();
+    if token != NO_OWNER {
+        return token;
+    }
+    let token = NEXT.fetch_add(1, Ordering::Relaxed);
+    TOKEN.set(token);
+    token
 }
 
 impl MappedEvents {
@@ -269,8 +270,9 @@ pub(crate) struct FastHold {
 
 /// The fast path: look `key` up, CAS its prepared word to "held by `owner`".
 /// `None` means "ask the broker" (not indexed, not prepared, held, malformed,
-/// re-keyed). No syscall, no allocation.
-#[inline]
+/// re-keyed). No syscall, no allocation. (The client finds the slot through
+/// [`crate::key::Name::find`], which may use a [`crate::Key`]'s hint.)
+#[cfg(test)]
 pub(crate) fn fast_acquire(
     table: &TableView,
     key: &[u8],

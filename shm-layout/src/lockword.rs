@@ -269,6 +269,7 @@ const fn on_fast_path(current: Word, expected_generation: u16) -> Result<(), Dec
 
 /// The pure part of a fast-path acquire: from a prepared, free word, the held
 /// word for `owner`. Checked before every CAS.
+#[inline]
 pub fn acquire_exclusive_transition(
     current: Word,
     expected_generation: u16,

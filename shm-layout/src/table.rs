@@ -494,9 +494,12 @@ impl Slot {
             return true;
         }
         // Stored keys are zero-padded to a whole word (see `store_key`).
-        let mut last = [0u8; 8];
-        last[..rest.len()].copy_from_slice(rest);
-        self.key[key.len() / 8].load(Ordering::Relaxed) == u64::from_ne_bytes(last)
+        // Built byte by byte: a copy into a buffer is a call to memcpy.
+        let last = rest
+            .iter()
+            .enumerate()
+            .fold(0u64, |word, (i, &b)| word | u64::from(b) << (8 * i));
+        self.key[key.len() / 8].load(Ordering::Relaxed) == u64::from_ne_bytes(last.to_le_bytes())
     }
 
     /// The key bytes as stored (length clamped to the maximum: the length is
@@ -612,6 +615,26 @@ mod tests {
         assert_eq!(IndexEntry::matches(raw, 0xAAAA_BBBB_1234_5678), Some(41));
         assert_eq!(IndexEntry::matches(raw, 0xAAAA_BBBC_0000_0001), None);
         assert_eq!(IndexEntry::matches(0, 0), None);
+    }
+
+    /// Every key length, so every remainder of the last 8-byte word: the
+    /// stored key equals itself and nothing one byte off.
+    #[test]
+    fn a_stored_key_equals_itself_and_no_key_one_byte_off() {
+        // SAFETY: a Slot holds only integers and atomics, valid all-zero.
+        let slot: Slot = unsafe { std::mem::zeroed() };
+        for len in 1..=MAX_KEY_LEN {
+            let key: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            slot.store_key(&key, 0, 0);
+            assert!(slot.key_equals(&key), "length {len}");
+            let mut other = key.clone();
+            *other.last_mut().unwrap() = b'#';
+            assert!(!slot.key_equals(&other), "last byte changed, length {len}");
+            assert!(!slot.key_equals(&key[..len - 1]), "a prefix, length {len}");
+            let mut longer = key.clone();
+            longer.push(0);
+            assert!(!slot.key_equals(&longer), "one NUL more, length {len}");
+        }
     }
 
     #[test]
