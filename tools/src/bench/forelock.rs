@@ -101,7 +101,7 @@ fn start_with(
 fn start_prepared(_env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
     start_with(
         "keep-alive",
-        "forelock: forelockd with keep-alive preparation; a recently used key is taken by one CAS, waiters on a held key sleep on its slot (barging, a direct hand-off past 500 us)",
+        "forelock: forelockd with keep-alive preparation; a recently used key is taken by one CAS (through a forelock::Key: the name checked and hashed once), waiters on a held key sleep on its slot (barging, a direct hand-off past 500 us)",
         Sharing::CrossProcess,
     )
 }
@@ -138,15 +138,20 @@ impl LockSystem for ForelockSystem {
 
 struct ForelockSession {
     client: forelock::Client,
+    /// The workload's keys as [`forelock::Key`]s, by key index, made at
+    /// first use: names checked and hashed once, as every peer resolves its
+    /// names once (a mutex per index, a cached fd per file).
+    keys: Vec<Option<forelock::Key>>,
     /// `Some(prefix)`: every operation takes a key never used before,
     /// `prefix` + a counter (`forelock-fresh`).
     fresh: Option<(String, u64)>,
 }
 
-fn connect(runtime_dir: &str, _who: &WorkerIdentity) -> anyhow::Result<Box<dyn LockSession>> {
+fn connect(runtime_dir: &str, who: &WorkerIdentity) -> anyhow::Result<Box<dyn LockSession>> {
     let client = forelock::Client::connect_to(runtime_dir)?;
     Ok(Box::new(ForelockSession {
         client,
+        keys: (0..who.keys_total).map(|_| None).collect(),
         fresh: None,
     }))
 }
@@ -157,6 +162,7 @@ fn connect_fresh(runtime_dir: &str, _who: &WorkerIdentity) -> anyhow::Result<Box
     let prefix = format!("fresh/{}/", std::process::id());
     Ok(Box::new(ForelockSession {
         client,
+        keys: Vec::new(),
         fresh: Some((prefix, 0)),
     }))
 }
@@ -164,7 +170,17 @@ fn connect_fresh(runtime_dir: &str, _who: &WorkerIdentity) -> anyhow::Result<Box
 impl LockSession for ForelockSession {
     fn with_lock(&mut self, key: LockKey<'_>, critical: &mut dyn FnMut()) -> anyhow::Result<()> {
         let guard = match &mut self.fresh {
-            None => self.client.lock(key.name)?,
+            None => {
+                let slot = self
+                    .keys
+                    .get_mut(key.index as usize)
+                    .ok_or_else(|| anyhow::anyhow!("key index {} out of range", key.index))?;
+                let handle = match slot {
+                    Some(handle) => handle,
+                    None => slot.insert(forelock::Key::new(key.name)?),
+                };
+                self.client.lock(&*handle)?
+            }
             Some((prefix, n)) => {
                 *n += 1;
                 self.client.lock(format!("{prefix}{n}"))?
