@@ -102,12 +102,11 @@ impl Allocation {
         scores: Option<&ScoresView>,
         now_ms: u64,
     ) {
-        manager.tick(table, now_ms);
         if let Some(scores) = scores {
             self.read_scores(scores, manager);
         }
         let scores = &self.score_of;
-        manager.slot_views(table, |h| scores.get(&h).copied(), &mut self.views);
+        manager.tick(table, now_ms, |h| scores.get(&h).copied(), &mut self.views);
         let stats = &table.header().stats;
         let feedback = Feedback {
             hits: stats.hits.load(Ordering::Relaxed),
@@ -134,8 +133,12 @@ impl Allocation {
         // and end the contention preparations no longer predicted.
         for view in &self.views {
             if let Some(slot) = table.slot(view.slot) {
-                let score = view.score.unwrap_or(0.0);
-                slot.score_bits.store(score.to_bits(), Ordering::Relaxed);
+                // Written only when it changed: a store dirties the slot's
+                // line in every client's cache, every tick.
+                let bits = view.score.unwrap_or(0.0).to_bits();
+                if slot.score_bits.load(Ordering::Relaxed) != bits {
+                    slot.score_bits.store(bits, Ordering::Relaxed);
+                }
             }
             if view.contention_prepared && !self.policy.predicts_contended(view.contention) {
                 manager.end_contention_preparation(view.slot);

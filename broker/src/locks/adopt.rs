@@ -102,6 +102,7 @@ impl LockManager {
             st.issued = base.saturating_add(word.counter() as u64);
             st.last_use_ms = now_ms;
             st.managed = !word.is_prepared();
+            m.dir.set_keyed(s, true);
             m.dir.keys.insert(key.into_boxed_slice(), s);
         }
         // Clients: the ledger's, written back over the table's records.

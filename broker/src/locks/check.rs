@@ -61,11 +61,22 @@ impl LockManager {
     /// - the ledger records exactly the holds the manager knows of managed
     ///   slots (so a restart rebuilds the same holders), and flags
     ///   `on_fast_path` exactly the records of prepared slots' `fast_grant`;
-    /// - no client that is not active holds or waits for anything.
+    /// - no client that is not active holds or waits for anything;
+    /// - the tick's list of keyed slots names exactly the slots with a key.
     #[cfg(any(test, feature = "model"))]
     pub fn check(&self) -> Result<(), String> {
         let mut queued = 0;
+        let mut keyed = self.dir.next_keyed(0);
         for (s, st) in self.dir.slots.iter().enumerate() {
+            if st.key.is_some() != (keyed == Some(s as u32)) {
+                return Err(format!(
+                    "slot {s}: keyed {} but the keyed list's next is {keyed:?}",
+                    st.key.is_some()
+                ));
+            }
+            if st.key.is_some() {
+                keyed = self.dir.next_keyed(s as u32 + 1);
+            }
             if let Some(head) = st.queue.front()
                 && st.holder.admits(head.shared)
             {

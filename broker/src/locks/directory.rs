@@ -123,6 +123,9 @@ pub(super) struct Directory {
     order: BTreeSet<(bool, u64, u32)>,
     /// Slots taken out of `order` because they were held or waited for.
     parked: Vec<u32>,
+    /// One bit per slot, set while it holds a key: the tick's pass visits
+    /// keyed slots only ([`Directory::next_keyed`]), not the whole table.
+    keyed: Vec<u64>,
     /// How much work the table-sized loops did (tests only: the regression
     /// tests of issue 12 count visits rather than time them).
     #[cfg(test)]
@@ -136,6 +139,7 @@ pub(super) struct Directory {
 pub(super) struct Visits {
     pub(super) remember: u64,
     pub(super) victim: u64,
+    pub(super) tick: u64,
 }
 
 impl Directory {
@@ -151,8 +155,35 @@ impl Directory {
             known: HashMap::new(),
             order: BTreeSet::new(),
             parked: Vec::new(),
+            keyed: vec![0; (slot_count as usize).div_ceil(64)],
             #[cfg(test)]
             visits: Visits::default(),
+        }
+    }
+
+    /// Mark slot `s` as holding a key, or not ([`Directory::keyed`]).
+    pub(super) fn set_keyed(&mut self, s: u32, keyed: bool) {
+        let (word, bit) = (s as usize / 64, 1u64 << (s % 64));
+        if keyed {
+            self.keyed[word] |= bit;
+        } else {
+            self.keyed[word] &= !bit;
+        }
+    }
+
+    /// The first keyed slot at or after `from`, in slot order. A loop of
+    /// `next_keyed(s + 1)` costs one visit per keyed slot plus one per 64
+    /// slots, and borrows nothing between calls (the caller may change
+    /// slot states as it goes, not which slots are keyed).
+    pub(super) fn next_keyed(&self, from: u32) -> Option<u32> {
+        let mut word = from as usize / 64;
+        let mut bits = *self.keyed.get(word)? & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(word as u32 * 64 + bits.trailing_zeros());
+            }
+            word += 1;
+            bits = *self.keyed.get(word)?;
         }
     }
 
@@ -403,6 +434,7 @@ impl Directory {
         st.placed_at_ms = now_ms;
         st.base = base;
         st.issued = base;
+        self.set_keyed(s, true);
         self.keys.insert(key.into(), s);
         self.index_insert(table, s);
         self.order_insert(s);
@@ -445,6 +477,7 @@ impl Directory {
         self.order_remove(s);
         slot.key_len.store(0, Ordering::Relaxed);
         let st = std::mem::replace(&mut self.slots[s as usize], SlotState::empty());
+        self.set_keyed(s, false);
         if let Some(key) = st.key {
             if w.owner_died() && self.died_keys.len() < DIED_KEYS_MAX {
                 // Nobody was told yet: the key's next holder will be.

@@ -20,24 +20,37 @@ use super::{BROKER_CLIENT, LockManager, word_of};
 use crate::allocator::SlotView;
 use crate::config::Policy;
 use shm_layout::events::{EventsView, Outcome};
-use shm_layout::lockword::Word;
 use shm_layout::scores::Scored;
 use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 
 impl LockManager {
-    /// Every tick: notice fast-path grants (a lock word's counter moved) and
-    /// publish slot counts. Reclaiming is the allocator policy's decision
-    /// ([`crate::allocator`]), applied through [`LockManager::evict`].
-    pub fn tick(&mut self, table: &TableView, now_ms: u64) {
+    /// Every tick, one pass over the keyed slots (not the whole table:
+    /// [`super::directory::Directory::next_keyed`]): notice fast-path
+    /// grants (a lock word's counter moved), publish slot counts, and
+    /// describe each slot for the allocator policy into `out`;
+    /// `scored(hash)` gives the forecaster's latest entry for a key.
+    /// Reclaiming is the policy's decision ([`crate::allocator`]), applied
+    /// through [`LockManager::evict`].
+    pub fn tick(
+        &mut self,
+        table: &TableView,
+        now_ms: u64,
+        scored: impl Fn(u64) -> Option<Scored>,
+        out: &mut Vec<SlotView>,
+    ) {
         self.now_ms = now_ms;
+        out.clear();
         let stats = &table.header().stats;
         let (mut used, mut prepared) = (0u64, 0u64);
-        for s in 0..self.dir.slots.len() as u32 {
-            let st = &mut self.dir.slots[s as usize];
-            if st.key.is_none() {
-                continue;
+        let mut next = self.dir.next_keyed(0);
+        while let Some(s) = next {
+            next = self.dir.next_keyed(s + 1);
+            #[cfg(test)]
+            {
+                self.dir.visits.tick += 1;
             }
+            let st = &mut self.dir.slots[s as usize];
             used += 1;
             let w = word_of(table, s);
             if w.counter() != st.last_counter {
@@ -54,32 +67,6 @@ impl LockManager {
             if !st.managed {
                 prepared += 1;
             }
-        }
-        stats.slots_used.store(used, Ordering::Relaxed);
-        stats.slots_prepared.store(prepared, Ordering::Relaxed);
-        self.dir.unpark();
-    }
-
-    /// What the allocator policy sees of each keyed slot, into `out`;
-    /// `scored(hash)` gives the forecaster's latest entry for a key.
-    pub fn slot_views(
-        &self,
-        table: &TableView,
-        scored: impl Fn(u64) -> Option<Scored>,
-        out: &mut Vec<SlotView>,
-    ) {
-        out.clear();
-        for (i, st) in self.dir.slots.iter().enumerate() {
-            if st.key.is_none() {
-                continue;
-            }
-            let w = Word(
-                table
-                    .slot(i as u32)
-                    .expect("i < slot_count")
-                    .word
-                    .load(Ordering::Relaxed),
-            );
             let held = !st.queue.is_empty()
                 || st.holder != Holder::Free
                 || (!st.managed && !w.is_free())
@@ -87,7 +74,7 @@ impl LockManager {
                 || w.owner_died();
             let scored = scored(st.hash);
             out.push(SlotView {
-                slot: i as u32,
+                slot: s,
                 key_hash: st.hash,
                 prepared_at_us: st.placed_at_ms * 1000,
                 last_use_us: (st.uses > 0).then_some(st.last_use_ms * 1000),
@@ -98,6 +85,9 @@ impl LockManager {
                 contention_prepared: st.contention_prepared,
             });
         }
+        stats.slots_used.store(used, Ordering::Relaxed);
+        stats.slots_prepared.store(prepared, Ordering::Relaxed);
+        self.dir.unpark();
     }
 
     /// Whether the key with `hash` has a slot.

@@ -174,10 +174,8 @@ impl LockManager {
         }
         *st = ClientState::default();
         let mut released = 0u64;
-        for s in 0..self.dir.slots.len() as u32 {
-            if self.dir.slots[s as usize].key.is_none() {
-                continue;
-            }
+        let mut next = self.dir.next_keyed(0);
+        while let Some(s) = next {
             let before = self.dir.slots[s as usize].queue.len();
             let gone: Vec<ConnId> = self.dir.slots[s as usize]
                 .queue
@@ -243,6 +241,7 @@ impl LockManager {
                 self.mirror(table, s);
                 self.dispatch(table, s, waker);
             }
+            next = self.dir.next_keyed(s + 1);
         }
         // The ledger last: a broker killed midway releases the rest at its
         // restart (the process is still dead then).

@@ -1288,6 +1288,24 @@ fn a_full_table_finds_its_eviction_victim_without_scanning_every_slot() {
 }
 
 #[test]
+fn a_tick_visits_the_keyed_slots_only_not_the_whole_table() {
+    // The allocator's tick went over every slot of the table twice, keyed or
+    // not, every 10 ms: an idle broker with the default 16,384 slots spent
+    // 190 us a tick on an empty table and 690 us on a full one.
+    let mut f = fixture(4096, 4, Policy::KeepAlive);
+    let acquires = many_distinct_keys(&mut f, 3);
+    let mut views = Vec::new();
+    f.m.tick(&f.table, 1, |_| None, &mut views);
+    assert_eq!(views.len() as u64, acquires, "one view per keyed slot");
+    assert_eq!(
+        f.m.dir.visits.tick, acquires,
+        "the tick visited {} slots for {acquires} keys",
+        f.m.dir.visits.tick
+    );
+    f.m.check().unwrap();
+}
+
+#[test]
 fn a_full_table_evicts_the_least_recently_used_idle_key_passing_over_a_held_one() {
     // The eviction order is kept lazily (issue 12): a held slot at its front
     // is passed over, and a key used since it was placed is not taken for
