@@ -35,6 +35,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 const RECV_BUF: usize = wire::MAX_MESSAGE + 1;
+/// Receive buffers kept for reuse: one per connection with a receive in
+/// flight is the steady state; a burst of connections frees the rest.
+const RECV_BUFFERS_KEPT: usize = 256;
 
 /// An in-flight operation and the memory it borrows.
 ///
@@ -319,6 +322,12 @@ pub struct EventLoop {
     allocation: Allocation,
     metrics: Metrics,
     ops: OpSlab,
+    /// Receive buffers back from completed receives, for the next ones (a
+    /// fresh zeroed kilobyte per request cost a malloc and a memset).
+    /// At most [`RECV_BUFFERS_KEPT`]. Boxed: each moves into an
+    /// `Op::Recv`, whose buffer the kernel writes at a fixed address.
+    #[allow(clippy::vec_box, reason = "the boxes move into Op::Recv")]
+    recv_buffers: Vec<Box<[u8; RECV_BUF]>>,
     conns: Conns,
     /// Pause before the next accept after it ran out of resources; 0 while
     /// accepting works.
@@ -451,6 +460,7 @@ impl EventLoop {
                 ops: Vec::new(),
                 free: Vec::new(),
             },
+            recv_buffers: Vec::new(),
             conns: Conns::new(),
             accept_backoff_ms: 0,
             accept_failures: RateLimited::new(1000),
@@ -504,11 +514,14 @@ impl EventLoop {
             } else {
                 spin
             };
-            self.spin_for_completions(spin)?;
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e).context("io_uring submit failed"),
+            // A completion found while spinning needs no syscall to wait
+            // for (the spin submitted what was queued).
+            if !self.spin_for_completions(spin)? {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e).context("io_uring submit failed"),
+                }
             }
             completions.clear();
             completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -530,10 +543,11 @@ impl EventLoop {
     /// microseconds on virtual machines (measured: a broker round trip of
     /// 56 us across CPUs against 11 us on one); a request arriving while we
     /// spin is served without that wake-up. Bounded: at most `spin` of CPU
-    /// per idle period.
-    fn spin_for_completions(&mut self, spin: std::time::Duration) -> anyhow::Result<()> {
+    /// per idle period. Returns whether a completion is waiting (and every
+    /// queued entry was submitted).
+    fn spin_for_completions(&mut self, spin: std::time::Duration) -> anyhow::Result<bool> {
         if spin.is_zero() {
-            return Ok(());
+            return Ok(false);
         }
         self.ring.submit().context("io_uring submit failed")?;
         let started = Instant::now();
@@ -548,7 +562,7 @@ impl EventLoop {
                 break;
             }
         }
-        Ok(())
+        Ok(!self.ring.completion().is_empty())
     }
 
     /// Queue `entry` on the submission ring (submitting first if it is full).
@@ -676,7 +690,10 @@ impl EventLoop {
         }
         c.recv_armed = true;
         let fd = c.fd.as_raw_fd();
-        let mut buf = Box::new([0u8; RECV_BUF]);
+        let mut buf = self
+            .recv_buffers
+            .pop()
+            .unwrap_or_else(|| Box::new([0u8; RECV_BUF]));
         let ptr = buf.as_mut_ptr();
         let ud = self.ops.insert(Op::Recv { conn, buf });
         let e = opcode::Recv::new(types::Fd(fd), ptr, RECV_BUF as u32)
@@ -802,21 +819,24 @@ impl EventLoop {
             Op::Accept => self.accept_done(result),
             Op::AcceptRetry { .. } => self.arm_accept(),
             Op::Recv { conn, buf } => {
-                let Some(c) = self.conns.get_mut(conn) else {
-                    // A later connection may sit at this index: never apply
-                    // the completion to it. The buffer is freed here.
-                    tracing::debug!(conn, "stale receive completion dropped");
-                    return;
-                };
-                c.recv_armed = false;
-                if c.closing {
-                    // Closed for requests: what arrives now is not served.
-                    self.free_if_done(conn);
-                } else if result <= 0 {
-                    self.close(conn);
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.recv_armed = false;
+                    if c.closing {
+                        // Closed for requests: what arrives now is not served.
+                        self.free_if_done(conn);
+                    } else if result <= 0 {
+                        self.close(conn);
+                    } else {
+                        self.received(conn, &buf[..result as usize]);
+                        self.arm_recv(conn);
+                    }
                 } else {
-                    self.received(conn, &buf[..result as usize]);
-                    self.arm_recv(conn);
+                    // A later connection may sit at this index: never apply
+                    // the completion to it.
+                    tracing::debug!(conn, "stale receive completion dropped");
+                }
+                if self.recv_buffers.len() < RECV_BUFFERS_KEPT {
+                    self.recv_buffers.push(buf);
                 }
             }
             Op::Send { conn, .. } => {
