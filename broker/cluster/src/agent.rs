@@ -436,6 +436,12 @@ impl Inner {
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
                         let wanted_ns = monotonic_ns();
+                        tracing::debug!(
+                            target: TIMING_TARGET,
+                            key = %String::from_utf8_lossy(&key),
+                            step = "agent: session has want",
+                            at_ns = wanted_ns,
+                        );
                         if prefetch && let Some(g) = gossip {
                             // "I will want K": a holder elsewhere that no
                             // longer needs it may let it go early.
