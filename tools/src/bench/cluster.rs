@@ -31,6 +31,7 @@
 //! judged here; the ratios are printed for a reader.
 
 use std::fmt::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1182,8 +1183,15 @@ fn read_cluster_status(host: &Host) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// A `forelock-predictor` for `host`'s broker (beside this executable), and
-/// its pid.
+/// The niceness of each host's `forelock-predictor`: the systemd unit's
+/// (`systemd/forelock-predictor.service`, `Nice=5`: advisory work yields to
+/// the broker and to applications), unless
+/// `FORELOCK_CLUSTER_PREDICTOR_NICE` says otherwise (0 = the brokers' own).
+const PREDICTOR_NICE_ENV: &str = "FORELOCK_CLUSTER_PREDICTOR_NICE";
+const PREDICTOR_NICE: i32 = 5;
+
+/// A `forelock-predictor` for `host`'s broker (beside this executable), at
+/// the niceness of its systemd unit ([`PREDICTOR_NICE`]), and its pid.
 fn start_predictor(host: &Host) -> anyhow::Result<(ChildGuard, u32)> {
     let exe = std::env::current_exe().context("finding this program")?;
     let binary = exe.with_file_name("forelock-predictor");
@@ -1204,6 +1212,23 @@ fn start_predictor(host: &Host) -> anyhow::Result<(ChildGuard, u32)> {
             std::fs::File::create(host._dir.path().join("forelock-predictor.log"))
                 .context("predictor log")?,
         ));
+    let nice = match std::env::var(PREDICTOR_NICE_ENV) {
+        Ok(v) => v
+            .parse::<i32>()
+            .with_context(|| format!("{PREDICTOR_NICE_ENV}={v}: not a niceness"))?,
+        Err(_) => PREDICTOR_NICE,
+    };
+    let renice = move || {
+        // SAFETY: setpriority(2) on the calling process (who = 0) reads no
+        // memory of ours.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec in the child; it calls
+    // only setpriority(2), which is async-signal-safe, and allocates nothing.
+    unsafe { command.pre_exec(renice) };
     let child = die_with_parent(&mut command)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
