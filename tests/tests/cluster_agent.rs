@@ -285,8 +285,8 @@ fn a_repeated_first_transaction_keeps_the_place_it_got() {
     });
 }
 
-/// The agent's one shared watch (`watches::Watches`): a wait for an entry
-/// queued behind ours returns on the watch's event, and one whose entry
+/// The agent's shared watches (`watches::Watches`): a holder's wait for a
+/// host queued behind it returns on that host's knock, and one whose entry
 /// was queued between the waiter's last read and its registration (the
 /// watch had already passed it) finds it by reading the store.
 #[test]
@@ -296,18 +296,20 @@ fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
     let Some(e) = LocalEtcd::start() else { return };
     let (rt, mut c, prefix) = etcd_session(&e);
     rt.block_on(async {
-        let watches = Watches::new(format!("{prefix}/lock/"));
+        let watches = Watches::new(&prefix);
         let watch = tokio::spawn(watches.clone().run(c.clone()));
         let ours = Names::new(&prefix, b"global/w", false, 1);
         let own_rev = c.put(ours.own.as_str(), "a", None).await.unwrap();
         let own_rev = own_rev.header().unwrap().revision();
-        // Behind us after the wait started: the watch's event.
+        // Behind us after the wait started: its entry, then its knock (the
+        // watch's event).
         let later = Names::new(&prefix, b"global/w", false, 2);
         let waiting = someone_behind(&c, &watches, &ours, own_rev, own_rev);
         let put_later = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let mut c = c.clone();
             c.put(later.own.as_str(), "b", None).await.unwrap();
+            c.put(later.own_knock.as_str(), "", None).await.unwrap();
         };
         let (waited, ()) = tokio::time::timeout(Duration::from_secs(10), async {
             tokio::join!(waiting, put_later)
@@ -315,13 +317,16 @@ fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
         .await
         .expect("the wait did not see the entry queued behind");
         waited.unwrap();
-        // Queued before the wait (the waiter read the store at `own_rev`):
-        // the store is read, not waited on.
+        // Queued (entry and knock) before the wait, which read the store at
+        // `other_rev`: the watch has passed it, so the store is read.
         let other = Names::new(&prefix, b"global/v", false, 1);
         let other_rev = c.put(other.own.as_str(), "a", None).await.unwrap();
         let other_rev = other_rev.header().unwrap().revision();
         let behind_other = Names::new(&prefix, b"global/v", false, 2);
         c.put(behind_other.own.as_str(), "b", None).await.unwrap();
+        c.put(behind_other.own_knock.as_str(), "", None)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -331,5 +336,58 @@ fn the_shared_watch_reports_entries_queued_before_and_after_the_wait() {
         .expect("the wait missed an entry queued before it")
         .unwrap();
         watch.abort();
+    });
+}
+
+/// Only a host that queues behind another knocks (`P/knock/`, the watch
+/// the holders' callbacks wait on): the first transaction on a free key
+/// writes no knock, so no host's watch hears of it; the host queued
+/// behind knocks, and its clean release takes the knock away.
+#[test]
+fn only_a_host_queued_behind_another_knocks() {
+    use forelock_cluster::etcd_lock::{Names, Queued, queue_and_look, release};
+    let Some(e) = LocalEtcd::start() else { return };
+    let (rt, mut c, prefix) = etcd_session(&e);
+    rt.block_on(async {
+        let key = b"global/knock";
+        let knocks = |c: &etcd_client::Client| {
+            let mut c = c.clone();
+            let dir = format!("{prefix}/knock/");
+            async move {
+                let opts = etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only();
+                let resp = c.get(dir, Some(opts)).await.unwrap();
+                resp.kvs()
+                    .iter()
+                    .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let first = c.lease_grant(30, None).await.unwrap().id();
+        let holder = Names::new(&prefix, key, false, first);
+        let won = queue_and_look(&c, &holder, "a", first, false)
+            .await
+            .unwrap();
+        assert!(
+            matches!(won, Queued::Confirmed { .. }),
+            "a free key: expected the first transaction to win, got {won:?}"
+        );
+        assert_eq!(knocks(&c).await, Vec::<String>::new(), "a winner knocked");
+        let second = c.lease_grant(30, None).await.unwrap().id();
+        let waiter = Names::new(&prefix, key, false, second);
+        let behind = queue_and_look(&c, &waiter, "b", second, false)
+            .await
+            .unwrap();
+        let Queued::Behind { own_rev, .. } = behind else {
+            panic!("a held key: expected the second host to queue behind, got {behind:?}")
+        };
+        assert_eq!(knocks(&c).await, vec![waiter.own_knock.clone()]);
+        release(&c, &waiter, own_rev, &[]).await.unwrap();
+        assert_eq!(
+            knocks(&c).await,
+            Vec::<String>::new(),
+            "a clean release left its knock"
+        );
     });
 }

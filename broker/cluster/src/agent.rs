@@ -394,8 +394,9 @@ impl Inner {
         let mut predicted: Vec<Vec<u8>> = Vec::new();
         let (rtx, mut rrx) = mpsc::unbounded_channel::<KeyReport>();
         let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
-        // One watch over every entry, shared by the key tasks' waits.
-        let watches = Watches::new(format!("{}/lock/", self.config.etcd_prefix));
+        // The session's watches (entries' deletions, knocks), shared by the
+        // key tasks' waits.
+        let watches = Watches::new(&self.config.etcd_prefix);
         let watch_task = tokio::spawn(watches.clone().run(client.clone()));
         let renew_every = Duration::from_millis((ttl_ms / 3).max(100));
         let mut renew = tokio::time::interval(renew_every);
@@ -436,6 +437,12 @@ impl Inner {
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
                         let wanted_ns = monotonic_ns();
+                        tracing::debug!(
+                            target: TIMING_TARGET,
+                            key = %String::from_utf8_lossy(&key),
+                            step = "agent: session has want",
+                            at_ns = wanted_ns,
+                        );
                         if prefetch && let Some(g) = gossip {
                             // "I will want K": a holder elsewhere that no
                             // longer needs it may let it go early.

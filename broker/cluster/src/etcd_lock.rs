@@ -52,6 +52,12 @@ pub struct Names {
     pub held: String,
     /// `P/held/<hex key>/<lease hex>`: this host's marker.
     pub own_marker: String,
+    /// `P/knock/<hex key>/`: where hosts queued behind the holders knock
+    /// (the callback, step 5).
+    pub knock_dir: String,
+    /// `P/knock/<hex key>/k/<lease hex>`: this host's knock, written (attached
+    /// to `lease`) with its entry when it queues behind another.
+    pub own_knock: String,
 }
 
 impl Names {
@@ -60,9 +66,12 @@ impl Names {
         let dir = format!("{etcd_prefix}/lock/{hex}/");
         let mode = if shared { "r" } else { "w" };
         let held = format!("{etcd_prefix}/held/{hex}/");
+        let knock_dir = format!("{etcd_prefix}/knock/{hex}/");
         Names {
             own: format!("{dir}{mode}/{lease:x}"),
             own_marker: format!("{held}{lease:x}"),
+            own_knock: format!("{knock_dir}k/{lease:x}"),
+            knock_dir,
             held,
             dir,
         }
@@ -76,8 +85,19 @@ fn is_writer(dir: &str, entry: &[u8]) -> bool {
         .is_some_and(|rest| rest.starts_with(b"w/"))
 }
 
-/// Step 1: put this host's entry (attached to `lease`) unless it is there.
-/// Returns its create revision: the host's place in the key's queue.
+/// This host's knock on the holders' door (`Names::own_knock`), attached to
+/// `lease`: written with an entry that may wait behind another.
+fn knock(n: &Names, lease: i64) -> TxnOp {
+    TxnOp::put(
+        n.own_knock.as_str(),
+        "",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+}
+
+/// Step 1: put this host's entry (attached to `lease`) and its knock unless
+/// the entry is there. Returns its create revision: the host's place in the
+/// key's queue.
 pub async fn queue(c: &Client, n: &Names, node: &str, lease: i64) -> Result<i64, EtcdError> {
     let mut c = c.clone();
     let txn = Txn::new()
@@ -86,11 +106,14 @@ pub async fn queue(c: &Client, n: &Names, node: &str, lease: i64) -> Result<i64,
             CompareOp::Equal,
             0,
         )])
-        .and_then([TxnOp::put(
-            n.own.as_str(),
-            node,
-            Some(PutOptions::new().with_lease(lease)),
-        )])
+        .and_then([
+            TxnOp::put(
+                n.own.as_str(),
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            knock(n, lease),
+        ])
         .or_else([TxnOp::get(n.own.as_str(), None)]);
     let resp = timed(c.txn(txn)).await?;
     if resp.succeeded() {
@@ -173,7 +196,7 @@ fn confirm_ops(n: &Names, node: &str, lease: i64) -> [TxnOp; 4] {
 ///   stale. A reader also reads the entries (the readers that hold with it
 ///   have live markers).
 /// * Else: it puts our entry (a retry's put finds it there and keeps its
-///   create revision), and reads it, the last conflicting entry before it
+///   create revision) and our knock (the holders' callback), and reads it, the last conflicting entry before it
 ///   (our predecessor, which [`blocker`] would have answered at that
 ///   revision) and the key's oldest entry (its value names the holder).
 ///   An entry whose create revision is older than the transaction's is a
@@ -236,6 +259,7 @@ pub async fn queue_and_look(
         .and_then(win)
         .or_else([
             put_own(),
+            knock(n, lease),
             TxnOp::get(n.own.as_str(), Some(GetOptions::new().with_keys_only())),
             TxnOp::get(conflicting.as_str(), Some(look)),
             TxnOp::get(n.dir.as_str(), Some(oldest)),
@@ -530,8 +554,8 @@ pub async fn confirm(
     }))
 }
 
-/// Step 5: a clean release: delete our entry and our held marker, and the
-/// stale markers whose lock-delay we waited out, in one transaction. Does
+/// Step 5: a clean release: delete our entry, our held marker and our
+/// knock, and the stale markers whose lock-delay we waited out, in one transaction. Does
 /// nothing when our entry is already gone (our lease expired): our marker
 /// then stays, and the next holder waits the lock-delay.
 pub async fn release(
@@ -544,6 +568,7 @@ pub async fn release(
     let mut ops = vec![
         TxnOp::delete(n.own.as_str(), None),
         TxnOp::delete(n.own_marker.as_str(), None),
+        TxnOp::delete(n.own_knock.as_str(), None),
     ];
     ops.extend(waited_out.iter().map(|m| TxnOp::delete(m.clone(), None)));
     let txn = Txn::new()
@@ -559,7 +584,9 @@ pub async fn release(
 
 /// Step 5, the callback: returns when an entry created after ours (another
 /// host waiting for the key) exists. `seen_at`: a revision at which we read
-/// the key's entries and found none after ours (our confirm's).
+/// the key's entries and found none after ours (our confirm's). What wakes
+/// the wait is a knock written after `own_rev` (a host queues behind with
+/// a knock, [`queue_and_look`]); the entries are what it reads.
 pub async fn someone_behind(
     c: &Client,
     watches: &Watches,
@@ -585,7 +612,7 @@ pub async fn someone_behind(
         Ok(!resp.kvs().is_empty())
     };
     let wanted = Wanted::Later {
-        dir: n.dir.as_bytes(),
+        dir: n.knock_dir.as_bytes(),
         after: own_rev,
     };
     watches.wait(wanted, seen_at, look).await
@@ -601,6 +628,11 @@ mod tests {
         assert_eq!(n.dir, "/fl/lock/676c6f62616c2f612062/");
         assert_eq!(n.own, "/fl/lock/676c6f62616c2f612062/w/1f");
         assert_eq!(n.own_marker, "/fl/held/676c6f62616c2f612062/1f");
+        assert_eq!(n.own_knock, "/fl/knock/676c6f62616c2f612062/k/1f");
+        assert_eq!(
+            crate::watches::dir_of(n.own_knock.as_bytes()),
+            Some(n.knock_dir.as_bytes())
+        );
         assert!(is_writer(&n.dir, n.own.as_bytes()));
         let r = Names::new("/fl", b"global/a b", true, 0x1f);
         assert!(!is_writer(&r.dir, r.own.as_bytes()));

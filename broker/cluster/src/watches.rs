@@ -1,23 +1,30 @@
-//! One etcd watch per lease session over every node-grant entry
-//! (`P/lock/`), shared by the key tasks: a waiter waits on it for its
-//! predecessor's deletion (step 2 of docs/cluster.md), a holder for an entry
-//! queued after its own (step 5, the callback).
+//! Two etcd watches per lease session, shared by the key tasks: one over
+//! every node-grant entry (`P/lock/`, deletions only) on which a waiter
+//! waits for its predecessor's deletion (step 2 of docs/cluster.md), one
+//! over the knocks (`P/knock/`, puts only) on which a holder waits for a
+//! host queued behind it (step 5, the callback).
 //!
-//! One watch instead of one per wait: each node grant opened a watch stream
-//! of its own (and often read the store once more to close the gap between
-//! its last read and the watch's start), so a first acquisition cost etcd a
-//! transaction, a watch stream and a range read instead of the transaction
-//! alone, and a host held one open stream per cached key.
+//! Shared watches instead of one per wait: each node grant opened a watch
+//! stream of its own (and often read the store once more to close the gap
+//! between its last read and the watch's start), so a first acquisition
+//! cost etcd a transaction, a watch stream and a range read instead of the
+//! transaction alone, and a host held one open stream per cached key.
 //!
-//! No event is missed: a wait registers its interest, then, when the watch
+//! Filtered, and knocks apart from entries: a first acquisition of a free
+//! key (the entry and held marker it puts) sends no event to any host. A
+//! single watch over `P/lock/` sent every host an event per first
+//! acquisition anywhere, which cost etcd a send per host on the
+//! acquisition's own path (docs/cluster.md, figures).
+//!
+//! No event is missed: a wait registers its interest, then, when its watch
 //! has already passed the revision at which the waiter last read the store
 //! (or is not running), reads the store once (`look`) — a linearizable read
 //! sees every revision the watch has delivered. Events after the
-//! registration are dispatched to it. When the watch (re)starts, every
-//! registered wait is told to register and look again.
+//! registration are dispatched to it. When a watch (re)starts, every wait
+//! registered on it is told to register and look again.
 
 use crate::etcd_lock::{EtcdError, REQUEST_TIMEOUT};
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::{Client, EventType, WatchFilterType, WatchOptions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,8 +36,8 @@ struct State {
     live: bool,
     /// The revision up to which its events have been dispatched.
     processed: i64,
-    /// Waits for an entry under a key's directory (`P/lock/<hex key>/`)
-    /// created after a revision.
+    /// Waits for a knock under a key's directory (`P/knock/<hex key>/`)
+    /// written after a revision.
     later: HashMap<Vec<u8>, Vec<(i64, oneshot::Sender<()>)>>,
     /// Waits for an entry's deletion.
     deleted: HashMap<Vec<u8>, Vec<oneshot::Sender<()>>>,
@@ -61,11 +68,13 @@ impl State {
         match event.event_type() {
             EventType::Put => {
                 let Some(dir) = dir_of(kv.key()) else { return };
-                let created = kv.create_revision();
+                // The put's own revision: a knock written again by a host
+                // that queues again keeps its create revision.
+                let written = kv.mod_revision();
                 if let Some(waits) = self.later.get_mut(dir) {
                     let mut kept = Vec::with_capacity(waits.len());
                     for (after, tx) in waits.drain(..) {
-                        if created > after {
+                        if written > after {
                             let _ = tx.send(());
                         } else if !tx.is_closed() {
                             kept.push((after, tx));
@@ -87,8 +96,9 @@ impl State {
     }
 }
 
-/// The directory of an entry `P/lock/<hex key>/<r|w>/<lease hex>`:
-/// `P/lock/<hex key>/`.
+/// The directory of an entry `P/lock/<hex key>/<r|w>/<lease hex>` or of a
+/// knock `P/knock/<hex key>/k/<lease hex>`: `P/lock/<hex key>/`,
+/// `P/knock/<hex key>/`.
 pub fn dir_of(entry: &[u8]) -> Option<&[u8]> {
     let lease_slash = entry.iter().rposition(|&b| b == b'/')?;
     let mode_slash = entry[..lease_slash].iter().rposition(|&b| b == b'/')?;
@@ -97,38 +107,37 @@ pub fn dir_of(entry: &[u8]) -> Option<&[u8]> {
 
 /// What a wait waits for.
 pub enum Wanted<'a> {
-    /// An entry under `dir` created after revision `after`.
+    /// A knock under `dir` (`P/knock/<hex key>/`) written after revision
+    /// `after`.
     Later { dir: &'a [u8], after: i64 },
     /// The deletion of `entry`.
     Deleted { entry: &'a [u8] },
 }
 
-/// The session's shared watch; cheap to clone.
-#[derive(Clone)]
-pub struct Watches {
-    state: Arc<Mutex<State>>,
+/// One watch over a prefix, with one kind of event filtered out.
+struct Watch {
+    state: Mutex<State>,
     prefix: String,
+    /// The events this watch does not need (etcd drops them before
+    /// sending: they cost no send and no wake-up here).
+    filter: WatchFilterType,
 }
 
-impl Watches {
-    /// A watch over `prefix` (`P/lock/`), not running until [`Watches::run`].
-    pub fn new(prefix: String) -> Watches {
-        Watches {
-            state: Arc::default(),
-            prefix,
-        }
-    }
-
+impl Watch {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs the watch for as long as the session lives (the session aborts
-    /// it), starting it again after any failure.
-    pub async fn run(self, client: Client) {
+    /// Runs the watch for as long as the session lives, starting it again
+    /// after any failure.
+    async fn run(&self, client: &Client) {
         loop {
-            if let Err(e) = self.watch_once(&client).await {
-                tracing::debug!(error = %e, "the node-grant watch stopped; starting it again");
+            if let Err(e) = self.watch_once(client).await {
+                tracing::debug!(
+                    error = %e,
+                    prefix = self.prefix,
+                    "a node-grant watch stopped; starting it again"
+                );
             }
             {
                 let mut s = self.state();
@@ -141,7 +150,9 @@ impl Watches {
 
     async fn watch_once(&self, client: &Client) -> Result<(), EtcdError> {
         let mut c = client.clone();
-        let options = WatchOptions::new().with_prefix();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_filters([self.filter]);
         let mut stream = match tokio::time::timeout(
             REQUEST_TIMEOUT,
             c.watch(self.prefix.as_str(), Some(options)),
@@ -171,10 +182,44 @@ impl Watches {
         }
         Err(EtcdError::WatchEnded(self.prefix.clone()))
     }
+}
+
+/// The session's shared watches; cheap to clone.
+#[derive(Clone)]
+pub struct Watches {
+    /// `P/lock/`, deletions: [`Wanted::Deleted`].
+    entries: Arc<Watch>,
+    /// `P/knock/`, puts: [`Wanted::Later`].
+    knocks: Arc<Watch>,
+}
+
+impl Watches {
+    /// The watches of the node grants under `etcd_prefix` (`P`), not
+    /// running until [`Watches::run`].
+    pub fn new(etcd_prefix: &str) -> Watches {
+        let watch = |dir: &str, filter| {
+            Arc::new(Watch {
+                state: Mutex::default(),
+                prefix: format!("{etcd_prefix}/{dir}/"),
+                filter,
+            })
+        };
+        Watches {
+            entries: watch("lock", WatchFilterType::NoPut),
+            knocks: watch("knock", WatchFilterType::NoDelete),
+        }
+    }
+
+    /// Runs both watches for as long as the session lives (the session
+    /// aborts it), starting each again after any failure.
+    pub async fn run(self, client: Client) {
+        tokio::join!(self.entries.run(&client), self.knocks.run(&client));
+    }
 
     /// Forgets waits whose waiter has gone.
     pub fn prune(&self) {
-        self.state().prune();
+        self.entries.state().prune();
+        self.knocks.state().prune();
     }
 
     /// Returns once `wanted` has happened after revision `seen_at` (the
@@ -190,10 +235,14 @@ impl Watches {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<bool, EtcdError>>,
     {
+        let watch = match wanted {
+            Wanted::Later { .. } => &self.knocks,
+            Wanted::Deleted { .. } => &self.entries,
+        };
         loop {
             let (tx, rx) = oneshot::channel();
             let must_look = {
-                let mut s = self.state();
+                let mut s = watch.state();
                 match wanted {
                     Wanted::Later { dir, after } => {
                         s.later.entry(dir.to_vec()).or_default().push((after, tx))

@@ -106,7 +106,8 @@
 //!   lost; so requests of one host are never reordered).
 //! * Watches are polled: a waiter re-sends `Check`, a holder's callback fires
 //!   whenever a later conflicting key exists (a late or lost watch event only
-//!   delays). The predecessor a waiter "saw go away" is the one its last
+//!   delays; the knock that wakes the agent's holder only wakes, the keys
+//!   decide). The predecessor a waiter "saw go away" is the one its last
 //!   `Check` answered.
 //! * Time is only the two guards above; `min_hold` is nondeterminism (a drain
 //!   may start at any time after the callback).
