@@ -801,61 +801,6 @@ mod tests {
         assert!(status.trail <= status.bound, "{status:?}");
     }
 
-    /// The online choice follows an expert (a member read at a cut); the
-    /// allocator reads the written scores at its own threshold. At the
-    /// written cut (`online::WRITTEN_CUT`) it must prepare exactly the keys
-    /// the followed expert would: those whose member score clears the cut.
-    /// (Before this, only the member's scores were written and its cut was
-    /// lost: a fixed threshold meant a different expert for each member
-    /// followed in turn.)
-    #[test]
-    fn the_written_scores_put_the_followed_cut_at_the_written_cut() {
-        use crate::online::{MEMBERS, WRITTEN_CUT};
-        let mut checked_other_cut = false;
-        for seed in 1u64..8 {
-            let events = stream(seed, 4000, [40, 200, 1000][seed as usize % 3]);
-            let end = events.last().unwrap().0;
-            let mut online = Forecaster::new(config(ModelKind::Online));
-            run_to(&mut online, &events, end);
-            let described = online.model().describe();
-            // "online: leader NAME at cut C after ..."
-            let (name, cut) = described
-                .strip_prefix("online: leader ")
-                .and_then(|rest| rest.split_once(" at cut "))
-                .map(|(name, rest)| {
-                    let cut: f32 = rest.split(' ').next().unwrap().parse().unwrap();
-                    (name.to_owned(), cut)
-                })
-                .unwrap();
-            let &(_, kind, scale) = MEMBERS.iter().find(|m| m.0 == name).unwrap();
-            if matches!(kind, ModelKind::Logistic | ModelKind::HoldValue) {
-                // A learned member alone samples as the online choice does,
-                // but only the unlearned ones are compared here.
-                continue;
-            }
-            let mut alone = Forecaster::new(PredictorConfig {
-                frequency_scale: scale,
-                ..config(kind)
-            });
-            run_to(&mut alone, &events, end);
-            let (keys, written) = online.scores().unwrap();
-            let (keys_alone, member) = alone.scores().unwrap();
-            assert_eq!(keys, keys_alone);
-            for (row, (&w, &m)) in written.iter().zip(member).enumerate() {
-                assert_eq!(
-                    w >= WRITTEN_CUT,
-                    m >= cut,
-                    "row {row}: written {w}, {name} {m} at cut {cut}"
-                );
-            }
-            checked_other_cut |= cut != WRITTEN_CUT;
-        }
-        assert!(
-            checked_other_cut,
-            "no stream led to a cut other than the written one"
-        );
-    }
-
     #[test]
     fn with_a_small_budget_the_online_choice_follows_the_member_that_prepares_ahead() {
         // 300 chains of two keys, a chain every 10 ms: its head, then its

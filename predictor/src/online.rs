@@ -69,22 +69,6 @@
 //! new leader inherits them), its threshold adapts instead of being one of
 //! the cuts, and the sample stands for all keys. `forelock replay` measures
 //! the real thing (docs/forecasting.md).
-//!
-//! # The written scores
-//!
-//! The chooser follows an expert, a member AND a cut; the allocator reads
-//! the written scores at a threshold of its own. So the written scores carry
-//! the cut: the followed member's score `s`, read at cut `c`, is written as
-//! [`carry_cut`]`(s, c)`, the monotone piecewise-linear map that sends `c` to
-//! [`WRITTEN_CUT`] (and 0 to 0, 1 to 1). At the threshold `WRITTEN_CUT` the
-//! allocator prepares and keeps exactly the keys the followed expert would;
-//! at a threshold `t` below it, those the member scores at or above
-//! `c x t / WRITTEN_CUT`. Without this, only the member's scores were
-//! written: the members' scores are on different scales (hold-value's is a
-//! price, not a probability), so one fixed threshold meant a different
-//! expert each time the leader changed, and the threshold the replay chose
-//! on a trace's first half, under one leader, was not the one that suited
-//! the second half's leader (tpcc-pg-a, docs/forecasting.md).
 
 use crate::config::{ModelKind, PredictorConfig};
 use crate::features::{FEATURES, FeatureStore, FeatureView};
@@ -339,11 +323,6 @@ impl Online {
         self.chooser.leader() / SIMULATED_CUTS.len()
     }
 
-    /// The cut of the expert the chooser follows.
-    pub fn leader_cut(&self) -> f32 {
-        SIMULATED_CUTS[self.chooser.leader() % SIMULATED_CUTS.len()]
-    }
-
     /// Closes the round since the last tick: each expert's loss, the
     /// choice's, and the waste price's step (module docs).
     fn close_round(&mut self) {
@@ -374,25 +353,6 @@ impl Online {
     }
 }
 
-/// Where the written scores put the followed expert's cut (module docs, "The
-/// written scores"): the middle of [`SIMULATED_CUTS`] on a log scale, inside
-/// the broker's adaptive range (0.02 ... 0.95).
-pub const WRITTEN_CUT: f32 = 0.1;
-
-/// The followed member's score `score`, read at `cut`, as written: the
-/// piecewise-linear map of `[0, cut]` onto `[0, WRITTEN_CUT]` and of
-/// `[cut, 1]` onto `[WRITTEN_CUT, 1]`. Monotone (the member's ranking is
-/// kept), 0 and 1 fixed; a threshold `t <= WRITTEN_CUT` on the written
-/// scores is the threshold `cut x t / WRITTEN_CUT` on the member's.
-#[inline(always)]
-pub fn carry_cut(score: f32, cut: f32) -> f32 {
-    if score <= cut {
-        score * (WRITTEN_CUT / cut)
-    } else {
-        WRITTEN_CUT + (score - cut) * ((1.0 - WRITTEN_CUT) / (1.0 - cut))
-    }
-}
-
 /// The expert followed first (hold-value at 0.1) until losses say otherwise.
 const FIRST_CUT: usize = 2;
 /// Losses of the round played with a tick's scores are known one tick later.
@@ -412,18 +372,9 @@ impl Model for Online {
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
         self.leader().score(view, out);
-        let cut = self.leader_cut();
-        if cut != WRITTEN_CUT {
-            for score in out.iter_mut() {
-                *score = carry_cut(*score, cut);
-            }
-        }
     }
     fn score_one(&self, view: &FeatureView<'_>, row: usize, features: &[f32; FEATURES]) -> f32 {
-        carry_cut(
-            self.leader().score_one(view, row, features),
-            self.leader_cut(),
-        )
+        self.leader().score_one(view, row, features)
     }
     fn learns(&self) -> bool {
         true
