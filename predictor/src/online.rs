@@ -31,12 +31,14 @@
 //! misses of the sampled requests since the last tick, against the slots the
 //! miniature's last tick left; waste of the slots it freed. The price (misses
 //! per wasted slot-second) is a Lagrange multiplier for the issue's
-//! constraint "no more than 2x keep-alive's waste": each round it goes up
-//! by 0.2 % while the leader's discounted waste is above 1.5 x that of
-//! keep-alive's miniature (the replay's "no prediction"), else down by as
-//! much (between 1e-4 and 1e3). A round's price is fixed when the round is
-//! scored; later changes do not rewrite past losses, so the losses the
-//! chooser sees are one fixed sequence and the bound below applies to it.
+//! constraint "no more than 2x keep-alive's waste", set each round to the
+//! dual solution on the discounted sums ([`dual_price`]): the lowest price
+//! (of a grid from 1e-4 to 1e3, four per decade) at which the expert with
+//! the least discounted misses + price x waste wastes at most 1.5 x
+//! keep-alive's miniature (the replay's "no prediction"). A round's price
+//! is fixed when the round is scored; later changes do not rewrite past
+//! losses, so the losses the chooser sees are one fixed sequence and the
+//! bound below applies to it.
 //!
 //! # The choice and its margin
 //!
@@ -244,6 +246,8 @@ pub struct Online {
     waste_price: f64,
     /// Discounted waste (slot-seconds) per expert, with the chooser's discount.
     waste: Vec<f64>,
+    /// Discounted misses per expert, likewise.
+    misses: Vec<f64>,
     discount: f64,
     /// The expert followed when this tick's scores were written, and the
     /// one before (the round closed at a tick was played with the latter).
@@ -291,6 +295,7 @@ impl Online {
             ),
             waste_price: WASTE_PRICE_START,
             waste: vec![0.0; EXPERTS],
+            misses: vec![0.0; EXPERTS],
             discount: 1.0 - 1.0 / window_rounds,
             followed_now: first,
             followed_before: first,
@@ -339,31 +344,54 @@ impl Online {
         for (total, &waste) in self.waste.iter_mut().zip(&round.waste_slot_s) {
             *total = *total * self.discount + waste;
         }
-        // The constraint: the leader's waste at most WASTE_RATIO_MAX times
-        // keep-alive's (the replay's "no prediction"), in the same miniatures.
-        let reference = self.waste[expert(0, 0)];
-        let leader = self.waste[self.chooser.leader()];
-        let step = 1.0 + PRICE_STEP;
-        self.waste_price = if leader > WASTE_RATIO_MAX * reference {
-            self.waste_price * step
-        } else {
-            self.waste_price / step
+        for (total, &misses) in self.misses.iter_mut().zip(&round.misses) {
+            *total = *total * self.discount + f64::from(misses);
         }
-        .clamp(WASTE_PRICE_MIN, WASTE_PRICE_MAX);
+        // The constraint: waste at most WASTE_RATIO_MAX times keep-alive's
+        // (the replay's "no prediction"), in the same miniatures.
+        let limit = WASTE_RATIO_MAX * self.waste[expert(0, 0)];
+        self.waste_price = dual_price(&self.misses, &self.waste, limit);
     }
+}
+
+/// The waste price for the next round: the dual solution of "fewest
+/// misses with waste at most `limit`" on the discounted sums, the lowest
+/// price of the grid at which the expert with the least `misses + price x
+/// waste` (the first on a tie) meets the limit ([`WASTE_PRICE_MAX`] if none
+/// does). It depends on the sums alone, not on its own past: the rule it
+/// replaces stepped the price by 0.2 % a round towards the limit, which let
+/// it swing over five orders of magnitude within the chooser's window on
+/// cloudphysics (docs/forecasting.md).
+pub fn dual_price(misses: &[f64], waste: &[f64], limit: f64) -> f64 {
+    for step in 0..=PRICE_GRID_STEPS {
+        let price = WASTE_PRICE_MIN
+            * (WASTE_PRICE_MAX / WASTE_PRICE_MIN)
+                .powf(f64::from(step) / f64::from(PRICE_GRID_STEPS));
+        let best = (0..misses.len())
+            .min_by(|&a, &b| {
+                (misses[a] + price * waste[a]).total_cmp(&(misses[b] + price * waste[b]))
+            })
+            .expect("experts");
+        if waste[best] <= limit {
+            return price;
+        }
+    }
+    WASTE_PRICE_MAX
 }
 
 /// The expert followed first (hold-value at 0.1) until losses say otherwise.
 const FIRST_CUT: usize = 2;
 /// Losses of the round played with a tick's scores are known one tick later.
 const DELAY_ROUNDS: u64 = 1;
-/// The waste price: misses per wasted slot-second, at start and its range;
-/// per round it goes up by `PRICE_STEP` when the leader wastes more than
-/// `WASTE_RATIO_MAX` times keep-alive, else down by as much.
+/// The waste price: misses per wasted slot-second, for the first round and
+/// its range; after the first round, [`dual_price`] sets it, to hold waste
+/// to `WASTE_RATIO_MAX` times keep-alive's.
 const WASTE_PRICE_START: f64 = 0.2;
 const WASTE_PRICE_MIN: f64 = 1e-4;
 const WASTE_PRICE_MAX: f64 = 1e3;
-const PRICE_STEP: f64 = 0.002;
+/// The price grid: `PRICE_GRID_STEPS + 1` prices from `WASTE_PRICE_MIN`
+/// to `WASTE_PRICE_MAX`, evenly on a log scale (four per decade).
+const PRICE_GRID_STEPS: u32 = 28;
 const WASTE_RATIO_MAX: f64 = 1.5;
 
 impl Model for Online {
@@ -559,6 +587,19 @@ mod tests {
             "{}",
             chooser.switches
         );
+    }
+
+    #[test]
+    fn the_waste_price_is_the_lowest_at_which_the_best_expert_meets_the_limit() {
+        // A: 10 misses, 1 slot-s of waste; B: no misses, 100 slot-s. With
+        // the limit at 1.5, B (over it) is best below a price of 10 / 99,
+        // so the price is the first of the grid above it (10^-0.75).
+        let price = dual_price(&[10.0, 0.0], &[1.0, 100.0], 1.5);
+        assert!((price - 10f64.powf(-0.75)).abs() < 1e-9, "{price}");
+        // Nothing over the limit: the lowest price.
+        assert_eq!(dual_price(&[10.0, 0.0], &[1.0, 1.0], 1.5), WASTE_PRICE_MIN);
+        // Nothing meets it: the highest.
+        assert_eq!(dual_price(&[10.0, 0.0], &[2.0, 3.0], 1.5), WASTE_PRICE_MAX);
     }
 
     #[test]
