@@ -94,7 +94,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub systems: Vec<String>,
 
-    /// Only these workloads (comma separated: uncontended-2p, handoff-2p,
+    /// Only these workloads (comma separated: uncontended-1p, uncontended-2p, handoff-2p,
     /// hot-2p, hot-4p, hot-8p, zipf-4p).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub workloads: Vec<String>,

@@ -204,7 +204,7 @@ struct Target {
     aim: f64,
 }
 
-const TARGETS: [Target; 7] = [
+const TARGETS: [Target; 9] = [
     Target {
         label: "prepared key, uncontended, vs in-process std Mutex",
         workload: "uncontended-2p",
@@ -223,6 +223,14 @@ const TARGETS: [Target; 7] = [
     },
     Target {
         label: "unprepared key (fresh key: one round trip, CAS release) vs bare Unix-socket round trip",
+        workload: "uncontended-1p",
+        system: FORELOCK_FRESH_NAME,
+        peer: "unix-socket",
+        floor: 2.0,
+        aim: 1.5,
+    },
+    Target {
+        label: "the same, two processes at once (one broker thread; an echo thread each)",
         workload: "uncontended-2p",
         system: FORELOCK_FRESH_NAME,
         peer: "unix-socket",
@@ -231,6 +239,14 @@ const TARGETS: [Target; 7] = [
     },
     Target {
         label: "never-prepared broker (policy none: two round trips) vs bare Unix-socket round trip",
+        workload: "uncontended-1p",
+        system: FORELOCK_UNPREPARED_NAME,
+        peer: "unix-socket",
+        floor: 2.0,
+        aim: 1.5,
+    },
+    Target {
+        label: "the same, two processes at once",
         workload: "uncontended-2p",
         system: FORELOCK_UNPREPARED_NAME,
         peer: "unix-socket",
@@ -265,7 +281,7 @@ const TARGETS: [Target; 7] = [
 
 /// The targets of issue 12 on the batch figure (ns per operation over a
 /// loop, no clock read per operation): `system` / `peer` at most `floor`.
-const BATCH_TARGETS: [Target; 3] = [
+const BATCH_TARGETS: [Target; 4] = [
     Target {
         label: "prepared key, batch, vs in-process std Mutex",
         workload: "uncontended-2p",
@@ -284,6 +300,14 @@ const BATCH_TARGETS: [Target; 3] = [
     },
     Target {
         label: "unprepared key (fresh key), batch, vs bare Unix-socket round trip",
+        workload: "uncontended-1p",
+        system: FORELOCK_FRESH_NAME,
+        peer: "unix-socket",
+        floor: 2.0,
+        aim: 1.5,
+    },
+    Target {
+        label: "the same, two processes at once",
         workload: "uncontended-2p",
         system: FORELOCK_FRESH_NAME,
         peer: "unix-socket",

@@ -65,6 +65,13 @@ impl Workload {
     /// Every workload, in table order.
     pub fn all() -> Vec<Workload> {
         vec![
+            // One process: a round trip with nothing queued before it (the
+            // broker serves every client on one thread, an echo server one
+            // thread per connection, so two processes also measure that).
+            Workload {
+                kind: WorkloadKind::Uncontended,
+                processes: 1,
+            },
             Workload {
                 kind: WorkloadKind::Uncontended,
                 processes: 2,
