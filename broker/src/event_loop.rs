@@ -436,10 +436,15 @@ impl EventLoop {
             config.socket_mode(),
         )?;
         let signal_fd = block_signals()?;
-        // No COOP_TASKRUN or DEFER_TASKRUN: completions must reach the
-        // completion queue while the loop spins in user space.
+        // COOP_TASKRUN: a completion's task work waits for this thread's
+        // next entry into the kernel instead of interrupting it with an
+        // IPI. The loop enters it all the time: its spin yields on every
+        // turn (`spin_for_completions`), else it waits in io_uring_enter.
+        // The IPI cost a round trip across CPUs about 8 us on a VM (a ping
+        // 13 us against 5 us without it, the machine otherwise idle).
         let ring = IoUring::builder()
             .setup_single_issuer()
+            .setup_coop_taskrun()
             .build(config.broker.uring_entries).context(
             "cannot create an io_uring (is io_uring disabled by sysctl kernel.io_uring_disabled, or \
              blocked by seccomp?)",
@@ -555,7 +560,10 @@ impl EventLoop {
             // Yield, not pause: on a machine whose CPUs are all busy, the
             // process this loop just answered may be waiting for this CPU,
             // and a pause loop would hold it off for the whole spin. With
-            // nothing else runnable, sched_yield returns at once.
+            // nothing else runnable, sched_yield returns at once. Its return
+            // to user space also runs the ring's pending task work
+            // (COOP_TASKRUN: nothing else would), posting the completions
+            // this loop looks for.
             // SAFETY: sched_yield takes no arguments and touches no memory.
             unsafe { libc::sched_yield() };
             if started.elapsed() >= spin {

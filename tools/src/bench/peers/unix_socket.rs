@@ -2,11 +2,13 @@
 //! lock (it excludes nothing): the floor for forelock's broker round trip.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -61,11 +63,53 @@ fn start(env: &BenchEnv) -> Result<Box<dyn LockSystem>, StartError> {
 
 fn echo(mut stream: UnixStream) {
     let mut message = [0u8; MESSAGE_BYTES];
-    while stream.read_exact(&mut message).is_ok() {
+    while read_polling(&mut stream, &mut message).is_ok() {
         if stream.write_all(&message).is_err() {
             break;
         }
     }
+}
+
+/// How long each side polls for the other's bytes before it sleeps in
+/// `read`: forelockd's default `spin_us` and the client's default answer
+/// poll (`FORELOCK_ANSWER_SPIN_US`), so that the floor waits the way
+/// forelock does. A blocking echo on an otherwise idle VM pays a halted
+/// vCPU's wake-up per message (about 40 us here), which forelock's poll
+/// avoids: the floor would not be one.
+const POLL_FOR: Duration = Duration::from_micros(50);
+
+/// Fill `buf` from `stream`: `recv(MSG_DONTWAIT)` and `sched_yield` for up to
+/// [`POLL_FOR`], then a blocking read of the rest.
+fn read_polling(stream: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut filled = 0;
+    while filled < buf.len() && started.elapsed() < POLL_FOR {
+        let rest = &mut buf[filled..];
+        // SAFETY: recv writes at most `rest.len()` bytes into `rest`, a
+        // valid writable buffer, on an fd `stream` owns.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => filled += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::Interrupted
+                {
+                    return Err(e);
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+    stream.read_exact(&mut buf[filled..])
 }
 
 impl Drop for EchoServer {
@@ -85,7 +129,7 @@ impl LockSystem for EchoServer {
         SystemTraits {
             sharing: Sharing::CrossProcess,
             excludes: false,
-            note: "unix-socket: 64-byte request/response over SOCK_STREAM to an echo thread (not a lock)",
+            note: "unix-socket: 64-byte request/response over SOCK_STREAM to an echo thread (not a lock); both sides poll 50 us before they sleep, as forelock does",
         }
     }
 
@@ -113,7 +157,7 @@ impl LockSession for EchoSession {
             .write_all(&self.message)
             .context("echo request")?;
         let mut reply = [0u8; MESSAGE_BYTES];
-        self.stream.read_exact(&mut reply).context("echo reply")?;
+        read_polling(&mut self.stream, &mut reply).context("echo reply")?;
         anyhow::ensure!(
             reply == self.message,
             "the echo server answered other bytes"
