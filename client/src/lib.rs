@@ -415,24 +415,47 @@ impl Client {
                 });
             }
             if !matches!(wait, Wait::Try) && !self.inner.fifo.load(Ordering::Relaxed) {
+                let fast_guard = |hold: FastHold| LockGuard {
+                    inner: &self.inner,
+                    slot: hold.slot,
+                    token: hold.token,
+                    owner_died: hold.owner_died,
+                    shared: false,
+                    how: Grant::Fast(hold.held),
+                    released: false,
+                };
                 match self.inner.try_contended(key, hash, wait)? {
-                    ContendedAnswer::Held(hold) => {
-                        return Ok(LockGuard {
-                            inner: &self.inner,
-                            slot: hold.slot,
-                            token: hold.token,
-                            owner_died: hold.owner_died,
-                            shared: false,
-                            how: Grant::Fast(hold.held),
-                            released: false,
-                        });
-                    }
+                    ContendedAnswer::Held(hold) => return Ok(fast_guard(hold)),
+                    ContendedAnswer::Broker(rest) => wait = rest,
+                }
+                // Not on the fast path (not prepared, or taken over): ask
+                // the broker without queueing first. It grants a free key,
+                // and answers a key held on the fast path with WouldBlock
+                // without taking it over; the contended path then sleeps on
+                // the slot. So a key that many processes want at once while
+                // it is unprepared stays on the fast path: queueing each of
+                // them in the broker made every later acquire queue there
+                // too, and with 8 processes the queue never drained (issue
+                // 12). A wait with a timeout may overrun it by this round
+                // trip.
+                match self.inner.acquire_slow(key, false, Wait::Try) {
+                    Ok(grant) => return Ok(self.guard(grant, false)),
+                    Err(Error::WouldBlock { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                match self.inner.try_contended(key, hash, wait)? {
+                    ContendedAnswer::Held(hold) => return Ok(fast_guard(hold)),
                     ContendedAnswer::Broker(rest) => wait = rest,
                 }
             }
         }
         let grant = self.inner.acquire_slow(key, shared, wait)?;
-        Ok(LockGuard {
+        Ok(self.guard(grant, shared))
+    }
+
+    /// The guard of a grant the broker made.
+    fn guard(&self, grant: BrokerGrant, shared: bool) -> LockGuard<'_> {
+        LockGuard {
             inner: &self.inner,
             slot: grant.slot,
             token: grant.token,
@@ -440,7 +463,7 @@ impl Client {
             shared,
             how: self.inner.grant_kind(&grant, shared),
             released: false,
-        })
+        }
     }
 }
 

@@ -619,7 +619,8 @@ fn serve(state: Arc<MockState>, fd: OwnedFd) {
             state.cell_fds.lock().unwrap().insert(c, fd.as_raw_fd());
         }
         state.requests.lock().unwrap().push((cell, request.clone()));
-        let response = (state.handler)(&state, cell, &request).unwrap_or_else(|| match request {
+        let scripted = (state.handler)(&state, cell, &request);
+        let response = scripted.unwrap_or_else(|| match request {
             Request::Hello {
                 client: Some(_), ..
             } if state.refuse_attach.load(Ordering::Relaxed) => Response::Error {
@@ -664,11 +665,13 @@ fn defaults(_: &Arc<MockState>, _: u32, _: &Request) -> Option<Response> {
     None
 }
 
+/// Acquires that would queue (a blocking acquire's first ask, which does
+/// not queue, is not counted).
 fn acquires(state: &MockState) -> usize {
     state
         .requests()
         .iter()
-        .filter(|(_, r)| matches!(r, Request::Acquire { .. }))
+        .filter(|(_, r)| matches!(r, Request::Acquire { queue: true, .. }))
         .count()
 }
 
@@ -728,11 +731,13 @@ fn an_unprepared_key_is_granted_by_the_broker_and_released_through_it() {
     assert_eq!(guard.token(), 10);
     drop(guard);
     let requests = broker.state.requests();
+    // A free key off the fast path is granted by the client's first ask,
+    // which does not queue (see `Client::acquire`).
     assert!(requests.iter().any(|(_, r)| matches!(r,
         Request::Acquire {
             key,
             shared: false,
-            queue: true,
+            queue: false,
             request: 1..,
         } if key == b"cold")));
     assert!(
@@ -761,6 +766,8 @@ fn try_lock_on_a_held_key_is_would_block() {
 #[test]
 fn a_queued_request_sleeps_until_the_hand_off_and_learns_the_owner_died() {
     let broker = MockBroker::start(|state, cell, request| match request {
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => {
             let state = state.clone();
             std::thread::spawn(move || {
@@ -795,6 +802,8 @@ fn a_queued_request_sleeps_until_the_hand_off_and_learns_the_owner_died() {
 #[test]
 fn a_timeout_cancels_the_queued_request_and_reports_how_long_it_waited() {
     let broker = MockBroker::start(|_, _, request| match request {
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => Some(Response::Queued { slot: 3 }),
         _ => None,
     });
@@ -821,6 +830,8 @@ fn a_timeout_cancels_the_queued_request_and_reports_how_long_it_waited() {
 #[test]
 fn a_hand_off_that_wins_the_race_with_cancel_is_a_grant() {
     let broker = MockBroker::start(|_, _, request| match request {
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => Some(Response::Queued { slot: 4 }),
         Request::Cancel { .. } => Some(Response::Granted {
             slot: 4,
@@ -971,6 +982,8 @@ fn a_waiter_whose_broker_restarts_asks_the_new_broker_again() {
     let broker = MockBroker::start(|state, _, request| match request {
         // The first broker queues and never grants; after the restart
         // (epoch 2) the broker grants at once.
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } if state.epoch.load(Ordering::Relaxed) == 1 => {
             Some(Response::Queued { slot: 3 })
         }
@@ -993,6 +1006,8 @@ fn an_error_answered_to_a_queued_wait_is_reported() {
     let broker = MockBroker::start(|state, cell, request| match request {
         // The acquire queues, then the broker cannot hand over (the client's
         // hold list is full) and answers why on the connection.
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => {
             let state = state.clone();
             std::thread::spawn(move || {
@@ -1016,6 +1031,8 @@ fn an_error_answered_to_a_queued_wait_is_reported() {
 #[test]
 fn a_grant_scribbled_into_the_wait_cell_is_not_taken_for_a_grant() {
     let broker = MockBroker::start(|state, cell, request| match request {
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => {
             let state = state.clone();
             std::thread::spawn(move || {
@@ -1070,6 +1087,8 @@ fn a_recreated_table_is_reported_as_broker_restarted() {
 #[test]
 fn more_blocked_callers_than_wait_cells_share_the_64_connections() {
     let broker = MockBroker::start(|state, cell, request| match request {
+        // The client's first ask does not queue: the key is held.
+        Request::Acquire { queue: false, .. } => Some(Response::WouldBlock),
         Request::Acquire { queue: true, .. } => {
             let state = state.clone();
             std::thread::spawn(move || {

@@ -135,6 +135,30 @@ fn eight_processes_past_the_end_of_the_counter_stay_on_the_fast_path() {
     );
 }
 
+/// Issue 12, found by the full bench: 8 processes rushing a key the broker
+/// had not prepared (reclaimed while idle) all asked the broker; all but
+/// the first queued there, and every later acquire of the key found it
+/// taken over and queued too: the queue never drained (51.6k ops/s instead
+/// of millions). Now they first ask without queueing, find the key held on
+/// the fast path, and sleep on its slot.
+#[test]
+fn eight_processes_rushing_a_key_never_seen_stay_on_the_fast_path() {
+    let dir = TempDir::new("contend-rush");
+    let _b = Broker::start(dir.path(), KEEP_ALIVE);
+    let (queued_before, _) = broker_served(dir.path());
+    let mut c = Counting::new(dir.path(), "rushed");
+    c.spawn(8, 2000);
+    c.finish(8 * 2000);
+    let (queued, _) = broker_served(dir.path());
+    assert!(
+        queued - queued_before <= 64,
+        "{} of 16,000 acquires queued in the broker: the key left the fast path",
+        queued - queued_before
+    );
+    let (word, _, _) = slot_state(dir.path(), "rushed");
+    assert!(word.is_prepared() && word.is_free(), "{word:?}");
+}
+
 #[test]
 fn a_holder_killed_with_sleepers_behind_it_is_released_and_they_all_finish() {
     let dir = TempDir::new("contend-kill-holder");
