@@ -105,6 +105,40 @@ const BYE_WAIT: Duration = Duration::from_millis(500);
 /// Times one request is sent again after its connection broke.
 const RESEND_MAX: u32 = 3;
 
+/// The guard of an exclusive hold `$hold` (a [`FastHold`]) made on the
+/// fast path, built in place (see `Client::acquire`).
+macro_rules! fast_guard {
+    ($inner:expr, $hold:expr) => {{
+        let hold: FastHold = $hold;
+        LockGuard {
+            inner: $inner,
+            slot: hold.slot,
+            token: hold.token,
+            owner_died: hold.owner_died,
+            shared: false,
+            how: Grant::Fast(hold.held),
+            released: false,
+        }
+    }};
+}
+
+/// The guard of a grant `$grant` (a [`BrokerGrant`]) the broker made,
+/// built in place (see `Client::acquire`).
+macro_rules! broker_guard {
+    ($inner:expr, $grant:expr, $shared:expr) => {{
+        let (inner, grant, shared): (&Arc<Inner>, BrokerGrant, bool) = ($inner, $grant, $shared);
+        LockGuard {
+            inner,
+            slot: grant.slot,
+            token: grant.token,
+            owner_died: grant.owner_died,
+            shared,
+            how: inner.grant_kind(&grant, shared),
+            released: false,
+        }
+    }};
+}
+
 /// A connection to `forelockd` and a mapping of its lock table: the handle
 /// every lock is taken through. Clone it freely (it is an `Arc`).
 #[derive(Clone)]
@@ -400,32 +434,19 @@ impl Client {
 
     #[inline(always)]
     fn acquire(&self, name: Name<'_>, shared: bool, wait: Wait) -> Result<LockGuard<'_>, Error> {
+        // The guards below are built in place by macros, not returned by a
+        // helper: through a helper's return value the fast path's guard took
+        // a copy that stalled on store forwarding (a `Key`'s prepared
+        // acquire+release took 27.3 ns of CPU instead of 19.5).
         let (key, hash) = (name.bytes, name.hash);
         let mut wait = wait;
         if !shared {
             if let Some(hold) = self.inner.try_fast(&name) {
-                return Ok(LockGuard {
-                    inner: &self.inner,
-                    slot: hold.slot,
-                    token: hold.token,
-                    owner_died: hold.owner_died,
-                    shared: false,
-                    how: Grant::Fast(hold.held),
-                    released: false,
-                });
+                return Ok(fast_guard!(&self.inner, hold));
             }
             if !matches!(wait, Wait::Try) && !self.inner.fifo.load(Ordering::Relaxed) {
-                let fast_guard = |hold: FastHold| LockGuard {
-                    inner: &self.inner,
-                    slot: hold.slot,
-                    token: hold.token,
-                    owner_died: hold.owner_died,
-                    shared: false,
-                    how: Grant::Fast(hold.held),
-                    released: false,
-                };
                 match self.inner.try_contended(key, hash, wait)? {
-                    ContendedAnswer::Held(hold) => return Ok(fast_guard(hold)),
+                    ContendedAnswer::Held(hold) => return Ok(fast_guard!(&self.inner, hold)),
                     ContendedAnswer::Broker(rest) => wait = rest,
                 }
                 // Not on the fast path (not prepared, or taken over): ask
@@ -439,31 +460,18 @@ impl Client {
                 // 12). A wait with a timeout may overrun it by this round
                 // trip.
                 match self.inner.acquire_slow(key, false, Wait::Try) {
-                    Ok(grant) => return Ok(self.guard(grant, false)),
+                    Ok(grant) => return Ok(broker_guard!(&self.inner, grant, false)),
                     Err(Error::WouldBlock { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 match self.inner.try_contended(key, hash, wait)? {
-                    ContendedAnswer::Held(hold) => return Ok(fast_guard(hold)),
+                    ContendedAnswer::Held(hold) => return Ok(fast_guard!(&self.inner, hold)),
                     ContendedAnswer::Broker(rest) => wait = rest,
                 }
             }
         }
         let grant = self.inner.acquire_slow(key, shared, wait)?;
-        Ok(self.guard(grant, shared))
-    }
-
-    /// The guard of a grant the broker made.
-    fn guard(&self, grant: BrokerGrant, shared: bool) -> LockGuard<'_> {
-        LockGuard {
-            inner: &self.inner,
-            slot: grant.slot,
-            token: grant.token,
-            owner_died: grant.owner_died,
-            shared,
-            how: self.inner.grant_kind(&grant, shared),
-            released: false,
-        }
+        Ok(broker_guard!(&self.inner, grant, shared))
     }
 }
 
