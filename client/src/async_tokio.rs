@@ -107,17 +107,10 @@ impl Client {
         // dropped meanwhile, tokio drops the task's output there, and the
         // guard's drop releases the lock.
         let task = tokio::task::spawn_blocking(move || {
-            let grant = client.inner.acquire_slow(&key, shared, wait)?;
-            let how = client.inner.grant_kind(&grant, shared);
-            Ok(OwnedLockGuard {
-                client,
-                slot: grant.slot,
-                token: grant.token,
-                owner_died: grant.owner_died,
-                shared,
-                how,
-                released: false,
-            })
+            // The blocking call's whole way (contended path, the broker
+            // without queueing, then its queue), as `Client::lock` takes it.
+            let guard = client.acquire(key.as_slice().lock_name()?, shared, wait)?;
+            Ok(guard.into_owned(&client))
         });
         match task.await {
             Ok(result) => result,
