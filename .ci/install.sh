@@ -11,12 +11,14 @@ apt-get install -y -q --no-install-recommends fonts-dejavu-core systemd g++
 # libforelock_capi with the flags of forelock.pc (tools/tests/languages.rs).
 apt-get install -y -q --no-install-recommends gcc libc6-dev pkg-config
 # protobuf-compiler: etcd-client (the cluster agent, broker/cluster) compiles
-# etcd's .proto files at build time. iproute2, nftables, faketime and etcdctl
+# etcd's .proto files at build time; libprotobuf-dev: the well-known types
+# they import (google/protobuf/descriptor.proto, struct.proto), which
+# protobuf-compiler only recommends, so --no-install-recommends leaves out. iproute2, nftables, faketime and etcdctl
 # (etcd-client): the multi-host tests make hosts of network namespaces, cut
 # links with nftables and jump wall clocks with libfaketime (docs/cluster.md);
 # util-linux: setpriv, which ties each test host's processes to the test's
 # life (--pdeathsig). etcd-server itself comes with the peers below.
-apt-get install -y -q --no-install-recommends protobuf-compiler iproute2 nftables faketime etcd-client util-linux
+apt-get install -y -q --no-install-recommends protobuf-compiler libprotobuf-dev iproute2 nftables faketime etcd-client util-linux
 # maturin builds the Python package (client/python), pytest runs its tests;
 # filelock is the Python peer of the language benchmark. Into the machine's
 # Python 3.11 (a throwaway CI machine: no venv needed).
