@@ -40,6 +40,8 @@ pub struct Allocation {
     score_of: HashMap<u64, Scored>,
     /// Waiters reserved per key predicted contended.
     contention_waiters: usize,
+    /// Keyed slots the policy is shown per tick (`allocator.sweep_slots`).
+    sweep_slots: usize,
     candidates: Vec<Score>,
     views: Vec<SlotView>,
     actions: Vec<Action>,
@@ -69,6 +71,7 @@ impl Allocation {
             fresh: Vec::new(),
             score_of: HashMap::new(),
             contention_waiters: config.allocator.contention_waiters as usize,
+            sweep_slots: config.allocator.sweep_slots as usize,
             candidates: Vec::new(),
             views: Vec::new(),
             actions: Vec::new(),
@@ -106,7 +109,13 @@ impl Allocation {
             self.read_scores(scores, manager);
         }
         let scores = &self.score_of;
-        manager.tick(table, now_ms, |h| scores.get(&h).copied(), &mut self.views);
+        let left_out = manager.tick(
+            table,
+            now_ms,
+            |h| scores.get(&h).copied(),
+            &mut self.views,
+            self.sweep_slots,
+        );
         let stats = &table.header().stats;
         let feedback = Feedback {
             hits: stats.hits.load(Ordering::Relaxed),
@@ -119,7 +128,9 @@ impl Allocation {
         let input = TickInput {
             now_us: now_ms * 1000,
             // Leave a tenth of the table to the slow path's own preparations.
-            budget_slots: slot_count - slot_count / 10,
+            // The slots this tick's sweep left out count as kept: the
+            // policy acts on the slots it is shown, within what is left.
+            budget_slots: (slot_count - slot_count / 10).saturating_sub(left_out),
             slots: &self.views,
             candidates: &self.candidates,
             feedback: &feedback,

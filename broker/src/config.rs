@@ -66,6 +66,9 @@ pub struct AllocatorConfig {
     pub policy: Policy,
     pub keep_alive_ms: u64,
     pub tick_ms: u64,
+    /// Keyed slots the allocator looks at per tick: a larger table is swept
+    /// over several ticks, so a tick's pause is bounded (issue 12).
+    pub sweep_slots: u32,
     pub threshold: f32,
     pub target_waste: f32,
     /// "forecast" only: prepare the contention state (slot kept, waiter queue
@@ -178,6 +181,13 @@ impl Config {
         }
         if self.allocator.tick_ms == 0 {
             return Err("allocator.tick_ms must be at least 1".into());
+        }
+        if self.allocator.sweep_slots == 0 {
+            return Err(
+                "allocator.sweep_slots must be at least 1 (keyed slots the allocator looks at \
+                 per tick; the default is 4096)"
+                    .into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.allocator.threshold) {
             return Err("allocator.threshold must be within 0..=1".into());

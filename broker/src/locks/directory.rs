@@ -126,10 +126,23 @@ pub(super) struct Directory {
     /// One bit per slot, set while it holds a key: the tick's pass visits
     /// keyed slots only ([`Directory::next_keyed`]), not the whole table.
     keyed: Vec<u64>,
+    /// Where the allocator's sweep over the keyed slots stands (see
+    /// `LockManager::tick`).
+    pub(super) sweep: Sweep,
     /// How much work the table-sized loops did (tests only: the regression
     /// tests of issue 12 count visits rather than time them).
     #[cfg(test)]
     pub(super) visits: Visits,
+}
+
+/// The allocator's sweep over the keyed slots, a bounded number per tick:
+/// the slot to start the next tick from, and the counts of the sweep so
+/// far (published when it reaches the end of the table).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Sweep {
+    pub(super) cursor: u32,
+    pub(super) used: u64,
+    pub(super) prepared: u64,
 }
 
 /// Entries looked at by `remember`'s forgetting and by `allocate`'s search
@@ -156,6 +169,7 @@ impl Directory {
             order: BTreeSet::new(),
             parked: Vec::new(),
             keyed: vec![0; (slot_count as usize).div_ceil(64)],
+            sweep: Sweep::default(),
             #[cfg(test)]
             visits: Visits::default(),
         }

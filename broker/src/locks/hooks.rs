@@ -25,33 +25,66 @@ use shm_layout::sync::shm::Ordering;
 use shm_layout::table::TableView;
 
 impl LockManager {
-    /// Every tick, one pass over the keyed slots (not the whole table:
-    /// [`super::directory::Directory::next_keyed`]): notice fast-path
-    /// grants (a lock word's counter moved), publish slot counts, and
-    /// describe each slot for the allocator policy into `out`;
-    /// `scored(hash)` gives the forecaster's latest entry for a key.
-    /// Reclaiming is the policy's decision ([`crate::allocator`]), applied
-    /// through [`LockManager::evict`].
+    /// Every tick, the next `limit` keyed slots of a sweep over them (not
+    /// the whole table: [`super::directory::Directory::next_keyed`]):
+    /// notice fast-path grants (a lock word's counter moved), and describe
+    /// each slot for the allocator policy into `out`; `scored(hash)` gives
+    /// the forecaster's latest entry for a key. Slot counts are published
+    /// when a sweep reaches the end of the table. Reclaiming is the
+    /// policy's decision ([`crate::allocator`]), applied through
+    /// [`LockManager::evict`].
+    ///
+    /// A table with at most `limit` keyed slots is swept whole, from slot
+    /// 0, every tick. A larger one is swept `limit` slots a tick, going on
+    /// where the last tick stopped, so a tick's work is bounded whatever
+    /// the table's size (issue 12: 48 ms a tick with 1M keyed slots, every
+    /// 10 ms), and each slot is looked at every `keyed / limit` ticks.
+    /// Returns how many keyed slots this tick left out of `out`.
     pub fn tick(
         &mut self,
         table: &TableView,
         now_ms: u64,
         scored: impl Fn(u64) -> Option<Scored>,
         out: &mut Vec<SlotView>,
-    ) {
+        limit: usize,
+    ) -> usize {
         self.now_ms = now_ms;
         out.clear();
         let stats = &table.header().stats;
-        let (mut used, mut prepared) = (0u64, 0u64);
-        let mut next = self.dir.next_keyed(0);
-        while let Some(s) = next {
+        let keyed = self.dir.keys.len();
+        let whole = keyed <= limit;
+        if whole {
+            self.dir.sweep = Default::default();
+        }
+        let mut next = self.dir.next_keyed(self.dir.sweep.cursor);
+        let mut wrapped = false;
+        while whole || out.len() < limit {
+            let Some(s) = next else {
+                // The sweep is through the table: publish its counts.
+                stats
+                    .slots_used
+                    .store(self.dir.sweep.used, Ordering::Relaxed);
+                stats
+                    .slots_prepared
+                    .store(self.dir.sweep.prepared, Ordering::Relaxed);
+                self.dir.sweep = Default::default();
+                if whole || wrapped {
+                    break;
+                }
+                // Fewer than `limit` visits so far and more keyed slots
+                // than that: the rest are before the cursor, none twice.
+                wrapped = true;
+                next = self.dir.next_keyed(0);
+                continue;
+            };
             next = self.dir.next_keyed(s + 1);
+            self.dir.sweep.cursor = s + 1;
             #[cfg(test)]
             {
                 self.dir.visits.tick += 1;
             }
             let st = &mut self.dir.slots[s as usize];
-            used += 1;
+            self.dir.sweep.used += 1;
             let w = word_of(table, s);
             if w.counter() != st.last_counter {
                 let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
@@ -65,7 +98,7 @@ impl LockManager {
                 st.speculative = false;
             }
             if !st.managed {
-                prepared += 1;
+                self.dir.sweep.prepared += 1;
             }
             let held = !st.queue.is_empty()
                 || st.holder != Holder::Free
@@ -85,9 +118,8 @@ impl LockManager {
                 contention_prepared: st.contention_prepared,
             });
         }
-        stats.slots_used.store(used, Ordering::Relaxed);
-        stats.slots_prepared.store(prepared, Ordering::Relaxed);
         self.dir.unpark();
+        keyed - out.len()
     }
 
     /// Whether the key with `hash` has a slot.

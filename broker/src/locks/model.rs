@@ -535,7 +535,7 @@ impl Explorer {
                 s.m.client_gone(&table, s.clients[i].record, &mut w);
             }
             Step::Evict(slot) => {
-                s.m.tick(&table, 0, |_| None, &mut Vec::new());
+                s.m.tick(&table, 0, |_| None, &mut Vec::new(), usize::MAX);
                 s.m.evict(&table, events, slot);
             }
             Step::Restart => {
