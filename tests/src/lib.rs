@@ -22,8 +22,26 @@ use std::time::{Duration, Instant};
 /// Upper bound of any single wait in a test.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A fresh runtime directory, removed on drop.
+/// A fresh runtime directory, removed on drop. On tmpfs (`/dev/shm`) where
+/// there is one, as `/run` is for a deployed broker: a lock table mapped
+/// from a disk filesystem has its pages written back, and a lock word's
+/// store may then wait for the disk (seen: test clients asleep in
+/// `folio_wait_bit` inside their critical sections while builds loaded the
+/// disk, and the contended tests past their patience).
 pub struct TempDir(pub PathBuf);
+
+/// Where [`TempDir`]s go: `/dev/shm` if it is a writable directory, else
+/// the system's temporary directory.
+fn temp_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let writable = shm.is_dir()
+        && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly());
+    if writable {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
@@ -31,7 +49,7 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("fl-{name}-{}-{nanos}", std::process::id()));
+        let dir = temp_root().join(format!("fl-{name}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }

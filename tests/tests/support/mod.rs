@@ -20,6 +20,19 @@ pub fn worker_exe() -> &'static str {
 
 pub use forelock_tests::{Broker, PATIENCE, TempDir, wait_bounded};
 
+/// Held by each test of a file whose tests each run many contending
+/// processes, so that they run one at a time: nine 8-process tests at once
+/// put up to 80 processes on a 2-core machine, each critical section a
+/// file read and write, and a CI run beside other load then passed the
+/// tests' patience (seen once: 16,000 grants not done in 20 s). What they
+/// check (exclusion, tokens, progress) does not need the others beside
+/// them.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed holding it poisoned it; the next still runs.
+    ONE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// `Broker::start(dir, config)`: the broker under test, on `dir`.
 pub trait StartBroker {
     fn start(dir: &Path, config: &str) -> Broker;
