@@ -34,8 +34,8 @@ pub struct TempDir(pub PathBuf);
 /// the system's temporary directory.
 fn temp_root() -> PathBuf {
     let shm = Path::new("/dev/shm");
-    let writable = shm.is_dir()
-        && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly());
+    let writable =
+        shm.is_dir() && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly());
     if writable {
         shm.to_path_buf()
     } else {
