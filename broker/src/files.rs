@@ -64,6 +64,16 @@ impl RuntimeFiles {
         let dir = config.runtime_dir();
         let access = Access::from_config(config)?;
         let dir_fd = prepare_dir(&dir, &access)?;
+        if !in_memory(&dir_fd) {
+            tracing::warn!(
+                runtime_dir = %dir.display(),
+                "the runtime directory is not on tmpfs: the lock table is a shared mapping of a \
+                 file there, and on a disk filesystem its pages are written back, during which a \
+                 client's lock-word store may wait for the disk (milliseconds under disk load). \
+                 Put it on tmpfs: /run/forelock (the systemd unit's RuntimeDirectory) or \
+                 /dev/shm/..."
+            );
+        }
         let runtime = RuntimeDir {
             fd: dir_fd,
             path: &dir,
@@ -271,6 +281,23 @@ fn open_at(dir: RawFd, name: &CString, flags: libc::c_int, mode: u32) -> std::io
     }
     // SAFETY: openat returned a new fd that nothing else owns.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Whether the open directory `dir` is on a filesystem kept in memory only
+/// (tmpfs or ramfs), whose pages are never written back to a disk.
+fn in_memory(dir: &File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `dir` is an open fd for the call; fstatfs writes one `statfs`
+    // through the pointer, which points to room for exactly one.
+    let rc = unsafe { libc::fstatfs(dir.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return true; // cannot tell: no warning
+    }
+    // SAFETY: fstatfs returned 0, so it wrote the whole `statfs`.
+    let st = unsafe { st.assume_init() };
+    // ramfs's magic (linux/magic.h), which the libc crate does not name.
+    const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
+    matches!(st.f_type, libc::TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// Create the directory (0700, then the access mode) if it is missing, open
@@ -903,5 +930,22 @@ fn report_damage(dir: &Path, name: &str) {
              zeroed memory for it; clients and the predictor that still map it get SIGBUS when \
              they next touch it. Restart forelockd to recreate it, and find out who truncated it"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    #[test]
+    fn a_runtime_dir_on_tmpfs_is_in_memory_and_one_elsewhere_is_not() {
+        assert!(!super::in_memory(&File::open("/proc").unwrap()), "procfs");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        if mounts
+            .lines()
+            .any(|l| l.starts_with("tmpfs /dev/shm tmpfs "))
+        {
+            assert!(super::in_memory(&File::open("/dev/shm").unwrap()));
+        }
     }
 }
