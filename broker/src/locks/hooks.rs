@@ -37,7 +37,7 @@ impl LockManager {
     /// A table with at most `limit` keyed slots is swept whole, from slot
     /// 0, every tick. A larger one is swept `limit` slots a tick, going on
     /// where the last tick stopped, so a tick's work is bounded whatever
-    /// the table's size (issue 12: 48 ms a tick with 1M keyed slots, every
+    /// the table's size (issue 12: 37.6 ms of CPU a tick at 839k keys, every
     /// 10 ms), and each slot is looked at every `keyed / limit` ticks.
     /// Returns how many keyed slots this tick left out of `out`.
     pub fn tick(
@@ -119,7 +119,7 @@ impl LockManager {
             });
         }
         self.dir.unpark();
-        keyed - out.len()
+        keyed.saturating_sub(out.len())
     }
 
     /// Whether the key with `hash` has a slot.
