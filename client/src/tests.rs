@@ -1136,28 +1136,15 @@ fn client_and_guard_are_send_and_sync() {
     assert_send_sync::<LockGuard<'static>>();
 }
 
-/// This thread's CPU time (not wall time: on a shared machine a thread
-/// that is not running accrues none, so the figure holds under load).
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// CPU ns per call of `op` over `rounds` calls, the lowest of 3 tries.
 fn cpu_ns_per_op(rounds: u32, mut op: impl FnMut()) -> f64 {
     (0..3)
         .map(|_| {
-            let start = thread_cpu_ns();
+            let start = shm_layout::thread_cpu_ns();
             for _ in 0..rounds {
                 op();
             }
-            (thread_cpu_ns() - start) as f64 / f64::from(rounds)
+            (shm_layout::thread_cpu_ns() - start) as f64 / f64::from(rounds)
         })
         .fold(f64::INFINITY, f64::min)
 }

@@ -1958,19 +1958,6 @@ mod node_gate {
     }
 }
 
-/// This thread's CPU time in ns (holds on a shared machine, unlike wall
-/// time).
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Not a test, a measurement: `cargo test -p forelockd --release --lib --
 /// --ignored --nocapture tick_cost`. The CPU time of one allocator tick
 /// (keep-alive) on tables 80% full of idle keys (under the budget: nothing
@@ -1993,12 +1980,12 @@ fn tick_cost() {
             config.allocator.sweep_slots = sweep;
             f.alloc = crate::allocator_glue::Allocation::new(&config);
             let ticks = 20u64;
-            let start = thread_cpu_ns();
+            let start = shm_layout::thread_cpu_ns();
             for _ in 0..ticks {
                 f.alloc.tick_on(&mut f.m, &f.table, &f.events, None, f.now);
             }
             assert_eq!(f.m.dir.keys.len() as u32, keys, "nothing left");
-            (thread_cpu_ns() - start) as f64 / ticks as f64 / 1e6
+            (shm_layout::thread_cpu_ns() - start) as f64 / ticks as f64 / 1e6
         };
         let (whole, swept) = (per_tick(u32::MAX), per_tick(default_sweep));
         println!(
