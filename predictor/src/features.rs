@@ -293,7 +293,9 @@ impl Published {
                 }
             }
             copy(&mut self.successor_boost, |record| record.successor_boost);
-            copy(&mut self.successor_boost_s, |record| record.successor_boost_s);
+            copy(&mut self.successor_boost_s, |record| {
+                record.successor_boost_s
+            });
             copy(&mut self.gap_rate, |record| record.gap_rate);
             copy(&mut self.gap_confidence, |record| record.gap_confidence);
             for record in records.iter_mut() {
