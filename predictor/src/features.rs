@@ -629,23 +629,21 @@ impl FeatureView<'_> {
         let len = BLOCK.min(self.len().saturating_sub(start));
         out.len = len;
         let now_s = self.now_s;
-        let horizon_s = self.horizon_us as f32 * 1e-6;
         if set.rates || set.recency {
             let last_s = &self.last_s[start..start + len];
             for (age, &last) in out.age_s[..len].iter_mut().zip(last_s) {
-                *age = (now_s - last).max(0.0);
+                *age = age_s(now_s, last);
             }
             self.rates_and_recency(start, out);
         }
         if set.successor {
-            let inverse_horizon_s = 1.0 / horizon_s;
+            let inverse_horizon_s = self.inverse_horizon_s();
             let boost = &self.successor_boost[start..start + len];
             let boost_s = &self.successor_boost_s[start..start + len];
             for ((out, &boost), &boost_s) in
                 out.features[8][..len].iter_mut().zip(boost).zip(boost_s)
             {
-                let since = (now_s - boost_s).max(0.0);
-                *out = (boost * fast_exp(-since * inverse_horizon_s)).min(1.0);
+                *out = successor_feature(now_s, boost, boost_s, inverse_horizon_s);
             }
         }
         if set.gaps {
@@ -661,8 +659,6 @@ impl FeatureView<'_> {
         let (rates, rest) = out.features.split_at_mut(SCALES);
         let recencies = &mut rest[..SCALES];
         for scale in 0..SCALES {
-            let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
-            let to_feature = RATE_FEATURE_SCALE[scale];
             let rate = &mut rates[scale][..len];
             let recency = &mut recencies[scale][..len];
             let counts = &self.counts[scale][start..start + len];
@@ -672,11 +668,15 @@ impl FeatureView<'_> {
                 .zip(age_s)
                 .zip(counts)
             {
-                let decay = fast_exp(-age * inverse_tau_s);
-                *recency = decay;
-                *rate = saturate(count * decay * to_feature);
+                (*rate, *recency) = rate_and_recency(scale, count, age);
             }
         }
+    }
+
+    /// `1 / horizon` in seconds, as the successor feature divides by it.
+    #[inline(always)]
+    fn inverse_horizon_s(&self) -> f32 {
+        1.0 / (self.horizon_us as f32 * 1e-6)
     }
 
     /// The rows `start..end` as a view of their own (row `start` is its row 0).
@@ -694,12 +694,24 @@ impl FeatureView<'_> {
         }
     }
 
-    /// The feature vector of one active row (same code as [`FeatureView::block`]).
+    /// The feature vector of one active row: [`FeatureView::block`]'s, bit
+    /// for bit (the same formulas, one row at a time).
     pub fn vector(&self, row: usize) -> [f32; FEATURES] {
-        let mut block = FeatureBlock::new();
-        let one = self.rows(row, row + 1);
-        one.block(0, &mut block);
-        std::array::from_fn(|j| block.features[j][0])
+        let mut features = [0.0; FEATURES];
+        let age = age_s(self.now_s, self.last_s[row]);
+        for scale in 0..SCALES {
+            (features[scale], features[SCALES + scale]) =
+                rate_and_recency(scale, self.counts[scale][row], age);
+        }
+        features[8] = successor_feature(
+            self.now_s,
+            self.successor_boost[row],
+            self.successor_boost_s[row],
+            self.inverse_horizon_s(),
+        );
+        features[9] = self.gap_rate[row];
+        features[10] = self.gap_confidence[row];
+        features
     }
 
     /// Request counts of rows `start .. start + out.len()` decayed to now, at one scale.
@@ -725,6 +737,29 @@ impl FeatureView<'_> {
     pub fn successor_boost(&self, row: usize) -> f32 {
         self.vector(row)[8]
     }
+}
+
+/// Seconds since the last request (never negative).
+#[inline(always)]
+fn age_s(now_s: f32, last_s: f32) -> f32 {
+    (now_s - last_s).max(0.0)
+}
+
+/// The rate and recency features at one scale of a row whose count was
+/// `count` at its last request, `age_s` ago.
+#[inline(always)]
+fn rate_and_recency(scale: usize, count: f32, age_s: f32) -> (f32, f32) {
+    let inverse_tau_s = 1e6 / SCALE_TAU_US[scale] as f32;
+    let decay = fast_exp(-age_s * inverse_tau_s);
+    (saturate(count * decay * RATE_FEATURE_SCALE[scale]), decay)
+}
+
+/// The successor feature: the boost set at `boost_s`, decayed to `now_s`
+/// with the horizon as time constant.
+#[inline(always)]
+fn successor_feature(now_s: f32, boost: f32, boost_s: f32, inverse_horizon_s: f32) -> f32 {
+    let since = (now_s - boost_s).max(0.0);
+    (boost * fast_exp(-since * inverse_horizon_s)).min(1.0)
 }
 
 /// The bounded per-key feature table. See the module docs.
@@ -1281,6 +1316,41 @@ mod tests {
             let recency_expected = (-60_000.0 / tau).exp() as f32;
             assert!((vector[SCALES + scale] - recency_expected).abs() < 1e-3);
         }
+    }
+
+    #[test]
+    fn a_rows_vector_is_its_column_of_the_block_bit_for_bit() {
+        // Regression guard: `vector` (the online choice's miniatures and
+        // the training samples read it) computes one row with the block's
+        // formulas; the scores it leads to must not depend on which.
+        let mut features = store(1024);
+        let mut state = 5u64;
+        for i in 0..20_000u64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            features.ingest(i * 150, (state >> 40) as u32 % 8, state % 700 + 1);
+        }
+        features.decay_to(20_000 * 150 + 70_000);
+        let view = features.view();
+        assert!(view.len() > 2 * BLOCK, "{}", view.len());
+        let mut block = FeatureBlock::new();
+        for start in (0..view.len()).step_by(BLOCK) {
+            view.block(start, &mut block);
+            for i in 0..block.len {
+                let vector = view.vector(start + i);
+                for (j, value) in vector.iter().enumerate() {
+                    assert_eq!(
+                        value.to_bits(),
+                        block.features[j][i].to_bits(),
+                        "row {} feature {}",
+                        start + i,
+                        FEATURE_NAMES[j]
+                    );
+                }
+            }
+        }
+        assert!((0..view.len()).any(|row| view.vector(row)[8] > 0.0));
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct SimulatedAllocators {
     round: Round,
     /// Scratch: per member, active sampled keys by score, descending.
     order: Vec<u32>,
+    /// Scratch: one member's score of each sampled key (what `order` is
+    /// sorted by: one small array instead of a line per key).
+    member_scores: Vec<f32>,
     victims: Vec<(f32, u64, u32)>,
 }
 
@@ -142,6 +145,7 @@ impl SimulatedAllocators {
                 waste_slot_s: vec![0.0; experts],
             },
             order: Vec::new(),
+            member_scores: Vec::new(),
             victims: Vec::new(),
         }
     }
@@ -370,14 +374,15 @@ impl SimulatedAllocators {
         let budget = self.budget_sampled();
         for m in 0..self.members {
             // Candidates of member m, best first (shared by its cuts).
+            self.member_scores.clear();
+            self.member_scores
+                .extend(self.keys.iter().map(|key| key.scores[m]));
+            let scores = &self.member_scores;
             self.order.clear();
-            self.order.extend(
-                (0..self.keys.len() as u32).filter(|&k| self.keys[k as usize].scores[m] > 0.0),
-            );
-            let keys = &self.keys;
-            self.order.sort_unstable_by(|&a, &b| {
-                keys[b as usize].scores[m].total_cmp(&keys[a as usize].scores[m])
-            });
+            self.order
+                .extend((0..scores.len() as u32).filter(|&k| scores[k as usize] > 0.0));
+            self.order
+                .sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
             for (j, &cut) in SIMULATED_CUTS.iter().enumerate() {
                 self.policy(expert(m, j), m, cut, now_us, budget);
             }
