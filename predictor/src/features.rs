@@ -121,8 +121,6 @@ const EMPTY_KEY: u64 = 0;
 const PREDECESSOR_COUNT_HALVING: f32 = 256.0;
 /// The activity scan (retiring idle keys) runs at most this often.
 const ACTIVITY_SCAN_US: u64 = 100_000;
-/// Rows the activity scan checks at once for one idle among them.
-const SCAN_CHUNK_ROWS: usize = 64;
 /// The f32 times are re-based this often.
 const EPOCH_SPAN_US: u64 = 1_000_000_000;
 /// Rows per scoring block.
@@ -1273,32 +1271,17 @@ impl FeatureStore {
         let window_us = self.activity_window_us;
         let now_s = self.seconds(now_us);
         let inverse_horizon_s = 1e6 / self.horizon_us as f32;
-        // A row is idle when its last request is before `idle_before_us`
-        // (`now - last > window`). Most rows are not, at most scans: a
-        // chunk of rows whose oldest request is recent is skipped whole
-        // (one vectorised pass), and the others are walked row by row,
-        // downwards as before. A deactivation swaps the row with the last
-        // active one, above it, so the rows below are untouched.
-        let idle_before_us = now_us.saturating_sub(window_us);
-        let mut end = self.active;
-        while end > 0 {
-            let start = end.saturating_sub(SCAN_CHUNK_ROWS);
-            let oldest_us = self.last_us[start..end].iter().copied().min();
-            if oldest_us.is_some_and(|oldest_us| oldest_us < idle_before_us) {
-                for row in (start..end).rev() {
-                    let idle_us = now_us.saturating_sub(self.last_us[row]);
-                    if idle_us > window_us {
-                        let record = &self.records[row];
-                        let since = (now_s - record.successor_boost_s).max(0.0);
-                        if record.successor_boost * fast_exp(-since * inverse_horizon_s)
-                            < SUCCESSOR_BOOST_ACTIVE_MIN
-                        {
-                            self.deactivate(row);
-                        }
-                    }
+        for row in (0..self.active).rev() {
+            let idle_us = now_us.saturating_sub(self.last_us[row]);
+            if idle_us > window_us {
+                let record = &self.records[row];
+                let since = (now_s - record.successor_boost_s).max(0.0);
+                if record.successor_boost * fast_exp(-since * inverse_horizon_s)
+                    < SUCCESSOR_BOOST_ACTIVE_MIN
+                {
+                    self.deactivate(row);
                 }
             }
-            end = start;
         }
     }
 }
