@@ -714,6 +714,20 @@ impl FeatureView<'_> {
         features
     }
 
+    /// Prefetches the lines [`FeatureView::vector`] reads for `row` (a
+    /// caller reading scattered rows asks a few rows ahead).
+    #[inline(always)]
+    pub fn prefetch(&self, row: usize) {
+        prefetch(&self.last_s[row]);
+        for counts in &self.counts {
+            prefetch(&counts[row]);
+        }
+        prefetch(&self.successor_boost[row]);
+        prefetch(&self.successor_boost_s[row]);
+        prefetch(&self.gap_rate[row]);
+        prefetch(&self.gap_confidence[row]);
+    }
+
     /// Request counts of rows `start .. start + out.len()` decayed to now, at one scale.
     pub fn decayed_counts(&self, start: usize, scale: usize, out: &mut [f32]) {
         let end = start + out.len();
