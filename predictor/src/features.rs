@@ -714,10 +714,11 @@ impl FeatureView<'_> {
         features
     }
 
-    /// Prefetches the lines [`FeatureView::vector`] reads for `row` (a
-    /// caller reading scattered rows asks a few rows ahead).
+    /// Prefetches the lines [`FeatureView::vector`] reads for `row`, and
+    /// its `last_us` (a caller reading scattered rows asks a few rows ahead).
     #[inline(always)]
     pub fn prefetch(&self, row: usize) {
+        prefetch(&self.last_us[row]);
         prefetch(&self.last_s[row]);
         for counts in &self.counts {
             prefetch(&counts[row]);
