@@ -90,16 +90,22 @@ impl SelfScore {
 /// Below this many rows a tick scores on one thread (a thread's start costs
 /// tens of microseconds).
 const ROWS_PER_THREAD_MIN: usize = 1 << 16;
+/// Rows scored, then clamped, at a time: their scores (256 KB) are still in
+/// the core's cache when the clamp reads them, instead of a second pass
+/// over every row's score from memory.
+const ROWS_PER_CLAMP: usize = 1 << 16;
+const _: () = assert!(ROWS_PER_CLAMP % BLOCK == 0);
 
-/// Scores `view` into `out`, its rows split between up to `threads` threads
-/// at block boundaries. Every row's score is computed by the same code from
-/// the same inputs whatever the split, so the result does not depend on
-/// `threads` (a test compares them bit for bit).
+/// Scores `view` into `out` as probabilities (NaN and negatives 0, at most
+/// 1), its rows split between up to `threads` threads at block boundaries.
+/// Every row's score is computed by the same code from the same inputs
+/// whatever the split, so the result does not depend on `threads` (a test
+/// compares them bit for bit).
 fn score_on_threads(model: &dyn Model, view: &FeatureView<'_>, out: &mut [f32], threads: usize) {
     let rows = view.len();
     let threads = threads.clamp(1, rows / ROWS_PER_THREAD_MIN + 1);
     if threads == 1 {
-        model.score(view, out);
+        score_and_clamp(model, view, out);
         return;
     }
     let per_thread = rows.div_ceil(threads).next_multiple_of(BLOCK);
@@ -109,12 +115,29 @@ fn score_on_threads(model: &dyn Model, view: &FeatureView<'_>, out: &mut [f32], 
         for (index, part) in parts {
             let start = index * per_thread;
             let sub = view.rows(start, start + part.len());
-            scope.spawn(move || model.score(&sub, part));
+            scope.spawn(move || score_and_clamp(model, &sub, part));
         }
         if let Some((_, part)) = first {
-            model.score(&view.rows(0, part.len()), part);
+            score_and_clamp(model, &view.rows(0, part.len()), part);
         }
     });
+}
+
+/// [`Model::score`], then each score made a probability, [`ROWS_PER_CLAMP`]
+/// rows at a time (split at block boundaries, so the same scores).
+fn score_and_clamp(model: &dyn Model, view: &FeatureView<'_>, out: &mut [f32]) {
+    for (index, part) in out.chunks_mut(ROWS_PER_CLAMP).enumerate() {
+        let start = index * ROWS_PER_CLAMP;
+        model.score(&view.rows(start, start + part.len()), part);
+        for probability in part {
+            // NaN fails both comparisons and becomes 0.
+            *probability = if *probability >= 0.0 {
+                probability.min(1.0)
+            } else {
+                0.0
+            };
+        }
+    }
 }
 
 /// See the module docs.
@@ -322,7 +345,8 @@ impl Forecaster {
         self.label_closed(now_us);
         self.features.decay_to(now_us);
         let view = self.features.view();
-        self.probabilities.clear();
+        // Every row is written by the scoring: no need to clear the rows
+        // kept from the last tick.
         self.probabilities.resize(view.len(), 0.0);
         score_on_threads(
             self.model.as_ref(),
@@ -330,14 +354,6 @@ impl Forecaster {
             &mut self.probabilities,
             self.config.score_threads,
         );
-        for probability in &mut self.probabilities {
-            // NaN fails both comparisons and becomes 0.
-            *probability = if *probability >= 0.0 {
-                probability.min(1.0)
-            } else {
-                0.0
-            };
-        }
         self.scores_current = true;
 
         // Samples to learn from (if the model learns) and to score it by.

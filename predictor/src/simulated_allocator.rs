@@ -59,6 +59,11 @@ pub const SAMPLED_KEYS_MAX: usize = 2048;
 const UNUSED_TIMEOUT_US: u64 = 1_000_000;
 const IDLE_TIMEOUT_US: u64 = 500_000;
 const EVICTION_MARGIN: f32 = 0.05;
+/// In [`SimulatedAllocators::rows`]: the key is not active.
+const NOT_ACTIVE: u32 = u32::MAX;
+/// The sampled keys' features are read this many keys ahead of their use
+/// (prefetched: each is a few lines scattered over the feature store).
+const PREFETCH_KEYS_AHEAD: usize = 8;
 /// Members at most (a key's scores are a fixed array).
 pub const MEMBERS_MAX: usize = 8;
 /// Experts at most: a key's slot flags are one bit per expert.
@@ -66,6 +71,9 @@ const EXPERTS_MAX: usize = 64;
 
 struct SampledKey {
     hash: u64,
+    /// The key's row in the feature store at the last tick (a hint,
+    /// checked against the row's key before use: it saves an index probe).
+    row_hint: u32,
     last_request_us: u64,
     /// Each member's score at the last tick (0 while the key is not active).
     scores: [f32; MEMBERS_MAX],
@@ -102,6 +110,11 @@ pub struct SimulatedAllocators {
     round: Round,
     /// Scratch: per member, active sampled keys by score, descending.
     order: Vec<u32>,
+    /// Scratch: each sampled key's active row ([`NOT_ACTIVE`] if none).
+    rows: Vec<u32>,
+    /// Scratch: one member's score of each sampled key (what `order` is
+    /// sorted by: one small array instead of a line per key).
+    member_scores: Vec<f32>,
     victims: Vec<(f32, u64, u32)>,
 }
 
@@ -142,6 +155,8 @@ impl SimulatedAllocators {
                 waste_slot_s: vec![0.0; experts],
             },
             order: Vec::new(),
+            rows: Vec::new(),
+            member_scores: Vec::new(),
             victims: Vec::new(),
         }
     }
@@ -194,6 +209,7 @@ impl SimulatedAllocators {
                 let k = self.keys.len();
                 self.keys.push(SampledKey {
                     hash,
+                    row_hint: 0,
                     last_request_us: ts_us,
                     scores: [0.0; MEMBERS_MAX],
                     in_slot: 0,
@@ -354,30 +370,48 @@ impl SimulatedAllocators {
         self.widen(now_us);
         let view = features.view();
         let active = view.len();
+        self.rows.clear();
         for key in &mut self.keys {
-            match features.row_of(key.hash) {
-                Some(row) if row < active => {
-                    let vector = view.vector(row);
-                    for (m, member) in members.iter().enumerate() {
-                        let score = member.score_one(&view, row, &vector);
-                        // NaN fails the comparison and becomes 0, as in the allocator.
-                        key.scores[m] = if score >= 0.0 { score.min(1.0) } else { 0.0 };
-                    }
-                }
-                _ => key.scores = [0.0; MEMBERS_MAX],
+            let hint = key.row_hint as usize;
+            let row = if view.key_hash.get(hint) == Some(&key.hash) {
+                Some(hint)
+            } else {
+                features.row_of(key.hash).filter(|&row| row < active)
+            };
+            key.row_hint = row.map_or(key.row_hint, |row| row as u32);
+            self.rows.push(row.map_or(NOT_ACTIVE, |row| row as u32));
+        }
+        for (index, key) in self.keys.iter_mut().enumerate() {
+            if let Some(&ahead) = self.rows.get(index + PREFETCH_KEYS_AHEAD)
+                && ahead != NOT_ACTIVE
+            {
+                view.prefetch(ahead as usize);
+            }
+            let row = self.rows[index];
+            if row == NOT_ACTIVE {
+                key.scores = [0.0; MEMBERS_MAX];
+                continue;
+            }
+            let row = row as usize;
+            let vector = view.vector(row);
+            for (m, member) in members.iter().enumerate() {
+                let score = member.score_one(&view, row, &vector);
+                // NaN fails the comparison and becomes 0, as in the allocator.
+                key.scores[m] = if score >= 0.0 { score.min(1.0) } else { 0.0 };
             }
         }
         let budget = self.budget_sampled();
         for m in 0..self.members {
             // Candidates of member m, best first (shared by its cuts).
+            self.member_scores.clear();
+            self.member_scores
+                .extend(self.keys.iter().map(|key| key.scores[m]));
+            let scores = &self.member_scores;
             self.order.clear();
-            self.order.extend(
-                (0..self.keys.len() as u32).filter(|&k| self.keys[k as usize].scores[m] > 0.0),
-            );
-            let keys = &self.keys;
-            self.order.sort_unstable_by(|&a, &b| {
-                keys[b as usize].scores[m].total_cmp(&keys[a as usize].scores[m])
-            });
+            self.order
+                .extend((0..scores.len() as u32).filter(|&k| scores[k as usize] > 0.0));
+            self.order
+                .sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
             for (j, &cut) in SIMULATED_CUTS.iter().enumerate() {
                 self.policy(expert(m, j), m, cut, now_us, budget);
             }
