@@ -157,6 +157,18 @@ pub(crate) fn connect_socket_within(
     Ok(fd)
 }
 
+/// Whether a failed connect to the broker's socket is worth retrying while
+/// it restarts: no socket (yet), nobody listening, a full accept backlog,
+/// or a connection reset because the listener died while it was queued
+/// (seen: a client's connect during a broker's SIGKILL failed with
+/// ECONNRESET, and the client gave up instead of waiting for the restart).
+fn connect_retryable(cause: &io::Error) -> bool {
+    matches!(
+        cause.raw_os_error(),
+        Some(libc::ENOENT | libc::ECONNREFUSED | libc::EAGAIN | libc::ECONNRESET)
+    )
+}
+
 impl Conn {
     /// A connection on `fd` that says no Hello (an observer's): it owns no
     /// wait cell.
@@ -175,13 +187,15 @@ impl Conn {
         client: Option<u32>,
         cell: u32,
     ) -> Result<(Conn, u32), ConnError> {
-        let fd = connect_socket(socket).map_err(|cause| match cause.raw_os_error() {
-            // Not there (yet), or its accept backlog is full: retryable.
-            Some(libc::ENOENT | libc::ECONNREFUSED | libc::EAGAIN) => ConnError::Broken(cause),
-            _ => ConnError::Other(Error::BrokerNotRunning {
-                socket: socket.to_owned(),
-                cause,
-            }),
+        let fd = connect_socket(socket).map_err(|cause| {
+            if connect_retryable(&cause) {
+                ConnError::Broken(cause)
+            } else {
+                ConnError::Other(Error::BrokerNotRunning {
+                    socket: socket.to_owned(),
+                    cause,
+                })
+            }
         })?;
         let mut conn = Conn { fd, cell, epoch: 0 };
         let hello = Request::Hello {
@@ -354,4 +368,32 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
             0u32,
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_retryable;
+    use std::io::Error;
+
+    #[test]
+    fn a_connect_reset_by_a_dying_broker_is_retried_like_a_refused_one() {
+        for errno in [
+            libc::ENOENT,
+            libc::ECONNREFUSED,
+            libc::EAGAIN,
+            libc::ECONNRESET,
+        ] {
+            assert!(
+                connect_retryable(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        // A socket we may not open, or a path that is no socket: report.
+        for errno in [libc::EACCES, libc::ENOTSOCK, libc::ENAMETOOLONG] {
+            assert!(
+                !connect_retryable(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 }

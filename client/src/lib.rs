@@ -105,6 +105,17 @@ const BYE_WAIT: Duration = Duration::from_millis(500);
 /// Times one request is sent again after its connection broke.
 const RESEND_MAX: u32 = 3;
 
+/// How one try of [`Client::connect_to`] failed.
+enum Connect {
+    /// The broker's socket is there but its broker is not serving (not
+    /// listening yet, or it died during the handshake): try again.
+    Retry {
+        socket: PathBuf,
+        cause: std::io::Error,
+    },
+    Failed(Error),
+}
+
 /// The guard of an exclusive hold `$hold` (a [`FastHold`]) made on the
 /// fast path, built in place (see `Client::acquire`).
 macro_rules! fast_guard {
@@ -297,8 +308,35 @@ impl Client {
 
     /// Connect to the broker serving `runtime_dir`: map its table and event
     /// files, validate them, and register over its socket.
+    ///
+    /// A broker that is restarting (its socket is there, but it died
+    /// during our handshake or is not listening yet) is waited for, as a
+    /// call of a connected client waits for it, up to [`RECONNECT_FOR`]; a
+    /// directory with no socket fails at once ([`Error::BrokerNotRunning`]).
+    /// A process that started while the broker was killed failed at once
+    /// before: its handshake was reset (ECONNRESET).
     pub fn connect_to(runtime_dir: impl AsRef<Path>) -> Result<Client, Error> {
-        let dir = runtime_dir.as_ref().to_owned();
+        let dir = runtime_dir.as_ref();
+        let start = Instant::now();
+        let mut backoff = RECONNECT_BACKOFF_FIRST;
+        loop {
+            match Client::connect_once(dir) {
+                Ok(client) => return Ok(client),
+                Err(Connect::Failed(e)) => return Err(e),
+                Err(Connect::Retry { socket, cause }) => {
+                    if start.elapsed() >= RECONNECT_FOR {
+                        return Err(Error::BrokerNotRunning { socket, cause });
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// One try of [`Client::connect_to`].
+    fn connect_once(dir: &Path) -> Result<Client, Connect> {
+        let dir = dir.to_owned();
         let socket = dir.join(SOCKET_FILE);
         let table = match open_table(&dir.join(TABLE_FILE)) {
             Ok(table) => table,
@@ -306,23 +344,36 @@ impl Client {
             Err(Error::TableUnreadable { cause, .. })
                 if cause.kind() == std::io::ErrorKind::NotFound && !socket.exists() =>
             {
-                return Err(Error::BrokerNotRunning { socket, cause });
+                return Err(Connect::Failed(Error::BrokerNotRunning { socket, cause }));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(Connect::Failed(e)),
         };
-        let events = MappedEvents::open(&dir.join(EVENTS_FILE))?;
+        let events = MappedEvents::open(&dir.join(EVENTS_FILE)).map_err(Connect::Failed)?;
         let (mut conn, index) = match Conn::open(&socket, None, 0) {
             Ok(opened) => opened,
-            Err(ConnError::Broken(cause)) => return Err(Error::BrokerNotRunning { socket, cause }),
-            Err(ConnError::Other(e)) => return Err(e),
+            Err(ConnError::Broken(cause)) if socket.exists() => {
+                return Err(Connect::Retry { socket, cause });
+            }
+            Err(ConnError::Broken(cause)) => {
+                return Err(Connect::Failed(Error::BrokerNotRunning { socket, cause }));
+            }
+            Err(ConnError::Other(e)) => return Err(Connect::Failed(e)),
         };
+        // A broker that restarted between our mapping and our handshake may
+        // have made a new table: map the one it serves.
+        if let Err(detail) = table.still_current() {
+            return Err(Connect::Retry {
+                socket,
+                cause: std::io::Error::other(detail),
+            });
+        }
         if table.view().client(index).is_none() {
-            return Err(Error::Protocol {
+            return Err(Connect::Failed(Error::Protocol {
                 message: format!(
                     "welcomed as client record {index}, but the table has only {}",
                     table.view().geometry().client_count
                 ),
-            });
+            }));
         }
         let inner = Inner {
             table,
