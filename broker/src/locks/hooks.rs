@@ -57,6 +57,16 @@ impl LockManager {
                 let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
                 if !st.managed {
                     stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
+                    // A global key's node grant learns of its fast-path
+                    // grants here too: this consumes the counter, and the
+                    // take-over at a callback would see no grant (the node
+                    // grant then yielded at once, as if unused, and a used
+                    // prefetch counted as unused).
+                    if let (Some(n), Some(k)) = (self.nodes.as_mut(), st.key.as_deref())
+                        && n.is_global(k)
+                    {
+                        n.observe(k, st.base.saturating_add(w.counter() as u64), true);
+                    }
                 }
                 st.uses = st.uses.saturating_add(grants);
                 st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
