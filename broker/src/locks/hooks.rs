@@ -233,8 +233,15 @@ impl LockManager {
             return false;
         }
         let (wasted, hash) = (st.speculative, st.hash);
+        let global = st
+            .key
+            .clone()
+            .filter(|k| self.nodes.as_ref().is_some_and(|n| n.is_global(k)));
         if !self.dir.free_slot(table, &mut self.ledger, s) {
             return false;
+        }
+        if let Some(key) = global {
+            self.give_back_idle(&key);
         }
         if wasted {
             table.header().stats.wasted.fetch_add(1, Ordering::Relaxed);

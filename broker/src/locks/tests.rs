@@ -1834,6 +1834,39 @@ mod node_gate {
         assert_eq!(counts.first_uses_waited, 0, "{counts:?}");
     }
 
+    /// A node grant whose key lost its slot here (the allocator reclaimed
+    /// it: idle past `keep_alive_ms`, not predicted) stayed until another
+    /// host called it back, so that host's first acquisition, or its
+    /// prefetch, paid a callback and a release on top of its etcd
+    /// transaction (section 6 of `forelock bench --cluster`: every first
+    /// use of a shard was a handover from the host that left it idle a
+    /// third of a lap before). It is given back through the ordinary
+    /// release, and asked for again on the next local request.
+    #[test]
+    fn a_node_grant_whose_key_lost_its_slot_is_given_back_and_asked_for_again_on_demand() {
+        let (mut f, script) = clustered();
+        let a = f.client(100);
+        cache_global_k(&mut f, a);
+        let (s, _) = f
+            .table
+            .lookup(b"global/k", key_hash(b"global/k"))
+            .expect("a slot");
+        script.borrow_mut().sent.clear();
+        assert!(f.m.evict(&f.table, &f.events, s), "idle: reclaimed");
+        let key = b"global/k".to_vec();
+        assert_eq!(
+            script.borrow().sent,
+            vec![Command::Release {
+                key: key.clone(),
+                epoch: 1
+            }]
+        );
+        f.m.node_event(&f.table, Event::Released { key }, &mut f.w);
+        script.borrow_mut().sent.clear();
+        assert!(f.queued(a, 2, "global/k", false), "no node grant here now");
+        assert_eq!(script.borrow().sent, vec![want("global/k")]);
+    }
+
     fn prefetched(key: &str, rev: u64) -> Event {
         Event::Granted {
             key: key.as_bytes().to_vec(),
