@@ -1755,3 +1755,90 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    /// Which host takes each key in each window of `window` (a phase or a
+    /// step), from the rows' start times.
+    fn hosts_per_window(
+        per_client: &[Vec<TraceRow>],
+        window: Duration,
+    ) -> HashMap<(u64, u128), HashSet<usize>> {
+        let mut seen: HashMap<(u64, u128), HashSet<usize>> = HashMap::new();
+        for (client, rows) in per_client.iter().enumerate() {
+            for row in rows {
+                let at = row.at.expect("synthetic rows are paced");
+                seen.entry((row.key_hash, at.as_micros() / window.as_micros()))
+                    .or_default()
+                    .insert(client % HOSTS.len());
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn the_synthetic_patterns_are_the_same_for_a_seed_and_differ_between_seeds() {
+        let length = Duration::from_secs(2);
+        for generate in [rotation_rows, sweep_rows] {
+            let keys = |seed| -> Vec<Vec<(u64, Option<Duration>)>> {
+                generate(seed, length)
+                    .iter()
+                    .map(|rows| rows.iter().map(|r| (r.key_hash, r.at)).collect())
+                    .collect()
+            };
+            assert_eq!(keys(1), keys(1));
+            assert_ne!(keys(1), keys(2));
+        }
+    }
+
+    #[test]
+    fn in_the_rotation_no_key_is_taken_by_two_hosts_in_one_phase_and_each_host_takes_every_partition()
+     {
+        let per_client = rotation_rows(1, ROTATION_PHASE * 12);
+        for ((key, phase), hosts) in hosts_per_window(&per_client, ROTATION_PHASE) {
+            assert_eq!(
+                hosts.len(),
+                1,
+                "key {key:x} in phase {phase}: hosts {hosts:?}"
+            );
+        }
+        for h in 0..HOSTS.len() {
+            let keys: HashSet<u64> = (0..ROTATION_CLIENTS_PER_HOST)
+                .flat_map(|i| per_client[h + HOSTS.len() * i].iter().map(|r| r.key_hash))
+                .collect();
+            assert_eq!(keys.len() as u64, ROTATION_PARTITIONS * ROTATION_KEYS);
+        }
+    }
+
+    #[test]
+    fn in_the_sweep_each_shard_passes_to_the_next_host_a_third_of_a_lap_later() {
+        let per_client = sweep_rows(1, SWEEP_STEP * SWEEP_SHARDS as u32 * 2);
+        let seen = hosts_per_window(&per_client, SWEEP_STEP);
+        for ((key, step), hosts) in &seen {
+            assert_eq!(hosts.len(), 1, "key {key:x} in step {step}: {hosts:?}");
+            let host = *hosts.iter().next().expect("one host");
+            let third = u128::from(SWEEP_SHARDS) / HOSTS.len() as u128;
+            // The host before it had the shard a third of a lap earlier.
+            if *step >= third {
+                let before = (host + 1) % HOSTS.len();
+                assert_eq!(
+                    seen.get(&(*key, step - third)),
+                    Some(&HashSet::from([before])),
+                    "key {key:x} in step {step}"
+                );
+            }
+        }
+        let first_uses = per_client
+            .iter()
+            .flatten()
+            .filter(|r| r.kind == RowKind::FirstInPhase)
+            .count();
+        assert_eq!(
+            first_uses,
+            HOSTS.len() * SWEEP_RINGS * SWEEP_SHARDS as usize * 2
+        );
+    }
+}
