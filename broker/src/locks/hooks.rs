@@ -90,6 +90,16 @@ impl LockManager {
                 let grants = w.counter().wrapping_sub(st.last_counter) & 0xFF_FFFF;
                 if !st.managed {
                     stats.hits.fetch_add(grants as u64, Ordering::Relaxed);
+                    // A global key's node grant learns of its fast-path
+                    // grants here too: this consumes the counter, and the
+                    // take-over at a callback would see no grant (the node
+                    // grant then yielded at once, as if unused, and a used
+                    // prefetch counted as unused).
+                    if let (Some(n), Some(k)) = (self.nodes.as_mut(), st.key.as_deref())
+                        && n.is_global(k)
+                    {
+                        n.observe(k, st.base.saturating_add(w.counter() as u64), true);
+                    }
                 }
                 st.uses = st.uses.saturating_add(grants);
                 st.issued = st.issued.max(st.base.saturating_add(w.counter() as u64));
@@ -255,8 +265,15 @@ impl LockManager {
             return false;
         }
         let (wasted, hash) = (st.speculative, st.hash);
+        let global = st
+            .key
+            .clone()
+            .filter(|k| self.nodes.as_ref().is_some_and(|n| n.is_global(k)));
         if !self.dir.free_slot(table, &mut self.ledger, s) {
             return false;
+        }
+        if let Some(key) = global {
+            self.give_back_idle(&key);
         }
         if wasted {
             table.header().stats.wasted.fetch_add(1, Ordering::Relaxed);

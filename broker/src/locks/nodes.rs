@@ -80,6 +80,9 @@ struct NodeGrant {
     hinted: bool,
     /// `Release` was sent; the agent's `Released` ends the grant.
     releasing: bool,
+    /// The key lost its slot here (idle past the allocator's timeout and
+    /// not predicted): give the grant back, no other host need ask.
+    idle: bool,
 }
 
 impl NodeGrant {
@@ -300,6 +303,7 @@ impl LockManager {
                         callback: false,
                         hinted: false,
                         releasing: false,
+                        idle: false,
                     },
                 );
                 // A prefetched key gets its slot now (a free one only: a
@@ -500,6 +504,7 @@ impl LockManager {
         let min_hold = nodes.link.min_hold_ms();
         if let Some(g) = nodes.grants.get_mut(key) {
             let must_go = (g.callback && g.held_enough(now, min_hold))
+                || g.idle
                 || g.issued >= g.limit
                 || (g.shared && head == Some(false))
                 || !nodes.link.lease_valid(g.epoch);
@@ -524,6 +529,21 @@ impl LockManager {
                 prefetch: false,
             });
         }
+    }
+
+    /// `key` lost its slot here: the allocator reclaimed it (idle past its
+    /// timeout, `keep_alive_ms`, and not predicted) or evicted it idle. Its
+    /// node grant, if here, goes back now through the ordinary release
+    /// ([`LockManager::settle`]: `Release` to the agent, which deletes this
+    /// host's etcd entry; `Released` ends it), so that another host's first
+    /// acquisition or prefetch finds the key free at etcd rather than
+    /// calling this host back. No local holder can be left: a key without a
+    /// slot has none, and a later local request asks for the grant again.
+    pub(super) fn give_back_idle(&mut self, key: &[u8]) {
+        if let Some(g) = self.nodes.as_mut().and_then(|n| n.grants.get_mut(key)) {
+            g.idle = true;
+        }
+        self.settle(key);
     }
 
     /// Stop local processes from granting themselves `key` on the fast path:

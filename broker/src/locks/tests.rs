@@ -1860,6 +1860,72 @@ mod node_gate {
         assert_eq!(f.m.node_counts().unwrap().prefetch_hits, 1);
     }
 
+    /// A prefetched node grant used only on the fast path was taken for
+    /// unused once the allocator's tick had looked at its lock word: the
+    /// tick consumed the word's counter, so the take-over at the callback
+    /// saw no fast-path grant. The grant then yielded at once (no minimum
+    /// hold, as if nobody here used it) and was counted as an unused
+    /// prefetch that cost the other host its wait, not as a hit (section 6
+    /// of `forelock bench --cluster`: 0 hits, hundreds of "unused"
+    /// prefetches that had served their keys).
+    #[test]
+    fn a_prefetched_grant_used_by_cas_before_a_tick_is_a_hit_and_waits_out_the_minimum_hold() {
+        let (mut f, script) = clustered();
+        script.borrow_mut().min_hold_ms = 1_000_000;
+        let b = f.client(101);
+        let key = b"global/k".to_vec();
+        f.m.prefetch_global(&key);
+        f.m.node_event(&f.table, prefetched("global/k", 7), &mut f.w);
+        let (s, held, _) = take_global_by_cas(&f, b).expect("prepared on arrival");
+        let slot = f.table.slot(s).unwrap();
+        assert!(try_release_exclusive(&slot.word, held), "released by CAS");
+        let mut views = Vec::new();
+        f.m.tick(&f.table, 1, |_| None, &mut views);
+        script.borrow_mut().sent.clear();
+        f.m.node_event(&f.table, Event::Callback { key: key.clone() }, &mut f.w);
+        assert!(
+            script.borrow().sent.is_empty(),
+            "used here: it waits out the minimum hold, got {:?}",
+            script.borrow().sent
+        );
+        let counts = f.m.node_counts().expect("clustered");
+        assert_eq!(counts.prefetch_hits, 1, "{counts:?}");
+        assert_eq!(counts.first_uses_waited, 0, "{counts:?}");
+    }
+
+    /// A node grant whose key lost its slot here (the allocator reclaimed
+    /// it: idle past `keep_alive_ms`, not predicted) stayed until another
+    /// host called it back, so that host's first acquisition, or its
+    /// prefetch, paid a callback and a release on top of its etcd
+    /// transaction (section 6 of `forelock bench --cluster`: every first
+    /// use of a shard was a handover from the host that left it idle a
+    /// third of a lap before). It is given back through the ordinary
+    /// release, and asked for again on the next local request.
+    #[test]
+    fn a_node_grant_whose_key_lost_its_slot_is_given_back_and_asked_for_again_on_demand() {
+        let (mut f, script) = clustered();
+        let a = f.client(100);
+        cache_global_k(&mut f, a);
+        let (s, _) = f
+            .table
+            .lookup(b"global/k", key_hash(b"global/k"))
+            .expect("a slot");
+        script.borrow_mut().sent.clear();
+        assert!(f.m.evict(&f.table, &f.events, s), "idle: reclaimed");
+        let key = b"global/k".to_vec();
+        assert_eq!(
+            script.borrow().sent,
+            vec![Command::Release {
+                key: key.clone(),
+                epoch: 1
+            }]
+        );
+        f.m.node_event(&f.table, Event::Released { key }, &mut f.w);
+        script.borrow_mut().sent.clear();
+        assert!(f.queued(a, 2, "global/k", false), "no node grant here now");
+        assert_eq!(script.borrow().sent, vec![want("global/k")]);
+    }
+
     fn prefetched(key: &str, rev: u64) -> Event {
         Event::Granted {
             key: key.as_bytes().to_vec(),

@@ -24,7 +24,12 @@
 //!    throughput, waits, grants per host, node-grant handovers;
 //! 5. a lock trace split across three hosts by client, every key global,
 //!    with prediction off and on: acquire latency, the prefetch hit rate and
-//!    what unused prefetches cost other hosts ([`section_trace`]).
+//!    what unused prefetches cost other hosts ([`section_trace`]);
+//! 6. the same for synthetic patterns stated in full where prediction
+//!    could pay: partitions of keys rotating among the hosts on a schedule
+//!    ([`rotation_rows`]) and hosts sweeping rings of shards a third of a
+//!    lap apart ([`sweep_rows`]) ([`section_synthetic`]), with first uses
+//!    beside cached uses of the same run.
 //!
 //! Any failed lock, lost hold or overlap of two holders is an error: the
 //! command then fails after printing what it measured. Timings are never
@@ -65,6 +70,8 @@ struct Sizes {
     contention: Duration,
     /// Section 5: how much of the trace (from its start) is replayed.
     trace: Duration,
+    /// Section 6: how long the synthetic rotation runs.
+    rotation: Duration,
 }
 
 impl Sizes {
@@ -77,6 +84,7 @@ impl Sizes {
                 handovers: 20,
                 contention: Duration::from_millis(400),
                 trace: Duration::from_millis(300),
+                rotation: Duration::from_millis(1_200),
             }
         } else {
             Sizes {
@@ -86,6 +94,7 @@ impl Sizes {
                 handovers: 300,
                 contention: Duration::from_secs(3),
                 trace: Duration::from_secs(2),
+                rotation: Duration::from_secs(6),
             }
         }
     }
@@ -902,8 +911,29 @@ const TRACE_HOLD_CAP: Duration = Duration::from_millis(1);
 /// the same fast path and the same 200 ms idle timeout, and differ only by
 /// the forecast.
 const TRACE_MODES_ENV: &str = "FORELOCK_CLUSTER_TRACE_MODES";
-const TRACE_MODES: [(&str, &str, bool); 2] =
-    [("off", "keep-alive", false), ("on", "forecast", true)];
+const TRACE_MODES: [(&str, &str, bool, Option<&str>); 2] = [
+    ("off", "keep-alive", false, None),
+    ("on", "forecast", true, None),
+];
+/// Section 6 adds a third mode: the forecaster's successor model alone
+/// (`model = "successor"`), the rung of its ladder made for "after these
+/// keys, those", beside its default (`online`, which picks among the rungs
+/// by their recent losses).
+const SYNTHETIC_MODES: [(&str, &str, bool, Option<&str>); 3] = [
+    ("off", "keep-alive", false, None),
+    ("on", "forecast", true, None),
+    ("on, successor model", "forecast", true, Some("successor")),
+];
+
+/// One mode of sections 5 and 6: its name, the brokers' allocator policy,
+/// whether a `forelock-predictor` runs beside each broker, and that
+/// predictor's model (its default if `None`).
+struct TraceMode {
+    name: String,
+    policy: String,
+    predict: bool,
+    model: Option<String>,
+}
 
 fn trace_path() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(TRACE_ENV) {
@@ -925,11 +955,39 @@ struct TraceRow {
     key_hash: u64,
     shared: bool,
     hold: Duration,
+    /// When the row starts, from the replay's start (section 6's paced
+    /// rows); `None`: as soon as the client's previous row is released
+    /// (section 5's closed loop). A paced client that falls behind starts
+    /// its next row at once.
+    at: Option<Duration>,
+    /// What the row is in the synthetic pattern (section 6), which the
+    /// replay keeps latencies of apart.
+    kind: RowKind,
+}
+
+/// The rows of section 6 by what their host has of the key when they start.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    /// A trace row (section 5): not told apart.
+    Trace,
+    /// The host's first use of the key in this phase: its node grant is at
+    /// the host that had the partition before, unless a prefetch brought it.
+    FirstInPhase,
+    /// The key again on the same host in the same phase: its node grant is
+    /// here (cached), unless another host took it meanwhile.
+    Again,
 }
 
 /// What one mode of section 5 measured.
 struct TraceRun {
     latencies: Latencies,
+    /// Section 6 only: the rows that were the host's first use of their key
+    /// in the phase, and the rows that used it again.
+    first_in_phase: Latencies,
+    again: Latencies,
+    /// Section 6: again rows not granted on the fast path (the key's node
+    /// grant had gone, or its slot was not prepared yet).
+    again_slow: u64,
     /// Summed over the hosts' cluster.json.
     prefetch_hits: u64,
     first_uses_waited: u64,
@@ -1008,6 +1066,8 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
             key_hash: event.key_hash,
             shared: event.mode == forelock_predictor::trace::Mode::Shared,
             hold: Duration::from_micros(event.hold_us).min(TRACE_HOLD_CAP),
+            at: None,
+            kind: RowKind::Trace,
         });
     }
     let total: usize = per_client.iter().map(Vec::len).sum();
@@ -1021,32 +1081,9 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let returning = returning_first_uses(&per_client, &order);
-    // `FORELOCK_CLUSTER_TRACE_MODES=off:keep-alive:0,cpu:keep-alive:1`: other
-    // modes (name:policy:predictors), e.g. predictors running beside a
-    // broker that does not use their scores, to tell their CPU cost from
-    // what their prefetches do.
-    let custom: Vec<(String, String, bool)> = std::env::var(TRACE_MODES_ENV)
-        .ok()
-        .map(|v| {
-            v.split(',')
-                .filter_map(|m| {
-                    let mut parts = m.split(':');
-                    let name = parts.next()?.to_string();
-                    let policy = parts.next()?.to_string();
-                    let predict = parts.next()? == "1";
-                    Some((name, policy, predict))
-                })
-                .collect()
-        })
-        .unwrap_or_else(|| {
-            TRACE_MODES
-                .iter()
-                .map(|&(n, p, r)| (n.to_string(), p.to_string(), r))
-                .collect()
-        });
-    for (mode, policy, predict) in &custom {
-        let (mode, policy, predict) = (mode.as_str(), policy.as_str(), *predict);
-        let run = trace_mode(etcd, policy, predict, &per_client)?;
+    for mode in trace_modes(&TRACE_MODES) {
+        let run = trace_mode(etcd, "trace", &mode, &per_client)?;
+        let mode = &mode.name;
         let first_uses = run.prefetch_hits + run.first_uses_waited;
         let hit_rate = if first_uses > 0 {
             run.prefetch_hits as f64 / first_uses as f64
@@ -1079,18 +1116,279 @@ fn section_trace(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Res
     Ok(())
 }
 
+/// Section 6's pattern: partitions rotating among hosts (a batch job or a
+/// shard migration that moves on on a schedule). Time is cut into phases
+/// of [`ROTATION_PHASE`]; in phase `e`, host `h` works on partition
+/// `(2h + e) mod 6`, so each host goes through all six partitions in turn
+/// (one cycle of six phases), and each partition passes from host `h` to
+/// host `h - 1` with one idle phase between them. A partition is
+/// [`ROTATION_KEYS`] global keys; each host's two clients split its keys
+/// (even and odd), and each takes its four keys in an order shuffled per
+/// phase, round after round, one row every 4-6 ms (uniform), each held
+/// 0.5 ms, until the phase ends. Everything random comes from
+/// [`SYNTHETIC_SEED_ENV`] (default 1).
+const ROTATION_PARTITIONS: u64 = 6;
+const ROTATION_KEYS: u64 = 8;
+const ROTATION_PHASE: Duration = Duration::from_millis(150);
+const ROTATION_CLIENTS_PER_HOST: usize = 2;
+const ROTATION_HOLD: Duration = Duration::from_micros(500);
+/// `FORELOCK_CLUSTER_SEED=<u64>`: the seed of section 6's patterns.
+const SYNTHETIC_SEED_ENV: &str = "FORELOCK_CLUSTER_SEED";
+
+/// splitmix64: the next value of the stream `state`.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d1_049b_b133_111b);
+    z ^ (z >> 31)
+}
+
+/// Section 6's rows per client (client `c` on host `c % 3`), for `length`
+/// of replay: see [`ROTATION_PHASE`].
+fn rotation_rows(seed: u64, length: Duration) -> Vec<Vec<TraceRow>> {
+    let hosts = HOSTS.len();
+    let key_hash = |partition: u64, key: u64| {
+        let mut state = seed ^ (partition << 32 | key);
+        splitmix64(&mut state)
+    };
+    let mut per_client = vec![Vec::new(); hosts * ROTATION_CLIENTS_PER_HOST];
+    let mut rng = seed;
+    let phases = (length.as_micros() / ROTATION_PHASE.as_micros()) as u64;
+    for phase in 0..phases {
+        let phase_start = ROTATION_PHASE * phase as u32;
+        let phase_end = phase_start + ROTATION_PHASE;
+        for h in 0..hosts {
+            let partition = (2 * h as u64 + phase) % ROTATION_PARTITIONS;
+            for i in 0..ROTATION_CLIENTS_PER_HOST {
+                let client = h + hosts * i;
+                let mut keys: Vec<u64> = (0..ROTATION_KEYS)
+                    .filter(|k| *k as usize % ROTATION_CLIENTS_PER_HOST == i)
+                    .collect();
+                // Fisher-Yates, from the seed's stream.
+                for j in (1..keys.len()).rev() {
+                    let pick = (splitmix64(&mut rng) % (j as u64 + 1)) as usize;
+                    keys.swap(j, pick);
+                }
+                let mut at = phase_start;
+                let mut n = 0;
+                while at < phase_end {
+                    let key = keys[n % keys.len()];
+                    per_client[client].push(TraceRow {
+                        key_hash: key_hash(partition, key),
+                        shared: false,
+                        hold: ROTATION_HOLD,
+                        at: Some(at),
+                        kind: if n < keys.len() {
+                            RowKind::FirstInPhase
+                        } else {
+                            RowKind::Again
+                        },
+                    });
+                    n += 1;
+                    at += Duration::from_micros(4_000 + splitmix64(&mut rng) % 2_001);
+                }
+            }
+        }
+    }
+    per_client
+}
+
+/// Section 6's second pattern: staggered sweeps (hosts working through
+/// the shards of a table in order, each a third of the table behind the
+/// next, as a rolling migration or a batch job over ranges does). Each
+/// host's client `i` (of two) sweeps ring `i` of [`SWEEP_SHARDS`] global
+/// keys: it works on one shard for [`SWEEP_STEP`] (one row every 4-6 ms,
+/// uniform from the seed, each held 0.5 ms), then moves to the next shard,
+/// round the ring. Host `h` starts at shard `h * SWEEP_SHARDS / 3`, so
+/// each shard passes from host `h + 1` to host `h` a third of a lap
+/// later, idle in between. A lap is 24 x 40 ms = 960 ms, longer than the
+/// forecaster's 500 ms horizon.
+const SWEEP_SHARDS: u64 = 24;
+const SWEEP_STEP: Duration = Duration::from_millis(40);
+const SWEEP_RINGS: usize = 2;
+
+/// Section 6's sweep rows per client (client `c` on host `c % 3`), for
+/// `length` of replay: see [`SWEEP_SHARDS`].
+fn sweep_rows(seed: u64, length: Duration) -> Vec<Vec<TraceRow>> {
+    let hosts = HOSTS.len();
+    let mut per_client = vec![Vec::new(); hosts * SWEEP_RINGS];
+    let mut rng = seed ^ 0x5eed;
+    let steps = (length.as_micros() / SWEEP_STEP.as_micros()) as u64;
+    for h in 0..hosts {
+        for ring in 0..SWEEP_RINGS {
+            let client = h + hosts * ring;
+            for step in 0..steps {
+                let shard = (h as u64 * SWEEP_SHARDS / hosts as u64 + step) % SWEEP_SHARDS;
+                let mut state = seed ^ (0x5eed << 40 | (ring as u64) << 32 | shard);
+                let key_hash = splitmix64(&mut state);
+                let step_start = SWEEP_STEP * step as u32;
+                let step_end = step_start + SWEEP_STEP;
+                let mut at = step_start;
+                let mut n = 0;
+                while at < step_end {
+                    per_client[client].push(TraceRow {
+                        key_hash,
+                        shared: false,
+                        hold: ROTATION_HOLD,
+                        at: Some(at),
+                        kind: if n == 0 {
+                            RowKind::FirstInPhase
+                        } else {
+                            RowKind::Again
+                        },
+                    });
+                    n += 1;
+                    at += Duration::from_micros(4_000 + splitmix64(&mut rng) % 2_001);
+                }
+            }
+        }
+    }
+    per_client
+}
+
+/// `FORELOCK_CLUSTER_PATTERNS=rotation,sweep`: section 6's patterns (both
+/// by default).
+const PATTERNS_ENV: &str = "FORELOCK_CLUSTER_PATTERNS";
+
+/// Section 6: the synthetic patterns ([`rotation_rows`], [`sweep_rows`])
+/// replayed on three fresh brokers per mode, prediction off and on as in
+/// section 5. Beside all rows, the rows that were a host's first use of a
+/// key in its phase or step (the node grant is elsewhere unless
+/// prefetched) and the rows that used a key again (cached here): "a
+/// predicted key close to cached" is the first uses' p50 over the again
+/// rows' p50 of the same run.
+fn section_synthetic(etcd: &Etcd, sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let seed = match std::env::var(SYNTHETIC_SEED_ENV) {
+        Ok(v) => v
+            .parse::<u64>()
+            .with_context(|| format!("{SYNTHETIC_SEED_ENV}={v}: not a u64"))?,
+        Err(_) => 1,
+    };
+    let patterns: Vec<String> = std::env::var(PATTERNS_ENV)
+        .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+        .unwrap_or_else(|_| vec!["rotation".to_string(), "sweep".to_string()]);
+    for pattern in patterns {
+        let (per_client, shape) = match pattern.as_str() {
+            "rotation" => (
+                rotation_rows(seed, sizes.rotation),
+                format!(
+                    "{ROTATION_PARTITIONS} partitions x {ROTATION_KEYS} keys rotating, {} ms phases",
+                    ROTATION_PHASE.as_millis()
+                ),
+            ),
+            "sweep" => (
+                sweep_rows(seed, sizes.rotation),
+                format!(
+                    "{SWEEP_RINGS} rings x {SWEEP_SHARDS} shards swept, {} ms steps, hosts a third of a lap apart",
+                    SWEEP_STEP.as_millis()
+                ),
+            ),
+            other => bail!("{PATTERNS_ENV}: unknown pattern {other} (rotation, sweep)"),
+        };
+        let total: usize = per_client.iter().map(Vec::len).sum();
+        let label = format!("{pattern} seed {seed}, {} s", sizes.rotation.as_secs_f64());
+        for mode in trace_modes(&SYNTHETIC_MODES) {
+            let run = trace_mode(etcd, &pattern, &mode, &per_client)?;
+            let mode = &mode.name;
+            let first_uses = run.prefetch_hits + run.first_uses_waited;
+            let hit_rate = if first_uses > 0 {
+                run.prefetch_hits as f64 / first_uses as f64
+            } else {
+                0.0
+            };
+            let again = run.again.p50();
+            rows.push(run.latencies.row(
+                "6 synthetic",
+                &format!("{label}, prediction {mode}: all rows"),
+                String::new(),
+                format!(
+                    "{total} rows, {shape}, 2 clients on each of 3 hosts; \
+                     prefetch hit rate {:.1}% ({}/{first_uses} first uses of a node grant); \
+                     {} unused prefetches cost other hosts {} waiting; predictors' CPU {:.1} s",
+                    hit_rate * 100.0,
+                    run.prefetch_hits,
+                    run.prefetch_unused,
+                    format_ns(run.prefetch_unused_wait_us.saturating_mul(1000)),
+                    run.predictor_cpu.as_secs_f64(),
+                ),
+            ));
+            rows.push(run.first_in_phase.row(
+                "6 synthetic",
+                &format!("{label}, prediction {mode}: first use"),
+                ratio(run.first_in_phase.p50(), again, "again rows (cached)"),
+                "a host's first use of a key in its phase or step".to_string(),
+            ));
+            rows.push(run.again.row(
+                "6 synthetic",
+                &format!("{label}, prediction {mode}: again"),
+                String::new(),
+                format!(
+                    "the key again on the same host in the same phase or step (cached, \
+                     unless taken meanwhile); {} of them off the fast path",
+                    run.again_slow
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The modes of sections 5 and 6: `defaults`, unless
+/// `FORELOCK_CLUSTER_TRACE_MODES=off:keep-alive:0,cpu:keep-alive:1` names
+/// others (name:policy:predictors[:model]), e.g. predictors running beside
+/// a broker that does not use their scores, to tell their CPU cost from
+/// what their prefetches do.
+fn trace_modes(defaults: &[(&str, &str, bool, Option<&str>)]) -> Vec<TraceMode> {
+    std::env::var(TRACE_MODES_ENV)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|m| {
+                    let mut parts = m.split(':');
+                    let name = parts.next()?.to_string();
+                    let policy = parts.next()?.to_string();
+                    let predict = parts.next()? == "1";
+                    let model = parts.next().map(str::to_string);
+                    Some(TraceMode {
+                        name,
+                        policy,
+                        predict,
+                        model,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| {
+            defaults
+                .iter()
+                .map(|&(name, policy, predict, model)| TraceMode {
+                    name: name.to_string(),
+                    policy: policy.to_string(),
+                    predict,
+                    model: model.map(str::to_string),
+                })
+                .collect()
+        })
+}
+
 /// One mode of section 5 on three fresh brokers (policy `policy`), with a
 /// predictor beside each if `predict`.
 fn trace_mode(
     etcd: &Etcd,
-    policy: &str,
-    predict: bool,
+    section: &str,
+    mode: &TraceMode,
     per_client: &[Vec<TraceRow>],
 ) -> anyhow::Result<TraceRun> {
+    let (policy, predict) = (mode.policy.as_str(), mode.predict);
     let prefix = format!(
-        "/forelock-bench-{}-trace-{policy}-{}",
+        "/forelock-bench-{}-{section}-{policy}-{}",
         std::process::id(),
-        if predict { "predicted" } else { "alone" }
+        match (predict, &mode.model) {
+            (false, _) => "alone".to_string(),
+            (true, None) => "predicted".to_string(),
+            (true, Some(model)) => model.clone(),
+        }
     );
     // A key idle for 200 ms loses its slot, so that the forecaster can ask
     // for it again (the allocator prepares only keys without a slot; a
@@ -1104,18 +1402,27 @@ fn trace_mode(
     let predictors = if predict {
         hosts
             .iter()
-            .map(start_predictor)
+            .map(|host| start_predictor(host, mode.model.as_deref()))
             .collect::<anyhow::Result<Vec<(ChildGuard, u32)>>>()?
     } else {
         Vec::new()
     };
     let start = Instant::now();
-    let replay = |client: usize, rows: &[TraceRow]| -> anyhow::Result<Latencies> {
+    type Replayed = (Latencies, Latencies, Latencies, u64);
+    let replay = |client: usize, rows: &[TraceRow]| -> anyhow::Result<Replayed> {
         let host = &hosts[client % hosts.len()];
         let connection = connect(host)?;
         let mut latencies = Latencies::new();
+        let mut first_in_phase = Latencies::new();
+        let mut again = Latencies::new();
+        let mut again_slow = 0;
         for row in rows {
             let key = format!("global/{:016x}", row.key_hash);
+            if let Some(at) = row.at
+                && let Some(early) = at.checked_sub(start.elapsed())
+            {
+                std::thread::sleep(early);
+            }
             let t0 = Instant::now();
             let guard = if row.shared {
                 connection.lock_shared_timeout(&key, LOCK_PATIENCE)
@@ -1123,16 +1430,27 @@ fn trace_mode(
                 connection.lock_timeout(&key, LOCK_PATIENCE)
             }
             .with_context(|| format!("host {}: lock {key}", host.name))?;
-            latencies.record(t0.elapsed());
+            let took = t0.elapsed();
+            latencies.record(took);
+            match row.kind {
+                RowKind::Trace => {}
+                RowKind::FirstInPhase => first_in_phase.record(took),
+                RowKind::Again => {
+                    again.record(took);
+                    if !guard.fast_path() {
+                        again_slow += 1;
+                    }
+                }
+            }
             std::thread::sleep(row.hold);
             guard
                 .release()
                 .with_context(|| format!("host {}: release {key}", host.name))?;
         }
         latencies.elapsed = start.elapsed();
-        Ok(latencies)
+        Ok((latencies, first_in_phase, again, again_slow))
     };
-    let results: Vec<anyhow::Result<Latencies>> = std::thread::scope(|scope| {
+    let results: Vec<anyhow::Result<Replayed>> = std::thread::scope(|scope| {
         let handles: Vec<_> = per_client
             .iter()
             .enumerate()
@@ -1146,6 +1464,9 @@ fn trace_mode(
     });
     let mut run = TraceRun {
         latencies: Latencies::new(),
+        first_in_phase: Latencies::new(),
+        again: Latencies::new(),
+        again_slow: 0,
         prefetch_hits: 0,
         first_uses_waited: 0,
         prefetch_unused: 0,
@@ -1156,12 +1477,18 @@ fn trace_mode(
             .sum(),
     };
     for result in results {
-        let latencies = result?;
-        run.latencies
-            .histogram
-            .add(&latencies.histogram)
-            .context("merging histograms")?;
-        run.latencies.elapsed = run.latencies.elapsed.max(latencies.elapsed);
+        let (latencies, first_in_phase, again, again_slow) = result?;
+        run.again_slow += again_slow;
+        for (into, from) in [
+            (&mut run.latencies, &latencies),
+            (&mut run.first_in_phase, &first_in_phase),
+            (&mut run.again, &again),
+        ] {
+            into.histogram
+                .add(&from.histogram)
+                .context("merging histograms")?;
+            into.elapsed = into.elapsed.max(latencies.elapsed);
+        }
     }
     // cluster.json is rewritten every 500 ms: read it once more after that.
     std::thread::sleep(Duration::from_millis(700));
@@ -1189,10 +1516,13 @@ fn read_cluster_status(host: &Host) -> anyhow::Result<serde_json::Value> {
 /// `FORELOCK_CLUSTER_PREDICTOR_NICE` says otherwise (0 = the brokers' own).
 const PREDICTOR_NICE_ENV: &str = "FORELOCK_CLUSTER_PREDICTOR_NICE";
 const PREDICTOR_NICE: i32 = 5;
+/// `FORELOCK_CLUSTER_PREDICTOR_CONFIG=<file>`: each predictor's
+/// configuration (`forelock-predictor --config`); the defaults otherwise.
+const PREDICTOR_CONFIG_ENV: &str = "FORELOCK_CLUSTER_PREDICTOR_CONFIG";
 
 /// A `forelock-predictor` for `host`'s broker (beside this executable), at
 /// the niceness of its systemd unit ([`PREDICTOR_NICE`]), and its pid.
-fn start_predictor(host: &Host) -> anyhow::Result<(ChildGuard, u32)> {
+fn start_predictor(host: &Host, model: Option<&str>) -> anyhow::Result<(ChildGuard, u32)> {
     let exe = std::env::current_exe().context("finding this program")?;
     let binary = exe.with_file_name("forelock-predictor");
     if !binary.is_file() {
@@ -1202,9 +1532,16 @@ fn start_predictor(host: &Host) -> anyhow::Result<(ChildGuard, u32)> {
         );
     }
     let mut command = Command::new(&binary);
+    command.arg("--runtime-dir").arg(&host.runtime_dir);
+    if let Some(model) = model {
+        let config = host._dir.path().join("forelock-predictor.toml");
+        std::fs::write(&config, format!("model = \"{model}\"\n"))
+            .context("writing the predictor's configuration")?;
+        command.arg("--config").arg(config);
+    } else if let Some(config) = std::env::var_os(PREDICTOR_CONFIG_ENV) {
+        command.arg("--config").arg(config);
+    }
     command
-        .arg("--runtime-dir")
-        .arg(&host.runtime_dir)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -1259,7 +1596,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     )?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    let sections: [(&str, &Section); 5] = [
+    let sections: [(&str, &Section); 6] = [
         ("1 cached", &|rows| section_cached(&hosts[0], &sizes, rows)),
         ("2 first", &|rows| {
             section_first(&hosts[0], &quiet, &etcd, &sizes, rows)
@@ -1271,6 +1608,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             section_contention(&hosts, &sizes, rows)
         }),
         ("5 trace", &|rows| section_trace(&etcd, &sizes, rows)),
+        ("6 synthetic", &|rows| {
+            section_synthetic(&etcd, &sizes, rows)
+        }),
     ];
     let only: Option<Vec<String>> = std::env::var(SECTIONS_ENV)
         .ok()
@@ -1414,4 +1754,91 @@ fn render(etcd: &Etcd, rows: &[Row], failures: &[String], quick: bool) -> String
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    /// Which host takes each key in each window of `window` (a phase or a
+    /// step), from the rows' start times.
+    fn hosts_per_window(
+        per_client: &[Vec<TraceRow>],
+        window: Duration,
+    ) -> HashMap<(u64, u128), HashSet<usize>> {
+        let mut seen: HashMap<(u64, u128), HashSet<usize>> = HashMap::new();
+        for (client, rows) in per_client.iter().enumerate() {
+            for row in rows {
+                let at = row.at.expect("synthetic rows are paced");
+                seen.entry((row.key_hash, at.as_micros() / window.as_micros()))
+                    .or_default()
+                    .insert(client % HOSTS.len());
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn the_synthetic_patterns_are_the_same_for_a_seed_and_differ_between_seeds() {
+        let length = Duration::from_secs(2);
+        for generate in [rotation_rows, sweep_rows] {
+            let keys = |seed| -> Vec<Vec<(u64, Option<Duration>)>> {
+                generate(seed, length)
+                    .iter()
+                    .map(|rows| rows.iter().map(|r| (r.key_hash, r.at)).collect())
+                    .collect()
+            };
+            assert_eq!(keys(1), keys(1));
+            assert_ne!(keys(1), keys(2));
+        }
+    }
+
+    #[test]
+    fn in_the_rotation_no_key_is_taken_by_two_hosts_in_one_phase_and_each_host_takes_every_partition()
+     {
+        let per_client = rotation_rows(1, ROTATION_PHASE * 12);
+        for ((key, phase), hosts) in hosts_per_window(&per_client, ROTATION_PHASE) {
+            assert_eq!(
+                hosts.len(),
+                1,
+                "key {key:x} in phase {phase}: hosts {hosts:?}"
+            );
+        }
+        for h in 0..HOSTS.len() {
+            let keys: HashSet<u64> = (0..ROTATION_CLIENTS_PER_HOST)
+                .flat_map(|i| per_client[h + HOSTS.len() * i].iter().map(|r| r.key_hash))
+                .collect();
+            assert_eq!(keys.len() as u64, ROTATION_PARTITIONS * ROTATION_KEYS);
+        }
+    }
+
+    #[test]
+    fn in_the_sweep_each_shard_passes_to_the_next_host_a_third_of_a_lap_later() {
+        let per_client = sweep_rows(1, SWEEP_STEP * SWEEP_SHARDS as u32 * 2);
+        let seen = hosts_per_window(&per_client, SWEEP_STEP);
+        for ((key, step), hosts) in &seen {
+            assert_eq!(hosts.len(), 1, "key {key:x} in step {step}: {hosts:?}");
+            let host = *hosts.iter().next().expect("one host");
+            let third = u128::from(SWEEP_SHARDS) / HOSTS.len() as u128;
+            // The host before it had the shard a third of a lap earlier.
+            if *step >= third {
+                let before = (host + 1) % HOSTS.len();
+                assert_eq!(
+                    seen.get(&(*key, step - third)),
+                    Some(&HashSet::from([before])),
+                    "key {key:x} in step {step}"
+                );
+            }
+        }
+        let first_uses = per_client
+            .iter()
+            .flatten()
+            .filter(|r| r.kind == RowKind::FirstInPhase)
+            .count();
+        assert_eq!(
+            first_uses,
+            HOSTS.len() * SWEEP_RINGS * SWEEP_SHARDS as usize * 2
+        );
+    }
 }
