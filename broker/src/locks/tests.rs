@@ -1880,7 +1880,7 @@ mod node_gate {
         let slot = f.table.slot(s).unwrap();
         assert!(try_release_exclusive(&slot.word, held), "released by CAS");
         let mut views = Vec::new();
-        f.m.tick(&f.table, 1, |_| None, &mut views);
+        f.m.tick(&f.table, 1, |_| None, &mut views, usize::MAX);
         script.borrow_mut().sent.clear();
         f.m.node_event(&f.table, Event::Callback { key: key.clone() }, &mut f.w);
         assert!(
