@@ -70,8 +70,9 @@ impl RuntimeFiles {
                 "the runtime directory is not on tmpfs: the lock table is a shared mapping of a \
                  file there, and on a disk filesystem its pages are written back, during which a \
                  client's lock-word store may wait for the disk (milliseconds under disk load). \
-                 Put it on tmpfs: /run/forelock (the systemd unit's RuntimeDirectory) or \
-                 /dev/shm/..."
+                 Give the broker a directory on tmpfs (--runtime-dir, runtime_dir or \
+                 FORELOCK_RUNTIME_DIR; /dev/shm is tmpfs, and so is /run under systemd), or \
+                 mount tmpfs on this one"
             );
         }
         let runtime = RuntimeDir {
