@@ -35,7 +35,7 @@
 //! from the queue when the time is up.
 
 use crate::key::Name;
-use crate::{Client, Error, Grant, LockName, OwnedLockGuard, Wait};
+use crate::{Client, Error, LockName, OwnedLockGuard, Wait};
 use std::time::Duration;
 
 impl Client {
@@ -91,15 +91,7 @@ impl Client {
         wait: Wait,
     ) -> Result<OwnedLockGuard, Error> {
         if !shared && let Some(hold) = self.inner.try_fast(&name) {
-            return Ok(OwnedLockGuard {
-                client: self.clone(),
-                slot: hold.slot,
-                token: hold.token,
-                owner_died: hold.owner_died,
-                shared: false,
-                how: Grant::Fast(hold.held),
-                released: false,
-            });
+            return Ok(fast_guard!(&self.inner, hold).into_owned(self));
         }
         let client = self.clone();
         let key = name.bytes.to_vec();

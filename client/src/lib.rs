@@ -61,8 +61,6 @@
 //!   `try_lock` on an unprepared key) waits for one of them to finish; the
 //!   fast path never waits.
 
-#[cfg(feature = "tokio")]
-mod async_tokio;
 mod conn;
 mod error;
 mod key;
@@ -120,14 +118,14 @@ enum Connect {
 /// fast path, built in place (see `Client::acquire`).
 macro_rules! fast_guard {
     ($inner:expr, $hold:expr) => {{
-        let hold: FastHold = $hold;
-        LockGuard {
+        let hold: $crate::mapped::FastHold = $hold;
+        $crate::LockGuard {
             inner: $inner,
             slot: hold.slot,
             token: hold.token,
             owner_died: hold.owner_died,
             shared: false,
-            how: Grant::Fast(hold.held),
+            how: $crate::Grant::Fast(hold.held),
             released: false,
         }
     }};
@@ -149,6 +147,10 @@ macro_rules! broker_guard {
         }
     }};
 }
+
+// After the guard macros, which it uses.
+#[cfg(feature = "tokio")]
+mod async_tokio;
 
 /// A connection to `forelockd` and a mapping of its lock table: the handle
 /// every lock is taken through. Clone it freely (it is an `Arc`).

@@ -1170,28 +1170,46 @@ fn rotation_rows(seed: u64, length: Duration) -> Vec<Vec<TraceRow>> {
                     let pick = (splitmix64(&mut rng) % (j as u64 + 1)) as usize;
                     keys.swap(j, pick);
                 }
-                let mut at = phase_start;
-                let mut n = 0;
-                while at < phase_end {
-                    let key = keys[n % keys.len()];
-                    per_client[client].push(TraceRow {
-                        key_hash: key_hash(partition, key),
-                        shared: false,
-                        hold: ROTATION_HOLD,
-                        at: Some(at),
-                        kind: if n < keys.len() {
-                            RowKind::FirstInPhase
-                        } else {
-                            RowKind::Again
-                        },
-                    });
-                    n += 1;
-                    at += Duration::from_micros(4_000 + splitmix64(&mut rng) % 2_001);
-                }
+                paced_rows(
+                    &mut per_client[client],
+                    phase_start..phase_end,
+                    keys.len(),
+                    &mut rng,
+                    |n| key_hash(partition, keys[n % keys.len()]),
+                );
             }
         }
     }
     per_client
+}
+
+/// One client's rows over `window`, both patterns' pace: one row every
+/// 4-6 ms (uniform, from `rng`), each held [`ROTATION_HOLD`]; row `n` takes
+/// key `key_of(n)`, and the first `first` rows are the window's first uses.
+fn paced_rows(
+    rows: &mut Vec<TraceRow>,
+    window: std::ops::Range<Duration>,
+    first: usize,
+    rng: &mut u64,
+    key_of: impl Fn(usize) -> u64,
+) {
+    let mut at = window.start;
+    let mut n = 0;
+    while at < window.end {
+        rows.push(TraceRow {
+            key_hash: key_of(n),
+            shared: false,
+            hold: ROTATION_HOLD,
+            at: Some(at),
+            kind: if n < first {
+                RowKind::FirstInPhase
+            } else {
+                RowKind::Again
+            },
+        });
+        n += 1;
+        at += Duration::from_micros(4_000 + splitmix64(rng) % 2_001);
+    }
 }
 
 /// Section 6's second pattern: staggered sweeps (hosts working through
@@ -1223,24 +1241,13 @@ fn sweep_rows(seed: u64, length: Duration) -> Vec<Vec<TraceRow>> {
                 let mut state = seed ^ (0x5eed << 40 | (ring as u64) << 32 | shard);
                 let key_hash = splitmix64(&mut state);
                 let step_start = SWEEP_STEP * step as u32;
-                let step_end = step_start + SWEEP_STEP;
-                let mut at = step_start;
-                let mut n = 0;
-                while at < step_end {
-                    per_client[client].push(TraceRow {
-                        key_hash,
-                        shared: false,
-                        hold: ROTATION_HOLD,
-                        at: Some(at),
-                        kind: if n == 0 {
-                            RowKind::FirstInPhase
-                        } else {
-                            RowKind::Again
-                        },
-                    });
-                    n += 1;
-                    at += Duration::from_micros(4_000 + splitmix64(&mut rng) % 2_001);
-                }
+                paced_rows(
+                    &mut per_client[client],
+                    step_start..step_start + SWEEP_STEP,
+                    1,
+                    &mut rng,
+                    |_| key_hash,
+                );
             }
         }
     }
