@@ -327,6 +327,65 @@ fn verdict(target: &Target, ratio: f64) -> &'static str {
     }
 }
 
+/// The hot-key workloads of issue 12's max-wait target.
+const MAX_WAIT_WORKLOADS: [&str; 3] = ["hot-2p", "hot-4p", "hot-8p"];
+/// Issue 12's max-wait target on a hot key, absolute: floor and aim.
+const MAX_WAIT_FLOOR_NS: u64 = 5_000_000;
+const MAX_WAIT_AIM_NS: u64 = 2_000_000;
+
+/// One line per hot-key workload where forelock was measured: its max wait
+/// against issue 12's bound, beside `no-lock`'s from the same run (the
+/// longest the CPU scheduler alone kept a process inside a measured call:
+/// a floor no lock can go under) and robust pthread's.
+fn max_wait_targets(outcome: &Outcome) -> String {
+    let max_wait = |workload: &str, system: &str| {
+        outcome
+            .cells
+            .iter()
+            .find(|cell| cell.workload == workload && cell.system == system)
+            .and_then(|cell| summarize(&cell.runs))
+            .map(|summary| summary.max_ns)
+    };
+    let mut out = String::new();
+    for workload in MAX_WAIT_WORKLOADS {
+        let Some(mine) = max_wait(workload, FORELOCK_NAME) else {
+            continue;
+        };
+        let verdict = if mine <= MAX_WAIT_AIM_NS {
+            "aim met"
+        } else if mine <= MAX_WAIT_FLOOR_NS {
+            "floor met"
+        } else {
+            "MISSED"
+        };
+        let beside = ["no-lock", "pthread-robust"]
+            .iter()
+            .filter_map(|peer| {
+                max_wait(workload, peer).map(|ns| format!("{peer} {}", format_ns(ns)))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "  {workload}, max wait: {FORELOCK_NAME} {} (floor <= {}, aim <= {}): {verdict}{}",
+            format_ns(mine),
+            format_ns(MAX_WAIT_FLOOR_NS),
+            format_ns(MAX_WAIT_AIM_NS),
+            if beside.is_empty() {
+                String::new()
+            } else {
+                format!("; same run: {beside}")
+            },
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!(
+        "targets of issue 12, max wait on a hot key (no-lock: the same loop with nothing taken, the scheduler's own floor):\n{out}"
+    )
+}
+
 /// One line per batch target whose two cells were measured.
 fn batch_targets(outcome: &Outcome) -> String {
     let batch = |workload: &str, system: &str| {
@@ -502,9 +561,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
     if !target_lines.is_empty() {
         let _ = writeln!(out, "{target_lines}");
     }
-    let batch_lines = batch_targets(outcome);
-    if !batch_lines.is_empty() {
-        let _ = writeln!(out, "{batch_lines}");
+    for lines in [batch_targets(outcome), max_wait_targets(outcome)] {
+        if !lines.is_empty() {
+            let _ = writeln!(out, "{lines}");
+        }
     }
     for system in &outcome.systems {
         if system.note.is_empty() {
@@ -676,6 +736,55 @@ mod tests {
         assert!(
             !text.contains("Unix-socket"),
             "no batch figure for forelock-fresh: no line: {text}"
+        );
+    }
+
+    #[test]
+    fn max_wait_targets_judge_forelock_and_show_the_no_lock_floor_beside_it() {
+        let with_max = |workload: &str, system: &str, max_ns: u64| {
+            let mut cell = cell(workload, system, 100);
+            cell.runs[0].max_ns = max_ns;
+            cell
+        };
+        let outcome = Outcome {
+            limits: super::super::driver::RunLimits {
+                duration_ms: 1,
+                operations_max: 1,
+            },
+            repeat: 1,
+            cores: 2,
+            workloads: Vec::new(),
+            systems: Vec::new(),
+            cells: vec![
+                with_max("hot-2p", "forelock", 1_500_000),
+                with_max("hot-4p", "forelock", 4_000_000),
+                with_max("hot-8p", "forelock", 20_000_000),
+                with_max("hot-8p", "no-lock", 18_000_000),
+                with_max("hot-8p", "pthread-robust", 16_000_000),
+            ],
+            total_s: 1.0,
+            clock_pair_ns: 20,
+        };
+        let text = max_wait_targets(&outcome);
+        assert!(
+            text.contains(
+                "hot-2p, max wait: forelock 1.50ms (floor <= 5.00ms, aim <= 2.00ms): aim met\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "hot-4p, max wait: forelock 4.00ms (floor <= 5.00ms, aim <= 2.00ms): floor met\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("hot-8p, max wait: forelock 20.00ms (floor <= 5.00ms, aim <= 2.00ms): MISSED; same run: no-lock 18.00ms, pthread-robust 16.00ms"), "{text}");
+        assert!(
+            max_wait_targets(&Outcome {
+                cells: Vec::new(),
+                ..outcome
+            })
+            .is_empty()
         );
     }
 
