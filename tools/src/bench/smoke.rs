@@ -96,7 +96,6 @@ fn peers_smoke() {
             }
             Err(StartError::Failed(error)) => panic!("{} failed to start: {error:#}", entry.name),
         };
-        let traits = system.traits();
         for workload in &workloads {
             if not_applicable(system.as_ref(), workload).is_some() {
                 continue;
