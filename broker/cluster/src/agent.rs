@@ -9,6 +9,7 @@
 //! self-fence of docs/cluster.md).
 
 use crate::config::ClusterConfig;
+use crate::etcd_access::EtcdAccess;
 use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use crate::watches::Watches;
@@ -141,9 +142,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent thread. Fails only if the thread or its eventfd
+    /// Starts the agent thread. Fails if a credential file the config names
+    /// cannot be used (the error names it), or if the thread or its eventfd
     /// cannot be made; an unreachable etcd is retried (and shown in status).
     pub fn start(config: ClusterConfig) -> std::io::Result<Agent> {
+        let access = EtcdAccess::load(&config)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         // SAFETY: eventfd(2) takes no pointers; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -157,6 +161,7 @@ impl Agent {
         let status = Arc::new(Mutex::new(AgentStatus::default()));
         let inner = Inner {
             config: config.clone(),
+            access,
             outbox: Outbox {
                 events: etx,
                 wake: wake.clone(),
@@ -225,6 +230,8 @@ impl Outbox {
 
 struct Inner {
     config: ClusterConfig,
+    /// TLS and the etcd user, read from their files at start.
+    access: EtcdAccess,
     outbox: Outbox,
     lease: Lease,
     status: Arc<Mutex<AgentStatus>>,
@@ -264,6 +271,7 @@ impl Inner {
                 .with_connect_timeout(Duration::from_secs(2))
                 .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
                 .with_keep_alive_while_idle(true);
+            let opts = self.access.apply(opts);
             match Client::connect(self.config.etcd.clone(), Some(opts)).await {
                 Ok(c) => {
                     self.note(|s| s.connected = true);
