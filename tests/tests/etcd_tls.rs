@@ -152,6 +152,9 @@ impl TlsEtcd {
             .arg("--trusted-ca-file")
             .arg(certs.join("ca.pem"))
             .arg("--client-cert-auth")
+            // An idle broker's auth token expires within the test (default
+            // 300 s): it must authenticate again, not stop granting.
+            .args(["--auth-token-ttl", "2"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -295,6 +298,14 @@ fn a_broker_with_tls_and_an_etcd_user_takes_global_keys_and_one_with_a_wrong_pas
         guard.release().expect("release");
     }
     cluster_status(dir.path(), |s| s["connected"] == true);
+    // Idle past the token's 2 s TTL (the lease's keep-alive stream does not
+    // renew it): the next grant needs a fresh token.
+    std::thread::sleep(Duration::from_secs(4));
+    let guard = client
+        .lock_timeout("global/tls-after-idle", PATIENCE)
+        .expect("a global key after the auth token expired");
+    assert!(guard.token() > 0);
+    guard.release().expect("release");
 
     // The same broker with a wrong password: not connected, the error said,
     // no grant.
