@@ -94,8 +94,8 @@ impl EtcdAccess {
             // etcd's token expires when unused for its TTL (300 s by
             // default), and the lease's keep-alive stream does not use it:
             // an idle broker's next transaction must authenticate again.
-            // Without the refresh it failed with "invalid auth token" for
-            // good (test: etcd_tls.rs, `--auth-token-ttl 2`).
+            // Without the refresh, a broker idle past the TTL granted no
+            // global key again (test: etcd_tls.rs, `--auth-token-ttl 2`).
             options = options
                 .with_user(name.clone(), password.clone())
                 .with_auto_token_refresh(true);
