@@ -1130,6 +1130,9 @@ impl EventLoop {
                 }
                 Response::Bye
             }
+            (Request::Check { slot, token }, Some(client)) => {
+                self.manager.check_hold(table, client, slot, token)
+            }
             (Request::Release { slot, token }, Some(client)) => {
                 let held_since_ms = table
                     .slot(slot)

@@ -1064,6 +1064,23 @@ impl Inner {
     /// Release a broker-granted lock (or a fast-path one the broker took over).
     #[cold]
     #[inline(never)]
+    /// [`LockGuard::check`]: ask the broker whether `slot` is still held
+    /// with `token`.
+    fn check_hold(&self, slot: u32, token: u64) -> Result<(), Error> {
+        self.check_not_lost()?;
+        let mut lease = self.checkout(None)?.expect("no deadline, so a lease");
+        match self
+            .call(&mut lease, &Request::Check { slot, token }, || {})?
+            .0
+        {
+            Response::Holding => Ok(()),
+            Response::Error { code, message } => {
+                Err(Error::from_broker(code, message, Some((slot, token))))
+            }
+            other => Err(unexpected(&mut lease, "Check", other)),
+        }
+    }
+
     fn release_through_broker(&self, slot: u32, token: u64) -> Result<(), Error> {
         self.check_not_lost()?;
         let mut lease = self.checkout(None)?.expect("no deadline, so a lease");
@@ -1171,6 +1188,20 @@ impl LockGuard<'_> {
     /// Granted by this client's own CAS on a prepared slot (no broker).
     pub fn fast_path(&self) -> bool {
         matches!(self.how, Grant::Fast(_))
+    }
+
+    /// Does this hold still stand? One round trip to the broker (a few
+    /// microseconds; the lock is not touched). `Err(Error::Lost)` once this
+    /// host's broker lost the node grant of a global key under it (its
+    /// etcd lease could not be confirmed in time): another host may hold
+    /// the key now, so stop writing under it and release it (the release
+    /// says `Lost` too). A local key's hold is lost only with its process,
+    /// so for one this says `Ok` while the broker runs. For a holder of a
+    /// global key that wants to know before a step it cannot fence with
+    /// its token; the token is still what makes a late write harmless
+    /// (docs/cluster.md).
+    pub fn check(&self) -> Result<(), Error> {
+        self.inner.check_hold(self.slot, self.token)
     }
 
     /// Release now, reporting errors (`Drop` releases too, silently).
@@ -1317,6 +1348,11 @@ impl OwnedLockGuard {
     /// The client this guard holds its lock through.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Does this hold still stand? See [`LockGuard::check`].
+    pub fn check(&self) -> Result<(), Error> {
+        self.client.inner.check_hold(self.slot, self.token)
     }
 
     /// Release now, reporting errors (`Drop` releases too, silently).

@@ -638,6 +638,7 @@ fn serve(state: Arc<MockState>, fd: OwnedFd) {
             },
             Request::Cancel { .. } => Response::Cancelled,
             Request::Release { .. } => Response::Released,
+            Request::Check { .. } => Response::Holding,
             Request::Ping => Response::Pong,
             Request::Bye => Response::Bye,
             Request::Waiters { .. } => Response::Waiters {

@@ -17,7 +17,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 /// Bump on any change to these types.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE: usize = 1024;
 /// Most waiters one [`Response::Waiters`] lists (the answer must fit
@@ -62,6 +62,11 @@ pub enum Request {
     /// `forelock locks`). Allowed before `Hello`: it needs no client record.
     /// Answered [`Response::Waiters`].
     Waiters { key: Vec<u8> },
+    /// Does this client still hold `slot` with `token`? Answered
+    /// [`Response::Holding`], or the `Lost` error once this host lost the
+    /// global key's node grant (the hold stays in place until released), or
+    /// `NotHolder`. Changes nothing. (Protocol 4.)
+    Check { slot: u32, token: u64 },
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -97,6 +102,8 @@ pub enum Response {
         waiters: Vec<WaiterInfo>,
         total: u32,
     },
+    /// The answer to [`Request::Check`]: the hold stands.
+    Holding,
 }
 
 /// One queued acquire, as [`Response::Waiters`] lists it.

@@ -106,7 +106,13 @@ fn a_local_key_with_the_same_name_on_two_brokers_is_not_global() {
     let cb = forelock::Client::connect_to(db.path()).unwrap();
     let ga = ca.lock("local/k").unwrap();
     let gb = cb.try_lock("local/k").expect("a local key is per host");
+    // A local hold stands while its process lives, asked through the
+    // broker or granted on the fast path (a prepared key taken by CAS).
+    ga.check().expect("a local hold stands");
     drop((ga, gb));
+    let fast = ca.lock("local/k").unwrap();
+    assert!(fast.fast_path(), "the released key stays prepared");
+    fast.check().expect("a fast-path hold stands");
 }
 
 #[test]
@@ -119,6 +125,8 @@ fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
     let _b = Broker::start(db.path(), &cluster_config("b", &etcd.url));
     let ca = forelock::Client::connect_to(da.path()).unwrap();
     let held = ca.lock("global/x").unwrap();
+    held.check()
+        .expect("a global hold stands while the lease does");
     let old = held.token();
     // cluster.json is rewritten every 500 ms: the one there may predate the
     // lease (id "0") though the lock above was granted under it.
@@ -146,6 +154,11 @@ fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
     let cb = forelock::Client::connect_to(db.path()).unwrap();
     let taken = cb.lock("global/x").unwrap();
     assert!(taken.token() > old, "{:#x} after {old:#x}", taken.token());
+    // The holder learns it before its release when it asks.
+    match held.check() {
+        Err(forelock::Error::Lost { message }) => assert!(message.contains("lease"), "{message}"),
+        other => panic!("expected Lost from check, got {other:?}"),
+    }
     match held.release() {
         Err(forelock::Error::Lost { message }) => assert!(message.contains("lease"), "{message}"),
         other => panic!("expected Lost, got {other:?}"),

@@ -366,16 +366,53 @@ impl LockManager {
         if let Some(n) = self.nodes.as_mut()
             && n.take_lost(client, token)
         {
-            return error(
-                ErrorCode::Lost,
-                format!(
-                    "the hold with token {token} was lost: this host's etcd lease could not be \
-                     confirmed in time, so another host may have held the key since (the release \
-                     is done; see docs/cluster.md)"
-                ),
-            );
+            return lost(token, "the release is done");
         }
         Response::Released
+    }
+
+    /// Does `client` still hold `slot` with `token`? [`Response::Holding`]
+    /// if so; the `Lost` error if this host lost the global key's node grant
+    /// under the hold (which stays in place until released); `NotHolder`
+    /// otherwise. Changes nothing: the question of [`LockGuard::check`]
+    /// (forelock client), for a holder that wants to know before it writes.
+    pub fn check_hold(&self, table: &TableView, client: u32, slot: u32, token: u64) -> Response {
+        if self
+            .nodes
+            .as_ref()
+            .is_some_and(|n| n.is_lost(client, token))
+        {
+            return lost(token, "release it");
+        }
+        let (Some(st), Some(tslot)) = (self.dir.slots.get(slot as usize), table.slot(slot)) else {
+            return error(ErrorCode::NotHolder, format!("slot {slot} does not exist"));
+        };
+        let holds = if st.managed {
+            match &st.holder {
+                Holder::Exclusive {
+                    client: c,
+                    token: t,
+                    ..
+                } => *c == client && *t == token,
+                Holder::Shared(v) => v.contains(&(client, token)),
+                _ => false,
+            }
+        } else {
+            // A fast-path hold: the word names its owner, and its counter
+            // the grant (as `release` recognises it).
+            let w = Word(tslot.word.load(Ordering::Acquire));
+            w.is_prepared()
+                && w.exclusive_owner() == Some(client)
+                && st.base.saturating_add(w.counter() as u64) == token
+        };
+        if holds {
+            Response::Holding
+        } else {
+            error(
+                ErrorCode::NotHolder,
+                format!("slot {slot}: this client does not hold it with that token"),
+            )
+        }
     }
 
     /// Release the fast-path hold `ours` recognises on prepared slot `s` by
@@ -1100,6 +1137,18 @@ fn clear_hold_mirror(table: &TableView, client: u32, slot: u32) {
 
 fn error(code: ErrorCode, message: String) -> Response {
     Response::Error { code, message }
+}
+
+/// The `Lost` error of a global key's hold with `token`; `then` says what
+/// the holder does next.
+fn lost(token: u64, then: &str) -> Response {
+    error(
+        ErrorCode::Lost,
+        format!(
+            "the hold with token {token} was lost: this host's etcd lease could not be confirmed \
+             in time, so another host may have held the key since ({then}; see docs/cluster.md)"
+        ),
+    )
 }
 
 fn not_holder(slot: u32) -> Response {

@@ -213,6 +213,10 @@ impl Nodes {
     }
 
     /// Whether the hold `(client, token)` was lost; forgets it.
+    pub(super) fn is_lost(&self, client: u32, token: u64) -> bool {
+        self.lost.contains(&(client, token))
+    }
+
     pub(super) fn take_lost(&mut self, client: u32, token: u64) -> bool {
         self.lost.remove(&(client, token))
     }

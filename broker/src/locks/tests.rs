@@ -83,6 +83,13 @@ impl Fixture {
         self.m
             .release(&self.table, client, *slot, *token, &mut self.w)
     }
+    /// The broker's answer to `client` asking whether grant `r` stands.
+    fn check(&self, client: u32, r: &Response) -> Response {
+        let Response::Granted { slot, token, .. } = r else {
+            panic!("not a grant: {r:?}")
+        };
+        self.m.check_hold(&self.table, client, *slot, *token)
+    }
     fn cell(&self, client: u32, conn: ConnId) -> (u32, u64, u32) {
         let c = &self.table.client(client).unwrap().cells[conn as usize % 64];
         (
@@ -1555,6 +1562,15 @@ mod node_gate {
         assert!(f.queued(a, 1, "global/k", false));
         f.m.node_event(&f.table, granted("global/k", 7), &mut f.w);
         let token = answered_token(&mut f).expect("granted");
+        let r = grant_of_k(&f, token);
+        assert_eq!(f.check(a, &r), Response::Holding);
+        assert!(matches!(
+            f.check(b, &r),
+            Response::Error {
+                code: ErrorCode::NotHolder,
+                ..
+            }
+        ));
         f.m.node_event(
             &f.table,
             Event::Fenced {
@@ -1563,11 +1579,21 @@ mod node_gate {
             },
             &mut f.w,
         );
+        // The holder asks before its release: lost, and asking again
+        // changes nothing (the release still says so).
+        for _ in 0..2 {
+            match f.check(a, &r) {
+                Response::Error {
+                    code: ErrorCode::Lost,
+                    message,
+                } => assert!(message.contains("release it"), "{message}"),
+                other => panic!("expected Lost, got {other:?}"),
+            }
+        }
         assert!(f.queued(b, 2, "global/k", false));
         // Even a new node grant does not let b in while a's lost hold stays.
         f.m.node_event(&f.table, granted("global/k", 9), &mut f.w);
         assert_eq!(answered_token(&mut f), None);
-        let r = grant_of_k(&f, token);
         match f.release(a, &r) {
             Response::Error {
                 code: ErrorCode::Lost,

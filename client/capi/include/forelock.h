@@ -172,6 +172,16 @@ bool forelock_guard_previous_owner_died(const struct forelock_guard *guard);
 // `guard` is NULL or a live pointer from a lock call, not yet released.
 bool forelock_guard_is_shared(const struct forelock_guard *guard);
 
+// Whether the hold still stands: one round trip to the broker, the lock
+// untouched. `FORELOCK_E_LOST` once this host lost the node grant of a
+// global key under it (another host may hold the key now: stop writing
+// under it and release it); a local key's hold stands while its process
+// lives. NULL is `FORELOCK_E_INVALID_ARGUMENT`.
+//
+// # Safety
+// `guard` is NULL or a live pointer from a lock call, not yet released.
+int forelock_guard_check(const struct forelock_guard *guard);
+
 // Release the lock and free `guard` (whatever the result: do not use it
 // again). NULL is `FORELOCK_E_INVALID_ARGUMENT`.
 //

@@ -423,6 +423,25 @@ pub unsafe extern "C" fn forelock_guard_is_shared(guard: *const forelock_guard) 
     unsafe { guard.as_ref() }.is_some_and(|g| g.guard.is_shared())
 }
 
+/// Whether the hold still stands: one round trip to the broker, the lock
+/// untouched. `FORELOCK_E_LOST` once this host lost the node grant of a
+/// global key under it (another host may hold the key now: stop writing
+/// under it and release it); a local key's hold stands while its process
+/// lives. NULL is `FORELOCK_E_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `guard` is NULL or a live pointer from a lock call, not yet released.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forelock_guard_check(guard: *const forelock_guard) -> c_int {
+    guarded(|| {
+        // SAFETY: NULL or live (the caller's contract); read by reference only.
+        let Some(guard) = (unsafe { guard.as_ref() }) else {
+            return Err(invalid("forelock_guard_check: `guard` is NULL"));
+        };
+        guard.guard.check().map_err(client_error)
+    })
+}
+
 /// Release the lock and free `guard` (whatever the result: do not use it
 /// again). NULL is `FORELOCK_E_INVALID_ARGUMENT`.
 ///

@@ -67,6 +67,8 @@ int main(int argc, char **argv) {
     CHECK(first > 0);
     CHECK(!forelock_guard_previous_owner_died(g));
     CHECK(!forelock_guard_is_shared(g));
+    CHECK(forelock_guard_check(g) == FORELOCK_OK);
+    CHECK(forelock_guard_check(NULL) == FORELOCK_E_INVALID_ARGUMENT);
     CHECK(forelock_try_lock(b, "c:key", &h) == FORELOCK_E_WOULD_BLOCK);
     CHECK(strstr(forelock_last_error(), "c:key") != NULL);
     CHECK(forelock_lock_timeout(b, "c:key", 50, &h) == FORELOCK_E_TIMEOUT);

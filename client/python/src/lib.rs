@@ -290,6 +290,20 @@ impl Guard {
         self.guard.is_some()
     }
 
+    /// Raise `forelock.LockLost` if the hold no longer stands (one round
+    /// trip to the broker, the lock untouched): this host lost the node
+    /// grant of a global key under it, so another host may hold the key
+    /// now; stop writing under it and release it. A local key's hold stands
+    /// while its process lives. `ValueError` after `release()`.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.guard {
+            Some(guard) => py.detach(|| guard.check()).map_err(to_py),
+            None => Err(pyo3::exceptions::PyValueError::new_err(
+                "check() on a released forelock.Guard",
+            )),
+        }
+    }
+
     /// Release the lock now (a second call does nothing).
     fn release(&mut self, py: Python<'_>) -> PyResult<()> {
         match self.guard.take() {

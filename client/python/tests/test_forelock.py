@@ -18,11 +18,14 @@ def test_a_with_block_holds_the_lock_and_releases_it(broker_dir):
     with client.lock("orders:42") as g:
         assert g.held and g.token > 0
         assert not g.previous_owner_died and not g.shared
+        g.check()  # a local hold stands while this process lives
         with pytest.raises(forelock.WouldBlock) as raised:
             other.try_lock("orders:42")
         assert "orders:42" in str(raised.value)
         first = g.token
     assert not g.held
+    with pytest.raises(ValueError):
+        g.check()
     with other.try_lock("orders:42") as g2:
         assert g2.token > first
 

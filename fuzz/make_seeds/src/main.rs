@@ -82,6 +82,13 @@ fn wire(dir: &Path) {
             },
         ),
         ("ping", Request::Ping),
+        (
+            "check",
+            Request::Check {
+                slot: 7,
+                token: 1 << 24,
+            },
+        ),
     ];
     for (name, r) in requests {
         write(dir, &format!("request-{name}"), &encode(&r));
@@ -108,6 +115,7 @@ fn wire(dir: &Path) {
         ("released", Response::Released),
         ("pong", Response::Pong),
         ("bye", Response::Bye),
+        ("holding", Response::Holding),
         (
             "error",
             Response::Error {
