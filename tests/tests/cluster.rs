@@ -732,7 +732,7 @@ fn under_fault(
         .map(|h| format!("{h}={}", history.accepted_by_after(h, since)))
         .collect();
     let first = history.takeover_after(since, None);
-    let gap = history.longest_gap(since, until);
+    let (gap_from, gap) = history.longest_gap_span(since, until);
     let healed = monotonic_ns();
     assert!(
         wait_accepted(&resource, 3, CLUSTER_PATIENCE),
@@ -741,8 +741,10 @@ fn under_fault(
     );
     let done = load.finish();
     println!(
-        "{test} round {round}: first update after the fault {first:?}, longest gap {gap:?}, \
-         updates during the fault {per_host:?}, back {:?} after heal; workers: {done:?}",
+        "{test} round {round}: first update after the fault {first:?}, longest gap {gap:?} \
+         (from {gap_from} ns, {:?} after the fault), updates during the fault {per_host:?}, \
+         back {:?} after heal; workers: {done:?}",
+        Duration::from_nanos(gap_from - since),
         Duration::from_nanos(monotonic_ns() - healed)
     );
     assert_no_violation(&format!("{test} round {round}"), &resource);
@@ -799,7 +801,15 @@ fn killing_the_etcd_leader_pauses_global_keys_for_an_election_only() {
             &mut rig,
             "etcd-leader",
             round,
-            |rig| rig.etcd.kill(&leader),
+            |rig| {
+                let killed = monotonic_ns();
+                rig.etcd.kill(&leader);
+                let next = rig.etcd.wait_leader(CLUSTER_PATIENCE).expect("a new leader");
+                println!(
+                    "etcd-leader round {round}: killed {leader} at {killed} ns, {next} leads {:?} later",
+                    Duration::from_nanos(monotonic_ns() - killed)
+                );
+            },
             |rig| rig.etcd.restart(&leader).unwrap(),
             &HOSTS,
         );

@@ -26,6 +26,14 @@ use tokio::sync::{mpsc, oneshot};
 /// acquisition's time goes.
 pub const TIMING_TARGET: &str = "forelock::grant_timing";
 
+/// The `tracing` target of the events that tell where the time goes when
+/// etcd fails over (a member or the leader killed): each keep-alive's
+/// answer or failure, each failed etcd step and its retry pause, the
+/// watches' restarts, the fence. Every event carries `at_ns`
+/// (CLOCK_MONOTONIC, the clock of the fault tests' histories). Turn them on
+/// with `FORELOCK_LOG=forelock::failover=debug`.
+pub const FAILOVER_TARGET: &str = "forelock::failover";
+
 /// How long after the minimum hold the agent repeats a callback: the
 /// broker stamps the grant when it applies `Granted`, a little after the
 /// agent sent it (about 0.1 ms; the broker's next tick is the fallback).
@@ -327,7 +335,7 @@ impl Inner {
                     s.holders.clear();
                 });
                 self.lease.set(|l| l.valid_until_ns = 0);
-                tracing::error!(epoch, %reason, "fenced: every node grant of this lease is lost");
+                tracing::error!(epoch, %reason, at_ns = monotonic_ns(), "fenced: every node grant of this lease is lost");
                 self.emit(Event::Fenced { epoch, reason });
                 // Free the other hosts early if etcd is reachable; the lease
                 // expires on its own otherwise.
@@ -359,7 +367,7 @@ impl Inner {
                         }
                     });
                     self.note(|s| s.connected = true);
-                    tracing::info!(lease = g.id(), ttl_ms, epoch, "lease granted");
+                    tracing::info!(lease = g.id(), ttl_ms, epoch, at_ns = monotonic_ns(), "lease granted");
                     return (g.id(), ttl_ms);
                 }
                 Ok(Err(e)) => self.note(|s| {
@@ -536,8 +544,16 @@ impl Inner {
         let sent = monotonic_ns();
         if keeper.is_none() {
             let mut c = client.clone();
-            match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await
-            {
+            let opened =
+                tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await;
+            tracing::debug!(
+                target: FAILOVER_TARGET,
+                at_ns = monotonic_ns(),
+                took_ms = monotonic_ns().saturating_sub(sent) / 1_000_000,
+                result = ?opened.as_ref().map(|r| r.as_ref().map(|_| ())),
+                "keep-alive stream opened"
+            );
+            match opened {
                 Ok(Ok(k)) => *keeper = Some(k),
                 _ => return Err(None),
             }
@@ -547,7 +563,16 @@ impl Inner {
             k.keep_alive().await?;
             stream.message().await
         };
-        match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, round).await {
+        let answer = tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, round).await;
+        tracing::debug!(
+            target: FAILOVER_TARGET,
+            at_ns = monotonic_ns(),
+            took_ms = monotonic_ns().saturating_sub(sent) / 1_000_000,
+            safe_for_ms = self.lease.get().valid_until_ns.saturating_sub(monotonic_ns()) / 1_000_000,
+            answer = ?answer.as_ref().map(|r| r.as_ref().map(|m| m.as_ref().map(|m| m.ttl()))),
+            "keep-alive answered"
+        );
+        match answer {
             Ok(Ok(Some(r))) if r.ttl() > 0 => {
                 let until = sent + self.config.valid_for_ms(r.ttl() as u64 * 1000) * 1_000_000;
                 self.lease
@@ -752,7 +777,13 @@ where
         match f().await {
             Ok(v) => return v,
             Err(e) => {
-                tracing::debug!(error = %e, "etcd step failed; retrying");
+                tracing::debug!(
+                    target: FAILOVER_TARGET,
+                    at_ns = monotonic_ns(),
+                    pause_ms = pause.as_millis() as u64,
+                    error = %e,
+                    "etcd step failed; retrying"
+                );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }

@@ -134,6 +134,8 @@ impl Watch {
         loop {
             if let Err(e) = self.watch_once(client).await {
                 tracing::debug!(
+                    target: crate::agent::FAILOVER_TARGET,
+                    at_ns = crate::agent::monotonic_ns(),
                     error = %e,
                     prefix = self.prefix,
                     "a node-grant watch stopped; starting it again"
@@ -169,6 +171,13 @@ impl Watch {
             let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
             let mut s = self.state();
             if resp.created() {
+                tracing::debug!(
+                    target: crate::agent::FAILOVER_TARGET,
+                    at_ns = crate::agent::monotonic_ns(),
+                    prefix = self.prefix,
+                    revision,
+                    "a node-grant watch is running"
+                );
                 // Events before `revision` were never seen here.
                 s.live = true;
                 s.processed = revision;
