@@ -210,6 +210,15 @@ impl Host {
     pub fn log(&self) -> String {
         self.broker.log()
     }
+
+    /// How many times the broker's cluster agent has fenced itself (lost
+    /// its lease), from its `cluster.json` (rewritten every 500 ms);
+    /// `None` before the first one is written.
+    pub fn fences(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.dir().join("cluster.json")).ok()?;
+        let status: serde_json::Value = serde_json::from_str(&text).ok()?;
+        status["fences"].as_u64()
+    }
 }
 
 impl Drop for Host {
