@@ -806,7 +806,8 @@ fn killing_the_etcd_leader_pauses_global_keys_for_an_election_only() {
     };
     for round in 0..cluster::rounds() {
         let leader = rig.etcd.wait_leader(CLUSTER_PATIENCE).expect("a leader");
-        let fences = |rig: &Rig| -> Vec<Option<u64>> { rig.hosts.iter().map(Host::fences).collect() };
+        let fences =
+            |rig: &Rig| -> Vec<Option<u64>> { rig.hosts.iter().map(Host::fences).collect() };
         let fences_before = fences(&rig);
         let mut elected = Duration::ZERO;
         let gap = under_fault(
@@ -816,7 +817,10 @@ fn killing_the_etcd_leader_pauses_global_keys_for_an_election_only() {
             |rig| {
                 let killed = monotonic_ns();
                 rig.etcd.kill(&leader);
-                let next = rig.etcd.wait_leader(CLUSTER_PATIENCE).expect("a new leader");
+                let next = rig
+                    .etcd
+                    .wait_leader(CLUSTER_PATIENCE)
+                    .expect("a new leader");
                 elected = Duration::from_nanos(monotonic_ns() - killed);
                 println!(
                     "etcd-leader round {round}: killed {leader} at {killed} ns, {next} leads {elected:?} later"
@@ -826,12 +830,23 @@ fn killing_the_etcd_leader_pauses_global_keys_for_an_election_only() {
             &HOSTS,
         );
         let fences_after = fences(&rig);
-        println!("etcd-leader round {round}: fences per host {fences_before:?} -> {fences_after:?}");
-        assert_eq!(
-            fences_before, fences_after,
-            "round {round}: an etcd election ({elected:?}) shorter than the lease (4 s) fenced a broker\n{}",
-            rig.logs()
+        println!(
+            "etcd-leader round {round}: fences per host {fences_before:?} -> {fences_after:?}"
         );
+        // Renewals prove the 4 s lease for 3.8 s (5% drift) and go out
+        // every 466 ms: an election etcd agreed on within 2.5 s (as this
+        // test saw it, etcdctl's answers included) leaves time to renew.
+        // A longer one may rightly fence (etcd's own randomized election
+        // takes 1.5-3 s here, more on a loaded machine).
+        if elected <= Duration::from_millis(2_500) {
+            assert_eq!(
+                fences_before,
+                fences_after,
+                "round {round}: an etcd election of {elected:?} fenced a broker (its 4 s lease is \
+                 proved for 3.8 s after each renewal)\n{}",
+                rig.logs()
+            );
+        }
         // Generous: the election as the test saw it (etcdctl's answers
         // included), plus twice etcd's election timeout.
         let bound = elected + 2 * Duration::from_millis(cluster::etcd::ELECTION_MS);

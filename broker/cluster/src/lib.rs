@@ -12,6 +12,7 @@ pub mod gossip;
 pub use config::ClusterConfig;
 pub mod agent;
 pub mod etcd_lock;
+pub mod keepalive;
 pub mod watches;
 
 pub use agent::{Agent, Command, Event, Lease};

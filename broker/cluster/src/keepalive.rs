@@ -1,0 +1,204 @@
+//! The lease's keep-alive: renewals sent through every etcd endpoint at
+//! once, on tasks of their own, so that neither a dead member nor an
+//! election holds up the session (its commands, its key tasks' reports,
+//! its fence timer).
+//!
+//! Before this module the session renewed in line, one request at a time
+//! on one keep-alive stream of the balanced client (up to 2 s to open a
+//! stream and 2 s for an answer), and when the etcd leader died that
+//! stream broke, the next one landed on the dead member or on a follower
+//! still waiting for the election, the safe time ran out and the brokers
+//! fenced themselves (docs/cluster.md, "A leader loss, measured"). Now a
+//! renewal goes through each endpoint every `every`, each on a stream of
+//! its own, whether or not the earlier ones were answered: a follower
+//! forwards a renewal to the new leader as soon as it knows one, so the
+//! first renewal sent after the election comes back at once.
+//!
+//! Each answer is paired with the instant its own request was sent: a
+//! renewal sent at `t` proves the lease at etcd until `t + TTL` on etcd's
+//! clock. The broker's safe time and the fence deadline are the largest
+//! any renewal has proved (docs/cluster.md, "Leases and the self-fence").
+
+use crate::agent::{AgentStatus, FAILOVER_TARGET, Lease, monotonic_ns};
+use crate::config::ClusterConfig;
+use etcd_client::Client;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The pause before a renewal that failed is sent again (a dead member
+/// refuses at once: this bounds the attempts to five a second).
+const REOPEN_PAUSE: Duration = Duration::from_millis(200);
+
+/// Renewals unanswered at once through one endpoint, at most. Each waits
+/// up to the lease's TTL, so a renewal every `every` (a sixth of the safe
+/// window or less) keeps seven or eight in flight while a member holds
+/// them: through an election, a member without a leader holds each renewal
+/// for an election timeout and more, and the renewals sent after it knows
+/// the new leader are the ones that come back at once. The bound only
+/// guards against a pathological configuration.
+const RENEWALS_IN_FLIGHT: usize = 16;
+
+/// How often a lease of `ttl_ms` is renewed: a third of the TTL (etcd's
+/// own clients' rate), or a sixth of the safe window if that is sooner,
+/// so that when etcd stops answering (an election) at least five sixths
+/// of the window are left to ride it out. At least every 100 ms.
+pub fn renew_every(config: &ClusterConfig, ttl_ms: u64) -> Duration {
+    let window_ms = config.valid_for_ms(ttl_ms);
+    Duration::from_millis((ttl_ms / 3).min(window_ms / 6).max(100))
+}
+
+/// What the keep-alive tasks share.
+#[derive(Clone)]
+pub struct Renewals {
+    pub config: ClusterConfig,
+    pub lease: Lease,
+    pub status: Arc<Mutex<AgentStatus>>,
+    /// The session's lease, the TTL it was granted with, and how often to
+    /// renew it.
+    pub id: i64,
+    pub ttl_ms: u64,
+    pub every: Duration,
+    /// Told why, when etcd says the lease is gone.
+    pub gone: mpsc::UnboundedSender<String>,
+}
+
+impl Renewals {
+    fn note(&self, f: impl FnOnce(&mut AgentStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A renewal sent at `sent_ns` came back with `ttl_ms`: raise the safe
+    /// time and the fence deadline (never lower them: an older answer may
+    /// come back after a newer one on another stream).
+    fn proved(&self, sent_ns: u64, ttl_ms: u64) {
+        let safe = sent_ns + self.config.valid_for_ms(ttl_ms) * 1_000_000;
+        let alive = sent_ns + self.config.alive_for_ms(ttl_ms) * 1_000_000;
+        let id = self.id;
+        self.lease.set(|l| {
+            if l.id == id {
+                l.valid_until_ns = l.valid_until_ns.max(safe);
+                l.alive_until_ns = l.alive_until_ns.max(alive);
+            }
+        });
+        self.note(|s| s.connected = true);
+    }
+
+    fn failed(&self, error: String) {
+        let safe = self.lease.get().valid_until_ns > monotonic_ns();
+        self.note(|s| {
+            s.last_error = error;
+            s.connected = safe;
+        });
+    }
+
+    /// Keeps the lease alive through `client` (one endpoint) until the
+    /// session aborts the task, or etcd says the lease is gone: a renewal
+    /// every `every`, each on a keep-alive stream of its own, and the next
+    /// one goes out on time even while earlier ones are unanswered (up to
+    /// [`RENEWALS_IN_FLIGHT`]). A failed one is sent again after
+    /// [`REOPEN_PAUSE`].
+    ///
+    /// A stream of its own per renewal: etcd answers a stream's renewals
+    /// one after the other, and a follower that has lost its leader holds
+    /// a renewal for a whole election timeout before it looks for the new
+    /// leader again (etcd 3.4's `waitLeader`): a renewal sent once the new
+    /// leader is known must not queue behind it.
+    pub async fn through(self, endpoint: String, client: Client) {
+        let mut flying = FuturesUnordered::new();
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {
+                    if flying.len() < RENEWALS_IN_FLIGHT {
+                        flying.push(self.renew_once(&client));
+                    }
+                    next = tokio::time::Instant::now() + self.every;
+                }
+                Some((sent, answer)) = flying.next() => {
+                    let took_ms = monotonic_ns().saturating_sub(sent) / 1_000_000;
+                    tracing::debug!(
+                        target: FAILOVER_TARGET,
+                        at_ns = monotonic_ns(),
+                        endpoint,
+                        took_ms,
+                        in_flight = flying.len(),
+                        safe_for_ms = self.lease.get().valid_until_ns.saturating_sub(monotonic_ns()) / 1_000_000,
+                        answer = ?answer,
+                        "keep-alive answered"
+                    );
+                    match answer {
+                        Renewal::Renewed => self.proved(sent, self.ttl_ms),
+                        Renewal::Gone => {
+                            let why = format!("lease {:x} not found at etcd ({endpoint})", self.id);
+                            let _ = self.gone.send(why);
+                            // The session fences and aborts this task.
+                            std::future::pending::<()>().await;
+                        }
+                        Renewal::Failed(why) => {
+                            self.failed(format!("{endpoint}: {why}"));
+                            next = next.min(tokio::time::Instant::now() + REOPEN_PAUSE);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal on a keep-alive stream of its own, and when it was sent.
+    /// etcd-client opens the stream with a renewal and waits for its
+    /// answer; it says only whether the lease was found, and a renewal
+    /// resets the lease to the TTL it was granted with.
+    async fn renew_once(&self, client: &Client) -> (u64, Renewal) {
+        let sent = monotonic_ns();
+        let mut c = client.clone();
+        let limit = Duration::from_millis(self.ttl_ms);
+        let answer = match tokio::time::timeout(limit, c.lease_keep_alive(self.id)).await {
+            Ok(Ok(_stream)) => Renewal::Renewed,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
+                Renewal::Gone
+            }
+            Ok(Err(e)) => Renewal::Failed(e.to_string()),
+            Err(_) => Renewal::Failed(format!("no answer within {limit:?}")),
+        };
+        (sent, answer)
+    }
+}
+
+/// What came of one renewal.
+#[derive(Debug)]
+enum Renewal {
+    /// etcd reset the lease to its TTL.
+    Renewed,
+    /// etcd does not know the lease (it expired or was revoked).
+    Gone,
+    /// No answer (a dead member, a broken connection, a timeout).
+    Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_leave_five_sixths_of_the_safe_window_in_hand() {
+        let c = ClusterConfig::default();
+        // 10 s TTL: an 8.5 s window; a sixth of it (1.416 s) is sooner
+        // than a third of the TTL.
+        assert_eq!(renew_every(&c, 10_000), Duration::from_millis(1_416));
+        // The fault tests' 4 s lease: a 2.8 s window, renewed every 466 ms.
+        let tests = ClusterConfig {
+            fence_margin_ms: 1_000,
+            ..c.clone()
+        };
+        assert_eq!(renew_every(&tests, 4_000), Duration::from_millis(466));
+        // A long lease with a small margin: a third of the TTL.
+        let long = ClusterConfig {
+            fence_margin_ms: 0,
+            max_clock_drift: 0.0,
+            ..c
+        };
+        assert_eq!(renew_every(&long, 60_000), Duration::from_millis(10_000));
+    }
+}
