@@ -269,6 +269,8 @@ async fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
 struct Etcd<'a> {
     client: &'a Client,
     endpoints: &'a [(String, Client)],
+    /// The balanced client's endpoints in use (`None`: one endpoint).
+    in_use: Option<&'a keepalive::Endpoints>,
 }
 
 /// The options of every etcd client: a dead member is found out within
@@ -376,6 +378,8 @@ impl Inner {
         let gossip = self.start_gossip(gtx);
         let client = self.connect().await;
         let endpoints = self.connect_each(&client).await;
+        let in_use = (endpoints.len() > 1)
+            .then(|| keepalive::Endpoints::new(client.clone(), &self.config.etcd));
         let mut epoch = 0u64;
         loop {
             epoch += 1;
@@ -387,6 +391,7 @@ impl Inner {
             let etcd = Etcd {
                 client: &client,
                 endpoints: &endpoints,
+                in_use: in_use.as_ref(),
             };
             if let Some(reason) = self
                 .session(etcd, epoch, id, ttl_ms, &mut commands, link)
@@ -497,7 +502,11 @@ impl Inner {
         let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
         // The session's watches (entries' deletions, knocks), shared by the
         // key tasks' waits.
-        let Etcd { client, endpoints } = etcd;
+        let Etcd {
+            client,
+            endpoints,
+            in_use,
+        } = etcd;
         let watches = Watches::new(&self.config.etcd_prefix);
         let watch_task = tokio::spawn(watches.clone().run(client.clone()));
         // The keep-alive, through every endpoint at once, on tasks of their
@@ -512,6 +521,7 @@ impl Inner {
             ttl_ms,
             every: renew_every,
             gone: gone_tx,
+            endpoints: in_use.cloned(),
         };
         let keepers: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()

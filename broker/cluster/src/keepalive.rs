@@ -23,6 +23,7 @@ use crate::agent::{AgentStatus, FAILOVER_TARGET, Lease, monotonic_ns};
 use crate::config::ClusterConfig;
 use etcd_client::Client;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -49,6 +50,55 @@ pub fn renew_every(config: &ClusterConfig, ttl_ms: u64) -> Duration {
     Duration::from_millis((ttl_ms / 3).min(window_ms / 6).max(100))
 }
 
+/// The endpoints of the balanced client (the one every etcd step goes
+/// through), as the keep-alive finds them: an endpoint whose member
+/// refuses connections (it is down) is taken out, and put back when a
+/// renewal through it comes back. The balanced channel picks the less
+/// loaded of two endpoints, and a dead member, which fails every request
+/// at once, looks the least loaded: with one member down, most etcd steps
+/// first failed on it and paused 50 ms or more.
+#[derive(Clone)]
+pub struct Endpoints {
+    client: Client,
+    in_use: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Endpoints {
+    /// `client` balanced over `endpoints`, all in use.
+    pub fn new(client: Client, endpoints: &[String]) -> Endpoints {
+        Endpoints {
+            client,
+            in_use: Arc::new(Mutex::new(endpoints.iter().cloned().collect())),
+        }
+    }
+
+    fn in_use(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `endpoint`'s member refused a connection: take it out, unless it
+    /// is the last one in use.
+    async fn down(&self, endpoint: &str) {
+        let take = {
+            let mut in_use = self.in_use();
+            in_use.len() > 1 && in_use.remove(endpoint)
+        };
+        if take {
+            let removed = self.client.remove_endpoint(endpoint).await;
+            tracing::info!(target: FAILOVER_TARGET, at_ns = monotonic_ns(), endpoint, ok = removed.is_ok(), "etcd endpoint refuses connections: out of the balanced client");
+        }
+    }
+
+    /// A renewal through `endpoint` came back: put it back in use.
+    async fn up(&self, endpoint: &str) {
+        let add = self.in_use().insert(endpoint.to_string());
+        if add {
+            let added = self.client.add_endpoint(endpoint).await;
+            tracing::info!(target: FAILOVER_TARGET, at_ns = monotonic_ns(), endpoint, ok = added.is_ok(), "etcd endpoint answers again: back in the balanced client");
+        }
+    }
+}
+
 /// What the keep-alive tasks share.
 #[derive(Clone)]
 pub struct Renewals {
@@ -62,6 +112,9 @@ pub struct Renewals {
     pub every: Duration,
     /// Told why, when etcd says the lease is gone.
     pub gone: mpsc::UnboundedSender<String>,
+    /// The balanced client's endpoints, kept to those that answer (`None`:
+    /// one endpoint only).
+    pub endpoints: Option<Endpoints>,
 }
 
 impl Renewals {
@@ -129,14 +182,22 @@ impl Renewals {
                         "keep-alive answered"
                     );
                     match answer {
-                        Renewal::Renewed => self.proved(sent, self.ttl_ms),
+                        Renewal::Renewed => {
+                            self.proved(sent, self.ttl_ms);
+                            if let Some(e) = &self.endpoints {
+                                e.up(&endpoint).await;
+                            }
+                        }
                         Renewal::Gone => {
                             let why = format!("lease {:x} not found at etcd ({endpoint})", self.id);
                             let _ = self.gone.send(why);
                             // The session fences and aborts this task.
                             std::future::pending::<()>().await;
                         }
-                        Renewal::Failed(why) => {
+                        Renewal::Failed { why, refused } => {
+                            if refused && let Some(e) = &self.endpoints {
+                                e.down(&endpoint).await;
+                            }
                             self.failed(format!("{endpoint}: {why}"));
                             next = next.min(tokio::time::Instant::now() + REOPEN_PAUSE);
                         }
@@ -159,8 +220,17 @@ impl Renewals {
             Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
                 Renewal::Gone
             }
-            Ok(Err(e)) => Renewal::Failed(e.to_string()),
-            Err(_) => Renewal::Failed(format!("no answer within {limit:?}")),
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                Renewal::Failed {
+                    refused: why.contains("tcp connect error"),
+                    why,
+                }
+            }
+            Err(_) => Renewal::Failed {
+                why: format!("no answer within {limit:?}"),
+                refused: false,
+            },
         };
         (sent, answer)
     }
@@ -173,8 +243,9 @@ enum Renewal {
     Renewed,
     /// etcd does not know the lease (it expired or was revoked).
     Gone,
-    /// No answer (a dead member, a broken connection, a timeout).
-    Failed(String),
+    /// No answer (a dead member, a broken connection, a timeout);
+    /// `refused`: the member refused the connection (it is down).
+    Failed { why: String, refused: bool },
 }
 
 #[cfg(test)]
