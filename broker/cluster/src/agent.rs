@@ -839,13 +839,18 @@ const PAUSE_FIRST: Duration = Duration::from_millis(50);
 const PAUSE_MAX: Duration = Duration::from_millis(250);
 
 /// An attempt unanswered this long is sent again beside it, up to
-/// [`HEDGE_MAX`] in flight; the first answer wins. After the etcd leader
-/// dies, a follower forwards a write to the dead leader until it notices
-/// (1.5-3 s with a 1.5 s election timeout), and the request is lost: it is
-/// answered only by its own timeout (2 s), however soon after the election
-/// it was sent. A slow but working etcd still answers the earlier attempt.
-const HEDGE_AFTER: Duration = Duration::from_millis(500);
-const HEDGE_MAX: usize = 4;
+/// [`HEDGE_MAX`] in flight (their 2 s timeout over this: one new attempt
+/// every 250 ms while etcd does not answer); the first answer wins. After
+/// the etcd leader dies, a follower forwards a write to the dead leader
+/// until it notices (1.5-3 s with a 1.5 s election timeout), and the
+/// request is lost: it is answered only by its own timeout (2 s), however
+/// soon after the election it was sent. So a step goes on within 250 ms of
+/// the election (with 500 ms, the longest gaps after a leader kill were
+/// the election rounded up to the next half second: 2.02 s for elections
+/// of 1.65-1.9 s). A slow but working etcd still answers the earlier
+/// attempt.
+const HEDGE_AFTER: Duration = Duration::from_millis(250);
+const HEDGE_MAX: usize = 8;
 
 /// Runs the etcd step `f` (one request, safe to send again: see
 /// `etcd_lock`) until it succeeds. A new attempt goes out beside those in
