@@ -529,7 +529,8 @@ impl Inner {
                 tokio::spawn(renewals.clone().through(endpoint.clone(), c.clone()))
             })
             .collect();
-        let mut tick = tokio::time::interval(renew_every);
+        // Gossip and the watches' housekeeping, at the pace renewals had.
+        let mut tick = tokio::time::interval(Duration::from_millis((ttl_ms / 3).max(100)));
         let reason = loop {
             // The fence: past the instant the lease may have expired at
             // etcd (no renewal proves it alive). The broker stopped

@@ -72,6 +72,16 @@ impl Endpoints {
         }
     }
 
+    /// `endpoint` as the balanced client keys it: etcd-client adds
+    /// `http://` to an endpoint written without a scheme.
+    fn uri(endpoint: &str) -> String {
+        if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        }
+    }
+
     fn in_use(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.in_use.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -84,7 +94,7 @@ impl Endpoints {
             in_use.len() > 1 && in_use.remove(endpoint)
         };
         if take {
-            let removed = self.client.remove_endpoint(endpoint).await;
+            let removed = self.client.remove_endpoint(Self::uri(endpoint)).await;
             tracing::info!(target: FAILOVER_TARGET, at_ns = monotonic_ns(), endpoint, ok = removed.is_ok(), "etcd endpoint refuses connections: out of the balanced client");
         }
     }
@@ -251,6 +261,15 @@ enum Renewal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_without_a_scheme_is_keyed_as_etcd_client_adds_it() {
+        assert_eq!(Endpoints::uri("10.0.0.1:2379"), "http://10.0.0.1:2379");
+        assert_eq!(
+            Endpoints::uri("https://etcd.example:2379"),
+            "https://etcd.example:2379"
+        );
+    }
 
     #[test]
     fn renewals_leave_five_sixths_of_the_safe_window_in_hand() {
