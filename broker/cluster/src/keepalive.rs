@@ -34,7 +34,7 @@ const REOPEN_PAUSE: Duration = Duration::from_millis(200);
 
 /// Renewals unanswered at once through one endpoint, at most. Each waits
 /// up to the lease's TTL, so a renewal every `every` (a sixth of the safe
-/// window or less) keeps seven or eight in flight while a member holds
+/// window or less) keeps seven to nine in flight while a member holds
 /// them: through an election, a member without a leader holds each renewal
 /// for an election timeout and more, and the renewals sent after it knows
 /// the new leader are the ones that come back at once. The bound only
@@ -95,7 +95,13 @@ impl Endpoints {
         };
         if take {
             let removed = self.client.remove_endpoint(Self::uri(endpoint)).await;
-            tracing::info!(target: FAILOVER_TARGET, at_ns = monotonic_ns(), endpoint, ok = removed.is_ok(), "etcd endpoint refuses connections: out of the balanced client");
+            tracing::info!(
+                target: FAILOVER_TARGET,
+                at_ns = monotonic_ns(),
+                endpoint,
+                ok = removed.is_ok(),
+                "etcd endpoint refuses connections: out of the balanced client"
+            );
         }
     }
 
@@ -104,7 +110,13 @@ impl Endpoints {
         let add = self.in_use().insert(endpoint.to_string());
         if add {
             let added = self.client.add_endpoint(endpoint).await;
-            tracing::info!(target: FAILOVER_TARGET, at_ns = monotonic_ns(), endpoint, ok = added.is_ok(), "etcd endpoint answers again: back in the balanced client");
+            tracing::info!(
+                target: FAILOVER_TARGET,
+                at_ns = monotonic_ns(),
+                endpoint,
+                ok = added.is_ok(),
+                "etcd endpoint answers again: back in the balanced client"
+            );
         }
     }
 }
