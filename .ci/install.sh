@@ -17,8 +17,10 @@ apt-get install -y -q --no-install-recommends gcc libc6-dev pkg-config
 # (etcd-client): the multi-host tests make hosts of network namespaces, cut
 # links with nftables and jump wall clocks with libfaketime (docs/cluster.md);
 # util-linux: setpriv, which ties each test host's processes to the test's
-# life (--pdeathsig). etcd-server itself comes with the peers below.
-apt-get install -y -q --no-install-recommends protobuf-compiler libprotobuf-dev iproute2 nftables faketime etcd-client util-linux
+# life (--pdeathsig); openssl: tests/tests/etcd_tls.rs makes the CA and
+# certificates of an etcd that asks for TLS. etcd-server itself comes with
+# the peers below.
+apt-get install -y -q --no-install-recommends protobuf-compiler libprotobuf-dev iproute2 nftables faketime etcd-client util-linux openssl
 # maturin builds the Python package (client/python), pytest runs its tests;
 # filelock is the Python peer of the language benchmark. Into the machine's
 # Python 3.11 (a throwaway CI machine: no venv needed).

@@ -9,6 +9,7 @@
 //! self-fence of docs/cluster.md).
 
 use crate::config::ClusterConfig;
+use crate::etcd_access::EtcdAccess;
 use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
 use crate::keepalive::{self, Renewals};
@@ -157,9 +158,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent thread. Fails only if the thread or its eventfd
+    /// Starts the agent thread. Fails if a credential file the config names
+    /// cannot be used (the error names it), or if the thread or its eventfd
     /// cannot be made; an unreachable etcd is retried (and shown in status).
     pub fn start(config: ClusterConfig) -> std::io::Result<Agent> {
+        let access = EtcdAccess::load(&config)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         // SAFETY: eventfd(2) takes no pointers; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -173,6 +177,7 @@ impl Agent {
         let status = Arc::new(Mutex::new(AgentStatus::default()));
         let inner = Inner {
             config: config.clone(),
+            access,
             outbox: Outbox {
                 events: etx,
                 wake: wake.clone(),
@@ -241,6 +246,8 @@ impl Outbox {
 
 struct Inner {
     config: ClusterConfig,
+    /// TLS and the etcd user, read from their files at start.
+    access: EtcdAccess,
     outbox: Outbox,
     lease: Lease,
     status: Arc<Mutex<AgentStatus>>,
@@ -273,15 +280,6 @@ struct Etcd<'a> {
     in_use: Option<&'a keepalive::Endpoints>,
 }
 
-/// The options of every etcd client: a dead member is found out within
-/// seconds (connect timeout, HTTP/2 pings).
-fn connect_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-}
-
 /// The session's view of gossip (absent without `gossip_addr`).
 struct GossipLink<'a> {
     gossip: Option<&'a Gossip>,
@@ -310,9 +308,21 @@ impl Inner {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
+    /// The options of every etcd client: a dead member is found out within
+    /// seconds (connect timeout, HTTP/2 pings); TLS and the etcd user as
+    /// configured.
+    fn connect_options(&self) -> ConnectOptions {
+        self.access.apply(
+            ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true),
+        )
+    }
+
     async fn connect(&self) -> Client {
         loop {
-            match Client::connect(self.config.etcd.clone(), Some(connect_options())).await {
+            match Client::connect(self.config.etcd.clone(), Some(self.connect_options())).await {
                 Ok(c) => {
                     self.note(|s| s.connected = true);
                     return c;
@@ -336,7 +346,7 @@ impl Inner {
         let mut each = Vec::new();
         if self.config.etcd.len() > 1 {
             for endpoint in &self.config.etcd {
-                match Client::connect([endpoint.as_str()], Some(connect_options())).await {
+                match Client::connect([endpoint.as_str()], Some(self.connect_options())).await {
                     Ok(c) => each.push((endpoint.clone(), c)),
                     Err(e) => {
                         tracing::warn!(error = %e, endpoint, "no keep-alive through this endpoint")

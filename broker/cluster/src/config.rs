@@ -31,6 +31,18 @@ pub struct ClusterConfig {
     /// Time the broker stops granting before its lease could have expired,
     /// beyond the drift allowance.
     pub fence_margin_ms: u64,
+    /// With `https://` endpoints: the PEM file of the CA that signed etcd's
+    /// server certificate (the only CA trusted for it).
+    pub etcd_ca_file: String,
+    /// etcd with `--client-cert-auth`: this broker's certificate and key
+    /// (PEM), both or neither.
+    pub etcd_cert_file: String,
+    pub etcd_key_file: String,
+    /// etcd with auth enabled: the user this broker authenticates as, and the
+    /// file holding its password (one line; keep it readable by the broker's
+    /// user only). Both or neither.
+    pub etcd_user: String,
+    pub etcd_password_file: String,
 }
 
 impl Default for ClusterConfig {
@@ -47,6 +59,11 @@ impl Default for ClusterConfig {
             min_hold_ms: 50,
             max_clock_drift: 0.05,
             fence_margin_ms: 1_000,
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+            etcd_user: String::new(),
+            etcd_password_file: String::new(),
         }
     }
 }
@@ -72,6 +89,23 @@ pub enum ConfigError {
         "cluster.{field} = {value:?} is not an address: write IP:PORT, e.g. \"10.78.0.1:7946\""
     )]
     Address { field: &'static str, value: String },
+    #[error(
+        "cluster.etcd mixes http:// and https:// endpoints: one etcd cluster is served one way; list them all with the same scheme"
+    )]
+    MixedSchemes,
+    #[error(
+        "cluster.etcd lists https:// endpoints but cluster.etcd_ca_file is empty: set it to the PEM file of the CA that signed etcd's server certificate"
+    )]
+    NoCa,
+    #[error(
+        "cluster.{field} is set but cluster.etcd lists http:// endpoints: TLS needs https:// endpoints (etcd's --listen-client-urls with --cert-file); use https:// or remove cluster.{field}"
+    )]
+    TlsWithoutHttps { field: &'static str },
+    #[error("cluster.{set} is set but cluster.{missing} is empty: give both (or neither)")]
+    HalfPair {
+        set: &'static str,
+        missing: &'static str,
+    },
 }
 
 impl ClusterConfig {
@@ -106,6 +140,7 @@ impl ClusterConfig {
                 value: bad.clone(),
             });
         }
+        self.validate_access()?;
         if self.valid_for_ms(self.lease_ttl_ms) == 0 {
             return Err(ConfigError::LeaseTooShort {
                 ttl: self.lease_ttl_ms,
@@ -113,6 +148,62 @@ impl ClusterConfig {
             });
         }
         Ok(())
+    }
+
+    /// TLS and auth towards etcd: the fields that go together are all set
+    /// or all empty, and TLS goes with https:// endpoints.
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        for (a, b, a_name, b_name) in [
+            (
+                &self.etcd_cert_file,
+                &self.etcd_key_file,
+                "etcd_cert_file",
+                "etcd_key_file",
+            ),
+            (
+                &self.etcd_user,
+                &self.etcd_password_file,
+                "etcd_user",
+                "etcd_password_file",
+            ),
+        ] {
+            match (a.is_empty(), b.is_empty()) {
+                (false, true) => {
+                    return Err(ConfigError::HalfPair {
+                        set: a_name,
+                        missing: b_name,
+                    });
+                }
+                (true, false) => {
+                    return Err(ConfigError::HalfPair {
+                        set: b_name,
+                        missing: a_name,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let https = self
+            .etcd
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https > 0 && https < self.etcd.len() {
+            return Err(ConfigError::MixedSchemes);
+        }
+        if https > 0 && self.etcd_ca_file.is_empty() {
+            return Err(ConfigError::NoCa);
+        }
+        let tls_field = [
+            ("etcd_ca_file", &self.etcd_ca_file),
+            ("etcd_cert_file", &self.etcd_cert_file),
+        ]
+        .iter()
+        .find_map(|(name, value)| (!value.is_empty()).then_some(*name));
+        match tls_field {
+            Some(field) if https == 0 => Err(ConfigError::TlsWithoutHttps { field }),
+            _ => Ok(()),
+        }
     }
 
     /// How long after sending a renewal that etcd answered with `ttl_ms` the
@@ -162,6 +253,77 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("raise lease_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn tls_and_auth_settings_that_cannot_work_are_refused_with_the_fix() {
+        let tls = ClusterConfig {
+            etcd: vec![
+                "https://10.0.0.1:2379".into(),
+                "https://10.0.0.2:2379".into(),
+            ],
+            etcd_ca_file: "/etc/forelock/ca.pem".into(),
+            ..valid()
+        };
+        assert_eq!(tls.validate(), Ok(()));
+        let cases = [
+            (
+                ClusterConfig {
+                    etcd_ca_file: String::new(),
+                    ..tls.clone()
+                },
+                ConfigError::NoCa,
+            ),
+            (
+                ClusterConfig {
+                    etcd: vec![
+                        "https://10.0.0.1:2379".into(),
+                        "http://10.0.0.2:2379".into(),
+                    ],
+                    ..tls.clone()
+                },
+                ConfigError::MixedSchemes,
+            ),
+            (
+                ClusterConfig {
+                    etcd_ca_file: "/etc/forelock/ca.pem".into(),
+                    ..valid()
+                },
+                ConfigError::TlsWithoutHttps {
+                    field: "etcd_ca_file",
+                },
+            ),
+            (
+                ClusterConfig {
+                    etcd_cert_file: "/etc/forelock/me.pem".into(),
+                    ..tls.clone()
+                },
+                ConfigError::HalfPair {
+                    set: "etcd_cert_file",
+                    missing: "etcd_key_file",
+                },
+            ),
+            (
+                ClusterConfig {
+                    etcd_password_file: "/etc/forelock/password".into(),
+                    ..valid()
+                },
+                ConfigError::HalfPair {
+                    set: "etcd_password_file",
+                    missing: "etcd_user",
+                },
+            ),
+        ];
+        for (config, expected) in cases {
+            assert_eq!(config.validate(), Err(expected), "{config:?}");
+        }
+        // Auth without TLS is etcd's own choice to allow: accepted.
+        let auth = ClusterConfig {
+            etcd_user: "forelock".into(),
+            etcd_password_file: "/etc/forelock/password".into(),
+            ..valid()
+        };
+        assert_eq!(auth.validate(), Ok(()));
     }
 
     #[test]

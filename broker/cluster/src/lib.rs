@@ -11,6 +11,7 @@ pub mod gossip;
 
 pub use config::ClusterConfig;
 pub mod agent;
+pub mod etcd_access;
 pub mod etcd_lock;
 pub mod keepalive;
 pub mod watches;

@@ -369,7 +369,9 @@ impl LockManager {
             return error(
                 ErrorCode::Lost,
                 format!(
-                    "the hold with token {token} was lost: this host's etcd lease could not be                      confirmed in time, so another host may have held the key since (the release                      is done; see docs/cluster.md)"
+                    "the hold with token {token} was lost: this host's etcd lease could not be \
+                     confirmed in time, so another host may have held the key since (the release \
+                     is done; see docs/cluster.md)"
                 ),
             );
         }

@@ -1572,7 +1572,12 @@ mod node_gate {
             Response::Error {
                 code: ErrorCode::Lost,
                 message,
-            } => assert!(message.contains("lease"), "{message}"),
+            } => {
+                assert!(message.contains("lease"), "{message}");
+                // One sentence a person reads: no run of spaces left by a
+                // string broken across source lines.
+                assert!(!message.contains("  "), "{message:?}");
+            }
             other => panic!("expected Lost, got {other:?}"),
         }
         assert!(answered_token(&mut f).is_some_and(|t| t > token));

@@ -284,8 +284,12 @@ pub fn drive(
 }
 
 /// Why `workload` does not apply to `system`, if it does not.
-fn not_applicable(system: &dyn LockSystem, workload: &Workload) -> Option<String> {
+pub fn not_applicable(system: &dyn LockSystem, workload: &Workload) -> Option<String> {
     let traits = system.traits();
+    if traits.sharing == Sharing::Nothing {
+        return (workload.kind == WorkloadKind::Handoff)
+            .then(|| "not a lock: nothing is handed off".into());
+    }
     if traits.sharing == Sharing::InProcess && workload.shares_keys() {
         return Some("in-process lock: processes cannot share it".into());
     }

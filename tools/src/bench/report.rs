@@ -327,15 +327,73 @@ fn verdict(target: &Target, ratio: f64) -> &'static str {
     }
 }
 
+/// The summary of `system` on `workload`, if that cell was measured.
+fn summary_of(outcome: &Outcome, workload: &str, system: &str) -> Option<Summary> {
+    outcome
+        .cells
+        .iter()
+        .find(|cell| cell.workload == workload && cell.system == system)
+        .and_then(|cell| summarize(&cell.runs))
+}
+
+/// The hot-key workloads of issue 12's max-wait target.
+const MAX_WAIT_WORKLOADS: [&str; 3] = ["hot-2p", "hot-4p", "hot-8p"];
+/// Issue 12's max-wait target on a hot key, absolute: floor and aim.
+const MAX_WAIT_FLOOR_NS: u64 = 5_000_000;
+const MAX_WAIT_AIM_NS: u64 = 2_000_000;
+
+/// One line per hot-key workload where forelock was measured: its max wait
+/// against issue 12's bound, beside `no-lock`'s from the same run (the
+/// longest the CPU scheduler alone kept a process inside a measured call:
+/// a floor no lock can go under) and robust pthread's.
+fn max_wait_targets(outcome: &Outcome) -> String {
+    let max_wait = |workload: &str, system: &str| {
+        summary_of(outcome, workload, system).map(|summary| summary.max_ns)
+    };
+    let mut out = String::new();
+    for workload in MAX_WAIT_WORKLOADS {
+        let Some(mine) = max_wait(workload, FORELOCK_NAME) else {
+            continue;
+        };
+        let verdict = if mine <= MAX_WAIT_AIM_NS {
+            "aim met"
+        } else if mine <= MAX_WAIT_FLOOR_NS {
+            "floor met"
+        } else {
+            "MISSED"
+        };
+        let beside = ["no-lock", "pthread-robust"]
+            .iter()
+            .filter_map(|peer| {
+                max_wait(workload, peer).map(|ns| format!("{peer} {}", format_ns(ns)))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "  {workload}, max wait: {FORELOCK_NAME} {} (floor <= {}, aim <= {}): {verdict}{}",
+            format_ns(mine),
+            format_ns(MAX_WAIT_FLOOR_NS),
+            format_ns(MAX_WAIT_AIM_NS),
+            if beside.is_empty() {
+                String::new()
+            } else {
+                format!("; same run: {beside}")
+            },
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!(
+        "targets of issue 12, max wait on a hot key (no-lock: the same loop with nothing taken, the scheduler's own floor):\n{out}"
+    )
+}
+
 /// One line per batch target whose two cells were measured.
 fn batch_targets(outcome: &Outcome) -> String {
     let batch = |workload: &str, system: &str| {
-        outcome
-            .cells
-            .iter()
-            .find(|cell| cell.workload == workload && cell.system == system)
-            .and_then(|cell| summarize(&cell.runs))
-            .and_then(|summary| summary.batch_ns_per_op)
+        summary_of(outcome, workload, system).and_then(|summary| summary.batch_ns_per_op)
     };
     let mut out = String::new();
     for target in &BATCH_TARGETS {
@@ -369,12 +427,7 @@ fn batch_targets(outcome: &Outcome) -> String {
 /// One line per target of ARCHITECTURE.md whose two cells were measured.
 fn targets(outcome: &Outcome) -> String {
     let p50 = |workload: &str, system: &str| {
-        outcome
-            .cells
-            .iter()
-            .find(|cell| cell.workload == workload && cell.system == system)
-            .and_then(|cell| summarize(&cell.runs))
-            .map(|summary| summary.p50_ns)
+        summary_of(outcome, workload, system).map(|summary| summary.p50_ns)
     };
     let mut out = String::new();
     for target in &TARGETS {
@@ -502,9 +555,10 @@ pub fn table(outcome: &Outcome, reference: &str) -> String {
     if !target_lines.is_empty() {
         let _ = writeln!(out, "{target_lines}");
     }
-    let batch_lines = batch_targets(outcome);
-    if !batch_lines.is_empty() {
-        let _ = writeln!(out, "{batch_lines}");
+    for lines in [batch_targets(outcome), max_wait_targets(outcome)] {
+        if !lines.is_empty() {
+            let _ = writeln!(out, "{lines}");
+        }
     }
     for system in &outcome.systems {
         if system.note.is_empty() {
@@ -643,15 +697,9 @@ mod tests {
         }
     }
 
-    fn batch_cell(system: &str, batch_ns_per_op: f64) -> Cell {
-        let mut cell = cell("uncontended-2p", system, 100);
-        cell.runs[0].batch_ns_per_op = Some(batch_ns_per_op);
-        cell
-    }
-
-    #[test]
-    fn batch_targets_compare_ns_per_operation_and_skip_cells_without_a_batch() {
-        let outcome = Outcome {
+    /// An outcome of one repeat on 2 cores with these cells.
+    fn outcome_of(cells: Vec<Cell>) -> Outcome {
+        Outcome {
             limits: super::super::driver::RunLimits {
                 duration_ms: 1,
                 operations_max: 1,
@@ -660,22 +708,70 @@ mod tests {
             cores: 2,
             workloads: Vec::new(),
             systems: Vec::new(),
-            cells: vec![
-                batch_cell("forelock", 20.5),
-                batch_cell("std-mutex", 20.0),
-                batch_cell("flock", 3000.0),
-                cell("uncontended-2p", "forelock-fresh", 90_000),
-                batch_cell("unix-socket", 10_000.0),
-            ],
+            cells,
             total_s: 1.0,
             clock_pair_ns: 20,
-        };
+        }
+    }
+
+    fn batch_cell(system: &str, batch_ns_per_op: f64) -> Cell {
+        let mut cell = cell("uncontended-2p", system, 100);
+        cell.runs[0].batch_ns_per_op = Some(batch_ns_per_op);
+        cell
+    }
+
+    #[test]
+    fn batch_targets_compare_ns_per_operation_and_skip_cells_without_a_batch() {
+        let outcome = outcome_of(vec![
+            batch_cell("forelock", 20.5),
+            batch_cell("std-mutex", 20.0),
+            batch_cell("flock", 3000.0),
+            cell("uncontended-2p", "forelock-fresh", 90_000),
+            batch_cell("unix-socket", 10_000.0),
+        ]);
         let text = batch_targets(&outcome);
         assert!(text.contains("batch, vs in-process std Mutex: forelock 20.5ns / std-mutex 20.0ns = 1.02x (floor <= 1.00x, aim <= 1.00x): MISSED"), "{text}");
         assert!(text.contains("batch, vs flock(2): forelock 20.5ns / flock 3.0us = 0.0068x (floor <= 0.02x, aim <= 0.01x): aim met"), "{text}");
         assert!(
             !text.contains("Unix-socket"),
             "no batch figure for forelock-fresh: no line: {text}"
+        );
+    }
+
+    #[test]
+    fn max_wait_targets_judge_forelock_and_show_the_no_lock_floor_beside_it() {
+        let with_max = |workload: &str, system: &str, max_ns: u64| {
+            let mut cell = cell(workload, system, 100);
+            cell.runs[0].max_ns = max_ns;
+            cell
+        };
+        let outcome = outcome_of(vec![
+            with_max("hot-2p", "forelock", 1_500_000),
+            with_max("hot-4p", "forelock", 4_000_000),
+            with_max("hot-8p", "forelock", 20_000_000),
+            with_max("hot-8p", "no-lock", 18_000_000),
+            with_max("hot-8p", "pthread-robust", 16_000_000),
+        ]);
+        let text = max_wait_targets(&outcome);
+        assert!(
+            text.contains(
+                "hot-2p, max wait: forelock 1.50ms (floor <= 5.00ms, aim <= 2.00ms): aim met\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "hot-4p, max wait: forelock 4.00ms (floor <= 5.00ms, aim <= 2.00ms): floor met\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("hot-8p, max wait: forelock 20.00ms (floor <= 5.00ms, aim <= 2.00ms): MISSED; same run: no-lock 18.00ms, pthread-robust 16.00ms"), "{text}");
+        assert!(
+            max_wait_targets(&Outcome {
+                cells: Vec::new(),
+                ..outcome
+            })
+            .is_empty()
         );
     }
 
@@ -691,24 +787,12 @@ mod tests {
 
     #[test]
     fn targets_compare_forelock_with_the_peers_named_in_the_architecture() {
-        let outcome = Outcome {
-            limits: super::super::driver::RunLimits {
-                duration_ms: 1,
-                operations_max: 1,
-            },
-            repeat: 1,
-            cores: 2,
-            workloads: Vec::new(),
-            systems: Vec::new(),
-            cells: vec![
-                cell("uncontended-2p", "forelock", 90),
-                cell("uncontended-2p", "std-mutex", 60),
-                cell("handoff-2p", "forelock", 8_000),
-                cell("handoff-2p", "futex", 4_000),
-            ],
-            total_s: 1.0,
-            clock_pair_ns: 20,
-        };
+        let outcome = outcome_of(vec![
+            cell("uncontended-2p", "forelock", 90),
+            cell("uncontended-2p", "std-mutex", 60),
+            cell("handoff-2p", "forelock", 8_000),
+            cell("handoff-2p", "futex", 4_000),
+        ]);
         let text = targets(&outcome);
         assert!(text.contains("vs in-process std Mutex: forelock p50 90ns / std-mutex p50 60ns = 1.50x (floor <= 2.00x, aim <= 1.00x): floor met"), "{text}");
         assert!(text.contains("vs raw futex hand-off: forelock p50 8.0us / futex p50 4.0us = 2.00x (floor <= 1.50x, aim <= 1.20x): MISSED"), "{text}");

@@ -7,7 +7,7 @@
 
 use std::ffi::OsString;
 
-use super::driver::{Launcher, RunLimits, measure};
+use super::driver::{Launcher, RunLimits, measure, not_applicable};
 use super::peers;
 use super::support::TempDir;
 use super::system::{BenchEnv, StartError};
@@ -96,12 +96,8 @@ fn peers_smoke() {
             }
             Err(StartError::Failed(error)) => panic!("{} failed to start: {error:#}", entry.name),
         };
-        let traits = system.traits();
         for workload in &workloads {
-            let shares = workload.shares_keys();
-            if shares
-                && (traits.sharing != super::system::Sharing::CrossProcess || !traits.excludes)
-            {
+            if not_applicable(system.as_ref(), workload).is_some() {
                 continue;
             }
             let run = measure(&entry, system.as_mut(), workload, 0, limits, &launcher)

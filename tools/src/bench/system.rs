@@ -48,6 +48,10 @@ pub enum Sharing {
     /// operation (`forelock-fresh`: the unprepared key): only workloads whose
     /// processes never share a key apply.
     FreshKeys,
+    /// Not a lock: nothing is taken (`no-lock`). Every workload but the
+    /// hand-off applies, to show what the machine adds to each figure by
+    /// itself; exclusion is not checked.
+    Nothing,
 }
 
 /// What a system promises, which decides the workloads that apply to it.

@@ -13,6 +13,7 @@ use super::system::SystemEntry;
 mod etcd;
 mod file_locks;
 mod futex;
+mod no_lock;
 mod pthread;
 mod redis;
 mod std_mutex;
@@ -29,6 +30,7 @@ pub fn entries() -> Vec<SystemEntry> {
         file_locks::OFD_ENTRY,
         redis::ENTRY,
         etcd::ENTRY,
+        no_lock::ENTRY,
     ]
 }
 
