@@ -12,8 +12,10 @@ use crate::config::ClusterConfig;
 use crate::etcd_access::EtcdAccess;
 use crate::etcd_lock::{self, EtcdError, First, Names, Queued};
 use crate::gossip::{Gossip, GossipConfig, GossipEvent};
+use crate::keepalive::{self, Renewals};
 use crate::watches::Watches;
 use etcd_client::{Client, ConnectOptions};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,14 @@ use tokio::sync::{mpsc, oneshot};
 /// `FORELOCK_LOG=forelock::grant_timing=debug` to see where a first
 /// acquisition's time goes.
 pub const TIMING_TARGET: &str = "forelock::grant_timing";
+
+/// The `tracing` target of the events that tell where the time goes when
+/// etcd fails over (a member or the leader killed): each keep-alive's
+/// answer or failure, each failed etcd step and its retry pause, the
+/// watches' restarts, the fence. Every event carries `at_ns`
+/// (CLOCK_MONOTONIC, the clock of the fault tests' histories). Turn them on
+/// with `FORELOCK_LOG=forelock::failover=debug`.
+pub const FAILOVER_TARGET: &str = "forelock::failover";
 
 /// How long after the minimum hold the agent repeats a callback: the
 /// broker stamps the grant when it applies `Granted`, a little after the
@@ -92,6 +102,12 @@ pub struct LeaseState {
     pub epoch: u64,
     pub id: i64,
     pub valid_until_ns: u64,
+    /// Until when the lease surely lives at etcd, as the last renewal
+    /// proves (its TTL less the drift allowance, no margin): past it
+    /// without a newer answer the agent fences. Between the safe time and
+    /// this, the broker grants nothing, and a late renewal (an etcd
+    /// election) makes the lease safe again.
+    pub alive_until_ns: u64,
 }
 
 /// Shared view of the lease: written by the agent, read by the broker.
@@ -107,7 +123,7 @@ impl Lease {
         let s = self.get();
         s.epoch == epoch && epoch != 0 && now_ns < s.valid_until_ns
     }
-    fn set(&self, f: impl FnOnce(&mut LeaseState)) {
+    pub(crate) fn set(&self, f: impl FnOnce(&mut LeaseState)) {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
@@ -237,6 +253,33 @@ struct Inner {
     status: Arc<Mutex<AgentStatus>>,
 }
 
+/// The lease TTL the agent asks for, in ms (etcd grants whole seconds).
+fn ttl_ms_of(config: &ClusterConfig) -> u64 {
+    config.lease_ttl_ms.div_ceil(1000) * 1000
+}
+
+/// Revokes lease `id`: done when etcd has revoked it or does not know it
+/// (it expired).
+async fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
+    let mut c = c.clone();
+    match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_revoke(id)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if e.to_string().contains("lease not found") => Ok(()),
+        Ok(Err(e)) => Err(EtcdError::Etcd(e)),
+        Err(_) => Err(EtcdError::Timeout(etcd_lock::REQUEST_TIMEOUT)),
+    }
+}
+
+/// How the agent reaches etcd: the balanced client of every request, and
+/// a client per endpoint for the keep-alive.
+#[derive(Clone, Copy)]
+struct Etcd<'a> {
+    client: &'a Client,
+    endpoints: &'a [(String, Client)],
+    /// The balanced client's endpoints in use (`None`: one endpoint).
+    in_use: Option<&'a keepalive::Endpoints>,
+}
+
 /// The session's view of gossip (absent without `gossip_addr`).
 struct GossipLink<'a> {
     gossip: Option<&'a Gossip>,
@@ -265,14 +308,21 @@ impl Inner {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    async fn connect(&self) -> Client {
-        loop {
-            let opts = ConnectOptions::new()
+    /// The options of every etcd client: a dead member is found out within
+    /// seconds (connect timeout, HTTP/2 pings); TLS and the etcd user as
+    /// configured.
+    fn connect_options(&self) -> ConnectOptions {
+        self.access.apply(
+            ConnectOptions::new()
                 .with_connect_timeout(Duration::from_secs(2))
                 .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-                .with_keep_alive_while_idle(true);
-            let opts = self.access.apply(opts);
-            match Client::connect(self.config.etcd.clone(), Some(opts)).await {
+                .with_keep_alive_while_idle(true),
+        )
+    }
+
+    async fn connect(&self) -> Client {
+        loop {
+            match Client::connect(self.config.etcd.clone(), Some(self.connect_options())).await {
                 Ok(c) => {
                     self.note(|s| s.connected = true);
                     return c;
@@ -287,6 +337,27 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// A client per etcd endpoint, for the lease's keep-alive
+    /// ([`keepalive`]); the balanced `client` alone if there is one
+    /// endpoint or none of them can be set up.
+    async fn connect_each(&self, client: &Client) -> Vec<(String, Client)> {
+        let mut each = Vec::new();
+        if self.config.etcd.len() > 1 {
+            for endpoint in &self.config.etcd {
+                match Client::connect([endpoint.as_str()], Some(self.connect_options())).await {
+                    Ok(c) => each.push((endpoint.clone(), c)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, endpoint, "no keep-alive through this endpoint")
+                    }
+                }
+            }
+        }
+        if each.is_empty() {
+            each.push((self.config.etcd.join(","), client.clone()));
+        }
+        each
     }
 
     /// Starts gossip if `gossip_addr` is set (validated with the config).
@@ -316,6 +387,9 @@ impl Inner {
         let (gtx, mut grx) = mpsc::unbounded_channel();
         let gossip = self.start_gossip(gtx);
         let client = self.connect().await;
+        let endpoints = self.connect_each(&client).await;
+        let in_use = (endpoints.len() > 1)
+            .then(|| keepalive::Endpoints::new(client.clone(), &self.config.etcd));
         let mut epoch = 0u64;
         loop {
             epoch += 1;
@@ -324,8 +398,13 @@ impl Inner {
                 gossip: gossip.as_ref(),
                 events: &mut grx,
             };
+            let etcd = Etcd {
+                client: &client,
+                endpoints: &endpoints,
+                in_use: in_use.as_ref(),
+            };
             if let Some(reason) = self
-                .session(&client, epoch, id, ttl_ms, &mut commands, link)
+                .session(etcd, epoch, id, ttl_ms, &mut commands, link)
                 .await
             {
                 self.note(|s| {
@@ -334,14 +413,29 @@ impl Inner {
                     s.keys.clear();
                     s.holders.clear();
                 });
-                self.lease.set(|l| l.valid_until_ns = 0);
-                tracing::error!(epoch, %reason, "fenced: every node grant of this lease is lost");
+                self.lease.set(|l| {
+                    l.valid_until_ns = 0;
+                    l.alive_until_ns = 0;
+                });
+                tracing::error!(epoch, %reason, at_ns = monotonic_ns(), "fenced: every node grant of this lease is lost");
                 self.emit(Event::Fenced { epoch, reason });
-                // Free the other hosts early if etcd is reachable; the lease
-                // expires on its own otherwise.
-                let mut c = client.clone();
+                // Free the other hosts early: revoke the lease, retried as
+                // every etcd step is, until etcd answers or the lease has
+                // surely expired by itself. (Sent once, within 2 s, a
+                // revoke made during an etcd election was lost, and the
+                // new leader, which extends every lease, kept the old one
+                // and its entries another TTL and more: gaps of 8-10 s.)
+                let c = client.clone();
+                let give_up = Duration::from_millis(2 * ttl_ms_of(&self.config));
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
+                    let revoked = tokio::time::timeout(give_up, retry(|| revoke(&c, id))).await;
+                    tracing::info!(
+                        target: FAILOVER_TARGET,
+                        at_ns = monotonic_ns(),
+                        lease = id,
+                        revoked = revoked.is_ok(),
+                        "the fenced lease is revoked (or gone)"
+                    );
                 });
             } else {
                 return;
@@ -349,45 +443,59 @@ impl Inner {
         }
     }
 
+    /// A new lease. Retried as every etcd step is ([`retry`]): a grant sent
+    /// again while an earlier one is unanswered may leave an extra lease,
+    /// which nothing is attached to and which expires after its TTL.
     async fn grant_lease(&self, client: &Client, epoch: u64) -> (i64, u64) {
-        let ttl_s = self.config.lease_ttl_ms.div_ceil(1000) as i64;
-        loop {
+        let ttl_s = (ttl_ms_of(&self.config) / 1000) as i64;
+        let (sent, g) = retry(|| async {
             let sent = monotonic_ns();
             let mut c = client.clone();
             match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_grant(ttl_s, None)).await
             {
-                Ok(Ok(g)) => {
-                    let ttl_ms = g.ttl() as u64 * 1000;
-                    let until = sent + self.config.valid_for_ms(ttl_ms) * 1_000_000;
-                    self.lease.set(|l| {
-                        *l = LeaseState {
-                            epoch,
-                            id: g.id(),
-                            valid_until_ns: until,
-                        }
+                Ok(Ok(g)) => Ok((sent, g)),
+                Ok(Err(e)) => {
+                    self.note(|s| {
+                        s.connected = false;
+                        s.last_error = e.to_string();
                     });
-                    self.note(|s| s.connected = true);
-                    tracing::info!(lease = g.id(), ttl_ms, epoch, "lease granted");
-                    return (g.id(), ttl_ms);
+                    Err(EtcdError::Etcd(e))
                 }
-                Ok(Err(e)) => self.note(|s| {
-                    s.connected = false;
-                    s.last_error = e.to_string();
-                }),
-                Err(_) => self.note(|s| {
-                    s.connected = false;
-                    s.last_error = "etcd did not answer a lease grant".into();
-                }),
+                Err(_) => {
+                    self.note(|s| {
+                        s.connected = false;
+                        s.last_error = "etcd did not answer a lease grant".into();
+                    });
+                    Err(EtcdError::Timeout(etcd_lock::REQUEST_TIMEOUT))
+                }
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        })
+        .await;
+        let ttl_ms = g.ttl() as u64 * 1000;
+        self.lease.set(|l| {
+            *l = LeaseState {
+                epoch,
+                id: g.id(),
+                valid_until_ns: sent + self.config.valid_for_ms(ttl_ms) * 1_000_000,
+                alive_until_ns: sent + self.config.alive_for_ms(ttl_ms) * 1_000_000,
+            }
+        });
+        self.note(|s| s.connected = true);
+        tracing::info!(
+            lease = g.id(),
+            ttl_ms,
+            epoch,
+            at_ns = monotonic_ns(),
+            "lease granted"
+        );
+        (g.id(), ttl_ms)
     }
 
     /// Serves commands under one lease until it is lost (returns why) or the
     /// broker goes away (returns `None`).
     async fn session(
         &self,
-        client: &Client,
+        etcd: Etcd<'_>,
         epoch: u64,
         lease: i64,
         ttl_ms: u64,
@@ -404,20 +512,51 @@ impl Inner {
         let mut tasks: HashMap<Vec<u8>, KeyTask> = HashMap::new();
         // The session's watches (entries' deletions, knocks), shared by the
         // key tasks' waits.
+        let Etcd {
+            client,
+            endpoints,
+            in_use,
+        } = etcd;
         let watches = Watches::new(&self.config.etcd_prefix);
         let watch_task = tokio::spawn(watches.clone().run(client.clone()));
-        let renew_every = Duration::from_millis((ttl_ms / 3).max(100));
-        let mut renew = tokio::time::interval(renew_every);
-        let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-            None;
+        // The keep-alive, through every endpoint at once, on tasks of their
+        // own: the session never waits for a renewal.
+        let renew_every = keepalive::renew_every(&self.config, ttl_ms);
+        let (gone_tx, mut gone) = mpsc::unbounded_channel();
+        let renewals = Renewals {
+            config: self.config.clone(),
+            lease: self.lease.clone(),
+            status: self.status.clone(),
+            id: lease,
+            ttl_ms,
+            every: renew_every,
+            gone: gone_tx,
+            endpoints: in_use.cloned(),
+        };
+        let keepers: Vec<tokio::task::JoinHandle<()>> = endpoints
+            .iter()
+            .map(|(endpoint, c)| {
+                tokio::spawn(renewals.clone().through(endpoint.clone(), c.clone()))
+            })
+            .collect();
+        // Gossip and the watches' housekeeping, at the pace renewals had.
+        let mut tick = tokio::time::interval(Duration::from_millis((ttl_ms / 3).max(100)));
         let reason = loop {
-            let deadline = self.lease.get().valid_until_ns;
+            // The fence: past the instant the lease may have expired at
+            // etcd (no renewal proves it alive). The broker stopped
+            // granting at the safe time before it, on its own clock.
+            let deadline = self.lease.get().alive_until_ns;
             let left = Duration::from_nanos(deadline.saturating_sub(monotonic_ns()));
             tokio::select! {
                 _ = tokio::time::sleep(left) => {
-                    break format!("lease {lease:x} not confirmed within its safe time ({} ms TTL)", ttl_ms);
+                    if self.lease.get().alive_until_ns <= monotonic_ns() {
+                        break format!(
+                            "lease {lease:x} not confirmed within its TTL ({ttl_ms} ms, less the drift allowance): it may have expired at etcd"
+                        );
+                    }
                 }
-                _ = renew.tick() => {
+                Some(why) = gone.recv() => break why,
+                _ = tick.tick() => {
                     // Gossip this host's hot global keys: the predicted ones
                     // first, then those it holds or waits for.
                     if let Some(g) = gossip {
@@ -429,18 +568,12 @@ impl Inner {
                         }
                     }
                     watches.prune();
-                    match self.renew(client, lease, &mut keeper).await {
-                        Ok(()) => {}
-                        Err(Some(gone)) => break gone,
-                        // No answer (an etcd member died, the stream broke):
-                        // try again soon, not a third of the TTL later.
-                        Err(None) => renew.reset_after(Duration::from_millis(200)),
-                    }
                 }
                 c = commands.recv() => match c {
                     None => {
                         for (_, t) in tasks.drain() { t.handle.abort(); }
                         watch_task.abort();
+                        keepers.iter().for_each(|k| k.abort());
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {
@@ -501,6 +634,7 @@ impl Inner {
             t.handle.abort();
         }
         watch_task.abort();
+        keepers.iter().for_each(|k| k.abort());
         Some(reason)
     }
 
@@ -529,48 +663,6 @@ impl Inner {
                 if tasks.contains_key(&key) {
                     self.emit(Event::Hint { key });
                 }
-            }
-        }
-    }
-
-    /// One keep-alive round trip. `Err(Some(why))`: the lease is gone at
-    /// etcd; `Err(None)`: no answer this time.
-    async fn renew(
-        &self,
-        client: &Client,
-        lease: i64,
-        keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    ) -> Result<(), Option<String>> {
-        let sent = monotonic_ns();
-        if keeper.is_none() {
-            let mut c = client.clone();
-            match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await
-            {
-                Ok(Ok(k)) => *keeper = Some(k),
-                _ => return Err(None),
-            }
-        }
-        let (k, stream) = keeper.as_mut().expect("set above");
-        let round = async {
-            k.keep_alive().await?;
-            stream.message().await
-        };
-        match tokio::time::timeout(etcd_lock::REQUEST_TIMEOUT, round).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                let until = sent + self.config.valid_for_ms(r.ttl() as u64 * 1000) * 1_000_000;
-                self.lease
-                    .set(|l| l.valid_until_ns = l.valid_until_ns.max(until));
-                self.note(|s| s.connected = true);
-                Ok(())
-            }
-            Ok(Ok(Some(_))) => Err(Some(format!("lease {lease:x} expired at etcd"))),
-            other => {
-                if let Ok(Err(e)) = &other {
-                    self.note(|s| s.last_error = e.to_string());
-                }
-                self.note(|s| s.connected = false);
-                *keeper = None;
-                Err(None)
             }
         }
     }
@@ -620,7 +712,7 @@ async fn hold(
             if let Some(holder) = holder {
                 let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
             }
-            retry(|| etcd_lock::deleted(&c, &watches, &blocker, own_rev)).await;
+            retry_wait(|| etcd_lock::deleted(&c, &watches, &blocker, own_rev)).await;
             step("agent: blocker deleted");
             let Some(confirmed) =
                 wait_and_confirm(&c, &watches, &n, &config.node, lease, shared, own_rev).await
@@ -667,7 +759,7 @@ async fn hold(
     let callback_watches = watches.clone();
     let callback = async move {
         if !behind {
-            retry(|| {
+            retry_wait(|| {
                 etcd_lock::someone_behind(
                     &watch_client,
                     &callback_watches,
@@ -729,7 +821,7 @@ async fn wait_and_confirm(
                 First::Confirmed(confirmed) => return Some(confirmed),
                 First::Gone => return None,
                 First::Behind { blocker, seen_at } => {
-                    retry(|| etcd_lock::deleted(c, watches, &blocker, seen_at)).await;
+                    retry_wait(|| etcd_lock::deleted(c, watches, &blocker, seen_at)).await;
                 }
             }
         }
@@ -737,7 +829,7 @@ async fn wait_and_confirm(
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };
-        retry(|| etcd_lock::deleted(c, watches, &entry, rev)).await;
+        retry_wait(|| etcd_lock::deleted(c, watches, &entry, rev)).await;
     }
     let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
     tracing::debug!(
@@ -749,22 +841,97 @@ async fn wait_and_confirm(
     confirmed
 }
 
-/// Runs `f` until it succeeds, backing off from 50 ms to 1 s.
+/// The pauses between attempts of an etcd step that failed outright (no
+/// attempt left in flight): from 50 ms, doubling, at most 250 ms, so that
+/// a step retried through an etcd election goes on within a quarter of a
+/// second of its end (a 1 s cap cost up to 1 s more; a broker's few key
+/// tasks retrying four times a second are no load for etcd).
+const PAUSE_FIRST: Duration = Duration::from_millis(50);
+const PAUSE_MAX: Duration = Duration::from_millis(250);
+
+/// An attempt unanswered this long is sent again beside it, up to
+/// [`HEDGE_MAX`] in flight (their 2 s timeout over this: one new attempt
+/// every 250 ms while etcd does not answer); the first answer wins. After
+/// the etcd leader dies, a follower forwards a write to the dead leader
+/// until it notices (1.5-3 s with a 1.5 s election timeout), and the
+/// request is lost: it is answered only by its own timeout (2 s), however
+/// soon after the election it was sent. So a step goes on within 250 ms of
+/// the election (with 500 ms, the longest gaps after a leader kill were
+/// the election rounded up to the next half second: 2.02 s for elections
+/// of 1.65-1.9 s). A slow but working etcd still answers the earlier
+/// attempt.
+const HEDGE_AFTER: Duration = Duration::from_millis(250);
+const HEDGE_MAX: usize = 8;
+
+/// Runs the etcd step `f` (one request, safe to send again: see
+/// `etcd_lock`) until it succeeds. A new attempt goes out beside those in
+/// flight every [`HEDGE_AFTER`] without an answer (at most [`HEDGE_MAX`] in
+/// flight, each bounded by its own request timeout), and after a failure
+/// once a pause has passed ([`PAUSE_FIRST`] doubling to [`PAUSE_MAX`]); the
+/// first answer wins.
 async fn retry<T, F, Fut>(mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, EtcdError>>,
 {
-    let mut pause = Duration::from_millis(50);
+    let mut pause = PAUSE_FIRST;
+    let mut flying = FuturesUnordered::new();
+    flying.push(f());
+    let mut next = tokio::time::Instant::now() + HEDGE_AFTER;
     loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                tracing::debug!(error = %e, "etcd step failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+        tokio::select! {
+            Some(answer) = flying.next() => match answer {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::debug!(
+                        target: FAILOVER_TARGET,
+                        at_ns = monotonic_ns(),
+                        in_flight = flying.len(),
+                        pause_ms = pause.as_millis() as u64,
+                        error = %e,
+                        "etcd step failed; retrying"
+                    );
+                    next = next.min(tokio::time::Instant::now() + pause);
+                    pause = (pause * 2).min(PAUSE_MAX);
+                }
+            },
+            _ = tokio::time::sleep_until(next) => {
+                if flying.len() < HEDGE_MAX {
+                    if !flying.is_empty() {
+                        tracing::debug!(
+                            target: FAILOVER_TARGET,
+                            at_ns = monotonic_ns(),
+                            in_flight = flying.len(),
+                            "etcd step unanswered; sending it again beside"
+                        );
+                    }
+                    flying.push(f());
+                }
+                next = tokio::time::Instant::now() + HEDGE_AFTER;
             }
         }
+    }
+}
+
+/// Runs the wait `f` (a watch wait, which may rightly last as long as the
+/// key is held elsewhere: never sent again beside itself) until it
+/// succeeds, pausing as [`retry`] does after each failure.
+async fn retry_wait<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), EtcdError>>,
+{
+    let mut pause = PAUSE_FIRST;
+    while let Err(e) = f().await {
+        tracing::debug!(
+            target: FAILOVER_TARGET,
+            at_ns = monotonic_ns(),
+            pause_ms = pause.as_millis() as u64,
+            error = %e,
+            "etcd wait failed; retrying"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PAUSE_MAX);
     }
 }
 

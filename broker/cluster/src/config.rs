@@ -213,6 +213,15 @@ impl ClusterConfig {
         scaled.saturating_sub(self.fence_margin_ms)
     }
 
+    /// How long after sending a renewal that etcd answered with `ttl_ms`
+    /// the lease surely lives at etcd, on this host's clock: `ttl * (1 -
+    /// drift)`. Past it without a newer answer, the lease may have expired
+    /// there: the agent fences (docs/cluster.md, "Leases and the
+    /// self-fence").
+    pub fn alive_for_ms(&self, ttl_ms: u64) -> u64 {
+        (ttl_ms as f64 * (1.0 - self.max_clock_drift)) as u64
+    }
+
     /// Whether `key` is global.
     pub fn is_global(&self, key: &[u8]) -> bool {
         key.starts_with(self.key_prefix.as_bytes())
@@ -323,5 +332,12 @@ mod tests {
         // 10 s TTL, 5% drift, 1 s margin: 8.5 s.
         assert_eq!(c.valid_for_ms(10_000), 8_500);
         assert_eq!(c.valid_for_ms(500), 0);
+    }
+
+    #[test]
+    fn the_lease_is_taken_for_alive_until_its_ttl_less_the_drift() {
+        let c = valid();
+        assert_eq!(c.alive_for_ms(10_000), 9_500);
+        assert!(c.alive_for_ms(4_000) > c.valid_for_ms(4_000));
     }
 }

@@ -13,6 +13,7 @@ pub use config::ClusterConfig;
 pub mod agent;
 pub mod etcd_access;
 pub mod etcd_lock;
+pub mod keepalive;
 pub mod watches;
 
 pub use agent::{Agent, Command, Event, Lease};

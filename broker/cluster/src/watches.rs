@@ -134,6 +134,8 @@ impl Watch {
         loop {
             if let Err(e) = self.watch_once(client).await {
                 tracing::debug!(
+                    target: crate::agent::FAILOVER_TARGET,
+                    at_ns = crate::agent::monotonic_ns(),
                     error = %e,
                     prefix = self.prefix,
                     "a node-grant watch stopped; starting it again"
@@ -169,6 +171,13 @@ impl Watch {
             let revision = resp.header().ok_or(EtcdError::NoHeader)?.revision();
             let mut s = self.state();
             if resp.created() {
+                tracing::debug!(
+                    target: crate::agent::FAILOVER_TARGET,
+                    at_ns = crate::agent::monotonic_ns(),
+                    prefix = self.prefix,
+                    revision,
+                    "a node-grant watch is running"
+                );
                 // Events before `revision` were never seen here.
                 s.live = true;
                 s.processed = revision;
@@ -240,7 +249,7 @@ impl Watches {
             Wanted::Deleted { .. } => &self.entries,
         };
         loop {
-            let (tx, rx) = oneshot::channel();
+            let (tx, mut rx) = oneshot::channel();
             let must_look = {
                 let mut s = watch.state();
                 match wanted {
@@ -253,10 +262,23 @@ impl Watches {
                 }
                 !s.live || s.processed > seen_at
             };
-            if must_look && look().await? {
-                return Ok(());
-            }
-            match rx.await {
+            // An event may end the wait while the look is unanswered (a
+            // member that lost its leader holds a linearizable read until
+            // the election is over, or until the read's timeout).
+            let told = if must_look {
+                tokio::select! {
+                    seen = look() => {
+                        if seen? {
+                            return Ok(());
+                        }
+                        (&mut rx).await
+                    }
+                    told = &mut rx => told,
+                }
+            } else {
+                rx.await
+            };
+            match told {
                 Ok(()) => return Ok(()),
                 // The watch stopped or restarted: register and look again.
                 Err(_) => seen_at = i64::MIN,

@@ -546,16 +546,28 @@ impl History {
     /// The longest stretch without an accepted write between `from_ns` and
     /// `to_ns`.
     pub fn longest_gap(&self, from_ns: u64, to_ns: u64) -> Duration {
+        self.longest_gap_span(from_ns, to_ns).1
+    }
+
+    /// The longest stretch without an accepted write between `from_ns` and
+    /// `to_ns`: where it starts (`from_ns` or an accepted write) and how
+    /// long it lasts.
+    pub fn longest_gap_span(&self, from_ns: u64, to_ns: u64) -> (u64, Duration) {
         let mut last = from_ns;
-        let mut gap = 0;
+        let mut gap = (from_ns, 0);
         for e in self.accepted_writes() {
             if e.at_ns < from_ns || e.at_ns > to_ns {
                 continue;
             }
-            gap = gap.max(e.at_ns - last);
+            if e.at_ns - last > gap.1 {
+                gap = (last, e.at_ns - last);
+            }
             last = e.at_ns;
         }
-        Duration::from_nanos(gap.max(to_ns.saturating_sub(last)))
+        if to_ns.saturating_sub(last) > gap.1 {
+            gap = (last, to_ns - last);
+        }
+        (gap.0, Duration::from_nanos(gap.1))
     }
 
     /// Tokens of accepted writes, in acceptance order.

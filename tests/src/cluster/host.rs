@@ -90,6 +90,12 @@ impl Host {
             env.push(("FAKETIME_NO_CACHE", "1".into()));
             env.push(("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()));
         }
+        // The brokers' log filter (the harness's default is `info`), e.g.
+        // `info,forelock::failover=debug,forelock::grant_timing=debug` to
+        // see where a failover's time goes (docs/cluster.md).
+        if let Ok(filter) = std::env::var("FORELOCK_CLUSTER_BROKER_LOG") {
+            env.push(("FORELOCK_LOG", filter));
+        }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let broker = Broker::launch_wrapped(
             &[
@@ -203,6 +209,23 @@ impl Host {
 
     pub fn log(&self) -> String {
         self.broker.log()
+    }
+
+    /// How many times the broker's cluster agent has fenced itself (lost
+    /// its lease), from its `cluster.json` (rewritten every 500 ms);
+    /// `None` before the first one is written.
+    pub fn fences(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.dir().join("cluster.json")).ok()?;
+        let status: serde_json::Value = serde_json::from_str(&text).ok()?;
+        status["fences"].as_u64()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::env::var("FORELOCK_CLUSTER_KEEP_LOGS").is_ok_and(|v| v == "1") {
+            eprintln!("--- broker {} ---\n{}", self.name, self.log());
+        }
     }
 }
 
