@@ -374,8 +374,8 @@ impl LockManager {
     /// Does `client` still hold `slot` with `token`? [`Response::Holding`]
     /// if so; the `Lost` error if this host lost the global key's node grant
     /// under the hold (which stays in place until released); `NotHolder`
-    /// otherwise. Changes nothing: the question of [`LockGuard::check`]
-    /// (forelock client), for a holder that wants to know before it writes.
+    /// otherwise. Changes nothing: the question of the client's
+    /// `LockGuard::check`, for a holder that wants to know before it writes.
     pub fn check_hold(&self, table: &TableView, client: u32, slot: u32, token: u64) -> Response {
         if self
             .nodes

@@ -212,11 +212,13 @@ impl Nodes {
         }
     }
 
-    /// Whether the hold `(client, token)` was lost; forgets it.
+    /// Whether the hold `(client, token)` was lost (a question: it stays
+    /// lost until its release).
     pub(super) fn is_lost(&self, client: u32, token: u64) -> bool {
         self.lost.contains(&(client, token))
     }
 
+    /// Whether the hold `(client, token)` was lost; forgets it (its release).
     pub(super) fn take_lost(&mut self, client: u32, token: u64) -> bool {
         self.lost.remove(&(client, token))
     }
