@@ -1061,9 +1061,6 @@ impl Inner {
         }
     }
 
-    /// Release a broker-granted lock (or a fast-path one the broker took over).
-    #[cold]
-    #[inline(never)]
     /// [`LockGuard::check`]: ask the broker whether `slot` is still held
     /// with `token`.
     fn check_hold(&self, slot: u32, token: u64) -> Result<(), Error> {
@@ -1081,6 +1078,9 @@ impl Inner {
         }
     }
 
+    /// Release a broker-granted lock (or a fast-path one the broker took over).
+    #[cold]
+    #[inline(never)]
     fn release_through_broker(&self, slot: u32, token: u64) -> Result<(), Error> {
         self.check_not_lost()?;
         let mut lease = self.checkout(None)?.expect("no deadline, so a lease");
