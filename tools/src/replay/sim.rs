@@ -381,12 +381,13 @@ impl Sim {
     /// idle slots it keeps ([`Sim::lowest_idle`]) in view, and says whether
     /// its `actions` are those it gives with every slot in view. They are
     /// when those are every idle slot it keeps, or when it evicted `e`
-    /// slots, fewer than it could have (so it did not run out of victims),
-    /// and the `e + 1` lowest rank without ties: it sorts its victims by
-    /// score and last activity, evicts from the lowest and stops on the
-    /// score of the next one, so the first `e` (each below every other
-    /// slot) and the score of the next are all it reads, and they are the
-    /// same among these slots as among all. Ties further up do not matter.
+    /// slots and the `e + 1` lowest rank without ties. It selects its
+    /// `m` lowest victims (at least `m + 1` are in view, so the same
+    /// number as with every slot), sorts them by score and last activity,
+    /// evicts from the lowest and stops on the score of the next one (or
+    /// when all `m` are gone): the first `e` (each below every other slot)
+    /// and the score of the next are all it reads, and they are the same
+    /// among these slots as among all. Ties further up do not matter.
     ///
     /// Where it was not exact lately (ties at the bottom are the rule in
     /// some runs: idle slots of score 0 last used in the same
@@ -478,7 +479,7 @@ impl Sim {
             .iter()
             .filter(|action| matches!(action, Action::Evict { .. }))
             .count();
-        evicted < evictions_max.min(self.lowest.len())
+        evicted < self.lowest.len()
             && self.lowest[..=evicted].windows(2).all(|pair| {
                 pair[0].score.total_cmp(&pair[1].score).is_ne()
                     || pair[0].last_activity_us != pair[1].last_activity_us
