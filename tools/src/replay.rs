@@ -541,10 +541,10 @@ struct TickShared {
     /// Per key, bit `b` set while the broker with [`Sim::holder_bit`] `b`
     /// has the key in a slot (empty when a pass has more than 64 brokers).
     holders: Vec<u64>,
-    /// Dense numbers of the ranked keys, and their holders when the tick's
-    /// brokers began ([`TickShared::rank_all`]). A broker's own bit changes
-    /// only in its own tick, after it has read the candidates, so the bits
-    /// read before the brokers run are those each of them would read.
+    /// Dense numbers of the first ranked keys, and their holders when the
+    /// tick began (as far as a broker asked). A broker's own bit changes
+    /// only in its own tick, after it has read the candidates, so the
+    /// bits read at any time in the tick are those at its start.
     ranked_ids: Vec<u32>,
     ranked_holders: Vec<u64>,
     /// The forecaster's row of each ranked key, when the ranking came from
@@ -635,18 +635,15 @@ impl TickShared {
         if entry.0 == self.stamp { entry.1 } else { 0.0 }
     }
 
-    /// Takes the dense numbers (and holders) of every ranked key, before
-    /// the tick's brokers run (one pass, instead of each broker asking as
-    /// far as it walks the ranking).
-    fn rank_all(&mut self, ranked: &[Score], index: &TraceIndex) {
-        self.ranked_ids.clear();
-        self.ranked_holders.clear();
-        for (rank, score) in ranked.iter().enumerate() {
-            let key_id = match self.ranked_rows.get(rank) {
+    /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
+    fn rank_known(&mut self, rank: usize, ranked: &[Score], index: &TraceIndex) {
+        while self.ranked_ids.len() <= rank {
+            let next = self.ranked_ids.len();
+            let key_id = match self.ranked_rows.get(next) {
                 Some(&row) => self.row_ids[row as usize].1,
-                None => index.id(score.key_hash),
+                None => index.id(ranked[next].key_hash),
             };
-            debug_assert_eq!(key_id, index.id(score.key_hash));
+            debug_assert_eq!(key_id, index.id(ranked[next].key_hash));
             self.ranked_ids.push(key_id);
             if !self.holders.is_empty() {
                 self.ranked_holders.push(self.holders[key_id as usize]);
@@ -1334,7 +1331,6 @@ fn run_pass(
                 }
             }
         }
-        shared.rank_all(&ranked, index);
         for sim in sims.iter_mut() {
             sim.tick(now_us, horizon_us, source, &ranked, &mut shared, index);
         }

@@ -79,24 +79,13 @@ pub(super) struct Sim {
     actions: Vec<Action>,
     /// When the policy could reclaim each slot of `slots` (same positions).
     eligible_at_us: Vec<u64>,
-    /// The slots past that time, kept across ticks.
-    eligible: Eligible,
     /// What [`Sim::tick`] reads of each slot of `slots` (same positions)
     /// when it looks for the lowest-ranked idle slots.
     hot: Vec<Hot>,
     /// Positions in `slots` shown to the policy this tick, ascending.
     shown: Vec<u32>,
-    /// `shown` as a bitmap while it is gathered (all clear between ticks).
-    shown_bits: Vec<u64>,
     /// The lowest-ranked idle slots ([`Sim::lowest_idle`]).
     lowest: Vec<Victim>,
-    /// Positions of the slots the policy reclaims this tick, ascending.
-    reclaimed: Vec<u32>,
-    /// Ticks that may evict for which [`Sim::lowest_idle`] is skipped, and
-    /// how many of its last tries found ties
-    /// ([`Sim::evict_among_the_lowest`]).
-    lowest_skips: u32,
-    lowest_failures: u32,
     /// Ticks in which the policy was shown: only the slots it may free;
     /// those and the lowest-ranked idle slots; every slot.
     pub(super) shown_counts: [u64; 3],
@@ -182,9 +171,6 @@ pub(super) struct Hot {
     /// The policies' last activity: the last use, or the preparation.
     last_activity_us: u64,
     key_id: u32,
-    /// In [`Eligible::keys`]: set when the slot's eligible time comes,
-    /// cleared by a new `Hot` (a request moves that time).
-    eligible: bool,
 }
 
 impl Hot {
@@ -196,93 +182,6 @@ impl Hot {
                 .unwrap_or(slot.prepared_at_us)
                 .max(slot.prepared_at_us),
             key_id: slot.key_id,
-            eligible: false,
-        }
-    }
-}
-
-/// The slots a policy may free (past [`Reclaim::eligible_at_us`]), kept
-/// across ticks so that a tick visits those, not every slot: a slot
-/// enters when its time comes (a queue by time, filled as times are set),
-/// and leaves when it is freed or a request moves its time (which queues
-/// the new one). Past its time, a slot stays eligible until then, so the
-/// set is exactly the slots with `eligible_at_us <= now`.
-#[derive(Debug, Default)]
-pub(super) struct Eligible {
-    /// (time, key) of every eligible time set, earliest first. An entry
-    /// whose slot has since gone or moved its time is passed over when due.
-    due: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32)>>,
-    /// The keys of the eligible slots, ascending (their scores are read in
-    /// key order, not at random).
-    keys: Vec<u32>,
-    arrivals: Vec<u32>,
-    merged: Vec<u32>,
-}
-
-impl Eligible {
-    /// Queues the eligible time `at_us` just set on `key_id`'s slot.
-    fn queue(&mut self, at_us: u64, key_id: u32) {
-        self.due.push(std::cmp::Reverse((at_us, key_id)));
-    }
-
-    /// Brings `keys` to the slots eligible at `now_us`.
-    fn update(
-        &mut self,
-        now_us: u64,
-        slot_of_key: &[u32],
-        eligible_at_us: &[u64],
-        hot: &mut [Hot],
-    ) {
-        self.keys
-            .retain(|&key_id| match slot_of_key[key_id as usize] {
-                NO_SLOT => false,
-                position => hot[position as usize].eligible,
-            });
-        self.arrivals.clear();
-        while let Some(&std::cmp::Reverse((at_us, key_id))) = self.due.peek() {
-            if at_us > now_us {
-                break;
-            }
-            self.due.pop();
-            let position = slot_of_key[key_id as usize];
-            if position == NO_SLOT {
-                continue;
-            }
-            let position = position as usize;
-            if !hot[position].eligible && eligible_at_us[position] <= now_us {
-                hot[position].eligible = true;
-                self.arrivals.push(key_id);
-            }
-        }
-        if self.arrivals.is_empty() {
-            return;
-        }
-        self.arrivals.sort_unstable();
-        self.merged.clear();
-        let (mut a, mut b) = (0, 0);
-        while a < self.keys.len() && b < self.arrivals.len() {
-            if self.keys[a] < self.arrivals[b] {
-                self.merged.push(self.keys[a]);
-                a += 1;
-            } else {
-                self.merged.push(self.arrivals[b]);
-                b += 1;
-            }
-        }
-        self.merged.extend_from_slice(&self.keys[a..]);
-        self.merged.extend_from_slice(&self.arrivals[b..]);
-        std::mem::swap(&mut self.keys, &mut self.merged);
-    }
-}
-
-/// Appends to `out` the positions whose bits are set in `bits`, ascending,
-/// and clears them.
-fn drain_ascending(bits: &mut [u64], out: &mut Vec<u32>) {
-    for (word_index, word) in bits.iter_mut().enumerate() {
-        while *word != 0 {
-            let bit = word.trailing_zeros();
-            *word &= *word - 1;
-            out.push(word_index as u32 * 64 + bit);
         }
     }
 }
@@ -376,129 +275,40 @@ impl Sim {
         self.policy.tick(&input, actions);
     }
 
-    /// Asks the policy, which may evict up to `evictions_max` slots, with
-    /// the slots in `self.shown` and the `evictions_max + 1` lowest-ranked
-    /// idle slots it keeps ([`Sim::lowest_idle`]) in view, and says whether
-    /// its `actions` are those it gives with every slot in view. They are
-    /// when those are every idle slot it keeps, or when it evicted `e`
-    /// slots and the `e + 1` lowest rank without ties. It selects its
-    /// `m` lowest victims (at least `m + 1` are in view, so the same
-    /// number as with every slot), sorts them by score and last activity,
-    /// evicts from the lowest and stops on the score of the next one (or
-    /// when all `m` are gone): the first `e` (each below every other slot)
-    /// and the score of the next are all it reads, and they are the same
-    /// among these slots as among all. Ties further up do not matter.
-    ///
-    /// Where it was not exact lately (ties at the bottom are the rule in
-    /// some runs: idle slots of score 0 last used in the same
-    /// millisecond), the search is skipped for 1, 3, 7, ... up to 63
-    /// ticks that may evict, and the caller shows every slot: the actions
-    /// are the same either way, the skip saves only wasted work.
-    fn evict_among_the_lowest(
+    /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
+    /// the policy keeps (not held, not reclaimed by `actions`), lowest
+    /// first. Whether they decide the policy's victims, and the order it
+    /// names them in, whatever the other slots: the policy is
+    /// `Predictive` (which sorts its victims), there are `count` of them,
+    /// and no two of them rank equal (it ranks by score and last activity
+    /// alone).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lowest_idle(
         &mut self,
-        evictions_max: usize,
-        actions: &mut Vec<Action>,
+        count: usize,
+        actions: &[Action],
+        index: &TraceIndex,
         source: &Source,
         shared: &mut TickShared,
         now_us: u64,
         horizon_us: u64,
     ) -> bool {
-        if self.lowest_skips > 0 {
-            self.lowest_skips -= 1;
-            return false;
-        }
-        let exact = self.evict_among_the_lowest_once(
-            evictions_max,
-            actions,
-            source,
-            shared,
-            now_us,
-            horizon_us,
-        );
-        if exact {
-            self.lowest_failures = 0;
-        } else {
-            self.lowest_failures = (self.lowest_failures + 1).min(6);
-            self.lowest_skips = (1 << self.lowest_failures) - 1;
-        }
-        exact
-    }
-
-    fn evict_among_the_lowest_once(
-        &mut self,
-        evictions_max: usize,
-        actions: &mut Vec<Action>,
-        source: &Source,
-        shared: &mut TickShared,
-        now_us: u64,
-        horizon_us: u64,
-    ) -> bool {
+        let mut reclaimed: Vec<u32> = actions
+            .iter()
+            .filter_map(|action| match *action {
+                Action::Reclaim { key_hash, .. } => {
+                    Some(self.slot_of_key[index.id(key_hash) as usize])
+                }
+                _ => None,
+            })
+            .collect();
+        reclaimed.sort_unstable();
+        self.lowest.clear();
         // `KeepAlive` names its victims in the order its selection leaves
         // them, which depends on every idle slot: it is always shown all.
         if !matches!(self.rule, Reclaim::Predictive { .. }) {
             return false;
         }
-        let every_idle_slot =
-            self.lowest_idle(evictions_max + 1, source, shared, now_us, horizon_us);
-        let mut lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
-        lowest.sort_unstable();
-        let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
-        let (mut a, mut b) = (0, 0);
-        while a < self.shown.len() || b < lowest.len() {
-            let next = match (self.shown.get(a), lowest.get(b)) {
-                (Some(&x), Some(&y)) if x == y => {
-                    a += 1;
-                    b += 1;
-                    x
-                }
-                (Some(&x), Some(&y)) if x < y => {
-                    a += 1;
-                    x
-                }
-                (Some(&x), None) => {
-                    a += 1;
-                    x
-                }
-                (_, Some(&y)) => {
-                    b += 1;
-                    y
-                }
-                (None, None) => unreachable!(),
-            };
-            merged.push(next);
-        }
-        self.shown = merged;
-        if self.slots.len() - self.shown.len() > self.budget_slots {
-            return false; // the budget left would not cover the slots left out
-        }
-        self.show(actions, source, shared, now_us, horizon_us);
-        if every_idle_slot {
-            return true;
-        }
-        let evicted = actions
-            .iter()
-            .filter(|action| matches!(action, Action::Evict { .. }))
-            .count();
-        evicted < self.lowest.len()
-            && self.lowest[..=evicted].windows(2).all(|pair| {
-                pair[0].score.total_cmp(&pair[1].score).is_ne()
-                    || pair[0].last_activity_us != pair[1].last_activity_us
-            })
-    }
-
-    /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
-    /// the policy keeps (not held, not reclaimed: not in `self.reclaimed`),
-    /// lowest first; says whether those are all of them.
-    pub(super) fn lowest_idle(
-        &mut self,
-        count: usize,
-        source: &Source,
-        shared: &mut TickShared,
-        now_us: u64,
-        horizon_us: u64,
-    ) -> bool {
-        self.lowest.clear();
-        let mut idle = 0usize;
         let mut heap: std::collections::BinaryHeap<Victim> =
             std::collections::BinaryHeap::with_capacity(count + 1);
         let mut next_reclaimed = 0;
@@ -507,11 +317,10 @@ impl Sim {
             if hot.held_until_us > now_us {
                 continue;
             }
-            if self.reclaimed.get(next_reclaimed) == Some(&(position as u32)) {
+            if reclaimed.get(next_reclaimed) == Some(&(position as u32)) {
                 next_reclaimed += 1;
                 continue;
             }
-            idle += 1;
             let score = effective(self.score_at(position, source, shared, now_us, horizon_us));
             let victim = Victim {
                 score,
@@ -527,7 +336,11 @@ impl Sim {
             }
         }
         self.lowest.extend(heap.into_sorted_vec());
-        idle == self.lowest.len()
+        self.lowest.len() == count
+            && self.lowest.windows(2).all(|pair| {
+                pair[0].score.total_cmp(&pair[1].score).is_ne()
+                    || pair[0].last_activity_us != pair[1].last_activity_us
+            })
     }
 
     /// `keys`: the trace's distinct keys ([`TraceIndex::keys`]).
@@ -543,14 +356,9 @@ impl Sim {
             policy,
             rule,
             eligible_at_us: Vec::new(),
-            eligible: Eligible::default(),
             hot: Vec::new(),
             shown: Vec::new(),
-            shown_bits: Vec::new(),
             lowest: Vec::new(),
-            reclaimed: Vec::new(),
-            lowest_skips: 0,
-            lowest_failures: 0,
             shown_counts: [0; 3],
             policy_name: policy_name.to_owned(),
             setting,
@@ -630,10 +438,8 @@ impl Sim {
                 slot.uses = slot.uses.saturating_add(1);
                 slot.held_until_us = slot.held_until_us.max(release_us);
                 slot.idle_since_us = slot.held_until_us;
-                let eligible_at_us = self.rule.eligible_at_us(slot);
-                self.eligible_at_us[index as usize] = eligible_at_us;
+                self.eligible_at_us[index as usize] = self.rule.eligible_at_us(slot);
                 self.hot[index as usize] = Hot::of(slot);
-                self.eligible.queue(eligible_at_us, key_id);
             }
         }
     }
@@ -642,9 +448,7 @@ impl Sim {
         shared.set_holder(slot.key_id, self.holder_bit, true);
         self.slot_of_key[slot.key_id as usize] =
             u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
-        let eligible_at_us = self.rule.eligible_at_us(&slot);
-        self.eligible_at_us.push(eligible_at_us);
-        self.eligible.queue(eligible_at_us, slot.key_id);
+        self.eligible_at_us.push(self.rule.eligible_at_us(&slot));
         self.hot.push(Hot::of(&slot));
         self.slots.push((key_hash, slot));
     }
@@ -698,11 +502,11 @@ impl Sim {
         // The candidates: the ranked keys this broker has no slot for.
         self.candidates.clear();
         let threshold = self.policy.threshold();
-        let above = ranked.partition_point(|score| score.probability >= threshold);
-        for (rank, score) in ranked[..above].iter().enumerate() {
-            if self.candidates.len() >= self.budget_slots {
+        for (rank, score) in ranked.iter().enumerate() {
+            if score.probability < threshold || self.candidates.len() >= self.budget_slots {
                 break;
             }
+            shared.rank_known(rank, ranked, index);
             let held = if self.holder_bit == 0 {
                 self.slot_of_key[shared.ranked_ids[rank] as usize] != NO_SLOT
             } else {
@@ -738,48 +542,25 @@ impl Sim {
             } => Some(threshold_before),
             _ => None,
         };
-        self.eligible.update(
-            now_us,
-            &self.slot_of_key,
-            &self.eligible_at_us,
-            &mut self.hot,
-        );
-        let mut bits = std::mem::take(&mut self.shown_bits);
-        bits.resize(total.div_ceil(64), 0);
-        for &key_id in &self.eligible.keys {
-            let position = self.slot_of_key[key_id as usize] as usize;
-            if let Some(threshold) = keep_only_under {
-                let score = self.score_at(position, source, shared, now_us, horizon_us);
-                if effective(score) >= threshold {
-                    continue;
-                }
-            }
-            bits[position / 64] |= 1 << (position % 64);
-        }
         self.shown.clear();
-        drain_ascending(&mut bits, &mut self.shown);
-        self.shown_bits = bits;
-        let mut actions = std::mem::take(&mut self.actions);
-        // Under a fixed threshold the policy reclaims every slot shown so
-        // far (not held, past its timeout, scored under the threshold, no
-        // contention forecast) and its threshold does not move, so what it
-        // may evict is known before it is asked: when it may, it is asked
-        // once, with the victims in view (a first call would change nothing
-        // the replay reads: a fixed threshold's control step only keeps time).
-        let fixed = keep_only_under.is_some();
-        self.reclaimed.clear();
-        if fixed {
-            self.reclaimed.extend_from_slice(&self.shown);
-        } else {
-            self.show(&mut actions, source, shared, now_us, horizon_us);
-            for action in &actions {
-                if let Action::Reclaim { slot, .. } = *action {
-                    self.reclaimed.push(self.slot_of_key[slot as usize]);
+        for (position, &eligible_at_us) in self.eligible_at_us.iter().enumerate() {
+            if now_us >= eligible_at_us {
+                if let Some(threshold) = keep_only_under {
+                    let score = self.score_at(position, source, shared, now_us, horizon_us);
+                    if effective(score) >= threshold {
+                        continue;
+                    }
                 }
+                self.shown.push(position as u32);
             }
-            self.reclaimed.sort_unstable();
         }
-        let kept = total - self.reclaimed.len();
+        let mut actions = std::mem::take(&mut self.actions);
+        self.show(&mut actions, source, shared, now_us, horizon_us);
+        let reclaimed = actions
+            .iter()
+            .filter(|action| matches!(action, Action::Reclaim { .. }))
+            .count();
+        let kept = total - reclaimed;
         let free = self.budget_slots.saturating_sub(kept);
         let evictions_max = kept.saturating_sub(self.budget_slots)
             + self
@@ -787,26 +568,55 @@ impl Sim {
                 .wanted(&self.candidates, self.policy.threshold())
                 .saturating_sub(free);
         if evictions_max > 0 {
-            let exact = self.evict_among_the_lowest(
-                evictions_max,
-                &mut actions,
+            let exact = self.lowest_idle(
+                evictions_max + 1,
+                &actions,
+                index,
                 source,
                 shared,
                 now_us,
                 horizon_us,
             );
             if exact {
-                self.shown_counts[1] += 1;
-            } else {
+                let lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
+                let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
+                let (mut a, mut b) = (0, 0);
+                let mut lowest = lowest;
+                lowest.sort_unstable();
+                while a < self.shown.len() || b < lowest.len() {
+                    let next = match (self.shown.get(a), lowest.get(b)) {
+                        (Some(&x), Some(&y)) if x == y => {
+                            a += 1;
+                            b += 1;
+                            x
+                        }
+                        (Some(&x), Some(&y)) if x < y => {
+                            a += 1;
+                            x
+                        }
+                        (Some(&x), None) => {
+                            a += 1;
+                            x
+                        }
+                        (_, Some(&y)) => {
+                            b += 1;
+                            y
+                        }
+                        (None, None) => unreachable!(),
+                    };
+                    merged.push(next);
+                }
+                self.shown = merged;
+            }
+            if !exact || total - self.shown.len() > self.budget_slots {
                 self.shown.clear();
                 self.shown.extend(0..total as u32);
                 self.shown_counts[2] += 1;
-                self.show(&mut actions, source, shared, now_us, horizon_us);
+            } else {
+                self.shown_counts[1] += 1;
             }
+            self.show(&mut actions, source, shared, now_us, horizon_us);
         } else {
-            if fixed {
-                self.show(&mut actions, source, shared, now_us, horizon_us);
-            }
             self.shown_counts[0] += 1;
         }
         for action in &actions {
