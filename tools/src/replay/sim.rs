@@ -86,6 +86,13 @@ pub(super) struct Sim {
     shown: Vec<u32>,
     /// The lowest-ranked idle slots ([`Sim::lowest_idle`]).
     lowest: Vec<Victim>,
+    /// Positions of the slots the policy reclaims this tick, ascending.
+    reclaimed: Vec<u32>,
+    /// Ticks that may evict for which [`Sim::lowest_idle`] is skipped, and
+    /// how many of its last tries found ties
+    /// ([`Sim::evict_among_the_lowest`]).
+    lowest_skips: u32,
+    lowest_failures: u32,
     /// Ticks in which the policy was shown: only the slots it may free;
     /// those and the lowest-ranked idle slots; every slot.
     pub(super) shown_counts: [u64; 3],
@@ -275,40 +282,129 @@ impl Sim {
         self.policy.tick(&input, actions);
     }
 
-    /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
-    /// the policy keeps (not held, not reclaimed by `actions`), lowest
-    /// first. Whether they decide the policy's victims, and the order it
-    /// names them in, whatever the other slots: the policy is
-    /// `Predictive` (which sorts its victims), there are `count` of them,
-    /// and no two of them rank equal (it ranks by score and last activity
-    /// alone).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn lowest_idle(
+    /// Asks the policy, which may evict up to `evictions_max` slots, with
+    /// the slots in `self.shown` and the `evictions_max + 1` lowest-ranked
+    /// idle slots it keeps ([`Sim::lowest_idle`]) in view, and says whether
+    /// its `actions` are those it gives with every slot in view. They are
+    /// when those are every idle slot it keeps, or when it evicted `e`
+    /// slots and the `e + 1` lowest rank without ties. It selects its
+    /// `m` lowest victims (at least `m + 1` are in view, so the same
+    /// number as with every slot), sorts them by score and last activity,
+    /// evicts from the lowest and stops on the score of the next one (or
+    /// when all `m` are gone): the first `e` (each below every other slot)
+    /// and the score of the next are all it reads, and they are the same
+    /// among these slots as among all. Ties further up do not matter.
+    ///
+    /// Where it was not exact lately (ties at the bottom are the rule in
+    /// some runs: idle slots of score 0 last used in the same
+    /// millisecond), the search is skipped for 1, 3, 7, ... up to 63
+    /// ticks that may evict, and the caller shows every slot: the actions
+    /// are the same either way, the skip saves only wasted work.
+    fn evict_among_the_lowest(
         &mut self,
-        count: usize,
-        actions: &[Action],
-        index: &TraceIndex,
+        evictions_max: usize,
+        actions: &mut Vec<Action>,
         source: &Source,
         shared: &mut TickShared,
         now_us: u64,
         horizon_us: u64,
     ) -> bool {
-        let mut reclaimed: Vec<u32> = actions
-            .iter()
-            .filter_map(|action| match *action {
-                Action::Reclaim { key_hash, .. } => {
-                    Some(self.slot_of_key[index.id(key_hash) as usize])
-                }
-                _ => None,
-            })
-            .collect();
-        reclaimed.sort_unstable();
-        self.lowest.clear();
+        if self.lowest_skips > 0 {
+            self.lowest_skips -= 1;
+            return false;
+        }
+        let exact = self.evict_among_the_lowest_once(
+            evictions_max,
+            actions,
+            source,
+            shared,
+            now_us,
+            horizon_us,
+        );
+        if exact {
+            self.lowest_failures = 0;
+        } else {
+            self.lowest_failures = (self.lowest_failures + 1).min(6);
+            self.lowest_skips = (1 << self.lowest_failures) - 1;
+        }
+        exact
+    }
+
+    fn evict_among_the_lowest_once(
+        &mut self,
+        evictions_max: usize,
+        actions: &mut Vec<Action>,
+        source: &Source,
+        shared: &mut TickShared,
+        now_us: u64,
+        horizon_us: u64,
+    ) -> bool {
         // `KeepAlive` names its victims in the order its selection leaves
         // them, which depends on every idle slot: it is always shown all.
         if !matches!(self.rule, Reclaim::Predictive { .. }) {
             return false;
         }
+        let every_idle_slot =
+            self.lowest_idle(evictions_max + 1, source, shared, now_us, horizon_us);
+        let mut lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
+        lowest.sort_unstable();
+        let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
+        let (mut a, mut b) = (0, 0);
+        while a < self.shown.len() || b < lowest.len() {
+            let next = match (self.shown.get(a), lowest.get(b)) {
+                (Some(&x), Some(&y)) if x == y => {
+                    a += 1;
+                    b += 1;
+                    x
+                }
+                (Some(&x), Some(&y)) if x < y => {
+                    a += 1;
+                    x
+                }
+                (Some(&x), None) => {
+                    a += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    b += 1;
+                    y
+                }
+                (None, None) => unreachable!(),
+            };
+            merged.push(next);
+        }
+        self.shown = merged;
+        if self.slots.len() - self.shown.len() > self.budget_slots {
+            return false; // the budget left would not cover the slots left out
+        }
+        self.show(actions, source, shared, now_us, horizon_us);
+        if every_idle_slot {
+            return true;
+        }
+        let evicted = actions
+            .iter()
+            .filter(|action| matches!(action, Action::Evict { .. }))
+            .count();
+        evicted < self.lowest.len()
+            && self.lowest[..=evicted].windows(2).all(|pair| {
+                pair[0].score.total_cmp(&pair[1].score).is_ne()
+                    || pair[0].last_activity_us != pair[1].last_activity_us
+            })
+    }
+
+    /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
+    /// the policy keeps (not held, not reclaimed: not in `self.reclaimed`),
+    /// lowest first; says whether those are all of them.
+    pub(super) fn lowest_idle(
+        &mut self,
+        count: usize,
+        source: &Source,
+        shared: &mut TickShared,
+        now_us: u64,
+        horizon_us: u64,
+    ) -> bool {
+        self.lowest.clear();
+        let mut idle = 0usize;
         let mut heap: std::collections::BinaryHeap<Victim> =
             std::collections::BinaryHeap::with_capacity(count + 1);
         let mut next_reclaimed = 0;
@@ -317,10 +413,11 @@ impl Sim {
             if hot.held_until_us > now_us {
                 continue;
             }
-            if reclaimed.get(next_reclaimed) == Some(&(position as u32)) {
+            if self.reclaimed.get(next_reclaimed) == Some(&(position as u32)) {
                 next_reclaimed += 1;
                 continue;
             }
+            idle += 1;
             let score = effective(self.score_at(position, source, shared, now_us, horizon_us));
             let victim = Victim {
                 score,
@@ -336,11 +433,7 @@ impl Sim {
             }
         }
         self.lowest.extend(heap.into_sorted_vec());
-        self.lowest.len() == count
-            && self.lowest.windows(2).all(|pair| {
-                pair[0].score.total_cmp(&pair[1].score).is_ne()
-                    || pair[0].last_activity_us != pair[1].last_activity_us
-            })
+        idle == self.lowest.len()
     }
 
     /// `keys`: the trace's distinct keys ([`TraceIndex::keys`]).
@@ -359,6 +452,9 @@ impl Sim {
             hot: Vec::new(),
             shown: Vec::new(),
             lowest: Vec::new(),
+            reclaimed: Vec::new(),
+            lowest_skips: 0,
+            lowest_failures: 0,
             shown_counts: [0; 3],
             policy_name: policy_name.to_owned(),
             setting,
@@ -555,12 +651,26 @@ impl Sim {
             }
         }
         let mut actions = std::mem::take(&mut self.actions);
-        self.show(&mut actions, source, shared, now_us, horizon_us);
-        let reclaimed = actions
-            .iter()
-            .filter(|action| matches!(action, Action::Reclaim { .. }))
-            .count();
-        let kept = total - reclaimed;
+        // Under a fixed threshold the policy reclaims every slot shown so
+        // far (not held, past its timeout, scored under the threshold, no
+        // contention forecast) and its threshold does not move, so what it
+        // may evict is known before it is asked: when it may, it is asked
+        // once, with the victims in view (a first call would change nothing
+        // the replay reads: a fixed threshold's control step only keeps time).
+        let fixed = keep_only_under.is_some();
+        self.reclaimed.clear();
+        if fixed {
+            self.reclaimed.extend_from_slice(&self.shown);
+        } else {
+            self.show(&mut actions, source, shared, now_us, horizon_us);
+            for action in &actions {
+                if let Action::Reclaim { slot, .. } = *action {
+                    self.reclaimed.push(self.slot_of_key[slot as usize]);
+                }
+            }
+            self.reclaimed.sort_unstable();
+        }
+        let kept = total - self.reclaimed.len();
         let free = self.budget_slots.saturating_sub(kept);
         let evictions_max = kept.saturating_sub(self.budget_slots)
             + self
@@ -568,55 +678,26 @@ impl Sim {
                 .wanted(&self.candidates, self.policy.threshold())
                 .saturating_sub(free);
         if evictions_max > 0 {
-            let exact = self.lowest_idle(
-                evictions_max + 1,
-                &actions,
-                index,
+            let exact = self.evict_among_the_lowest(
+                evictions_max,
+                &mut actions,
                 source,
                 shared,
                 now_us,
                 horizon_us,
             );
             if exact {
-                let lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
-                let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
-                let (mut a, mut b) = (0, 0);
-                let mut lowest = lowest;
-                lowest.sort_unstable();
-                while a < self.shown.len() || b < lowest.len() {
-                    let next = match (self.shown.get(a), lowest.get(b)) {
-                        (Some(&x), Some(&y)) if x == y => {
-                            a += 1;
-                            b += 1;
-                            x
-                        }
-                        (Some(&x), Some(&y)) if x < y => {
-                            a += 1;
-                            x
-                        }
-                        (Some(&x), None) => {
-                            a += 1;
-                            x
-                        }
-                        (_, Some(&y)) => {
-                            b += 1;
-                            y
-                        }
-                        (None, None) => unreachable!(),
-                    };
-                    merged.push(next);
-                }
-                self.shown = merged;
-            }
-            if !exact || total - self.shown.len() > self.budget_slots {
+                self.shown_counts[1] += 1;
+            } else {
                 self.shown.clear();
                 self.shown.extend(0..total as u32);
                 self.shown_counts[2] += 1;
-            } else {
-                self.shown_counts[1] += 1;
+                self.show(&mut actions, source, shared, now_us, horizon_us);
             }
-            self.show(&mut actions, source, shared, now_us, horizon_us);
         } else {
+            if fixed {
+                self.show(&mut actions, source, shared, now_us, horizon_us);
+            }
             self.shown_counts[0] += 1;
         }
         for action in &actions {
