@@ -903,6 +903,31 @@ fn check(s: &State) -> Result<(), String> {
                 ));
             }
         }
+        // And the broker says so when the holder asks (`Request::Check`),
+        // for every hold, however it was granted and across restarts.
+        for c in s.clients.iter().filter(|c| c.alive) {
+            let lanes = c.lanes.iter().filter_map(|h| match *h {
+                Have::Holding {
+                    key, slot, token, ..
+                } if key == k => Some((slot, token)),
+                _ => None,
+            });
+            let extra = c
+                .extra
+                .iter()
+                .filter(|e| e.0 == k)
+                .map(|&(_, slot, token, _)| (slot, token));
+            for (slot, token) in lanes.chain(extra) {
+                let answer = s.m.check_hold(&table, c.record, slot, token);
+                if answer != Response::Holding {
+                    return Err(format!(
+                        "key {k}: client {} holds slot {slot} with token {token}, but Check \
+                         answers {answer:?}",
+                        c.record
+                    ));
+                }
+            }
+        }
     }
     // Promise 5: nothing names a client that is gone.
     for c in s.clients.iter().filter(|c| !c.alive) {
