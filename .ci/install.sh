@@ -13,13 +13,13 @@ apt-get install -y -q --no-install-recommends gcc libc6-dev pkg-config
 # protobuf-compiler: etcd-client (the cluster agent, broker/cluster) compiles
 # etcd's .proto files at build time; libprotobuf-dev: the well-known types
 # they import (google/protobuf/descriptor.proto, struct.proto), which
-# protobuf-compiler only recommends, so --no-install-recommends leaves out. iproute2, nftables, faketime and etcdctl
-# (etcd-client): the multi-host tests make hosts of network namespaces, cut
-# links with nftables and jump wall clocks with libfaketime (docs/cluster.md);
-# util-linux: setpriv, which ties each test host's processes to the test's
-# life (--pdeathsig); openssl: tests/tests/etcd_tls.rs makes the CA and
-# certificates of an etcd that asks for TLS. etcd-server itself comes with
-# the peers below.
+# protobuf-compiler only recommends, so --no-install-recommends leaves out.
+# iproute2, nftables, faketime and etcdctl (etcd-client): the multi-host
+# tests make hosts of network namespaces, cut links with nftables and jump
+# wall clocks with libfaketime (docs/cluster.md); util-linux: setpriv, which
+# ties each test host's processes to the test's life (--pdeathsig); openssl:
+# tests/tests/etcd_tls.rs makes the CA and certificates of an etcd that asks
+# for TLS. etcd-server itself comes with the peers below.
 apt-get install -y -q --no-install-recommends protobuf-compiler libprotobuf-dev iproute2 nftables faketime etcd-client util-linux openssl
 # maturin builds the Python package (client/python), pytest runs its tests;
 # filelock is the Python peer of the language benchmark. Into the machine's

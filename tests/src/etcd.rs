@@ -33,6 +33,19 @@ impl LocalEtcd {
     /// installed. With FORELOCK_REQUIRE_CLUSTER set (CI) a missing etcd
     /// fails instead.
     pub fn start() -> Option<LocalEtcd> {
+        LocalEtcd::start_serving("http", &[], |url| {
+            etcdctl(url, &["endpoint", "health"]).is_some()
+        })
+    }
+
+    /// [`LocalEtcd::start`] for clients on `scheme` (`http` or `https`),
+    /// with `extra` arguments (TLS files, auth settings); healthy once
+    /// `healthy(url)` says so.
+    pub fn start_serving(
+        scheme: &str,
+        extra: &[std::ffi::OsString],
+        healthy: impl Fn(&str) -> bool,
+    ) -> Option<LocalEtcd> {
         if Command::new("etcd").arg("--version").output().is_err() {
             assert!(
                 std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
@@ -43,7 +56,7 @@ impl LocalEtcd {
         }
         let (client, peer) = (free_port(), free_port());
         let dir = std::env::temp_dir().join(format!("fl-etcd-{}-{client}", std::process::id()));
-        let url = format!("http://127.0.0.1:{client}");
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")
             .arg("--data-dir")
@@ -57,13 +70,14 @@ impl LocalEtcd {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("default={peer_url}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd");
         let etcd = LocalEtcd { child, url, dir };
         let end = Instant::now() + crate::PATIENCE;
-        while etcdctl(&etcd.url, &["endpoint", "health"]).is_none() {
+        while !healthy(&etcd.url) {
             assert!(Instant::now() < end, "etcd did not become healthy");
             std::thread::sleep(Duration::from_millis(100));
         }

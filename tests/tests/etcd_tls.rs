@@ -6,7 +6,8 @@
 
 mod support;
 
-use std::path::Path;
+use forelock_tests::etcd::LocalEtcd;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
@@ -95,100 +96,41 @@ fn make_certificates(dir: &Path) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// A single etcd member serving https with client-certificate auth, killed
-/// on drop.
+/// A single etcd member serving https with client-certificate auth (and,
+/// after [`TlsEtcd::enable_auth`], users), killed on drop.
 struct TlsEtcd {
-    child: std::process::Child,
-    url: String,
-    certs: std::path::PathBuf,
-}
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    etcd: LocalEtcd,
+    certs: PathBuf,
 }
 
 impl TlsEtcd {
     fn start(dir: &Path) -> Option<TlsEtcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-                "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
-            );
-            eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
-            return None;
-        }
         let certs = dir.join("certs");
         std::fs::create_dir_all(&certs).unwrap();
         make_certificates(&certs);
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("https://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.join("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("default={peer_url}")])
-            .arg("--cert-file")
-            .arg(certs.join("server.pem"))
-            .arg("--key-file")
-            .arg(certs.join("server.key"))
-            .arg("--trusted-ca-file")
-            .arg(certs.join("ca.pem"))
-            .arg("--client-cert-auth")
+        let file = |name: &str| certs.join(name).into_os_string();
+        let extra = [
+            "--cert-file".into(),
+            file("server.pem"),
+            "--key-file".into(),
+            file("server.key"),
+            "--trusted-ca-file".into(),
+            file("ca.pem"),
+            "--client-cert-auth".into(),
             // An idle broker's auth token expires within the test (default
             // 300 s): it must authenticate again, not stop granting.
-            .args(["--auth-token-ttl", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        let etcd = TlsEtcd { child, url, certs };
-        let end = Instant::now() + PATIENCE;
-        while etcd.ctl(None, &["endpoint", "health"]).is_err() {
-            assert!(Instant::now() < end, "etcd (TLS) did not become healthy");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Some(etcd)
+            "--auth-token-ttl".into(),
+            "2".into(),
+        ];
+        let etcd = LocalEtcd::start_serving("https", &extra, |url| {
+            ctl(url, &certs, None, &["endpoint", "health"]).is_ok()
+        })?;
+        Some(TlsEtcd { etcd, certs })
     }
 
     /// `etcdctl` over TLS with the client certificate, as `user` if given.
     fn ctl(&self, user: Option<&str>, args: &[&str]) -> Result<String, String> {
-        let mut command = Command::new("etcdctl");
-        command
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.url, "--command-timeout", "3s"])
-            .arg("--cacert")
-            .arg(self.certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(self.certs.join("client.pem"))
-            .arg("--key")
-            .arg(self.certs.join("client.key"));
-        if let Some(user) = user {
-            command.args(["--user", user]);
-        }
-        let out = command.args(args).output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        ctl(&self.etcd.url, &self.certs, user, args)
     }
 
     /// Auth on: `root`, and `forelock` whose role may read and write
@@ -213,6 +155,30 @@ impl TlsEtcd {
             self.ctl(None, step)
                 .unwrap_or_else(|e| panic!("etcdctl {step:?}: {e}"));
         }
+    }
+}
+
+/// `etcdctl` against `url` over TLS with the certificates in `certs`, as
+/// `user` if given: its stdout, or its stderr as the error.
+fn ctl(url: &str, certs: &Path, user: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut command = Command::new("etcdctl");
+    command
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", url, "--command-timeout", "3s"])
+        .arg("--cacert")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("client.pem"))
+        .arg("--key")
+        .arg(certs.join("client.key"));
+    if let Some(user) = user {
+        command.args(["--user", user]);
+    }
+    let out = command.args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -244,7 +210,7 @@ fn tls_config(etcd: &TlsEtcd, node: &str, prefix: &str, password_file: &Path) ->
          etcd_ca_file = \"{certs}/ca.pem\"\netcd_cert_file = \"{certs}/client.pem\"\n\
          etcd_key_file = \"{certs}/client.key\"\netcd_user = \"forelock\"\n\
          etcd_password_file = \"{password}\"\n",
-        url = etcd.url,
+        url = etcd.etcd.url,
         password = password_file.display(),
     )
 }

@@ -399,11 +399,9 @@ impl LockManager {
             }
         } else {
             // A fast-path hold: the word names its owner, and its counter
-            // the grant (as `release` recognises it).
+            // the grant (the client's own test of a broker's fast grant).
             let w = Word(tslot.word.load(Ordering::Acquire));
-            w.is_prepared()
-                && w.exclusive_owner() == Some(client)
-                && st.base.saturating_add(w.counter() as u64) == token
+            lockword::granted_on_fast_path(w, client, st.base, token).is_some()
         };
         if holds {
             Response::Holding
