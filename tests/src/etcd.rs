@@ -97,3 +97,62 @@ pub fn etcdctl(url: &str, args: &[&str]) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The `[cluster]` section of a broker named `node` on the etcd at `url`,
+/// under a prefix of this test process: a 4 s lease, so that a revoked or
+/// lost lease shows within seconds.
+pub fn cluster_config(node: &str, url: &str) -> String {
+    format!(
+        "[cluster]\nnode = \"{node}\"\netcd = [\"{url}\"]\netcd_prefix = \"/fl-{pid}\"\n\
+         lease_ttl_ms = 4000\nlock_delay_ms = 200\nfence_margin_ms = 1000\nmin_hold_ms = 5\n",
+        pid = std::process::id()
+    )
+}
+
+/// The broker's `cluster.json` in `dir`, parsed (bounded wait for it).
+pub fn cluster_status(dir: &std::path::Path) -> serde_json::Value {
+    let end = Instant::now() + crate::PATIENCE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cluster.json"))
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return v;
+        }
+        assert!(Instant::now() < end, "no cluster.json in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Revoke, behind its back, the etcd lease of the broker on `dir`, and wait
+/// until that broker has fenced once more (its holds of global keys are then
+/// lost).
+pub fn revoke_the_lease_of(dir: &std::path::Path, url: &str) {
+    let fences = || cluster_status(dir)["fences"].as_u64().unwrap_or(0);
+    let before = fences();
+    // cluster.json is rewritten every 500 ms: the lease there may be none yet
+    // (id "0") though a lock was granted under one, or one revoked already.
+    let end = Instant::now() + crate::PATIENCE;
+    loop {
+        let id = cluster_status(dir)["lease"]["id"]
+            .as_str()
+            .expect("cluster.json names its lease")
+            .to_string();
+        if id != "0" && etcdctl(url, &["lease", "revoke", &id]).is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no lease of the broker in {} could be revoked",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while fences() == before {
+        assert!(
+            Instant::now() < end + crate::PATIENCE,
+            "the broker in {} never noticed its lease was gone",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -8,32 +8,13 @@
 
 mod support;
 
-use forelock_tests::etcd::{LocalEtcd, etcdctl};
+use forelock_tests::etcd::{
+    LocalEtcd, cluster_config, cluster_status as status, revoke_the_lease_of,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
-
-fn cluster_config(node: &str, etcd: &str) -> String {
-    format!(
-        "[cluster]\nnode = \"{node}\"\netcd = [\"{etcd}\"]\netcd_prefix = \"/fl-{pid}\"\n\
-         lease_ttl_ms = 4000\nlock_delay_ms = 200\nfence_margin_ms = 1000\nmin_hold_ms = 5\n",
-        pid = std::process::id()
-    )
-}
-
-fn status(dir: &std::path::Path) -> serde_json::Value {
-    let end = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cluster.json"))
-            && let Ok(v) = serde_json::from_str(&text)
-        {
-            return v;
-        }
-        assert!(Instant::now() < end, "no cluster.json in {}", dir.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn a_global_key_has_one_holder_across_two_brokers_and_its_tokens_increase() {
@@ -128,29 +109,7 @@ fn a_hold_whose_lease_is_revoked_is_lost_and_another_host_takes_the_key() {
     held.check()
         .expect("a global hold stands while the lease does");
     let old = held.token();
-    // cluster.json is rewritten every 500 ms: the one there may predate the
-    // lease (id "0") though the lock above was granted under it.
-    let end = Instant::now() + PATIENCE;
-    let lease = loop {
-        let id = status(da.path())["lease"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if id != "0" {
-            break id;
-        }
-        assert!(Instant::now() < end, "cluster.json never showed a lease");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    etcdctl(&etcd.url, &["lease", "revoke", &lease]).expect("etcdctl lease revoke");
-    let end = Instant::now() + PATIENCE;
-    while status(da.path())["fences"].as_u64() == Some(0) {
-        assert!(
-            Instant::now() < end,
-            "broker a never noticed its lease was gone"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    revoke_the_lease_of(da.path(), &etcd.url);
     let cb = forelock::Client::connect_to(db.path()).unwrap();
     let taken = cb.lock("global/x").unwrap();
     assert!(taken.token() > old, "{:#x} after {old:#x}", taken.token());

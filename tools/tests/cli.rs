@@ -633,3 +633,75 @@ fn bench_languages_measures_rust_and_c_beside_python() {
         );
     }
 }
+
+/// `forelock run global/KEY -- COMMAND` whose broker loses the node grant
+/// under it (its etcd lease revoked behind its back): the command must not
+/// run on as if it held the lock. It gets SIGTERM (the default of
+/// `--on-lost`), and forelock exits 75 (EX_TEMPFAIL) whatever the command's
+/// own status.
+#[test]
+fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
+    use forelock_tests::etcd::{LocalEtcd, cluster_config, revoke_the_lease_of};
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let dir = TempDir::new("run-lost");
+    let _broker = Broker::start(dir.path(), &cluster_config("a", &etcd.url));
+    let mut child = Command::new(cli_exe())
+        .args(["run", "global/job", "--", "sh", "-c"])
+        .arg("trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done")
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start forelock run");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    revoke_the_lease_of(dir.path(), &etcd.url);
+    let status = wait_output(child);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "stopped", "the command got SIGTERM");
+    assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
+    assert!(
+        stderr(&status).contains("lost"),
+        "forelock says why: {}",
+        stderr(&status)
+    );
+
+    // With `--on-lost none` the command runs on and is told by the code
+    // alone; the key is this host's again once its new lease is up.
+    let mut child = Command::new(cli_exe())
+        .args(["run", "-w", "15", "--on-lost", "none", "global/job", "--"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'echo signalled' TERM; echo held; read x; echo finished",
+        ])
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start forelock run");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    revoke_the_lease_of(dir.path(), &etcd.url);
+    // Past five of forelock run's checks (one every 100 ms): the command
+    // must still be running.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--on-lost none stopped it"
+    );
+    drop(child.stdin.take());
+    let status = wait_output(child);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "finished", "no signal with --on-lost none");
+    assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
+}
