@@ -705,3 +705,25 @@ fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
     assert_eq!(line.trim(), "finished", "no signal with --on-lost none");
     assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
 }
+
+/// `forelock lock --pid PID global/KEY` whose node grant is lost while PID
+/// runs: `forelock unlock` says so and exits 75, as `forelock run` does.
+#[test]
+fn unlock_exits_75_when_the_global_hold_was_lost() {
+    use forelock_tests::etcd::{LocalEtcd, cluster_config, revoke_the_lease_of};
+    let Some(etcd) = LocalEtcd::start() else {
+        return;
+    };
+    let dir = TempDir::new("unlock-lost");
+    let _broker = Broker::start(dir.path(), &cluster_config("a", &etcd.url));
+    let me = std::process::id().to_string();
+    let held = forelock(dir.path(), &["lock", "--pid", &me, "global/shell"]);
+    assert_eq!(held.status.code(), Some(0), "{}", stderr(&held));
+    revoke_the_lease_of(dir.path(), &etcd.url);
+    let out = forelock(dir.path(), &["unlock", "--pid", &me, "global/shell"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lost"), "{}", stderr(&out));
+    // The hold is gone: a second unlock finds nothing.
+    let out = forelock(dir.path(), &["unlock", "--pid", &me, "global/shell"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}

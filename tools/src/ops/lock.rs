@@ -32,10 +32,14 @@
 //! Exit codes of `lock`: 0 held (the token on stdout); the conflict code
 //! (`-E`, default 1) when `-n` finds the lock held, `-w` times out or PID
 //! already holds KEY; 64 for an invalid key; 69 when the broker, PID or the
-//! holder process is not available. `unlock`: 0 released, 1 no such hold.
+//! holder process is not available. `unlock`: 0 released, 1 no such hold,
+//! 75 (EX_TEMPFAIL) when the hold had ended without a release (a global
+//! key's node grant lost, the broker's table recreated: another process
+//! may have held the key meanwhile, so the script's writes must have been
+//! fenced with its token).
 
 use super::RuntimeDirArg;
-use super::run::{EX_UNAVAILABLE, EX_USAGE, take_flock_style};
+use super::run::{EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, hold_ended, take_flock_style};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -338,20 +342,24 @@ fn hold(args: &LockArgs) -> i32 {
         }
         if ready[1]
             && let Ok((stream, _)) = listener.accept()
-            && let Some(stream) = serve_unlock(stream)
+            && let Some(mut stream) = serve_unlock(stream)
         {
-            let _ = guard.release();
+            let answer = match guard.release() {
+                Err(e) if hold_ended(&e) => format!("lost {e}\n"),
+                _ => "released\n".to_string(),
+            };
             // The name is free again before `unlock` returns (it waits for
             // EOF on `stream`): a `lock` right after it may bind it.
             drop(listener);
+            let _ = stream.write_all(answer.as_bytes());
             drop(stream);
             return 0;
         }
     }
 }
 
-/// Answer one `unlock` request: the stream if the lock must be released
-/// (to be closed after the release).
+/// Read one `unlock` request: the stream if the lock must be released
+/// (to be answered after the release: `released`, or `lost` and why).
 fn serve_unlock(mut stream: UnixStream) -> Option<UnixStream> {
     match peer_uid(stream.as_raw_fd()) {
         Ok(uid) if trusted(uid) => {}
@@ -362,7 +370,6 @@ fn serve_unlock(mut stream: UnixStream) -> Option<UnixStream> {
     if stream.read_exact(&mut request).is_err() || &request != b"unlock\n" {
         return None;
     }
-    let _ = stream.write_all(b"released\n");
     Some(stream)
 }
 
@@ -384,7 +391,8 @@ fn readable(fds: &[RawFd], timeout_ms: i32) -> Vec<bool> {
     polls.iter().map(|p| p.revents != 0).collect()
 }
 
-/// `forelock unlock`: ask the holder to release; 0 released, 1 no such hold.
+/// `forelock unlock`: ask the holder to release; 0 released, 1 no such hold,
+/// 75 the hold had ended without a release.
 pub fn unlock(args: &UnlockArgs) -> i32 {
     let name = control_name(&args.runtime.dir(), args.pid, &args.key);
     let stream =
@@ -415,7 +423,6 @@ pub fn unlock(args: &UnlockArgs) -> i32 {
     let mut answer = String::new();
     if stream.write_all(b"unlock\n").is_err()
         || BufReader::new(&stream).read_line(&mut answer).is_err()
-        || answer != "released\n"
     {
         eprintln!(
             "forelock unlock: the holder of {:?} did not answer",
@@ -423,9 +430,22 @@ pub fn unlock(args: &UnlockArgs) -> i32 {
         );
         return 1;
     }
-    // The holder replies before it releases: wait for it to close the
-    // socket (after the release) so that the lock is free when we return.
+    // The holder answers after its release and then closes the socket:
+    // wait for that so that the lock is free when we return.
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
-    0
+    match answer.strip_prefix("lost ") {
+        None if answer == "released\n" => 0,
+        Some(why) => {
+            eprintln!("forelock unlock: {:?}: {}", args.key, why.trim_end());
+            EX_TEMPFAIL
+        }
+        None => {
+            eprintln!(
+                "forelock unlock: the holder of {:?} answered {answer:?}",
+                args.key
+            );
+            1
+        }
+    }
 }

@@ -104,7 +104,7 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// Does this error say the hold ended without a release (as opposed to the
 /// broker being unreachable for now)?
-fn hold_ended(error: &forelock::Error) -> bool {
+pub(crate) fn hold_ended(error: &forelock::Error) -> bool {
     matches!(
         error,
         forelock::Error::Lost { .. }
