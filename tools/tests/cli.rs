@@ -727,3 +727,26 @@ fn unlock_exits_75_when_the_global_hold_was_lost() {
     let out = forelock(dir.path(), &["unlock", "--pid", &me, "global/shell"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
+
+/// A global key waited for while the broker cannot reach etcd: `forelock
+/// run` says why it waits (the broker's last etcd error) instead of waiting
+/// in silence, and `-w` still ends with the conflict code.
+#[test]
+fn run_says_why_a_global_key_waits_when_etcd_is_unreachable() {
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", nobody.local_addr().unwrap());
+    drop(nobody); // nothing listens there now: connections are refused
+    let dir = TempDir::new("run-no-etcd");
+    let _broker = Broker::start(dir.path(), &forelock_tests::etcd::cluster_config("a", &url));
+    let out = forelock(dir.path(), &["run", "-w", "4", "global/x", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("grants no global key") && said.contains("onnect"),
+        "forelock run says why it waits: {said}"
+    );
+    // A local key is not held up, and nothing is said about it.
+    let out = forelock(dir.path(), &["run", "-w", "4", "local/x", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}

@@ -39,6 +39,7 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 pub const EX_USAGE: i32 = 64;
@@ -130,7 +131,9 @@ pub fn run(args: &RunArgs) -> i32 {
             return EX_UNAVAILABLE;
         }
     };
-    let guard = take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout);
+    let guard = saying_why_a_global_key_waits(&dir, &args.key, || {
+        take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout)
+    });
     let guard = match guard {
         Ok(guard) => guard,
         Err(forelock::Error::WouldBlock { .. } | forelock::Error::Timeout { .. }) => {
@@ -289,6 +292,46 @@ fn wait_for(
             unsafe { libc::kill(pid, signal) };
         }
     }
+}
+
+/// After this long waiting for a global key, say why if the broker grants
+/// none now.
+const WAIT_NOTE_AFTER: Duration = Duration::from_secs(2);
+
+/// Run `take` (a lock call that may wait). If it still waits after
+/// [`WAIT_NOTE_AFTER`] for a global key while the broker grants none (it
+/// cannot reach etcd, or has no lease it can vouch for), say so on stderr
+/// once, with the broker's last etcd error: a shell user must not wait in
+/// silence for something that cannot come until etcd is back.
+fn saying_why_a_global_key_waits<T>(
+    dir: &std::path::Path,
+    key: &str,
+    take: impl FnOnce() -> T,
+) -> T {
+    let (done, waiting) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            if waiting.recv_timeout(WAIT_NOTE_AFTER) != Err(RecvTimeoutError::Timeout) {
+                return; // `take` returned (the sender is gone)
+            }
+            let Some(cluster) = super::status::read_cluster(dir) else {
+                return;
+            };
+            let global = cluster["key_prefix"]
+                .as_str()
+                .is_some_and(|prefix| key.starts_with(prefix));
+            if let Some(why) = super::status::not_granting(&cluster).filter(|_| global) {
+                eprintln!(
+                    "forelock run: waiting for {key:?}: this host's broker grants no global key \
+                     now, and will once it reaches etcd again (forelock status; \
+                     docs/cluster.md): {why}"
+                );
+            }
+        });
+        let taken = take();
+        drop(done);
+        taken
+    })
 }
 
 /// Check the hold every [`CHECK_EVERY`] until `stop` is set or the hold

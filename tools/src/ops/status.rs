@@ -235,23 +235,32 @@ pub fn read_cluster(dir: &std::path::Path) -> Option<serde_json::Value> {
     serde_json::from_str(&text).ok()
 }
 
+/// Why the broker whose `cluster.json` is `c` grants no global key now
+/// (not connected to etcd, or no lease it can vouch for), or `None` if it
+/// grants them.
+pub fn not_granting(c: &serde_json::Value) -> Option<String> {
+    let granting = c["connected"] == true && c["lease"]["safe_for_ms"].as_u64() > Some(0);
+    (!granting).then(|| {
+        c["last_error"]
+            .as_str()
+            .unwrap_or("no lease yet")
+            .to_string()
+    })
+}
+
 /// The cluster part of `forelock status`: the lease, the members, and the
 /// global keys this host holds, waits for or prefetched.
 pub fn render_cluster(c: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let lease = &c["lease"];
-    let health = if c["connected"] == true && lease["safe_for_ms"].as_u64() > Some(0) {
-        format!(
+    let health = match not_granting(c) {
+        None => format!(
             "lease {} safe for {} ms",
             lease["id"].as_str().unwrap_or("?"),
             lease["safe_for_ms"]
-        )
-    } else {
-        format!(
-            "NOT GRANTING global keys: {}",
-            c["last_error"].as_str().unwrap_or("no lease yet")
-        )
+        ),
+        Some(why) => format!("NOT GRANTING global keys: {why}"),
     };
     let _ = writeln!(
         out,
