@@ -3,6 +3,7 @@
 //! `forelock status` reads.
 
 use crate::locks::{ClusterLink, LockManager};
+use crate::metrics::ClusterGauges;
 use forelock_cluster::{Agent, ClusterConfig, Command};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -48,8 +49,9 @@ pub fn start(
     Ok(agent)
 }
 
-/// Writes `cluster.json` (atomically: a temporary file renamed over it).
-pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
+/// Writes `cluster.json` (atomically: a temporary file renamed over it);
+/// the same state's figures for Prometheus.
+pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) -> ClusterGauges {
     let lease = agent.lease.get();
     let now = shm_layout::monotonic_ns();
     let status = agent
@@ -97,5 +99,20 @@ pub fn write_status(dir: &Path, agent: &Agent, manager: &LockManager) {
     let tmp = dir.join(".cluster.json.tmp");
     if std::fs::write(&tmp, json.to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, &path);
+    }
+    let up = status.members.iter().filter(|(_, _, up)| *up).count() as u64;
+    ClusterGauges {
+        connected: status.connected,
+        safe_for_ms: lease.valid_until_ns.saturating_sub(now) / 1_000_000,
+        fences: status.fences,
+        node_grants: counts.held as u64,
+        wanted: counts.wanted as u64,
+        lost_holds: counts.lost_holds as u64,
+        prefetch_hits: counts.prefetch_hits,
+        first_uses_waited: counts.first_uses_waited,
+        prefetch_unused: counts.prefetch_unused,
+        prefetch_unused_wait_us: counts.prefetch_unused_wait_us,
+        members_up: up,
+        members_down: status.members.len() as u64 - up,
     }
 }

@@ -1233,7 +1233,9 @@ impl EventLoop {
             self.manager.check_leases(&self.files.table);
             if now.saturating_sub(self.last_cluster_status_ms) >= 500 {
                 self.last_cluster_status_ms = now;
-                crate::cluster_glue::write_status(&self.files.dir, &agent, &self.manager);
+                let gauges =
+                    crate::cluster_glue::write_status(&self.files.dir, &agent, &self.manager);
+                self.metrics.set_cluster(gauges);
             }
         }
         if let Some(every) = self.watchdog_every_ms

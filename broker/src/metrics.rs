@@ -123,9 +123,38 @@ pub struct PathSummary {
     pub quantiles_ns: [u64; QUANTILES.len()],
 }
 
+/// The cluster agent's state for Prometheus (`cluster.json` holds the same
+/// and more), refreshed with `cluster.json`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterGauges {
+    pub connected: bool,
+    /// How long the broker may still grant under its lease (0: not granting).
+    pub safe_for_ms: u64,
+    pub fences: u64,
+    pub node_grants: u64,
+    pub wanted: u64,
+    pub lost_holds: u64,
+    pub prefetch_hits: u64,
+    pub first_uses_waited: u64,
+    pub prefetch_unused: u64,
+    pub prefetch_unused_wait_us: u64,
+    pub members_up: u64,
+    pub members_down: u64,
+}
+
+impl ClusterGauges {
+    /// Grants global keys now: connected to etcd, under a lease it can vouch
+    /// for. `forelock status`'s "NOT GRANTING" line is the same judgement.
+    pub fn granting(&self) -> bool {
+        self.connected && self.safe_for_ms > 0
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub paths: [PathSummary; PATHS],
+    /// Set once the cluster agent runs (`[cluster]` configured).
+    pub cluster: Option<ClusterGauges>,
     /// Intervals dropped because the writer thread was behind.
     pub intervals_dropped: u64,
     /// Last error writing the log, if any.
@@ -295,6 +324,11 @@ impl Metrics {
     /// (cancelled, connection closed, client died).
     pub fn dequeued(&mut self, conn: ConnId) {
         self.queued_since.remove(&conn);
+    }
+
+    /// The cluster agent's state now, for the Prometheus endpoint.
+    pub fn set_cluster(&self, gauges: ClusterGauges) {
+        lock(&self.snapshot).cluster = Some(gauges);
     }
 
     /// A broker-granted lock was released after being held `held`.
@@ -651,12 +685,94 @@ pub fn render_prometheus(
             metric(name, "gauge", help, value);
         }
     }
+    if let Some(c) = &snapshot.cluster {
+        let metrics = [
+            (
+                "forelock_cluster_granting",
+                "gauge",
+                "1 if this broker grants global keys now (connected to etcd, under a lease it can vouch for), else 0.",
+                u64::from(c.granting()),
+            ),
+            (
+                "forelock_cluster_etcd_connected",
+                "gauge",
+                "1 if the cluster agent's last etcd step succeeded, else 0.",
+                u64::from(c.connected),
+            ),
+            (
+                "forelock_cluster_lease_safe_for_ms",
+                "gauge",
+                "How long this broker may still grant under its etcd lease without another renewal.",
+                c.safe_for_ms,
+            ),
+            (
+                "forelock_cluster_fences_total",
+                "counter",
+                "Times this broker stopped granting global keys because it could not confirm its lease.",
+                c.fences,
+            ),
+            (
+                "forelock_cluster_node_grants",
+                "gauge",
+                "Global keys whose node grant this host holds now.",
+                c.node_grants,
+            ),
+            (
+                "forelock_cluster_node_grants_wanted",
+                "gauge",
+                "Global keys this host waits for at etcd now.",
+                c.wanted,
+            ),
+            (
+                "forelock_cluster_lost_holds",
+                "gauge",
+                "Local holds of global keys lost with their node grant and not yet released.",
+                c.lost_holds,
+            ),
+            (
+                "forelock_cluster_prefetch_hits_total",
+                "counter",
+                "First local uses of a global key that found its prefetched node grant here.",
+                c.prefetch_hits,
+            ),
+            (
+                "forelock_cluster_first_uses_waited_total",
+                "counter",
+                "First local uses of a global key that waited for its node grant.",
+                c.first_uses_waited,
+            ),
+            (
+                "forelock_cluster_prefetch_unused_total",
+                "counter",
+                "Prefetched node grants given back without a local use.",
+                c.prefetch_unused,
+            ),
+            (
+                "forelock_cluster_prefetch_unused_wait_us_total",
+                "counter",
+                "Microseconds other hosts waited for prefetched node grants nobody here used.",
+                c.prefetch_unused_wait_us,
+            ),
+        ];
+        for (name, kind, help, value) in metrics {
+            metric(name, kind, help, value);
+        }
+    }
     metric(
         "forelock_histogram_intervals_dropped_total",
         "counter",
         "Latency intervals dropped because the histogram writer was behind.",
         snapshot.intervals_dropped,
     );
+    if let Some(c) = &snapshot.cluster {
+        let name = "forelock_cluster_members";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Brokers gossip shows, by state.\n# TYPE {name} gauge\n\
+             {name}{{state=\"up\"}} {}\n{name}{{state=\"down\"}} {}",
+            c.members_up, c.members_down
+        );
+    }
     let name = "forelock_latency_seconds";
     let _ = writeln!(
         out,
@@ -701,6 +817,31 @@ mod tests {
             value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
         }
         assert!(text.contains("forelock_latency_seconds_count{path=\"wait\"} 3"));
+        assert!(
+            !text.contains("forelock_cluster_"),
+            "no [cluster], no cluster lines"
+        );
+        snapshot.cluster = Some(ClusterGauges {
+            connected: true,
+            safe_for_ms: 2500,
+            fences: 2,
+            members_up: 3,
+            ..ClusterGauges::default()
+        });
+        let text = render_prometheus(None, &snapshot);
+        for line in [
+            "forelock_cluster_granting 1",
+            "forelock_cluster_lease_safe_for_ms 2500",
+            "forelock_cluster_fences_total 2",
+            "forelock_cluster_members{state=\"up\"} 3",
+            "# TYPE forelock_cluster_fences_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').expect("name value");
+            value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+        }
     }
 
     #[test]

@@ -750,3 +750,48 @@ fn run_says_why_a_global_key_waits_when_etcd_is_unreachable() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
+
+/// The Prometheus text of a broker with `[cluster]`: whether it grants global
+/// keys now (the gauge an operator alerts on), its fences and node grants.
+#[test]
+fn the_prometheus_endpoint_says_whether_global_keys_are_granted() {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let metrics = |body: &str, line: &str| body.lines().any(|l| l == line);
+    let serve = |name: &str, etcd_url: &str, check: &dyn Fn(&std::path::Path, u16)| {
+        let (dir, port) = (TempDir::new(name), free_port());
+        let config = format!(
+            "{}[metrics]\nprometheus_listen = \"127.0.0.1:{port}\"\n",
+            forelock_tests::etcd::cluster_config("a", etcd_url)
+        );
+        let _broker = Broker::start(dir.path(), &config);
+        check(dir.path(), port);
+    };
+    // An etcd nobody serves: not granting, said as soon as the status is.
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    serve("prom-no-etcd", &nobody, &|_, port| {
+        eventually("forelock_cluster_granting 0", || {
+            let body = http_get(port).unwrap();
+            metrics(&body, "forelock_cluster_granting 0")
+                && metrics(&body, "forelock_cluster_etcd_connected 0")
+        });
+    });
+    let Some(etcd) = forelock_tests::etcd::LocalEtcd::start() else {
+        return;
+    };
+    serve("prom-etcd", &etcd.url, &|dir, port| {
+        let holder = Holder::start(dir, &[], "global/p");
+        eventually("granting, the held key's node grant here", || {
+            let body = http_get(port).unwrap();
+            metrics(&body, "forelock_cluster_granting 1")
+                && metrics(&body, "forelock_cluster_node_grants 1")
+                && metrics(&body, "forelock_cluster_fences_total 0")
+        });
+        assert_eq!(holder.finish(), 0);
+    });
+}
