@@ -2,6 +2,7 @@
 //! Behaviour only, never timing.
 
 mod support;
+use forelock_tests::etcd::revoke_the_lease_of;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use support::*;
@@ -634,6 +635,28 @@ fn bench_languages_measures_rust_and_c_beside_python() {
     }
 }
 
+/// A broker with `[cluster]` on a real etcd of its own (`None`, the test
+/// skipped, where etcd is not installed). Fields drop in order: the broker
+/// stops before its directory goes, and etcd last.
+struct GlobalBroker {
+    _broker: Broker,
+    dir: TempDir,
+    etcd: forelock_tests::etcd::LocalEtcd,
+}
+
+impl GlobalBroker {
+    fn start(name: &str) -> Option<GlobalBroker> {
+        let etcd = forelock_tests::etcd::LocalEtcd::start()?;
+        let dir = TempDir::new(name);
+        let config = forelock_tests::etcd::cluster_config("a", &etcd.url);
+        Some(GlobalBroker {
+            _broker: Broker::start(dir.path(), &config),
+            dir,
+            etcd,
+        })
+    }
+}
+
 /// `forelock run global/KEY -- COMMAND` whose broker loses the node grant
 /// under it (its etcd lease revoked behind its back): the command must not
 /// run on as if it held the lock. It gets SIGTERM (the default of
@@ -641,27 +664,35 @@ fn bench_languages_measures_rust_and_c_beside_python() {
 /// own status.
 #[test]
 fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
-    use forelock_tests::etcd::{LocalEtcd, cluster_config, revoke_the_lease_of};
-    let Some(etcd) = LocalEtcd::start() else {
+    let Some(global) = GlobalBroker::start("run-lost") else {
         return;
     };
-    let dir = TempDir::new("run-lost");
-    let _broker = Broker::start(dir.path(), &cluster_config("a", &etcd.url));
-    let mut child = Command::new(cli_exe())
-        .args(["run", "global/job", "--", "sh", "-c"])
-        .arg("trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done")
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start forelock run");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "held");
+    let (dir, etcd) = (&global.dir, &global.etcd);
+    // `forelock ARGS -- sh -c SCRIPT`, once SCRIPT has said "held"; its
+    // stdout, to read the rest from.
+    let start = |args: &[&str], script: &str| {
+        let mut child = Command::new(cli_exe())
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .env("FORELOCK_RUNTIME_DIR", dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start forelock run");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "held");
+        (child, out)
+    };
+    let (child, mut out) = start(
+        &["run", "global/job"],
+        "trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done",
+    );
     revoke_the_lease_of(dir.path(), &etcd.url);
     let status = wait_output(child);
-    line.clear();
+    let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "stopped", "the command got SIGTERM");
     assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
@@ -673,23 +704,10 @@ fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
 
     // With `--on-lost none` the command runs on and is told by the code
     // alone; the key is this host's again once its new lease is up.
-    let mut child = Command::new(cli_exe())
-        .args(["run", "-w", "15", "--on-lost", "none", "global/job", "--"])
-        .args([
-            "sh",
-            "-c",
-            "trap 'echo signalled' TERM; echo held; read x; echo finished",
-        ])
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start forelock run");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "held");
+    let (mut child, mut out) = start(
+        &["run", "-w", "15", "--on-lost", "none", "global/job"],
+        "trap 'echo signalled' TERM; echo held; read x; echo finished",
+    );
     revoke_the_lease_of(dir.path(), &etcd.url);
     // Past five of forelock run's checks (one every 100 ms): the command
     // must still be running.
@@ -710,12 +728,10 @@ fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
 /// runs: `forelock unlock` says so and exits 75, as `forelock run` does.
 #[test]
 fn unlock_exits_75_when_the_global_hold_was_lost() {
-    use forelock_tests::etcd::{LocalEtcd, cluster_config, revoke_the_lease_of};
-    let Some(etcd) = LocalEtcd::start() else {
+    let Some(global) = GlobalBroker::start("unlock-lost") else {
         return;
     };
-    let dir = TempDir::new("unlock-lost");
-    let _broker = Broker::start(dir.path(), &cluster_config("a", &etcd.url));
+    let (dir, etcd) = (&global.dir, &global.etcd);
     let me = std::process::id().to_string();
     let held = forelock(dir.path(), &["lock", "--pid", &me, "global/shell"]);
     assert_eq!(held.status.code(), Some(0), "{}", stderr(&held));

@@ -39,7 +39,9 @@
 //! fenced with its token).
 
 use super::RuntimeDirArg;
-use super::run::{EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, hold_ended, take_flock_style};
+use super::run::{
+    EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, FlockFlags, hold_ended, saying_why_a_global_key_waits,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -53,20 +55,8 @@ use std::time::Duration;
 pub struct LockArgs {
     #[command(flatten)]
     pub runtime: RuntimeDirArg,
-    /// Take a shared (read) lock instead of an exclusive one.
-    #[arg(short = 's', long)]
-    pub shared: bool,
-    /// Fail with the conflict exit code instead of waiting if the lock is held.
-    #[arg(short = 'n', long, visible_alias = "nb", conflicts_with = "timeout")]
-    pub nonblock: bool,
-    /// Give up after SECS seconds (fractions allowed) with the conflict exit
-    /// code; 0 is --nonblock.
-    #[arg(short = 'w', long, visible_alias = "wait", value_name = "SECS")]
-    pub timeout: Option<f64>,
-    /// Exit code when the lock is held (-n), the wait timed out (-w) or PID
-    /// already holds KEY.
-    #[arg(short = 'E', long, value_name = "N", default_value_t = 1)]
-    pub conflict_exit_code: i32,
+    #[command(flatten)]
+    pub flock: FlockFlags,
     /// Hold the lock until this process exits (a shell's `$$`).
     #[arg(long, value_name = "PID")]
     pub pid: u32,
@@ -166,13 +156,13 @@ pub fn lock(args: &LockArgs) -> i32 {
         .arg(args.runtime.dir())
         .arg("--pid")
         .arg(args.pid.to_string());
-    if args.shared {
+    if args.flock.shared {
         command.arg("--shared");
     }
-    if args.nonblock {
+    if args.flock.nonblock {
         command.arg("--nonblock");
     }
-    if let Some(timeout) = args.timeout {
+    if let Some(timeout) = args.flock.timeout {
         command.arg("--timeout").arg(timeout.to_string());
     }
     command
@@ -207,7 +197,11 @@ pub fn lock(args: &LockArgs) -> i32 {
     };
     let mut report = String::new();
     let stdout = child.stdout.take().expect("piped");
-    let _ = BufReader::new(stdout).read_line(&mut report);
+    // The holder waits for the lock; its stderr goes nowhere, so this
+    // process says why a global key waits, if it can tell.
+    let _ = saying_why_a_global_key_waits("forelock lock", &args.runtime.dir(), &args.key, || {
+        BufReader::new(stdout).read_line(&mut report)
+    });
     let mut words = report.trim_end().splitn(3, ' ');
     match (words.next(), words.next(), words.next()) {
         (Some("HELD"), Some(token), died) => {
@@ -226,7 +220,7 @@ pub fn lock(args: &LockArgs) -> i32 {
             }
             // The holder exits by itself: reap it so no zombie is left.
             let _ = child.wait();
-            args.conflict_exit_code
+            args.flock.conflict_exit_code
         }
         (Some("ERROR"), Some(code), message) => {
             eprintln!("forelock lock: {}", message.unwrap_or("failed"));
@@ -308,7 +302,7 @@ fn hold(args: &LockArgs) -> i32 {
             return EX_UNAVAILABLE;
         }
     };
-    let guard = take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout);
+    let guard = args.flock.take(&client, &args.key);
     let guard = match guard {
         Ok(guard) => guard,
         Err(e @ (forelock::Error::WouldBlock { .. } | forelock::Error::Timeout { .. })) => {

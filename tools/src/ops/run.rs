@@ -47,10 +47,9 @@ pub const EX_UNAVAILABLE: i32 = 69;
 pub const EX_OSERR: i32 = 71;
 pub const EX_TEMPFAIL: i32 = 75;
 
+/// flock(1)'s flags, shared by `forelock run` and `forelock lock`.
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub runtime: RuntimeDirArg,
+pub struct FlockFlags {
     /// Take a shared (read) lock instead of an exclusive one.
     #[arg(short = 's', long)]
     pub shared: bool,
@@ -61,9 +60,41 @@ pub struct RunArgs {
     /// code; 0 is --nonblock.
     #[arg(short = 'w', long, visible_alias = "wait", value_name = "SECS")]
     pub timeout: Option<f64>,
-    /// Exit code when the lock is held (-n) or the wait timed out (-w).
+    /// Exit code when the lock is held (-n) or the wait timed out (-w) (for
+    /// `lock`: or PID already holds KEY).
     #[arg(short = 'E', long, value_name = "N", default_value_t = 1)]
     pub conflict_exit_code: i32,
+}
+
+impl FlockFlags {
+    /// Take `key` the way the flags ask: `-s` shared, `-n` (or a zero `-w`)
+    /// a try-lock, `-w SECS` a bounded wait, else wait as long as it takes.
+    pub fn take<'c>(
+        &self,
+        client: &'c forelock::Client,
+        key: &str,
+    ) -> Result<forelock::LockGuard<'c>, forelock::Error> {
+        let timeout = self
+            .timeout
+            .filter(|t| t.is_finite())
+            .map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+        match (self.shared, self.nonblock, timeout) {
+            (false, true, _) | (false, false, Some(Duration::ZERO)) => client.try_lock(key),
+            (true, true, _) | (true, false, Some(Duration::ZERO)) => client.try_lock_shared(key),
+            (false, false, Some(t)) => client.lock_timeout(key, t),
+            (true, false, Some(t)) => client.lock_shared_timeout(key, t),
+            (false, false, None) => client.lock(key),
+            (true, false, None) => client.lock_shared(key),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeDirArg,
+    #[command(flatten)]
+    pub flock: FlockFlags,
     /// Signal sent to the command when the hold ends without a release (a
     /// global key's node grant lost, the broker's table recreated): a name
     /// (TERM, SIGKILL) or a number; `none` lets the command run on.
@@ -131,13 +162,13 @@ pub fn run(args: &RunArgs) -> i32 {
             return EX_UNAVAILABLE;
         }
     };
-    let guard = saying_why_a_global_key_waits(&dir, &args.key, || {
-        take_flock_style(&client, &args.key, args.shared, args.nonblock, args.timeout)
+    let guard = saying_why_a_global_key_waits("forelock run", &dir, &args.key, || {
+        args.flock.take(&client, &args.key)
     });
     let guard = match guard {
         Ok(guard) => guard,
         Err(forelock::Error::WouldBlock { .. } | forelock::Error::Timeout { .. }) => {
-            return args.conflict_exit_code;
+            return args.flock.conflict_exit_code;
         }
         Err(e) => {
             eprintln!("forelock run: {e}");
@@ -303,7 +334,8 @@ const WAIT_NOTE_AFTER: Duration = Duration::from_secs(2);
 /// cannot reach etcd, or has no lease it can vouch for), say so on stderr
 /// once, with the broker's last etcd error: a shell user must not wait in
 /// silence for something that cannot come until etcd is back.
-fn saying_why_a_global_key_waits<T>(
+pub(crate) fn saying_why_a_global_key_waits<T>(
+    program: &str,
     dir: &std::path::Path,
     key: &str,
     take: impl FnOnce() -> T,
@@ -322,7 +354,7 @@ fn saying_why_a_global_key_waits<T>(
                 .is_some_and(|prefix| key.starts_with(prefix));
             if let Some(why) = super::status::not_granting(&cluster).filter(|_| global) {
                 eprintln!(
-                    "forelock run: waiting for {key:?}: this host's broker grants no global key \
+                    "{program}: waiting for {key:?}: this host's broker grants no global key \
                      now, and will once it reaches etcd again (forelock status; \
                      docs/cluster.md): {why}"
                 );
@@ -369,29 +401,6 @@ fn watch_hold(key: &str, guard: &forelock::LockGuard<'_>, stop: &AtomicBool, end
             }
             Err(_) => {}
         }
-    }
-}
-
-/// Take `key` the way flock(1)'s flags ask: `-s` shared, `-n` (or a zero
-/// `-w`) a try-lock, `-w SECS` a bounded wait, else wait as long as it takes.
-/// Shared by `forelock run` and `forelock lock`.
-pub(crate) fn take_flock_style<'c>(
-    client: &'c forelock::Client,
-    key: &str,
-    shared: bool,
-    nonblock: bool,
-    timeout_secs: Option<f64>,
-) -> Result<forelock::LockGuard<'c>, forelock::Error> {
-    let timeout = timeout_secs
-        .filter(|t| t.is_finite())
-        .map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
-    match (shared, nonblock, timeout) {
-        (false, true, _) | (false, false, Some(Duration::ZERO)) => client.try_lock(key),
-        (true, true, _) | (true, false, Some(Duration::ZERO)) => client.try_lock_shared(key),
-        (false, false, Some(t)) => client.lock_timeout(key, t),
-        (true, false, Some(t)) => client.lock_shared_timeout(key, t),
-        (false, false, None) => client.lock(key),
-        (true, false, None) => client.lock_shared(key),
     }
 }
 
