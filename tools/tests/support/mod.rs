@@ -24,6 +24,7 @@ pub fn broker_exe() -> PathBuf {
     path
 }
 
+#[allow(unused_imports)] // as dead_code above: each test file uses part of it
 pub use forelock_tests::{Broker, PATIENCE, TempDir};
 
 /// `Broker::start(dir, config)` and `Broker::start_with(dir, config, env)`:
