@@ -187,7 +187,9 @@ impl Gossip {
     ///
     /// Errors: the node name is empty or too long, the bind address is
     /// unspecified (0.0.0.0 or ::), no tokio runtime is running, or the bind
-    /// fails (the OS error).
+    /// fails (the OS error). An address not on any interface yet or still
+    /// in use is not an error: the task tries again every [`BIND_RETRY`]
+    /// and starts gossiping once it is bound.
     pub fn start(
         cfg: GossipConfig,
         events: mpsc::UnboundedSender<GossipEvent>,
@@ -213,12 +215,22 @@ impl Gossip {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             io::Error::other("Gossip::start needs a running tokio runtime: call it from within one")
         })?;
-        let socket = std::net::UdpSocket::bind(cfg.bind)?;
-        socket.set_nonblocking(true)?;
-        let local_addr = socket.local_addr()?;
-        let socket = {
-            let _entered = runtime.enter();
-            UdpSocket::from_std(socket)?
+        let socket = match std::net::UdpSocket::bind(cfg.bind) {
+            Ok(socket) => Some(socket),
+            Err(error) if may_bind_later(&error) && cfg.bind.port() != 0 => {
+                tracing::warn!(
+                    %error,
+                    addr = %cfg.bind,
+                    "cannot bind the gossip address yet: trying again every {BIND_RETRY:?}; \
+                     membership and hints start once it is bound"
+                );
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        let local_addr = match &socket {
+            Some(socket) => socket.local_addr()?,
+            None => cfg.bind,
         };
 
         let me = NodeId::starting_now(cfg.node.clone(), local_addr);
@@ -246,27 +258,48 @@ impl Gossip {
             .collect();
 
         let hot_version = Arc::new(AtomicU64::new(0));
-        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let driver_hot_version = hot_version.clone();
+        let (commands, mut commands_rx) = mpsc::unbounded_channel();
         let members = Arc::new(Mutex::new(Vec::new()));
         let counters = Arc::new(Counters::default());
-        let driver = Driver {
-            foca,
-            runtime: AccumulatingRuntime::new(),
-            socket,
-            timers: Timers::default(),
-            seeds,
-            next_seed_retry: Instant::now(),
-            events,
-            heard,
-            up: HashMap::new(),
-            members: members.clone(),
-            counters: counters.clone(),
-            drops_unreported: 0,
-            last_drop_warning: None,
-            hot_version: hot_version.clone(),
-            last_hot: None,
-        };
-        let task = runtime.spawn(driver.run(commands_rx));
+        let (driver_members, driver_counters) = (members.clone(), counters.clone());
+        let task = runtime.spawn(async move {
+            let socket = match socket {
+                Some(socket) => socket,
+                None => match bind_when_possible(cfg.bind, &mut commands_rx).await {
+                    Some(socket) => socket,
+                    None => return,
+                },
+            };
+            let socket = match socket
+                .set_nonblocking(true)
+                .and_then(|()| UdpSocket::from_std(socket))
+            {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::error!(%error, "gossip socket unusable: hints and membership are off");
+                    return;
+                }
+            };
+            let driver = Driver {
+                foca,
+                runtime: AccumulatingRuntime::new(),
+                socket,
+                timers: Timers::default(),
+                seeds,
+                next_seed_retry: Instant::now(),
+                events,
+                heard,
+                up: HashMap::new(),
+                members: driver_members,
+                counters: driver_counters,
+                drops_unreported: 0,
+                last_drop_warning: None,
+                hot_version: driver_hot_version,
+                last_hot: None,
+            };
+            driver.run(commands_rx).await;
+        });
         Ok(Gossip {
             commands,
             task,
@@ -279,7 +312,8 @@ impl Gossip {
         })
     }
 
-    /// The address this broker gossips at (the bound one, port included).
+    /// The address this broker gossips at (the bound one, port included;
+    /// the configured one while it waits to bind it).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -363,6 +397,52 @@ impl Gossip {
     async fn kill(self) {
         self.task.abort();
         let _ = self.task.await;
+    }
+}
+
+/// How often a gossip address that cannot be bound yet is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(1);
+
+/// Bind errors that may pass: the address is not on an interface yet (a
+/// broker started before the network is up) or still taken (a previous
+/// broker's socket closing).
+fn may_bind_later(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+    )
+}
+
+/// Bind `addr`, trying again every [`BIND_RETRY`] while [`may_bind_later`]
+/// says it may succeed; `None` when it cannot or the handle asked to stop
+/// meanwhile. Hints broadcast before then are dropped: there is nobody to
+/// tell yet, and the hot list is republished.
+async fn bind_when_possible(
+    addr: SocketAddr,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Option<std::net::UdpSocket> {
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Broadcast(_)) => {}
+                Some(Command::Shutdown(done)) => {
+                    let _ = done.send(());
+                    return None;
+                }
+                None => return None,
+            },
+            () = tokio::time::sleep(BIND_RETRY) => match std::net::UdpSocket::bind(addr) {
+                Ok(socket) => {
+                    tracing::info!(%addr, "gossip address bound: membership and hints on");
+                    return Some(socket);
+                }
+                Err(error) if may_bind_later(&error) => {}
+                Err(error) => {
+                    tracing::error!(%error, %addr, "gossip not started: hints and membership are off");
+                    return None;
+                }
+            },
+        }
     }
 }
 

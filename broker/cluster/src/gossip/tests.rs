@@ -215,6 +215,30 @@ async fn a_restarted_instance_rejoins_at_the_same_address() {
     .await;
 }
 
+/// A broker started before its gossip address can be bound (the network is
+/// not up yet, or a previous broker's socket is still closing) joins once it
+/// can, instead of running without gossip until restarted.
+#[tokio::test]
+async fn an_address_that_cannot_be_bound_yet_is_tried_again_until_it_can() {
+    let taken = std::net::UdpSocket::bind(loopback()).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut a = Node::start("a", loopback(), Vec::new());
+    let late = Node::start("late", addr, vec![a.addr()]);
+    assert_eq!(late.addr(), addr, "the configured address, bound later");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(taken);
+    a.expect_event("MemberUp late, once its address was free", |event| {
+        matches!(event, GossipEvent::MemberUp { node, addr: at } if node == "late" && *at == addr)
+    })
+    .await;
+    // A shutdown while still waiting to bind returns at once.
+    let blocker = std::net::UdpSocket::bind(loopback()).unwrap();
+    let waiting = Node::start("waiting", blocker.local_addr().unwrap(), Vec::new());
+    timeout(CONVERGENCE_DEADLINE, waiting.gossip.shutdown())
+        .await
+        .expect("shutdown while the address was taken");
+}
+
 #[tokio::test]
 async fn hot_keys_and_a_want_hint_from_one_reach_the_other_two() {
     let (a, mut b, mut c) = three().await;
