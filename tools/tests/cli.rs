@@ -811,3 +811,40 @@ fn the_prometheus_endpoint_says_whether_global_keys_are_granted() {
         assert_eq!(holder.finish(), 0);
     });
 }
+
+/// `forelock run` whose broker lost its hold (the runtime directory was
+/// wiped and a new broker made a fresh table: another process may take the
+/// key now): the command gets SIGTERM and forelock exits 75, as for a
+/// global key's lost node grant.
+#[test]
+fn run_stops_the_command_when_a_new_broker_forgot_the_hold() {
+    let dir = TempDir::new("run-forgotten");
+    let mut broker = Broker::start(dir.path(), SMALL);
+    let mut child = Command::new(cli_exe())
+        .args(["run", "job", "--", "sh", "-c"])
+        .arg("trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done")
+        .env("FORELOCK_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start forelock run");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    broker.kill9();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            std::fs::remove_file(path).unwrap(); // all but the test's configuration
+        }
+    }
+    broker.restart_stopped();
+    let status = wait_output(child);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "stopped", "the command got SIGTERM");
+    assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
+    let other = forelock(dir.path(), &["run", "-n", "job", "--", "true"]);
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
+}
