@@ -518,7 +518,12 @@ impl Inner {
             in_use,
         } = etcd;
         let watches = Watches::new(&self.config.etcd_prefix);
+        // Knocks naming an entry of ours: a host waits for it.
+        let (named_tx, mut named) = mpsc::unbounded_channel();
+        watches.tell_named(lease, named_tx);
         let watch_task = tokio::spawn(watches.clone().run(client.clone()));
+        // Stray entries being deleted, by key: a want of the key waits for it.
+        let mut strays: HashMap<Vec<u8>, tokio::task::JoinHandle<()>> = HashMap::new();
         // The keep-alive, through every endpoint at once, on tasks of their
         // own: the session never waits for a renewal.
         let renew_every = keepalive::renew_every(&self.config, ttl_ms);
@@ -572,6 +577,7 @@ impl Inner {
                 c = commands.recv() => match c {
                     None => {
                         for (_, t) in tasks.drain() { t.handle.abort(); }
+                        strays.drain().for_each(|(_, t)| t.abort());
                         watch_task.abort();
                         keepers.iter().for_each(|k| k.abort());
                         return None;
@@ -595,11 +601,20 @@ impl Inner {
                         }
                         if tasks.contains_key(&key) { continue; }
                         let (tx, rx) = oneshot::channel();
-                        let handle = tokio::spawn(hold(
+                        let held = hold(
                             client.clone(), watches.clone(), self.config.clone(), key.clone(),
                             shared, prefetch, lease, epoch, rx, rtx.clone(), self.outbox.clone(),
                             wanted_ns,
-                        ));
+                        );
+                        // After the removal of a stray entry of the key, if
+                        // one is under way: it must not race our new entry.
+                        let stray = strays.remove(&key);
+                        let handle = tokio::spawn(async move {
+                            if let Some(stray) = stray {
+                                let _ = stray.await;
+                            }
+                            held.await
+                        });
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
                         tasks.insert(key, KeyTask { release: Some(tx), handle });
                     }
@@ -613,6 +628,23 @@ impl Inner {
                     }
                 },
                 Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
+                Some(entry) = named.recv() => {
+                    // A host waits for an entry of ours. While this host
+                    // wants the key, its task owns the entry (queued: it
+                    // is legitimate; holding: the callback serves the
+                    // waiter). Else it is a stray: delete it, before any
+                    // later want of the key queues.
+                    let Some((key, shared)) = etcd_lock::ours(&self.config.etcd_prefix, lease, &entry) else { continue };
+                    strays.retain(|_, t| !t.is_finished());
+                    if tasks.contains_key(&key) || strays.contains_key(&key) { continue; }
+                    let n = Names::new(&self.config.etcd_prefix, &key, shared, lease);
+                    let c = client.clone();
+                    strays.insert(key, tokio::spawn(async move {
+                        if retry(|| etcd_lock::remove_stray(&c, &n)).await {
+                            tracing::info!(entry = %n.own, "deleted a stray entry of ours (a late copy of a queue transaction) that blocked another host");
+                        }
+                    }));
+                }
                 Some(r) = rrx.recv() => match r {
                     KeyReport::HeldBy(key, node) => self.note(|s| { s.holders.insert(key, node); }),
                     KeyReport::Granted(key) => self.note(|s| {
@@ -633,6 +665,7 @@ impl Inner {
         for (_, t) in tasks.drain() {
             t.handle.abort();
         }
+        strays.drain().for_each(|(_, t)| t.abort());
         watch_task.abort();
         keepers.iter().for_each(|k| k.abort());
         Some(reason)
@@ -712,7 +745,7 @@ async fn hold(
             if let Some(holder) = holder {
                 let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
             }
-            retry_wait(|| etcd_lock::deleted(&c, &watches, &blocker, own_rev)).await;
+            retry_wait(|| etcd_lock::deleted(&c, &watches, &n, lease, &blocker, own_rev)).await;
             step("agent: blocker deleted");
             let Some(confirmed) =
                 wait_and_confirm(&c, &watches, &n, &config.node, lease, shared, own_rev).await
@@ -821,7 +854,8 @@ async fn wait_and_confirm(
                 First::Confirmed(confirmed) => return Some(confirmed),
                 First::Gone => return None,
                 First::Behind { blocker, seen_at } => {
-                    retry_wait(|| etcd_lock::deleted(c, watches, &blocker, seen_at)).await;
+                    retry_wait(|| etcd_lock::deleted(c, watches, n, lease, &blocker, seen_at))
+                        .await;
                 }
             }
         }
@@ -829,7 +863,7 @@ async fn wait_and_confirm(
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };
-        retry_wait(|| etcd_lock::deleted(c, watches, &entry, rev)).await;
+        retry_wait(|| etcd_lock::deleted(c, watches, n, lease, &entry, rev)).await;
     }
     let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
     tracing::debug!(
