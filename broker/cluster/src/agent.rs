@@ -295,6 +295,8 @@ enum KeyReport {
 }
 
 struct KeyTask {
+    /// The mode of the node grant it gets.
+    shared: bool,
     release: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -616,7 +618,7 @@ impl Inner {
                             held.await
                         });
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
-                        tasks.insert(key, KeyTask { release: Some(tx), handle });
+                        tasks.insert(key, KeyTask { shared, release: Some(tx), handle });
                     }
                     Some(Command::Release { key, epoch: e }) => {
                         if e == epoch
@@ -630,17 +632,19 @@ impl Inner {
                 Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
                 Some(entry) = named.recv() => {
                     // A host waits for an entry of ours. While this host
-                    // wants the key, its task owns the entry (queued: it
-                    // is legitimate; holding: the callback serves the
-                    // waiter). Else it is a stray: delete it, before any
-                    // later want of the key queues.
+                    // wants the key in that mode, its task owns the entry
+                    // (queued: it is legitimate; holding: the callback
+                    // serves the waiter). Else it is a stray: delete it,
+                    // before any later want of the key queues.
                     let Some((key, shared)) = etcd_lock::ours(&self.config.etcd_prefix, lease, &entry) else { continue };
                     strays.retain(|_, t| !t.is_finished());
-                    if tasks.contains_key(&key) || strays.contains_key(&key) { continue; }
+                    let task = tasks.get(&key);
+                    if task.is_some_and(|t| t.shared == shared) || strays.contains_key(&key) { continue; }
+                    let alone = task.is_none();
                     let n = Names::new(&self.config.etcd_prefix, &key, shared, lease);
                     let c = client.clone();
                     strays.insert(key, tokio::spawn(async move {
-                        if retry(|| etcd_lock::remove_stray(&c, &n)).await {
+                        if retry(|| etcd_lock::remove_stray(&c, &n, alone)).await {
                             tracing::info!(entry = %n.own, "deleted a stray entry of ours (a late copy of a queue transaction) that blocked another host");
                         }
                     }));

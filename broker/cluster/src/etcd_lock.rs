@@ -553,34 +553,45 @@ pub fn ours(etcd_prefix: &str, lease: i64, entry: &[u8]) -> Option<(Vec<u8>, boo
     Some((key, shared))
 }
 
-/// Deletes this host's entry `n.own`, with its held marker and its knock,
-/// when this host neither holds nor wants the key (the caller's promise:
-/// the agent runs it in the key's own place, before any later want of the
-/// key starts): the entry is then a stray, put back by a late copy of a
-/// queue transaction (docs/cluster.md, "Late copies of a step"). Returns
-/// whether there was one.
+/// Deletes this host's entry `n.own` while this host does not want the key
+/// in that mode (the caller's promise: the agent runs it in the key's own
+/// place, and a later want of the key waits for it): the entry is then a
+/// stray, put back by a late copy of a queue transaction (docs/cluster.md,
+/// "Late copies of a step"). With it go our held marker if it names that
+/// entry (the late copy won and wrote it: no local grant was ever made
+/// under it), and our knock when `alone` (no want of the key here in the
+/// other mode, whose knock it would be). Returns whether there was one.
 ///
 /// The delete is guarded by the entry's mod revision as read: a copy of
 /// this very transaction applied late, after a later want of the key
 /// queued a legitimate entry, finds another revision and deletes nothing.
-pub async fn remove_stray(c: &Client, n: &Names) -> Result<bool, EtcdError> {
+/// The marker is deleted only while it still names the stray: a marker of
+/// ours written for an entry in the other mode (held here now) stays.
+pub async fn remove_stray(c: &Client, n: &Names, alone: bool) -> Result<bool, EtcdError> {
     let mut c = c.clone();
     loop {
         let resp = timed(c.get(n.own.as_str(), Some(GetOptions::new().with_keys_only()))).await?;
         let Some(seen) = resp.kvs().first().map(|kv| kv.mod_revision()) else {
             return Ok(false);
         };
+        let marker = Txn::new()
+            .when([Compare::value(
+                n.own_marker.as_str(),
+                CompareOp::Equal,
+                n.own.as_str(),
+            )])
+            .and_then([TxnOp::delete(n.own_marker.as_str(), None)]);
+        let mut ops = vec![TxnOp::delete(n.own.as_str(), None), TxnOp::txn(marker)];
+        if alone {
+            ops.push(TxnOp::delete(n.own_knock.as_str(), None));
+        }
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 n.own.as_str(),
                 CompareOp::Equal,
                 seen,
             )])
-            .and_then([
-                TxnOp::delete(n.own.as_str(), None),
-                TxnOp::delete(n.own_marker.as_str(), None),
-                TxnOp::delete(n.own_knock.as_str(), None),
-            ]);
+            .and_then(ops);
         if timed(c.txn(txn)).await?.succeeded() {
             return Ok(true);
         }
