@@ -481,3 +481,41 @@ fn a_late_copy_of_a_queue_transaction_does_not_block_the_key_for_other_hosts() {
     .expect("etcdctl get");
     assert!(left.trim().is_empty(), "entries left: {left}");
 }
+
+/// The same late copy, of a writer's queue transaction, and then the same
+/// host wants the key as a reader: its reader's entry waits behind its
+/// own stray writer's entry, which it must delete although it now wants
+/// the key (in the other mode).
+#[test]
+fn a_host_does_not_wait_behind_its_own_stray_entry_in_the_other_mode() {
+    use forelock_cluster::etcd_lock::{Names, queue_and_look};
+    let Some(e) = LocalEtcd::start() else { return };
+    let a = agent("a", &e.url);
+    let (rt, c, prefix) = etcd_session(&e);
+    let key = b"global/late-mode".to_vec();
+    a.send(want(&key));
+    let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("a: expected a grant")
+    };
+    a.send(Command::Release {
+        key: key.clone(),
+        epoch: 1,
+    });
+    assert_eq!(
+        next_but_callback(&a, &key, Duration::from_secs(10)),
+        Event::Released { key: key.clone() }
+    );
+    let id = a.lease.get().id;
+    let names = Names::new(&prefix, &key, false, id);
+    rt.block_on(queue_and_look(&c, &names, "a", id, false))
+        .unwrap();
+    a.send(Command::Want {
+        key: key.clone(),
+        shared: true,
+        prefetch: false,
+    });
+    match next(&a, Duration::from_secs(30)) {
+        Event::Granted { shared: true, .. } => {}
+        other => panic!("a: expected a shared grant, got {other:?}"),
+    }
+}
