@@ -145,6 +145,9 @@ pub struct AgentStatus {
     pub members: Vec<(String, String, bool)>,
     /// Each other host's hot global keys, as it last gossiped them.
     pub hot: HashMap<String, Vec<String>>,
+    /// The etcd endpoints through which a renewal of the lease has come
+    /// back since the agent started (with one endpoint: the list).
+    pub renewed_through: std::collections::BTreeSet<String>,
 }
 
 /// The broker's handle on the agent thread.
@@ -275,7 +278,7 @@ async fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
 #[derive(Clone, Copy)]
 struct Etcd<'a> {
     client: &'a Client,
-    endpoints: &'a [(String, Client)],
+    endpoints: &'a [keepalive::Dial],
     /// The balanced client's endpoints in use (`None`: one endpoint).
     in_use: Option<&'a keepalive::Endpoints>,
 }
@@ -342,24 +345,19 @@ impl Inner {
     }
 
     /// A client per etcd endpoint, for the lease's keep-alive
-    /// ([`keepalive`]); the balanced `client` alone if there is one
-    /// endpoint or none of them can be set up.
-    async fn connect_each(&self, client: &Client) -> Vec<(String, Client)> {
-        let mut each = Vec::new();
+    /// ([`keepalive`]), each connected at its first use (retried until its
+    /// member is up); the balanced `client` alone if there is one endpoint.
+    fn connect_each(&self, client: &Client) -> Vec<keepalive::Dial> {
         if self.config.etcd.len() > 1 {
-            for endpoint in &self.config.etcd {
-                match Client::connect([endpoint.as_str()], Some(self.connect_options())).await {
-                    Ok(c) => each.push((endpoint.clone(), c)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, endpoint, "no keep-alive through this endpoint")
-                    }
-                }
-            }
+            let options = self.connect_options();
+            let dial = |endpoint: &String| keepalive::Dial::new(endpoint.clone(), options.clone());
+            self.config.etcd.iter().map(dial).collect()
+        } else {
+            vec![keepalive::Dial::made(
+                self.config.etcd.join(","),
+                client.clone(),
+            )]
         }
-        if each.is_empty() {
-            each.push((self.config.etcd.join(","), client.clone()));
-        }
-        each
     }
 
     /// Starts gossip if `gossip_addr` is set (validated with the config).
@@ -389,7 +387,7 @@ impl Inner {
         let (gtx, mut grx) = mpsc::unbounded_channel();
         let gossip = self.start_gossip(gtx);
         let client = self.connect().await;
-        let endpoints = self.connect_each(&client).await;
+        let endpoints = self.connect_each(&client);
         let in_use = (endpoints.len() > 1)
             .then(|| keepalive::Endpoints::new(client.clone(), &self.config.etcd));
         let mut epoch = 0u64;
@@ -542,9 +540,7 @@ impl Inner {
         };
         let keepers: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()
-            .map(|(endpoint, c)| {
-                tokio::spawn(renewals.clone().through(endpoint.clone(), c.clone()))
-            })
+            .map(|dial| tokio::spawn(renewals.clone().through(dial.clone())))
             .collect();
         // Gossip and the watches' housekeeping, at the pace renewals had.
         let mut tick = tokio::time::interval(Duration::from_millis((ttl_ms / 3).max(100)));
