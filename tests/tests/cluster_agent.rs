@@ -391,3 +391,131 @@ fn only_a_host_queued_behind_another_knocks() {
         );
     });
 }
+
+/// docs/cluster.md, "Late copies of a step": a copy of this host's queue
+/// transaction (`etcd_lock::queue_and_look`, hedged or retried) that etcd
+/// applies only after the host won with another copy, held and released
+/// puts the host's entry (and, on a free key, its held marker) back with
+/// nobody waiting here. The test applies that very transaction again
+/// after the release, as a late copy would be. Another host must still
+/// get the key (the stray entry's owner deletes it when the waiter names
+/// it); before the fix the entry blocked the key for as long as the
+/// owner's lease lived, that is, for as long as its broker ran.
+#[test]
+fn a_late_copy_of_a_queue_transaction_does_not_block_the_key_for_other_hosts() {
+    use forelock_cluster::etcd_lock::{Names, Queued, queue_and_look};
+    let Some(e) = LocalEtcd::start() else { return };
+    let (a, b) = (agent("a", &e.url), agent("b", &e.url));
+    let (rt, c, prefix) = etcd_session(&e);
+    let release = |x: &Agent, key: &[u8]| {
+        x.send(Command::Release {
+            key: key.to_vec(),
+            epoch: 1,
+        });
+        assert_eq!(
+            next_but_callback(x, key, Duration::from_secs(10)),
+            Event::Released { key: key.to_vec() }
+        );
+    };
+    // A free key (the late copy wins again, with its held marker) and a key
+    // another host holds when the copy lands (it queues again, behind).
+    let free = b"global/late-free".to_vec();
+    let held = b"global/late-held".to_vec();
+    for key in [&free, &held] {
+        a.send(want(key));
+        let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
+            panic!("a: expected a grant of {key:?}")
+        };
+        release(&a, key);
+    }
+    let id = a.lease.get().id;
+    let late_copy = |key: &[u8]| {
+        let names = Names::new(&prefix, key, false, id);
+        rt.block_on(queue_and_look(&c, &names, "a", id, false))
+            .unwrap()
+    };
+    let copy = late_copy(&free);
+    assert!(
+        matches!(copy, Queued::Confirmed { .. }),
+        "a free key: the late copy wins again, got {copy:?}"
+    );
+    // A third host holds `held` when a's late copy lands behind it.
+    let h = agent("h", &e.url);
+    h.send(want(&held));
+    let Event::Granted { .. } = next(&h, Duration::from_secs(15)) else {
+        panic!("h: expected a grant")
+    };
+    let copy = late_copy(&held);
+    assert!(
+        matches!(copy, Queued::Behind { .. }),
+        "a held key: the late copy queues behind, got {copy:?}"
+    );
+    // h is called back by the late copy's knock and lets the key go.
+    assert_eq!(
+        next(&h, Duration::from_secs(10)),
+        Event::Callback { key: held.clone() }
+    );
+    release(&h, &held);
+    // b wants both keys: a neither holds nor wants them, so b gets each
+    // (generous bound: a's lease is renewed for as long as a runs).
+    for key in [&free, &held] {
+        b.send(want(key));
+        match next(&b, Duration::from_secs(30)) {
+            Event::Granted { .. } => {}
+            other => panic!("b: expected a grant of {key:?}, got {other:?}"),
+        }
+        release(&b, key);
+    }
+    // a still gets both back, and nothing of a's is left behind.
+    for key in [&free, &held] {
+        a.send(want(key));
+        let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
+            panic!("a: expected a grant of {key:?} again")
+        };
+        release(&a, key);
+    }
+    let left = etcdctl(
+        &e.url,
+        &["get", "--prefix", "--keys-only", &format!("{prefix}/lock/")],
+    )
+    .expect("etcdctl get");
+    assert!(left.trim().is_empty(), "entries left: {left}");
+}
+
+/// The same late copy, of a writer's queue transaction, and then the same
+/// host wants the key as a reader: its reader's entry waits behind its
+/// own stray writer's entry, which it must delete although it now wants
+/// the key (in the other mode).
+#[test]
+fn a_host_does_not_wait_behind_its_own_stray_entry_in_the_other_mode() {
+    use forelock_cluster::etcd_lock::{Names, queue_and_look};
+    let Some(e) = LocalEtcd::start() else { return };
+    let a = agent("a", &e.url);
+    let (rt, c, prefix) = etcd_session(&e);
+    let key = b"global/late-mode".to_vec();
+    a.send(want(&key));
+    let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
+        panic!("a: expected a grant")
+    };
+    a.send(Command::Release {
+        key: key.clone(),
+        epoch: 1,
+    });
+    assert_eq!(
+        next_but_callback(&a, &key, Duration::from_secs(10)),
+        Event::Released { key: key.clone() }
+    );
+    let id = a.lease.get().id;
+    let names = Names::new(&prefix, &key, false, id);
+    rt.block_on(queue_and_look(&c, &names, "a", id, false))
+        .unwrap();
+    a.send(Command::Want {
+        key: key.clone(),
+        shared: true,
+        prefetch: false,
+    });
+    match next(&a, Duration::from_secs(30)) {
+        Event::Granted { shared: true, .. } => {}
+        other => panic!("a: expected a shared grant, got {other:?}"),
+    }
+}

@@ -145,6 +145,9 @@ pub struct AgentStatus {
     pub members: Vec<(String, String, bool)>,
     /// Each other host's hot global keys, as it last gossiped them.
     pub hot: HashMap<String, Vec<String>>,
+    /// The etcd endpoints through which a renewal of the lease has come
+    /// back since the agent started (with one endpoint: the list).
+    pub renewed_through: std::collections::BTreeSet<String>,
 }
 
 /// The broker's handle on the agent thread.
@@ -275,7 +278,7 @@ async fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
 #[derive(Clone, Copy)]
 struct Etcd<'a> {
     client: &'a Client,
-    endpoints: &'a [(String, Client)],
+    endpoints: &'a [keepalive::Dial],
     /// The balanced client's endpoints in use (`None`: one endpoint).
     in_use: Option<&'a keepalive::Endpoints>,
 }
@@ -295,6 +298,8 @@ enum KeyReport {
 }
 
 struct KeyTask {
+    /// The mode of the node grant it gets.
+    shared: bool,
     release: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -340,24 +345,19 @@ impl Inner {
     }
 
     /// A client per etcd endpoint, for the lease's keep-alive
-    /// ([`keepalive`]); the balanced `client` alone if there is one
-    /// endpoint or none of them can be set up.
-    async fn connect_each(&self, client: &Client) -> Vec<(String, Client)> {
-        let mut each = Vec::new();
+    /// ([`keepalive`]), each connected at its first use (retried until its
+    /// member is up); the balanced `client` alone if there is one endpoint.
+    fn connect_each(&self, client: &Client) -> Vec<keepalive::Dial> {
         if self.config.etcd.len() > 1 {
-            for endpoint in &self.config.etcd {
-                match Client::connect([endpoint.as_str()], Some(self.connect_options())).await {
-                    Ok(c) => each.push((endpoint.clone(), c)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, endpoint, "no keep-alive through this endpoint")
-                    }
-                }
-            }
+            let options = self.connect_options();
+            let dial = |endpoint: &String| keepalive::Dial::new(endpoint.clone(), options.clone());
+            self.config.etcd.iter().map(dial).collect()
+        } else {
+            vec![keepalive::Dial::made(
+                self.config.etcd.join(","),
+                client.clone(),
+            )]
         }
-        if each.is_empty() {
-            each.push((self.config.etcd.join(","), client.clone()));
-        }
-        each
     }
 
     /// Starts gossip if `gossip_addr` is set (validated with the config).
@@ -387,7 +387,7 @@ impl Inner {
         let (gtx, mut grx) = mpsc::unbounded_channel();
         let gossip = self.start_gossip(gtx);
         let client = self.connect().await;
-        let endpoints = self.connect_each(&client).await;
+        let endpoints = self.connect_each(&client);
         let in_use = (endpoints.len() > 1)
             .then(|| keepalive::Endpoints::new(client.clone(), &self.config.etcd));
         let mut epoch = 0u64;
@@ -518,7 +518,12 @@ impl Inner {
             in_use,
         } = etcd;
         let watches = Watches::new(&self.config.etcd_prefix);
+        // Knocks naming an entry of ours: a host waits for it.
+        let (named_tx, mut named) = mpsc::unbounded_channel();
+        watches.tell_named(lease, named_tx);
         let watch_task = tokio::spawn(watches.clone().run(client.clone()));
+        // Stray entries being deleted, by key: a want of the key waits for it.
+        let mut strays: HashMap<Vec<u8>, tokio::task::JoinHandle<()>> = HashMap::new();
         // The keep-alive, through every endpoint at once, on tasks of their
         // own: the session never waits for a renewal.
         let renew_every = keepalive::renew_every(&self.config, ttl_ms);
@@ -535,9 +540,7 @@ impl Inner {
         };
         let keepers: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()
-            .map(|(endpoint, c)| {
-                tokio::spawn(renewals.clone().through(endpoint.clone(), c.clone()))
-            })
+            .map(|dial| tokio::spawn(renewals.clone().through(dial.clone())))
             .collect();
         // Gossip and the watches' housekeeping, at the pace renewals had.
         let mut tick = tokio::time::interval(Duration::from_millis((ttl_ms / 3).max(100)));
@@ -572,6 +575,7 @@ impl Inner {
                 c = commands.recv() => match c {
                     None => {
                         for (_, t) in tasks.drain() { t.handle.abort(); }
+                        strays.drain().for_each(|(_, t)| t.abort());
                         watch_task.abort();
                         keepers.iter().for_each(|k| k.abort());
                         return None;
@@ -595,13 +599,22 @@ impl Inner {
                         }
                         if tasks.contains_key(&key) { continue; }
                         let (tx, rx) = oneshot::channel();
-                        let handle = tokio::spawn(hold(
+                        let held = hold(
                             client.clone(), watches.clone(), self.config.clone(), key.clone(),
                             shared, prefetch, lease, epoch, rx, rtx.clone(), self.outbox.clone(),
                             wanted_ns,
-                        ));
+                        );
+                        // After the removal of a stray entry of the key, if
+                        // one is under way: it must not race our new entry.
+                        let stray = strays.remove(&key);
+                        let handle = tokio::spawn(async move {
+                            if let Some(stray) = stray {
+                                let _ = stray.await;
+                            }
+                            held.await
+                        });
                         self.note(|s| { s.keys.insert(key.clone(), "queued"); });
-                        tasks.insert(key, KeyTask { release: Some(tx), handle });
+                        tasks.insert(key, KeyTask { shared, release: Some(tx), handle });
                     }
                     Some(Command::Release { key, epoch: e }) => {
                         if e == epoch
@@ -613,6 +626,25 @@ impl Inner {
                     }
                 },
                 Some(ev) = heard.recv() => self.heard(ev, gossip, &tasks),
+                Some(entry) = named.recv() => {
+                    // A host waits for an entry of ours. While this host
+                    // wants the key in that mode, its task owns the entry
+                    // (queued: it is legitimate; holding: the callback
+                    // serves the waiter). Else it is a stray: delete it,
+                    // before any later want of the key queues.
+                    let Some((key, shared)) = etcd_lock::ours(&self.config.etcd_prefix, lease, &entry) else { continue };
+                    strays.retain(|_, t| !t.is_finished());
+                    let task = tasks.get(&key);
+                    if task.is_some_and(|t| t.shared == shared) || strays.contains_key(&key) { continue; }
+                    let alone = task.is_none();
+                    let n = Names::new(&self.config.etcd_prefix, &key, shared, lease);
+                    let c = client.clone();
+                    strays.insert(key, tokio::spawn(async move {
+                        if retry(|| etcd_lock::remove_stray(&c, &n, alone)).await {
+                            tracing::info!(entry = %n.own, "deleted a stray entry of ours (a late copy of a queue transaction) that blocked another host");
+                        }
+                    }));
+                }
                 Some(r) = rrx.recv() => match r {
                     KeyReport::HeldBy(key, node) => self.note(|s| { s.holders.insert(key, node); }),
                     KeyReport::Granted(key) => self.note(|s| {
@@ -633,6 +665,7 @@ impl Inner {
         for (_, t) in tasks.drain() {
             t.handle.abort();
         }
+        strays.drain().for_each(|(_, t)| t.abort());
         watch_task.abort();
         keepers.iter().for_each(|k| k.abort());
         Some(reason)
@@ -712,7 +745,7 @@ async fn hold(
             if let Some(holder) = holder {
                 let _ = reports.send(KeyReport::HeldBy(key.clone(), holder));
             }
-            retry_wait(|| etcd_lock::deleted(&c, &watches, &blocker, own_rev)).await;
+            retry_wait(|| etcd_lock::deleted(&c, &watches, &n, lease, &blocker, own_rev)).await;
             step("agent: blocker deleted");
             let Some(confirmed) =
                 wait_and_confirm(&c, &watches, &n, &config.node, lease, shared, own_rev).await
@@ -821,7 +854,8 @@ async fn wait_and_confirm(
                 First::Confirmed(confirmed) => return Some(confirmed),
                 First::Gone => return None,
                 First::Behind { blocker, seen_at } => {
-                    retry_wait(|| etcd_lock::deleted(c, watches, &blocker, seen_at)).await;
+                    retry_wait(|| etcd_lock::deleted(c, watches, n, lease, &blocker, seen_at))
+                        .await;
                 }
             }
         }
@@ -829,7 +863,7 @@ async fn wait_and_confirm(
     loop {
         let (blocker, rev) = retry(|| etcd_lock::blocker(c, n, own_rev, shared)).await;
         let Some(entry) = blocker else { break };
-        retry_wait(|| etcd_lock::deleted(c, watches, &entry, rev)).await;
+        retry_wait(|| etcd_lock::deleted(c, watches, n, lease, &entry, rev)).await;
     }
     let confirmed = retry(|| etcd_lock::confirm(c, n, own_rev, node, lease)).await;
     tracing::debug!(

@@ -474,13 +474,29 @@ pub async fn confirm_if_first(
     })
 }
 
+/// How long a waiter waits for its blocker before it knocks again naming
+/// it ([`deleted`]), doubling up to [`KNOCK_AGAIN_MAX`]. A handover takes
+/// the minimum hold and a few ms, so most waits never knock again.
+pub const KNOCK_AGAIN_FIRST: Duration = Duration::from_secs(1);
+pub const KNOCK_AGAIN_MAX: Duration = Duration::from_secs(8);
+
 /// Step 2, waiting: returns once the entry `blocker`, which we saw at
 /// revision `seen_at`, is deleted, as the session's shared watch tells
 /// (its host may have queued again since, under the same name: an entry of
 /// that name created later is not it).
+///
+/// While it waits, it knocks again (our knock `n.own_knock`, attached to
+/// `lease`), its value naming the blocker, after [`KNOCK_AGAIN_FIRST`] and
+/// then at doubling intervals: a blocker that is a stray entry (a late
+/// copy of its host's queue transaction, docs/cluster.md "Late copies of
+/// a step") is not waited on by its own host, which learns of it from
+/// this knock and deletes it ([`remove_stray`]). Each knock is sent once;
+/// a lost one is made up by the next.
 pub async fn deleted(
     c: &Client,
     watches: &Watches,
+    n: &Names,
+    lease: i64,
     blocker: &Entry,
     seen_at: i64,
 ) -> Result<(), EtcdError> {
@@ -493,7 +509,93 @@ pub async fn deleted(
             .first()
             .is_none_or(|kv| kv.create_revision() != blocker.create_revision))
     };
-    watches.wait(Wanted::Deleted { entry }, seen_at, look).await
+    let knock_again = async {
+        let mut every = KNOCK_AGAIN_FIRST;
+        loop {
+            tokio::time::sleep(every).await;
+            let mut c = c.clone();
+            let put = c.put(
+                n.own_knock.as_str(),
+                entry,
+                Some(PutOptions::new().with_lease(lease)),
+            );
+            if let Err(e) = timed(put).await {
+                tracing::debug!(error = %e, "a knock naming the blocker failed; knocking again later");
+            }
+            every = (every * 2).min(KNOCK_AGAIN_MAX);
+        }
+    };
+    tokio::select! {
+        waited = watches.wait(Wanted::Deleted { entry }, seen_at, look) => waited,
+        never = knock_again => never,
+    }
+}
+
+/// The key and mode of `entry` (a knock's value: the entry its writer
+/// waits for) when it is one of this host's entries, `P/lock/<hex key>/<r|w>/<lease hex>`
+/// with our `lease`; `None` otherwise.
+pub fn ours(etcd_prefix: &str, lease: i64, entry: &[u8]) -> Option<(Vec<u8>, bool)> {
+    let entry = std::str::from_utf8(entry).ok()?;
+    let rest = entry.strip_prefix(etcd_prefix)?.strip_prefix("/lock/")?;
+    let (hex, mode_lease) = rest.split_once('/')?;
+    let shared = match mode_lease.split_once('/')? {
+        ("w", l) if l == format!("{lease:x}") => false,
+        ("r", l) if l == format!("{lease:x}") => true,
+        _ => return None,
+    };
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let key = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some((key, shared))
+}
+
+/// Deletes this host's entry `n.own` while this host does not want the key
+/// in that mode (the caller's promise: the agent runs it in the key's own
+/// place, and a later want of the key waits for it): the entry is then a
+/// stray, put back by a late copy of a queue transaction (docs/cluster.md,
+/// "Late copies of a step"). With it go our held marker if it names that
+/// entry (the late copy won and wrote it: no local grant was ever made
+/// under it), and our knock when `alone` (no want of the key here in the
+/// other mode, whose knock it would be). Returns whether there was one.
+///
+/// The delete is guarded by the entry's mod revision as read: a copy of
+/// this very transaction applied late, after a later want of the key
+/// queued a legitimate entry, finds another revision and deletes nothing.
+/// The marker is deleted only while it still names the stray: a marker of
+/// ours written for an entry in the other mode (held here now) stays.
+pub async fn remove_stray(c: &Client, n: &Names, alone: bool) -> Result<bool, EtcdError> {
+    let mut c = c.clone();
+    loop {
+        let resp = timed(c.get(n.own.as_str(), Some(GetOptions::new().with_keys_only()))).await?;
+        let Some(seen) = resp.kvs().first().map(|kv| kv.mod_revision()) else {
+            return Ok(false);
+        };
+        let marker = Txn::new()
+            .when([Compare::value(
+                n.own_marker.as_str(),
+                CompareOp::Equal,
+                n.own.as_str(),
+            )])
+            .and_then([TxnOp::delete(n.own_marker.as_str(), None)]);
+        let mut ops = vec![TxnOp::delete(n.own.as_str(), None), TxnOp::txn(marker)];
+        if alone {
+            ops.push(TxnOp::delete(n.own_knock.as_str(), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                n.own.as_str(),
+                CompareOp::Equal,
+                seen,
+            )])
+            .and_then(ops);
+        if timed(c.txn(txn)).await?.succeeded() {
+            return Ok(true);
+        }
+    }
 }
 
 /// A confirmed node grant: the token revision, and the stale held markers
@@ -636,5 +738,19 @@ mod tests {
         assert!(is_writer(&n.dir, n.own.as_bytes()));
         let r = Names::new("/fl", b"global/a b", true, 0x1f);
         assert!(!is_writer(&r.dir, r.own.as_bytes()));
+    }
+
+    #[test]
+    fn a_knock_names_an_entry_of_ours_only_under_our_prefix_and_lease() {
+        let key = b"global/a b".to_vec();
+        let w = Names::new("/fl", &key, false, 0x1f).own;
+        let r = Names::new("/fl", &key, true, 0x1f).own;
+        assert_eq!(ours("/fl", 0x1f, w.as_bytes()), Some((key.clone(), false)));
+        assert_eq!(ours("/fl", 0x1f, r.as_bytes()), Some((key, true)));
+        assert_eq!(ours("/fl", 0x1, w.as_bytes()), None, "another lease");
+        assert_eq!(ours("/f", 0x1f, w.as_bytes()), None, "another prefix");
+        assert_eq!(ours("/fl", 0x1f, b"/fl/lock/6/w/1f"), None, "odd hex");
+        assert_eq!(ours("/fl", 0x1f, b"/fl/lock/67/x/1f"), None, "no mode");
+        assert_eq!(ours("/fl", 0x1f, b""), None);
     }
 }

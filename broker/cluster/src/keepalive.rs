@@ -21,7 +21,7 @@
 
 use crate::agent::{AgentStatus, FAILOVER_TARGET, Lease, monotonic_ns};
 use crate::config::ClusterConfig;
-use etcd_client::Client;
+use etcd_client::{Client, ConnectOptions};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -121,6 +121,53 @@ impl Endpoints {
     }
 }
 
+/// The pauses between attempts to connect a keep-alive client to its
+/// endpoint ([`Dial`]): from 200 ms, doubling, at most 5 s.
+const CONNECT_PAUSE_FIRST: Duration = Duration::from_millis(200);
+const CONNECT_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// The keep-alive's client of one endpoint, made at its first use and kept
+/// for every later session. With etcd auth on, `Client::connect`
+/// authenticates through the endpoint and fails while its member is down;
+/// the client was then never made, and the endpoint had no keep-alive,
+/// hence no health tracking, and kept its place in the balanced client.
+/// Now [`Renewals::through`] retries the connect, with backoff, until the
+/// member is up.
+#[derive(Clone)]
+pub struct Dial {
+    endpoint: String,
+    options: Option<ConnectOptions>,
+    client: Arc<tokio::sync::OnceCell<Client>>,
+}
+
+impl Dial {
+    /// A client of `endpoint` with `options`, connected at first use.
+    pub fn new(endpoint: String, options: ConnectOptions) -> Dial {
+        Dial {
+            endpoint,
+            options: Some(options),
+            client: Arc::default(),
+        }
+    }
+
+    /// `client`, made already (for `endpoint`: a name in the logs).
+    pub fn made(endpoint: String, client: Client) -> Dial {
+        Dial {
+            endpoint,
+            options: None,
+            client: Arc::new(tokio::sync::OnceCell::new_with(Some(client))),
+        }
+    }
+
+    /// One attempt to connect, or the client made earlier.
+    async fn client(&self) -> Result<Client, etcd_client::Error> {
+        self.client
+            .get_or_try_init(|| Client::connect([self.endpoint.as_str()], self.options.clone()))
+            .await
+            .cloned()
+    }
+}
+
 /// What the keep-alive tasks share.
 #[derive(Clone)]
 pub struct Renewals {
@@ -180,7 +227,27 @@ impl Renewals {
     /// a renewal for a whole election timeout before it looks for the new
     /// leader again (etcd 3.4's `waitLeader`): a renewal sent once the new
     /// leader is known must not queue behind it.
-    pub async fn through(self, endpoint: String, client: Client) {
+    ///
+    /// Its client is connected first ([`Dial`]), retried with backoff; while
+    /// it cannot be, the endpoint is out of the balanced client as if its
+    /// member refused connections.
+    pub async fn through(self, dial: Dial) {
+        let endpoint = dial.endpoint.clone();
+        let mut pause = CONNECT_PAUSE_FIRST;
+        let client = loop {
+            match dial.client().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, endpoint, retry_in = ?pause, "no keep-alive client for this endpoint yet");
+                    if let Some(e) = &self.endpoints {
+                        e.down(&endpoint).await;
+                    }
+                    self.failed(format!("{endpoint}: {e}"));
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(CONNECT_PAUSE_MAX);
+                }
+            }
+        };
         let mut flying = FuturesUnordered::new();
         let mut next = tokio::time::Instant::now();
         loop {
@@ -206,6 +273,9 @@ impl Renewals {
                     match answer {
                         Renewal::Renewed => {
                             self.proved(sent, self.ttl_ms);
+                            if !self.status.lock().unwrap_or_else(|e| e.into_inner()).renewed_through.contains(&endpoint) {
+                                self.note(|s| { s.renewed_through.insert(endpoint.clone()); });
+                            }
                             if let Some(e) = &self.endpoints {
                                 e.up(&endpoint).await;
                             }

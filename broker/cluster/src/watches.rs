@@ -28,7 +28,7 @@ use etcd_client::{Client, EventType, WatchFilterType, WatchOptions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Default)]
 struct State {
@@ -41,6 +41,9 @@ struct State {
     later: HashMap<Vec<u8>, Vec<(i64, oneshot::Sender<()>)>>,
     /// Waits for an entry's deletion.
     deleted: HashMap<Vec<u8>, Vec<oneshot::Sender<()>>>,
+    /// Where knocks naming an entry of ours go ([`Watches::tell_named`]):
+    /// the entry names' last part (`/<our lease hex>`), and the channel.
+    named: Option<(Vec<u8>, mpsc::UnboundedSender<Vec<u8>>)>,
 }
 
 impl State {
@@ -85,6 +88,12 @@ impl State {
                     } else {
                         *waits = kept;
                     }
+                }
+                // A waiter names the entry it waits for (etcd_lock::deleted).
+                if let Some((suffix, tx)) = &self.named
+                    && kv.value().ends_with(suffix)
+                {
+                    let _ = tx.send(kv.value().to_vec());
                 }
             }
             EventType::Delete => {
@@ -223,6 +232,13 @@ impl Watches {
     /// aborts it), starting each again after any failure.
     pub async fn run(self, client: Client) {
         tokio::join!(self.entries.run(&client), self.knocks.run(&client));
+    }
+
+    /// From now on, sends `named` every knock that names an entry of lease
+    /// `lease` (the value a waiter writes into its knock: the entry it
+    /// waits for, etcd_lock::deleted).
+    pub fn tell_named(&self, lease: i64, named: mpsc::UnboundedSender<Vec<u8>>) {
+        self.knocks.state().named = Some((format!("/{lease:x}").into_bytes(), named));
     }
 
     /// Forgets waits whose waiter has gone.
