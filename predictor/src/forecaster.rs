@@ -447,16 +447,20 @@ impl Forecaster {
 /// input order. The live forecaster ranks `(key_hash, probability)`
 /// entries with it ([`Forecaster::top_k`]); the replay ranks its rows.
 pub fn keep_top_k<T>(out: &mut Vec<T>, k: usize, rank: impl Fn(&T) -> (f32, u64)) {
-    let order = |a: &T, b: &T| rank_order(rank(a), rank(b));
+    select_top_k(out, k, &rank);
+    out.sort_unstable_by(|a, b| rank_order(rank(a), rank(b)));
+}
+
+/// [`keep_top_k`] without the sort: the same `k` entries, in no order.
+pub fn select_top_k<T>(out: &mut Vec<T>, k: usize, rank: impl Fn(&T) -> (f32, u64)) {
     if out.len() > k {
         if k == 0 {
             out.clear();
             return;
         }
-        out.select_nth_unstable_by(k - 1, order);
+        out.select_nth_unstable_by(k - 1, |a, b| rank_order(rank(a), rank(b)));
         out.truncate(k);
     }
-    out.sort_unstable_by(order);
 }
 
 #[cfg(test)]

@@ -51,11 +51,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use forelock_predictor::config::{ModelKind, PredictorConfig};
 use forelock_predictor::features::IdentityBuildHasher;
-use forelock_predictor::forecaster::{Forecaster, keep_top_k};
+use forelock_predictor::forecaster::{Forecaster, select_top_k};
 use forelock_predictor::trace::{Mode, Trace, TraceEvent, read_trace_file};
 use forelockd::allocator::{
     Action, Feedback, KeepAlive, Policy, Predictive, PredictiveConfig, Score, SlotView, TickInput,
-    victim_order,
+    rank_order, victim_order,
 };
 use serde::Serialize;
 
@@ -552,6 +552,11 @@ struct TickShared {
     /// [`top_rows`] (empty otherwise): its dense number is then in
     /// `row_ids`, put there by this tick's [`TickShared::fill`].
     ranked_rows: Vec<u32>,
+    /// This tick's ranking, highest first ([`TickShared::ranked`]), and,
+    /// from the forecaster, the rows not yet in it ([`top_rows`]): ranked
+    /// in chunks, as far as a broker reads.
+    ranked: Vec<Score>,
+    unranked: Vec<(u64, f32, u32)>,
 }
 
 impl TickShared {
@@ -569,6 +574,8 @@ impl TickShared {
             ranked_ids: Vec::new(),
             ranked_holders: Vec::new(),
             ranked_rows: Vec::new(),
+            ranked: Vec::new(),
+            unranked: Vec::new(),
         }
     }
 
@@ -583,6 +590,8 @@ impl TickShared {
         self.ranked_ids.clear();
         self.ranked_holders.clear();
         self.ranked_rows.clear();
+        self.ranked.clear();
+        self.unranked.clear();
         self.filled = false;
     }
 
@@ -636,15 +645,41 @@ impl TickShared {
         if entry.0 == self.stamp { entry.1 } else { 0.0 }
     }
 
+    /// The key at `rank` in this tick's ranking (highest first), if any,
+    /// its dense number (and holders) known, as of every key before it.
+    /// The rows from the forecaster are ranked in chunks, each the best of
+    /// those left, sorted ([`rank_next`]): the same order as sorting them
+    /// all at once, since `rank_order` is total.
+    fn ranked(&mut self, rank: usize, index: &TraceIndex) -> Option<Score> {
+        while self.ranked.len() <= rank && !self.unranked.is_empty() {
+            let chunk = rank_next(&mut self.unranked, self.ranked.len().max(1024));
+            self.ranked
+                .extend(chunk.iter().map(|&(key_hash, probability, _)| Score {
+                    key_hash,
+                    probability,
+                    contention: 0.0,
+                }));
+            if self.filled {
+                self.ranked_rows
+                    .extend(chunk.iter().map(|&(_, _, row)| row));
+            }
+            let taken = chunk.len();
+            self.unranked.drain(..taken);
+        }
+        let score = *self.ranked.get(rank)?;
+        self.rank_known(rank, index);
+        Some(score)
+    }
+
     /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
-    fn rank_known(&mut self, rank: usize, ranked: &[Score], index: &TraceIndex) {
+    fn rank_known(&mut self, rank: usize, index: &TraceIndex) {
         while self.ranked_ids.len() <= rank {
             let next = self.ranked_ids.len();
             let key_id = match self.ranked_rows.get(next) {
                 Some(&row) => self.row_ids[row as usize].1,
-                None => index.id(ranked[next].key_hash),
+                None => index.id(self.ranked[next].key_hash),
             };
-            debug_assert_eq!(key_id, index.id(ranked[next].key_hash));
+            debug_assert_eq!(key_id, index.id(self.ranked[next].key_hash));
             self.ranked_ids.push(key_id);
             if !self.holders.is_empty() {
                 self.ranked_holders.push(self.holders[key_id as usize]);
@@ -1223,8 +1258,6 @@ fn run_pass(
     let mut now_us = first.ts_us - first.ts_us % tick_us;
     let mut next = 0usize;
     let mut window_start = 0usize; // first event after now (for the oracle and labels)
-    let mut ranked: Vec<Score> = Vec::new();
-    let mut top: Vec<(u64, f32, u32)> = Vec::new();
     let mut shared = TickShared::new(index.keys(), sims.len());
     if sims.len() <= 64 {
         for (i, sim) in sims.iter_mut().enumerate() {
@@ -1281,7 +1314,6 @@ fn run_pass(
             window_start += 1;
         }
 
-        ranked.clear();
         shared.next_tick();
         match source {
             Source::Nothing => {}
@@ -1289,17 +1321,7 @@ fn run_pass(
                 forecaster.tick(now_us);
                 shared.fill(forecaster, index);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
-                top_rows(forecaster, budget, min_threshold, &mut top);
-                ranked.extend(top.iter().map(|&(key_hash, probability, _)| Score {
-                    key_hash,
-                    probability,
-                    contention: 0.0,
-                }));
-                if shared.filled {
-                    shared
-                        .ranked_rows
-                        .extend(top.iter().map(|&(_, _, row)| row));
-                }
+                top_rows(forecaster, budget, min_threshold, &mut shared.unranked);
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
@@ -1321,7 +1343,7 @@ fn run_pass(
                 while j < events.len() && events[j].ts_us <= now_us + horizon_us {
                     // First request of its key within the window.
                     if index.previous_us[j] == NONE_US || index.previous_us[j] <= now_us {
-                        ranked.push(Score {
+                        shared.ranked.push(Score {
                             key_hash: events[j].key_hash,
                             probability: oracle_score(events[j].ts_us, now_us, horizon_us),
                             contention: 0.0,
@@ -1332,7 +1354,7 @@ fn run_pass(
             }
         }
         for sim in sims.iter_mut() {
-            sim.tick(now_us, horizon_us, source, &ranked, &mut shared, index);
+            sim.tick(now_us, horizon_us, source, &mut shared, index);
         }
         if next >= events.len() {
             // Slots still prepared at the end: their idle tail served nothing
@@ -1347,10 +1369,11 @@ fn run_pass(
     }
 }
 
-/// `Forecaster::top_k` with each key's row in the forecaster's score
-/// arrays beside it: `(key_hash, probability, row)`, the same ranking
-/// (`keep_top_k`, by probability, then key hash), so the same keys in the
-/// same order (`top_rows_ranks_as_top_k`).
+/// `Forecaster::top_k`'s keys, unsorted, with each key's row in the
+/// forecaster's score arrays beside it: `(key_hash, probability, row)`,
+/// the same selection (`select_top_k`, by probability, then key hash);
+/// [`rank_next`] sorts them, so the same keys in the same order
+/// (`top_rows_ranks_as_top_k`).
 fn top_rows(
     forecaster: &Forecaster,
     k: usize,
@@ -1368,9 +1391,23 @@ fn top_rows(
             .filter(|(_, p)| **p >= min_probability)
             .map(|(row, &p)| (keys[row], p, row as u32)),
     );
-    keep_top_k(out, k, |&(key_hash, probability, _)| {
-        (probability, key_hash)
-    });
+    select_top_k(out, k, row_rank);
+}
+
+fn row_rank(&(key_hash, probability, _): &(u64, f32, u32)) -> (f32, u64) {
+    (probability, key_hash)
+}
+
+/// Moves the best `count` of `rows` (all, if fewer) to its front, sorted
+/// best first by `rank_order`, and returns them.
+fn rank_next(rows: &mut [(u64, f32, u32)], count: usize) -> &[(u64, f32, u32)] {
+    let count = count.min(rows.len());
+    let order = |a: &(u64, f32, u32), b: &(u64, f32, u32)| rank_order(row_rank(a), row_rank(b));
+    if count < rows.len() {
+        rows.select_nth_unstable_by(count - 1, order);
+    }
+    rows[..count].sort_unstable_by(order);
+    &rows[..count]
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1909,6 +1946,10 @@ mod tests {
                 for (k, min) in [(50, 0.001), (1_000, 0.001), (100_000, 0.0), (0, 0.5)] {
                     forecaster.top_k(k, min, &mut top);
                     top_rows(&forecaster, k, min, &mut rows);
+                    let mut sorted = 0;
+                    while sorted < rows.len() {
+                        sorted += rank_next(&mut rows[sorted..], sorted.max(7)).len();
+                    }
                     let by_rows: Vec<(u64, f32)> = rows
                         .iter()
                         .map(|&(key_hash, p, row)| {

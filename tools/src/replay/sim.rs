@@ -562,14 +562,13 @@ impl Sim {
         }
     }
 
-    /// `ranked`: scored keys, highest first (shared by every sim of a pass,
-    /// as is `shared`, for this tick).
+    /// `shared.ranked`: scored keys, highest first (shared by every sim of
+    /// a pass, as is `shared`, for this tick).
     pub(super) fn tick(
         &mut self,
         now_us: u64,
         horizon_us: u64,
         source: &Source,
-        ranked: &[Score],
         shared: &mut TickShared,
         index: &TraceIndex,
     ) {
@@ -578,19 +577,20 @@ impl Sim {
         self.candidates.clear();
         let threshold = self.policy.threshold();
         let candidates_max = self.rule.candidates_max(self.budget_slots);
-        for (rank, score) in ranked.iter().enumerate() {
-            if score.probability < threshold || self.candidates.len() >= candidates_max {
-                break;
-            }
-            shared.rank_known(rank, ranked, index);
+        let mut rank = 0;
+        while self.candidates.len() < candidates_max
+            && let Some(score) = shared.ranked(rank, index)
+            && score.probability >= threshold
+        {
             let held = if self.holder_bit == 0 {
                 self.slot_of_key[shared.ranked_ids[rank] as usize] != NO_SLOT
             } else {
                 shared.ranked_holders[rank] & self.holder_bit != 0
             };
             if !held {
-                self.candidates.push(*score);
+                self.candidates.push(score);
             }
+            rank += 1;
         }
 
         // The policy is shown only the slots it may act on, in slot order,
