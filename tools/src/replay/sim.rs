@@ -603,13 +603,13 @@ impl Sim {
         //   those scored under it (it keeps the others);
         // - if it may evict (more slots kept than the budget, or more keys
         //   wanted than free slots), the tick is asked again with, beside
-        //   those, the `m + 1` lowest-ranked idle slots, `m` bounding the
-        //   evictions: when those are ranked without ties, the policy's
-        //   selection of its victims among them is its selection among all
-        //   of its idle slots. With ties, or too few idle slots, it is asked
-        //   again with every slot. The first call moved the adaptive
-        //   threshold's clock to now, so a second call's control step
-        //   changes nothing: its actions are those of the policy asked once.
+        //   those, its lowest-ranked idle slots ([`Sim::evict_among_the_lowest`]):
+        //   its victims are ranked by `victim_order`, a total order, so its
+        //   victims among them are its victims among all. `KeepAlive`, or a
+        //   budget too short for the slots left out, is asked again with
+        //   every slot. The first call moved the adaptive threshold's clock
+        //   to now, so a second call's control step changes nothing: its
+        //   actions are those of the policy asked once.
         let total = self.slots.len();
         let threshold_before = self.policy.threshold();
         let keep_only_under = match self.rule {
