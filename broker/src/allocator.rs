@@ -49,6 +49,25 @@
 //! evict anything to get one. `KeepAlive` ignores contention (it runs without
 //! a forecaster).
 //!
+//! # The tie rule
+//!
+//! `Predictive`'s orders are total, so its actions depend on the slots and
+//! candidates it is shown, never on the order it is shown them in:
+//! - eviction victims, lowest first, by [`victim_order`]: score, then last
+//!   activity (least recent first), then key hash (lower first);
+//! - candidates (and predicted-contended candidates), best first, by
+//!   [`rank_order`]: probability (contention probability) descending, then
+//!   key hash (lower first), the order in which the forecaster ranks its top
+//!   keys for the score file.
+//!
+//! The key hash breaks ties because it names a key the same way in the
+//! forecaster, the score file, the broker and `forelock replay`, where slot
+//! numbers are each broker's (or simulation's) own bookkeeping; xxh3 spreads
+//! it, so no class of keys wins ties. Before this rule, ties (frequent: idle
+//! slots of score 0 last used in the same millisecond) went the way the
+//! standard library's unstable selection left them, which depended on the
+//! slot order and so on every earlier eviction.
+//!
 //! Scores are advisory (the predictor may die, lag, or write nonsense): a NaN, a
 //! negative or a > 1 probability counts as 0, and `SlotView::score = None` means
 //! "no score" (also 0). With no scores at all, `Predictive` degrades to
@@ -67,6 +86,8 @@
 //! target, and under load (`load >= load_high`) raises it (x1.25) and prepares at
 //! most a quarter as many keys per tick. Set `adaptive = false` for a fixed
 //! threshold (the replay's threshold sweep does).
+
+pub use shm_layout::scores::rank_order;
 
 /// One prepared slot as the broker sees it this tick.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -293,6 +314,22 @@ impl Default for PredictiveConfig {
     }
 }
 
+/// The order of eviction victims, lowest first (see "The tie rule" in the
+/// module docs): `(score, last_activity_us, key_hash)` ascending, the score
+/// as `f32::total_cmp` orders it. `forelock replay` ranks its simulated
+/// slots with it.
+pub fn victim_order(a: (f32, u64, u64), b: (f32, u64, u64)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+}
+
+/// An idle slot `Predictive` may evict: its rank for [`victim_order`] and
+/// its index in the tick's slots.
+#[derive(Debug, Clone, Copy)]
+struct Victim {
+    rank: (f32, u64, u64),
+    index: usize,
+}
+
 /// Prepares keys above an adaptive threshold, reclaims preparations unused past
 /// a timeout, evicts the lowest-scored idle slots under budget pressure.
 #[derive(Debug, Clone)]
@@ -302,17 +339,15 @@ pub struct Predictive {
     feedback_at_last_control: Feedback,
     last_control_us: Option<u64>,
     pub stats: PolicyStats,
-    victims: Vec<(f32, u64, usize)>,
+    victims: Vec<Victim>,
     wanted: Vec<Score>,
     contended: Vec<Score>,
 }
 
-/// Keep the `max` best of `scores` (by `order`), sorted best first.
-fn best_first(
-    scores: &mut Vec<Score>,
-    max: usize,
-    order: impl Fn(&Score, &Score) -> std::cmp::Ordering,
-) {
+/// Keep the `max` best of `scores` by [`rank_order`] on the
+/// `(probability, key_hash)` that `rank` gives each, sorted best first.
+fn best_first(scores: &mut Vec<Score>, max: usize, rank: impl Fn(&Score) -> (f32, u64)) {
+    let order = |a: &Score, b: &Score| rank_order(rank(a), rank(b));
     if scores.len() > max {
         if max == 0 {
             scores.clear();
@@ -449,8 +484,10 @@ impl Policy for Predictive {
             if let Some(contention) = contended {
                 // Ranked above every access score: evicted last, never displaced.
                 kept += 1;
-                self.victims
-                    .push((1.0 + contention, last_activity_us(slot), index));
+                self.victims.push(Victim {
+                    rank: (1.0 + contention, last_activity_us(slot), slot.key_hash),
+                    index,
+                });
                 continue;
             }
             let score = slot.score.map_or(0.0, |p| valid(p, &mut self.stats));
@@ -467,7 +504,10 @@ impl Policy for Predictive {
                 self.stats.reclaims += 1;
             } else {
                 kept += 1;
-                self.victims.push((score, last_activity_us(slot), index));
+                self.victims.push(Victim {
+                    rank: (score, last_activity_us(slot), slot.key_hash),
+                    index,
+                });
             }
         }
 
@@ -497,12 +537,13 @@ impl Policy for Predictive {
                 });
             }
         }
-        let by_probability_descending =
-            |a: &Score, b: &Score| b.probability.total_cmp(&a.probability);
-        let by_contention_descending = |a: &Score, b: &Score| b.contention.total_cmp(&a.contention);
-        best_first(&mut self.contended, prepares_max, by_contention_descending);
+        best_first(&mut self.contended, prepares_max, |c| {
+            (c.contention, c.key_hash)
+        });
         let prepares_left = prepares_max - self.contended.len();
-        best_first(&mut self.wanted, prepares_left, by_probability_descending);
+        best_first(&mut self.wanted, prepares_left, |c| {
+            (c.probability, c.key_hash)
+        });
 
         // 3. Fill free slots: predicted-contended keys first.
         let mut free = input.budget_slots.saturating_sub(kept);
@@ -523,25 +564,24 @@ impl Policy for Predictive {
         }
         let mut occupied = kept + contended_fill + fill;
 
-        // 4. Budget pressure: evict the lowest-scored idle slots (oldest first on
-        //    ties), to get back under budget, then to make room for better candidates.
+        // 4. Budget pressure: evict the lowest-ranked idle slots ([`victim_order`]),
+        //    to get back under budget, then to make room for better candidates.
         let remaining = &self.wanted[fill..];
         let over_budget = occupied.saturating_sub(input.budget_slots);
         let victims_needed = (over_budget + remaining.len()).min(self.victims.len());
         if victims_needed == 0 {
             return;
         }
-        let by_score_then_age =
-            |a: &(f32, u64, usize), b: &(f32, u64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        let order = |a: &Victim, b: &Victim| victim_order(a.rank, b.rank);
         if victims_needed < self.victims.len() {
             self.victims
-                .select_nth_unstable_by(victims_needed - 1, by_score_then_age);
+                .select_nth_unstable_by(victims_needed - 1, order);
         }
         let victims = &mut self.victims[..victims_needed];
-        victims.sort_unstable_by(by_score_then_age);
+        victims.sort_unstable_by(order);
         let mut next_victim = 0;
         while occupied > input.budget_slots && next_victim < victims.len() {
-            let slot = &input.slots[victims[next_victim].2];
+            let slot = &input.slots[victims[next_victim].index];
             actions.push(Action::Evict {
                 slot: slot.slot,
                 key_hash: slot.key_hash,
@@ -554,10 +594,10 @@ impl Policy for Predictive {
             let Some(victim) = victims.get(next_victim) else {
                 break;
             };
-            if wanted.probability < victim.0 + self.config.eviction_margin {
+            if wanted.probability < victim.rank.0 + self.config.eviction_margin {
                 break; // candidates are sorted descending, victims ascending: no later pair qualifies
             }
-            let slot = &input.slots[victim.2];
+            let slot = &input.slots[victim.index];
             actions.push(Action::Evict {
                 slot: slot.slot,
                 key_hash: slot.key_hash,
@@ -646,12 +686,16 @@ mod tests {
         actions
     }
 
-    fn fixed(threshold: f32) -> Predictive {
-        Predictive::new(PredictiveConfig {
+    fn fixed_config(threshold: f32) -> PredictiveConfig {
+        PredictiveConfig {
             threshold_initial: threshold,
             adaptive: false,
             ..PredictiveConfig::default()
-        })
+        }
+    }
+
+    fn fixed(threshold: f32) -> Predictive {
+        Predictive::new(fixed_config(threshold))
     }
 
     #[test]
@@ -714,6 +758,56 @@ mod tests {
                 Action::Prepare { key_hash: 4 }
             ]
         );
+    }
+
+    #[test]
+    fn ties_are_broken_by_key_hash_whatever_the_order_the_policy_is_shown() {
+        // Six idle slots: four tied on score 0 and last activity (keys 50,
+        // 20, 40, 30), one older (key 90), one scored (key 10). Budget 3
+        // with candidates tied at 0.9 (keys 8, 3, 5, 7, 6; 3 prepares per
+        // tick): the oldest slot goes first, then the tied ones by key hash,
+        // and the 3 lowest key hashes of the tied candidates come in.
+        let slots_in_order = [
+            slot(1, 50, 0, Some(100), Some(0.0)),
+            slot(2, 20, 0, Some(100), Some(0.0)),
+            slot(3, 10, 0, Some(100), Some(0.2)),
+            slot(4, 40, 0, Some(100), None),
+            slot(5, 90, 0, Some(50), Some(0.0)),
+            slot(6, 30, 0, Some(100), Some(0.0)),
+        ];
+        let candidates_in_order = [
+            candidate(8, 0.9, 0.0),
+            candidate(3, 0.9, 0.0),
+            candidate(5, 0.9, 0.0),
+            candidate(7, 0.9, 0.0),
+            candidate(6, 0.9, 0.0),
+        ];
+        let evict = |slot, key_hash| Action::Evict { slot, key_hash };
+        let prepare = |key_hash| Action::Prepare { key_hash };
+        let expected = vec![
+            evict(5, 90),
+            evict(2, 20),
+            evict(6, 30),
+            evict(4, 40),
+            prepare(3),
+            evict(1, 50),
+            prepare(5),
+            evict(3, 10),
+            prepare(6),
+        ];
+        for rotation in 0..slots_in_order.len() {
+            let mut slots = slots_in_order;
+            slots.rotate_left(rotation);
+            let mut candidates = candidates_in_order;
+            candidates.rotate_left(rotation % candidates_in_order.len());
+            slots.reverse();
+            let mut policy = Predictive::new(PredictiveConfig {
+                prepares_per_tick_max: 3,
+                ..fixed_config(0.5)
+            });
+            let actions = run_tick(&mut policy, 1_000, 3, &slots, &candidates);
+            assert_eq!(actions, expected, "rotation {rotation}");
+        }
     }
 
     #[test]

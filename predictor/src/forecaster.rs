@@ -27,6 +27,8 @@
 
 use std::collections::VecDeque;
 
+use shm_layout::scores::rank_order;
+
 use crate::config::PredictorConfig;
 use crate::features::{BLOCK, FEATURES, FeatureStore, FeatureView};
 use crate::models::{self, Model};
@@ -435,25 +437,30 @@ impl Forecaster {
                 .filter(|(_, p)| **p >= min_probability)
                 .map(|(&key, &p)| (key, p)),
         );
-        keep_top_k(out, k);
+        keep_top_k(out, k, |&(key_hash, probability)| (probability, key_hash));
     }
 }
 
-/// Keep the `k` entries of `out` with the highest probabilities, highest
-/// first. The order depends only on the probabilities (and, among ties, on
-/// the input order), so the replay ranks its rows with the very order the
-/// live forecaster ranks keys ([`Forecaster::top_k`]).
-pub fn keep_top_k(out: &mut Vec<(u64, f32)>, k: usize) {
-    let by_probability_descending = |a: &(u64, f32), b: &(u64, f32)| b.1.total_cmp(&a.1);
+/// Keep the `k` highest-ranked entries of `out`, highest first, ranked by
+/// [`rank_order`] on the `(probability, key_hash)` that `rank` gives each
+/// entry: a total order, so the same keys in the same order whatever the
+/// input order. The live forecaster ranks `(key_hash, probability)`
+/// entries with it ([`Forecaster::top_k`]); the replay ranks its rows.
+pub fn keep_top_k<T>(out: &mut Vec<T>, k: usize, rank: impl Fn(&T) -> (f32, u64)) {
+    select_top_k(out, k, &rank);
+    out.sort_unstable_by(|a, b| rank_order(rank(a), rank(b)));
+}
+
+/// [`keep_top_k`] without the sort: the same `k` entries, in no order.
+pub fn select_top_k<T>(out: &mut Vec<T>, k: usize, rank: impl Fn(&T) -> (f32, u64)) {
     if out.len() > k {
         if k == 0 {
             out.clear();
             return;
         }
-        out.select_nth_unstable_by(k - 1, by_probability_descending);
+        out.select_nth_unstable_by(k - 1, |a, b| rank_order(rank(a), rank(b)));
         out.truncate(k);
     }
-    out.sort_unstable_by(by_probability_descending);
 }
 
 #[cfg(test)]
@@ -653,6 +660,27 @@ mod tests {
         forecaster.top_k(5, 0.0, &mut top);
         let keys: Vec<u64> = top.iter().map(|t| t.0).collect();
         assert_eq!(keys, vec![20, 19, 18, 17, 16]);
+    }
+
+    #[test]
+    fn keep_top_k_breaks_ties_by_the_lower_key_hash_whatever_the_input_order() {
+        let mut entries: Vec<(u64, f32)> = (0..40u64)
+            .map(|i| {
+                (
+                    (i * 0x9e37_79b9) % 1000,
+                    if i % 3 == 0 { 0.5 } else { 0.25 },
+                )
+            })
+            .collect();
+        let mut expected = entries.clone();
+        expected.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        expected.truncate(20);
+        for rotation in 0..entries.len() {
+            entries.rotate_left(1);
+            let mut top = entries.clone();
+            keep_top_k(&mut top, 20, |&(key_hash, p)| (p, key_hash));
+            assert_eq!(top, expected, "rotation {rotation}");
+        }
     }
 
     #[test]

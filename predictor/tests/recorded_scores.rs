@@ -137,15 +137,21 @@ fn fused() -> bool {
     false
 }
 
-/// Recorded at 83f96fd: (configuration, with AVX2 + FMA, without).
+/// (configuration, with AVX2 + FMA, without). Recorded at 83f96fd, and
+/// again with the tie rule (issue 14, round s22): `top_k` orders equal
+/// probabilities by key hash (`shm_layout::scores::rank_order`), which
+/// changes the top 32 wherever they tie; the scores themselves did not
+/// change. The baseline column was recorded by forcing the scoring loops'
+/// baseline path (and `fused` to false), which gives the 83f96fd
+/// baseline digests on the code before the rule.
 const RECORDED: [(&str, u64, u64); 7] = [
-    ("keep-alive", 0x96cf167098e76a4f, 0x96cf167098e76a4f),
-    ("frequency", 0x0a2072989e725710, 0x0a2072989e725710),
-    ("successor", 0xac587bb953fa5d90, 0xac587bb953fa5d90),
-    ("logistic", 0x2ba0ad2a9db5d06d, 0x2ba0ad2a9db5d06d),
-    ("hold-value", 0x4c46e5d7cdfa9850, 0xbcfbecad02d79f2c),
-    ("online", 0x4c46e5d7cdfa9850, 0xbcfbecad02d79f2c),
-    ("online, 40 slots", 0xfb50b791c437be2d, 0xfb50b791c437be2d),
+    ("keep-alive", 0x0af32d444fc5ee10, 0x0af32d444fc5ee10),
+    ("frequency", 0xecae8d3d5966bb10, 0xecae8d3d5966bb10),
+    ("successor", 0xe0fd3abefab8371d, 0xe0fd3abefab8371d),
+    ("logistic", 0x14c6ad6ac26e3f34, 0x14c6ad6ac26e3f34),
+    ("hold-value", 0x367418724c96f930, 0x9efabfea3e7aec78),
+    ("online", 0x367418724c96f930, 0x9efabfea3e7aec78),
+    ("online, 40 slots", 0x904c24b2f8a50135, 0x904c24b2f8a50135),
 ];
 
 #[test]

@@ -22,6 +22,12 @@
 //! and keeps the copy only if `seq` was even and unchanged around it; it does
 //! not rely on the order.
 //!
+//! "Top keys" is a total order, [`rank_order`]: higher score first, and among
+//! equal scores the lower key hash first. The broker's allocator ranks its
+//! candidates by the same function, and `forelock replay` its per-tick
+//! ranking, so which of several tied keys makes the cut is stated, not left
+//! to a sort's internals.
+//!
 //! "Contended" means: some request for the key finds it held and queues
 //! ([`crate::events::Outcome::Contended`]). The broker prepares the queue and
 //! keeps the slot of a key whose contention probability passes its threshold.
@@ -184,6 +190,15 @@ pub struct ScoresView {
 unsafe impl Send for ScoresView {}
 // SAFETY: as above.
 unsafe impl Sync for ScoresView {}
+
+/// The order of ranked keys, `(probability, key_hash)`: higher probability
+/// first (as `f32::total_cmp` orders them), then the lower key hash. The key
+/// hash is the tie-breaker because it names the key the same way everywhere
+/// (forecaster, score file, broker, replay), where a slot or row number is
+/// one process's bookkeeping; xxh3 spreads it, so no class of keys wins ties.
+pub fn rank_order(a: (f32, u64), b: (f32, u64)) -> core::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
 
 /// Sanitise an untrusted probability (a score or a contention probability):
 /// NaN counts as 0, out-of-range values are clamped to [0, 1].

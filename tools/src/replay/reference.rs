@@ -2,8 +2,10 @@
 //! between them (commit da880d4, copied unchanged but for this header and
 //! the entry point at the end): each broker looks each slot's score up in
 //! the forecaster, keys its slots by hash, and every pass runs on one
-//! thread. Kept only for the test that the fast replay reports exactly
-//! what this one does
+//! thread. It shows the policy every slot every tick and ranks with the
+//! forecaster's `top_k`, so it is the plain implementation of the tie rule
+//! (`forelockd::allocator`, "The tie rule"). Kept only for the test that
+//! the fast replay reports exactly what this one does
 //! (`the_fast_replay_reports_what_the_reference_replay_does`).
 
 use std::collections::HashMap;

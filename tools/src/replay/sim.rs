@@ -86,13 +86,14 @@ pub(super) struct Sim {
     shown: Vec<u32>,
     /// The lowest-ranked idle slots ([`Sim::lowest_idle`]).
     lowest: Vec<Victim>,
+    /// How many of them beyond the evictions it must make
+    /// [`Sim::evict_among_the_lowest`] shows first: twice the other
+    /// evictions (displacements) of the last tick that evicted, at least 8.
+    lowest_extra: usize,
+    /// The slots shown before the lowest were added (scratch).
+    shown_before: Vec<u32>,
     /// Positions of the slots the policy reclaims this tick, ascending.
     reclaimed: Vec<u32>,
-    /// Ticks that may evict for which [`Sim::lowest_idle`] is skipped, and
-    /// how many of its last tries found ties
-    /// ([`Sim::evict_among_the_lowest`]).
-    lowest_skips: u32,
-    lowest_failures: u32,
     /// Ticks in which the policy was shown: only the slots it may free;
     /// those and the lowest-ranked idle slots; every slot.
     pub(super) shown_counts: [u64; 3],
@@ -156,6 +157,19 @@ impl Reclaim {
             .max(t0.saturating_add(timeout).saturating_add(1))
     }
 
+    /// How many of the ranked candidates (at most `budget_slots`, as a
+    /// broker with every candidate in view gets) the policy is shown: the
+    /// first `prepares_max` in ranked order for `Predictive`, which takes
+    /// its wanted keys best first by `rank_order`, the ranking's own order,
+    /// at most `prepares_max` of them, so it never reads further; none for
+    /// `KeepAlive`, which reads none.
+    pub(super) fn candidates_max(self, budget_slots: usize) -> usize {
+        match self {
+            Reclaim::KeepAlive { .. } => 0,
+            Reclaim::Predictive { prepares_max, .. } => prepares_max.min(budget_slots),
+        }
+    }
+
     /// At least as many candidates as the policy wants prepared this tick
     /// at `threshold` (its post-control one): those at or above it and
     /// above 0, at most `prepares_max`.
@@ -177,39 +191,41 @@ pub(super) struct Hot {
     held_until_us: u64,
     /// The policies' last activity: the last use, or the preparation.
     last_activity_us: u64,
+    key_hash: u64,
     key_id: u32,
 }
 
 impl Hot {
-    pub(super) fn of(slot: &SimSlot) -> Hot {
+    pub(super) fn of(key_hash: u64, slot: &SimSlot) -> Hot {
         Hot {
             held_until_us: slot.held_until_us,
             last_activity_us: slot
                 .last_use_us
                 .unwrap_or(slot.prepared_at_us)
                 .max(slot.prepared_at_us),
+            key_hash,
             key_id: slot.key_id,
         }
     }
 }
 
-/// An idle slot ranked as the policy ranks its eviction victims: lowest
-/// score first (as `f32::total_cmp` orders them), then least recently
-/// active (`KeepAlive`: least recently active, then first in slot order);
-/// `position` (in slot order) makes the order total.
+/// An idle slot ranked as `Predictive` ranks its eviction victims, by
+/// `victim_order` (score, last activity, key hash: a total order), and its
+/// position in slot order.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Victim {
     score: f32,
     last_activity_us: u64,
+    key_hash: u64,
     position: u32,
 }
 
 impl Victim {
     pub(super) fn rank(&self, other: &Victim) -> std::cmp::Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then(self.last_activity_us.cmp(&other.last_activity_us))
-            .then(self.position.cmp(&other.position))
+        victim_order(
+            (self.score, self.last_activity_us, self.key_hash),
+            (other.score, other.last_activity_us, other.key_hash),
+        )
     }
 }
 
@@ -282,26 +298,28 @@ impl Sim {
         self.policy.tick(&input, actions);
     }
 
-    /// Asks the policy, which may evict up to `evictions_max` slots, with
-    /// the slots in `self.shown` and the `evictions_max + 1` lowest-ranked
-    /// idle slots it keeps ([`Sim::lowest_idle`]) in view, and says whether
-    /// its `actions` are those it gives with every slot in view. They are
-    /// when those are every idle slot it keeps, or when it evicted `e`
-    /// slots and the `e + 1` lowest rank without ties. It selects its
-    /// `m` lowest victims (at least `m + 1` are in view, so the same
-    /// number as with every slot), sorts them by score and last activity,
-    /// evicts from the lowest and stops on the score of the next one (or
-    /// when all `m` are gone): the first `e` (each below every other slot)
-    /// and the score of the next are all it reads, and they are the same
-    /// among these slots as among all. Ties further up do not matter.
-    ///
-    /// Where it was not exact lately (ties at the bottom are the rule in
-    /// some runs: idle slots of score 0 last used in the same
-    /// millisecond), the search is skipped for 1, 3, 7, ... up to 63
-    /// ticks that may evict, and the caller shows every slot: the actions
-    /// are the same either way, the skip saves only wasted work.
+    /// Asks the policy, which must evict `evictions_min` slots (those over
+    /// the budget) and may evict up to `evictions_max`, with
+    /// the slots in `self.shown` and the `count` lowest-ranked idle slots it
+    /// keeps ([`Sim::lowest_idle`]) in view, and says whether its `actions`
+    /// are those it gives with every slot in view. For `Predictive` they
+    /// are (unless the budget left would not cover the slots left out) when
+    /// those are every idle slot it keeps, when `count` is `evictions_max`,
+    /// or when it evicted fewer than `count`: it sorts its victims by
+    /// `victim_order`, a total order, evicts from the lowest and stops on
+    /// the score of the next one, so it reads only the first `e + 1`, the
+    /// same among these slots as among all; and it evicts at most
+    /// `evictions_max`. `count` starts above `evictions_min`, so that the
+    /// budget left covers the slots left out. Otherwise `count` doubles and
+    /// it is asked again (the
+    /// first call moved the adaptive threshold's clock to now: a second
+    /// call's control step changes nothing). `KeepAlive` names its victims
+    /// in the order its selection leaves them, which depends on every idle
+    /// slot: it is always shown all.
+    #[allow(clippy::too_many_arguments)]
     fn evict_among_the_lowest(
         &mut self,
+        evictions_min: usize,
         evictions_max: usize,
         actions: &mut Vec<Action>,
         source: &Source,
@@ -309,87 +327,46 @@ impl Sim {
         now_us: u64,
         horizon_us: u64,
     ) -> bool {
-        if self.lowest_skips > 0 {
-            self.lowest_skips -= 1;
-            return false;
-        }
-        let exact = self.evict_among_the_lowest_once(
-            evictions_max,
-            actions,
-            source,
-            shared,
-            now_us,
-            horizon_us,
-        );
-        if exact {
-            self.lowest_failures = 0;
-        } else {
-            self.lowest_failures = (self.lowest_failures + 1).min(6);
-            self.lowest_skips = (1 << self.lowest_failures) - 1;
-        }
-        exact
-    }
-
-    fn evict_among_the_lowest_once(
-        &mut self,
-        evictions_max: usize,
-        actions: &mut Vec<Action>,
-        source: &Source,
-        shared: &mut TickShared,
-        now_us: u64,
-        horizon_us: u64,
-    ) -> bool {
-        // `KeepAlive` names its victims in the order its selection leaves
-        // them, which depends on every idle slot: it is always shown all.
         if !matches!(self.rule, Reclaim::Predictive { .. }) {
             return false;
         }
-        let every_idle_slot =
-            self.lowest_idle(evictions_max + 1, source, shared, now_us, horizon_us);
-        let mut lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
-        lowest.sort_unstable();
-        let mut merged = Vec::with_capacity(self.shown.len() + lowest.len());
-        let (mut a, mut b) = (0, 0);
-        while a < self.shown.len() || b < lowest.len() {
-            let next = match (self.shown.get(a), lowest.get(b)) {
-                (Some(&x), Some(&y)) if x == y => {
-                    a += 1;
+        std::mem::swap(&mut self.shown, &mut self.shown_before);
+        let mut count = (evictions_min + self.lowest_extra).min(evictions_max);
+        loop {
+            let every_idle_slot = self.lowest_idle(count, source, shared, now_us, horizon_us);
+            let mut lowest: Vec<u32> = self.lowest.iter().map(|victim| victim.position).collect();
+            lowest.sort_unstable();
+            self.shown.clear();
+            let (before, mut b) = (&self.shown_before, 0);
+            for &position in before {
+                while b < lowest.len() && lowest[b] < position {
+                    self.shown.push(lowest[b]);
                     b += 1;
-                    x
                 }
-                (Some(&x), Some(&y)) if x < y => {
-                    a += 1;
-                    x
-                }
-                (Some(&x), None) => {
-                    a += 1;
-                    x
-                }
-                (_, Some(&y)) => {
+                if lowest.get(b) == Some(&position) {
                     b += 1;
-                    y
                 }
-                (None, None) => unreachable!(),
-            };
-            merged.push(next);
+                self.shown.push(position);
+            }
+            self.shown.extend_from_slice(&lowest[b..]);
+            let last_try = every_idle_slot || count == evictions_max;
+            if self.slots.len() - self.shown.len() <= self.budget_slots {
+                self.show(actions, source, shared, now_us, horizon_us);
+                let evicted = actions
+                    .iter()
+                    .filter(|action| matches!(action, Action::Evict { .. }))
+                    .count();
+                if last_try || evicted < count {
+                    if evicted > 0 {
+                        self.lowest_extra = (2 * evicted.saturating_sub(evictions_min)).max(8);
+                    }
+                    return true;
+                }
+            } else if last_try {
+                return false; // the budget left would not cover the slots left out
+            }
+            count = (2 * count).min(evictions_max);
         }
-        self.shown = merged;
-        if self.slots.len() - self.shown.len() > self.budget_slots {
-            return false; // the budget left would not cover the slots left out
-        }
-        self.show(actions, source, shared, now_us, horizon_us);
-        if every_idle_slot {
-            return true;
-        }
-        let evicted = actions
-            .iter()
-            .filter(|action| matches!(action, Action::Evict { .. }))
-            .count();
-        evicted < self.lowest.len()
-            && self.lowest[..=evicted].windows(2).all(|pair| {
-                pair[0].score.total_cmp(&pair[1].score).is_ne()
-                    || pair[0].last_activity_us != pair[1].last_activity_us
-            })
     }
 
     /// Puts into `self.lowest` the `count` lowest-ranked idle slots that
@@ -422,6 +399,7 @@ impl Sim {
             let victim = Victim {
                 score,
                 last_activity_us: hot.last_activity_us,
+                key_hash: hot.key_hash,
                 position: position as u32,
             };
             if heap.len() < count {
@@ -452,9 +430,9 @@ impl Sim {
             hot: Vec::new(),
             shown: Vec::new(),
             lowest: Vec::new(),
+            lowest_extra: 8,
+            shown_before: Vec::new(),
             reclaimed: Vec::new(),
-            lowest_skips: 0,
-            lowest_failures: 0,
             shown_counts: [0; 3],
             policy_name: policy_name.to_owned(),
             setting,
@@ -517,7 +495,7 @@ impl Sim {
                 self.insert(event.key_hash, slot, shared);
             }
             index => {
-                let slot = &mut self.slots[index as usize].1;
+                let (key_hash, slot) = &mut self.slots[index as usize];
                 if event.ts_us >= slot.ready_at_us {
                     for counters in [&mut self.counters, &mut self.halves[half]] {
                         counters.hits += 1;
@@ -535,7 +513,7 @@ impl Sim {
                 slot.held_until_us = slot.held_until_us.max(release_us);
                 slot.idle_since_us = slot.held_until_us;
                 self.eligible_at_us[index as usize] = self.rule.eligible_at_us(slot);
-                self.hot[index as usize] = Hot::of(slot);
+                self.hot[index as usize] = Hot::of(*key_hash, slot);
             }
         }
     }
@@ -545,7 +523,7 @@ impl Sim {
         self.slot_of_key[slot.key_id as usize] =
             u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
         self.eligible_at_us.push(self.rule.eligible_at_us(&slot));
-        self.hot.push(Hot::of(&slot));
+        self.hot.push(Hot::of(key_hash, &slot));
         self.slots.push((key_hash, slot));
     }
 
@@ -584,33 +562,35 @@ impl Sim {
         }
     }
 
-    /// `ranked`: scored keys, highest first (shared by every sim of a pass,
-    /// as is `shared`, for this tick).
+    /// `shared.ranked`: scored keys, highest first (shared by every sim of
+    /// a pass, as is `shared`, for this tick).
     pub(super) fn tick(
         &mut self,
         now_us: u64,
         horizon_us: u64,
         source: &Source,
-        ranked: &[Score],
         shared: &mut TickShared,
         index: &TraceIndex,
     ) {
-        // The candidates: the ranked keys this broker has no slot for.
+        // The candidates: the ranked keys this broker has no slot for, as
+        // many as it may want (`Reclaim::candidates_max`).
         self.candidates.clear();
         let threshold = self.policy.threshold();
-        for (rank, score) in ranked.iter().enumerate() {
-            if score.probability < threshold || self.candidates.len() >= self.budget_slots {
-                break;
-            }
-            shared.rank_known(rank, ranked, index);
+        let candidates_max = self.rule.candidates_max(self.budget_slots);
+        let mut rank = 0;
+        while self.candidates.len() < candidates_max
+            && let Some(score) = shared.ranked(rank, index)
+            && score.probability >= threshold
+        {
             let held = if self.holder_bit == 0 {
                 self.slot_of_key[shared.ranked_ids[rank] as usize] != NO_SLOT
             } else {
                 shared.ranked_holders[rank] & self.holder_bit != 0
             };
             if !held {
-                self.candidates.push(*score);
+                self.candidates.push(score);
             }
+            rank += 1;
         }
 
         // The policy is shown only the slots it may act on, in slot order,
@@ -623,13 +603,13 @@ impl Sim {
         //   those scored under it (it keeps the others);
         // - if it may evict (more slots kept than the budget, or more keys
         //   wanted than free slots), the tick is asked again with, beside
-        //   those, the `m + 1` lowest-ranked idle slots, `m` bounding the
-        //   evictions: when those are ranked without ties, the policy's
-        //   selection of its victims among them is its selection among all
-        //   of its idle slots. With ties, or too few idle slots, it is asked
-        //   again with every slot. The first call moved the adaptive
-        //   threshold's clock to now, so a second call's control step
-        //   changes nothing: its actions are those of the policy asked once.
+        //   those, its lowest-ranked idle slots ([`Sim::evict_among_the_lowest`]):
+        //   its victims are ranked by `victim_order`, a total order, so its
+        //   victims among them are its victims among all. `KeepAlive`, or a
+        //   budget too short for the slots left out, is asked again with
+        //   every slot. The first call moved the adaptive threshold's clock
+        //   to now, so a second call's control step changes nothing: its
+        //   actions are those of the policy asked once.
         let total = self.slots.len();
         let threshold_before = self.policy.threshold();
         let keep_only_under = match self.rule {
@@ -672,13 +652,15 @@ impl Sim {
         }
         let kept = total - self.reclaimed.len();
         let free = self.budget_slots.saturating_sub(kept);
-        let evictions_max = kept.saturating_sub(self.budget_slots)
+        let evictions_min = kept.saturating_sub(self.budget_slots);
+        let evictions_max = evictions_min
             + self
                 .rule
                 .wanted(&self.candidates, self.policy.threshold())
                 .saturating_sub(free);
         if evictions_max > 0 {
             let exact = self.evict_among_the_lowest(
+                evictions_min,
                 evictions_max,
                 &mut actions,
                 source,
