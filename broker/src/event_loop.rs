@@ -382,6 +382,12 @@ fn now_ms() -> u64 {
 
 impl EventLoop {
     pub fn new(config: Config) -> anyhow::Result<EventLoop> {
+        // First: every thread spawned below (the cluster agent's, gossip's,
+        // the Prometheus endpoint's) inherits this mask, so SIGTERM and
+        // SIGINT reach only the signalfd. A thread spawned before it would
+        // take them and die of them, and the broker with it, past its stop
+        // path (seen: a broker with `[cluster]` killed by systemd's stop).
+        let signal_fd = block_signals()?;
         let files = RuntimeFiles::open(&config)?;
         let geometry = files.table.geometry();
         let (ledger, ledger_adopted) =
@@ -435,7 +441,6 @@ impl EventLoop {
             &files.dir.join(shm_layout::SOCKET_FILE),
             config.socket_mode(),
         )?;
-        let signal_fd = block_signals()?;
         // COOP_TASKRUN: a completion's task work waits for this thread's
         // next entry into the kernel instead of interrupting it with an
         // IPI. The loop enters it all the time: its spin yields on every
