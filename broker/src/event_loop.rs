@@ -542,6 +542,24 @@ impl EventLoop {
             self.busy_ns += busy_from.elapsed().as_nanos() as u64;
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        if let Some(agent) = self.cluster.take() {
+            // Give every node grant up here first (no client grants itself
+            // a prepared global key any more; local holds of global keys
+            // are lost), then have the agent revoke the lease: the other
+            // hosts take the keys after their lock-delay, not after this
+            // lease's TTL.
+            self.manager.give_up_node_grants(&self.files.table);
+            let revoked = agent.stop(CLUSTER_STOP_WITHIN);
+            tracing::info!(
+                revoked,
+                "cluster: node grants given up{}",
+                if revoked {
+                    ", lease revoked"
+                } else {
+                    "; the lease ends by its TTL (etcd did not answer in time)"
+                }
+            );
+        }
         tracing::info!(
             "forelockd stopping: locks held stay recorded (ledger and table) for the next broker"
         );
@@ -1333,6 +1351,10 @@ fn peer_credentials(fd: &OwnedFd) -> Option<(u32, u32)> {
     };
     (rc == 0).then_some((cred.pid as u32, cred.uid))
 }
+
+/// How long a stopping broker waits for its cluster agent to revoke the
+/// lease and leave gossip (each bounded at 2 s by the agent).
+const CLUSTER_STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Block SIGTERM and SIGINT and return a signalfd that reads them.
 fn block_signals() -> anyhow::Result<OwnedFd> {

@@ -47,6 +47,11 @@ const CALLBACK_AGAIN_MARGIN: Duration = Duration::from_micros(500);
 /// local tokens than fit below the next revision's.
 pub const COUNTER_BITS: u32 = 24;
 
+/// How long a stopping agent tries to revoke its lease, and then to say
+/// goodbye to its gossip peers: etcd steps are retried and hedged within
+/// it. Past it the lease ends by its TTL, as after a crash.
+const STOP_REVOKE_WITHIN: Duration = Duration::from_secs(2);
+
 /// The token base of a node grant confirmed at etcd revision `rev`.
 pub fn token_base(rev: i64) -> u64 {
     (rev as u64) << COUNTER_BITS
@@ -66,6 +71,11 @@ pub enum Command {
     /// under the node grant it got under lease `epoch`: release it at etcd.
     /// Ignored when that lease's session is over (its keys went with it).
     Release { key: Vec<u8>, epoch: u64 },
+    /// The broker stops and has given every node grant up (no local grant
+    /// of a global key can be made any more, prepared slots included):
+    /// revoke the lease, say goodbye to the gossip peers, then say
+    /// [`Event::Stopped`]. Sent by [`Agent::stop`].
+    Stop,
 }
 
 /// What the agent tells the broker.
@@ -92,6 +102,8 @@ pub enum Event {
     /// Gossip: another host says it will want `key` soon. Advisory: the
     /// broker may release an idle node grant early.
     Hint { key: Vec<u8> },
+    /// The agent has done what [`Command::Stop`] asks.
+    Stopped,
 }
 
 /// The lease as the broker sees it: which epoch, and until when (broker's
@@ -216,6 +228,22 @@ impl Agent {
         // The agent thread lives as long as the process: a send cannot fail
         // unless it panicked, which the log already shows.
         let _ = self.commands.send(c);
+    }
+
+    /// The broker stops, and has given every node grant up
+    /// ([`Command::Stop`]): wait up to `within` for the agent to revoke the
+    /// lease and leave gossip. Whether it did; other events are dropped.
+    pub fn stop(&self, within: Duration) -> bool {
+        self.send(Command::Stop);
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Stopped) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Events waiting, oldest first. Clears the eventfd.
@@ -438,6 +466,12 @@ impl Inner {
                     );
                 });
             } else {
+                // Commands closed or Stop: leave gossip with a goodbye
+                // (bounded), then tell a stopping broker it may exit.
+                if let Some(gossip) = gossip {
+                    let _ = tokio::time::timeout(STOP_REVOKE_WITHIN, gossip.shutdown()).await;
+                }
+                self.emit(Event::Stopped);
                 return;
             }
         }
@@ -573,11 +607,18 @@ impl Inner {
                     watches.prune();
                 }
                 c = commands.recv() => match c {
-                    None => {
+                    // The broker is gone, or stops (it gave every node grant
+                    // up first: Agent::stop).
+                    c @ (None | Some(Command::Stop)) => {
                         for (_, t) in tasks.drain() { t.handle.abort(); }
                         strays.drain().for_each(|(_, t)| t.abort());
                         watch_task.abort();
                         keepers.iter().for_each(|k| k.abort());
+                        if c.is_some() {
+                            // Free the other hosts now, not after the TTL.
+                            let revoked = tokio::time::timeout(STOP_REVOKE_WITHIN, retry(|| revoke(client, lease))).await.is_ok();
+                            tracing::info!(lease, revoked, "stopping: the lease is revoked (or gone)");
+                        }
                         return None;
                     }
                     Some(Command::Want { key, shared, prefetch }) => {

@@ -55,6 +55,17 @@ pub trait ClusterLink {
     }
 }
 
+/// Which node grants [`LockManager::lose`] drops.
+#[derive(Clone, Copy)]
+enum Losing {
+    /// Those under lease `epoch`: the agent fenced it.
+    Epoch(u64),
+    /// Those whose lease is past its safe time on the broker's own clock.
+    PastSafeTime,
+    /// Every one: the broker stops.
+    All,
+}
+
 /// This host's node grant on one global key.
 #[derive(Debug, Clone)]
 struct NodeGrant {
@@ -371,9 +382,11 @@ impl LockManager {
             }
             Event::Fenced { epoch, reason } => {
                 tracing::error!(epoch, %reason, "lease lost: local holds of global keys are lost");
-                self.lose_epoch(table, Some(epoch));
+                self.lose(table, Losing::Epoch(epoch));
                 return;
             }
+            // Only Agent::stop waits for it; one seen here is stale.
+            Event::Stopped => return,
         };
         if let Some(&s) = self.dir.keys.get(key.as_slice()) {
             self.dispatch(table, s, waker);
@@ -396,7 +409,7 @@ impl LockManager {
             .values()
             .any(|g| !nodes.link.lease_valid(g.epoch))
         {
-            self.lose_epoch(table, None);
+            self.lose(table, Losing::PastSafeTime);
         }
         self.refresh_fast_path(table);
         // A callback waits out the minimum hold, then drains.
@@ -410,43 +423,45 @@ impl LockManager {
         }
     }
 
-    /// Every node grant under `epoch` (or under any invalid lease, `None`) is
-    /// gone: its local holders are lost, its waiters ask again.
-    fn lose_epoch(&mut self, table: &TableView, epoch: Option<u64>) {
+    /// The broker stops: every node grant is given up before the agent
+    /// revokes the lease ([`forelock_cluster::Agent::stop`]). Clients stop
+    /// granting themselves prepared global keys, their fast-path holders
+    /// become holders the gate knows, and every local hold of a global key
+    /// is lost (another host may hold the key once the lease is revoked).
+    pub fn give_up_node_grants(&mut self, table: &TableView) {
+        self.lose(table, Losing::All);
+    }
+
+    /// The node grants `which` names are gone: their local holders are
+    /// lost, their waiters ask again.
+    fn lose(&mut self, table: &TableView, which: Losing) {
         let Some(nodes) = self.nodes.as_ref() else {
-            return;
-        };
-        // Their fast-path holders first become holders the gate knows (and
-        // so lost holds below), and clients stop granting themselves.
-        let doomed: Vec<Vec<u8>> = nodes
-            .grants
-            .iter()
-            .filter(|(_, g)| match epoch {
-                Some(e) => g.epoch == e,
-                None => !nodes.link.lease_valid(g.epoch),
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &doomed {
-            self.stop_fast_path(table, k);
-        }
-        let Some(nodes) = self.nodes.as_mut() else {
             return;
         };
         let gone: Vec<(Vec<u8>, u64)> = nodes
             .grants
             .iter()
-            .filter(|(_, g)| match epoch {
-                Some(e) => g.epoch == e,
-                None => !nodes.link.lease_valid(g.epoch),
+            .filter(|(_, g)| match which {
+                Losing::Epoch(e) => g.epoch == e,
+                Losing::PastSafeTime => !nodes.link.lease_valid(g.epoch),
+                Losing::All => true,
             })
             .map(|(k, g)| (k.clone(), g.epoch))
             .collect();
+        // Their fast-path holders first become holders the gate knows (and
+        // so lost holds below), and clients stop granting themselves.
+        for (k, _) in &gone {
+            self.stop_fast_path(table, k);
+        }
+        let Some(nodes) = self.nodes.as_mut() else {
+            return;
+        };
         for (k, _) in &gone {
             nodes.grants.remove(k);
         }
-        if epoch.is_some() {
-            // The agent fenced: its session, with every key task, is gone.
+        if !matches!(which, Losing::PastSafeTime) {
+            // The agent fenced, or stops: its session, with every key
+            // task, is gone.
             nodes.releasing.clear();
             nodes.wanted.clear();
         } else {
@@ -476,6 +491,9 @@ impl LockManager {
         let nodes = self.nodes.as_mut().expect("checked above");
         tracing::warn!(keys = gone.len(), holds = lost.len(), "node grants lost");
         nodes.lost.extend(lost);
+        if matches!(which, Losing::All) {
+            return; // stopping: local waiters do not ask again
+        }
         let waiting: Vec<Vec<u8>> = self
             .dir
             .keys

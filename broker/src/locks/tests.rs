@@ -1836,6 +1836,35 @@ mod node_gate {
         assert_eq!(take_global_by_cas(&f, a), None);
     }
 
+    /// The broker stops (before its agent revokes the lease): as at a
+    /// fence, prepared global keys are taken over and their fast-path
+    /// holders are lost, and no Want goes out for the waiters left.
+    #[test]
+    fn giving_the_node_grants_up_at_stop_takes_prepared_keys_over_and_loses_their_holders() {
+        let (mut f, script) = clustered();
+        let (a, b, c) = (f.client(100), f.client(101), f.client(102));
+        cache_global_k(&mut f, a);
+        let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
+        assert!(f.queued(c, 3, "global/k", false), "b holds");
+        script.borrow_mut().sent.clear();
+        f.m.give_up_node_grants(&f.table);
+        assert!(
+            script.borrow().sent.is_empty(),
+            "a stopping broker asks etcd for nothing more: {:?}",
+            script.borrow().sent
+        );
+        assert!(!f.word("global/k").is_prepared());
+        assert_eq!(take_global_by_cas(&f, a), None);
+        assert!(matches!(
+            f.release(b, &grant_of_k(&f, fast_token)),
+            Response::Error {
+                code: ErrorCode::Lost,
+                ..
+            }
+        ));
+        assert_eq!(answered_token(&mut f), None, "nothing granted to c");
+    }
+
     /// A broker restarts while a client holds a global key by CAS: the new
     /// broker's node grants are new, so the old fast-path hold is lost, and
     /// the slot is taken over before any client can grant itself the key.
