@@ -114,8 +114,9 @@
 //! * Time is only the two guards above; `min_hold` is nondeterminism (a drain
 //!   may start at any time after the callback).
 //! * Revoke on fence is folded into `Expire` (both delete the keys
-//!   uncleanly, after the fence). Gossip is left out: it never decides
-//!   ownership.
+//!   uncleanly, after the fence), and so is a clean stop's revoke: the
+//!   stopping broker gives every node grant up first, as `Fence` does,
+//!   then revokes. Gossip is left out: it never decides ownership.
 //! * etcd itself (raft, leader change) is one atomic store: its TTL being a
 //!   minimum only makes `Expire` later, which the model already allows.
 //!
