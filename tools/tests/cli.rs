@@ -635,6 +635,29 @@ fn bench_languages_measures_rust_and_c_beside_python() {
     }
 }
 
+/// `forelock ARGS -- sh -c SCRIPT` on `dir`, once SCRIPT has said "held";
+/// its stdout, to read the rest from.
+fn start_held(
+    dir: &std::path::Path,
+    args: &[&str],
+    script: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(cli_exe())
+        .args(args)
+        .args(["--", "sh", "-c", script])
+        .env("FORELOCK_RUNTIME_DIR", dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start forelock");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    (child, out)
+}
+
 /// A broker with `[cluster]` on a real etcd of its own (`None`, the test
 /// skipped, where etcd is not installed). Fields drop in order: the broker
 /// stops before its directory goes, and etcd last.
@@ -668,25 +691,8 @@ fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
         return;
     };
     let (dir, etcd) = (&global.dir, &global.etcd);
-    // `forelock ARGS -- sh -c SCRIPT`, once SCRIPT has said "held"; its
-    // stdout, to read the rest from.
-    let start = |args: &[&str], script: &str| {
-        let mut child = Command::new(cli_exe())
-            .args(args)
-            .args(["--", "sh", "-c", script])
-            .env("FORELOCK_RUNTIME_DIR", dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start forelock run");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "held");
-        (child, out)
-    };
-    let (child, mut out) = start(
+    let (child, mut out) = start_held(
+        dir.path(),
         &["run", "global/job"],
         "trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done",
     );
@@ -704,7 +710,8 @@ fn run_stops_the_command_and_exits_75_when_its_global_hold_is_lost() {
 
     // With `--on-lost none` the command runs on and is told by the code
     // alone; the key is this host's again once its new lease is up.
-    let (mut child, mut out) = start(
+    let (mut child, mut out) = start_held(
+        dir.path(),
         &["run", "-w", "15", "--on-lost", "none", "global/job"],
         "trap 'echo signalled' TERM; echo held; read x; echo finished",
     );
@@ -820,18 +827,11 @@ fn the_prometheus_endpoint_says_whether_global_keys_are_granted() {
 fn run_stops_the_command_when_a_new_broker_forgot_the_hold() {
     let dir = TempDir::new("run-forgotten");
     let mut broker = Broker::start(dir.path(), SMALL);
-    let mut child = Command::new(cli_exe())
-        .args(["run", "job", "--", "sh", "-c"])
-        .arg("trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done")
-        .env("FORELOCK_RUNTIME_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start forelock run");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "held");
+    let (child, mut out) = start_held(
+        dir.path(),
+        &["run", "job"],
+        "trap 'echo stopped; exit 0' TERM; echo held; while :; do sleep 0.05; done",
+    );
     broker.kill9();
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
@@ -841,7 +841,7 @@ fn run_stops_the_command_when_a_new_broker_forgot_the_hold() {
     }
     broker.restart_stopped();
     let status = wait_output(child);
-    line.clear();
+    let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "stopped", "the command got SIGTERM");
     assert_eq!(status.status.code(), Some(75), "{}", stderr(&status));
