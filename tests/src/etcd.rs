@@ -21,7 +21,23 @@ impl Drop for LocalEtcd {
     }
 }
 
-fn free_port() -> u16 {
+/// Whether Debian's etcd is installed. Where it is not, says `SKIP` and
+/// why (the caller returns), or fails the test with FORELOCK_REQUIRE_CLUSTER
+/// set (CI).
+pub fn etcd_installed() -> bool {
+    if Command::new("etcd").arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
+        "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
+    );
+    eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
+    false
+}
+
+/// A loopback port free now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -46,12 +62,7 @@ impl LocalEtcd {
         extra: &[std::ffi::OsString],
         healthy: impl Fn(&str) -> bool,
     ) -> Option<LocalEtcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-                "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
-            );
-            eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
+        if !etcd_installed() {
             return None;
         }
         let (client, peer) = (free_port(), free_port());

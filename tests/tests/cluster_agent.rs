@@ -49,6 +49,19 @@ fn next_but_callback(a: &Agent, key: &[u8], within: Duration) -> Event {
     }
 }
 
+/// Have `a` release its node grant of `key` (lease epoch 1) and wait for
+/// etcd to have it, repeated callbacks aside.
+fn release(a: &Agent, key: &[u8]) {
+    a.send(Command::Release {
+        key: key.to_vec(),
+        epoch: 1,
+    });
+    assert_eq!(
+        next_but_callback(a, key, Duration::from_secs(10)),
+        Event::Released { key: key.to_vec() }
+    );
+}
+
 fn want(key: &[u8]) -> Command {
     Command::Want {
         key: key.to_vec(),
@@ -81,14 +94,7 @@ fn node_grants_pass_between_hosts_in_order_with_increasing_tokens() {
         let holders = |x: &Agent| x.status.lock().unwrap().holders.get(&key).cloned();
         assert_eq!(holders(&b).as_deref(), Some("a"), "round {round}");
         assert_eq!(holders(&a).as_deref(), Some("a"), "round {round}");
-        a.send(Command::Release {
-            key: key.clone(),
-            epoch: 1,
-        });
-        assert_eq!(
-            next_but_callback(&a, &key, Duration::from_secs(10)),
-            Event::Released { key: key.clone() }
-        );
+        release(&a, &key);
         let Event::Granted { base, .. } = next(&b, Duration::from_secs(10)) else {
             panic!("b: expected a grant")
         };
@@ -407,16 +413,6 @@ fn a_late_copy_of_a_queue_transaction_does_not_block_the_key_for_other_hosts() {
     let Some(e) = LocalEtcd::start() else { return };
     let (a, b) = (agent("a", &e.url), agent("b", &e.url));
     let (rt, c, prefix) = etcd_session(&e);
-    let release = |x: &Agent, key: &[u8]| {
-        x.send(Command::Release {
-            key: key.to_vec(),
-            epoch: 1,
-        });
-        assert_eq!(
-            next_but_callback(x, key, Duration::from_secs(10)),
-            Event::Released { key: key.to_vec() }
-        );
-    };
     // A free key (the late copy wins again, with its held marker) and a key
     // another host holds when the copy lands (it queues again, behind).
     let free = b"global/late-free".to_vec();
@@ -497,14 +493,7 @@ fn a_host_does_not_wait_behind_its_own_stray_entry_in_the_other_mode() {
     let Event::Granted { .. } = next(&a, Duration::from_secs(15)) else {
         panic!("a: expected a grant")
     };
-    a.send(Command::Release {
-        key: key.clone(),
-        epoch: 1,
-    });
-    assert_eq!(
-        next_but_callback(&a, &key, Duration::from_secs(10)),
-        Event::Released { key: key.clone() }
-    );
+    release(&a, &key);
     let id = a.lease.get().id;
     let names = Names::new(&prefix, &key, false, id);
     rt.block_on(queue_and_look(&c, &names, "a", id, false))

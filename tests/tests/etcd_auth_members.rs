@@ -9,18 +9,10 @@
 //! FORELOCK_REQUIRE_CLUSTER=1 (CI), where it fails instead.
 
 use forelock_cluster::{Agent, ClusterConfig, Command, Event};
-use forelock_tests::etcd::etcdctl;
-use std::net::TcpListener;
+use forelock_tests::etcd::{etcd_installed, etcdctl, free_port};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 /// Three etcd members on loopback, killed and their data removed on drop.
 struct Members {
@@ -41,16 +33,7 @@ impl Drop for Members {
 
 impl Members {
     fn start() -> Option<Members> {
-        if std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-                "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
-            );
-            eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
+        if !etcd_installed() {
             return None;
         }
         let url = |_| format!("http://127.0.0.1:{}", free_port());

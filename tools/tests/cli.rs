@@ -2,7 +2,7 @@
 //! Behaviour only, never timing.
 
 mod support;
-use forelock_tests::etcd::revoke_the_lease_of;
+use forelock_tests::etcd::{free_port, revoke_the_lease_of};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use support::*;
@@ -357,11 +357,7 @@ fn the_prometheus_endpoint_serves_counters_and_latency_quantiles() {
     let dir = TempDir::new("prom");
     // A free port now; another process could take it before the broker
     // binds it, which would fail this test loudly, not wrongly.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = format!("{SMALL}[metrics]\nprometheus_listen = \"127.0.0.1:{port}\"\n");
     let broker = Broker::start(dir.path(), &config);
     assert_eq!(
@@ -756,9 +752,8 @@ fn unlock_exits_75_when_the_global_hold_was_lost() {
 /// in silence, and `-w` still ends with the conflict code.
 #[test]
 fn run_says_why_a_global_key_waits_when_etcd_is_unreachable() {
-    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", nobody.local_addr().unwrap());
-    drop(nobody); // nothing listens there now: connections are refused
+    // Nothing listens there: connections are refused.
+    let url = format!("http://127.0.0.1:{}", free_port());
     let dir = TempDir::new("run-no-etcd");
     let _broker = Broker::start(dir.path(), &forelock_tests::etcd::cluster_config("a", &url));
     let out = forelock(dir.path(), &["run", "-w", "4", "global/x", "--", "true"]);
@@ -778,13 +773,6 @@ fn run_says_why_a_global_key_waits_when_etcd_is_unreachable() {
 /// keys now (the gauge an operator alerts on), its fences and node grants.
 #[test]
 fn the_prometheus_endpoint_says_whether_global_keys_are_granted() {
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let metrics = |body: &str, line: &str| body.lines().any(|l| l == line);
     let serve = |name: &str, etcd_url: &str, check: &dyn Fn(&std::path::Path, u16)| {
         let (dir, port) = (TempDir::new(name), free_port());

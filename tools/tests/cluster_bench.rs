@@ -16,12 +16,7 @@ const BOUND: Duration = Duration::from_secs(180);
 
 #[test]
 fn the_cluster_bench_prints_every_row_and_no_error() {
-    if Command::new("etcd").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-            "etcd is not installed: run .ci/install.sh (Debian's etcd-server)"
-        );
-        eprintln!("SKIP: etcd is not installed (apt-get install etcd-server)");
+    if !forelock_tests::etcd::etcd_installed() {
         return;
     }
     broker_exe();

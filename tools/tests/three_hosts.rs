@@ -20,12 +20,7 @@ fn the_three_hosts_walkthrough_takes_global_keys_from_every_host_in_token_order(
         eprintln!("SKIP: tools/three-hosts.sh needs root (network namespaces)");
         return;
     }
-    if Command::new("etcd").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("FORELOCK_REQUIRE_CLUSTER").is_none(),
-            "etcd is not installed: run .ci/install.sh"
-        );
-        eprintln!("SKIP: etcd is not installed (apt-get install etcd-server etcd-client)");
+    if !forelock_tests::etcd::etcd_installed() {
         return;
     }
     let _ = broker_exe(); // forelockd beside forelock, or a message saying how
