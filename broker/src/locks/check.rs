@@ -7,15 +7,25 @@ use super::engine::Holder;
 
 impl LockManager {
     /// A copy of this manager with its ledger on the heap: a branch point of
-    /// the explorer (the table is copied by the caller).
+    /// the explorer (the table is copied by the caller). A clustered manager
+    /// is forked with [`LockManager::fork_with_link`].
     #[cfg(any(test, feature = "model"))]
     pub fn fork(&self) -> LockManager {
-        // The explorer drives a single-host broker; the node gate's protocol
-        // is checked by the cluster's own model (broker/cluster).
         assert!(
             self.nodes.is_none(),
-            "the explorer does not fork a clustered manager"
+            "a clustered manager forks with its link's copy (fork_with_link)"
         );
+        self.fork_inner(None)
+    }
+
+    /// A copy of this clustered manager whose node gate talks to `link` (the
+    /// copy of the scripted agent that the explorer's branch point made).
+    #[cfg(any(test, feature = "model"))]
+    pub fn fork_with_link(&self, link: Box<dyn super::nodes::ClusterLink>) -> LockManager {
+        self.fork_inner(Some(link))
+    }
+
+    fn fork_inner(&self, link: Option<Box<dyn super::nodes::ClusterLink>>) -> LockManager {
         LockManager {
             policy: self.policy,
             epoch: self.epoch,
@@ -25,7 +35,11 @@ impl LockManager {
             waiting: self.waiting.clone(),
             predicted: self.predicted.clone(),
             now_ms: self.now_ms,
-            nodes: None,
+            nodes: match (&self.nodes, link) {
+                (Some(n), Some(link)) => Some(n.fork(link)),
+                (None, None) => None,
+                _ => panic!("a link is given exactly when the manager is clustered"),
+            },
         }
     }
 
@@ -52,6 +66,9 @@ impl LockManager {
         let mut died: Vec<_> = self.dir.died_keys.iter().collect();
         died.sort();
         died.hash(h);
+        if let Some(n) = &self.nodes {
+            n.digest(h);
+        }
     }
 
     /// The engine's own invariants, checked by the explorer after every step:
@@ -80,10 +97,22 @@ impl LockManager {
             if let Some(head) = st.queue.front()
                 && st.holder.admits(head.shared)
             {
-                return Err(format!(
-                    "slot {s}: waiter {head:?} starves behind {:?}",
-                    st.holder
-                ));
+                // A global key's head may wait for its node grant, which
+                // must then be here (not admitting yet: a callback, a
+                // release under way) or asked for.
+                if self.slot_admits(s as u32, head.shared) {
+                    return Err(format!(
+                        "slot {s}: waiter {head:?} starves behind {:?}",
+                        st.holder
+                    ));
+                }
+                if let (Some(n), Some(k)) = (&self.nodes, &st.key)
+                    && !n.is_coming(k)
+                {
+                    return Err(format!(
+                        "slot {s}: waiter {head:?} waits for a node grant nobody asked for"
+                    ));
+                }
             }
             for w in &st.queue {
                 queued += 1;

@@ -1001,7 +1001,7 @@ impl LockManager {
         }
     }
 
-    fn slot_admits(&self, s: u32, shared: bool) -> bool {
+    pub(super) fn slot_admits(&self, s: u32, shared: bool) -> bool {
         match &self.dir.slots[s as usize].key {
             Some(k) => self.node_admits(k, shared),
             None => true,

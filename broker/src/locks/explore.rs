@@ -3,6 +3,7 @@
 //! checked after each, and the bounds), deduplicating states.
 
 use super::model::{Explorer, Have, Step};
+use super::model_nodes::NodeStep;
 use std::collections::HashSet;
 
 /// Breadth-first to `depth`, deduplicating states. Returns the states seen.
@@ -114,4 +115,58 @@ fn two_clients_one_key_on_the_contended_path_with_restarts() {
     );
     let states = explore(&ex, 2, depth(6));
     assert!(states > 100, "explored only {states} states");
+}
+
+/// The node gate (`model_nodes`): the exploration reaches a cached global
+/// key taken by one CAS, the lease's safe time passing under its holder,
+/// a client's CAS refused after it, and the holder lost at the tick.
+#[test]
+fn the_node_gate_model_reaches_a_cached_key_and_its_lost_holder() {
+    let ex = Explorer::new(1, 1, 1, false, false).with_cluster();
+    let mut s = ex.initial(2);
+    for step in [
+        Step::Slow((0, 0), 0, false, true),
+        Step::Node(NodeStep::Grant),
+        Step::Node(NodeStep::Deliver),
+        Step::Release((0, 0)),
+        Step::Fast((1, 0), 0),
+    ] {
+        ex.apply(&mut s, step).unwrap();
+    }
+    assert!(
+        matches!(s.clients[1].lanes[0], Have::Holding { fast: Some(_), .. }),
+        "the cached global key is taken by one CAS: {:?}",
+        s.clients[1].lanes[0]
+    );
+    ex.apply(&mut s, Step::Node(NodeStep::PastSafe)).unwrap();
+    ex.apply(&mut s, Step::Fast((0, 0), 0)).unwrap();
+    assert_eq!(s.clients[0].lanes[0], Have::Idle, "held: the CAS fails");
+    ex.apply(&mut s, Step::Release((1, 0))).unwrap();
+    ex.apply(&mut s, Step::Fast((0, 0), 0)).unwrap();
+    assert_eq!(
+        s.clients[0].lanes[0],
+        Have::Idle,
+        "past the safe time a won CAS is given back"
+    );
+    ex.apply(&mut s, Step::Slow((0, 0), 0, false, true))
+        .unwrap();
+    assert!(matches!(s.clients[0].lanes[0], Have::Queued { .. }));
+    // The tick finds the lease past its safe time: the gate lets the key go.
+    ex.apply(&mut s, Step::Node(NodeStep::Tick)).unwrap();
+    assert!(
+        !s.m.holds_node_grant(b"a"),
+        "the node grant went at the tick"
+    );
+}
+
+/// The node gate (`model_nodes`): key `a` global; the agent's
+/// grants, callbacks, hints, releases and fence, the lease's safe time
+/// passing, prefetch, the minimum hold, a restart and a clean stop, in
+/// every order with two clients' fast and slow acquisitions and releases.
+#[test]
+fn two_clients_a_global_key_and_a_local_one_with_the_node_gate() {
+    let ex = Explorer::new(1, 1, 1, false, false).with_cluster();
+    let states = explore(&ex, 2, depth(5));
+    eprintln!("explored {states} states");
+    assert!(states > 1000, "the explorer went nowhere: {states} states");
 }

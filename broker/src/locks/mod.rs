@@ -49,6 +49,8 @@ mod registry;
 mod check;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+#[cfg(any(test, feature = "model"))]
+mod model_nodes;
 
 use crate::config::Policy;
 use crate::ledger::Ledger;

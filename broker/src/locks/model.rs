@@ -38,6 +38,7 @@
 //! inside one; see `crate::ledger`); a client runs one call at a time.
 //! `FORELOCK_EXPLORE_DEPTH` raises the depth for a long local run.
 
+use super::model_nodes::{self, Cluster, GLOBAL, NodeStep};
 use super::*;
 use crate::ledger::Ledger;
 use shm_layout::events::{EventsHeader, EventsView, events_file_size, init_events};
@@ -52,7 +53,7 @@ use shm_layout::wire::Response;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 
-const KEYS: [&[u8]; 3] = [b"a", b"b", b"c"];
+pub(super) const KEYS: [&[u8]; 3] = [b"a", b"b", b"c"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum Have {
@@ -124,6 +125,9 @@ pub enum Step {
     /// next fast grant is the last value's, released through the broker
     /// (`lockword::needs_broker_release`), which rebases the token.
     Spend(usize),
+    /// A step of the cluster agent or of the broker's clocks (with
+    /// [`Explorer::with_cluster`]; `model_nodes`).
+    Node(NodeStep),
 }
 
 /// The releaser's wake-ups in the model: every hand-off finds a hungry
@@ -180,6 +184,8 @@ pub struct State {
     pub restarts: u32,
     pub max_token: Vec<u64>,
     pub trace: Vec<Step>,
+    /// The scripted cluster agent, with [`Explorer::with_cluster`].
+    pub cluster: Option<Cluster>,
 }
 
 pub struct Explorer {
@@ -196,9 +202,12 @@ pub struct Explorer {
     /// Add the contended path's steps ([`Step::Mark`], [`Step::Claim`]) and
     /// release through it (`lockword::release_contended`).
     pub contended: bool,
+    /// Make key `a` global: its local grants pass the node gate, whose node
+    /// grant comes from a scripted agent (`model_nodes`).
+    pub cluster: bool,
 }
 
-fn view(buf: &Buf) -> TableView {
+pub(super) fn view(buf: &Buf) -> TableView {
     // SAFETY: the buffer is a 64-aligned heap table of its full size, alive
     // for as long as the view is used (within one step).
     unsafe { TableView::new(buf.ptr, buf.size()) }.expect("a valid table")
@@ -206,9 +215,17 @@ fn view(buf: &Buf) -> TableView {
 
 impl State {
     pub fn fork(&self) -> State {
+        let (cluster, m) = match &self.cluster {
+            Some(c) => {
+                let (c, m) = c.fork(&self.m);
+                (Some(c), m)
+            }
+            None => (None, self.m.fork()),
+        };
         State {
             table_buf: self.table_buf.copy(),
-            m: self.m.fork(),
+            m,
+            cluster,
             clients: self.clients.clone(),
             broken: self.broken.clone(),
             scribbled: self.scribbled,
@@ -235,6 +252,9 @@ impl State {
             &self.max_token,
         )
             .hash(&mut h);
+        if let Some(c) = &self.cluster {
+            c.hash(&mut h);
+        }
         h.finish()
     }
 }
@@ -259,7 +279,14 @@ impl Explorer {
             scribbles,
             hostile,
             contended: false,
+            cluster: false,
         }
+    }
+
+    /// The same model with key `a` global (`model_nodes`).
+    pub fn with_cluster(mut self) -> Explorer {
+        self.cluster = true;
+        self
     }
 
     /// The same model with the contended path's steps.
@@ -281,6 +308,7 @@ impl Explorer {
             |_, _| true,
             &mut w,
         );
+        let cluster = self.cluster.then(|| Cluster::install(&mut m, &table));
         let clients = (0..clients)
             .map(|i| {
                 let pid = 100 + i as u32;
@@ -308,11 +336,15 @@ impl Explorer {
             restarts: 0,
             max_token: vec![0; self.keys],
             trace: Vec::new(),
+            cluster,
         }
     }
 
     pub fn steps(&self, s: &State) -> Vec<Step> {
         let mut out = Vec::new();
+        if s.cluster.as_ref().is_some_and(Cluster::stopped) {
+            return out;
+        }
         // With `hostile`, the last client sends only raw requests: a process
         // that reuses its own request ids confuses only itself.
         let honest = s.clients.len() - self.hostile as usize;
@@ -418,6 +450,9 @@ impl Explorer {
             out.push(Step::Scribble(Scribble::RecordState(s.clients[0].record)));
             out.push(Step::Scribble(Scribble::Index));
         }
+        if let Some(c) = &s.cluster {
+            out.extend(c.steps().into_iter().map(Step::Node));
+        }
         out
     }
 
@@ -433,7 +468,12 @@ impl Explorer {
                 if let Some((slot, seen)) = table.lookup(KEYS[k], key_hash(KEYS[k])) {
                     let sl = table.slot(slot).expect("in range");
                     if let Ok(g) = try_acquire_exclusive(&sl.word, seen.generation(), record) {
-                        if sl.key_equals(KEYS[k]) {
+                        // As the client library: the key, then the slot's
+                        // safe time (a global key's lease), else give back.
+                        let safe = s.cluster.as_ref().is_none_or(|c| {
+                            c.may_grant_now(sl.grant_until_ns.load(Ordering::Acquire))
+                        });
+                        if sl.key_equals(KEYS[k]) && safe {
                             let token = sl
                                 .token_base
                                 .load(Ordering::Relaxed)
@@ -476,8 +516,11 @@ impl Explorer {
                 });
                 if !by_cas {
                     let r = s.m.release(&table, c.record, slot, token, &mut w);
-                    // A scribbled key may refuse its holder: that key is broken.
-                    if r != Response::Released && !s.broken[key] {
+                    // A scribbled key may refuse its holder: that key is
+                    // broken. A hold of the global key may have been lost
+                    // (checked after every step while it stood).
+                    let lost = s.cluster.is_some() && key == GLOBAL && model_nodes::is_lost(&r);
+                    if r != Response::Released && !lost && !s.broken[key] {
                         return Err(format!("{} could not release its lock: {r:?}", c.pid));
                     }
                 }
@@ -547,6 +590,9 @@ impl Explorer {
                     .map(|c| c.pid)
                     .collect();
                 s.m.readopt(&table, |pid, _| alive.contains(&pid), &mut w);
+                if let Some(c) = &s.cluster {
+                    c.restarted(&mut s.m, &table);
+                }
                 // Every live client re-attaches; a queued lane asks again.
                 for i in 0..s.clients.len() {
                     if !s.clients[i].alive {
@@ -641,8 +687,10 @@ impl Explorer {
                     }
                 }
             }
+            Step::Node(n) => model_nodes::apply(s, &table, n)?,
         }
         deliver(s, &mut w)?;
+        model_nodes::take_commands(s)?;
         check(s)
     }
 }
@@ -706,6 +754,9 @@ fn hostile(
                             ));
                         }
                         s.max_token[key] = token;
+                        if key == GLOBAL {
+                            model_nodes::check_grant(s, (i, usize::MAX), token, shared)?;
+                        }
                     }
                     s.clients[i].extra.push((key, slot, token, shared));
                 }
@@ -739,6 +790,9 @@ fn granted(
             ));
         }
         s.max_token[k] = token;
+        if k == GLOBAL {
+            model_nodes::check_grant(s, (i, l), token, shared)?;
+        }
     }
     s.clients[i].lanes[l] = Have::Holding {
         key: k,
@@ -791,7 +845,7 @@ fn answered(
 
 /// Hand-off answers reach the lane whose connection they name (an answer
 /// for a connection that is gone is lost, as on a real socket).
-fn deliver(s: &mut State, w: &mut CountingWaker) -> Result<(), String> {
+pub(super) fn deliver(s: &mut State, w: &mut CountingWaker) -> Result<(), String> {
     for (conn, r) in std::mem::take(&mut w.1) {
         let found = s.clients.iter().enumerate().find_map(|(i, c)| {
             c.lanes.iter().enumerate().find_map(|(l, h)| match *h {
@@ -919,7 +973,10 @@ fn check(s: &State) -> Result<(), String> {
                 .map(|&(_, slot, token, _)| (slot, token));
             for (slot, token) in lanes.chain(extra) {
                 let answer = s.m.check_hold(&table, c.record, slot, token);
-                if answer != Response::Holding {
+                let lost_ok = k == GLOBAL
+                    && model_nodes::is_lost(&answer)
+                    && model_nodes::lost_allowed(s, token);
+                if answer != Response::Holding && !lost_ok {
                     return Err(format!(
                         "key {k}: client {} holds slot {slot} with token {token}, but Check \
                          answers {answer:?}",
@@ -929,6 +986,7 @@ fn check(s: &State) -> Result<(), String> {
             }
         }
     }
+    model_nodes::check_standing(s)?;
     // Promise 5: nothing names a client that is gone.
     for c in s.clients.iter().filter(|c| !c.alive) {
         for slot in 0..table.geometry().slot_count {

@@ -135,6 +135,9 @@ pub(super) struct Nodes {
     /// Keys whose `Release` was sent and whose `Released` has not come back:
     /// a `Granted` for one of them is stale (the agent is releasing it).
     releasing: HashSet<Vec<u8>>,
+    /// The broker stops ([`LockManager::give_up_node_grants`]): its local
+    /// waiters are answered by its exit, not by a node grant.
+    stopping: bool,
     counts: NodeCounts,
 }
 
@@ -146,6 +149,7 @@ impl Nodes {
             wanted: HashSet::new(),
             lost: HashSet::new(),
             releasing: HashSet::new(),
+            stopping: false,
             counts: NodeCounts::default(),
         }
     }
@@ -241,6 +245,63 @@ impl Nodes {
             lost_holds: self.lost.len(),
             ..self.counts
         }
+    }
+
+    /// Whether `key`'s node grant is here, asked for, or being released
+    /// (its `Released` makes [`LockManager::settle`] ask again), or the
+    /// broker stops: a local waiter for it is not forgotten (the explorer's
+    /// check).
+    #[cfg(any(test, feature = "model"))]
+    pub(super) fn is_coming(&self, key: &[u8]) -> bool {
+        self.stopping
+            || self.grants.contains_key(key)
+            || self.wanted.contains(key)
+            || self.releasing.contains(key)
+    }
+
+    /// Whether the gate holds `key`'s node grant (the explorer's check).
+    #[cfg(any(test, feature = "model"))]
+    pub(super) fn holds(&self, key: &[u8]) -> bool {
+        self.grants.contains_key(key)
+    }
+
+    /// A copy talking to `link` (the explorer's branch point).
+    #[cfg(any(test, feature = "model"))]
+    pub(super) fn fork(&self, link: Box<dyn ClusterLink>) -> Nodes {
+        Nodes {
+            link,
+            grants: self.grants.clone(),
+            wanted: self.wanted.clone(),
+            lost: self.lost.clone(),
+            releasing: self.releasing.clone(),
+            stopping: self.stopping,
+            counts: self.counts,
+        }
+    }
+
+    /// A hash of what decides the gate's future (the explorer's visited
+    /// set): not the counters, and of a callback only whether it came (its
+    /// time is the real clock's, kept for the counters).
+    #[cfg(any(test, feature = "model"))]
+    pub(super) fn digest(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        let mut grants: Vec<_> = self.grants.iter().collect();
+        grants.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, g) in grants {
+            k.hash(h);
+            (g.shared, g.epoch, g.issued, g.limit, g.granted_us).hash(h);
+            (g.used, g.prefetch, g.awaited, g.callback_ns.is_some()).hash(h);
+            (g.callback, g.hinted, g.releasing, g.idle).hash(h);
+        }
+        for set in [&self.wanted, &self.releasing] {
+            let mut v: Vec<_> = set.iter().collect();
+            v.sort();
+            v.hash(h);
+        }
+        let mut lost: Vec<_> = self.lost.iter().collect();
+        lost.sort();
+        lost.hash(h);
+        self.stopping.hash(h);
     }
 
     /// Ask for `key`'s node grant ahead of any local request (prediction).
@@ -429,6 +490,9 @@ impl LockManager {
     /// become holders the gate knows, and every local hold of a global key
     /// is lost (another host may hold the key once the lease is revoked).
     pub fn give_up_node_grants(&mut self, table: &TableView) {
+        if let Some(n) = self.nodes.as_mut() {
+            n.stopping = true;
+        }
         self.lose(table, Losing::All);
     }
 
@@ -627,6 +691,13 @@ impl LockManager {
         for k in stop {
             self.stop_fast_path(table, &k);
         }
+    }
+
+    /// Whether this host's gate holds `key`'s node grant (the explorer's
+    /// check: without it, no local hold of the key may stand unlost).
+    #[cfg(any(test, feature = "model"))]
+    pub fn holds_node_grant(&self, key: &[u8]) -> bool {
+        self.nodes.as_ref().is_some_and(|n| n.holds(key))
     }
 
     /// What `forelock status` shows of the node gate, if clustering is on.
