@@ -159,14 +159,15 @@ fn the_node_gate_model_reaches_a_cached_key_and_its_lost_holder() {
     );
 }
 
-/// The node gate (`model_nodes`): key `a` global; the agent's
-/// grants, callbacks, hints, releases and fence, the lease's safe time
-/// passing, prefetch, the minimum hold, a restart and a clean stop, in
-/// every order with two clients' fast and slow acquisitions and releases.
+/// The node gate (`model_nodes`): key `a` global; the agent's grants,
+/// callbacks, hints, releases and fence, the lease's safe time passing,
+/// prefetch, the minimum hold, a restart and a clean stop, in every order
+/// with two clients' fast and slow acquisitions and releases. Depth 6 in
+/// CI (144,354 states); the long local run is in docs/cluster.md.
 #[test]
-fn two_clients_a_global_key_and_a_local_one_with_the_node_gate() {
+fn two_clients_a_global_key_with_the_node_gate() {
     let ex = Explorer::new(1, 1, 1, false, false).with_cluster();
-    let states = explore(&ex, 2, depth(5));
+    let states = explore(&ex, 2, depth(6));
     eprintln!("explored {states} states");
     assert!(states > 1000, "the explorer went nowhere: {states} states");
 }
