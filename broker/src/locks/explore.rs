@@ -163,7 +163,8 @@ fn the_node_gate_model_reaches_a_cached_key_and_its_lost_holder() {
 /// callbacks, hints, releases and fence, the lease's safe time passing,
 /// prefetch, the minimum hold, a restart and a clean stop, in every order
 /// with two clients' fast and slow acquisitions and releases. Depth 6 in
-/// CI (144,354 states); the long local run is in docs/cluster.md.
+/// CI (144,354 states); the long local run, and the bugs it catches, are in
+/// docs/cluster.md ("What is guaranteed").
 #[test]
 fn two_clients_a_global_key_with_the_node_gate() {
     let ex = Explorer::new(1, 1, 1, false, false).with_cluster();
