@@ -364,7 +364,7 @@ impl LockManager {
         self.mirror(table, slot);
         self.dispatch(table, slot, waker);
         if let Some(n) = self.nodes.as_mut()
-            && n.take_lost(client, token)
+            && n.take_lost(client, slot, token)
         {
             return lost(token, "the release is done");
         }
@@ -380,7 +380,7 @@ impl LockManager {
         if self
             .nodes
             .as_ref()
-            .is_some_and(|n| n.is_lost(client, token))
+            .is_some_and(|n| n.is_lost(client, slot, token))
         {
             return lost(token, "release it");
         }

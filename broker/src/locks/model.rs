@@ -713,7 +713,9 @@ fn hostile(
                 candidates.extend([t, t.wrapping_add(1)]);
             }
             let token = candidates[token % candidates.len()];
-            if s.m.release(table, record, slot, token, w) == Response::Released {
+            let r = s.m.release(table, record, slot, token, w);
+            // A lost hold of the global key is released too (answered Lost).
+            if r == Response::Released || model_nodes::is_lost(&r) {
                 // It released a hold of its own, whichever call made it.
                 let c = &mut s.clients[i];
                 c.extra.retain(|&(_, sl, t, _)| (sl, t) != (slot, token));

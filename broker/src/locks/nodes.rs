@@ -130,8 +130,10 @@ pub(super) struct Nodes {
     grants: HashMap<Vec<u8>, NodeGrant>,
     /// Keys whose node grant was asked for and not granted yet.
     wanted: HashSet<Vec<u8>>,
-    /// Local holds `(client, token)` whose node grant was lost.
-    lost: HashSet<(u32, u64)>,
+    /// Local holds `(client, slot, token)` whose node grant was lost. The
+    /// slot names the key: tokens are per key, and a client may hold a
+    /// local key with the same token as a lost global one.
+    lost: HashSet<(u32, u32, u64)>,
     /// Keys whose `Release` was sent and whose `Released` has not come back:
     /// a `Granted` for one of them is stale (the agent is releasing it).
     releasing: HashSet<Vec<u8>>,
@@ -227,15 +229,16 @@ impl Nodes {
         }
     }
 
-    /// Whether the hold `(client, token)` was lost (a question: it stays
-    /// lost until its release).
-    pub(super) fn is_lost(&self, client: u32, token: u64) -> bool {
-        self.lost.contains(&(client, token))
+    /// Whether the hold `(client, slot, token)` was lost (a question: it
+    /// stays lost until its release).
+    pub(super) fn is_lost(&self, client: u32, slot: u32, token: u64) -> bool {
+        self.lost.contains(&(client, slot, token))
     }
 
-    /// Whether the hold `(client, token)` was lost; forgets it (its release).
-    pub(super) fn take_lost(&mut self, client: u32, token: u64) -> bool {
-        self.lost.remove(&(client, token))
+    /// Whether the hold `(client, slot, token)` was lost; forgets it (its
+    /// release).
+    pub(super) fn take_lost(&mut self, client: u32, slot: u32, token: u64) -> bool {
+        self.lost.remove(&(client, slot, token))
     }
 
     pub(super) fn counts(&self) -> NodeCounts {
@@ -540,18 +543,11 @@ impl LockManager {
                 });
             }
         }
-        let mut lost = Vec::new();
-        for (k, _) in &gone {
-            if let Some(&s) = self.dir.keys.get(k.as_slice()) {
-                match &self.dir.slots[s as usize].holder {
-                    super::engine::Holder::Exclusive { client, token, .. } => {
-                        lost.push((*client, *token))
-                    }
-                    super::engine::Holder::Shared(v) => lost.extend(v.iter().copied()),
-                    super::engine::Holder::Free => {}
-                }
-            }
-        }
+        let lost: Vec<_> = gone
+            .iter()
+            .filter_map(|(k, _)| self.dir.keys.get(k.as_slice()))
+            .flat_map(|&s| self.holds_in(s))
+            .collect();
         let nodes = self.nodes.as_mut().expect("checked above");
         tracing::warn!(keys = gone.len(), holds = lost.len(), "node grants lost");
         nodes.lost.extend(lost);
@@ -570,6 +566,16 @@ impl LockManager {
             .collect();
         for k in waiting {
             self.settle(&k);
+        }
+    }
+
+    /// The holds `(client, slot, token)` the manager knows in slot `s` (a
+    /// prepared slot's fast-path holder once taken over).
+    fn holds_in(&self, s: u32) -> Vec<(u32, u32, u64)> {
+        match &self.dir.slots[s as usize].holder {
+            super::engine::Holder::Exclusive { client, token, .. } => vec![(*client, s, *token)],
+            super::engine::Holder::Shared(v) => v.iter().map(|&(c, t)| (c, s, t)).collect(),
+            super::engine::Holder::Free => Vec::new(),
         }
     }
 
@@ -738,13 +744,7 @@ impl LockManager {
             if !nodes.is_global(k) {
                 continue;
             }
-            match &self.dir.slots[s as usize].holder {
-                super::engine::Holder::Exclusive { client, token, .. } => {
-                    nodes.lost.insert((*client, *token));
-                }
-                super::engine::Holder::Shared(v) => nodes.lost.extend(v.iter().copied()),
-                super::engine::Holder::Free => {}
-            }
+            nodes.lost.extend(self.holds_in(s));
         }
         self.nodes = Some(nodes);
     }

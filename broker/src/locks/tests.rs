@@ -1609,6 +1609,53 @@ mod node_gate {
         assert!(answered_token(&mut f).is_some_and(|t| t > token));
     }
 
+    /// Regression (found by the `gate_session` fuzz target): lost holds were
+    /// named by `(client, token)`, but tokens are per key, so a local key's
+    /// hold with the same token as a lost global hold of the same client was
+    /// called lost too, and its release forgot the global hold's loss (whose
+    /// `Check` then answered `Holding` without a node grant).
+    #[test]
+    fn a_lost_global_hold_does_not_make_a_local_hold_with_the_same_token_lost() {
+        let (mut f, _script) = clustered();
+        let a = f.client(100);
+        let local = f.acquire(a, 1, "local/k", false);
+        let Response::Granted { token, .. } = local else {
+            panic!("{local:?}")
+        };
+        // A node grant whose first token is the local hold's token.
+        assert!(f.queued(a, 2, "global/k", false));
+        let grant = Event::Granted {
+            key: b"global/k".to_vec(),
+            shared: false,
+            base: token - 1,
+            epoch: 1,
+            prefetch: false,
+        };
+        f.m.node_event(&f.table, grant, &mut f.w);
+        assert_eq!(answered_token(&mut f), Some(token), "the same token");
+        let global = grant_of_k(&f, token);
+        f.m.node_event(
+            &f.table,
+            Event::Fenced {
+                epoch: 1,
+                reason: "test".into(),
+            },
+            &mut f.w,
+        );
+        assert_eq!(f.check(a, &local), Response::Holding, "a local key");
+        assert_eq!(f.release(a, &local), Response::Released);
+        assert!(
+            matches!(
+                f.check(a, &global),
+                Response::Error {
+                    code: ErrorCode::Lost,
+                    ..
+                }
+            ),
+            "the global hold is still lost"
+        );
+    }
+
     #[test]
     fn a_used_grant_waits_out_the_minimum_hold_on_a_callback_but_yields_at_once_to_a_hint() {
         let (mut f, script) = clustered();
