@@ -548,13 +548,10 @@ struct TickShared {
     /// bits read at any time in the tick are those at its start.
     ranked_ids: Vec<u32>,
     ranked_holders: Vec<u64>,
-    /// The forecaster's row of each ranked key, when the ranking came from
-    /// [`top_rows`] (empty otherwise): its dense number is then in
-    /// `row_ids`, put there by this tick's [`TickShared::fill`].
-    ranked_rows: Vec<u32>,
     /// This tick's ranking, highest first ([`TickShared::ranked`]), and,
-    /// from the forecaster, the rows not yet in it ([`top_rows`]): ranked
-    /// in chunks, as far as a broker reads.
+    /// from the forecaster, the keys not yet in it ([`top_rows`], less
+    /// those no broker takes: [`TickShared::keep_wanted`]): ranked in
+    /// chunks, as far as a broker reads.
     ranked: Vec<Score>,
     unranked: Vec<(u64, f32, u32)>,
 }
@@ -573,7 +570,6 @@ impl TickShared {
             },
             ranked_ids: Vec::new(),
             ranked_holders: Vec::new(),
-            ranked_rows: Vec::new(),
             ranked: Vec::new(),
             unranked: Vec::new(),
         }
@@ -589,7 +585,6 @@ impl TickShared {
         }
         self.ranked_ids.clear();
         self.ranked_holders.clear();
-        self.ranked_rows.clear();
         self.ranked.clear();
         self.unranked.clear();
         self.filled = false;
@@ -659,10 +654,8 @@ impl TickShared {
                     probability,
                     contention: 0.0,
                 }));
-            if self.filled {
-                self.ranked_rows
-                    .extend(chunk.iter().map(|&(_, _, row)| row));
-            }
+            self.ranked_ids
+                .extend(chunk.iter().map(|&(_, _, key_id)| key_id));
             let taken = chunk.len();
             self.unranked.drain(..taken);
         }
@@ -671,20 +664,44 @@ impl TickShared {
         Some(score)
     }
 
-    /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
+    /// Makes the dense numbers (and holders) of `ranked[..=rank]` known:
+    /// those ranked from the forecaster's rows came with their numbers;
+    /// the oracle's are looked up.
     fn rank_known(&mut self, rank: usize, index: &TraceIndex) {
         while self.ranked_ids.len() <= rank {
-            let next = self.ranked_ids.len();
-            let key_id = match self.ranked_rows.get(next) {
-                Some(&row) => self.row_ids[row as usize].1,
-                None => index.id(self.ranked[next].key_hash),
-            };
-            debug_assert_eq!(key_id, index.id(self.ranked[next].key_hash));
-            self.ranked_ids.push(key_id);
-            if !self.holders.is_empty() {
+            let key_hash = self.ranked[self.ranked_ids.len()].key_hash;
+            self.ranked_ids.push(index.id(key_hash));
+        }
+        debug_assert_eq!(self.ranked_ids[rank], index.id(self.ranked[rank].key_hash));
+        if !self.holders.is_empty() {
+            while self.ranked_holders.len() <= rank {
+                let key_id = self.ranked_ids[self.ranked_holders.len()];
                 self.ranked_holders.push(self.holders[key_id as usize]);
             }
         }
+    }
+
+    /// Leaves in `unranked` only the keys some broker may take as a
+    /// candidate this tick: scored at or above its threshold and held by it
+    /// in no slot, for some `(threshold, holder bit)` of `takers`, each
+    /// broker's as its tick will read them (a broker's threshold and its
+    /// own holder bit change only in its own tick, after it has read its
+    /// candidates). A broker walks the ranking past the keys it holds and
+    /// stops at the first under its threshold, so with the others left out
+    /// it takes the same candidates in the same order, without the ranking
+    /// sorting the many keys every broker already holds.
+    fn keep_wanted(&mut self, takers: &[(f32, u64)]) {
+        if takers.is_empty() {
+            self.unranked.clear();
+            return;
+        }
+        let holders = &self.holders;
+        self.unranked.retain(|&(_, probability, key_id)| {
+            let held = holders[key_id as usize];
+            takers
+                .iter()
+                .any(|&(threshold, bit)| probability >= threshold && held & bit == 0)
+        });
     }
 
     /// Marks key `key_id` held, or not, by the broker with `bit`.
@@ -1321,7 +1338,18 @@ fn run_pass(
                 forecaster.tick(now_us);
                 shared.fill(forecaster, index);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
-                top_rows(forecaster, budget, min_threshold, &mut shared.unranked);
+                top_rows(
+                    forecaster,
+                    &shared.row_ids,
+                    budget,
+                    min_threshold,
+                    &mut shared.unranked,
+                );
+                let takers: Option<Vec<(f32, u64)>> =
+                    sims.iter().filter_map(|sim| sim.takes()).collect();
+                if let Some(takers) = takers {
+                    shared.keep_wanted(&takers);
+                }
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
@@ -1369,13 +1397,16 @@ fn run_pass(
     }
 }
 
-/// `Forecaster::top_k`'s keys, unsorted, with each key's row in the
-/// forecaster's score arrays beside it: `(key_hash, probability, row)`,
-/// the same selection (`select_top_k`, by probability, then key hash);
-/// [`rank_next`] sorts them, so the same keys in the same order
-/// (`top_rows_ranks_as_top_k`).
+/// `Forecaster::top_k`'s keys, unsorted, with each key's dense number
+/// beside it (`row_ids`, per forecaster row, as [`TickShared::fill`] left
+/// them this tick): `(key_hash, probability, key_id)`, the same selection
+/// (`select_top_k`, by probability, then key hash); [`rank_next`] sorts
+/// them, so the same keys in the same order (`top_rows_ranks_as_top_k`).
+/// The numbers are read here, in row order, rather than per ranked key,
+/// which would jump about `row_ids`.
 fn top_rows(
     forecaster: &Forecaster,
+    row_ids: &[(u64, u32)],
     k: usize,
     min_probability: f32,
     out: &mut Vec<(u64, f32, u32)>,
@@ -1385,12 +1416,16 @@ fn top_rows(
         return;
     };
     out.extend(
-        probabilities
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p >= min_probability)
-            .map(|(row, &p)| (keys[row], p, row as u32)),
+        keys.iter()
+            .zip(probabilities)
+            .zip(row_ids)
+            .filter(|((_, p), _)| **p >= min_probability)
+            .map(|((&key_hash, &p), &(row_key_hash, key_id))| {
+                debug_assert_eq!(key_hash, row_key_hash);
+                (key_hash, p, key_id)
+            }),
     );
+    debug_assert!(row_ids.len() >= keys.len());
     select_top_k(out, k, row_rank);
 }
 
@@ -1945,7 +1980,13 @@ mod tests {
                 let (keys, _) = forecaster.scores().unwrap();
                 for (k, min) in [(50, 0.001), (1_000, 0.001), (100_000, 0.0), (0, 0.5)] {
                     forecaster.top_k(k, min, &mut top);
-                    top_rows(&forecaster, k, min, &mut rows);
+                    // Row numbers as the dense numbers, to check each row's key.
+                    let row_ids: Vec<(u64, u32)> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(row, &key_hash)| (key_hash, row as u32))
+                        .collect();
+                    top_rows(&forecaster, &row_ids, k, min, &mut rows);
                     let mut sorted = 0;
                     while sorted < rows.len() {
                         sorted += rank_next(&mut rows[sorted..], sorted.max(7)).len();

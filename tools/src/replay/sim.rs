@@ -414,6 +414,18 @@ impl Sim {
         idle == self.lowest.len()
     }
 
+    /// What [`Sim::tick`] will take from the ranking, as of now: `None`
+    /// if nothing; `Some(Some((threshold, holder_bit)))` if the keys scored
+    /// at or above `threshold` that it holds no slot for, by its bit in
+    /// [`TickShared::holders`]; `Some(None)` if it takes keys but has no
+    /// such bit (a pass of more than 64 brokers).
+    pub(super) fn takes(&self) -> Option<Option<(f32, u64)>> {
+        if self.rule.candidates_max(self.budget_slots) == 0 {
+            return None;
+        }
+        Some((self.holder_bit != 0).then(|| (self.policy.threshold(), self.holder_bit)))
+    }
+
     /// `keys`: the trace's distinct keys ([`TraceIndex::keys`]).
     pub(super) fn new(
         policy: Box<dyn Policy>,
