@@ -708,17 +708,22 @@ impl TickShared {
     /// stops at the first under its threshold, so with the others left out
     /// it takes the same candidates in the same order, without the ranking
     /// sorting the many keys every broker already holds.
-    fn keep_wanted(&mut self, takers: &[(f32, HolderBits)]) {
-        if takers.is_empty() {
-            self.unranked.clear();
-            return;
+    fn keep_wanted(&mut self, takers: &mut [(f32, HolderBits)]) {
+        // Ascending thresholds, each with the bits of the brokers at or
+        // under it: a key scored `p` may go to the brokers of the last
+        // threshold at or under `p`.
+        takers.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let mut bits = 0;
+        for (_, bit) in takers.iter_mut() {
+            bits |= *bit;
+            *bit = bits;
         }
         let holders = &self.holders;
         self.unranked.retain(|&(_, probability, key_id)| {
-            let held = holders[key_id as usize];
-            takers
-                .iter()
-                .any(|&(threshold, bit)| probability >= threshold && held & bit == 0)
+            match takers.partition_point(|&(threshold, _)| threshold <= probability) {
+                0 => false,
+                under => takers[under - 1].1 & !holders[key_id as usize] != 0,
+            }
         });
     }
 
@@ -1365,8 +1370,8 @@ fn run_pass(
                 );
                 let takers: Option<Vec<(f32, HolderBits)>> =
                     sims.iter().filter_map(|sim| sim.takes()).collect();
-                if let Some(takers) = takers {
-                    shared.keep_wanted(&takers);
+                if let Some(mut takers) = takers {
+                    shared.keep_wanted(&mut takers);
                 }
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
