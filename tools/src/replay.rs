@@ -425,6 +425,10 @@ const NONE_US: u64 = u64::MAX;
 const NO_SLOT: u32 = u32::MAX;
 /// No dense key number known (in [`TickShared::row_ids`]).
 const NO_ID: u32 = u32::MAX;
+/// One bit per simulated broker of a pass ([`TickShared::holders`]): 32,
+/// enough for the adaptive run and the default 14 thresholds; a `u32` per
+/// key rather than a `u64` keeps the array, read at random, half as large.
+type HolderBits = u32;
 
 struct TraceIndex {
     /// Time of the previous request of the same key, or NONE_US.
@@ -525,36 +529,40 @@ impl Source {
 /// results are those of asking every time
 /// (`the_fast_replay_reports_what_the_reference_replay_does`).
 struct TickShared {
-    /// Per key: (the tick it was looked up at, its score then; NaN for
-    /// `None`, which no source gives as a score: the forecaster's are
+    /// Per key, in a tick not filled (the oracle's, or a forecaster's
+    /// asked lazily): (the tick it was looked up at, its score then; NaN
+    /// for `None`, which no source gives as a score: the forecaster's are
     /// clamped to [0, 1], the oracle's are in [0, 1]).
     scores: Vec<(u32, f32)>,
     /// The current tick's stamp (never 0, the stamp of "not looked up").
     stamp: u32,
     /// Whether this tick's scores were all filled in from the forecaster
-    /// ([`TickShared::fill`]): then a key not stamped has score 0, as
-    /// `Forecaster::probability_of` says of a key not active.
+    /// ([`TickShared::fill`]), into `filled_scores`.
     filled: bool,
+    /// Per key, its score at the tick last filled: the forecaster's for an
+    /// active key, 0 for any other, as `Forecaster::probability_of` says of
+    /// a key not active. Plain `f32`s, half the size of `scores`, because
+    /// every slot of every broker reads its key's score here at random:
+    /// on tpcc-pg-a (378,000 keys) this array fits a core's 2 MB L2 cache.
+    filled_scores: Vec<f32>,
     /// Per forecaster row: the key hash it held when last seen and its
     /// dense number (rows move, hashes do not: a changed hash is looked up
     /// again).
     row_ids: Vec<(u64, u32)>,
     /// Per key, bit `b` set while the broker with [`Sim::holder_bit`] `b`
-    /// has the key in a slot (empty when a pass has more than 64 brokers).
-    holders: Vec<u64>,
+    /// has the key in a slot (empty when a pass has more brokers than
+    /// [`HolderBits`] has bits).
+    holders: Vec<HolderBits>,
     /// Dense numbers of the first ranked keys, and their holders when the
     /// tick began (as far as a broker asked). A broker's own bit changes
     /// only in its own tick, after it has read the candidates, so the
     /// bits read at any time in the tick are those at its start.
     ranked_ids: Vec<u32>,
-    ranked_holders: Vec<u64>,
-    /// The forecaster's row of each ranked key, when the ranking came from
-    /// [`top_rows`] (empty otherwise): its dense number is then in
-    /// `row_ids`, put there by this tick's [`TickShared::fill`].
-    ranked_rows: Vec<u32>,
+    ranked_holders: Vec<HolderBits>,
     /// This tick's ranking, highest first ([`TickShared::ranked`]), and,
-    /// from the forecaster, the rows not yet in it ([`top_rows`]): ranked
-    /// in chunks, as far as a broker reads.
+    /// from the forecaster, the keys not yet in it ([`top_rows`], less
+    /// those no broker takes: [`TickShared::keep_wanted`]): ranked in
+    /// chunks, as far as a broker reads.
     ranked: Vec<Score>,
     unranked: Vec<(u64, f32, u32)>,
 }
@@ -563,17 +571,17 @@ impl TickShared {
     fn new(keys: usize, brokers: usize) -> TickShared {
         TickShared {
             scores: vec![(0, f32::NAN); keys],
+            filled_scores: vec![0.0; keys],
             stamp: 0,
             filled: false,
             row_ids: Vec::new(),
-            holders: if brokers <= 64 {
+            holders: if brokers <= HolderBits::BITS as usize {
                 vec![0; keys]
             } else {
                 Vec::new()
             },
             ranked_ids: Vec::new(),
             ranked_holders: Vec::new(),
-            ranked_rows: Vec::new(),
             ranked: Vec::new(),
             unranked: Vec::new(),
         }
@@ -589,7 +597,6 @@ impl TickShared {
         }
         self.ranked_ids.clear();
         self.ranked_holders.clear();
-        self.ranked_rows.clear();
         self.ranked.clear();
         self.unranked.clear();
         self.filled = false;
@@ -602,6 +609,13 @@ impl TickShared {
         let Some((keys, probabilities)) = forecaster.scores() else {
             return; // not current: `probability_of` says None, asked lazily
         };
+        // The keys of the last fill back to 0 (every key filled then is in
+        // `row_ids`), then this tick's scores.
+        for &(_, key_id) in &self.row_ids {
+            if key_id != NO_ID {
+                self.filled_scores[key_id as usize] = 0.0;
+            }
+        }
         if self.row_ids.len() < keys.len() {
             self.row_ids.resize(keys.len(), (0, NO_ID));
         }
@@ -611,7 +625,7 @@ impl TickShared {
             if cached.0 != key_hash || cached.1 == NO_ID {
                 *cached = (key_hash, index.id(key_hash));
             }
-            self.scores[cached.1 as usize] = (self.stamp, probability);
+            self.filled_scores[cached.1 as usize] = probability;
         }
         self.filled = true;
     }
@@ -627,10 +641,10 @@ impl TickShared {
         if matches!(source, Source::Nothing) {
             return None;
         }
-        let entry = &mut self.scores[key_id as usize];
         if self.filled {
-            return Some(if entry.0 == self.stamp { entry.1 } else { 0.0 });
+            return Some(self.filled_score(key_id));
         }
+        let entry = &mut self.scores[key_id as usize];
         if entry.0 != self.stamp {
             let score = source.score_of(key_hash, now_us, horizon_us);
             debug_assert!(score.is_none_or(|p| !p.is_nan()), "{score:?}");
@@ -641,8 +655,7 @@ impl TickShared {
 
     /// A key's score in a tick whose scores were [`TickShared::fill`]ed.
     fn filled_score(&self, key_id: u32) -> f32 {
-        let entry = self.scores[key_id as usize];
-        if entry.0 == self.stamp { entry.1 } else { 0.0 }
+        self.filled_scores[key_id as usize]
     }
 
     /// The key at `rank` in this tick's ranking (highest first), if any,
@@ -659,10 +672,8 @@ impl TickShared {
                     probability,
                     contention: 0.0,
                 }));
-            if self.filled {
-                self.ranked_rows
-                    .extend(chunk.iter().map(|&(_, _, row)| row));
-            }
+            self.ranked_ids
+                .extend(chunk.iter().map(|&(_, _, key_id)| key_id));
             let taken = chunk.len();
             self.unranked.drain(..taken);
         }
@@ -671,24 +682,53 @@ impl TickShared {
         Some(score)
     }
 
-    /// Makes the dense numbers (and holders) of `ranked[..=rank]` known.
+    /// Makes the dense numbers (and holders) of `ranked[..=rank]` known:
+    /// those ranked from the forecaster's rows came with their numbers;
+    /// the oracle's are looked up.
     fn rank_known(&mut self, rank: usize, index: &TraceIndex) {
         while self.ranked_ids.len() <= rank {
-            let next = self.ranked_ids.len();
-            let key_id = match self.ranked_rows.get(next) {
-                Some(&row) => self.row_ids[row as usize].1,
-                None => index.id(self.ranked[next].key_hash),
-            };
-            debug_assert_eq!(key_id, index.id(self.ranked[next].key_hash));
-            self.ranked_ids.push(key_id);
-            if !self.holders.is_empty() {
+            let key_hash = self.ranked[self.ranked_ids.len()].key_hash;
+            self.ranked_ids.push(index.id(key_hash));
+        }
+        debug_assert_eq!(self.ranked_ids[rank], index.id(self.ranked[rank].key_hash));
+        if !self.holders.is_empty() {
+            while self.ranked_holders.len() <= rank {
+                let key_id = self.ranked_ids[self.ranked_holders.len()];
                 self.ranked_holders.push(self.holders[key_id as usize]);
             }
         }
     }
 
+    /// Leaves in `unranked` only the keys some broker may take as a
+    /// candidate this tick: scored at or above its threshold and held by it
+    /// in no slot, for some `(threshold, holder bit)` of `takers`, each
+    /// broker's as its tick will read them (a broker's threshold and its
+    /// own holder bit change only in its own tick, after it has read its
+    /// candidates). A broker walks the ranking past the keys it holds and
+    /// stops at the first under its threshold, so with the others left out
+    /// it takes the same candidates in the same order, without the ranking
+    /// sorting the many keys every broker already holds.
+    fn keep_wanted(&mut self, takers: &mut [(f32, HolderBits)]) {
+        // Ascending thresholds, each with the bits of the brokers at or
+        // under it: a key scored `p` may go to the brokers of the last
+        // threshold at or under `p`.
+        takers.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let mut bits = 0;
+        for (_, bit) in takers.iter_mut() {
+            bits |= *bit;
+            *bit = bits;
+        }
+        let holders = &self.holders;
+        self.unranked.retain(|&(_, probability, key_id)| {
+            match takers.partition_point(|&(threshold, _)| threshold <= probability) {
+                0 => false,
+                under => takers[under - 1].1 & !holders[key_id as usize] != 0,
+            }
+        });
+    }
+
     /// Marks key `key_id` held, or not, by the broker with `bit`.
-    fn set_holder(&mut self, key_id: u32, bit: u64, held: bool) {
+    fn set_holder(&mut self, key_id: u32, bit: HolderBits, held: bool) {
         if let Some(holders) = self.holders.get_mut(key_id as usize) {
             if held {
                 *holders |= bit;
@@ -1259,7 +1299,7 @@ fn run_pass(
     let mut next = 0usize;
     let mut window_start = 0usize; // first event after now (for the oracle and labels)
     let mut shared = TickShared::new(index.keys(), sims.len());
-    if sims.len() <= 64 {
+    if sims.len() <= HolderBits::BITS as usize {
         for (i, sim) in sims.iter_mut().enumerate() {
             sim.holder_bit = 1 << i;
         }
@@ -1321,7 +1361,18 @@ fn run_pass(
                 forecaster.tick(now_us);
                 shared.fill(forecaster, index);
                 let budget = sims.first().map_or(0, |sim| sim.budget_slots);
-                top_rows(forecaster, budget, min_threshold, &mut shared.unranked);
+                top_rows(
+                    forecaster,
+                    &shared.row_ids,
+                    budget,
+                    min_threshold,
+                    &mut shared.unranked,
+                );
+                let takers: Option<Vec<(f32, HolderBits)>> =
+                    sims.iter().filter_map(|sim| sim.takes()).collect();
+                if let Some(mut takers) = takers {
+                    shared.keep_wanted(&mut takers);
+                }
                 if let Some(quality) = quality.as_deref_mut()
                     && tick_number % settings.eval_every_ticks == 0
                 {
@@ -1369,13 +1420,16 @@ fn run_pass(
     }
 }
 
-/// `Forecaster::top_k`'s keys, unsorted, with each key's row in the
-/// forecaster's score arrays beside it: `(key_hash, probability, row)`,
-/// the same selection (`select_top_k`, by probability, then key hash);
-/// [`rank_next`] sorts them, so the same keys in the same order
-/// (`top_rows_ranks_as_top_k`).
+/// `Forecaster::top_k`'s keys, unsorted, with each key's dense number
+/// beside it (`row_ids`, per forecaster row, as [`TickShared::fill`] left
+/// them this tick): `(key_hash, probability, key_id)`, the same selection
+/// (`select_top_k`, by probability, then key hash); [`rank_next`] sorts
+/// them, so the same keys in the same order (`top_rows_ranks_as_top_k`).
+/// The numbers are read here, in row order, rather than per ranked key,
+/// which would jump about `row_ids`.
 fn top_rows(
     forecaster: &Forecaster,
+    row_ids: &[(u64, u32)],
     k: usize,
     min_probability: f32,
     out: &mut Vec<(u64, f32, u32)>,
@@ -1385,12 +1439,16 @@ fn top_rows(
         return;
     };
     out.extend(
-        probabilities
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p >= min_probability)
-            .map(|(row, &p)| (keys[row], p, row as u32)),
+        keys.iter()
+            .zip(probabilities)
+            .zip(row_ids)
+            .filter(|((_, p), _)| **p >= min_probability)
+            .map(|((&key_hash, &p), &(row_key_hash, key_id))| {
+                debug_assert_eq!(key_hash, row_key_hash);
+                (key_hash, p, key_id)
+            }),
     );
+    debug_assert!(row_ids.len() >= keys.len());
     select_top_k(out, k, row_rank);
 }
 
@@ -1945,7 +2003,13 @@ mod tests {
                 let (keys, _) = forecaster.scores().unwrap();
                 for (k, min) in [(50, 0.001), (1_000, 0.001), (100_000, 0.0), (0, 0.5)] {
                     forecaster.top_k(k, min, &mut top);
-                    top_rows(&forecaster, k, min, &mut rows);
+                    // Row numbers as the dense numbers, to check each row's key.
+                    let row_ids: Vec<(u64, u32)> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(row, &key_hash)| (key_hash, row as u32))
+                        .collect();
+                    top_rows(&forecaster, &row_ids, k, min, &mut rows);
                     let mut sorted = 0;
                     while sorted < rows.len() {
                         sorted += rank_next(&mut rows[sorted..], sorted.max(7)).len();

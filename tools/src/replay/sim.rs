@@ -66,8 +66,8 @@ pub(super) struct Sim {
     /// Per dense key number, its position in `slots`, or [`NO_SLOT`].
     slot_of_key: Vec<u32>,
     /// This broker's bit in [`TickShared::holders`] (0: not tracked there,
-    /// in a pass of more than 64 brokers).
-    pub(super) holder_bit: u64,
+    /// in a pass of more brokers than [`HolderBits`] has bits).
+    pub(super) holder_bit: HolderBits,
     feedback: Feedback,
     counters: Counters,
     /// The same counters for the trace's first and second half (split at
@@ -412,6 +412,18 @@ impl Sim {
         }
         self.lowest.extend(heap.into_sorted_vec());
         idle == self.lowest.len()
+    }
+
+    /// What [`Sim::tick`] will take from the ranking, as of now: `None`
+    /// if nothing; `Some(Some((threshold, holder_bit)))` if the keys scored
+    /// at or above `threshold` that it holds no slot for, by its bit in
+    /// [`TickShared::holders`]; `Some(None)` if it takes keys but has no
+    /// such bit (a pass of more brokers than [`HolderBits`] has bits).
+    pub(super) fn takes(&self) -> Option<Option<(f32, HolderBits)>> {
+        if self.rule.candidates_max(self.budget_slots) == 0 {
+            return None;
+        }
+        Some((self.holder_bit != 0).then(|| (self.policy.threshold(), self.holder_bit)))
     }
 
     /// `keys`: the trace's distinct keys ([`TraceIndex::keys`]).
