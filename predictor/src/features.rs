@@ -621,6 +621,18 @@ impl FeatureView<'_> {
         self.block_of(start, out, FeatureSet::ALL);
     }
 
+    /// Features 9 and 10 (`gap_rate`, `gap_confidence`) of rows `start ..
+    /// start + len`, as stored: what [`FeatureView::block_of`] would copy
+    /// into the block. A scoring loop that reads them here, in the loop
+    /// that uses them, saves the copy (in a profile of hold-value's tick the
+    /// copy, a `memmove` that waits for memory, took an eighth of the time).
+    pub fn gaps(&self, start: usize, len: usize) -> [&[f32]; 2] {
+        [
+            &self.gap_rate[start..start + len],
+            &self.gap_confidence[start..start + len],
+        ]
+    }
+
     /// Like [`FeatureView::block`], computing only the feature groups in `set`
     /// (the others are left as they were): scoring is bound by memory bandwidth,
     /// so a model reads only what it uses.
@@ -1037,10 +1049,10 @@ impl FeatureStore {
         if let Some(row) = self.index.get(key_hash) {
             let successors = &self.successors[row as usize];
             for (&key, &hint) in successors.keys.iter().zip(&successors.hints) {
-                if key != EMPTY_KEY {
-                    if let Some(record) = self.records.get(hint as usize) {
-                        prefetch(record);
-                    }
+                if key != EMPTY_KEY
+                    && let Some(record) = self.records.get(hint as usize)
+                {
+                    prefetch(record);
                 }
             }
         }
@@ -1568,7 +1580,7 @@ mod tests {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                let key = if state % 4 == 0 {
+                let key = if state.is_multiple_of(4) {
                     state >> 40
                 } else {
                     state % 97
