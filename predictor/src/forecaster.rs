@@ -96,7 +96,7 @@ const ROWS_PER_THREAD_MIN: usize = 1 << 16;
 /// the core's cache when the clamp reads them, instead of a second pass
 /// over every row's score from memory.
 const ROWS_PER_CLAMP: usize = 1 << 16;
-const _: () = assert!(ROWS_PER_CLAMP % BLOCK == 0);
+const _: () = assert!(ROWS_PER_CLAMP.is_multiple_of(BLOCK));
 
 /// Scores `view` into `out` as probabilities (NaN and negatives 0, at most
 /// 1), its rows split between up to `threads` threads at block boundaries.

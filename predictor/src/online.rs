@@ -620,7 +620,7 @@ mod tests {
                     * if seed % 2 == 0 {
                         // Adversarial: the member followed loses 1, the others 0,
                         // alternating in blocks against the delay.
-                        f64::from(u8::from((round / flip + m) % members == 0))
+                        f64::from(u8::from((round / flip + m).is_multiple_of(members)))
                     } else {
                         random(&mut state).powi(m as i32 + 1)
                     }
