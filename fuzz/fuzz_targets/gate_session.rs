@@ -21,16 +21,7 @@ use forelockd::locks::model::Explorer;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let ex = Explorer::new(2, 2, u32::MAX, true, true).with_cluster();
-    let mut s = ex.initial(3);
-    for pick in data.chunks(2).take(64) {
-        let steps = ex.steps(&s);
-        if steps.is_empty() {
-            break;
-        }
-        let n = pick.iter().fold(0usize, |n, &b| n << 8 | b as usize);
-        let step = steps[n % steps.len()];
-        if let Err(why) = ex.apply(&mut s, step) {
-            panic!("{why}\nafter {:?}", s.trace);
-        }
+    if let Err(why) = ex.session(3, data) {
+        panic!("{why}");
     }
 });

@@ -456,6 +456,25 @@ impl Explorer {
         out
     }
 
+    /// A fuzzed session from `clients` clients' initial state: each pair of
+    /// bytes of `data` picks the next step among those offered, for at most
+    /// 64 steps. `Err` names the broken promise, with the steps taken.
+    pub fn session(&self, clients: usize, data: &[u8]) -> Result<(), String> {
+        let mut s = self.initial(clients);
+        for pick in data.chunks(2).take(64) {
+            let steps = self.steps(&s);
+            if steps.is_empty() {
+                break;
+            }
+            let n = pick.iter().fold(0usize, |n, &b| n << 8 | b as usize);
+            let step = steps[n % steps.len()];
+            if let Err(why) = self.apply(&mut s, step) {
+                return Err(format!("{why}\nafter {:?}", s.trace));
+            }
+        }
+        Ok(())
+    }
+
     /// Apply `step` to `s` and check every promise. `Err` names the broken one.
     pub fn apply(&self, s: &mut State, step: Step) -> Result<(), String> {
         s.trace.push(step);

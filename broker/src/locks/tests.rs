@@ -1471,6 +1471,15 @@ mod node_gate {
         }
     }
 
+    /// The agent fences lease epoch 1.
+    fn fence(f: &mut Fixture) {
+        let fenced = Event::Fenced {
+            epoch: 1,
+            reason: "test".into(),
+        };
+        f.m.node_event(&f.table, fenced, &mut f.w);
+    }
+
     fn answered_token(f: &mut Fixture) -> Option<u64> {
         f.w.1.drain(..).find_map(|(_, r)| match r {
             Response::Granted { token, .. } => Some(token),
@@ -1571,14 +1580,7 @@ mod node_gate {
                 ..
             }
         ));
-        f.m.node_event(
-            &f.table,
-            Event::Fenced {
-                epoch: 1,
-                reason: "test".into(),
-            },
-            &mut f.w,
-        );
+        fence(&mut f);
         // The holder asks before its release: lost, and asking again
         // changes nothing (the release still says so).
         for _ in 0..2 {
@@ -1634,14 +1636,7 @@ mod node_gate {
         f.m.node_event(&f.table, grant, &mut f.w);
         assert_eq!(answered_token(&mut f), Some(token), "the same token");
         let global = grant_of_k(&f, token);
-        f.m.node_event(
-            &f.table,
-            Event::Fenced {
-                epoch: 1,
-                reason: "test".into(),
-            },
-            &mut f.w,
-        );
+        fence(&mut f);
         assert_eq!(f.check(a, &local), Response::Holding, "a local key");
         assert_eq!(f.release(a, &local), Response::Released);
         assert!(
@@ -1864,14 +1859,7 @@ mod node_gate {
         let (a, b) = (f.client(100), f.client(101));
         cache_global_k(&mut f, a);
         let (_, _, fast_token) = take_global_by_cas(&f, b).expect("prepared");
-        f.m.node_event(
-            &f.table,
-            Event::Fenced {
-                epoch: 1,
-                reason: "test".into(),
-            },
-            &mut f.w,
-        );
+        fence(&mut f);
         assert!(!f.word("global/k").is_prepared());
         assert!(matches!(
             f.release(b, &grant_of_k(&f, fast_token)),
