@@ -30,7 +30,10 @@
 //! scribble per run of a client-writable field: a lock word or a token base
 //! (which breaks that key only: promises 1, 2 and 4 are then not checked for
 //! it), the header's token floor, a client record's hold mirror or state, or
-//! an index entry (which must break nothing).
+//! an index entry (which must break nothing). With
+//! [`Explorer::with_cluster`], key `a` is global and a scripted cluster
+//! agent's steps join them; `model_nodes` lists those steps and the node
+//! gate's promises, checked after every step as well.
 //!
 //! Bounds (written here because they are the claim): the configurations in
 //! the tests below (clients, keys, depth); a restart happens between two
