@@ -932,6 +932,47 @@ fn scribble(s: &mut State, table: &TableView, what: Scribble) {
     }
 }
 
+/// A hold a live client believes it has (a lane's, or a raw request's).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Hold {
+    pub record: u32,
+    pub slot: u32,
+    pub token: u64,
+    pub shared: bool,
+}
+
+/// The holds of key `k` the live clients believe they have.
+pub(super) fn holds_of(s: &State, k: usize) -> Vec<Hold> {
+    let mut out = Vec::new();
+    for c in s.clients.iter().filter(|c| c.alive) {
+        let hold = |slot, token, shared| Hold {
+            record: c.record,
+            slot,
+            token,
+            shared,
+        };
+        for h in &c.lanes {
+            if let Have::Holding {
+                key,
+                slot,
+                token,
+                shared,
+                ..
+            } = *h
+                && key == k
+            {
+                out.push(hold(slot, token, shared));
+            }
+        }
+        for &(key, slot, token, shared) in &c.extra {
+            if key == k {
+                out.push(hold(slot, token, shared));
+            }
+        }
+    }
+    out
+}
+
 /// The promises, after every step.
 fn check(s: &State) -> Result<(), String> {
     s.m.check()?;
@@ -940,32 +981,20 @@ fn check(s: &State) -> Result<(), String> {
         if s.broken[k] {
             continue;
         }
-        let holders: Vec<(u32, bool, u32)> = s
-            .clients
-            .iter()
-            .filter(|c| c.alive)
-            .flat_map(|c| {
-                let lanes = c.lanes.iter().filter_map(|h| match *h {
-                    Have::Holding {
-                        key, shared, slot, ..
-                    } if key == k => Some((c.record, shared, slot)),
-                    _ => None,
-                });
-                let extra = c
-                    .extra
-                    .iter()
-                    .filter(|e| e.0 == k)
-                    .map(|&(_, slot, _, shared)| (c.record, shared, slot));
-                lanes.chain(extra).collect::<Vec<_>>()
-            })
-            .collect();
-        let exclusive = holders.iter().filter(|(_, sh, _)| !sh).count();
+        let holders = holds_of(s, k);
+        let exclusive = holders.iter().filter(|h| !h.shared).count();
         if exclusive > 1 || (exclusive == 1 && holders.len() > 1) {
             return Err(format!("key {k} has holders {holders:?}"));
         }
-        // Promise 4: the table still says so (the word, or the mirror of
-        // the broker's holder).
-        for &(record, shared, slot) in &holders {
+        for &Hold {
+            record,
+            slot,
+            token,
+            shared,
+        } in &holders
+        {
+            // Promise 4: the table still says so (the word, or the mirror
+            // of the broker's holder).
             let w = table
                 .slot(slot)
                 .map(|sl| sl.word_acquire())
@@ -980,33 +1009,17 @@ fn check(s: &State) -> Result<(), String> {
                     "key {k} held by {record} (shared {shared}) but the word is {w:?}"
                 ));
             }
-        }
-        // And the broker says so when the holder asks (`Request::Check`),
-        // for every hold, however it was granted and across restarts.
-        for c in s.clients.iter().filter(|c| c.alive) {
-            let lanes = c.lanes.iter().filter_map(|h| match *h {
-                Have::Holding {
-                    key, slot, token, ..
-                } if key == k => Some((slot, token)),
-                _ => None,
-            });
-            let extra = c
-                .extra
-                .iter()
-                .filter(|e| e.0 == k)
-                .map(|&(_, slot, token, _)| (slot, token));
-            for (slot, token) in lanes.chain(extra) {
-                let answer = s.m.check_hold(&table, c.record, slot, token);
-                let lost_ok = k == GLOBAL
-                    && model_nodes::is_lost(&answer)
-                    && model_nodes::lost_allowed(s, token);
-                if answer != Response::Holding && !lost_ok {
-                    return Err(format!(
-                        "key {k}: client {} holds slot {slot} with token {token}, but Check \
-                         answers {answer:?}",
-                        c.record
-                    ));
-                }
+            // And the broker says so when the holder asks
+            // (`Request::Check`), for every hold, however it was granted
+            // and across restarts.
+            let answer = s.m.check_hold(&table, record, slot, token);
+            let lost_ok =
+                k == GLOBAL && model_nodes::is_lost(&answer) && model_nodes::lost_allowed(s, token);
+            if answer != Response::Holding && !lost_ok {
+                return Err(format!(
+                    "key {k}: client {record} holds slot {slot} with token {token}, but Check \
+                     answers {answer:?}"
+                ));
             }
         }
     }

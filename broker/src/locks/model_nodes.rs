@@ -32,7 +32,7 @@
 //! - and forget a local waiter: its node grant must be here or asked for
 //!   ([`LockManager::check`]).
 
-use super::model::{KEYS, State, Who};
+use super::model::{KEYS, State, Who, holds_of};
 use super::{ClusterLink, LockManager};
 use forelock_cluster::{Command, Event};
 use shm_layout::lockword::COUNTER_MASK;
@@ -405,28 +405,6 @@ pub fn take_commands(s: &mut State) -> Result<(), String> {
     Ok(())
 }
 
-/// The holds of the global key the clients believe they have.
-fn holds(s: &State) -> Vec<(u32, u32, u64)> {
-    s.clients
-        .iter()
-        .filter(|c| c.alive)
-        .flat_map(|c| {
-            let lanes = c.lanes.iter().filter_map(|h| match *h {
-                super::model::Have::Holding {
-                    key, slot, token, ..
-                } if key == GLOBAL => Some((c.record, slot, token)),
-                _ => None,
-            });
-            let extra = c
-                .extra
-                .iter()
-                .filter(|e| e.0 == GLOBAL)
-                .map(|&(_, slot, token, _)| (c.record, slot, token));
-            lanes.chain(extra).collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// Whether `r`, the answer to a holder's release or `Check`, says its hold
 /// was lost.
 pub fn is_lost(r: &Response) -> bool {
@@ -446,7 +424,8 @@ fn none_standing(s: &State, why: &str) -> Result<(), String> {
         return Ok(());
     }
     let table = super::model::view(&s.table_buf);
-    for (client, slot, token) in holds(s) {
+    for h in holds_of(s, GLOBAL) {
+        let (client, slot, token) = (h.record, h.slot, h.token);
         let answer = s.m.check_hold(&table, client, slot, token);
         if !is_lost(&answer) {
             return Err(format!(
