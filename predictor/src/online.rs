@@ -25,14 +25,11 @@
 //! round is one tick; expert `e`'s loss in it is
 //!
 //! ```text
-//! l_e = misses_e + price x (idle_slot_seconds_e - refunds_e)
+//! l_e = misses_e + price x wasted_slot_seconds_e
 //! ```
 //!
 //! misses of the sampled requests since the last tick, against the slots the
-//! miniature's last tick left; waste as it passes: the idle time of its
-//! slots within the round, less what the gaps that ended in a hit in the
-//! round had been charged (a gap is waste only if it ends in a free;
-//! [`crate::simulated_allocator`], "Waste as it passes"). The price (misses
+//! miniature's last tick left; waste of the slots it freed. The price (misses
 //! per wasted slot-second) is a Lagrange multiplier for the issue's
 //! constraint "no more than 2x keep-alive's waste", set each round to the
 //! dual solution on the discounted sums ([`dual_price`]): the lowest price
@@ -51,9 +48,8 @@
 //! discounted loss exceeds the best one's by more than `delta` (1 miss by
 //! default). Losses come `d` rounds late: `d = 1` (a tick's scores serve the
 //! requests until the next tick, scored at that next tick, after its own
-//! scores were written). With `L` the largest round loss seen minus the
-//! smallest (or 0), for ANY sequence of losses in an interval of width `L`
-//! the choice's discounted loss satisfies
+//! scores were written). With `L` the largest round loss seen, for ANY
+//! sequence of losses in `[0, L]` the choice's discounted loss satisfies
 //!
 //! ```text
 //! D_choice(T) <= min_e D_e(T) + delta + (d + 1) L + ((d + 1) L + delta) g^-d S(T),
@@ -63,10 +59,7 @@
 //! (follow-the-leader's "be the leader" argument, period by period: a
 //! period played with one expert starts where it was best, and ends at most
 //! `delta` above the best plus the `d + 1` rounds played before the switch
-//! was seen, each at most `L`; the periods' best losses telescope). Losses
-//! below 0 (refunds) change nothing: adding one constant to every loss of
-//! a round changes neither the choice nor the trail, so the argument holds
-//! for losses shifted into `[0, L]`. Divided
+//! was seen, each at most `L`; the periods' best losses telescope). Divided
 //! by `sum g^k` (about `W` rounds), this is a margin in mean loss per round:
 //! `(delta + 2 L) / W` without recent switches, plus `(2 L + delta) / W`
 //! per switch in the last `W` rounds. [`ChoiceStatus`] publishes the
@@ -112,10 +105,8 @@ pub struct Chooser {
     weight: f64,
     /// `S(T)`: switches, each decayed since.
     switch_weight: f64,
-    /// The largest and the smallest round loss seen (members' and the
-    /// choice's, and 0): `L` is their difference.
-    loss_high: f64,
-    loss_low: f64,
+    /// The largest round loss seen (members' and the choice's): `L`.
+    loss_max: f64,
     leader: usize,
     pub rounds: u64,
     pub switches: u64,
@@ -140,8 +131,7 @@ impl Chooser {
             choice_loss: 0.0,
             weight: 0.0,
             switch_weight: 0.0,
-            loss_high: 0.0,
-            loss_low: 0.0,
+            loss_max: 0.0,
             leader: first,
             rounds: 0,
             switches: 0,
@@ -153,19 +143,17 @@ impl Chooser {
         self.leader
     }
 
-    /// One round's losses: the members', and the choice's (the loss of the
-    /// member that was followed when the round was played). A loss may be
-    /// negative (a refund of waste charged in earlier rounds).
+    /// One round's losses (each at least 0): the members', and the choice's
+    /// (the loss of the member that was followed when the round was played).
     pub fn observe(&mut self, member_losses: &[f64], choice_loss: f64) {
         assert_eq!(member_losses.len(), self.losses.len());
         let g = self.discount;
         for (total, &loss) in self.losses.iter_mut().zip(member_losses) {
+            debug_assert!(loss >= 0.0, "{loss}");
             *total = *total * g + loss;
+            self.loss_max = self.loss_max.max(loss);
         }
-        for &loss in member_losses.iter().chain([&choice_loss]) {
-            self.loss_high = self.loss_high.max(loss);
-            self.loss_low = self.loss_low.min(loss);
-        }
+        self.loss_max = self.loss_max.max(choice_loss);
         self.choice_loss = self.choice_loss * g + choice_loss;
         self.weight = self.weight * g + 1.0;
         self.switch_weight *= g;
@@ -197,15 +185,15 @@ impl Chooser {
     /// The bound on [`Chooser::trail`] of the module docs.
     pub fn bound(&self) -> f64 {
         let d = self.delay_rounds;
-        let late = (d + 1.0) * self.loss_range();
+        let late = (d + 1.0) * self.loss_max;
         self.hysteresis
             + late
             + (late + self.hysteresis) * self.discount.powf(-d) * self.switch_weight
     }
 
-    /// `L`: the largest round loss seen minus the smallest (or 0).
-    pub fn loss_range(&self) -> f64 {
-        self.loss_high - self.loss_low
+    /// `L`: the largest round loss seen.
+    pub fn loss_max(&self) -> f64 {
+        self.loss_max
     }
 
     /// Discounted losses per member.
@@ -304,7 +292,6 @@ impl Online {
                 MEMBERS.len(),
                 config.choice_budget_slots,
                 config.activity_window_ms * 1000,
-                1.0 - 1.0 / window_rounds,
             ),
             waste_price: WASTE_PRICE_START,
             waste: vec![0.0; EXPERTS],
@@ -341,24 +328,21 @@ impl Online {
         self.chooser.leader() / SIMULATED_CUTS.len()
     }
 
-    /// Closes the round at `now_us`: each expert's loss, the choice's, and
-    /// the waste price for the next round (module docs).
-    fn close_round(&mut self, now_us: u64) {
+    /// Closes the round since the last tick: each expert's loss, the
+    /// choice's, and the waste price's step (module docs).
+    fn close_round(&mut self) {
+        let round = self.sim.take_round();
         let price = self.waste_price;
-        let round = self.sim.take_round(now_us, price);
-        let losses: Vec<f64> = (0..EXPERTS)
-            .map(|e| {
-                f64::from(round.misses[e]) + price * round.charged_slot_s[e]
-                    - round.refunded_loss[e]
-            })
+        let losses: Vec<f64> = round
+            .misses
+            .iter()
+            .zip(&round.waste_slot_s)
+            .map(|(&misses, &waste)| f64::from(misses) + price * waste)
             .collect();
         let choice = losses[self.followed_before];
         self.chooser.observe(&losses, choice);
-        for (e, total) in self.waste.iter_mut().enumerate() {
-            // A refund takes back exactly what was charged: the sum stays
-            // at or above 0 but for rounding.
-            *total = (*total * self.discount + round.charged_slot_s[e] - round.refunded_slot_s[e])
-                .max(0.0);
+        for (total, &waste) in self.waste.iter_mut().zip(&round.waste_slot_s) {
+            *total = *total * self.discount + waste;
         }
         for (total, &misses) in self.misses.iter_mut().zip(&round.misses) {
             *total = *total * self.discount + f64::from(misses);
@@ -457,9 +441,9 @@ impl Model for Online {
         self.sim.request(ts_us, key_hash);
     }
     fn ticked(&mut self, features: &FeatureStore) {
-        let now_us = features.decayed_to_us();
-        self.close_round(now_us);
-        self.sim.tick(now_us, features, &self.members);
+        self.close_round();
+        self.sim
+            .tick(features.decayed_to_us(), features, &self.members);
     }
     fn choice(&self) -> Option<ChoiceStatus> {
         let chooser = &self.chooser;
@@ -629,20 +613,17 @@ mod tests {
             let mut chooser = Chooser::new(members, 0, window, hysteresis, delay as u64);
             let flip = 1 + (seed as usize * 13) % 60;
             // Losses in [0, L] for L = 1 and, as the miniature allocators
-            // give (misses and priced waste), L = 7; and, as refunds of
-            // waste make some, below 0.
+            // give (misses and priced waste), L = 7.
             let scale = if seed % 3 == 0 { 7.0 } else { 1.0 };
-            let shift = if seed % 5 < 2 { -0.6 * scale } else { 0.0 };
             play(&mut chooser, 3_000, delay, |round, m| {
-                shift
-                    + scale
-                        * if seed % 2 == 0 {
-                            // Adversarial: the member followed loses 1, the others 0,
-                            // alternating in blocks against the delay.
-                            f64::from(u8::from((round / flip + m).is_multiple_of(members)))
-                        } else {
-                            random(&mut state).powi(m as i32 + 1)
-                        }
+                scale
+                    * if seed % 2 == 0 {
+                        // Adversarial: the member followed loses 1, the others 0,
+                        // alternating in blocks against the delay.
+                        f64::from(u8::from((round / flip + m).is_multiple_of(members)))
+                    } else {
+                        random(&mut state).powi(m as i32 + 1)
+                    }
             });
         }
     }

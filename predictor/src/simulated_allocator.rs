@@ -19,32 +19,11 @@
 //!   are reclaimed unless their key still scores at or above the cut; keys
 //!   at or above the cut take free slots, best first, and displace idle slots
 //!   scored lower by at least the eviction margin (0.05);
-//! - waste is idle slot time that ends in a free, as `forelock replay`
-//!   counts it (since the slot's preparation if never used, else since its
-//!   last use); a slot whose key leaves the sample (or which a smaller
-//!   sampled budget evicts) is freed, as the replay counts each slot still
-//!   idle when the trace ends.
-//!
-//! # Waste as it passes
-//!
-//! Whether an idle gap is waste is known only when it ends: in a free it
-//! is, in a hit it is not. Charging it at its end, as this module first
-//! did, counts an expert's waste late by as long as it keeps slots idle:
-//! tens of seconds for frequency 60s at a low cut, longer than the online
-//! choice's window on a short trace, so the miniatures saw a few times
-//! keep-alive's waste where the replay measured 8x (tpcc-pg-a,
-//! docs/forecasting.md). Charging idle time as it passes and never giving
-//! it back was tried too: it charges a gap that ends in a hit, which the
-//! replay does not, and ranked the members wrongly. So each round closes
-//! ([`SimulatedAllocators::take_round`]) by charging every idle slot its
-//! idle time within the round, and a hit gives back what its gap was
-//! charged, exactly as that stands in the online choice's discounted sums
-//! (each gap keeps its charges, decayed by the choice's `g` each round, and
-//! at the prices they were charged at). So at every round the discounted
-//! waste of an expert is what the replay would count if the trace ended
-//! there: the gaps that ended in a free, and the open ones so far. A round
-//! with refunds may have a negative loss; the choice's bound allows it
-//! ([`crate::online`]).
+//! - a freed slot's idle time (since its preparation if never used, else
+//!   since its last use) is waste, as `forelock replay` counts it; so is
+//!   the idle time so far of a slot whose key leaves the sample (or which
+//!   a smaller sampled budget evicts): the miniature stops watching it, as
+//!   the replay counts each slot still idle when the trace ends.
 //!
 //! The sample holds at most [`SAMPLED_KEYS_MAX`] keys: when full, keys idle
 //! for two activity windows with no slot anywhere are dropped, and if that
@@ -104,59 +83,18 @@ struct SampledKey {
     used: u64,
 }
 
-/// The idle gap of one expert's slot for one key: since when it is idle
-/// (prepared and unused, or last used), and what it has been charged so far
-/// as it stands in the online choice's discounted sums (module docs, "Waste
-/// as it passes").
-#[derive(Debug, Clone, Copy, Default)]
-struct Gap {
-    since_us: u64,
-    charged_slot_s: f64,
-    charged_loss: f64,
-}
-
-impl Gap {
-    fn open(now_us: u64) -> Gap {
-        Gap {
-            since_us: now_us,
-            ..Gap::default()
-        }
-    }
-}
-
-/// One round's outcome per expert: the requests since the last tick, and
-/// what the round adds to the expert's discounted waste (module docs,
-/// "Waste as it passes").
+/// One round's outcome per expert (the requests since the last tick, the
+/// frees at this tick).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Round {
     pub requests: u32,
     pub misses: Vec<u32>,
-    /// Idle slot-seconds within the round: of every slot freed in it, and
-    /// of every slot still idle at its end.
-    pub charged_slot_s: Vec<f64>,
-    /// What the gaps that ended in a hit in the round had been charged, as
-    /// that stands in the discounted sum now (module docs).
-    pub refunded_slot_s: Vec<f64>,
-    /// The same refunds at the prices they were charged at (misses).
-    pub refunded_loss: Vec<f64>,
-}
-
-impl Round {
-    fn new(experts: usize) -> Round {
-        Round {
-            requests: 0,
-            misses: vec![0; experts],
-            charged_slot_s: vec![0.0; experts],
-            refunded_slot_s: vec![0.0; experts],
-            refunded_loss: vec![0.0; experts],
-        }
-    }
+    /// Slot-seconds freed without serving a request since (see module docs).
+    pub waste_slot_s: Vec<f64>,
 }
 
 /// The miniature allocators of every expert (module docs).
 pub struct SimulatedAllocators {
-    /// The online choice's `g` (module docs, "Waste as it passes").
-    discount: f64,
     members: usize,
     experts: usize,
     budget_slots: usize,
@@ -164,10 +102,9 @@ pub struct SimulatedAllocators {
     level: u32,
     keys: Vec<SampledKey>,
     index: HashMap<u64, u32>,
-    /// `gaps[key * experts + e]`: expert `e`'s slot for the key, if any.
-    gaps: Vec<Gap>,
-    /// When the round began (the last [`SimulatedAllocators::take_round`]).
-    round_start_us: u64,
+    /// `since_us[key * experts + e]`: when expert `e`'s slot for the key was
+    /// prepared (unused) or last used.
+    since_us: Vec<u64>,
     /// Per expert, the keys (indices) in its slots.
     slots: Vec<Vec<u32>>,
     round: Round,
@@ -198,19 +135,11 @@ fn mix(hash: u64) -> u64 {
 
 impl SimulatedAllocators {
     /// `budget_slots`: the broker's budget (0: unbounded, the thresholds alone decide).
-    /// `discount`: the online choice's `g` (its sums of waste and loss decay
-    /// by it each round).
-    pub fn new(
-        members: usize,
-        budget_slots: usize,
-        activity_window_us: u64,
-        discount: f64,
-    ) -> Self {
+    pub fn new(members: usize, budget_slots: usize, activity_window_us: u64) -> Self {
         assert!(members <= MEMBERS_MAX);
         let experts = members * SIMULATED_CUTS.len();
         assert!(experts <= EXPERTS_MAX);
         SimulatedAllocators {
-            discount,
             members,
             experts,
             budget_slots,
@@ -218,10 +147,13 @@ impl SimulatedAllocators {
             level: 0,
             keys: Vec::new(),
             index: HashMap::new(),
-            gaps: Vec::new(),
-            round_start_us: 0,
+            since_us: Vec::new(),
             slots: vec![Vec::new(); experts],
-            round: Round::new(experts),
+            round: Round {
+                requests: 0,
+                misses: vec![0; experts],
+                waste_slot_s: vec![0.0; experts],
+            },
             order: Vec::new(),
             rows: Vec::new(),
             member_scores: Vec::new(),
@@ -283,8 +215,7 @@ impl SimulatedAllocators {
                     in_slot: 0,
                     used: 0,
                 });
-                self.gaps
-                    .extend(std::iter::repeat_n(Gap::default(), self.experts));
+                self.since_us.extend(std::iter::repeat_n(0, self.experts));
                 self.index.insert(hash, k as u32);
                 k
             }
@@ -294,13 +225,7 @@ impl SimulatedAllocators {
         let budget = self.budget_sampled();
         for e in 0..self.experts {
             let bit = 1u64 << e;
-            let gap = &mut self.gaps[k * self.experts + e];
-            if self.keys[k].in_slot & bit != 0 {
-                // A hit: the gap was not waste; what it was charged comes
-                // back as it stands in the sums (one more round's decay).
-                self.round.refunded_slot_s[e] += gap.charged_slot_s * self.discount;
-                self.round.refunded_loss[e] += gap.charged_loss * self.discount;
-            } else {
+            if self.keys[k].in_slot & bit == 0 {
                 self.round.misses[e] += 1;
                 // The slow path places the key; a full table evicts first.
                 if self.slots[e].len() >= budget {
@@ -310,22 +235,16 @@ impl SimulatedAllocators {
                 self.keys[k].in_slot |= bit;
             }
             self.keys[k].used |= bit;
-            self.gaps[k * self.experts + e] = Gap::open(ts_us);
+            self.since_us[k * self.experts + e] = ts_us;
         }
     }
 
-    /// Idle slot-seconds of a gap within the round, up to `now_us`.
-    fn idle_in_round(&self, gap: &Gap, now_us: u64) -> f64 {
-        now_us.saturating_sub(gap.since_us.max(self.round_start_us)) as f64 * 1e-6
-    }
-
-    /// Frees expert `e`'s slot at position `position` of its list: its gap
-    /// ended in a free, so it was waste; the part in this round is charged.
+    /// Frees expert `e`'s slot at position `position` of its list, counting waste.
     fn free(&mut self, e: usize, position: usize, now_us: u64) {
         let k = self.slots[e].swap_remove(position) as usize;
         let bit = 1u64 << e;
-        let gap = self.gaps[k * self.experts + e];
-        self.round.charged_slot_s[e] += self.idle_in_round(&gap, now_us);
+        let since = self.since_us[k * self.experts + e];
+        self.round.waste_slot_s[e] += now_us.saturating_sub(since) as f64 * 1e-6;
         self.keys[k].in_slot &= !bit;
         self.keys[k].used &= !bit;
     }
@@ -341,7 +260,7 @@ impl SimulatedAllocators {
             }
             let candidate = (
                 self.keys[k].scores[m],
-                self.gaps[k * self.experts + e].since_us,
+                self.since_us[k * self.experts + e],
                 position,
             );
             if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
@@ -425,14 +344,14 @@ impl SimulatedAllocators {
             }
         }
         let experts = self.experts;
-        let old_gaps = std::mem::take(&mut self.gaps);
+        let old_since = std::mem::take(&mut self.since_us);
         let old_keys = std::mem::take(&mut self.keys);
         self.index.clear();
         for (k, key) in old_keys.into_iter().enumerate() {
             if keep[k] {
                 self.index.insert(key.hash, renumber[k]);
-                self.gaps
-                    .extend_from_slice(&old_gaps[k * experts..(k + 1) * experts]);
+                self.since_us
+                    .extend_from_slice(&old_since[k * experts..(k + 1) * experts]);
                 self.keys.push(key);
             }
         }
@@ -506,7 +425,7 @@ impl SimulatedAllocators {
         let mut position = 0;
         while position < self.slots[e].len() {
             let k = self.slots[e][position] as usize;
-            let since = self.gaps[k * experts + e].since_us;
+            let since = self.since_us[k * experts + e];
             let key = &self.keys[k];
             let timeout = if key.used & bit == 0 {
                 UNUSED_TIMEOUT_US
@@ -542,11 +461,8 @@ impl SimulatedAllocators {
         self.victims.clear();
         for &k in &self.slots[e] {
             let ku = k as usize;
-            self.victims.push((
-                self.keys[ku].scores[m],
-                self.gaps[ku * experts + e].since_us,
-                k,
-            ));
+            self.victims
+                .push((self.keys[ku].scores[m], self.since_us[ku * experts + e], k));
         }
         self.victims
             .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -581,29 +497,20 @@ impl SimulatedAllocators {
         self.slots[e].push(k as u32);
         self.keys[k].in_slot |= bit;
         self.keys[k].used &= !bit;
-        self.gaps[k * self.experts + e] = Gap::open(now_us);
+        self.since_us[k * self.experts + e] = now_us;
     }
 
-    /// Closes the round at `now_us`, its waste priced at `price` misses
-    /// per slot-second, and begins the next.
-    ///
-    /// Every slot still idle is charged its idle time within the round, at
-    /// `price`, and its gap's charges decay with the sums they stand in.
-    pub fn take_round(&mut self, now_us: u64, price: f64) -> Round {
-        for e in 0..self.experts {
-            let mut charged = 0.0;
-            for &k in &self.slots[e] {
-                let i = k as usize * self.experts + e;
-                let idle = self.idle_in_round(&self.gaps[i], now_us);
-                let gap = &mut self.gaps[i];
-                gap.charged_slot_s = gap.charged_slot_s * self.discount + idle;
-                gap.charged_loss = gap.charged_loss * self.discount + price * idle;
-                charged += idle;
-            }
-            self.round.charged_slot_s[e] += charged;
-        }
-        self.round_start_us = self.round_start_us.max(now_us);
-        std::mem::replace(&mut self.round, Round::new(self.experts))
+    /// The round since the last call, and a new one begun.
+    pub fn take_round(&mut self) -> Round {
+        let experts = self.experts;
+        std::mem::replace(
+            &mut self.round,
+            Round {
+                requests: 0,
+                misses: vec![0; experts],
+                waste_slot_s: vec![0.0; experts],
+            },
+        )
     }
 }
 
@@ -613,7 +520,7 @@ mod tests {
 
     #[test]
     fn the_sample_is_consistent_and_near_its_rate() {
-        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000, 0.99);
+        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000);
         sim.level = 3;
         let inside = (0..80_000u64).filter(|&h| sim.in_sample(h)).count();
         // 1/8 of 80,000 = 10,000; a binomial's deviation is about 94.
@@ -623,7 +530,7 @@ mod tests {
 
     #[test]
     fn a_full_sample_halves_its_rate_and_stays_bounded() {
-        let mut sim = SimulatedAllocators::new(2, 1000, 30_000_000, 0.99);
+        let mut sim = SimulatedAllocators::new(2, 1000, 30_000_000);
         for h in 0..20_000u64 {
             sim.request(h * 10, h.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
@@ -639,7 +546,7 @@ mod tests {
         // Regression: the level only ever rose, so one burst of new keys
         // left a sparse trace sampled at 1 key in 16 for good.
         let window_us = 30_000_000;
-        let mut sim = SimulatedAllocators::new(1, 1000, window_us, 0.99);
+        let mut sim = SimulatedAllocators::new(1, 1000, window_us);
         let features = FeatureStore::new(64, 500_000, window_us, 1);
         let members = vec![crate::models::build(&crate::config::PredictorConfig {
             model: crate::config::ModelKind::KeepAlive,
@@ -673,7 +580,7 @@ mod tests {
         // once sampled at the rate the burst set): the level must not fall
         // below what keeps them under the bound.
         let window_us = 30_000_000;
-        let mut sim = SimulatedAllocators::new(1, 1000, window_us, 0.99);
+        let mut sim = SimulatedAllocators::new(1, 1000, window_us);
         let features = FeatureStore::new(64, 500_000, window_us, 1);
         let members = vec![crate::models::build(&crate::config::PredictorConfig {
             model: crate::config::ModelKind::KeepAlive,
@@ -701,87 +608,51 @@ mod tests {
         // way, and looked as thrifty as keep-alive (tpcc-pg-a: frequency 60s
         // at cut 0.01, 0.9x keep-alive's waste in the miniatures, 11x in the
         // replay).
-        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000, 0.99);
+        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000);
         let key = |h: u64| h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         for h in 0..1_600u64 {
             sim.request(0, key(h));
         }
         assert_eq!(sim.level, 0);
-        sim.take_round(0, 1.0);
+        sim.take_round();
         // 10 s later, new keys fill the sample: its level rises, and about
-        // half the first keys leave it, each with 10 s idle in a slot. Every
-        // first key's 10 s counts, whether it left or stayed.
+        // half the first keys leave it, each with 10 s idle in a slot.
         for h in 1_600..2_600u64 {
             sim.request(10_000_000, key(h));
         }
         assert!(sim.level >= 1);
-        let round = sim.take_round(10_000_000, 1.0);
-        for waste in round.charged_slot_s {
-            assert!((waste - 1_600.0 * 10.0).abs() < 1e-6, "{waste}");
+        let round = sim.take_round();
+        for waste in round.waste_slot_s {
+            assert!(waste >= 0.3 * 1_600.0 * 10.0, "{waste}");
         }
     }
 
     #[test]
     fn without_scores_a_key_is_kept_until_its_idle_timeout_and_wasted() {
         // A member that scores nothing: the key is not in the feature store.
-        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000, 0.99);
+        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000);
         let features = FeatureStore::new(64, 500_000, 30_000_000, 1);
         let members = vec![crate::models::build(&crate::config::PredictorConfig {
             model: crate::config::ModelKind::KeepAlive,
             ..crate::config::PredictorConfig::default()
         })];
         sim.request(0, 7);
-        let round = sim.take_round(0, 1.0);
+        let round = sim.take_round();
         assert_eq!(round.requests, 1);
         assert!(round.misses.iter().all(|&m| m == 1));
         sim.tick(400_000, &features, &members);
         assert!((0..sim.experts()).all(|e| sim.slots_of(e) == 1));
         sim.request(450_000, 7);
-        let round = sim.take_round(450_000, 1.0);
+        let round = sim.take_round();
         assert!(
             round.misses.iter().all(|&m| m == 0),
             "a hit for every expert"
         );
         sim.tick(1_000_000, &features, &members);
         assert!((0..sim.experts()).all(|e| sim.slots_of(e) == 0));
-        let round = sim.take_round(1_000_000, 1.0);
-        for waste in round.charged_slot_s {
+        let round = sim.take_round();
+        for waste in round.waste_slot_s {
             assert!((waste - 0.55).abs() < 1e-9, "{waste}");
-        }
-    }
-
-    #[test]
-    fn an_idle_slot_counts_as_waste_while_it_waits_and_a_hit_gives_it_back() {
-        // Regression: waste was charged only when a slot was freed, so an
-        // expert that keeps slots idle for long (frequency 60s at a low cut)
-        // had its waste counted late, or never on a short trace, while the
-        // replay counts a slot still idle at the end of the trace
-        // (tpcc-pg-a: a few times keep-alive's waste in the miniatures, 8x
-        // in the replay).
-        let g = 0.99;
-        let mut sim = SimulatedAllocators::new(1, 0, 30_000_000, g);
-        // The slow path places key 7 for every expert; no tick frees it.
-        sim.request(0, 7);
-        sim.take_round(0, 2.0);
-        let round = sim.take_round(10_000_000, 2.0);
-        // The discounted sums, as the online choice keeps them.
-        let mut waste = vec![0.0; sim.experts()];
-        let mut loss = vec![0.0; sim.experts()];
-        for e in 0..sim.experts() {
-            assert!((round.charged_slot_s[e] - 10.0).abs() < 1e-9);
-            waste[e] = round.charged_slot_s[e];
-            loss[e] = 2.0 * round.charged_slot_s[e];
-        }
-        // A hit at 12 s: the gap ended in a hit, so it was not waste, and
-        // what it was charged comes back; the second since the hit is
-        // charged, at this round's price.
-        sim.request(12_000_000, 7);
-        let round = sim.take_round(13_000_000, 3.0);
-        for e in 0..sim.experts() {
-            waste[e] = waste[e] * g + round.charged_slot_s[e] - round.refunded_slot_s[e];
-            loss[e] = loss[e] * g + 3.0 * round.charged_slot_s[e] - round.refunded_loss[e];
-            assert!((waste[e] - 1.0).abs() < 1e-9, "{}", waste[e]);
-            assert!((loss[e] - 3.0).abs() < 1e-9, "{}", loss[e]);
         }
     }
 }
