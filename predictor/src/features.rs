@@ -865,6 +865,10 @@ pub struct FeatureStore {
     inverse_tau_s: [f32; SCALES],
     /// Keys evicted to stay within capacity, since creation.
     pub evictions: u64,
+    /// If watched ([`FeatureStore::watch_woken`]): `(ts_us, key_hash)` of
+    /// each idle key a successor boost made active again, since the last
+    /// [`FeatureStore::drain_woken`].
+    woken: Option<Vec<(u64, u64)>>,
 }
 
 impl FeatureStore {
@@ -898,6 +902,7 @@ impl FeatureStore {
             tracked: 0,
             now_us: 0,
             scanned_at_us: 0,
+            woken: None,
             clients: ClientTable::default(),
             sketch: TailSketch::new(),
             rng: seed | 1,
@@ -1049,6 +1054,17 @@ impl FeatureStore {
         } else {
             self.row_of(key_hash)
         }
+    }
+
+    /// From now on, keeps the keys a successor boost wakes (idle keys made
+    /// active again without a request) for [`FeatureStore::drain_woken`].
+    pub fn watch_woken(&mut self) {
+        self.woken.get_or_insert_with(Vec::new);
+    }
+
+    /// `(ts_us, key_hash)` of the keys woken since the last call, in order.
+    pub fn drain_woken(&mut self) -> std::vec::Drain<'_, (u64, u64)> {
+        self.woken.get_or_insert_with(Vec::new).drain(..)
     }
 
     /// Records one request. Events may come slightly out of order (decay uses
@@ -1217,6 +1233,9 @@ impl FeatureStore {
             if probability > current {
                 if successor_row >= self.active {
                     successor_row = self.reactivate(successor_row);
+                    if let Some(woken) = &mut self.woken {
+                        woken.push((ts_us, successor));
+                    }
                 }
                 let target = &mut self.records[successor_row];
                 target.successor_boost = probability;
@@ -1488,6 +1507,27 @@ mod tests {
             "sketch remembered ~50: {}",
             features.records[row].counts[3]
         );
+    }
+
+    #[test]
+    fn a_successor_boost_that_wakes_an_idle_key_is_reported_if_watched() {
+        let mut features = store(64);
+        for round in 0..20u64 {
+            let t = round * 1_000_000;
+            features.ingest(t, 0, 0xA);
+            features.ingest(t + 20_000, 0, 0xB);
+        }
+        // Both idle past the activity window (30 s): no longer active.
+        let t = 100_000_000;
+        features.decay_to(t);
+        assert!(features.view().key_hash.iter().all(|&k| k != 0xB));
+        features.watch_woken();
+        features.ingest(t, 0, 0xA);
+        assert_eq!(features.drain_woken().collect::<Vec<_>>(), [(t, 0xB)]);
+        assert!(features.view().key_hash.contains(&0xB), "B is active again");
+        // A boost of a key already active wakes nothing.
+        features.ingest(t + 1_000, 0, 0xA);
+        assert_eq!(features.drain_woken().count(), 0);
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl Forecaster {
 
     /// A forecaster with a given model (tests, experiments).
     pub fn with_model(config: PredictorConfig, model: Box<dyn Model>) -> Forecaster {
-        let features = FeatureStore::new(
+        let mut features = FeatureStore::new(
             config.max_tracked_keys,
             config.horizon_us(),
             config.activity_window_ms * 1000,
@@ -206,6 +206,9 @@ impl Forecaster {
             stages.windows(2).all(|w| w[0].horizon_us < w[1].horizon_us),
             "label horizons ascend"
         );
+        if model.wants_requests() {
+            features.watch_woken();
+        }
         let ticks_per_horizon = stages[0].horizon_us / config.tick_us() + 2;
         let pending_max = (ticks_per_horizon as usize * config.train_samples_per_tick)
             .clamp(1, PENDING_PER_HORIZON_MAX);
@@ -243,6 +246,7 @@ impl Forecaster {
         self.label_closed(ts_us.saturating_sub(1));
         self.report_requests(&[(ts_us, client, key_hash)]);
         self.features.ingest(ts_us, client, key_hash);
+        self.report_woken();
         self.scores_current = false;
     }
 
@@ -265,6 +269,7 @@ impl Forecaster {
                 .position(|&(ts_us, _, _)| ts_us > due_after_us)
                 .unwrap_or(rest.len());
             self.features.ingest_batch(&rest[..run]);
+            self.report_woken();
             rest = &rest[run..];
             self.scores_current = false;
         }
@@ -278,6 +283,14 @@ impl Forecaster {
         }
         for &(ts_us, _, key_hash) in events {
             self.model.requested(ts_us, key_hash);
+        }
+    }
+
+    /// Tells the model which idle keys the requests just taken in woke
+    /// through a successor boost (watched only if it wants requests).
+    fn report_woken(&mut self) {
+        for (ts_us, key_hash) in self.features.drain_woken() {
+            self.model.woken(ts_us, key_hash);
         }
     }
 

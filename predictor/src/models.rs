@@ -99,6 +99,9 @@ pub trait Model: Send + Sync {
     /// A request, seen before the features take it in (in time order, each
     /// between the tick before it and the next).
     fn requested(&mut self, _ts_us: u64, _key_hash: u64) {}
+    /// An idle key a successor boost made active again, without a request
+    /// (only if [`Model::wants_requests`]; after the request that woke it).
+    fn woken(&mut self, _ts_us: u64, _key_hash: u64) {}
     /// The tick is over (scores written, samples taken): the online choice
     /// runs its miniature allocators ([`crate::simulated_allocator`]).
     fn ticked(&mut self, _features: &crate::features::FeatureStore) {}

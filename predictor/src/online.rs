@@ -440,6 +440,9 @@ impl Model for Online {
     fn requested(&mut self, ts_us: u64, key_hash: u64) {
         self.sim.request(ts_us, key_hash);
     }
+    fn woken(&mut self, ts_us: u64, key_hash: u64) {
+        self.sim.woken(ts_us, key_hash);
+    }
     fn ticked(&mut self, features: &FeatureStore) {
         self.close_round();
         self.sim

@@ -13,8 +13,8 @@
 //!   the key in a slot (as its last tick left it), else a miss, after which
 //!   the key takes a slot (the slow path), evicting the lowest-scored idle
 //!   slot if the miniature budget is full;
-//! - each tick, every sampled active key is scored by every member
-//!   ([`Model::score_one`]); then, per expert: slots unused since their
+//! - each tick, every key of the sample that is active in the feature store
+//!   is scored by every member ([`Model::score_one`]); then, per expert: slots unused since their
 //!   preparation for more than 1 s, or used and idle for more than 500 ms,
 //!   are reclaimed unless their key still scores at or above the cut; keys
 //!   at or above the cut take free slots, best first, and displace idle slots
@@ -25,15 +25,25 @@
 //!   a smaller sampled budget evicts): the miniature stops watching it, as
 //!   the replay counts each slot still idle when the trace ends.
 //!
-//! The sample holds at most [`SAMPLED_KEYS_MAX`] keys: when full, keys idle
-//! for two activity windows with no slot anywhere are dropped, and if that
+//! A key joins the sample when it is requested, or when a successor boost
+//! wakes it (an idle key made active again without a request,
+//! [`SimulatedAllocators::woken`]): the broker's allocator sees such a key's
+//! score and may prepare it, so the miniatures must see it too. Before they
+//! did, a key idle for longer than the sample keeps stale keys was never a
+//! candidate in them, and the member that predicts such keys (the successor
+//! table, on block traces where keys come back after minutes) earned none of
+//! those hits in the miniatures, which it earns in the broker.
+//!
+//! The sample holds at most [`SAMPLED_KEYS_MAX`] keys: when full, keys not
+//! requested nor woken for two activity windows and with no slot anywhere
+//! are dropped, and if that
 //! is not enough the level goes up by one (half the keys and half the budget
 //! leave the sample). So the tick's cost is bounded whatever the key count:
 //! at most that many keys scored by each member, and each expert's policy
 //! over them.
 //!
 //! The level also comes down again: when the live keys (in a slot, or
-//! requested within two activity windows) are fewer than a quarter of
+//! requested or woken within two activity windows) are fewer than a quarter of
 //! [`SAMPLED_KEYS_MAX`], the stale ones are dropped and the level goes down
 //! by one (twice the keys and twice the budget), so the live keys are then
 //! expected at under half the bound. Without this, one burst of new keys (a
@@ -74,7 +84,8 @@ struct SampledKey {
     /// The key's row in the feature store at the last tick (a hint,
     /// checked against the row's key before use: it saves an index probe).
     row_hint: u32,
-    last_request_us: u64,
+    /// When it was last requested, or woken by a successor boost.
+    last_seen_us: u64,
     /// Each member's score at the last tick (0 while the key is not active).
     scores: [f32; MEMBERS_MAX],
     /// Bit `e`: expert `e` has the key in a slot.
@@ -192,35 +203,52 @@ impl SimulatedAllocators {
         self.level == 0 || mix(hash) >> (64 - self.level) == 0
     }
 
+    /// The sampled key `hash`, added if new (`None`: not in the sample).
+    fn key_of(&mut self, ts_us: u64, hash: u64) -> Option<usize> {
+        if !self.in_sample(hash) {
+            return None;
+        }
+        if let Some(&k) = self.index.get(&hash) {
+            return Some(k as usize);
+        }
+        if self.keys.len() >= SAMPLED_KEYS_MAX {
+            self.shrink(ts_us);
+            if !self.in_sample(hash) {
+                return None;
+            }
+        }
+        let k = self.keys.len();
+        self.keys.push(SampledKey {
+            hash,
+            row_hint: 0,
+            last_seen_us: ts_us,
+            scores: [0.0; MEMBERS_MAX],
+            in_slot: 0,
+            used: 0,
+        });
+        self.since_us.extend(std::iter::repeat_n(0, self.experts));
+        self.index.insert(hash, k as u32);
+        Some(k)
+    }
+
+    /// An idle key a successor boost made active again: the members may
+    /// score it (the broker's allocator sees its score), so the miniatures
+    /// must have it. Without this, a key idle for longer than the sample
+    /// keeps stale keys was never a candidate in them, and the members that
+    /// predict such keys (the successor table) earned no hits for it.
+    pub fn woken(&mut self, ts_us: u64, hash: u64) {
+        if let Some(k) = self.key_of(ts_us, hash) {
+            let key = &mut self.keys[k];
+            key.last_seen_us = key.last_seen_us.max(ts_us);
+        }
+    }
+
     /// A request (in time order, before the next tick).
     pub fn request(&mut self, ts_us: u64, hash: u64) {
-        if !self.in_sample(hash) {
+        let Some(k) = self.key_of(ts_us, hash) else {
             return;
-        }
-        let k = match self.index.get(&hash) {
-            Some(&k) => k as usize,
-            None => {
-                if self.keys.len() >= SAMPLED_KEYS_MAX {
-                    self.shrink(ts_us);
-                    if !self.in_sample(hash) {
-                        return;
-                    }
-                }
-                let k = self.keys.len();
-                self.keys.push(SampledKey {
-                    hash,
-                    row_hint: 0,
-                    last_request_us: ts_us,
-                    scores: [0.0; MEMBERS_MAX],
-                    in_slot: 0,
-                    used: 0,
-                });
-                self.since_us.extend(std::iter::repeat_n(0, self.experts));
-                self.index.insert(hash, k as u32);
-                k
-            }
         };
-        self.keys[k].last_request_us = ts_us;
+        self.keys[k].last_seen_us = ts_us;
         self.round.requests += 1;
         let budget = self.budget_sampled();
         for e in 0..self.experts {
@@ -272,13 +300,13 @@ impl SimulatedAllocators {
         }
     }
 
-    /// The keys in a slot of some expert or requested within two activity
-    /// windows.
+    /// The keys in a slot of some expert, or requested or woken within two
+    /// activity windows.
     fn live(&self, now_us: u64) -> Vec<bool> {
         let stale_us = 2 * self.activity_window_us;
         self.keys
             .iter()
-            .map(|key| key.in_slot != 0 || now_us.saturating_sub(key.last_request_us) <= stale_us)
+            .map(|key| key.in_slot != 0 || now_us.saturating_sub(key.last_seen_us) <= stale_us)
             .collect()
     }
 
@@ -625,6 +653,49 @@ mod tests {
         for waste in round.waste_slot_s {
             assert!(waste >= 0.3 * 1_600.0 * 10.0, "{waste}");
         }
+    }
+
+    #[test]
+    fn a_key_woken_by_a_successor_boost_is_a_candidate_in_the_miniatures() {
+        // Regression: the miniatures scored only the keys requested since
+        // the sample last dropped its stale ones, while the broker's
+        // allocator sees every active key's score, including idle keys a
+        // successor boost makes active again. So a member that predicts keys
+        // idle for minutes (the successor table, on a block trace) earned
+        // none of those hits in the miniatures (cloudphysics: successor
+        // 40.6 at 2x in the replay, followed little by the online choice).
+        let window_us = 30_000_000;
+        let mut features = FeatureStore::new(64, 500_000, window_us, 1);
+        for round in 0..20u64 {
+            let t = round * 1_000_000;
+            features.ingest(t, 0, 0xA);
+            features.ingest(t + 20_000, 0, 0xB);
+        }
+        let members = vec![crate::models::build(&crate::config::PredictorConfig {
+            model: crate::config::ModelKind::Successor,
+            ..crate::config::PredictorConfig::default()
+        })];
+        // A sample that has not seen B (as one that dropped it as stale).
+        let mut sim = SimulatedAllocators::new(1, 0, window_us);
+        let t = 100_000_000;
+        features.decay_to(t);
+        features.watch_woken();
+        sim.request(t, 0xA);
+        features.ingest(t, 0, 0xA);
+        for (ts_us, hash) in features.drain_woken() {
+            sim.woken(ts_us, hash);
+        }
+        features.decay_to(t + 10_000);
+        sim.take_round();
+        sim.tick(t + 10_000, &features, &members);
+        sim.request(t + 20_000, 0xB);
+        let round = sim.take_round();
+        assert_eq!(round.requests, 1);
+        assert!(
+            round.misses.iter().all(|&m| m == 0),
+            "B was prepared at every cut: {:?}",
+            round.misses
+        );
     }
 
     #[test]
