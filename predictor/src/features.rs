@@ -1062,9 +1062,10 @@ impl FeatureStore {
         self.woken.get_or_insert_with(Vec::new);
     }
 
-    /// `(ts_us, key_hash)` of the keys woken since the last call, in order.
-    pub fn drain_woken(&mut self) -> std::vec::Drain<'_, (u64, u64)> {
-        self.woken.get_or_insert_with(Vec::new).drain(..)
+    /// `(ts_us, key_hash)` of the keys woken since the last call, in order
+    /// (none if not watched).
+    pub fn drain_woken(&mut self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.woken.iter_mut().flat_map(|woken| woken.drain(..))
     }
 
     /// Records one request. Events may come slightly out of order (decay uses
@@ -1528,6 +1529,17 @@ mod tests {
         // A boost of a key already active wakes nothing.
         features.ingest(t + 1_000, 0, 0xA);
         assert_eq!(features.drain_woken().count(), 0);
+        // Not watched: nothing is kept, and draining does not start it.
+        let mut unwatched = store(64);
+        for round in 0..20u64 {
+            unwatched.ingest(round * 1_000_000, 0, 0xA);
+            unwatched.ingest(round * 1_000_000 + 20_000, 0, 0xB);
+        }
+        unwatched.decay_to(t);
+        assert_eq!(unwatched.drain_woken().count(), 0);
+        unwatched.ingest(t, 0, 0xA);
+        assert_eq!(unwatched.drain_woken().count(), 0);
+        assert!(unwatched.woken.is_none());
     }
 
     #[test]
