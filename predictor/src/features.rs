@@ -1512,12 +1512,16 @@ mod tests {
 
     #[test]
     fn a_successor_boost_that_wakes_an_idle_key_is_reported_if_watched() {
-        let mut features = store(64);
-        for round in 0..20u64 {
-            let t = round * 1_000_000;
-            features.ingest(t, 0, 0xA);
-            features.ingest(t + 20_000, 0, 0xB);
-        }
+        // Client 0 takes B 20 ms after A, 20 times.
+        let learnt = || {
+            let mut features = store(64);
+            for round in 0..20u64 {
+                features.ingest(round * 1_000_000, 0, 0xA);
+                features.ingest(round * 1_000_000 + 20_000, 0, 0xB);
+            }
+            features
+        };
+        let mut features = learnt();
         // Both idle past the activity window (30 s): no longer active.
         let t = 100_000_000;
         features.decay_to(t);
@@ -1530,11 +1534,7 @@ mod tests {
         features.ingest(t + 1_000, 0, 0xA);
         assert_eq!(features.drain_woken().count(), 0);
         // Not watched: nothing is kept, and draining does not start it.
-        let mut unwatched = store(64);
-        for round in 0..20u64 {
-            unwatched.ingest(round * 1_000_000, 0, 0xA);
-            unwatched.ingest(round * 1_000_000 + 20_000, 0, 0xB);
-        }
+        let mut unwatched = learnt();
         unwatched.decay_to(t);
         assert_eq!(unwatched.drain_woken().count(), 0);
         unwatched.ingest(t, 0, 0xA);
