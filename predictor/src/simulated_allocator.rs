@@ -14,11 +14,12 @@
 //!   the key takes a slot (the slow path), evicting the lowest-scored idle
 //!   slot if the miniature budget is full;
 //! - each tick, every key of the sample that is active in the feature store
-//!   is scored by every member ([`Model::score_one`]); then, per expert: slots unused since their
-//!   preparation for more than 1 s, or used and idle for more than 500 ms,
-//!   are reclaimed unless their key still scores at or above the cut; keys
-//!   at or above the cut take free slots, best first, and displace idle slots
-//!   scored lower by at least the eviction margin (0.05);
+//!   is scored by every member ([`Model::score_one`]); then, per expert:
+//!   slots unused since their preparation for more than 1 s, or used and
+//!   idle for more than 500 ms, are reclaimed unless their key still scores
+//!   at or above the cut; keys at or above the cut take free slots, best
+//!   first, and displace idle slots scored lower by at least the eviction
+//!   margin (0.05);
 //! - a freed slot's idle time (since its preparation if never used, else
 //!   since its last use) is waste, as `forelock replay` counts it; so is
 //!   the idle time so far of a slot whose key leaves the sample (or which
@@ -28,23 +29,23 @@
 //! A key joins the sample when it is requested, or when a successor boost
 //! wakes it (an idle key made active again without a request,
 //! [`SimulatedAllocators::woken`]): the broker's allocator sees such a key's
-//! score and may prepare it, so the miniatures must see it too. Before they
+//! score and may prepare it, so the miniatures must see it too. Until they
 //! did, a key idle for longer than the sample keeps stale keys was never a
 //! candidate in them, and the member that predicts such keys (the successor
 //! table, on block traces where keys come back after minutes) earned none of
 //! those hits in the miniatures, which it earns in the broker.
 //!
-//! The sample holds at most [`SAMPLED_KEYS_MAX`] keys: when full, keys not
-//! requested nor woken for two activity windows and with no slot anywhere
-//! are dropped, and if that
-//! is not enough the level goes up by one (half the keys and half the budget
-//! leave the sample). So the tick's cost is bounded whatever the key count:
+//! The sample holds at most [`SAMPLED_KEYS_MAX`] keys: when full, keys
+//! neither requested nor woken for two activity windows and with no slot
+//! anywhere are dropped, and if that is not enough the level goes up by one
+//! (half the keys and half the budget leave the sample). So the tick's cost
+//! is bounded whatever the key count:
 //! at most that many keys scored by each member, and each expert's policy
 //! over them.
 //!
 //! The level also comes down again: when the live keys (in a slot, or
-//! requested or woken within two activity windows) are fewer than a quarter of
-//! [`SAMPLED_KEYS_MAX`], the stale ones are dropped and the level goes down
+//! requested or woken within two activity windows) are fewer than a quarter
+//! of [`SAMPLED_KEYS_MAX`], the stale ones are dropped and the level goes down
 //! by one (twice the keys and twice the budget), so the live keys are then
 //! expected at under half the bound. Without this, one burst of new keys (a
 //! scan, on a block trace) raised the level for the rest of the trace, and
