@@ -8,7 +8,7 @@
 //! | [`KeepAlive`] | `max(0, 1 - age / keep_alive)`: prepared for `keep_alive` after each use |
 //! | [`Frequency`] | `1 - exp(-rate * horizon)`: Poisson, with the rate decayed at one scale |
 //! | [`Successor`] | max over keys A requested within the horizon of P(this key within the horizon \| A), decayed |
-//! | [`Logistic`] | online logistic regression over all [`FEATURES`](crate::features::FEATURES) |
+//! | [`Logistic`] | online logistic regression over all [`FEATURES`] |
 //! | [`HoldValue`] | per hold time (500 ms, 2 s, 5 s), the highest of such a regression and per-feature calibrated histograms; scores the best hits per slot-second, on the scale of a probability within the horizon |
 //!
 //! Only [`Logistic`] and [`HoldValue`] learn, from [`Model::learn`], which the forecaster calls with

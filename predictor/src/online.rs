@@ -357,7 +357,7 @@ impl Online {
 /// The waste price for the next round: the dual solution of "fewest
 /// misses with waste at most `limit`" on the discounted sums, the lowest
 /// price of the grid at which the expert with the least `misses + price x
-/// waste` (the first on a tie) meets the limit ([`WASTE_PRICE_MAX`] if none
+/// waste` (the first on a tie) meets the limit (`WASTE_PRICE_MAX` if none
 /// does). It depends on the sums alone, not on its own past: the rule it
 /// replaces stepped the price by 0.2 % a round towards the limit, which let
 /// it swing over five orders of magnitude within the chooser's window on
