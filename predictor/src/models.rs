@@ -695,7 +695,6 @@ fn hold_value_block<const AVX2: bool>(
     [gap_rate, gap_confidence]: [&[f32]; 2],
     scores: &mut [f32],
 ) {
-    let len = scores.len();
     // Row by row, each head's logit in registers: the loops over heads and
     // features have constant trip counts and unroll, and the loop over rows
     // vectorises (one pass over the block, no logits written back). Rows
@@ -703,7 +702,7 @@ fn hold_value_block<const AVX2: bool>(
     // `scores`, `feature[row]` kept its bounds check, and the vectorised
     // loop left the last eight rows of every block to a scalar loop (3 %
     // of the rows, about a fifth of the heads' time in a profile).
-    let len = len.min(BLOCK);
+    let len = scores.len().min(BLOCK);
     let (gap_rate, gap_confidence) = (&gap_rate[..len], &gap_confidence[..len]);
     // One instruction with FMA; a library call without it.
     let multiply_add = |z: f32, weight: f32, x: f32| {
