@@ -24,6 +24,7 @@
 //! assert!(p > 0.5, "a key requested every 100 ms is likely within 500 ms");
 //! ```
 
+pub mod calibration;
 pub mod config;
 pub mod contention;
 pub mod fastmath;

@@ -72,6 +72,7 @@
 //! the cuts, and the sample stands for all keys. `forelock replay` measures
 //! the real thing (docs/forecasting.md).
 
+use crate::calibration::{self, Calibration};
 use crate::config::{ModelKind, PredictorConfig};
 use crate::features::{FEATURES, FeatureStore, FeatureView};
 use crate::models::{self, Model};
@@ -92,6 +93,8 @@ const FIRST_LEADER: usize = 6;
 /// The experts the chooser follows: each member at each cut.
 const EXPERTS: usize = MEMBERS.len() * SIMULATED_CUTS.len();
 const _: () = assert!(MEMBERS.len() <= crate::simulated_allocator::MEMBERS_MAX);
+const _: () = assert!(MEMBERS.len() <= 8, "a sample's tag holds a byte per member");
+const _: () = assert!(Online::LABEL_HORIZONS[Online::BASE_HEAD] == 1.0);
 
 /// Follow-the-leader over discounted losses with hysteresis (module docs).
 #[derive(Debug, Clone)]
@@ -253,6 +256,10 @@ pub struct Online {
     /// one before (the round closed at a tick was played with the latter).
     followed_now: usize,
     followed_before: usize,
+    /// Per member, its score made P(requested within the horizon) on its
+    /// own record ([`crate::calibration`]): the leader's scores are written
+    /// through its map.
+    calibrations: Vec<Calibration>,
 }
 
 impl Online {
@@ -299,11 +306,14 @@ impl Online {
             discount: 1.0 - 1.0 / window_rounds,
             followed_now: first,
             followed_before: first,
+            calibrations: vec![Calibration::default(); MEMBERS.len()],
         }
     }
 
     /// Every member's label horizons (hold-value's include the others').
     const LABEL_HORIZONS: [f32; 3] = models::HOLD_HORIZONS;
+    /// The head of the horizon itself (factor 1): the calibrations learn there.
+    const BASE_HEAD: usize = 0;
 
     pub fn chooser(&self) -> &Chooser {
         &self.chooser
@@ -321,6 +331,11 @@ impl Online {
 
     fn leader(&self) -> &dyn Model {
         self.members[self.leader_member()].as_ref()
+    }
+
+    /// A member's calibration (what its scores are written through when it leads).
+    pub fn calibration(&self, member: usize) -> &Calibration {
+        &self.calibrations[member]
     }
 
     /// The member of the expert the chooser follows.
@@ -400,9 +415,10 @@ impl Model for Online {
     }
     fn score(&self, view: &FeatureView<'_>, out: &mut [f32]) {
         self.leader().score(view, out);
+        self.calibrations[self.leader_member()].apply_all(out);
     }
     fn score_one(&self, view: &FeatureView<'_>, row: usize, features: &[f32; FEATURES]) -> f32 {
-        self.leader().score_one(view, row, features)
+        self.calibrations[self.leader_member()].apply(self.leader().score_one(view, row, features))
     }
     fn learns(&self) -> bool {
         true
@@ -419,20 +435,39 @@ impl Model for Online {
             }
         }
     }
-    fn horizon_probability(&self, features: &[f32; FEATURES]) -> Option<f32> {
-        self.leader().horizon_probability(features)
-    }
+    // No `horizon_probability`: the written score is the calibrated
+    // P(requested within the horizon), whichever member leads.
     fn sampled(
         &mut self,
-        _view: &FeatureView<'_>,
+        view: &FeatureView<'_>,
         rows: &[usize],
-        _features: &[[f32; FEATURES]],
+        features: &[[f32; FEATURES]],
         tags: &mut Vec<u64>,
     ) {
         // This tick's scores were written with the leader now.
         self.followed_before = self.followed_now;
         self.followed_now = self.chooser.leader();
-        tags.extend(rows.iter().map(|_| 0));
+        // Each sample's tag: each member's raw score's bin, a byte each, for
+        // the calibrations to learn from when the sample is labelled.
+        for (&row, features) in rows.iter().zip(features) {
+            let tag = self
+                .members
+                .iter()
+                .enumerate()
+                .fold(0u64, |tag, (m, member)| {
+                    let bin = calibration::bin_of(member.score_one(view, row, features));
+                    tag | u64::from(bin) << (8 * m)
+                });
+            tags.push(tag);
+        }
+    }
+    fn labelled(&mut self, head: usize, tag: u64, _at_us: u64, requested: bool) -> u64 {
+        if head == Self::BASE_HEAD {
+            for (m, calibration) in self.calibrations.iter_mut().enumerate() {
+                calibration.add((tag >> (8 * m)) as u8, requested);
+            }
+        }
+        tag
     }
     fn wants_requests(&self) -> bool {
         true
@@ -445,6 +480,10 @@ impl Model for Online {
     }
     fn ticked(&mut self, features: &FeatureStore) {
         self.close_round();
+        for calibration in &mut self.calibrations {
+            calibration.decay(self.discount);
+            calibration.rebuild();
+        }
         self.sim
             .tick(features.decayed_to_us(), features, &self.members);
     }
@@ -629,5 +668,71 @@ mod tests {
                     }
             });
         }
+    }
+
+    /// Round s25's defect: the online choice wrote its leader's raw score,
+    /// whose scale is the member's own (a Poisson reading of a rate, a
+    /// price, a fitted probability), so one threshold meant another
+    /// operating point after each switch. Now the leader's score is written
+    /// through its calibration, learnt from the labelled samples it tagged.
+    #[test]
+    fn the_written_scores_are_the_leaders_calibrated_on_its_record() {
+        use crate::features::FeatureStore;
+        let config = PredictorConfig::default();
+        let mut online = Online::new(&config);
+        // Keys requested at different rates, so that the leader scores
+        // them over a range.
+        let mut features = FeatureStore::new(4096, config.horizon_us(), 30_000_000, 1);
+        let mut state = 3u64;
+        let mut t = 1_000_000u64;
+        for _ in 0..20_000 {
+            t += 200;
+            let u = random(&mut state);
+            features.ingest(t, 0, 1 + (u * u * u * 2000.0) as u64);
+        }
+        features.decay_to(t);
+        let view = features.view();
+        let rows: Vec<usize> = (0..view.len()).collect();
+        let vectors: Vec<[f32; FEATURES]> = rows.iter().map(|&row| view.vector(row)).collect();
+        // Follow frequency 0.5s (no losses are seen here, so the choice stays).
+        let leader = 1;
+        online.chooser.leader = expert(leader, FIRST_CUT);
+        let mut raw = vec![0.0f32; view.len()];
+        online.members[leader].score(&view, &mut raw);
+        assert!(
+            raw.iter().filter(|&&p| p > 0.05).count() > 20,
+            "a range of scores"
+        );
+        // Each key is labelled requested with probability (its raw score) / 4.
+        let mut tags = Vec::new();
+        for _ in 0..50 {
+            tags.clear();
+            online.sampled(&view, &rows, &vectors, &mut tags);
+            for (row, &tag) in tags.iter().enumerate() {
+                let requested = random(&mut state) < f64::from(raw[row].min(1.0)) / 4.0;
+                for head in 0..Online::LABEL_HORIZONS.len() {
+                    online.labelled(head, tag, t, requested);
+                }
+            }
+        }
+        online.ticked(&features);
+        assert_eq!(online.leader_member(), leader, "the leader did not change");
+        let mut written = vec![0.0f32; view.len()];
+        online.score(&view, &mut written);
+        let mut checked = 0;
+        for (row, (&raw, &written)) in raw.iter().zip(&written).enumerate() {
+            let truth = raw.min(1.0) / 4.0;
+            if raw > 0.05 {
+                // Far from the raw score, near the record.
+                assert!(
+                    (written - truth).abs() < 0.35 * truth + 0.01,
+                    "row {row}: raw {raw}, written {written}, requested at {truth}"
+                );
+                checked += 1;
+            }
+            let one = online.score_one(&view, row, &vectors[row]);
+            assert!((one - written).abs() < 1e-4, "row {row}: {one} {written}");
+        }
+        assert!(checked > 20);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Work on the tick's speed (issue 14: the 1M-key tick under 10 ms) must
 //! not change a single score: each model, the online choice included (whose
-//! scores are those of the member it follows, so its choice is checked
+//! scores are those of the member it follows, calibrated, so its choice is checked
 //! too), runs one fixed event stream, and a digest of every tick's scores,
 //! row by row, and of its top 32 must equal the one recorded before that
 //! work began (commit 83f96fd).
@@ -143,15 +143,19 @@ fn fused() -> bool {
 /// changes the top 32 wherever they tie; the scores themselves did not
 /// change. The baseline column was recorded by forcing the scoring loops'
 /// baseline path (and `fused` to false), which gives the 83f96fd
-/// baseline digests on the code before the rule.
+/// baseline digests on the code before the rule. The online choice's two
+/// rows again in round s25 (issue 14): it writes the leader's scores through
+/// the leader's calibration (`predictor/src/calibration.rs`), so its scores
+/// are no longer hold-value's own (the single models' rows did not change;
+/// the baseline column recorded as above, its hold-value row reproduced).
 const RECORDED: [(&str, u64, u64); 7] = [
     ("keep-alive", 0x0af32d444fc5ee10, 0x0af32d444fc5ee10),
     ("frequency", 0xecae8d3d5966bb10, 0xecae8d3d5966bb10),
     ("successor", 0xe0fd3abefab8371d, 0xe0fd3abefab8371d),
     ("logistic", 0x14c6ad6ac26e3f34, 0x14c6ad6ac26e3f34),
     ("hold-value", 0x367418724c96f930, 0x9efabfea3e7aec78),
-    ("online", 0x367418724c96f930, 0x9efabfea3e7aec78),
-    ("online, 40 slots", 0x904c24b2f8a50135, 0x904c24b2f8a50135),
+    ("online", 0xa4beb0fa3d3ee2a2, 0xc71aa67ffb70ee40),
+    ("online, 40 slots", 0xf468b1dc01b564f0, 0xf468b1dc01b564f0),
 ];
 
 #[test]
