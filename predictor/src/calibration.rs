@@ -49,32 +49,37 @@ pub const PRIOR_SAMPLES: f64 = 10.0;
 pub const NO_BIN: u8 = u8::MAX;
 const _: () = assert!(BINS < NO_BIN as usize, "a bin fits a tag byte");
 
-/// The bin of a raw score and its position inside the bin (in `[0, 1)`);
-/// `None` for 0, a negative score or NaN. Scores above 1 count as 1.
-#[inline]
-fn locate(score: f32) -> Option<(usize, f32)> {
-    if score.is_nan() || score <= 0.0 {
-        return None;
-    }
-    let bits = score.min(1.0).to_bits();
-    let exponent = ((bits >> 23) & 0xff) as i32 - 127;
-    if exponent < -OCTAVES {
-        return Some((0, 0.0));
-    }
-    let mantissa = bits & 0x7f_ffff;
-    // The mantissa's top bits pick the bin within the octave; the rest is
-    // the position inside it.
-    let inside_bits = 23 - SUB_BINS.trailing_zeros();
-    let sub = mantissa >> inside_bits;
-    let inside = (mantissa & ((1 << inside_bits) - 1)) as f32 / (1u32 << inside_bits) as f32;
-    // exponent is in -OCTAVES..=0, 0 only for a score of 1 (sub 0).
-    let bin = (exponent + OCTAVES) as u32 * SUB_BINS + sub;
-    Some((bin as usize, inside))
+/// Bits of an `f32` below a bin's: the mantissa's top `log2(SUB_BINS)` bits
+/// pick the bin within its octave, the rest are the position inside it.
+const INSIDE_BITS: u32 = 23 - SUB_BINS.trailing_zeros();
+/// `bits >> INSIDE_BITS` of `2^-OCTAVES`, the lowest bin's start (a positive
+/// float's bits rise with its value, so this shift counts bins).
+const LOWEST_CELL: i32 = (127 - OCTAVES) * SUB_BINS as i32;
+
+/// The bin of a positive score's bits (a score under `2^-OCTAVES` in the
+/// lowest, above 1, or with the sign bit set, in the top one) and whether
+/// the score is strictly inside the range, where its position in its bin
+/// counts. Branch-free: [`Calibration::apply_all`] runs it on every key.
+#[inline(always)]
+fn cell(bits: u32) -> (usize, bool) {
+    let cell = (bits >> INSIDE_BITS) as i32 - LOWEST_CELL;
+    let bin = cell.clamp(0, BINS as i32 - 1) as usize;
+    (bin, cell >= 0 && cell < BINS as i32 - 1)
 }
 
-/// The bin of a raw score as a tag byte ([`NO_BIN`] for none).
+/// The position inside its bin (in `[0, 1)`) of a score in range.
+#[inline(always)]
+fn inside(bits: u32) -> f32 {
+    (bits & ((1 << INSIDE_BITS) - 1)) as f32 * (1.0 / (1u32 << INSIDE_BITS) as f32)
+}
+
+/// The bin of a raw score as a tag byte: [`NO_BIN`] for 0, a negative
+/// score or NaN; a score above 1 in the top bin.
 pub fn bin_of(score: f32) -> u8 {
-    locate(score).map_or(NO_BIN, |(bin, _)| bin as u8)
+    if score.is_nan() || score <= 0.0 {
+        return NO_BIN;
+    }
+    cell(score.to_bits()).0 as u8
 }
 
 /// The raw score at the middle of a bin (at most 1).
@@ -89,8 +94,10 @@ fn bin_middle(bin: usize) -> f64 {
 pub struct Calibration {
     samples: [f64; BINS],
     positives: [f64; BINS],
-    /// The calibrated rate of each bin; the last entry repeats the top bin's.
-    map: [f32; BINS + 1],
+    /// The calibrated rate of each bin.
+    map: [f32; BINS],
+    /// The next bin's rate less this one's (0 for the top bin).
+    slope: [f32; BINS],
 }
 
 impl Default for Calibration {
@@ -98,7 +105,8 @@ impl Default for Calibration {
         let mut calibration = Calibration {
             samples: [0.0; BINS],
             positives: [0.0; BINS],
-            map: [0.0; BINS + 1],
+            map: [0.0; BINS],
+            slope: [0.0; BINS],
         };
         calibration.rebuild();
         calibration
@@ -147,26 +155,89 @@ impl Calibration {
             self.map[bin..bin + bins].fill(rate);
             bin += bins;
         }
-        self.map[BINS] = self.map[BINS - 1];
+        for bin in 0..BINS {
+            self.slope[bin] = self
+                .map
+                .get(bin + 1)
+                .map_or(0.0, |next| next - self.map[bin]);
+        }
     }
 
     /// The calibrated probability of a raw score (0 for 0 or NaN).
-    #[inline]
+    #[inline(always)]
     pub fn apply(&self, score: f32) -> f32 {
-        match locate(score) {
-            None => 0.0,
-            Some((bin, inside)) => {
-                let low = self.map[bin];
-                low + inside * (self.map[bin + 1] - low)
-            }
-        }
+        let bits = score.to_bits();
+        let (bin, inside_range) = cell(bits);
+        let position = if inside_range { inside(bits) } else { 0.0 };
+        let mapped = self.map[bin] + position * self.slope[bin];
+        // NaN, 0 and negative scores (whose bits land in some bin) are 0.
+        if score > 0.0 { mapped } else { 0.0 }
     }
 
-    /// [`Calibration::apply`] to each score in place.
+    /// [`Calibration::apply`] to each score in place: the leader's every
+    /// active key, each tick. With AVX2 the loop gathers eight bins at a
+    /// time (the same operations, so the same bits).
     pub fn apply_all(&self, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: `apply_all_avx2` requires AVX2 alone, and the CPU has
+            // it (checked just above).
+            unsafe { self.apply_all_avx2(scores) };
+            return;
+        }
+        self.apply_each(scores);
+    }
+
+    #[inline(always)]
+    fn apply_each(&self, scores: &mut [f32]) {
         for score in scores {
             *score = self.apply(*score);
         }
+    }
+
+    /// [`Calibration::apply_each`], eight scores at a time: the same
+    /// operations in the same order (no fused multiply-add), so the same
+    /// bits (`apply_all_is_apply_bit_for_bit`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn apply_all_avx2(&self, scores: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let lowest = _mm256_set1_epi32(LOWEST_CELL);
+        let top = _mm256_set1_epi32(BINS as i32 - 1);
+        let inside_mask = _mm256_set1_epi32((1 << INSIDE_BITS) - 1);
+        let inside_scale = _mm256_set1_ps(1.0 / (1u32 << INSIDE_BITS) as f32);
+        let mut chunks = scores.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` is 8 f32s; an unaligned load reads exactly them.
+            let score = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+            let bits = _mm256_castps_si256(score);
+            // `cell`, lane by lane (a logical shift, as `u32 >>`).
+            let cell = _mm256_sub_epi32(_mm256_srli_epi32::<{ INSIDE_BITS as i32 }>(bits), lowest);
+            let bin = _mm256_min_epi32(_mm256_max_epi32(cell, _mm256_setzero_si256()), top);
+            // In range: not clamped, and under the top bin.
+            let in_range =
+                _mm256_andnot_si256(_mm256_cmpeq_epi32(cell, top), _mm256_cmpeq_epi32(cell, bin));
+            let inside = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(bits, inside_mask)),
+                inside_scale,
+            );
+            let position = _mm256_and_ps(_mm256_castsi256_ps(in_range), inside);
+            // SAFETY: every lane of `bin` is in 0..BINS (clamped just
+            // above), and `map` and `slope` hold BINS f32s each; the scale
+            // 4 is an f32's size in bytes.
+            let (low, slope) = unsafe {
+                (
+                    _mm256_i32gather_ps::<4>(self.map.as_ptr(), bin),
+                    _mm256_i32gather_ps::<4>(self.slope.as_ptr(), bin),
+                )
+            };
+            let mapped = _mm256_add_ps(low, _mm256_mul_ps(position, slope));
+            // NaN, 0 and negative scores are 0 (an ordered comparison).
+            let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(score, _mm256_setzero_ps());
+            // SAFETY: as the load: exactly the chunk's 8 f32s.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_and_ps(mapped, positive)) };
+        }
+        self.apply_each(chunks.into_remainder());
     }
 }
 
@@ -273,6 +344,33 @@ mod tests {
                 assert!((0.0..=1.0).contains(&mapped));
                 last = mapped;
             }
+        }
+    }
+
+    #[test]
+    fn apply_all_is_apply_bit_for_bit() {
+        let mut calibration = Calibration::default();
+        let mut state = 5;
+        for _ in 0..50_000 {
+            let raw = random(&mut state) as f32;
+            calibration.add(
+                bin_of(raw),
+                random(&mut state) < f64::from(raw).sqrt() / 3.0,
+            );
+        }
+        calibration.rebuild();
+        // Every edge case in every lane, and a remainder.
+        let mut scores = sweep();
+        scores.extend([3e-39, 1e-45, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.5]);
+        let expected: Vec<u32> = scores
+            .iter()
+            .map(|&s| calibration.apply(s).to_bits())
+            .collect();
+        for offset in 0..8 {
+            let mut all = scores[offset..].to_vec();
+            calibration.apply_all(&mut all);
+            let found: Vec<u32> = all.iter().map(|s| s.to_bits()).collect();
+            assert_eq!(found, expected[offset..], "offset {offset}");
         }
     }
 
