@@ -223,19 +223,17 @@ impl Calibration {
             );
             let position = _mm256_and_ps(_mm256_castsi256_ps(in_range), inside);
             // SAFETY: every lane of `bin` is in 0..BINS (clamped just
-            // above), and `map` and `slope` hold BINS f32s each; the scale
-            // 4 is an f32's size in bytes.
-            let (low, slope) = unsafe {
-                (
-                    _mm256_i32gather_ps::<4>(self.map.as_ptr(), bin),
-                    _mm256_i32gather_ps::<4>(self.slope.as_ptr(), bin),
-                )
-            };
+            // above), and `map` and `slope` hold BINS f32s each; the scale 4
+            // is an f32's size in bytes.
+            let low = unsafe { _mm256_i32gather_ps::<4>(self.map.as_ptr(), bin) };
+            // SAFETY: as the gather just above.
+            let slope = unsafe { _mm256_i32gather_ps::<4>(self.slope.as_ptr(), bin) };
             let mapped = _mm256_add_ps(low, _mm256_mul_ps(position, slope));
             // NaN, 0 and negative scores are 0 (an ordered comparison).
             let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(score, _mm256_setzero_ps());
+            let written = _mm256_and_ps(mapped, positive);
             // SAFETY: as the load: exactly the chunk's 8 f32s.
-            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_and_ps(mapped, positive)) };
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), written) };
         }
         self.apply_each(chunks.into_remainder());
     }
