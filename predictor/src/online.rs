@@ -1,6 +1,6 @@
 //! The online choice: the whole ladder on one event stream, each member
 //! scored prequentially on what the allocator cares about, the written scores
-//! those of the member that is best now.
+//! those of the member that is best now, calibrated on its own record.
 //!
 //! # Members
 //!
@@ -65,6 +65,19 @@
 //! per switch in the last `W` rounds. [`ChoiceStatus`] publishes the
 //! actual trail and the bound; the unit tests check the bound on adversarial
 //! and random streams and that the choice tracks a winner that changes.
+//!
+//! # What is written
+//!
+//! The leader's scores, each through the leader's [`Calibration`]: the
+//! members' raw scores are on scales of their own (a Poisson reading of a
+//! rate, a price, a fitted probability), so one broker threshold would mean
+//! another operating point after each switch. Each member's map to
+//! P(requested within the horizon) learns from the forecaster's labelled
+//! samples, tagged with every member's raw-score bin when taken
+//! ([`Model::sampled`]) and counted when their window closes
+//! ([`Model::labelled`]); it is rebuilt once a round. The miniatures run on
+//! the raw scores (calibrating them too made the choice worse on
+//! build-strace-a: docs/forecasting-history.md, round s25).
 //!
 //! The margin is on the miniatures' loss, not on the replay's hit rate: the
 //! real allocator's slots are placed by the member followed at the time (a
