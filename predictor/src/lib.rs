@@ -7,7 +7,8 @@
 //! [`models`] is the ladder of models (keep-alive, decayed frequency, successor
 //! table, online logistic regression, hold value: the best hits per slot-second
 //! over several hold times), [`online`] runs them all and follows the best
-//! now (the default), and [`forecaster`] ties them together
+//! now (the default), writing its scores through the leader's
+//! [`calibration`], and [`forecaster`] ties them together
 //! and trains the learned model as each horizon window closes. [`contention`]
 //! estimates, apart from all that, P(a key is contended within the horizon).
 //!

@@ -346,11 +346,6 @@ impl Online {
         self.members[self.leader_member()].as_ref()
     }
 
-    /// A member's calibration (what its scores are written through when it leads).
-    pub fn calibration(&self, member: usize) -> &Calibration {
-        &self.calibrations[member]
-    }
-
     /// The member of the expert the chooser follows.
     fn leader_member(&self) -> usize {
         self.chooser.leader() / SIMULATED_CUTS.len()
