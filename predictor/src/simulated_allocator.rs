@@ -232,11 +232,8 @@ impl SimulatedAllocators {
         Some(k)
     }
 
-    /// An idle key a successor boost made active again: the members may
-    /// score it (the broker's allocator sees its score), so the miniatures
-    /// must have it. Without this, a key idle for longer than the sample
-    /// keeps stale keys was never a candidate in them, and the members that
-    /// predict such keys (the successor table) earned no hits for it.
+    /// An idle key a successor boost made active again: it joins the
+    /// sample, as a requested key does (module docs).
     pub fn woken(&mut self, ts_us: u64, hash: u64) {
         if let Some(k) = self.key_of(ts_us, hash) {
             let key = &mut self.keys[k];
